@@ -1,0 +1,817 @@
+//! Every message of the contract, one enum per direction: [`ClientMsg`] (client → node) and
+//! [`ServerMsg`] (node → client). Each is a MessagePack map with a snake_case `"type"` tag and
+//! named fields; unknown extra fields are ignored. Decoding tells an unknown `type` apart from a
+//! malformed known one, because the contract answers them with different error codes.
+
+use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use thiserror::Error;
+
+pub use crate::state::{CallState, Direction};
+
+/// A device's self-reported activity, as published by `device_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activity {
+    Active,
+    Inactive,
+    Away,
+}
+
+/// The activity the node derives for an endpoint (publication plus idle extrapolation).
+/// Ordered from most to least active, which is the ranking order of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectiveActivity {
+    Active,
+    Inactive,
+    Unknown,
+    Away,
+}
+
+impl From<Activity> for EffectiveActivity {
+    fn from(a: Activity) -> Self {
+        match a {
+            Activity::Active => Self::Active,
+            Activity::Inactive => Self::Inactive,
+            Activity::Away => Self::Away,
+        }
+    }
+}
+
+/// A user's manual status (`set_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Available,
+    Busy,
+    DoNotDisturb,
+    BeRightBack,
+    Away,
+    AppearOffline,
+}
+
+/// Aggregated presence shown to watchers (Lync availability classes 3500 … 18500).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    Available,
+    Inactive,
+    Busy,
+    BusyInactive,
+    DoNotDisturb,
+    BeRightBack,
+    Away,
+    Offline,
+}
+
+impl Availability {
+    /// The Lync/UCMA numeric availability of this class.
+    pub fn lync_value(self) -> u32 {
+        match self {
+            Self::Available => 3500,
+            Self::Inactive => 5000,
+            Self::Busy => 6500,
+            Self::BusyInactive => 7500,
+            Self::DoNotDisturb => 9500,
+            Self::BeRightBack => 12500,
+            Self::Away => 15500,
+            Self::Offline => 18500,
+        }
+    }
+}
+
+/// Error codes of `error{code}` (contract §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    FrameTooLarge,
+    UnknownType,
+    NotAuthenticated,
+    Unauthorized,
+    UnsupportedVersion,
+    InvalidState,
+    UnknownCall,
+    UnknownConversation,
+    NotAcceptable,
+    AnsweredElsewhere,
+    Forbidden,
+    RateLimited,
+    Overloaded,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadFrame => "bad_frame",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::UnknownType => "unknown_type",
+            Self::NotAuthenticated => "not_authenticated",
+            Self::Unauthorized => "unauthorized",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::InvalidState => "invalid_state",
+            Self::UnknownCall => "unknown_call",
+            Self::UnknownConversation => "unknown_conversation",
+            Self::NotAcceptable => "not_acceptable",
+            Self::AnsweredElsewhere => "answered_elsewhere",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A message body: MessagePack str for `text/*` content types, bin for anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Body {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Body {
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Body::Text(s) => s.as_bytes(),
+            Body::Binary(b) => b,
+        }
+    }
+    pub fn is_text(&self) -> bool {
+        matches!(self, Body::Text(_))
+    }
+    /// True when the body's MessagePack kind is the one the contract requires for `content_type`.
+    pub fn matches_content_type(&self, content_type: &str) -> bool {
+        self.is_text() == is_text_content_type(content_type)
+    }
+    /// The body for `content_type`: text when it is `text/*` and valid UTF-8, bytes otherwise.
+    pub fn for_content_type(content_type: &str, bytes: Vec<u8>) -> Body {
+        if is_text_content_type(content_type) {
+            match String::from_utf8(bytes) {
+                Ok(s) => Body::Text(s),
+                Err(e) => Body::Binary(e.into_bytes()),
+            }
+        } else {
+            Body::Binary(bytes)
+        }
+    }
+}
+
+impl From<&str> for Body {
+    fn from(s: &str) -> Self {
+        Body::Text(s.to_owned())
+    }
+}
+
+/// `text/*` (case-insensitive) carries text; everything else carries bytes.
+pub fn is_text_content_type(content_type: &str) -> bool {
+    content_type
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("text/"))
+}
+
+impl Serialize for Body {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Body::Text(t) => s.serialize_str(t),
+            Body::Binary(b) => s.serialize_bytes(b),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BodyVisitor;
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = Body;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a MessagePack str or bin")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Body, E> {
+                Ok(Body::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Body, E> {
+                Ok(Body::Text(v))
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Body, E> {
+                Ok(Body::Binary(v.to_vec()))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Body, E> {
+                Ok(Body::Binary(v))
+            }
+        }
+        d.deserialize_any(BodyVisitor)
+    }
+}
+
+/// The toast: the first message of a call, shown before anyone accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Toast {
+    pub content_type: String,
+    pub body: Body,
+}
+
+/// Why a call ended or a transfer failed (`reason{code, text}`), SIP-style.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reason {
+    pub fn new(code: u16, text: &str) -> Self {
+        Reason {
+            code,
+            text: text.to_owned(),
+        }
+    }
+}
+
+/// The other party of a call leg.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remote {
+    pub user: String,
+    pub endpoint: String,
+}
+
+/// One endpoint of a user as its own devices see it in `presence.endpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPresence {
+    pub endpoint: String,
+    pub device: String,
+    pub activity: EffectiveActivity,
+    /// The node's current idle figure; `null` when the endpoint never published.
+    pub idle_ms: Option<u64>,
+    /// 1-based rank; 1 is the most active endpoint.
+    pub rank: u32,
+}
+
+/// Client → node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Hello {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        version: u32,
+        user: String,
+        token: String,
+        device: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+    },
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+    },
+    Bye {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+    },
+    DeviceState {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        activity: Activity,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idle_ms: Option<u64>,
+    },
+    SetStatus {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        /// `null` clears the manual status.
+        status: Option<Status>,
+    },
+    Subscribe {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        users: Vec<String>,
+    },
+    Unsubscribe {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        users: Vec<String>,
+    },
+    CallEstablish {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        toast: Option<Toast>,
+        sdp: String,
+    },
+    CallAccept {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        sdp: String,
+    },
+    CallDecline {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<u16>,
+    },
+    CallForward {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        to: String,
+    },
+    CallTransfer {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        to: String,
+    },
+    CallTerminate {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+    },
+    ConversationTerminate {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        conversation: String,
+    },
+    Message {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        content_type: String,
+        body: Body,
+    },
+    MessageAck {
+        call: String,
+        msg: u32,
+    },
+    Composing {
+        call: String,
+        active: bool,
+    },
+}
+
+/// Every `type` a client may send, in contract order.
+pub const CLIENT_TYPES: &[&str] = &[
+    "hello",
+    "ping",
+    "bye",
+    "device_state",
+    "set_status",
+    "subscribe",
+    "unsubscribe",
+    "call_establish",
+    "call_accept",
+    "call_decline",
+    "call_forward",
+    "call_transfer",
+    "call_terminate",
+    "conversation_terminate",
+    "message",
+    "message_ack",
+    "composing",
+];
+
+impl ClientMsg {
+    /// The request id to echo in the reply, if the client gave one.
+    pub fn rid(&self) -> Option<u32> {
+        use ClientMsg::*;
+        match self {
+            Hello { rid, .. }
+            | Ping { rid }
+            | Bye { rid }
+            | DeviceState { rid, .. }
+            | SetStatus { rid, .. }
+            | Subscribe { rid, .. }
+            | Unsubscribe { rid, .. }
+            | CallEstablish { rid, .. }
+            | CallAccept { rid, .. }
+            | CallDecline { rid, .. }
+            | CallForward { rid, .. }
+            | CallTransfer { rid, .. }
+            | CallTerminate { rid, .. }
+            | ConversationTerminate { rid, .. }
+            | Message { rid, .. } => *rid,
+            MessageAck { .. } | Composing { .. } => None,
+        }
+    }
+
+    /// The wire `type` of this message.
+    pub fn type_name(&self) -> &'static str {
+        use ClientMsg::*;
+        match self {
+            Hello { .. } => "hello",
+            Ping { .. } => "ping",
+            Bye { .. } => "bye",
+            DeviceState { .. } => "device_state",
+            SetStatus { .. } => "set_status",
+            Subscribe { .. } => "subscribe",
+            Unsubscribe { .. } => "unsubscribe",
+            CallEstablish { .. } => "call_establish",
+            CallAccept { .. } => "call_accept",
+            CallDecline { .. } => "call_decline",
+            CallForward { .. } => "call_forward",
+            CallTransfer { .. } => "call_transfer",
+            CallTerminate { .. } => "call_terminate",
+            ConversationTerminate { .. } => "conversation_terminate",
+            Message { .. } => "message",
+            MessageAck { .. } => "message_ack",
+            Composing { .. } => "composing",
+        }
+    }
+}
+
+/// Node → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        endpoint: String,
+        node: String,
+        heartbeat_ms: u64,
+        max_frame: u32,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        code: ErrorCode,
+        message: String,
+    },
+    Ok {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+    },
+    Shutdown {
+        reason: String,
+        reconnect_after_ms: u64,
+    },
+    Presence {
+        user: String,
+        availability: Availability,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        most_active: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoints: Option<Vec<EndpointPresence>>,
+        /// Outer `None`: absent (other users' watchers); `Some(None)`: explicit `null`.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "double_option"
+        )]
+        status: Option<Option<Status>>,
+    },
+    CallCreated {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        conversation: String,
+    },
+    CallState {
+        call: String,
+        conversation: String,
+        direction: Direction,
+        state: CallState,
+        previous: CallState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<Reason>,
+    },
+    CallIncoming {
+        call: String,
+        conversation: String,
+        from: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        toast: Option<Toast>,
+        sdp: String,
+        immediate_auto_accept: bool,
+    },
+    CallRinging {
+        call: String,
+    },
+    CallEstablished {
+        call: String,
+        sdp: String,
+        remote: Remote,
+    },
+    AutoAcceptNeeded {
+        call: String,
+    },
+    CallForwarded {
+        call: String,
+        to: String,
+    },
+    CallTransferred {
+        call: String,
+        remote: Remote,
+    },
+    MessageDelivered {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        msg: u32,
+    },
+    MessageFailed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rid: Option<u32>,
+        call: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        msg: Option<u32>,
+        code: u16,
+        text: String,
+    },
+    MessageReceived {
+        call: String,
+        msg: u32,
+        from: String,
+        content_type: String,
+        body: Body,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        toast: Option<bool>,
+    },
+    RemoteComposing {
+        call: String,
+        active: bool,
+    },
+}
+
+impl ServerMsg {
+    /// A reply `error{rid, code, message}`.
+    pub fn error(rid: Option<u32>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMsg::Error {
+            rid,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// `Option<Option<T>>` that tells "absent" from "null" on the wire.
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// Why a frame body did not decode into a message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// A map with a string `type` this side does not know: answer `unknown_type`.
+    #[error("unknown message type {ty:?}")]
+    UnknownType { ty: String, rid: Option<u32> },
+    /// Anything else: not a map, no `type`, a missing or mistyped field, a value outside its
+    /// set, trailing bytes. `ty` is the frame's `type` when it had a readable one.
+    #[error("malformed frame: {detail}")]
+    BadFrame {
+        ty: Option<String>,
+        rid: Option<u32>,
+        detail: String,
+    },
+}
+
+impl DecodeError {
+    /// The `rid` to echo in the error reply, when the frame carried a valid one.
+    pub fn rid(&self) -> Option<u32> {
+        match self {
+            DecodeError::UnknownType { rid, .. } | DecodeError::BadFrame { rid, .. } => *rid,
+        }
+    }
+    /// The frame's `type`, when it had a readable one.
+    pub fn type_name(&self) -> Option<&str> {
+        match self {
+            DecodeError::UnknownType { ty, .. } => Some(ty),
+            DecodeError::BadFrame { ty, .. } => ty.as_deref(),
+        }
+    }
+    /// The contract's error code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+            DecodeError::BadFrame { .. } => ErrorCode::BadFrame,
+        }
+    }
+}
+
+/// Decodes a client frame body (without its length prefix).
+pub fn decode_client(body: &[u8]) -> Result<ClientMsg, DecodeError> {
+    decode_tagged(body, CLIENT_TYPES)
+}
+
+/// Decodes a node frame body (without its length prefix).
+pub fn decode_server(body: &[u8]) -> Result<ServerMsg, DecodeError> {
+    decode_tagged(body, SERVER_TYPES)
+}
+
+/// Every `type` the node may send.
+pub const SERVER_TYPES: &[&str] = &[
+    "welcome",
+    "error",
+    "ok",
+    "pong",
+    "shutdown",
+    "presence",
+    "call_created",
+    "call_state",
+    "call_incoming",
+    "call_ringing",
+    "call_established",
+    "auto_accept_needed",
+    "call_forwarded",
+    "call_transferred",
+    "message_delivered",
+    "message_failed",
+    "message_received",
+    "remote_composing",
+];
+
+fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, DecodeError> {
+    // serde's tagged enums also accept an array whose first element is the tag; the contract
+    // allows maps only, so look at the MessagePack marker first.
+    if !matches!(body.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(DecodeError::BadFrame {
+            ty: None,
+            rid: None,
+            detail: "the frame is not a MessagePack map".to_owned(),
+        });
+    }
+    let mut rest = body;
+    let result = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest));
+    match result {
+        Ok(msg) if rest.is_empty() => Ok(msg),
+        Ok(_) => {
+            let probe = Probe::read(body);
+            Err(DecodeError::BadFrame {
+                ty: probe.ty,
+                rid: probe.rid,
+                detail: "trailing bytes after the message map".to_owned(),
+            })
+        }
+        Err(e) => {
+            // The slow path only runs for bad frames: a second, lenient pass finds the `type` and
+            // `rid` so the error can be the right one and echo the request id.
+            let probe = Probe::read(body);
+            match probe.ty {
+                Some(ty) if !known.contains(&ty.as_str()) => Err(DecodeError::UnknownType {
+                    ty,
+                    rid: probe.rid,
+                }),
+                ty => Err(DecodeError::BadFrame {
+                    ty,
+                    rid: probe.rid,
+                    detail: if probe.is_map {
+                        e.to_string()
+                    } else {
+                        "the frame is not a MessagePack map".to_owned()
+                    },
+                }),
+            }
+        }
+    }
+}
+
+/// What a lenient read of a malformed frame can still tell: its `type` and a valid `rid`.
+#[derive(Default)]
+struct Probe {
+    is_map: bool,
+    ty: Option<String>,
+    rid: Option<u32>,
+}
+
+impl Probe {
+    fn read(body: &[u8]) -> Probe {
+        let mut rest = body;
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        de::Deserializer::deserialize_any(&mut de, ProbeVisitor).unwrap_or_default()
+    }
+}
+
+struct ProbeVisitor;
+
+impl<'de> Visitor<'de> for ProbeVisitor {
+    type Value = Probe;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+        let mut probe = Probe {
+            is_map: true,
+            ..Probe::default()
+        };
+        while let Some(key) = map.next_key::<Lenient>()? {
+            let value = map.next_value::<Lenient>()?;
+            match key {
+                Lenient::Str(k) if k == "type" => {
+                    if let Lenient::Str(v) = value {
+                        probe.ty = Some(v);
+                    }
+                }
+                Lenient::Str(k) if k == "rid" => {
+                    if let Lenient::Uint(v) = value {
+                        probe.rid = u32::try_from(v).ok();
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(probe)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Probe, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Probe::default())
+    }
+}
+
+/// Any MessagePack value, keeping only strings and unsigned integers.
+enum Lenient {
+    Str(String),
+    Uint(u64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
+                Ok(Lenient::Str(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
+                Ok(Lenient::Uint(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
+                Ok(u64::try_from(v).map_or(Lenient::Other, Lenient::Uint))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Lenient, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Lenient, D::Error> {
+                Lenient::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Lenient, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Lenient::Other)
+            }
+            fn visit_newtype_struct<D: Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Lenient, D::Error> {
+                Lenient::deserialize(d)
+            }
+            fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Lenient, A::Error> {
+                // rmp-serde reports MessagePack ext values as enums; they carry nothing we need.
+                let (IgnoredAny, variant) = data.variant::<IgnoredAny>()?;
+                de::VariantAccess::newtype_variant::<IgnoredAny>(variant)?;
+                Ok(Lenient::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,1 +1,23 @@
-//! confab actors.
+//! The confab node: an actor per endpoint, conversation and call leg, presence shards that rank
+//! endpoints, and a fork arbiter per forked call, on actix over tokio.
+//!
+//! Entry point: [`node::spawn_node`] with [`settings::Settings`].
+
+pub mod arbiter;
+pub mod auth;
+pub mod call;
+pub mod context;
+pub mod directory;
+pub mod endpoint;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod node;
+pub mod outbox;
+pub mod presence;
+pub mod reasons;
+pub mod session;
+pub mod settings;
+
+pub use node::{NodeError, RunningNode, spawn_node};
+pub use settings::Settings;

@@ -95,7 +95,9 @@ pub fn encode_frame<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), Fra
     let len = dst.len() - start - LEN_PREFIX;
     let Ok(len32) = u32::try_from(len) else {
         dst.truncate(start);
-        return Err(FrameError::Encode(format!("{len} bytes do not fit a frame")));
+        return Err(FrameError::Encode(format!(
+            "{len} bytes do not fit a frame"
+        )));
     };
     dst[start..start + LEN_PREFIX].copy_from_slice(&len32.to_be_bytes());
     Ok(())
@@ -151,7 +153,10 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(4);
         buf.extend_from_slice(&[1, 2, 3, 4]);
-        let frame = FrameCodec::new(4).decode(&mut buf).expect("ok").expect("frame");
+        let frame = FrameCodec::new(4)
+            .decode(&mut buf)
+            .expect("ok")
+            .expect("frame");
         assert_eq!(frame.len(), 4);
     }
 }

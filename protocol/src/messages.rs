@@ -679,10 +679,9 @@ fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, 
             // `rid` so the error can be the right one and echo the request id.
             let probe = Probe::read(body);
             match probe.ty {
-                Some(ty) if !known.contains(&ty.as_str()) => Err(DecodeError::UnknownType {
-                    ty,
-                    rid: probe.rid,
-                }),
+                Some(ty) if !known.contains(&ty.as_str()) => {
+                    Err(DecodeError::UnknownType { ty, rid: probe.rid })
+                }
                 ty => Err(DecodeError::BadFrame {
                     ty,
                     rid: probe.rid,
@@ -799,10 +798,7 @@ impl<'de> Deserialize<'de> for Lenient {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Lenient::Other)
             }
-            fn visit_newtype_struct<D: Deserializer<'de>>(
-                self,
-                d: D,
-            ) -> Result<Lenient, D::Error> {
+            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Lenient, D::Error> {
                 Lenient::deserialize(d)
             }
             fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Lenient, A::Error> {

@@ -44,17 +44,30 @@ mod tests {
             normalize_user_uri("SIP:Alice@Example.COM").as_deref(),
             Ok("sip:Alice@example.com")
         );
-        assert_eq!(normalize_user_uri("sips:bob@b.org").as_deref(), Ok("sips:bob@b.org"));
+        assert_eq!(
+            normalize_user_uri("sips:bob@b.org").as_deref(),
+            Ok("sips:bob@b.org")
+        );
     }
 
     #[test]
     fn rejects_non_sip_uris() {
         for bad in [
-            "", "alice", "tel:+123", "sip:", "sip:@host", "sip:alice@", "sip:a b@c",
-            "mailto:a@b", "sip:alice",
+            "",
+            "alice",
+            "tel:+123",
+            "sip:",
+            "sip:@host",
+            "sip:alice@",
+            "sip:a b@c",
+            "mailto:a@b",
+            "sip:alice",
         ] {
             assert_eq!(normalize_user_uri(bad), Err(InvalidUri), "{bad:?}");
         }
-        assert_eq!(normalize_user_uri(&format!("sip:{}@h", "a".repeat(300))), Err(InvalidUri));
+        assert_eq!(
+            normalize_user_uri(&format!("sip:{}@h", "a".repeat(300))),
+            Err(InvalidUri)
+        );
     }
 }

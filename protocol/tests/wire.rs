@@ -328,7 +328,10 @@ fn every_server_msg() -> Vec<ServerMsg> {
 fn every_message_has_a_sample_and_round_trips() {
     let clients = every_client_msg();
     for ty in CLIENT_TYPES {
-        assert!(clients.iter().any(|m| m.type_name() == *ty), "no sample of {ty}");
+        assert!(
+            clients.iter().any(|m| m.type_name() == *ty),
+            "no sample of {ty}"
+        );
     }
     for msg in clients {
         let frame = frame_bytes(&msg).expect("encodes");
@@ -371,7 +374,10 @@ fn unknown_type_and_bad_frames_are_distinct_typed_errors() {
     let cases: Vec<(Vec<u8>, Option<&str>, Option<u32>)> = vec![
         // missing field `call`
         (
-            body_of(map(&[("type", V::from("call_terminate")), ("rid", V::from(3))])),
+            body_of(map(&[
+                ("type", V::from("call_terminate")),
+                ("rid", V::from(3)),
+            ])),
             Some("call_terminate"),
             Some(3),
         ),
@@ -559,7 +565,9 @@ fn frames_built_by_python_msgpack_decode() {
             status: None
         }
     );
-    assert!(matches!(&got[5], ClientMsg::CallEstablish { toast: Some(t), .. } if t.body == Body::Text("hi".into())));
+    assert!(
+        matches!(&got[5], ClientMsg::CallEstablish { toast: Some(t), .. } if t.body == Body::Text("hi".into()))
+    );
     assert_eq!(
         got[6],
         ClientMsg::Message {

@@ -1,1 +1,283 @@
-//! confab tests.
+//! Test support for end-to-end tests: a node started on ephemeral ports with short timeouts,
+//! tokens, and [`Raw`], a protocol client that sends and reads frames exactly as written so a
+//! test sees every event in order.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use bytes::BytesMut;
+use confab_actors::{RunningNode, Settings, spawn_node};
+use confab_protocol::codec::encode_frame;
+use confab_protocol::sdp::build_offer;
+use confab_protocol::*;
+use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+pub const SECRET: &str = "test-secret";
+/// Upper bound on waiting for any single event; a safety net, never a pacing device.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings for tests: ephemeral ports, two workers, short fork timers.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.server.workers = 2;
+    s.server.shutdown_timeout_ms = 3000;
+    s.metrics.listen = "127.0.0.1:0".to_owned();
+    s.auth.jwt_secret = SECRET.to_owned();
+    s.fork.toast_timeout_ms = 300;
+    s.fork.auto_accept_grace_ms = 300;
+    s
+}
+
+pub fn start_node(tweak: impl FnOnce(&mut Settings)) -> RunningNode {
+    let mut s = test_settings();
+    tweak(&mut s);
+    spawn_node(s).expect("node starts")
+}
+
+/// An HS256 token for `user`, valid for an hour.
+pub fn token(user: &str) -> String {
+    token_with(user, SECRET, 3600)
+}
+
+pub fn token_with(user: &str, secret: &str, ttl_s: i64) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: i64,
+    }
+    let exp = jsonwebtoken::get_current_timestamp() as i64 + ttl_s;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims { sub: user, exp },
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn offer() -> String {
+    build_offer(&["text/plain"], None)
+}
+
+pub fn answer() -> String {
+    build_offer(&["text/plain"], None)
+}
+
+/// A raw protocol client.
+pub struct Raw {
+    framed: Framed<TcpStream, FrameCodec>,
+    pub endpoint: String,
+    pub user: String,
+    next_rid: u32,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Raw {
+            framed: Framed::new(stream, FrameCodec::new(1 << 20)),
+            endpoint: String::new(),
+            user: String::new(),
+            next_rid: 1000,
+        }
+    }
+
+    /// Connects and signs in as `user` on `device`.
+    pub async fn sign_in(addr: SocketAddr, user: &str, device: &str) -> Raw {
+        let mut c = Raw::connect(addr).await;
+        c.send(&ClientMsg::Hello {
+            rid: Some(1),
+            version: 1,
+            user: user.to_owned(),
+            token: token(user),
+            device: device.to_owned(),
+            agent: None,
+        })
+        .await;
+        match c.recv().await {
+            ServerMsg::Welcome { endpoint, .. } => c.endpoint = endpoint,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        c.user = confab_protocol::uri::normalize_user_uri(user).unwrap();
+        c
+    }
+
+    pub fn rid(&mut self) -> Option<u32> {
+        self.next_rid += 1;
+        Some(self.next_rid)
+    }
+
+    pub async fn send(&mut self, msg: &ClientMsg) {
+        self.framed.send(msg).await.unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.framed.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Sends a frame whose body is `body` verbatim.
+    pub async fn send_body(&mut self, body: &[u8]) {
+        let mut v = (body.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        self.send_bytes(&v).await;
+    }
+
+    /// The next frame from the node; panics after [`EVENT_TIMEOUT`] or on close.
+    pub async fn recv(&mut self) -> ServerMsg {
+        match tokio::time::timeout(EVENT_TIMEOUT, self.framed.next()).await {
+            Ok(Some(Ok(frame))) => decode_server(&frame).unwrap(),
+            Ok(other) => panic!("{}: connection ended: {other:?}", self.user),
+            Err(_) => panic!("{}: no frame within {EVENT_TIMEOUT:?}", self.user),
+        }
+    }
+
+    /// Reads until `pred` matches; returns the match and everything skipped before it.
+    pub async fn recv_until(
+        &mut self,
+        pred: impl Fn(&ServerMsg) -> bool,
+    ) -> (ServerMsg, Vec<ServerMsg>) {
+        let mut skipped = Vec::new();
+        loop {
+            let m = self.recv().await;
+            if pred(&m) {
+                return (m, skipped);
+            }
+            skipped.push(m);
+        }
+    }
+
+    /// Asserts the node closes the connection (after any frames, which are returned).
+    pub async fn expect_closed(&mut self) -> Vec<ServerMsg> {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(EVENT_TIMEOUT, self.framed.next()).await {
+                Ok(Some(Ok(frame))) => frames.push(decode_server(&frame).unwrap()),
+                Ok(Some(Err(_))) | Ok(None) => return frames,
+                Err(_) => panic!("connection still open; got {frames:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `quiet` (used only to check that something did NOT happen).
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        if let Ok(Some(f)) = tokio::time::timeout(quiet, self.framed.next()).await {
+            panic!(
+                "{}: unexpected frame {:?}",
+                self.user,
+                f.map(|f| decode_server(&f))
+            );
+        }
+    }
+
+    /// Sends a request and returns its reply (the first frame echoing its rid).
+    pub async fn request(&mut self, mut msg: ClientMsg) -> ServerMsg {
+        let rid = self.rid();
+        set_rid(&mut msg, rid);
+        self.send(&msg).await;
+        let (reply, _) = self.recv_until(|m| reply_rid(m) == rid).await;
+        reply
+    }
+
+    /// `call_establish` to `to`; returns (call, conversation).
+    pub async fn establish(&mut self, to: &str, toast: Option<&str>) -> (String, String) {
+        let reply = self
+            .request(ClientMsg::CallEstablish {
+                rid: None,
+                to: to.to_owned(),
+                conversation: None,
+                toast: toast.map(|t| Toast {
+                    content_type: "text/plain".into(),
+                    body: Body::Text(t.into()),
+                }),
+                sdp: offer(),
+            })
+            .await;
+        match reply {
+            ServerMsg::CallCreated {
+                call, conversation, ..
+            } => (call, conversation),
+            other => panic!("expected call_created, got {other:?}"),
+        }
+    }
+
+    /// Waits for `call_incoming`; returns (call, immediate_auto_accept).
+    pub async fn incoming(&mut self) -> (String, bool) {
+        match self
+            .recv_until(|m| matches!(m, ServerMsg::CallIncoming { .. }))
+            .await
+            .0
+        {
+            ServerMsg::CallIncoming {
+                call,
+                immediate_auto_accept,
+                ..
+            } => (call, immediate_auto_accept),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits for the `call_state` of `call` reaching `state`; returns its reason.
+    pub async fn state(&mut self, call: &str, state: CallState) -> Option<Reason> {
+        let (m, _) = self
+            .recv_until(|m| matches!(m, ServerMsg::CallState { call: c, state: s, .. } if c == call && *s == state))
+            .await;
+        match m {
+            ServerMsg::CallState { reason, .. } => reason,
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn accept(&mut self, call: &str) -> ServerMsg {
+        self.request(ClientMsg::CallAccept {
+            rid: None,
+            call: call.to_owned(),
+            sdp: answer(),
+        })
+        .await
+    }
+}
+
+pub fn reply_rid(m: &ServerMsg) -> Option<u32> {
+    match m {
+        ServerMsg::Welcome { rid, .. }
+        | ServerMsg::Error { rid, .. }
+        | ServerMsg::Ok { rid }
+        | ServerMsg::Pong { rid }
+        | ServerMsg::CallCreated { rid, .. }
+        | ServerMsg::MessageDelivered { rid, .. }
+        | ServerMsg::MessageFailed { rid, .. } => *rid,
+        _ => None,
+    }
+}
+
+pub fn set_rid(msg: &mut ClientMsg, new: Option<u32>) {
+    use ClientMsg::*;
+    match msg {
+        Hello { rid, .. }
+        | Ping { rid }
+        | Bye { rid }
+        | DeviceState { rid, .. }
+        | SetStatus { rid, .. }
+        | Subscribe { rid, .. }
+        | Unsubscribe { rid, .. }
+        | CallEstablish { rid, .. }
+        | CallAccept { rid, .. }
+        | CallDecline { rid, .. }
+        | CallForward { rid, .. }
+        | CallTransfer { rid, .. }
+        | CallTerminate { rid, .. }
+        | ConversationTerminate { rid, .. }
+        | Message { rid, .. } => *rid = new,
+        MessageAck { .. } | Composing { .. } => {}
+    }
+}
+
+/// Encodes `msg` as a complete frame.
+pub fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_frame(msg, &mut b).unwrap();
+    b.to_vec()
+}

@@ -1,0 +1,452 @@
+//! The fork arbiter: one per call to a user (and one per transfer or forward target). It offers
+//! the call to every endpoint of the user, then serialises everything that can decide the call
+//! (accepts, declines, lost endpoints, forwards, the caller cancelling, the toast timeout) and
+//! declares exactly one outcome. Being an actor is the whole answer to the seed's warning about
+//! a lock around AutoAcceptNeeded: every decision is one message handled at a time.
+
+use actix::prelude::*;
+use confab_protocol::sdp::Negotiated;
+use confab_protocol::{Reason, Remote, Toast};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crate::call::leg::{CallLeg, LegMsg};
+use crate::context::Ctx;
+use crate::endpoint::{EndpointMsg, ForkOffer};
+use crate::metrics as m;
+use crate::presence::RankEndpoints;
+use crate::reasons;
+
+/// What a call is and where its outcome goes.
+pub struct ForkTarget {
+    pub ctx: Ctx,
+    /// The leg that placed the call: the caller's, or a transferee's.
+    pub caller: Addr<CallLeg>,
+    /// The calling user and endpoint (that endpoint is never forked to).
+    pub from: Remote,
+    /// Normalised URI of the user called.
+    pub to: String,
+    pub offer: String,
+    pub toast: Option<Toast>,
+    pub counter: Arc<AtomicU32>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum ArbiterMsg {
+    /// An endpoint created its leg for a fork.
+    ForkReady {
+        call: String,
+        leg: Addr<CallLeg>,
+    },
+    /// A fork could not be offered or its endpoint went away.
+    ForkLost {
+        call: String,
+    },
+    AcceptRequest {
+        call: String,
+        sdp: String,
+        negotiated: Negotiated,
+    },
+    Declined {
+        call: String,
+        code: u16,
+    },
+    ForwardRequest {
+        call: String,
+        to: String,
+    },
+    /// The caller terminated (or was lost) while the forks rang.
+    CallerCancel,
+}
+
+#[derive(PartialEq, Eq)]
+enum ForkState {
+    /// Offered; the endpoint has not created its leg yet.
+    Offered,
+    Ringing,
+    /// Gone with a final code (a decline's, or 480 for a lost fork).
+    Gone(u16),
+}
+
+struct Fork {
+    endpoint: String,
+    call: String,
+    leg: Option<Addr<CallLeg>>,
+    state: ForkState,
+    /// Set when the call was decided before this fork's leg existed.
+    cancel_when_ready: Option<(Reason, bool)>,
+}
+
+pub struct ForkArbiter {
+    t: ForkTarget,
+    forks: Vec<Fork>,
+    immediate: bool,
+    decided: bool,
+    hops: u32,
+    timer: Option<SpawnHandle>,
+    auto_phase: bool,
+    tried: HashSet<String>,
+    ranking: Vec<String>,
+    auto_current: Option<String>,
+}
+
+impl ForkArbiter {
+    pub fn new(t: ForkTarget) -> Self {
+        ForkArbiter {
+            t,
+            forks: Vec::new(),
+            immediate: false,
+            decided: false,
+            hops: 0,
+            timer: None,
+            auto_phase: false,
+            tried: HashSet::new(),
+            ranking: Vec::new(),
+            auto_current: None,
+        }
+    }
+
+    fn settings(&self) -> &crate::settings::Fork {
+        &self.t.ctx.settings.fork
+    }
+
+    /// Offers the call to every endpoint of `self.t.to` except the calling one.
+    fn fork(&mut self, ctx: &mut Context<Self>) {
+        let entries: Vec<_> = self
+            .t
+            .ctx
+            .directory
+            .endpoints_of(&self.t.to)
+            .into_iter()
+            .filter(|e| e.id != self.t.from.endpoint)
+            .collect();
+        if entries.is_empty() {
+            self.decide("no_endpoints");
+            self.t.caller.do_send(LegMsg::Failed {
+                reason: reasons::temporarily_unavailable(),
+            });
+            self.maybe_stop(ctx);
+            return;
+        }
+        self.immediate = entries.len() == 1;
+        for entry in entries {
+            let call = self.t.ctx.ids.mint('c');
+            self.forks.push(Fork {
+                endpoint: entry.id.clone(),
+                call: call.clone(),
+                leg: None,
+                state: ForkState::Offered,
+                cancel_when_ready: None,
+            });
+            entry.addr.do_send(EndpointMsg::Fork(ForkOffer::new(
+                ctx.address(),
+                call,
+                self.t.ctx.ids.mint('v'),
+                self.t.from.user.clone(),
+                self.t.offer.clone(),
+                self.t.toast.clone(),
+                self.immediate,
+                self.t.counter.clone(),
+            )));
+        }
+        self.t.caller.do_send(LegMsg::Ringing);
+        let toast = Duration::from_millis(self.settings().toast_timeout_ms);
+        let grace = Duration::from_millis(self.settings().auto_accept_grace_ms);
+        self.set_timer(
+            ctx,
+            if self.immediate { toast + grace } else { toast },
+            |act, ctx| {
+                if act.immediate {
+                    act.give_up(ctx);
+                } else {
+                    act.start_auto_accept(ctx);
+                }
+            },
+        );
+    }
+
+    fn set_timer(
+        &mut self,
+        ctx: &mut Context<Self>,
+        after: Duration,
+        f: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        if let Some(h) = self.timer.take() {
+            ctx.cancel_future(h);
+        }
+        self.timer = Some(ctx.run_later(after, move |act, ctx| {
+            act.timer = None;
+            if !act.decided {
+                f(act, ctx);
+            }
+        }));
+    }
+
+    fn decide(&mut self, cause: &'static str) {
+        self.decided = true;
+        metrics::counter!(m::FORK_DECISIONS, "cause" => cause).increment(1);
+    }
+
+    fn fork_mut(&mut self, call: &str) -> Option<&mut Fork> {
+        self.forks.iter_mut().find(|f| f.call == call)
+    }
+
+    /// Ends every fork still alive with `reason`.
+    fn cancel_others(&mut self, except: Option<&str>, reason: Reason, elsewhere: bool) {
+        for f in &mut self.forks {
+            if Some(f.call.as_str()) == except || matches!(f.state, ForkState::Gone(_)) {
+                continue;
+            }
+            match &f.leg {
+                Some(leg) => leg.do_send(LegMsg::Cancel {
+                    reason: reason.clone(),
+                    elsewhere,
+                }),
+                None => f.cancel_when_ready = Some((reason.clone(), elsewhere)),
+            }
+            f.state = ForkState::Gone(reason.code);
+        }
+    }
+
+    /// Stops once decided and every offered fork has reported (so none rings forever).
+    fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.decided
+            && self.forks.iter().all(|f| {
+                f.leg.is_some() || f.cancel_when_ready.is_none() && f.state != ForkState::Offered
+            })
+        {
+            ctx.stop();
+        }
+    }
+
+    /// No accept and nobody left to ask: 480 to the caller and to every fork.
+    fn give_up(&mut self, ctx: &mut Context<Self>) {
+        self.decide("timeout");
+        self.cancel_others(None, reasons::temporarily_unavailable(), false);
+        self.t.caller.do_send(LegMsg::Failed {
+            reason: reasons::temporarily_unavailable(),
+        });
+        self.maybe_stop(ctx);
+    }
+
+    /// After a fork left: when none is left, the caller gets the best final answer.
+    fn after_fork_gone(&mut self, call: &str, ctx: &mut Context<Self>) {
+        if self
+            .forks
+            .iter()
+            .all(|f| matches!(f.state, ForkState::Gone(_)))
+        {
+            let codes: Vec<u16> = self
+                .forks
+                .iter()
+                .filter_map(|f| match f.state {
+                    ForkState::Gone(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            self.decide("declined");
+            self.t.caller.do_send(LegMsg::Failed {
+                reason: reasons::best_final(&codes),
+            });
+            self.maybe_stop(ctx);
+            return;
+        }
+        let was_current = self
+            .forks
+            .iter()
+            .any(|f| f.call == call && self.auto_current.as_deref() == Some(f.endpoint.as_str()));
+        if self.auto_phase && was_current {
+            self.auto_accept_next(ctx);
+        }
+    }
+
+    fn start_auto_accept(&mut self, ctx: &mut Context<Self>) {
+        self.auto_phase = true;
+        let shard = self.t.ctx.presence.for_user(&self.t.to).clone();
+        let user = self.t.to.clone();
+        ctx.spawn(
+            async move { shard.send(RankEndpoints { user }).await.unwrap_or_default() }
+                .into_actor(self)
+                .map(|ranking, act, ctx| {
+                    act.ranking = ranking;
+                    if !act.decided {
+                        act.auto_accept_next(ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Sends `auto_accept_needed` to the most active endpoint not yet asked that still rings.
+    fn auto_accept_next(&mut self, ctx: &mut Context<Self>) {
+        let next = self.ranking.iter().find_map(|ep| {
+            if self.tried.contains(ep) {
+                return None;
+            }
+            self.forks
+                .iter()
+                .find(|f| &f.endpoint == ep && f.state == ForkState::Ringing)
+                .and_then(|f| f.leg.clone().map(|leg| (ep.clone(), leg)))
+        });
+        let Some((endpoint, leg)) = next else {
+            self.auto_current = None;
+            return self.give_up(ctx);
+        };
+        self.tried.insert(endpoint.clone());
+        self.auto_current = Some(endpoint);
+        leg.do_send(LegMsg::AutoAcceptNeeded);
+        let grace = Duration::from_millis(self.settings().auto_accept_grace_ms);
+        self.set_timer(ctx, grace, |act, ctx| act.auto_accept_next(ctx));
+    }
+}
+
+impl Actor for ForkArbiter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics::gauge!(m::ARBITERS).increment(1.0);
+        self.fork(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics::gauge!(m::ARBITERS).decrement(1.0);
+    }
+}
+
+impl Handler<ArbiterMsg> for ForkArbiter {
+    type Result = ();
+
+    fn handle(&mut self, msg: ArbiterMsg, ctx: &mut Context<Self>) {
+        match msg {
+            ArbiterMsg::ForkReady { call, leg } => {
+                let Some(f) = self.fork_mut(&call) else {
+                    return;
+                };
+                f.leg = Some(leg.clone());
+                if let Some((reason, elsewhere)) = f.cancel_when_ready.take() {
+                    leg.do_send(LegMsg::Cancel { reason, elsewhere });
+                } else if f.state == ForkState::Offered {
+                    f.state = ForkState::Ringing;
+                }
+                self.maybe_stop(ctx);
+            }
+            ArbiterMsg::ForkLost { call } => {
+                let Some(f) = self.fork_mut(&call) else {
+                    return;
+                };
+                f.cancel_when_ready = None;
+                if matches!(f.state, ForkState::Gone(_)) {
+                    // Already cancelled; it only had to report.
+                    f.state = ForkState::Gone(480);
+                    return self.maybe_stop(ctx);
+                }
+                f.state = ForkState::Gone(480);
+                if !self.decided {
+                    self.after_fork_gone(&call, ctx);
+                }
+                self.maybe_stop(ctx);
+            }
+            ArbiterMsg::AcceptRequest {
+                call,
+                sdp,
+                negotiated,
+            } => {
+                let Some(f) = self.forks.iter().find(|f| f.call == call) else {
+                    return;
+                };
+                let Some(leg) = f.leg.clone() else { return };
+                if self.decided || f.state != ForkState::Ringing {
+                    leg.do_send(LegMsg::AcceptRefused);
+                    return;
+                }
+                let endpoint = f.endpoint.clone();
+                self.decide(if self.immediate {
+                    "immediate"
+                } else if self.auto_phase {
+                    "timeout"
+                } else {
+                    "click"
+                });
+                if let Some(fm) = self.fork_mut(&call) {
+                    fm.state = ForkState::Gone(200);
+                }
+                // The winner first: a message the caller sends once established must find the
+                // winner's leg established too.
+                leg.do_send(LegMsg::Won {
+                    peer: self.t.caller.clone(),
+                    remote: self.t.from.clone(),
+                });
+                self.t.caller.do_send(LegMsg::Answered {
+                    peer: leg,
+                    remote: Remote {
+                        user: self.t.to.clone(),
+                        endpoint,
+                    },
+                    sdp,
+                    negotiated,
+                });
+                self.cancel_others(Some(&call), reasons::completed_elsewhere(), true);
+                self.maybe_stop(ctx);
+            }
+            ArbiterMsg::Declined { call, code } => {
+                let decided = self.decided;
+                let Some(f) = self.fork_mut(&call) else {
+                    return;
+                };
+                if matches!(f.state, ForkState::Gone(_)) || decided {
+                    return;
+                }
+                f.state = ForkState::Gone(code);
+                if code >= 600 {
+                    self.decide("declined");
+                    self.cancel_others(Some(&call), reasons::declined_elsewhere(), false);
+                    self.t.caller.do_send(LegMsg::Failed {
+                        reason: reasons::declined(code),
+                    });
+                    self.maybe_stop(ctx);
+                } else {
+                    self.after_fork_gone(&call, ctx);
+                }
+            }
+            ArbiterMsg::ForwardRequest { call, to } => {
+                let decided = self.decided;
+                let Some(f) = self.fork_mut(&call) else {
+                    return;
+                };
+                if matches!(f.state, ForkState::Gone(_)) || decided {
+                    return;
+                }
+                f.state = ForkState::Gone(302);
+                self.cancel_others(Some(&call), reasons::moved_temporarily(), false);
+                self.hops += 1;
+                if self.hops > self.settings().max_forwards {
+                    self.decide("declined");
+                    self.t.caller.do_send(LegMsg::Failed {
+                        reason: reasons::too_many_hops(),
+                    });
+                    return self.maybe_stop(ctx);
+                }
+                self.t.caller.do_send(LegMsg::Forwarded { to: to.clone() });
+                // Forks of the old target that are not ready yet keep their cancel; they still
+                // report to this arbiter, which now rings the new target.
+                self.forks
+                    .retain(|f| f.state == ForkState::Offered || f.cancel_when_ready.is_some());
+                self.t.to = to;
+                self.auto_phase = false;
+                self.tried.clear();
+                self.auto_current = None;
+                self.fork(ctx);
+            }
+            ArbiterMsg::CallerCancel => {
+                if self.decided {
+                    return;
+                }
+                self.decide("cancelled");
+                self.cancel_others(None, reasons::request_terminated(), false);
+                self.maybe_stop(ctx);
+            }
+        }
+    }
+}

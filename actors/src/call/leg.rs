@@ -1,0 +1,885 @@
+//! One call leg: one endpoint's InstantMessagingCall. It runs the shared state machine (every
+//! transition becomes a `call_state` event, in order), answers the requests its endpoint
+//! forwards, and carries the flow: messages to its peer leg, acks back, delivery reports and
+//! composing state. Each caller and each callee endpoint has its own leg, as each SIP user agent
+//! has its own dialog.
+
+use actix::prelude::*;
+use confab_protocol::sdp::{self, Negotiated};
+use confab_protocol::state::transition;
+use confab_protocol::{
+    Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::arbiter::{ArbiterMsg, ForkArbiter, ForkTarget};
+use crate::context::Ctx;
+use crate::endpoint::{Endpoint, EndpointMsg};
+use crate::metrics as m;
+use crate::outbox::Outbox;
+use crate::reasons;
+
+/// Why an endpoint asks its leg to terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminateCause {
+    /// `call_terminate`.
+    Call,
+    /// `conversation_terminate`.
+    Conversation,
+    /// `bye`: the endpoint ends cleanly.
+    Bye,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// Everything a leg is told, by its endpoint, its fork arbiter or its peer leg.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum LegMsg {
+    // From the endpoint: the client's requests on this call.
+    Accept {
+        rid: Option<u32>,
+        sdp: String,
+    },
+    Decline {
+        rid: Option<u32>,
+        code: u16,
+    },
+    Forward {
+        rid: Option<u32>,
+        to: String,
+    },
+    Transfer {
+        rid: Option<u32>,
+        to: String,
+    },
+    Terminate {
+        rid: Option<u32>,
+        cause: TerminateCause,
+    },
+    Message {
+        rid: Option<u32>,
+        content_type: String,
+        body: Body,
+    },
+    Ack {
+        msg: u32,
+    },
+    Composing {
+        active: bool,
+    },
+    /// The endpoint's connection is gone without a `bye`.
+    EndpointLost,
+
+    // From a fork arbiter to the side that placed the call (the caller, or a transferee).
+    Ringing,
+    Forwarded {
+        to: String,
+    },
+    Answered {
+        peer: Addr<CallLeg>,
+        remote: Remote,
+        sdp: String,
+        negotiated: Negotiated,
+    },
+    Failed {
+        reason: Reason,
+    },
+
+    // From a fork arbiter to one fork.
+    Won {
+        peer: Addr<CallLeg>,
+        remote: Remote,
+    },
+    AcceptRefused,
+    Cancel {
+        reason: Reason,
+        elsewhere: bool,
+    },
+    AutoAcceptNeeded,
+
+    // Between peer legs.
+    Deliver {
+        msg: u32,
+        from: String,
+        content_type: String,
+        body: Body,
+        sender: Addr<CallLeg>,
+    },
+    Acked {
+        msg: u32,
+    },
+    Refused {
+        msg: u32,
+    },
+    RemoteComposing {
+        active: bool,
+    },
+    RemoteTerminate {
+        reason: Reason,
+    },
+    StartTransfer {
+        to: String,
+        transferor: Addr<CallLeg>,
+    },
+    TransferOutcome {
+        result: Result<(), Reason>,
+    },
+}
+
+/// What a new leg is made of.
+pub struct LegInit {
+    pub ctx: Ctx,
+    pub id: String,
+    pub conversation: String,
+    pub direction: Direction,
+    pub outbox: Outbox,
+    pub endpoint: Addr<Endpoint>,
+    /// This leg's own user and endpoint.
+    pub local: Remote,
+    /// The SDP offer of the call (the caller's, for both legs).
+    pub offer: String,
+    pub toast: Option<Toast>,
+    /// Outbound: who is called. Inbound: unused.
+    pub to: String,
+    /// Inbound: the arbiter that forked this leg.
+    pub arbiter: Option<Addr<ForkArbiter>>,
+    /// The call's message counter, shared by both legs.
+    pub counter: Arc<AtomicU32>,
+}
+
+struct Peer {
+    addr: Addr<CallLeg>,
+}
+
+struct Pending {
+    rid: Option<u32>,
+    sent: Instant,
+    timer: SpawnHandle,
+}
+
+/// This leg's part in a blind transfer.
+enum Transfer {
+    /// This leg asked its peer to be transferred and waits for the outcome.
+    Transferor,
+    /// This leg is being transferred: its arbiter forks the target.
+    Transferee {
+        arbiter: Addr<ForkArbiter>,
+        transferor: Addr<CallLeg>,
+    },
+}
+
+pub struct CallLeg {
+    init: LegInit,
+    state: CallState,
+    peer: Option<Peer>,
+    /// Our own SDP: the offer for an outbound leg, the answer for an inbound one.
+    own_sdp: String,
+    negotiated: Option<Negotiated>,
+    arbiter: Option<Addr<ForkArbiter>>,
+    pending: HashMap<u32, Pending>,
+    /// Messages we delivered to our client and that await its ack, with their sender.
+    unacked: HashMap<u32, Addr<CallLeg>>,
+    pending_accept: Option<Option<u32>>,
+    transfer: Option<Transfer>,
+    ringing_seen: bool,
+    remote_composing: bool,
+    composing_timer: Option<SpawnHandle>,
+    created: Instant,
+}
+
+impl CallLeg {
+    pub fn new(init: LegInit) -> Self {
+        let state = init.direction.initial_state();
+        let own_sdp = init.offer.clone();
+        let arbiter = init.arbiter.clone();
+        CallLeg {
+            init,
+            state,
+            peer: None,
+            own_sdp,
+            negotiated: None,
+            arbiter,
+            pending: HashMap::new(),
+            unacked: HashMap::new(),
+            pending_accept: None,
+            transfer: None,
+            ringing_seen: false,
+            remote_composing: false,
+            composing_timer: None,
+            created: Instant::now(),
+        }
+    }
+
+    fn push(&self, msg: ServerMsg) {
+        self.init.outbox.push(msg);
+    }
+
+    fn reply_ok(&self, rid: Option<u32>) {
+        self.push(ServerMsg::Ok { rid });
+    }
+
+    fn reply_error(&self, rid: Option<u32>, code: ErrorCode, text: &str) {
+        self.push(ServerMsg::error(rid, code, text));
+    }
+
+    fn message_failed(&self, rid: Option<u32>, msg: Option<u32>, code: u16, text: &str) {
+        metrics::counter!(m::MESSAGES, "result" => code.to_string()).increment(1);
+        self.push(ServerMsg::MessageFailed {
+            rid,
+            call: self.init.id.clone(),
+            msg,
+            code,
+            text: text.to_owned(),
+        });
+    }
+
+    /// Applies `event` through the shared state machine and reports the transition.
+    fn step(&mut self, event: CallEvent, reason: Option<Reason>) -> bool {
+        match transition(self.init.direction, self.state, event) {
+            Ok(next) => {
+                let previous = self.state;
+                self.state = next;
+                metrics::counter!(m::CALL_TRANSITIONS, "state" => next.as_str()).increment(1);
+                self.push(ServerMsg::CallState {
+                    call: self.init.id.clone(),
+                    conversation: self.init.conversation.clone(),
+                    direction: self.init.direction,
+                    state: next,
+                    previous,
+                    reason,
+                });
+                true
+            }
+            Err(e) => {
+                tracing::debug!(call = %self.init.id, error = %e, "transition refused");
+                false
+            }
+        }
+    }
+
+    /// Ends the leg: terminating then terminated with `reason`, every open message answered,
+    /// the peer told (when `peer_reason` is given), the endpoint told, the actor stopped.
+    fn end(
+        &mut self,
+        ctx: &mut Context<Self>,
+        event: CallEvent,
+        reason: Reason,
+        peer_reason: Option<Reason>,
+        elsewhere: bool,
+    ) {
+        if self.state.is_final() || self.state == CallState::Terminating {
+            return;
+        }
+        if !self.step(event, Some(reason.clone())) {
+            // The seed has no arrow for this (state, event); end through the local terminate.
+            if !self.step(CallEvent::Terminate, Some(reason.clone())) {
+                tracing::warn!(call = %self.init.id, state = ?self.state, "cannot terminate");
+                return;
+            }
+        }
+        self.step(CallEvent::TerminateCompleted, Some(reason.clone()));
+        if reason.code >= 400 && reason.code != 486 && reason.code != 487 {
+            tracing::info!(call = %self.init.id, code = reason.code, text = %reason.text, "call ended abnormally");
+        }
+        metrics::counter!(m::CALL_OUTCOMES, "code" => reason.code.to_string()).increment(1);
+        for (msg, p) in std::mem::take(&mut self.pending) {
+            ctx.cancel_future(p.timer);
+            self.message_failed(p.rid, Some(msg), 481, "Call Leg/Transaction Does Not Exist");
+        }
+        for (msg, sender) in std::mem::take(&mut self.unacked) {
+            sender.do_send(LegMsg::Refused { msg });
+        }
+        if let Some(rid) = self.pending_accept.take() {
+            if elsewhere {
+                self.reply_error(
+                    rid,
+                    ErrorCode::AnsweredElsewhere,
+                    "another endpoint answered",
+                );
+            } else {
+                self.reply_error(rid, ErrorCode::InvalidState, "the call is over");
+            }
+        }
+        if let Some(Transfer::Transferee { arbiter, .. }) = self.transfer.take() {
+            arbiter.do_send(ArbiterMsg::CallerCancel);
+        }
+        if let (Some(peer), Some(r)) = (self.peer.take(), peer_reason) {
+            peer.addr.do_send(LegMsg::RemoteTerminate { reason: r });
+        }
+        self.init.endpoint.do_send(EndpointMsg::LegEnded {
+            call: self.init.id.clone(),
+            conversation: self.init.conversation.clone(),
+            elsewhere,
+        });
+        ctx.stop();
+    }
+
+    fn established_with(&mut self, peer: Addr<CallLeg>) {
+        self.peer = Some(Peer { addr: peer });
+    }
+
+    fn can_flow(&self) -> bool {
+        matches!(self.state, CallState::Established | CallState::Transferring)
+            && self.peer.is_some()
+    }
+
+    fn start_arbiter(&mut self, ctx: &mut Context<Self>, to: String, toast: Option<Toast>) {
+        let target = ForkTarget {
+            ctx: self.init.ctx.clone(),
+            caller: ctx.address(),
+            from: self.init.local.clone(),
+            to,
+            offer: self.own_sdp.clone(),
+            toast,
+            counter: self.init.counter.clone(),
+        };
+        let addr = ForkArbiter::new(target).start();
+        self.arbiter = Some(addr);
+    }
+
+    fn handle_terminate(
+        &mut self,
+        rid: Option<u32>,
+        cause: TerminateCause,
+        ctx: &mut Context<Self>,
+    ) {
+        self.reply_ok(rid);
+        let event = if cause == TerminateCause::Conversation {
+            CallEvent::ConversationTerminate
+        } else {
+            CallEvent::Terminate
+        };
+        let (own, peer) = if cause == TerminateCause::Shutdown {
+            (reasons::shutting_down(), reasons::shutting_down())
+        } else {
+            (
+                reasons::terminated_locally(),
+                reasons::terminated_remotely(),
+            )
+        };
+        match self.state {
+            CallState::Incoming => {
+                // Terminating a ringing fork is a 486 decline of this endpoint only.
+                let code = if cause == TerminateCause::Shutdown {
+                    503
+                } else {
+                    486
+                };
+                self.decline(code, ctx);
+            }
+            CallState::Idle | CallState::Establishing
+                if self.init.direction == Direction::Outbound =>
+            {
+                if let Some(a) = self.arbiter.take() {
+                    a.do_send(ArbiterMsg::CallerCancel);
+                }
+                self.end(ctx, event, own, None, false);
+            }
+            CallState::Established | CallState::Transferring | CallState::Establishing => {
+                self.end(ctx, event, own, Some(peer), false);
+            }
+            CallState::Idle | CallState::Terminating | CallState::Terminated => {}
+        }
+    }
+
+    fn decline(&mut self, code: u16, ctx: &mut Context<Self>) {
+        if let Some(a) = self.arbiter.take() {
+            a.do_send(ArbiterMsg::Declined {
+                call: self.init.id.clone(),
+                code,
+            });
+        }
+        self.end(
+            ctx,
+            CallEvent::Decline,
+            reasons::declined(code),
+            None,
+            false,
+        );
+    }
+
+    fn handle_message(
+        &mut self,
+        rid: Option<u32>,
+        content_type: String,
+        body: Body,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(peer) = self.peer.as_ref().filter(|_| self.can_flow()) else {
+            return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
+        };
+        let negotiated = self.negotiated.as_ref();
+        if !negotiated.is_some_and(|n| n.allows(&content_type)) {
+            return self.message_failed(rid, None, 415, "Unsupported Media Type");
+        }
+        let max = negotiated.and_then(|n| n.max_size).map_or(
+            self.init.ctx.settings.flow.max_message_bytes,
+            |s| {
+                (s.min(usize::MAX as u64) as usize)
+                    .min(self.init.ctx.settings.flow.max_message_bytes)
+            },
+        );
+        if body.len() > max {
+            return self.message_failed(rid, None, 413, "Request Entity Too Large");
+        }
+        if self.pending.len() >= self.init.ctx.settings.limits.unacked_per_call {
+            return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
+        }
+        let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        peer.addr.do_send(LegMsg::Deliver {
+            msg,
+            from: self.init.local.user.clone(),
+            content_type,
+            body,
+            sender: ctx.address(),
+        });
+        let timeout = Duration::from_millis(self.init.ctx.settings.flow.ack_timeout_ms);
+        let timer = ctx.run_later(timeout, move |act, _| {
+            if let Some(p) = act.pending.remove(&msg) {
+                act.message_failed(p.rid, Some(msg), 408, "Request Timeout");
+            }
+        });
+        self.pending.insert(
+            msg,
+            Pending {
+                rid,
+                sent: Instant::now(),
+                timer,
+            },
+        );
+    }
+
+    fn set_remote_composing(&mut self, active: bool) {
+        if self.remote_composing != active {
+            self.remote_composing = active;
+            self.push(ServerMsg::RemoteComposing {
+                call: self.init.id.clone(),
+                active,
+            });
+        }
+    }
+}
+
+impl Actor for CallLeg {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics::gauge!(m::CALLS).increment(1.0);
+        if self.init.direction == Direction::Inbound {
+            return;
+        }
+        self.step(CallEvent::Establish, None);
+        match sdp::offer_media(&self.own_sdp) {
+            Ok(_) => {
+                let to = self.init.to.clone();
+                let toast = self.init.toast.clone();
+                self.start_arbiter(ctx, to, toast);
+            }
+            Err(_) => self.end(
+                ctx,
+                CallEvent::EstablishFailed,
+                reasons::not_acceptable_here(),
+                None,
+                false,
+            ),
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics::gauge!(m::CALLS).decrement(1.0);
+    }
+}
+
+impl Handler<LegMsg> for CallLeg {
+    type Result = ();
+
+    fn handle(&mut self, msg: LegMsg, ctx: &mut Context<Self>) {
+        match msg {
+            LegMsg::Accept { rid, sdp } => {
+                if self.state != CallState::Incoming || self.pending_accept.is_some() {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call is not ringing",
+                    );
+                }
+                let negotiated = match sdp::negotiate(&self.init.offer, &sdp) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return self.reply_error(rid, ErrorCode::NotAcceptable, &e.to_string());
+                    }
+                };
+                let Some(arbiter) = self.arbiter.clone() else {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call is not ringing",
+                    );
+                };
+                self.pending_accept = Some(rid);
+                self.own_sdp = sdp.clone();
+                self.negotiated = Some(negotiated.clone());
+                arbiter.do_send(ArbiterMsg::AcceptRequest {
+                    call: self.init.id.clone(),
+                    sdp,
+                    negotiated,
+                });
+            }
+            LegMsg::Decline { rid, code } => {
+                if self.state != CallState::Incoming {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call is not ringing",
+                    );
+                }
+                self.reply_ok(rid);
+                self.decline(code, ctx);
+            }
+            LegMsg::Forward { rid, to } => {
+                if self.state != CallState::Incoming || self.pending_accept.is_some() {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call is not ringing",
+                    );
+                }
+                self.reply_ok(rid);
+                if let Some(a) = self.arbiter.take() {
+                    a.do_send(ArbiterMsg::ForwardRequest {
+                        call: self.init.id.clone(),
+                        to,
+                    });
+                }
+                self.end(
+                    ctx,
+                    CallEvent::Forward,
+                    reasons::moved_temporarily(),
+                    None,
+                    false,
+                );
+            }
+            LegMsg::Transfer { rid, to } => {
+                if self.state != CallState::Established || self.transfer.is_some() {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call cannot be transferred now",
+                    );
+                }
+                let Some(peer) = self.peer.as_ref() else {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::InvalidState,
+                        "the call has no remote party",
+                    );
+                };
+                peer.addr.do_send(LegMsg::StartTransfer {
+                    to,
+                    transferor: ctx.address(),
+                });
+                self.reply_ok(rid);
+                self.transfer = Some(Transfer::Transferor);
+                self.step(CallEvent::Transfer, None);
+            }
+            LegMsg::Terminate { rid, cause } => self.handle_terminate(rid, cause, ctx),
+            LegMsg::Message {
+                rid,
+                content_type,
+                body,
+            } => self.handle_message(rid, content_type, body, ctx),
+            LegMsg::Ack { msg } => {
+                if let Some(sender) = self.unacked.remove(&msg) {
+                    sender.do_send(LegMsg::Acked { msg });
+                }
+            }
+            LegMsg::Composing { active } => {
+                if let Some(peer) = self.peer.as_ref().filter(|_| self.can_flow()) {
+                    peer.addr.do_send(LegMsg::RemoteComposing { active });
+                }
+            }
+            LegMsg::EndpointLost => match self.state {
+                CallState::Incoming => {
+                    if let Some(a) = self.arbiter.take() {
+                        a.do_send(ArbiterMsg::ForkLost {
+                            call: self.init.id.clone(),
+                        });
+                    }
+                    self.end(
+                        ctx,
+                        CallEvent::Terminate,
+                        reasons::endpoint_lost(),
+                        None,
+                        false,
+                    );
+                }
+                CallState::Idle | CallState::Establishing
+                    if self.init.direction == Direction::Outbound =>
+                {
+                    if let Some(a) = self.arbiter.take() {
+                        a.do_send(ArbiterMsg::CallerCancel);
+                    }
+                    self.end(
+                        ctx,
+                        CallEvent::Terminate,
+                        reasons::endpoint_lost(),
+                        None,
+                        false,
+                    );
+                }
+                _ => self.end(
+                    ctx,
+                    CallEvent::Terminate,
+                    reasons::endpoint_lost(),
+                    Some(reasons::endpoint_lost()),
+                    false,
+                ),
+            },
+
+            LegMsg::Ringing => {
+                if self.transfer.is_some() || self.state != CallState::Establishing {
+                    return;
+                }
+                self.push(ServerMsg::CallRinging {
+                    call: self.init.id.clone(),
+                });
+                if !self.ringing_seen {
+                    self.ringing_seen = true;
+                    self.step(CallEvent::Ringing, None);
+                }
+            }
+            LegMsg::Forwarded { to } => {
+                if self.transfer.is_none() && self.state == CallState::Establishing {
+                    self.push(ServerMsg::CallForwarded {
+                        call: self.init.id.clone(),
+                        to,
+                    });
+                }
+            }
+            LegMsg::Answered {
+                peer,
+                remote,
+                sdp,
+                negotiated,
+            } => {
+                if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
+                    // The transfer target answered: talk to it from now on; the transferor's
+                    // leg ends with 202 and must not see a remote terminate.
+                    self.negotiated = Some(negotiated);
+                    self.peer = Some(Peer { addr: peer });
+                    self.push(ServerMsg::CallTransferred {
+                        call: self.init.id.clone(),
+                        remote,
+                    });
+                    transferor.do_send(LegMsg::TransferOutcome { result: Ok(()) });
+                    return;
+                }
+                self.arbiter = None;
+                if self.state != CallState::Establishing {
+                    // We cancelled meanwhile; the winner must not wait for us.
+                    peer.do_send(LegMsg::RemoteTerminate {
+                        reason: reasons::terminated_remotely(),
+                    });
+                    return;
+                }
+                self.negotiated = Some(negotiated);
+                self.established_with(peer);
+                self.step(CallEvent::Established, None);
+                metrics::histogram!(m::CALL_SETUP_SECONDS)
+                    .record(self.created.elapsed().as_secs_f64());
+                self.push(ServerMsg::CallEstablished {
+                    call: self.init.id.clone(),
+                    sdp,
+                    remote,
+                });
+            }
+            LegMsg::Failed { reason } => {
+                if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
+                    transferor.do_send(LegMsg::TransferOutcome {
+                        result: Err(reason),
+                    });
+                    return;
+                }
+                self.arbiter = None;
+                self.end(ctx, CallEvent::EstablishFailed, reason, None, false);
+            }
+
+            LegMsg::Won { peer, remote } => {
+                self.arbiter = None;
+                if self.state != CallState::Incoming {
+                    peer.do_send(LegMsg::RemoteTerminate {
+                        reason: reasons::terminated_remotely(),
+                    });
+                    return;
+                }
+                let rid = self.pending_accept.take().flatten();
+                self.reply_ok(rid);
+                self.step(CallEvent::Accept, None);
+                self.established_with(peer);
+                self.step(CallEvent::Established, None);
+                self.push(ServerMsg::CallEstablished {
+                    call: self.init.id.clone(),
+                    sdp: self.init.offer.clone(),
+                    remote: remote.clone(),
+                });
+                if let Some(toast) = self.init.toast.take() {
+                    self.push(ServerMsg::MessageReceived {
+                        call: self.init.id.clone(),
+                        msg: 1,
+                        from: remote.user,
+                        content_type: toast.content_type,
+                        body: toast.body,
+                        toast: Some(true),
+                    });
+                }
+            }
+            LegMsg::AcceptRefused => {
+                if let Some(rid) = self.pending_accept.take() {
+                    self.reply_error(
+                        rid,
+                        ErrorCode::AnsweredElsewhere,
+                        "another endpoint answered",
+                    );
+                }
+            }
+            LegMsg::Cancel { reason, elsewhere } => {
+                self.arbiter = None;
+                self.end(ctx, CallEvent::RemoteCancel, reason, None, elsewhere);
+            }
+            LegMsg::AutoAcceptNeeded => {
+                if self.state == CallState::Incoming {
+                    self.push(ServerMsg::AutoAcceptNeeded {
+                        call: self.init.id.clone(),
+                    });
+                }
+            }
+
+            LegMsg::Deliver {
+                msg,
+                from,
+                content_type,
+                body,
+                sender,
+            } => {
+                if !self.can_flow() {
+                    sender.do_send(LegMsg::Refused { msg });
+                    return;
+                }
+                if let Some(h) = self.composing_timer.take() {
+                    ctx.cancel_future(h);
+                }
+                self.set_remote_composing(false);
+                self.unacked.insert(msg, sender);
+                self.push(ServerMsg::MessageReceived {
+                    call: self.init.id.clone(),
+                    msg,
+                    from,
+                    content_type,
+                    body,
+                    toast: None,
+                });
+            }
+            LegMsg::Acked { msg } => {
+                if let Some(p) = self.pending.remove(&msg) {
+                    ctx.cancel_future(p.timer);
+                    metrics::counter!(m::MESSAGES, "result" => "delivered").increment(1);
+                    metrics::histogram!(m::MESSAGE_DELIVERY_SECONDS)
+                        .record(p.sent.elapsed().as_secs_f64());
+                    self.push(ServerMsg::MessageDelivered {
+                        rid: p.rid,
+                        call: self.init.id.clone(),
+                        msg,
+                    });
+                }
+            }
+            LegMsg::Refused { msg } => {
+                if let Some(p) = self.pending.remove(&msg) {
+                    ctx.cancel_future(p.timer);
+                    self.message_failed(
+                        p.rid,
+                        Some(msg),
+                        481,
+                        "Call Leg/Transaction Does Not Exist",
+                    );
+                }
+            }
+            LegMsg::RemoteComposing { active } => {
+                if !self.can_flow() {
+                    return;
+                }
+                if let Some(h) = self.composing_timer.take() {
+                    ctx.cancel_future(h);
+                }
+                self.set_remote_composing(active);
+                if active {
+                    let idle =
+                        Duration::from_millis(self.init.ctx.settings.flow.composing_timeout_ms);
+                    self.composing_timer = Some(ctx.run_later(idle, |act, _| {
+                        act.composing_timer = None;
+                        act.set_remote_composing(false);
+                    }));
+                }
+            }
+            LegMsg::RemoteTerminate { reason } => {
+                let event = if self.state == CallState::Established {
+                    CallEvent::RemoteTerminate
+                } else {
+                    CallEvent::Terminate
+                };
+                self.peer = None;
+                self.end(ctx, event, reason, None, false);
+            }
+            LegMsg::StartTransfer { to, transferor } => {
+                if self.state != CallState::Established || self.transfer.is_some() {
+                    transferor.do_send(LegMsg::TransferOutcome {
+                        result: Err(reasons::transfer_pending()),
+                    });
+                    return;
+                }
+                let target = ForkTarget {
+                    ctx: self.init.ctx.clone(),
+                    caller: ctx.address(),
+                    from: self.init.local.clone(),
+                    to,
+                    offer: self.own_sdp.clone(),
+                    toast: None,
+                    counter: self.init.counter.clone(),
+                };
+                let arbiter = ForkArbiter::new(target).start();
+                self.transfer = Some(Transfer::Transferee {
+                    arbiter,
+                    transferor,
+                });
+            }
+            LegMsg::TransferOutcome { result } => {
+                if !matches!(self.transfer, Some(Transfer::Transferor))
+                    || self.state != CallState::Transferring
+                {
+                    return;
+                }
+                self.transfer = None;
+                match result {
+                    Ok(()) => {
+                        // The peer now talks to the target; it must not see us terminate.
+                        self.peer = None;
+                        self.end(
+                            ctx,
+                            CallEvent::TransferSucceeded,
+                            reasons::transferred(),
+                            None,
+                            false,
+                        );
+                    }
+                    Err(reason) => {
+                        self.step(CallEvent::TransferFailed, Some(reason));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! What every actor of a node shares: settings, the id minter, the directory, presence and the
+//! token verifier. Built once at start-up and handed around behind an `Arc`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::auth::Verifier;
+use crate::directory::Directory;
+use crate::ids::IdGen;
+use crate::presence::PresenceShards;
+use crate::settings::Settings;
+
+pub struct NodeCtx {
+    pub settings: Settings,
+    pub node_id: String,
+    pub ids: IdGen,
+    pub directory: Arc<dyn Directory>,
+    pub presence: PresenceShards,
+    pub verifier: Verifier,
+    draining: AtomicBool,
+}
+
+pub type Ctx = Arc<NodeCtx>;
+
+impl NodeCtx {
+    pub fn new(
+        settings: Settings,
+        directory: Arc<dyn Directory>,
+        presence: PresenceShards,
+    ) -> Self {
+        let node_id = settings.server.node_id.clone();
+        NodeCtx {
+            ids: IdGen::new(&node_id),
+            verifier: Verifier::new(&settings.auth.jwt_secret, settings.auth.leeway_s),
+            node_id,
+            directory,
+            presence,
+            settings,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// True once a graceful shutdown started: no new sign-ins.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}

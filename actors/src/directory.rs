@@ -1,0 +1,80 @@
+//! Who is signed in where. The directory is one of the two seams (with routing through the
+//! endpoint reference it returns) that know whether a cluster exists: alone, it is this
+//! in-process map; a cluster implementation can back the same trait with a replicated store.
+
+use actix::Addr;
+use dashmap::DashMap;
+use thiserror::Error;
+
+use crate::endpoint::Endpoint;
+
+/// One signed-in endpoint as other actors see it.
+#[derive(Clone, Debug)]
+pub struct EndpointEntry {
+    pub id: String,
+    pub user: String,
+    pub device: String,
+    pub addr: Addr<Endpoint>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DirectoryError {
+    #[error("too many endpoints signed in for this user")]
+    TooManyEndpoints,
+}
+
+pub trait Directory: Send + Sync + 'static {
+    /// Adds an endpoint, refusing it when its user already has `max_per_user`.
+    fn register(&self, entry: EndpointEntry, max_per_user: usize) -> Result<(), DirectoryError>;
+    fn unregister(&self, user: &str, endpoint: &str);
+    /// The user's endpoints, in sign-in order.
+    fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry>;
+    /// Every endpoint on this node (for shutdown).
+    fn all(&self) -> Vec<EndpointEntry>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The single-node directory.
+#[derive(Default)]
+pub struct LocalDirectory {
+    by_user: DashMap<String, Vec<EndpointEntry>>,
+}
+
+impl Directory for LocalDirectory {
+    fn register(&self, entry: EndpointEntry, max_per_user: usize) -> Result<(), DirectoryError> {
+        let mut list = self.by_user.entry(entry.user.clone()).or_default();
+        if list.len() >= max_per_user {
+            return Err(DirectoryError::TooManyEndpoints);
+        }
+        list.push(entry);
+        Ok(())
+    }
+
+    fn unregister(&self, user: &str, endpoint: &str) {
+        self.by_user.remove_if_mut(user, |_, list| {
+            list.retain(|e| e.id != endpoint);
+            list.is_empty()
+        });
+    }
+
+    fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
+        self.by_user
+            .get(user)
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    fn all(&self) -> Vec<EndpointEntry> {
+        self.by_user
+            .iter()
+            .flat_map(|l| l.value().clone())
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.by_user.iter().map(|l| l.len()).sum()
+    }
+}

@@ -1,0 +1,650 @@
+//! The endpoint actor: one signed-in device of one user. It reads the client's frames (after
+//! the session's handshake), answers what concerns the endpoint itself (ping, bye, presence),
+//! creates call legs and conversations, and hands each call request to the leg it names. It
+//! owns the identity: a request can only reach calls and conversations this endpoint holds.
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use confab_protocol::uri::normalize_user_uri;
+use confab_protocol::{
+    ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Remote, ServerMsg, Toast,
+    decode_client,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use tokio::time::Instant;
+
+use crate::arbiter::{ArbiterMsg, ForkArbiter};
+use crate::call::conversation::{Conversation, ConversationMsg};
+use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
+use crate::context::Ctx;
+use crate::metrics as m;
+use crate::outbox::Outbox;
+use crate::presence::PresenceMsg;
+
+/// A fork of a call offered to this endpoint by an arbiter. If it is dropped unhandled (the
+/// endpoint is gone), the arbiter hears that the fork is lost, so it never waits for it.
+pub struct ForkOffer {
+    arbiter: Addr<ForkArbiter>,
+    call: String,
+    conversation: String,
+    from: String,
+    offer: String,
+    toast: Option<Toast>,
+    immediate: bool,
+    counter: Arc<AtomicU32>,
+    handled: bool,
+}
+
+impl ForkOffer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        arbiter: Addr<ForkArbiter>,
+        call: String,
+        conversation: String,
+        from: String,
+        offer: String,
+        toast: Option<Toast>,
+        immediate: bool,
+        counter: Arc<AtomicU32>,
+    ) -> Self {
+        ForkOffer {
+            arbiter,
+            call,
+            conversation,
+            from,
+            offer,
+            toast,
+            immediate,
+            counter,
+            handled: false,
+        }
+    }
+}
+
+impl Drop for ForkOffer {
+    fn drop(&mut self) {
+        if !self.handled {
+            self.arbiter.do_send(ArbiterMsg::ForkLost {
+                call: std::mem::take(&mut self.call),
+            });
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum EndpointMsg {
+    Fork(ForkOffer),
+    LegEnded {
+        call: String,
+        conversation: String,
+        elsewhere: bool,
+    },
+    /// The node is shutting down gracefully.
+    Shutdown,
+}
+
+/// What a finished call id still answers to, so a late request gets the right error.
+const REMEMBERED_ENDED_CALLS: usize = 64;
+
+pub struct Endpoint {
+    ctx: Ctx,
+    id: String,
+    user: String,
+    device: String,
+    outbox: Outbox,
+    calls: HashMap<String, (Addr<CallLeg>, String)>,
+    ended: VecDeque<(String, bool)>,
+    conversations: HashMap<String, (Addr<Conversation>, usize)>,
+    subscriptions: HashSet<String>,
+    last_rx: Instant,
+    /// Set once the endpoint is ending, so nothing more is read or started.
+    ending: bool,
+    frames: Option<Frames>,
+}
+
+/// The client's frames after the `hello`, read by this actor.
+pub type Frames =
+    tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, confab_protocol::FrameCodec>;
+
+impl Endpoint {
+    pub fn new(
+        ctx: Ctx,
+        id: String,
+        user: String,
+        device: String,
+        outbox: Outbox,
+        frames: Frames,
+    ) -> Self {
+        Endpoint {
+            ctx,
+            id,
+            user,
+            device,
+            outbox,
+            calls: HashMap::new(),
+            ended: VecDeque::new(),
+            conversations: HashMap::new(),
+            subscriptions: HashSet::new(),
+            last_rx: Instant::now(),
+            ending: false,
+            frames: Some(frames),
+        }
+    }
+
+    fn push(&self, msg: ServerMsg) {
+        self.outbox.push(msg);
+    }
+
+    fn error(&self, rid: Option<u32>, code: ErrorCode, text: &str) {
+        self.push(ServerMsg::error(rid, code, text));
+    }
+
+    fn local(&self) -> Remote {
+        Remote {
+            user: self.user.clone(),
+            endpoint: self.id.clone(),
+        }
+    }
+
+    /// The leg this endpoint holds under `call`, or the error reply for a call it does not hold.
+    fn leg(&self, rid: Option<u32>, call: &str) -> Option<Addr<CallLeg>> {
+        if let Some((leg, _)) = self.calls.get(call) {
+            return Some(leg.clone());
+        }
+        if self.ended.iter().any(|(c, _)| c == call) {
+            self.error(rid, ErrorCode::InvalidState, "the call is over");
+        } else {
+            self.error(rid, ErrorCode::UnknownCall, "no such call");
+        }
+        None
+    }
+
+    fn add_call(&mut self, call: String, leg: Addr<CallLeg>, conversation: String) {
+        if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
+            *count += 1;
+            conv.do_send(ConversationMsg::Add {
+                call: call.clone(),
+                leg: leg.clone(),
+            });
+        }
+        self.calls.insert(call, (leg, conversation));
+    }
+
+    fn new_conversation(&mut self, id: String) {
+        let conv = Conversation::default().start();
+        self.conversations.insert(id, (conv, 0));
+    }
+
+    fn handle_frame(&mut self, msg: ClientMsg, ctx: &mut Context<Self>) {
+        let rid = msg.rid();
+        match msg {
+            ClientMsg::Hello { .. } => {
+                self.error(rid, ErrorCode::InvalidState, "already signed in")
+            }
+            ClientMsg::Ping { rid } => self.push(ServerMsg::Pong { rid }),
+            ClientMsg::Bye { rid } => {
+                self.push(ServerMsg::Ok { rid });
+                self.end_cleanly(ctx, TerminateCause::Bye);
+            }
+            ClientMsg::DeviceState {
+                rid,
+                activity,
+                idle_ms,
+            } => {
+                self.push(ServerMsg::Ok { rid });
+                self.ctx.presence.send(PresenceMsg::Publish {
+                    user: self.user.clone(),
+                    endpoint: self.id.clone(),
+                    activity,
+                    idle_ms: idle_ms.unwrap_or(0),
+                });
+            }
+            ClientMsg::SetStatus { rid, status } => {
+                self.push(ServerMsg::Ok { rid });
+                self.ctx.presence.send(PresenceMsg::SetStatus {
+                    user: self.user.clone(),
+                    status,
+                });
+            }
+            ClientMsg::Subscribe { rid, users } => self.subscribe(rid, users),
+            ClientMsg::Unsubscribe { rid, users } => {
+                let Some(users) = self.normalize_all(rid, &users) else {
+                    return;
+                };
+                self.push(ServerMsg::Ok { rid });
+                for user in users {
+                    if self.subscriptions.remove(&user) {
+                        self.ctx.presence.send(PresenceMsg::Unsubscribe {
+                            user,
+                            subscriber: self.id.clone(),
+                        });
+                    }
+                }
+            }
+            ClientMsg::CallEstablish {
+                rid,
+                to,
+                conversation,
+                toast,
+                sdp,
+            } => self.establish(rid, to, conversation, toast, sdp, ctx),
+            ClientMsg::CallAccept { rid, call, sdp } => {
+                if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
+                    leg.do_send(LegMsg::Accept { rid, sdp });
+                } else if self
+                    .ended
+                    .iter()
+                    .any(|(c, elsewhere)| *c == call && *elsewhere)
+                {
+                    self.error(
+                        rid,
+                        ErrorCode::AnsweredElsewhere,
+                        "another endpoint answered",
+                    );
+                } else {
+                    self.leg(rid, &call);
+                }
+            }
+            ClientMsg::CallDecline { rid, call, code } => {
+                let code = code.unwrap_or(486);
+                if !(400..=699).contains(&code) {
+                    return self.error(rid, ErrorCode::BadFrame, "decline code must be 400-699");
+                }
+                if let Some(leg) = self.leg(rid, &call) {
+                    leg.do_send(LegMsg::Decline { rid, code });
+                }
+            }
+            ClientMsg::CallForward { rid, call, to } => {
+                let Ok(to) = normalize_user_uri(&to) else {
+                    return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
+                };
+                if let Some(leg) = self.leg(rid, &call) {
+                    leg.do_send(LegMsg::Forward { rid, to });
+                }
+            }
+            ClientMsg::CallTransfer { rid, call, to } => {
+                let Ok(to) = normalize_user_uri(&to) else {
+                    return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
+                };
+                if let Some(leg) = self.leg(rid, &call) {
+                    leg.do_send(LegMsg::Transfer { rid, to });
+                }
+            }
+            ClientMsg::CallTerminate { rid, call } => {
+                if let Some((leg, _)) = self.calls.get(&call) {
+                    leg.do_send(LegMsg::Terminate {
+                        rid,
+                        cause: TerminateCause::Call,
+                    });
+                } else if self.ended.iter().any(|(c, _)| *c == call) {
+                    // Terminating a call that already ended is not an error.
+                    self.push(ServerMsg::Ok { rid });
+                } else {
+                    self.error(rid, ErrorCode::UnknownCall, "no such call");
+                }
+            }
+            ClientMsg::ConversationTerminate { rid, conversation } => {
+                match self.conversations.get(&conversation) {
+                    Some((conv, _)) => {
+                        self.push(ServerMsg::Ok { rid });
+                        conv.do_send(ConversationMsg::Terminate);
+                    }
+                    None => self.error(rid, ErrorCode::UnknownConversation, "no such conversation"),
+                }
+            }
+            ClientMsg::Message {
+                rid,
+                call,
+                content_type,
+                body,
+            } => {
+                if !body.matches_content_type(&content_type) {
+                    return self.error(
+                        rid,
+                        ErrorCode::BadFrame,
+                        "body must be str for text/* content types and bin otherwise",
+                    );
+                }
+                match self.calls.get(&call) {
+                    Some((leg, _)) => leg.do_send(LegMsg::Message {
+                        rid,
+                        content_type,
+                        body,
+                    }),
+                    None => {
+                        metrics::counter!(m::MESSAGES, "result" => "481").increment(1);
+                        self.push(ServerMsg::MessageFailed {
+                            rid,
+                            call,
+                            msg: None,
+                            code: 481,
+                            text: "Call Leg/Transaction Does Not Exist".to_owned(),
+                        });
+                    }
+                }
+            }
+            ClientMsg::MessageAck { call, msg } => {
+                if let Some((leg, _)) = self.calls.get(&call) {
+                    leg.do_send(LegMsg::Ack { msg });
+                }
+            }
+            ClientMsg::Composing { call, active } => {
+                if let Some((leg, _)) = self.calls.get(&call) {
+                    leg.do_send(LegMsg::Composing { active });
+                }
+            }
+        }
+    }
+
+    fn normalize_all(&self, rid: Option<u32>, users: &[String]) -> Option<Vec<String>> {
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            match normalize_user_uri(u) {
+                Ok(u) => out.push(u),
+                Err(_) => {
+                    self.error(rid, ErrorCode::BadFrame, "`users` must hold SIP URIs");
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn subscribe(&mut self, rid: Option<u32>, users: Vec<String>) {
+        let Some(users) = self.normalize_all(rid, &users) else {
+            return;
+        };
+        let limit = self.ctx.settings.limits.subscriptions_per_endpoint;
+        let new = users
+            .iter()
+            .filter(|u| !self.subscriptions.contains(*u))
+            .count();
+        if self.subscriptions.len() + new > limit {
+            return self.error(rid, ErrorCode::Forbidden, "subscription limit reached");
+        }
+        self.push(ServerMsg::Ok { rid });
+        for user in users {
+            self.subscriptions.insert(user.clone());
+            let same_user = user == self.user;
+            self.ctx.presence.send(PresenceMsg::Subscribe {
+                user,
+                subscriber: self.id.clone(),
+                outbox: self.outbox.clone(),
+                same_user,
+            });
+        }
+    }
+
+    fn establish(
+        &mut self,
+        rid: Option<u32>,
+        to: String,
+        conversation: Option<String>,
+        toast: Option<Toast>,
+        sdp: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let Ok(to) = normalize_user_uri(&to) else {
+            return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
+        };
+        if let Some(t) = &toast
+            && !t.body.matches_content_type(&t.content_type)
+        {
+            return self.error(
+                rid,
+                ErrorCode::BadFrame,
+                "toast body kind does not match its content type",
+            );
+        }
+        if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            return self.error(
+                rid,
+                ErrorCode::Overloaded,
+                "too many calls on this endpoint",
+            );
+        }
+        let conversation = match conversation {
+            Some(c) if self.conversations.contains_key(&c) => c,
+            Some(_) => {
+                return self.error(rid, ErrorCode::UnknownConversation, "no such conversation");
+            }
+            None => {
+                let c = self.ctx.ids.mint('v');
+                self.new_conversation(c.clone());
+                c
+            }
+        };
+        let call = self.ctx.ids.mint('c');
+        // The reply goes out before the leg exists, so it precedes the leg's first event.
+        self.push(ServerMsg::CallCreated {
+            rid,
+            call: call.clone(),
+            conversation: conversation.clone(),
+        });
+        let counter = Arc::new(AtomicU32::new(u32::from(toast.is_some())));
+        let leg = CallLeg::new(LegInit {
+            ctx: self.ctx.clone(),
+            id: call.clone(),
+            conversation: conversation.clone(),
+            direction: Direction::Outbound,
+            outbox: self.outbox.clone(),
+            endpoint: ctx.address(),
+            local: self.local(),
+            offer: sdp,
+            toast,
+            to,
+            arbiter: None,
+            counter,
+        })
+        .start();
+        self.add_call(call, leg, conversation);
+    }
+
+    fn adopt_fork(&mut self, mut offer: ForkOffer, ctx: &mut Context<Self>) {
+        if self.ending || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            // Dropping the offer tells the arbiter this fork is lost.
+            return;
+        }
+        offer.handled = true;
+        self.new_conversation(offer.conversation.clone());
+        let leg = CallLeg::new(LegInit {
+            ctx: self.ctx.clone(),
+            id: offer.call.clone(),
+            conversation: offer.conversation.clone(),
+            direction: Direction::Inbound,
+            outbox: self.outbox.clone(),
+            endpoint: ctx.address(),
+            local: self.local(),
+            offer: offer.offer.clone(),
+            toast: offer.toast.clone(),
+            to: String::new(),
+            arbiter: Some(offer.arbiter.clone()),
+            counter: offer.counter.clone(),
+        })
+        .start();
+        self.push(ServerMsg::CallIncoming {
+            call: offer.call.clone(),
+            conversation: offer.conversation.clone(),
+            from: offer.from.clone(),
+            toast: offer.toast.clone(),
+            sdp: offer.offer.clone(),
+            immediate_auto_accept: offer.immediate,
+        });
+        offer.arbiter.do_send(ArbiterMsg::ForkReady {
+            call: offer.call.clone(),
+            leg: leg.clone(),
+        });
+        self.add_call(offer.call.clone(), leg, offer.conversation.clone());
+    }
+
+    /// `bye` or shutdown: every call terminates (its events go out first), then the socket
+    /// closes.
+    fn end_cleanly(&mut self, ctx: &mut Context<Self>, cause: TerminateCause) {
+        if self.ending {
+            return;
+        }
+        self.ending = true;
+        let legs: Vec<_> = self.calls.values().map(|(l, _)| l.clone()).collect();
+        let done = futures::future::join_all(
+            legs.into_iter()
+                .map(move |leg| leg.send(LegMsg::Terminate { rid: None, cause })),
+        );
+        ctx.wait(done.into_actor(self).map(|_, act, ctx| {
+            act.outbox.close();
+            ctx.stop();
+        }));
+    }
+
+    /// The connection is gone or unusable: remote parties see 408.
+    fn lost(&mut self, ctx: &mut Context<Self>) {
+        self.ending = true;
+        self.outbox.close();
+        ctx.stop();
+    }
+
+    fn reject_frame(&mut self, e: &DecodeError) {
+        let reason = match e {
+            DecodeError::UnknownType { .. } => "unknown_type",
+            DecodeError::BadFrame { .. } => "bad_frame",
+        };
+        metrics::counter!(m::FRAMES_REJECTED, "reason" => reason).increment(1);
+        let text = match e {
+            DecodeError::UnknownType { ty, .. } => format!("unknown message type {ty:?}"),
+            DecodeError::BadFrame { detail, .. } => detail.clone(),
+        };
+        self.error(e.rid(), e.code(), &text);
+    }
+}
+
+impl Actor for Endpoint {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Enough room for a burst of events without blocking the actor on its own mailbox.
+        ctx.set_mailbox_capacity(256);
+        if let Some(frames) = self.frames.take() {
+            ctx.add_stream(frames);
+        }
+        metrics::gauge!(m::ENDPOINTS).increment(1.0);
+        self.ctx.presence.send(PresenceMsg::Joined {
+            user: self.user.clone(),
+            endpoint: self.id.clone(),
+            device: self.device.clone(),
+        });
+        let hb = self.ctx.settings.heartbeat();
+        ctx.run_interval(hb, move |act, ctx| {
+            if act.last_rx.elapsed() > hb * 3 {
+                tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the endpoint");
+                act.lost(ctx);
+            }
+        });
+        // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
+        let closed = self.outbox.closed();
+        ctx.spawn(
+            async move { closed.cancelled().await }
+                .into_actor(self)
+                .map(|(), act, ctx| {
+                    if !act.ending {
+                        act.lost(ctx);
+                    }
+                }),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics::gauge!(m::ENDPOINTS).decrement(1.0);
+        for (leg, _) in self.calls.values() {
+            leg.do_send(LegMsg::EndpointLost);
+        }
+        for user in self.subscriptions.drain() {
+            self.ctx.presence.send(PresenceMsg::Unsubscribe {
+                user,
+                subscriber: self.id.clone(),
+            });
+        }
+        self.ctx.directory.unregister(&self.user, &self.id);
+        self.ctx.presence.send(PresenceMsg::Left {
+            user: self.user.clone(),
+            endpoint: self.id.clone(),
+        });
+        self.outbox.close();
+    }
+}
+
+impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
+    fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
+        if self.ending {
+            return;
+        }
+        self.last_rx = Instant::now();
+        match item {
+            Ok(frame) => match decode_client(&frame) {
+                Ok(msg) => self.handle_frame(msg, ctx),
+                Err(e) => self.reject_frame(&e),
+            },
+            Err(FrameError::Empty) => {
+                metrics::counter!(m::FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
+                self.error(None, ErrorCode::BadFrame, "zero-length frame");
+                self.lost(ctx);
+            }
+            Err(FrameError::TooLarge { len, max }) => {
+                metrics::counter!(m::FRAMES_REJECTED, "reason" => "frame_too_large").increment(1);
+                self.error(
+                    None,
+                    ErrorCode::FrameTooLarge,
+                    &format!("frame of {len} bytes exceeds {max}"),
+                );
+                self.lost(ctx);
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %self.id, error = %e, "connection read failed");
+                self.lost(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        if !self.ending {
+            self.lost(ctx);
+        }
+    }
+}
+
+impl Handler<EndpointMsg> for Endpoint {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndpointMsg, ctx: &mut Context<Self>) {
+        match msg {
+            EndpointMsg::Fork(offer) => self.adopt_fork(offer, ctx),
+            EndpointMsg::LegEnded {
+                call,
+                conversation,
+                elsewhere,
+            } => {
+                self.calls.remove(&call);
+                self.ended.push_back((call.clone(), elsewhere));
+                if self.ended.len() > REMEMBERED_ENDED_CALLS {
+                    self.ended.pop_front();
+                }
+                if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
+                    *count = count.saturating_sub(1);
+                    conv.do_send(ConversationMsg::Remove { call });
+                    if *count == 0 {
+                        self.conversations.remove(&conversation);
+                    }
+                }
+            }
+            EndpointMsg::Shutdown => {
+                let s = &self.ctx.settings.server;
+                self.push(ServerMsg::Shutdown {
+                    reason: "Server shutting down".to_owned(),
+                    reconnect_after_ms: s.reconnect_after_ms,
+                });
+                self.end_cleanly(ctx, TerminateCause::Shutdown);
+            }
+        }
+    }
+}

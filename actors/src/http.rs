@@ -1,0 +1,66 @@
+//! The operations port: `GET /metrics` (Prometheus text format) and `GET /health` (200 while
+//! serving, 503 while draining). Two fixed routes on a loopback-facing port do not justify an
+//! HTTP framework; this reads one request line and answers with `Connection: close`.
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::context::NodeCtx;
+
+/// Serves the operations port until the listener fails.
+pub async fn serve(listener: TcpListener, handle: Option<PrometheusHandle>, ctx: Arc<NodeCtx>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        let ctx = ctx.clone();
+        actix_rt::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, handle, ctx)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Arc<NodeCtx>) {
+    let mut buf = vec![0u8; 2048];
+    let mut len = 0;
+    while len < buf.len() {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let path = head
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("");
+    let (status, ctype, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            handle.map(|h| h.render()).unwrap_or_default(),
+        ),
+        "/health" if ctx.is_draining() => (
+            "503 Service Unavailable",
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
+        "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

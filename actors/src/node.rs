@@ -1,0 +1,220 @@
+//! Running a node: binding the sockets, the worker threads (one actix arbiter per core), the
+//! accept loop with its connection limit, the operations port, and graceful shutdown.
+
+use actix::Arbiter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::context::NodeCtx;
+use crate::directory::{Directory, LocalDirectory};
+use crate::endpoint::EndpointMsg;
+use crate::metrics as m;
+use crate::presence::PresenceShards;
+use crate::presence::rank::Thresholds;
+use crate::settings::Settings;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the node thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A node running on its own threads. Dropping it shuts it down gracefully.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Graceful shutdown: clients get `shutdown`, every call ends with 503, then the node exits
+    /// (at the latest after `server.shutdown_timeout_ms`).
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    /// Blocks until the node stops by itself.
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// A handle that can start the graceful shutdown from another thread.
+    pub fn stopper(&mut self) -> Option<oneshot::Sender<()>> {
+        self.stop.take()
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, NodeError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| NodeError::Bind { addr, source })?;
+    l.set_nonblocking(true)
+        .map_err(|source| NodeError::Bind { addr, source })?;
+    Ok(l)
+}
+
+/// Binds the node's ports and starts it on its own threads.
+pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
+    let listener = bind(settings.server.listen)?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: settings.server.listen,
+        source,
+    })?;
+    let metrics_listener = settings.metrics_addr().map(bind).transpose()?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("confab-node".into())
+        .spawn(move || {
+            let system = actix::System::new();
+            system.block_on(run(settings, listener, metrics_listener, stop_rx));
+        })
+        .map_err(NodeError::Thread)?;
+    tracing::info!(%addr, ?metrics_addr, "confab node listening");
+    Ok(RunningNode {
+        addr,
+        metrics_addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+async fn run(
+    settings: Settings,
+    listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let workers_n = match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers: Vec<Arbiter> = (0..workers_n).map(|_| Arbiter::new()).collect();
+    let handles: Vec<_> = workers.iter().map(|a| a.handle()).collect();
+    let thresholds = Thresholds {
+        inactive_after: Duration::from_millis(settings.presence.inactive_after_ms),
+        away_after: Duration::from_millis(settings.presence.away_after_ms),
+    };
+    let presence = PresenceShards::start(&handles, thresholds);
+    let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::default());
+    let ctx = Arc::new(NodeCtx::new(settings, directory, presence));
+    let recorder = m::recorder();
+
+    if let Some(l) = metrics_listener.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+        actix_rt::spawn(crate::http::serve(l, recorder.clone(), ctx.clone()));
+    }
+    if let Some(h) = recorder {
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                h.run_upkeep();
+            }
+        });
+    }
+
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        tracing::error!("cannot register the listener with the runtime");
+        return;
+    };
+    let slots = Arc::new(Semaphore::new(ctx.settings.server.max_connections));
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing a connection");
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
+            actix_rt::spawn(refuse_overloaded(stream));
+            continue;
+        };
+        let Ok(std_stream) = stream.into_std() else {
+            continue;
+        };
+        let worker = &handles[next % handles.len()];
+        next = next.wrapping_add(1);
+        let ctx = ctx.clone();
+        worker.spawn(crate::session::run(std_stream, ctx, permit));
+    }
+    drop(listener);
+    drain(&ctx).await;
+    for w in workers {
+        w.stop();
+    }
+    actix::System::current().stop();
+}
+
+/// Tells every endpoint the node is going away and waits for them to finish, up to the deadline.
+async fn drain(ctx: &Arc<NodeCtx>) {
+    ctx.start_draining();
+    let endpoints = ctx.directory.all();
+    tracing::info!(
+        endpoints = endpoints.len(),
+        "shutting down: ending every call"
+    );
+    for e in &endpoints {
+        e.addr.do_send(EndpointMsg::Shutdown);
+    }
+    let deadline = Duration::from_millis(ctx.settings.server.shutdown_timeout_ms);
+    let waited = tokio::time::timeout(deadline, async {
+        while !ctx.directory.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!("shutdown deadline reached with endpoints still connected");
+    }
+    // Let the writers flush the last frames.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let msg = confab_protocol::ServerMsg::error(
+        None,
+        confab_protocol::ErrorCode::Overloaded,
+        "connection limit reached",
+    );
+    if let Ok(frame) = confab_protocol::codec::frame_bytes(&msg) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
+    }
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,354 @@
+//! Presence: device-state publications in, aggregated presence out.
+//!
+//! Users are spread over a fixed set of [`PresenceShard`] actors by a hash of the user URI, so
+//! one user's state is always owned by one actor (every change is one message handled at a
+//! time) and there is no actor lifecycle to race against when a user signs in and out.
+
+pub mod rank;
+
+use actix::prelude::*;
+use confab_protocol::{Activity, EffectiveActivity, EndpointPresence, ServerMsg, Status};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::metrics as m;
+use crate::outbox::Outbox;
+use rank::{Publication, Thresholds};
+
+/// Addresses of every shard; cheap to clone.
+#[derive(Clone)]
+pub struct PresenceShards {
+    shards: Vec<Addr<PresenceShard>>,
+}
+
+impl PresenceShards {
+    /// Starts `n` shards, one on each of the given arbiters in turn.
+    pub fn start(arbiters: &[actix::ArbiterHandle], t: Thresholds) -> Self {
+        let shards = arbiters
+            .iter()
+            .map(|a| PresenceShard::start_in_arbiter(a, move |_| PresenceShard::new(t)))
+            .collect();
+        PresenceShards { shards }
+    }
+
+    pub fn for_user(&self, user: &str) -> &Addr<PresenceShard> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+
+    pub fn send(&self, msg: PresenceMsg) {
+        self.for_user(msg.user()).do_send(msg);
+    }
+}
+
+/// Everything presence is told. `user` is always the normalised URI the message is about.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum PresenceMsg {
+    Joined {
+        user: String,
+        endpoint: String,
+        device: String,
+    },
+    Left {
+        user: String,
+        endpoint: String,
+    },
+    Publish {
+        user: String,
+        endpoint: String,
+        activity: Activity,
+        idle_ms: u64,
+    },
+    SetStatus {
+        user: String,
+        status: Option<Status>,
+    },
+    Subscribe {
+        user: String,
+        subscriber: String,
+        outbox: Outbox,
+        same_user: bool,
+    },
+    Unsubscribe {
+        user: String,
+        subscriber: String,
+    },
+}
+
+impl PresenceMsg {
+    fn user(&self) -> &str {
+        match self {
+            PresenceMsg::Joined { user, .. }
+            | PresenceMsg::Left { user, .. }
+            | PresenceMsg::Publish { user, .. }
+            | PresenceMsg::SetStatus { user, .. }
+            | PresenceMsg::Subscribe { user, .. }
+            | PresenceMsg::Unsubscribe { user, .. } => user,
+        }
+    }
+}
+
+/// The user's endpoint ids, most active first, at the moment the message is handled.
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct RankEndpoints {
+    pub user: String,
+}
+
+struct EndpointState {
+    device: String,
+    publication: Option<Publication>,
+}
+
+struct Subscriber {
+    outbox: Outbox,
+    same_user: bool,
+    /// What this subscriber last saw, with `idle_ms` blanked: ticking idle time is no change.
+    last_seen: Option<ServerMsg>,
+}
+
+#[derive(Default)]
+struct UserState {
+    endpoints: BTreeMap<String, EndpointState>,
+    status: Option<Status>,
+    subscribers: HashMap<String, Subscriber>,
+    timer: Option<SpawnHandle>,
+}
+
+pub struct PresenceShard {
+    users: HashMap<String, UserState>,
+    thresholds: Thresholds,
+}
+
+impl Actor for PresenceShard {
+    type Context = Context<Self>;
+}
+
+impl PresenceShard {
+    fn new(thresholds: Thresholds) -> Self {
+        PresenceShard {
+            users: HashMap::new(),
+            thresholds,
+        }
+    }
+
+    /// Endpoint ids ranked, most active first, with their effective activity.
+    fn ranked(&self, state: &UserState, now: Instant) -> Vec<(String, EffectiveActivity)> {
+        let mut eps: Vec<(&str, Option<&Publication>)> = state
+            .endpoints
+            .iter()
+            .map(|(id, e)| (id.as_str(), e.publication.as_ref()))
+            .collect();
+        eps.sort_by(|a, b| rank::compare(*a, *b, now, self.thresholds));
+        eps.into_iter()
+            .map(|(id, p)| (id.to_owned(), rank::effective(p, now, self.thresholds)))
+            .collect()
+    }
+
+    /// The full view (for the user's own endpoints) and the public one, at `now`.
+    fn views(&self, user: &str, state: &UserState, now: Instant) -> (ServerMsg, ServerMsg) {
+        let ranked = self.ranked(state, now);
+        let availability = rank::aggregate(state.status, ranked.first().map(|(_, a)| *a));
+        let endpoints = ranked
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (id, activity))| {
+                let e = state.endpoints.get(id)?;
+                Some(EndpointPresence {
+                    endpoint: id.clone(),
+                    device: e.device.clone(),
+                    activity: *activity,
+                    idle_ms: e
+                        .publication
+                        .map(|p| p.idle_at(now).as_millis().min(u64::MAX as u128) as u64),
+                    rank: i as u32 + 1,
+                })
+            })
+            .collect();
+        let full = ServerMsg::Presence {
+            user: user.to_owned(),
+            availability,
+            most_active: ranked.first().map(|(id, _)| id.clone()),
+            endpoints: Some(endpoints),
+            status: Some(state.status),
+        };
+        let public = ServerMsg::Presence {
+            user: user.to_owned(),
+            availability,
+            most_active: None,
+            endpoints: None,
+            status: None,
+        };
+        (full, public)
+    }
+
+    /// Sends each subscriber of `user` what changed for it, then re-arms the threshold timer.
+    fn notify(&mut self, user: &str, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let Some(state) = self.users.get(user) else {
+            return;
+        };
+        let (full, public) = self.views(user, state, now);
+        let next = state
+            .endpoints
+            .values()
+            .filter_map(|e| e.publication.as_ref())
+            .filter_map(|p| rank::next_crossing(p, now, self.thresholds))
+            .min();
+        let Some(state) = self.users.get_mut(user) else {
+            return;
+        };
+        for sub in state.subscribers.values_mut() {
+            let view = if sub.same_user { &full } else { &public };
+            let blanked = without_idle(view);
+            if sub.last_seen.as_ref() != Some(&blanked) {
+                sub.outbox.push(view.clone());
+                metrics::counter!(m::PRESENCE_NOTIFICATIONS).increment(1);
+                sub.last_seen = Some(blanked);
+            }
+        }
+        if let Some(h) = state.timer.take() {
+            ctx.cancel_future(h);
+        }
+        if let Some(at) = next {
+            let user = user.to_owned();
+            // A millisecond of slack so the crossing has happened when the timer fires.
+            let delay = at.saturating_duration_since(now) + Duration::from_millis(1);
+            state.timer = Some(ctx.run_later(delay, move |act, ctx| {
+                if let Some(s) = act.users.get_mut(&user) {
+                    s.timer = None;
+                }
+                act.notify(&user, ctx);
+            }));
+        }
+    }
+
+    fn forget_if_idle(&mut self, user: &str, ctx: &mut Context<Self>) {
+        if let Some(state) = self.users.get(user)
+            && state.endpoints.is_empty()
+            && state.subscribers.is_empty()
+            && let Some(mut state) = self.users.remove(user)
+            && let Some(h) = state.timer.take()
+        {
+            ctx.cancel_future(h);
+        }
+    }
+}
+
+fn without_idle(msg: &ServerMsg) -> ServerMsg {
+    let mut msg = msg.clone();
+    if let ServerMsg::Presence {
+        endpoints: Some(eps),
+        ..
+    } = &mut msg
+    {
+        for e in eps {
+            e.idle_ms = e.idle_ms.map(|_| 0);
+        }
+    }
+    msg
+}
+
+impl Handler<PresenceMsg> for PresenceShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceMsg, ctx: &mut Context<Self>) {
+        let user = msg.user().to_owned();
+        match msg {
+            PresenceMsg::Joined {
+                endpoint, device, ..
+            } => {
+                self.users
+                    .entry(user.clone())
+                    .or_default()
+                    .endpoints
+                    .insert(
+                        endpoint,
+                        EndpointState {
+                            device,
+                            publication: None,
+                        },
+                    );
+            }
+            PresenceMsg::Left { endpoint, .. } => {
+                if let Some(state) = self.users.get_mut(&user) {
+                    state.endpoints.remove(&endpoint);
+                    if state.endpoints.is_empty() {
+                        // The manual status belongs to a signed-in user.
+                        state.status = None;
+                    }
+                }
+            }
+            PresenceMsg::Publish {
+                endpoint,
+                activity,
+                idle_ms,
+                ..
+            } => {
+                metrics::counter!(m::PRESENCE_PUBLICATIONS).increment(1);
+                if let Some(e) = self
+                    .users
+                    .get_mut(&user)
+                    .and_then(|s| s.endpoints.get_mut(&endpoint))
+                {
+                    e.publication = Some(Publication {
+                        activity,
+                        stamp: Instant::now(),
+                        idle_ms,
+                    });
+                }
+            }
+            PresenceMsg::SetStatus { status, .. } => {
+                if let Some(state) = self.users.get_mut(&user) {
+                    state.status = status;
+                }
+            }
+            PresenceMsg::Subscribe {
+                subscriber,
+                outbox,
+                same_user,
+                ..
+            } => {
+                // A (re-)subscription always gets the current state at once.
+                self.users
+                    .entry(user.clone())
+                    .or_default()
+                    .subscribers
+                    .insert(
+                        subscriber,
+                        Subscriber {
+                            outbox,
+                            same_user,
+                            last_seen: None,
+                        },
+                    );
+            }
+            PresenceMsg::Unsubscribe { subscriber, .. } => {
+                if let Some(state) = self.users.get_mut(&user) {
+                    state.subscribers.remove(&subscriber);
+                }
+            }
+        }
+        self.notify(&user, ctx);
+        self.forget_if_idle(&user, ctx);
+    }
+}
+
+impl Handler<RankEndpoints> for PresenceShard {
+    type Result = Vec<String>;
+
+    fn handle(&mut self, msg: RankEndpoints, _: &mut Context<Self>) -> Vec<String> {
+        match self.users.get(&msg.user) {
+            Some(state) => self
+                .ranked(state, Instant::now())
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! One TCP connection: the socket, the codec, the writer task and the `hello` handshake.
+//! It knows nothing of calls: once the client is signed in, its frames go to a new
+//! [`Endpoint`] actor on this worker thread.
+
+use actix::prelude::*;
+use confab_protocol::uri::normalize_user_uri;
+use confab_protocol::{
+    ClientMsg, DecodeError, ErrorCode, FrameCodec, FrameError, PROTOCOL_VERSION, ServerMsg,
+    decode_client,
+};
+use futures::StreamExt;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::codec::FramedRead;
+
+use crate::context::Ctx;
+use crate::directory::EndpointEntry;
+use crate::endpoint::{Endpoint, Frames};
+use crate::metrics as m;
+use crate::outbox::{Outbox, outbox, write_loop};
+
+/// Longest `device` name accepted.
+const MAX_DEVICE_LEN: usize = 128;
+
+struct Hello {
+    rid: Option<u32>,
+    user: String,
+    device: String,
+}
+
+/// Why the handshake failed: what to tell the client before closing.
+struct Refusal {
+    rid: Option<u32>,
+    code: ErrorCode,
+    text: String,
+}
+
+impl Refusal {
+    fn new(rid: Option<u32>, code: ErrorCode, text: impl Into<String>) -> Self {
+        Refusal {
+            rid,
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+/// Serves one accepted connection until it closes. `permit` is the connection's slot under
+/// `server.max_connections`, held until the socket is closed.
+pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePermit) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not adopt an accepted connection");
+            return;
+        }
+    };
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let (outbox, rx) = outbox(ctx.settings.limits.outbound_queue);
+    metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    actix_rt::spawn(async move {
+        write_loop(rx, wr).await;
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+        drop(permit);
+    });
+    let mut frames = FramedRead::new(rd, FrameCodec::new(ctx.settings.server.max_frame as usize));
+    let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
+    let hello = match tokio::time::timeout(timeout, handshake(&mut frames, &ctx)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(refusal)) => {
+            tracing::info!(?peer, code = refusal.code.as_str(), reason = %refusal.text, "connection refused at sign-in");
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.code.as_str())
+                .increment(1);
+            outbox.push(ServerMsg::error(refusal.rid, refusal.code, refusal.text));
+            outbox.close();
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, "no hello in time; closing");
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout").increment(1);
+            outbox.close();
+            return;
+        }
+    };
+    start_endpoint(ctx, hello, outbox, frames);
+}
+
+async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
+    let frame = match frames.next().await {
+        Some(Ok(frame)) => frame,
+        Some(Err(FrameError::Empty)) => {
+            return Err(Refusal::new(None, ErrorCode::BadFrame, "zero-length frame"));
+        }
+        Some(Err(FrameError::TooLarge { len, max })) => {
+            return Err(Refusal::new(
+                None,
+                ErrorCode::FrameTooLarge,
+                format!("frame of {len} bytes exceeds {max}"),
+            ));
+        }
+        Some(Err(_)) | None => {
+            return Err(Refusal::new(
+                None,
+                ErrorCode::NotAuthenticated,
+                "connection closed",
+            ));
+        }
+    };
+    let (rid, version, user, token, device) = match decode_client(&frame) {
+        Ok(ClientMsg::Hello {
+            rid,
+            version,
+            user,
+            token,
+            device,
+            ..
+        }) => (rid, version, user, token, device),
+        Err(e @ DecodeError::BadFrame { .. }) if e.type_name() == Some("hello") => {
+            return Err(Refusal::new(
+                e.rid(),
+                ErrorCode::BadFrame,
+                "malformed hello",
+            ));
+        }
+        Ok(other) => {
+            return Err(Refusal::new(
+                other.rid(),
+                ErrorCode::NotAuthenticated,
+                "the first frame must be hello",
+            ));
+        }
+        Err(e) => {
+            return Err(Refusal::new(
+                e.rid(),
+                ErrorCode::NotAuthenticated,
+                "the first frame must be hello",
+            ));
+        }
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            rid,
+            ErrorCode::UnsupportedVersion,
+            format!("this node speaks version {PROTOCOL_VERSION}"),
+        ));
+    }
+    if device.is_empty() || device.len() > MAX_DEVICE_LEN {
+        return Err(Refusal::new(
+            rid,
+            ErrorCode::BadFrame,
+            "device must be 1-128 bytes",
+        ));
+    }
+    let Ok(user) = normalize_user_uri(&user) else {
+        return Err(Refusal::new(
+            rid,
+            ErrorCode::Unauthorized,
+            "user is not a SIP URI",
+        ));
+    };
+    if let Err(e) = ctx.verifier.verify(&token, &user) {
+        tracing::debug!(error = %e, "token refused");
+        return Err(Refusal::new(rid, ErrorCode::Unauthorized, "invalid token"));
+    }
+    if ctx.is_draining() {
+        return Err(Refusal::new(
+            rid,
+            ErrorCode::Overloaded,
+            "the node is shutting down",
+        ));
+    }
+    Ok(Hello { rid, user, device })
+}
+
+fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
+    let id = ctx.ids.mint('e');
+    let actor_ctx = Context::<Endpoint>::new();
+    let entry = EndpointEntry {
+        id: id.clone(),
+        user: hello.user.clone(),
+        device: hello.device.clone(),
+        addr: actor_ctx.address(),
+    };
+    if let Err(e) = ctx
+        .directory
+        .register(entry, ctx.settings.limits.endpoints_per_user)
+    {
+        tracing::info!(user = %hello.user, error = %e, "sign-in refused");
+        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user").increment(1);
+        outbox.push(ServerMsg::error(
+            hello.rid,
+            ErrorCode::Forbidden,
+            e.to_string(),
+        ));
+        outbox.close();
+        return;
+    }
+    metrics::counter!(m::SIGNINS).increment(1);
+    outbox.push(ServerMsg::Welcome {
+        rid: hello.rid,
+        endpoint: id.clone(),
+        node: ctx.node_id.clone(),
+        heartbeat_ms: ctx.settings.server.heartbeat_ms,
+        max_frame: ctx.settings.server.max_frame,
+    });
+    let endpoint = Endpoint::new(ctx, id, hello.user, hello.device, outbox, frames);
+    actor_ctx.run(endpoint);
+}

@@ -1,0 +1,356 @@
+//! Node settings: the TOML of design §4 with an embedded default for every key, and
+//! `CONFAB_<SECTION>_<KEY>` environment overrides. Reading files and the environment is the
+//! binary's job; this module only turns their text into validated [`Settings`].
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use thiserror::Error;
+
+/// A settings problem, always naming the key at fault.
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: Server,
+    pub auth: Auth,
+    pub fork: Fork,
+    pub presence: Presence,
+    pub flow: Flow,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    pub log: Log,
+    pub cluster: Option<Cluster>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub max_frame: u32,
+    pub heartbeat_ms: u64,
+    pub max_connections: usize,
+    pub hello_timeout_ms: u64,
+    /// Worker threads running actors; 0 = one per CPU core.
+    pub workers: usize,
+    /// Node id shown in `welcome` and used as the prefix of every id this node makes.
+    pub node_id: String,
+    /// How long a graceful shutdown may take before the node exits anyway.
+    pub shutdown_timeout_ms: u64,
+    pub reconnect_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub jwt_secret: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fork {
+    pub toast_timeout_ms: u64,
+    pub auto_accept_grace_ms: u64,
+    pub max_forwards: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    pub inactive_after_ms: u64,
+    pub away_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Flow {
+    pub ack_timeout_ms: u64,
+    pub composing_timeout_ms: u64,
+    /// Largest message body accepted (413 above it), whatever the SDP says.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Frames queued towards one client before it is dropped as a slow consumer.
+    pub outbound_queue: usize,
+    pub calls_per_endpoint: usize,
+    pub endpoints_per_user: usize,
+    pub subscriptions_per_endpoint: usize,
+    /// Messages a call leg may have waiting for an ack.
+    pub unacked_per_call: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Address of `GET /metrics` and `GET /health`; empty string disables it.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub nats_url: String,
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub node_timeout_ms: Option<u64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server: Server::default(),
+            auth: Auth::default(),
+            fork: Fork::default(),
+            presence: Presence::default(),
+            flow: Flow::default(),
+            limits: Limits::default(),
+            metrics: Metrics::default(),
+            log: Log::default(),
+            cluster: None,
+        }
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5070)),
+            max_frame: 65536,
+            heartbeat_ms: 15_000,
+            max_connections: 100_000,
+            hello_timeout_ms: 10_000,
+            workers: 0,
+            node_id: "node-a".to_owned(),
+            shutdown_timeout_ms: 10_000,
+            reconnect_after_ms: 5_000,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            jwt_secret: "change-me".to_owned(),
+            leeway_s: 30,
+        }
+    }
+}
+
+impl Default for Fork {
+    fn default() -> Self {
+        Fork {
+            toast_timeout_ms: 10_000,
+            auto_accept_grace_ms: 5_000,
+            max_forwards: 8,
+        }
+    }
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            inactive_after_ms: 300_000,
+            away_after_ms: 1_200_000,
+        }
+    }
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            ack_timeout_ms: 30_000,
+            composing_timeout_ms: 6_000,
+            max_message_bytes: 60_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            outbound_queue: 1024,
+            calls_per_endpoint: 256,
+            endpoints_per_user: 32,
+            subscriptions_per_endpoint: 1000,
+            unacked_per_call: 1024,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            listen: "127.0.0.1:9464".to_owned(),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".to_owned(),
+            format: "text".to_owned(),
+        }
+    }
+}
+
+impl Settings {
+    /// Parses TOML text (empty = all defaults), applies `CONFAB_<SECTION>_<KEY>` overrides from
+    /// `env`, and validates the result.
+    pub fn load(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let mut table: toml::Table =
+            toml::from_str(toml_text).map_err(|e| SettingsError::Parse(e.to_string()))?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("CONFAB_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            if !SECTIONS.contains(&section) {
+                continue;
+            }
+            let entry = table
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = entry else {
+                return Err(SettingsError::Invalid {
+                    key: section.to_owned(),
+                    reason: "must be a table".to_owned(),
+                });
+            };
+            section_table.insert(key.to_owned(), env_value(&value));
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| SettingsError::Parse(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(SettingsError::Invalid {
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.server.max_frame < 64 {
+            return invalid("server.max_frame", "must be at least 64 bytes");
+        }
+        if self.server.heartbeat_ms == 0 {
+            return invalid("server.heartbeat_ms", "must be positive");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be positive");
+        }
+        if self.server.node_id.is_empty() || self.server.node_id.contains(char::is_whitespace) {
+            return invalid("server.node_id", "must be a non-empty word");
+        }
+        if self.auth.jwt_secret.is_empty() {
+            return invalid("auth.jwt_secret", "must not be empty");
+        }
+        if self.presence.away_after_ms < self.presence.inactive_after_ms {
+            return invalid(
+                "presence.away_after_ms",
+                "must not be less than presence.inactive_after_ms",
+            );
+        }
+        if self.limits.outbound_queue < 16 {
+            return invalid("limits.outbound_queue", "must be at least 16");
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return invalid("metrics.listen", "must be host:port or empty");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.server.heartbeat_ms)
+    }
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "log", "cluster",
+];
+
+/// An environment value as TOML: integers and booleans keep their type, anything else is text.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_embedded_defaults() {
+        let s = Settings::load("", []).expect("defaults are valid");
+        assert_eq!(s.server.listen.port(), 5070);
+        assert_eq!(s.fork.toast_timeout_ms, 10_000);
+        assert!(s.cluster.is_none());
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let s = Settings::load(
+            "[fork]\ntoast_timeout_ms = 5\n",
+            [
+                ("CONFAB_FORK_TOAST_TIMEOUT_MS".to_owned(), "7".to_owned()),
+                ("CONFAB_AUTH_JWT_SECRET".to_owned(), "s3cret".to_owned()),
+                ("PATH".to_owned(), "/bin".to_owned()),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.fork.toast_timeout_ms, 7);
+        assert_eq!(s.auth.jwt_secret, "s3cret");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Settings::load("[fork]\ntoast_timeout = 5\n", []).expect_err("unknown key");
+        assert!(e.to_string().contains("toast_timeout"), "{e}");
+        let e = Settings::load("[server]\nheartbeat_ms = \"soon\"\n", []).expect_err("type");
+        assert!(e.to_string().contains("heartbeat_ms"), "{e}");
+        let e = Settings::load("[presence]\naway_after_ms = 1\n", []).expect_err("order");
+        assert!(e.to_string().contains("presence.away_after_ms"), "{e}");
+    }
+}

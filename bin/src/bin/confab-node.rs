@@ -1,0 +1,95 @@
+//! `confab-node`: runs a node. The only place (with the other binaries) that reads files, the
+//! environment and signals; everything else is in `confab-actors`.
+
+use anyhow::Context as _;
+use clap::Parser;
+use confab_actors::{Settings, spawn_node};
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// The confab IM-call node. With no arguments it runs with the embedded defaults.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML settings file (see config/node.toml); CONFAB_<SECTION>_<KEY> variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let text = match &args.config {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        None => String::new(),
+    };
+    let settings = Settings::load(&text, std::env::vars())?;
+    init_logs(&settings);
+    raise_file_limit(settings.server.max_connections);
+    if settings.auth.jwt_secret == "change-me" {
+        tracing::warn!("auth.jwt_secret is the default; set CONFAB_AUTH_JWT_SECRET in production");
+    }
+    if settings.cluster.is_some() {
+        tracing::warn!("[cluster] is not supported yet by this build; running as a single node");
+    }
+    let mut node = spawn_node(settings)?;
+    let stop = node.stopper();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down gracefully");
+    });
+    if let Some(stop) = stop {
+        let _ = stop.send(());
+    }
+    node.wait();
+    Ok(())
+}
+
+fn init_logs(settings: &Settings) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if settings.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Raises the open-file limit to the hard limit; warns when it cannot hold `max_connections`.
+fn raise_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if (limit as usize) < max_connections + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below server.max_connections; connections past it will fail"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

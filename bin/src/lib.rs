@@ -1,1 +1,0 @@
-//! confab binaries.

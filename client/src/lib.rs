@@ -57,6 +57,8 @@
 //! skipped, a reply of the wrong kind is a [`ClientError::Protocol`], and nothing in this
 //! library panics on the node's input.
 
+#![warn(missing_docs)]
+
 pub mod call;
 pub mod connection;
 mod conversation;

@@ -34,7 +34,8 @@ pub(super) async fn run(
                     Err(_) => break,
                 }
             }
-            sink.flush().await
+            SinkExt::<Bytes>::flush(&mut sink).await?;
+            Ok::<(), std::io::Error>(())
         };
         // A node that stops reading must not keep this task (and the socket) alive after close.
         let written = tokio::select! {

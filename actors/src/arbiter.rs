@@ -224,7 +224,7 @@ impl ForkArbiter {
 
     /// No accept and nobody left to ask: 480 to the caller and to every fork.
     fn give_up(&mut self, ctx: &mut Context<Self>) {
-        self.decide("timeout");
+        self.decide("unanswered");
         self.cancel_others(None, reasons::temporarily_unavailable(), false);
         self.t.caller.do_send(LegMsg::Failed {
             reason: reasons::temporarily_unavailable(),

@@ -10,6 +10,7 @@ pub const CONNECTIONS_REJECTED: &str = "confab_connections_rejected_total";
 pub const ENDPOINTS: &str = "confab_endpoints";
 pub const SIGNINS: &str = "confab_signins_total";
 pub const CALLS: &str = "confab_calls";
+pub const CALLS_BY_STATE: &str = "confab_calls_by_state";
 pub const CALL_TRANSITIONS: &str = "confab_call_transitions_total";
 pub const CALL_OUTCOMES: &str = "confab_call_outcomes_total";
 pub const CALL_SETUP_SECONDS: &str = "confab_call_setup_seconds";

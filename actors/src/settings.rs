@@ -16,7 +16,7 @@ pub enum SettingsError {
     Invalid { key: String, reason: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: Server,
@@ -115,22 +115,6 @@ pub struct Cluster {
     pub node_id: Option<String>,
     #[serde(default)]
     pub node_timeout_ms: Option<u64>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            server: Server::default(),
-            auth: Auth::default(),
-            fork: Fork::default(),
-            presence: Presence::default(),
-            flow: Flow::default(),
-            limits: Limits::default(),
-            metrics: Metrics::default(),
-            log: Log::default(),
-            cluster: None,
-        }
-    }
 }
 
 impl Default for Server {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use confab_protocol::{ClientMsg, Direction, ServerMsg};
+use confab_protocol::{CallState, ClientMsg, Direction, ServerMsg};
 
 use crate::call::{self, CallInner, NewCall, ReceivedMessage};
 use crate::connection::Events;
@@ -62,10 +62,13 @@ fn dispatch(ctx: &Arc<Ctx>, event: ServerMsg) {
             reason,
             ..
         } => {
-            if let Some(inner) = find(ctx, &call, "call_state")
-                && inner.on_state(direction, previous, state, reason)
-            {
-                ctx.registry.remove(&call);
+            if let Some(inner) = find(ctx, &call, "call_state") {
+                // Removed first, so whoever wakes up on `terminated` no longer sees the call
+                // among the endpoint's calls.
+                if state == CallState::Terminated {
+                    ctx.registry.remove(&call);
+                }
+                inner.on_state(direction, previous, state, reason);
             }
         }
         ServerMsg::CallRinging { call } => {

@@ -5,12 +5,10 @@
 //! the same queue (each item goes to exactly one of them). [`ReplayLog`] is for the few, small
 //! histories (call state changes) where every subscriber should see everything from the start.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::sync::lock;
@@ -137,14 +135,7 @@ impl<T: Clone> ReplayLog<T> {
 pub(crate) fn receiver_stream<T: Send + 'static>(
     rx: mpsc::UnboundedReceiver<T>,
 ) -> BoxStream<'static, T> {
-    struct Rx<T>(mpsc::UnboundedReceiver<T>);
-    impl<T> Stream for Rx<T> {
-        type Item = T;
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
-    }
-    Rx(rx).boxed()
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
 }
 
 /// Declares a public stream type over a boxed stream, with an inherent `recv` so that the

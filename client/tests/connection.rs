@@ -106,8 +106,12 @@ async fn an_error_reply_is_a_server_error_and_the_connection_stays_usable() {
     });
     let serve = async {
         let msg = peer.recv().await;
-        peer.send(ServerMsg::error(rid(&msg), ErrorCode::UnknownCall, "unknown call"))
-            .await;
+        peer.send(ServerMsg::error(
+            rid(&msg),
+            ErrorCode::UnknownCall,
+            "unknown call",
+        ))
+        .await;
     };
     let (reply, ()) = tokio::join!(request, serve);
     match reply {
@@ -174,9 +178,13 @@ async fn undecodable_frames_are_skipped_and_a_garbled_reply_fails_only_its_reque
         // A frame that is not a map, a map of an unknown type, and a `pong` whose rid is right
         // but whose other field has the wrong kind: none may crash the client.
         peer.send_raw(&[0, 0, 0, 1, 0x01]).await;
-        peer.send_raw(&frame(&[("type", "from_the_future")], None)).await;
-        peer.send_raw(&frame(&[("type", "welcome"), ("heartbeat_ms", "soon")], Some(rid)))
+        peer.send_raw(&frame(&[("type", "from_the_future")], None))
             .await;
+        peer.send_raw(&frame(
+            &[("type", "welcome"), ("heartbeat_ms", "soon")],
+            Some(rid),
+        ))
+        .await;
         peer.send(ServerMsg::CallRinging {
             call: "c1".to_owned(),
         })
@@ -208,7 +216,10 @@ fn frame(fields: &[(&str, &str)], rid: Option<u32>) -> Vec<u8> {
         body.push(0xce);
         body.extend_from_slice(&rid.to_be_bytes());
     }
-    let mut out = u32::try_from(body.len()).expect("small").to_be_bytes().to_vec();
+    let mut out = u32::try_from(body.len())
+        .expect("small")
+        .to_be_bytes()
+        .to_vec();
     out.extend_from_slice(&body);
     out
 }

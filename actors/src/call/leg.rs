@@ -245,6 +245,8 @@ impl CallLeg {
                 let previous = self.state;
                 self.state = next;
                 metrics::counter!(m::CALL_TRANSITIONS, "state" => next.as_str()).increment(1);
+                metrics::gauge!(m::CALLS_BY_STATE, "state" => previous.as_str()).decrement(1.0);
+                metrics::gauge!(m::CALLS_BY_STATE, "state" => next.as_str()).increment(1.0);
                 self.push(ServerMsg::CallState {
                     call: self.init.id.clone(),
                     conversation: self.init.conversation.clone(),
@@ -470,6 +472,7 @@ impl Actor for CallLeg {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS).increment(1.0);
+        metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).increment(1.0);
         if self.init.direction == Direction::Inbound {
             return;
         }
@@ -492,6 +495,7 @@ impl Actor for CallLeg {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!(m::CALLS).decrement(1.0);
+        metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).decrement(1.0);
     }
 }
 

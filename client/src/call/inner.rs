@@ -129,14 +129,14 @@ impl CallInner {
         self.snapshot.borrow().state
     }
 
-    /// Applies a `call_state` event. Returns true when the call is now terminated.
+    /// Applies a `call_state` event.
     pub(crate) fn on_state(
         &self,
         direction: Direction,
         previous: CallState,
         state: CallState,
         reason: Option<Reason>,
-    ) -> bool {
+    ) {
         if direction != self.direction {
             tracing::warn!(call = %self.id, ?direction, "call_state names the other direction");
         }
@@ -164,9 +164,6 @@ impl CallInner {
         });
         if state == CallState::Terminated {
             self.finish();
-            true
-        } else {
-            false
         }
     }
 

@@ -72,89 +72,34 @@ impl InstantMessagingCall {
     ///
     /// Fails with [`ClientError::CallEnded`] (and the node's reason: 480, 486, 603, ...) when
     /// the call ends instead. Use [`InstantMessagingCall::begin_establish`] to get the call
-    /// while it rings (to cancel it, say).
-    pub async fn establish(
+    /// while it rings (to cancel it, say). The future borrows nothing, so it can be spawned.
+    pub fn establish(
         conversation: &Conversation,
         to: &str,
         toast: Option<Toast>,
         options: CallEstablishOptions,
-    ) -> Result<InstantMessagingCall, ClientError> {
-        let call = Self::begin_establish(conversation, to, toast, options).await?;
-        call.established().await?;
-        Ok(call)
+    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + 'static {
+        let begin = Self::begin_establish(conversation, to, toast, options);
+        async move {
+            let call = begin.await?;
+            call.established().await?;
+            Ok(call)
+        }
     }
 
     /// Calls `to` and returns as soon as the node has created the call (state `establishing`
-    /// or about to be). Binds `conversation` to the node's conversation if it was new.
-    pub async fn begin_establish(
+    /// or about to be). Binds `conversation` to the node's conversation if it was new. The
+    /// future borrows nothing, so it can be spawned. Dropping it once the request is out does
+    /// not cancel the call: it still shows in [`Endpoint::calls`], to be terminated there.
+    pub fn begin_establish(
         conversation: &Conversation,
         to: &str,
         toast: Option<Toast>,
         options: CallEstablishOptions,
-    ) -> Result<InstantMessagingCall, ClientError> {
-        let endpoint = conversation.endpoint().clone();
-        let ctx = Arc::clone(endpoint.ctx());
-        let offer = options.sdp.unwrap_or_else(|| ctx.default_offer());
-        // Two calls placed at once in a new conversation must not create two conversations.
-        let _binding = conversation.binding().await;
-        let requested = conversation.id().map(str::to_owned);
-
-        // The call is created on the reader task, from the reply, so that it is registered
-        // before the node's next frame (its first call_state) is dispatched.
-        let (created_tx, created_rx) = oneshot::channel();
-        let new = NewCall {
-            id: String::new(),
-            conversation: String::new(),
-            direction: Direction::Outbound,
-            peer: to.to_owned(),
-            toast: toast.clone(),
-            offer: offer.clone(),
-            immediate_auto_accept: false,
-            message_capacity: ctx.options.message_queue,
-        };
-        let hook_ctx = Arc::clone(&ctx);
-        let register = move |reply: &ServerMsg| {
-            if let ServerMsg::CallCreated {
-                call, conversation, ..
-            } = reply
-            {
-                let inner = Arc::new(CallInner::new(NewCall {
-                    id: call.clone(),
-                    conversation: conversation.clone(),
-                    ..new
-                }));
-                hook_ctx.registry.insert(Arc::clone(&inner));
-                let _ = created_tx.send(inner);
-            }
-        };
-        let request = ClientMsg::CallEstablish {
-            rid: None,
-            to: to.to_owned(),
-            conversation: requested.clone(),
-            toast,
-            sdp: offer,
-        };
-        let reply = ctx.conn.request_then(request, register).await?;
-        let ServerMsg::CallCreated {
-            conversation: created,
-            ..
-        } = reply
-        else {
-            return Err(ClientError::Protocol(format!(
-                "expected call_created, got {reply:?}"
-            )));
-        };
-        match requested {
-            None => conversation.bind(created),
-            Some(requested) if requested != created => {
-                tracing::warn!(%requested, %created, "the node put the call in another conversation");
-            }
-            Some(_) => {}
-        }
-        let inner = created_rx
-            .await
-            .map_err(|_| ClientError::Protocol("call_created was not registered".to_owned()))?;
-        Ok(InstantMessagingCall { endpoint, inner })
+    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + 'static {
+        let conversation = conversation.clone();
+        let to = to.to_owned();
+        async move { begin_establish(&conversation, to, toast, options).await }
     }
 
     /// Waits until the call is established: `Ok` once it has been (even if it has moved on
@@ -332,6 +277,78 @@ impl InstantMessagingCall {
     async fn request_ok(&self, msg: ClientMsg) -> Result<(), ClientError> {
         ok_reply(self.ctx().conn.request(msg).await?)
     }
+}
+
+/// See [`InstantMessagingCall::begin_establish`].
+async fn begin_establish(
+    conversation: &Conversation,
+    to: String,
+    toast: Option<Toast>,
+    options: CallEstablishOptions,
+) -> Result<InstantMessagingCall, ClientError> {
+    let endpoint = conversation.endpoint().clone();
+    let ctx = Arc::clone(endpoint.ctx());
+    let offer = options.sdp.unwrap_or_else(|| ctx.default_offer());
+    // Two calls placed at once in a new conversation must not create two conversations.
+    let _binding = conversation.binding().await;
+    let requested = conversation.id().map(str::to_owned);
+
+    // The call is created on the reader task, from the reply, so that it is registered
+    // before the node's next frame (its first call_state) is dispatched.
+    let (created_tx, created_rx) = oneshot::channel();
+    let new = NewCall {
+        id: String::new(),
+        conversation: String::new(),
+        direction: Direction::Outbound,
+        peer: to.clone(),
+        toast: toast.clone(),
+        offer: offer.clone(),
+        immediate_auto_accept: false,
+        message_capacity: ctx.options.message_queue,
+    };
+    let hook_ctx = Arc::clone(&ctx);
+    let register = move |reply: &ServerMsg| {
+        if let ServerMsg::CallCreated {
+            call, conversation, ..
+        } = reply
+        {
+            let inner = Arc::new(CallInner::new(NewCall {
+                id: call.clone(),
+                conversation: conversation.clone(),
+                ..new
+            }));
+            hook_ctx.registry.insert(Arc::clone(&inner));
+            let _ = created_tx.send(inner);
+        }
+    };
+    let request = ClientMsg::CallEstablish {
+        rid: None,
+        to,
+        conversation: requested.clone(),
+        toast,
+        sdp: offer,
+    };
+    let reply = ctx.conn.request_then(request, register).await?;
+    let ServerMsg::CallCreated {
+        conversation: created,
+        ..
+    } = reply
+    else {
+        return Err(ClientError::Protocol(format!(
+            "expected call_created, got {reply:?}"
+        )));
+    };
+    match requested {
+        None => conversation.bind(created),
+        Some(requested) if requested != created => {
+            tracing::warn!(%requested, %created, "the node put the call in another conversation");
+        }
+        Some(_) => {}
+    }
+    let inner = created_rx
+        .await
+        .map_err(|_| ClientError::Protocol("call_created was not registered".to_owned()))?;
+    Ok(InstantMessagingCall { endpoint, inner })
 }
 
 /// Accepts `inner`; shared by the public `accept` and the auto-accept task.

@@ -3,7 +3,10 @@
 //! frame the real node would refuse fails the test), and writes whatever `ServerMsg` the test
 //! scripts. Every wait has a timeout, only as a safety net against a hung test.
 
-#![allow(dead_code, reason = "each test file uses a different part of the fake node")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the fake node"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,160 @@
+//! `calls`: C callers each calling their own user who is signed in on K devices. Device 0
+//! accepts by click as soon as the toast arrives (`--accept click`), or every device accepts when
+//! told `auto_accept_needed` (`--accept timeout`, for a node configured with a short toast
+//! timeout). Reports established calls per second and establish → `call_established` latency.
+
+use anyhow::Context as _;
+use confab_protocol::sdp::build_offer;
+use confab_protocol::{CallState, ClientMsg, ServerMsg};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use super::conn::{Conn, Target};
+use super::report::{Report, histogram, record};
+use super::{Progress, run_id};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accept {
+    Click,
+    Timeout,
+}
+
+pub struct Params {
+    pub callers: usize,
+    pub devices: usize,
+    pub accept: Accept,
+    pub duration: Duration,
+}
+
+pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<Report> {
+    let run = run_id();
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + p.duration;
+    let mut tasks = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..p.callers {
+        let callee = format!("sip:callee{i}-{run}@bench.invalid");
+        for d in 0..p.devices {
+            let conn = Conn::sign_in(t, &callee, &format!("dev{d}"), None).await?;
+            devices.push(tokio::spawn(answer(conn, d == 0, p.accept)));
+        }
+        let caller = Conn::sign_in(
+            t,
+            &format!("sip:caller{i}-{run}@bench.invalid"),
+            "bench",
+            None,
+        )
+        .await?;
+        tasks.push((caller, callee));
+    }
+    let start = Instant::now();
+    let end = end.max(start + p.duration);
+    let handles: Vec<_> = tasks
+        .into_iter()
+        .map(|(caller, callee)| tokio::spawn(call_repeatedly(caller, callee, end, done.clone())))
+        .collect();
+    progress.run_for(p.duration, done.clone()).await;
+    let mut latency = histogram();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for h in handles {
+        let (l, o, f) = h.await??;
+        latency.add(&l)?;
+        ok += o;
+        failed += f;
+    }
+    for d in devices {
+        d.abort();
+    }
+    Ok(
+        Report::new("calls", ok as f64 / p.duration.as_secs_f64(), latency)
+            .with("callers", p.callers)
+            .with("devices_per_user", p.devices)
+            .with("established", ok)
+            .with("failed", failed),
+    )
+}
+
+/// A callee device: accepts by click (device 0) or when asked to auto-accept.
+async fn answer(mut conn: Conn, clicker: bool, accept: Accept) -> anyhow::Result<()> {
+    loop {
+        let call = match conn.recv().await? {
+            ServerMsg::CallIncoming { call, .. } if clicker && accept == Accept::Click => call,
+            ServerMsg::AutoAcceptNeeded { call } if accept == Accept::Timeout => call,
+            _ => continue,
+        };
+        conn.send(&ClientMsg::CallAccept {
+            rid: None,
+            call,
+            sdp: build_offer(&["text/plain"], None),
+        })
+        .await?;
+    }
+}
+
+async fn call_repeatedly(
+    mut caller: Conn,
+    callee: String,
+    end: Instant,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, u64, u64)> {
+    let mut latency = histogram();
+    let (mut ok, mut failed) = (0, 0);
+    let offer = build_offer(&["text/plain"], None);
+    let mut rid = 0u32;
+    while Instant::now() < end {
+        rid = rid.wrapping_add(2);
+        let t0 = Instant::now();
+        caller
+            .send(&ClientMsg::CallEstablish {
+                rid: Some(rid),
+                to: callee.clone(),
+                conversation: None,
+                toast: None,
+                sdp: offer.clone(),
+            })
+            .await?;
+        let created = caller
+            .recv_until(
+                Duration::from_secs(30),
+                |m| matches!(m, ServerMsg::CallCreated { rid: Some(r), .. } if *r == rid),
+            )
+            .await?;
+        let ServerMsg::CallCreated { call, .. } = created else {
+            continue;
+        };
+        let outcome = caller
+            .recv_until(Duration::from_secs(60), |m| match m {
+                ServerMsg::CallEstablished { call: c, .. } => *c == call,
+                ServerMsg::CallState {
+                    call: c,
+                    state: CallState::Terminated,
+                    ..
+                } => *c == call,
+                _ => false,
+            })
+            .await
+            .context("call outcome")?;
+        if matches!(outcome, ServerMsg::CallEstablished { .. }) {
+            if Instant::now() <= end {
+                ok += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+                record(&mut latency, t0.elapsed());
+            }
+            caller
+                .send(&ClientMsg::CallTerminate {
+                    rid: Some(rid + 1),
+                    call: call.clone(),
+                })
+                .await?;
+            caller
+                .recv_until(Duration::from_secs(30), |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call))
+                .await?;
+        } else {
+            failed += 1;
+        }
+    }
+    Ok((latency, ok, failed))
+}

@@ -1,0 +1,118 @@
+//! A bench connection: raw frames over TCP, signed in, with reads and batched writes under the
+//! bench's control (no client-library machinery between the load and the socket).
+
+use anyhow::{Context as _, bail};
+use confab_protocol::{ClientMsg, FrameCodec, ServerMsg, decode_server};
+use futures::{FutureExt, SinkExt, StreamExt};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::codec::Framed;
+
+pub struct Conn {
+    framed: Framed<TcpStream, FrameCodec>,
+    pub endpoint: String,
+}
+
+/// Where and how to sign in.
+#[derive(Clone)]
+pub struct Target {
+    pub server: SocketAddr,
+    pub secret: String,
+}
+
+impl Conn {
+    /// Connects (from `source` when given) and signs in as `user` on `device`.
+    pub async fn sign_in(
+        t: &Target,
+        user: &str,
+        device: &str,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Conn> {
+        let stream = match source {
+            Some(ip) => {
+                let sock = if t.server.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(t.server).await?
+            }
+            None => TcpStream::connect(t.server).await?,
+        };
+        stream.set_nodelay(true)?;
+        let mut conn = Conn {
+            framed: Framed::new(stream, FrameCodec::new(1 << 20)),
+            endpoint: String::new(),
+        };
+        let token = confab_client::token::mint(user, &t.secret, Duration::from_secs(3600));
+        conn.send(&ClientMsg::Hello {
+            rid: Some(0),
+            version: 1,
+            user: user.to_owned(),
+            token,
+            device: device.to_owned(),
+            agent: Some("confab-bench".into()),
+        })
+        .await?;
+        match conn.recv().await? {
+            ServerMsg::Welcome { endpoint, .. } => conn.endpoint = endpoint,
+            other => bail!("sign-in of {user} refused: {other:?}"),
+        }
+        Ok(conn)
+    }
+
+    /// Writes and flushes one message.
+    pub async fn send(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
+        self.framed.send(msg).await.context("write")
+    }
+
+    /// Queues a message; it goes out with the next [`Conn::flush`].
+    pub async fn feed(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
+        self.framed.feed(msg).await.context("write")
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        SinkExt::<&ClientMsg>::flush(&mut self.framed)
+            .await
+            .context("flush")
+    }
+
+    /// The next message from the node.
+    pub async fn recv(&mut self) -> anyhow::Result<ServerMsg> {
+        match self.framed.next().await {
+            Some(Ok(frame)) => Ok(decode_server(&frame)?),
+            Some(Err(e)) => Err(e.into()),
+            None => bail!("connection closed by the node"),
+        }
+    }
+
+    /// A message that is already buffered or readable without waiting, if any.
+    pub fn try_recv(&mut self) -> Option<anyhow::Result<ServerMsg>> {
+        match self.framed.next().now_or_never() {
+            Some(Some(Ok(frame))) => Some(decode_server(&frame).map_err(Into::into)),
+            Some(Some(Err(e))) => Some(Err(e.into())),
+            Some(None) => Some(Err(anyhow::anyhow!("connection closed by the node"))),
+            None => None,
+        }
+    }
+
+    /// Reads until `pred` matches, within `timeout`.
+    pub async fn recv_until(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&ServerMsg) -> bool,
+    ) -> anyhow::Result<ServerMsg> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                let m = self.recv().await?;
+                if pred(&m) {
+                    return Ok(m);
+                }
+            }
+        })
+        .await
+        .context("timed out waiting for the node")?
+    }
+}

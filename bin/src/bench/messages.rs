@@ -1,0 +1,209 @@
+//! `messages`: P caller/callee pairs in established calls; each caller keeps at most W messages
+//! unacknowledged; each callee acks every message at once. Reports acked messages per second and
+//! the send → `message_delivered` latency.
+
+use anyhow::{Context as _, bail};
+use confab_protocol::sdp::build_offer;
+use confab_protocol::{Body, ClientMsg, ServerMsg};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use super::conn::{Conn, Target};
+use super::report::{Report, histogram, record};
+use super::{Progress, run_id};
+
+pub struct Params {
+    pub pairs: usize,
+    pub window: usize,
+    pub size: usize,
+    pub duration: Duration,
+}
+
+struct PairResult {
+    delivered: u64,
+    failed: u64,
+    unanswered: u64,
+    latency: hdrhistogram::Histogram<u64>,
+}
+
+pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<Report> {
+    let run = run_id();
+    let mut pairs = Vec::with_capacity(p.pairs);
+    for i in 0..p.pairs {
+        pairs.push(
+            setup_pair(t, &run, i)
+                .await
+                .with_context(|| format!("setting up pair {i}"))?,
+        );
+    }
+    let delivered_live = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + p.duration;
+    let body = "x".repeat(p.size);
+    let mut tasks = Vec::new();
+    for (caller, call, callee) in pairs {
+        tokio::spawn(ack_all(callee));
+        tasks.push(tokio::spawn(drive(
+            caller,
+            call,
+            body.clone(),
+            p.window,
+            end,
+            delivered_live.clone(),
+        )));
+    }
+    progress.run_for(p.duration, delivered_live.clone()).await;
+    let mut total = PairResult {
+        delivered: 0,
+        failed: 0,
+        unanswered: 0,
+        latency: histogram(),
+    };
+    for task in tasks {
+        let r = task.await??;
+        total.delivered += r.delivered;
+        total.failed += r.failed;
+        total.unanswered += r.unanswered;
+        total.latency.add(&r.latency)?;
+    }
+    let secs = p.duration.as_secs_f64();
+    Ok(
+        Report::new("messages", total.delivered as f64 / secs, total.latency)
+            .with("pairs", p.pairs)
+            .with("window", p.window)
+            .with("size", p.size)
+            .with("duration_s", secs)
+            .with("delivered", total.delivered)
+            .with("failed", total.failed)
+            .with("unanswered", total.unanswered),
+    )
+}
+
+/// Signs a caller and a callee in, and establishes a call between them.
+async fn setup_pair(t: &Target, run: &str, i: usize) -> anyhow::Result<(Conn, String, Conn)> {
+    let a = format!("sip:a{i}-{run}@bench.invalid");
+    let b = format!("sip:b{i}-{run}@bench.invalid");
+    let mut caller = Conn::sign_in(t, &a, "bench", None).await?;
+    let mut callee = Conn::sign_in(t, &b, "bench", None).await?;
+    caller
+        .send(&ClientMsg::CallEstablish {
+            rid: Some(1),
+            to: b.clone(),
+            conversation: None,
+            toast: None,
+            sdp: build_offer(&["text/plain"], None),
+        })
+        .await?;
+    let wait = Duration::from_secs(10);
+    let ServerMsg::CallIncoming { call: incoming, .. } = callee
+        .recv_until(wait, |m| matches!(m, ServerMsg::CallIncoming { .. }))
+        .await?
+    else {
+        bail!("no call_incoming")
+    };
+    callee
+        .send(&ClientMsg::CallAccept {
+            rid: Some(2),
+            call: incoming,
+            sdp: build_offer(&["text/plain"], None),
+        })
+        .await?;
+    let ServerMsg::CallEstablished { call, .. } = caller
+        .recv_until(wait, |m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await?
+    else {
+        bail!("no call_established")
+    };
+    Ok((caller, call, callee))
+}
+
+/// The callee: acks every message as soon as it is read, one write per batch read.
+async fn ack_all(mut callee: Conn) -> anyhow::Result<()> {
+    loop {
+        let mut next = Some(callee.recv().await?);
+        while let Some(m) = next.take() {
+            if let ServerMsg::MessageReceived { call, msg, .. } = m {
+                callee.feed(&ClientMsg::MessageAck { call, msg }).await?;
+            }
+            next = callee.try_recv().transpose()?;
+        }
+        callee.flush().await?;
+    }
+}
+
+/// The caller: keeps `window` messages in flight until `end`, then waits for the stragglers.
+async fn drive(
+    mut caller: Conn,
+    call: String,
+    body: String,
+    window: usize,
+    end: Instant,
+    live: Arc<AtomicU64>,
+) -> anyhow::Result<PairResult> {
+    let mut r = PairResult {
+        delivered: 0,
+        failed: 0,
+        unanswered: 0,
+        latency: histogram(),
+    };
+    let mut sent_at: VecDeque<(u32, Instant)> = VecDeque::with_capacity(window);
+    let mut rid: u32 = 100;
+    let message = |rid: u32| ClientMsg::Message {
+        rid: Some(rid),
+        call: call.clone(),
+        content_type: "text/plain".into(),
+        body: Body::Text(body.clone()),
+    };
+    for _ in 0..window {
+        rid += 1;
+        caller.feed(&message(rid)).await?;
+        sent_at.push_back((rid, Instant::now()));
+    }
+    caller.flush().await?;
+    let drain_deadline = end + Duration::from_secs(10);
+    while !sent_at.is_empty() {
+        let first = tokio::select! {
+            m = caller.recv() => m?,
+            _ = tokio::time::sleep_until(drain_deadline) => break,
+        };
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            let (answered, ok) = match m {
+                ServerMsg::MessageDelivered { rid: Some(x), .. } => (x, true),
+                ServerMsg::MessageFailed { rid: Some(x), .. } => (x, false),
+                _ => {
+                    next = caller.try_recv().transpose()?;
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let sent = sent_at
+                .iter()
+                .position(|(x, _)| *x == answered)
+                .and_then(|pos| sent_at.remove(pos));
+            if let Some((_, t0)) = sent
+                && now <= end
+            {
+                if ok {
+                    r.delivered += 1;
+                    live.fetch_add(1, Ordering::Relaxed);
+                    record(&mut r.latency, now - t0);
+                } else {
+                    r.failed += 1;
+                }
+            }
+            if now < end {
+                rid += 1;
+                caller.feed(&message(rid)).await?;
+                sent_at.push_back((rid, Instant::now()));
+            }
+            next = caller.try_recv().transpose()?;
+        }
+        caller.flush().await?;
+    }
+    r.unanswered = sent_at.len() as u64;
+    Ok(r)
+}

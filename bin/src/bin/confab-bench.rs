@@ -1,0 +1,161 @@
+//! `confab-bench`: load against a running node, end to end over TCP. Prints a summary table, or
+//! one JSON object with `--json`. See BENCHMARKS.md for the figures and how they were made.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use bench::Progress;
+use bench::conn::Target;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(version, about = "Load generator for a confab node")]
+struct Args {
+    /// The node's client address.
+    #[arg(long, default_value = "127.0.0.1:5070", global = true)]
+    server: SocketAddr,
+    /// The node's JWT secret (auth.jwt_secret).
+    #[arg(
+        long,
+        env = "CONFAB_AUTH_JWT_SECRET",
+        default_value = "change-me",
+        global = true
+    )]
+    secret: String,
+    /// One JSON object with the figures instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Call pairs exchanging messages with acks.
+    Messages {
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+        /// Most unacknowledged messages per pair.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Forked call setup to users with several devices.
+    Calls {
+        /// Concurrent callers, each calling its own user.
+        #[arg(long, default_value_t = 50)]
+        callers: usize,
+        /// Devices per called user.
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        #[arg(long, value_enum, default_value = "click")]
+        accept: bench::calls::Accept,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Idle endpoints: sign-in rate and node memory per endpoint.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        endpoints: usize,
+        /// Sign-ins in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Spread connections over 127.0.0.1 ..= 127.0.0.N.
+        #[arg(long, default_value_t = 1)]
+        sources: u8,
+        /// The node's process id (default: the process named confab-node).
+        #[arg(long)]
+        node_pid: Option<u32>,
+        /// Seconds to hold the endpoints before reading the node's memory.
+        #[arg(long, default_value_t = 2.0)]
+        hold: f64,
+    },
+    /// Watchers of one user: presence change → notification latency.
+    Presence {
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let target = Target {
+        server: args.server,
+        secret: args.secret.clone(),
+    };
+    let progress = Progress::new(args.json);
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.1));
+    let report = runtime.block_on(async {
+        match args.scenario {
+            Scenario::Messages {
+                pairs,
+                window,
+                size,
+                duration,
+            } => {
+                let p = bench::messages::Params {
+                    pairs,
+                    window: window.max(1),
+                    size,
+                    duration: secs(duration),
+                };
+                bench::messages::run(&target, &p, &progress).await
+            }
+            Scenario::Calls {
+                callers,
+                devices,
+                accept,
+                duration,
+            } => {
+                let p = bench::calls::Params {
+                    callers,
+                    devices: devices.max(1),
+                    accept,
+                    duration: secs(duration),
+                };
+                bench::calls::run(&target, &p, &progress).await
+            }
+            Scenario::Idle {
+                endpoints,
+                concurrency,
+                sources,
+                node_pid,
+                hold,
+            } => {
+                let p = bench::idle::Params {
+                    endpoints,
+                    concurrency,
+                    sources,
+                    node_pid,
+                    hold: secs(hold),
+                };
+                bench::idle::run(&target, &p, &progress).await
+            }
+            Scenario::Presence { watchers, changes } => {
+                let p = bench::presence::Params { watchers, changes };
+                bench::presence::run(&target, &p, &progress).await
+            }
+        }
+    })?;
+    let out = if args.json {
+        format!("{}\n", report.to_json())
+    } else {
+        report.table()
+    };
+    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
+    // Open connections and tasks end with the process; no need to wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}

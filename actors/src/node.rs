@@ -71,21 +71,29 @@ impl Drop for RunningNode {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, NodeError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| NodeError::Bind { addr, source })?;
-    l.set_nonblocking(true)
-        .map_err(|source| NodeError::Bind { addr, source })?;
-    Ok(l)
+fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, NodeError> {
+    use socket2::{Domain, Socket, Type};
+    let err = |source| NodeError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    // std's listener uses a backlog of 128, which drops SYNs during a sign-in burst and makes
+    // clients wait a second for the retransmit.
+    socket
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
 }
 
 /// Binds the node's ports and starts it on its own threads.
 pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
-    let listener = bind(settings.server.listen)?;
+    let listener = bind(settings.server.listen, settings.server.listen_backlog)?;
     let addr = listener.local_addr().map_err(|source| NodeError::Bind {
         addr: settings.server.listen,
         source,
     })?;
-    let metrics_listener = settings.metrics_addr().map(bind).transpose()?;
+    let metrics_listener = settings.metrics_addr().map(|a| bind(a, 128)).transpose()?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()

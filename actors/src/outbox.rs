@@ -2,107 +2,141 @@
 //!
 //! Every actor that talks to a client (its endpoint, its call legs, presence) holds a clone of
 //! the [`Outbox`]. Pushing never blocks: a client that stops reading fills its queue and is
-//! disconnected as a slow consumer instead of growing the node's memory. The writer batches
-//! whatever is queued into one socket write.
+//! disconnected as a slow consumer instead of growing the node's memory. The writer takes the
+//! whole queue at once and writes it as one batch.
+//!
+//! The queue is a `VecDeque` behind a mutex rather than a channel because a channel allocates
+//! its first block of slots up front, which for an idle endpoint is most of its memory; the
+//! deque allocates only when something is queued.
 
 use bytes::BytesMut;
 use confab_protocol::ServerMsg;
 use confab_protocol::codec::encode_frame;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 
-/// Sending side of a client's queue. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Outbox {
-    tx: mpsc::Sender<ServerMsg>,
+struct Shared {
+    queue: Mutex<VecDeque<ServerMsg>>,
+    ready: Notify,
     closed: CancellationToken,
+    capacity: usize,
+}
+
+/// Sending side of a client's queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("closed", &self.shared.closed.is_cancelled())
+            .finish()
+    }
 }
 
 /// Receiving side, owned by the writer task.
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<ServerMsg>,
-    closed: CancellationToken,
+    shared: Arc<Shared>,
 }
 
-/// A queue of `capacity` frames.
+/// A queue of at most `capacity` frames.
 pub fn outbox(capacity: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let closed = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(VecDeque::new()),
+        ready: Notify::new(),
+        closed: CancellationToken::new(),
+        capacity,
+    });
     (
         Outbox {
-            tx,
-            closed: closed.clone(),
+            shared: shared.clone(),
         },
-        OutboxReceiver { rx, closed },
+        OutboxReceiver { shared },
     )
 }
 
-impl Outbox {
-    /// Queues `msg`. A full queue closes the connection (slow consumer) and returns false.
-    pub fn push(&self, msg: ServerMsg) -> bool {
-        match self.tx.try_send(msg) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.closed.is_cancelled() {
-                    metrics::counter!(m::SLOW_CONSUMERS).increment(1);
-                    tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
-                    self.closed.cancel();
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+impl Shared {
+    fn take(&self) -> VecDeque<ServerMsg> {
+        match self.queue.lock() {
+            Ok(mut q) => std::mem::take(&mut *q),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
         }
+    }
+}
+
+impl Outbox {
+    /// Queues `msg`. A full queue closes the connection (slow consumer) and returns false; so
+    /// does a connection that is already closing.
+    pub fn push(&self, msg: ServerMsg) -> bool {
+        let s = &*self.shared;
+        if s.closed.is_cancelled() {
+            return false;
+        }
+        let was_empty = {
+            let Ok(mut q) = s.queue.lock() else {
+                return false;
+            };
+            if q.len() >= s.capacity {
+                drop(q);
+                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
+                s.closed.cancel();
+                return false;
+            }
+            q.push_back(msg);
+            q.len() == 1
+        };
+        // The writer empties the whole queue each time it wakes, so only the first frame of a
+        // batch needs to wake it.
+        if was_empty {
+            s.ready.notify_one();
+        }
+        true
     }
 
     /// Asks the writer to flush what is queued and close the socket.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.shared.closed.cancel();
     }
 
     /// Completes once the connection is closing, for whatever reason.
     pub fn closed(&self) -> CancellationToken {
-        self.closed.clone()
+        self.shared.closed.clone()
     }
 }
 
-/// Largest batch written in one go; bounds the writer's buffer.
-const BATCH_BYTES: usize = 64 * 1024;
 /// How long a closing connection may take to flush its last frames.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
-pub async fn write_loop<W: AsyncWrite + Unpin>(mut out: OutboxReceiver, mut sock: W) {
-    let mut buf = BytesMut::with_capacity(4096);
+pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
+    let s = &*out.shared;
     loop {
-        let first = tokio::select! {
-            biased;
-            msg = out.rx.recv() => msg,
-            () = out.closed.cancelled() => None,
-        };
-        let Some(first) = first else { break };
-        encode_into(&first, &mut buf);
-        while buf.len() < BATCH_BYTES {
-            match out.rx.try_recv() {
-                Ok(msg) => encode_into(&msg, &mut buf),
-                Err(_) => break,
+        let batch = s.take();
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                () = s.ready.notified() => continue,
+                () = s.closed.cancelled() => break,
             }
         }
+        let buf = encode_all(batch);
         if sock.write_all(&buf).await.is_err() {
-            out.closed.cancel();
+            s.closed.cancel();
             return;
         }
-        buf.clear();
     }
     // Closing: what was queued before the close (an error, a `shutdown`, the last call events)
     // still goes out, within a deadline so a client that stopped reading cannot hold us.
-    out.rx.close();
-    while let Ok(msg) = out.rx.try_recv() {
-        encode_into(&msg, &mut buf);
-    }
+    let buf = encode_all(s.take());
     let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
         let _ = sock.write_all(&buf).await;
         let _ = sock.shutdown().await;
@@ -110,9 +144,13 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(mut out: OutboxReceiver, mut sock
     .await;
 }
 
-fn encode_into(msg: &ServerMsg, buf: &mut BytesMut) {
-    if let Err(e) = encode_frame(msg, buf) {
-        // Our own messages always encode; if one ever does not, say so instead of dying.
-        tracing::error!(error = %e, "could not encode a frame for a client");
+fn encode_all(batch: VecDeque<ServerMsg>) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(batch.len() * 96);
+    for msg in &batch {
+        if let Err(e) = encode_frame(msg, &mut buf) {
+            // Our own messages always encode; if one ever does not, say so instead of dying.
+            tracing::error!(error = %e, "could not encode a frame for a client");
+        }
     }
+    buf
 }

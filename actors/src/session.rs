@@ -20,6 +20,9 @@ use crate::endpoint::{Endpoint, Frames};
 use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
 
+/// Initial read buffer of a connection.
+const READ_BUFFER: usize = 512;
+
 /// Longest `device` name accepted.
 const MAX_DEVICE_LEN: usize = 128;
 
@@ -66,7 +69,13 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         drop(permit);
     });
-    let mut frames = FramedRead::new(rd, FrameCodec::new(ctx.settings.server.max_frame as usize));
+    // A small first buffer: most frames are small and an idle endpoint should cost little; the
+    // codec grows it for a large frame.
+    let mut frames = FramedRead::with_capacity(
+        rd,
+        FrameCodec::new(ctx.settings.server.max_frame as usize),
+        READ_BUFFER,
+    );
     let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
     let hello = match tokio::time::timeout(timeout, handshake(&mut frames, &ctx)).await {
         Ok(Ok(hello)) => hello,

@@ -45,6 +45,8 @@ pub struct Server {
     /// How long a graceful shutdown may take before the node exits anyway.
     pub shutdown_timeout_ms: u64,
     pub reconnect_after_ms: u64,
+    /// Pending-connection queue of the listening socket (sign-in bursts queue here).
+    pub listen_backlog: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +131,7 @@ impl Default for Server {
             node_id: "node-a".to_owned(),
             shutdown_timeout_ms: 10_000,
             reconnect_after_ms: 5_000,
+            listen_backlog: 4096,
         }
     }
 }

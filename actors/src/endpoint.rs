@@ -93,7 +93,6 @@ pub struct Endpoint {
     ctx: Ctx,
     id: String,
     user: String,
-    device: String,
     outbox: Outbox,
     calls: HashMap<String, (Addr<CallLeg>, String)>,
     ended: VecDeque<(String, bool)>,
@@ -110,19 +109,11 @@ pub type Frames =
     tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, confab_protocol::FrameCodec>;
 
 impl Endpoint {
-    pub fn new(
-        ctx: Ctx,
-        id: String,
-        user: String,
-        device: String,
-        outbox: Outbox,
-        frames: Frames,
-    ) -> Self {
+    pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox, frames: Frames) -> Self {
         Endpoint {
             ctx,
             id,
             user,
-            device,
             outbox,
             calls: HashMap::new(),
             ended: VecDeque::new(),
@@ -529,11 +520,6 @@ impl Actor for Endpoint {
             ctx.add_stream(frames);
         }
         metrics::gauge!(m::ENDPOINTS).increment(1.0);
-        self.ctx.presence.send(PresenceMsg::Joined {
-            user: self.user.clone(),
-            endpoint: self.id.clone(),
-            device: self.device.clone(),
-        });
         let hb = self.ctx.settings.heartbeat();
         ctx.run_interval(hb, move |act, ctx| {
             if act.last_rx.elapsed() > hb * 3 {
@@ -624,7 +610,9 @@ impl Handler<EndpointMsg> for Endpoint {
                 conversation,
                 elsewhere,
             } => {
-                self.calls.remove(&call);
+                if let Some((leg, _)) = self.calls.remove(&call) {
+                    leg.do_send(LegMsg::Release);
+                }
                 self.ended.push_back((call.clone(), elsewhere));
                 if self.ended.len() > REMEMBERED_ENDED_CALLS {
                     self.ended.pop_front();

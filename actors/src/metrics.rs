@@ -46,3 +46,71 @@ pub fn recorder() -> Option<PrometheusHandle> {
         })
         .clone()
 }
+
+/// Describes every metric and registers each at zero (with its known label values), so a fresh
+/// node exports the whole catalogue and `rate()` sees the first burst of traffic.
+pub fn describe_all() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Open client TCP connections");
+    describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted");
+    describe_counter!(CONNECTIONS_REJECTED, "Connections refused, by reason");
+    describe_gauge!(ENDPOINTS, "Signed-in endpoints");
+    describe_counter!(SIGNINS, "Successful sign-ins (hello)");
+    describe_gauge!(CALLS, "Call legs alive");
+    describe_gauge!(CALLS_BY_STATE, "Call legs by state");
+    describe_counter!(CALL_TRANSITIONS, "Call state transitions, by new state");
+    describe_counter!(CALL_OUTCOMES, "Call legs ended, by reason code");
+    describe_histogram!(
+        CALL_SETUP_SECONDS,
+        Unit::Seconds,
+        "Outbound establish to established"
+    );
+    describe_gauge!(ARBITERS, "Fork arbiters in flight");
+    describe_counter!(FORK_DECISIONS, "Fork arbiter decisions, by cause");
+    describe_counter!(MESSAGES, "Messages answered, by result");
+    describe_histogram!(
+        MESSAGE_DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Message sent to acked"
+    );
+    describe_counter!(PRESENCE_PUBLICATIONS, "device_state publications");
+    describe_counter!(
+        PRESENCE_NOTIFICATIONS,
+        "presence events sent to subscribers"
+    );
+    describe_counter!(FRAMES_REJECTED, "Client frames rejected, by reason");
+    describe_counter!(SLOW_CONSUMERS, "Clients dropped for not reading");
+
+    for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {
+        metrics::gauge!(g).set(0.0);
+    }
+    for c in [
+        CONNECTIONS_TOTAL,
+        SIGNINS,
+        PRESENCE_PUBLICATIONS,
+        PRESENCE_NOTIFICATIONS,
+        SLOW_CONSUMERS,
+    ] {
+        metrics::counter!(c).absolute(0);
+    }
+    for cause in [
+        "immediate",
+        "click",
+        "timeout",
+        "declined",
+        "no_endpoints",
+        "cancelled",
+        "unanswered",
+    ] {
+        metrics::counter!(FORK_DECISIONS, "cause" => cause).absolute(0);
+    }
+    for reason in ["bad_frame", "frame_too_large", "unknown_type"] {
+        metrics::counter!(FRAMES_REJECTED, "reason" => reason).absolute(0);
+    }
+    for result in ["delivered", "408", "413", "415", "481", "503"] {
+        metrics::counter!(MESSAGES, "result" => result).absolute(0);
+    }
+    for state in confab_protocol::CallState::ALL {
+        metrics::gauge!(CALLS_BY_STATE, "state" => state.as_str()).increment(0.0);
+    }
+}

@@ -132,6 +132,7 @@ async fn run(
     let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::default());
     let ctx = Arc::new(NodeCtx::new(settings, directory, presence));
     let recorder = m::recorder();
+    m::describe_all();
 
     if let Some(l) = metrics_listener.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
         actix_rt::spawn(crate::http::serve(l, recorder.clone(), ctx.clone()));

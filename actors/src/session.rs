@@ -19,6 +19,7 @@ use crate::directory::EndpointEntry;
 use crate::endpoint::{Endpoint, Frames};
 use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
+use crate::presence::PresenceMsg;
 
 /// Initial read buffer of a connection.
 const READ_BUFFER: usize = 512;
@@ -208,6 +209,13 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
         return;
     }
     metrics::counter!(m::SIGNINS).increment(1);
+    // Presence hears of the endpoint before the client hears `welcome`, so a subscription made
+    // after the welcome already counts it.
+    ctx.presence.send(PresenceMsg::Joined {
+        user: hello.user.clone(),
+        endpoint: id.clone(),
+        device: hello.device.clone(),
+    });
     outbox.push(ServerMsg::Welcome {
         rid: hello.rid,
         endpoint: id.clone(),
@@ -215,6 +223,6 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
         heartbeat_ms: ctx.settings.server.heartbeat_ms,
         max_frame: ctx.settings.server.max_frame,
     });
-    let endpoint = Endpoint::new(ctx, id, hello.user, hello.device, outbox, frames);
+    let endpoint = Endpoint::new(ctx, id, hello.user, outbox, frames);
     actor_ctx.run(endpoint);
 }

@@ -286,7 +286,9 @@ pub enum ClientMsg {
     SetStatus {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rid: Option<u32>,
-        /// `null` clears the manual status.
+        /// `null` clears the manual status. Required: an absent `status` is a malformed frame,
+        /// not a clear.
+        #[serde(deserialize_with = "required_nullable")]
         status: Option<Status>,
     },
     Subscribe {
@@ -558,6 +560,14 @@ impl ServerMsg {
             message: message.into(),
         }
     }
+}
+
+/// A field that must be present but may be `null`. (serde would treat a missing `Option` field
+/// as `None`; with a `deserialize_with` it reports it missing instead.)
+fn required_nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
 }
 
 /// `Option<Option<T>>` that tells "absent" from "null" on the wire.

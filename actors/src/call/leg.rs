@@ -74,6 +74,8 @@ pub enum LegMsg {
     },
     /// The endpoint's connection is gone without a `bye`.
     EndpointLost,
+    /// The endpoint forgot this ended leg: nothing more can be addressed to it.
+    Release,
 
     // From a fork arbiter to the side that placed the call (the caller, or a transferee).
     Ringing,
@@ -187,6 +189,8 @@ pub struct CallLeg {
     pending_accept: Option<Option<u32>>,
     transfer: Option<Transfer>,
     ringing_seen: bool,
+    /// Ended because another fork won: a late accept is `answered_elsewhere`.
+    ended_elsewhere: bool,
     remote_composing: bool,
     composing_timer: Option<SpawnHandle>,
     created: Instant,
@@ -209,6 +213,7 @@ impl CallLeg {
             pending_accept: None,
             transfer: None,
             ringing_seen: false,
+            ended_elsewhere: false,
             remote_composing: false,
             composing_timer: None,
             created: Instant::now(),
@@ -313,12 +318,18 @@ impl CallLeg {
         if let (Some(peer), Some(r)) = (self.peer.take(), peer_reason) {
             peer.addr.do_send(LegMsg::RemoteTerminate { reason: r });
         }
-        self.init.endpoint.do_send(EndpointMsg::LegEnded {
-            call: self.init.id.clone(),
-            conversation: self.init.conversation.clone(),
-            elsewhere,
-        });
-        ctx.stop();
+        self.ended_elsewhere = elsewhere;
+        // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
+        // their way to it are still answered; with no endpoint left, nobody can address it.
+        if self.init.endpoint.connected() {
+            self.init.endpoint.do_send(EndpointMsg::LegEnded {
+                call: self.init.id.clone(),
+                conversation: self.init.conversation.clone(),
+                elsewhere,
+            });
+        } else {
+            ctx.stop();
+        }
     }
 
     fn established_with(&mut self, peer: Addr<CallLeg>) {
@@ -350,7 +361,11 @@ impl CallLeg {
         cause: TerminateCause,
         ctx: &mut Context<Self>,
     ) {
-        self.reply_ok(rid);
+        // Only `call_terminate` is a request of its own; a conversation's, a bye's or a
+        // shutdown's terminate was already answered by the endpoint.
+        if cause == TerminateCause::Call {
+            self.reply_ok(rid);
+        }
         let event = if cause == TerminateCause::Conversation {
             CallEvent::ConversationTerminate
         } else {
@@ -456,6 +471,48 @@ impl CallLeg {
         );
     }
 
+    /// The endpoint's connection is gone: a ringing fork is lost to its arbiter, a caller's
+    /// pending call is cancelled, an established call's peer sees 408.
+    fn endpoint_lost(&mut self, ctx: &mut Context<Self>) {
+        match self.state {
+            CallState::Incoming => {
+                if let Some(a) = self.arbiter.take() {
+                    a.do_send(ArbiterMsg::ForkLost {
+                        call: self.init.id.clone(),
+                    });
+                }
+                self.end(
+                    ctx,
+                    CallEvent::Terminate,
+                    reasons::endpoint_lost(),
+                    None,
+                    false,
+                );
+            }
+            CallState::Idle | CallState::Establishing
+                if self.init.direction == Direction::Outbound =>
+            {
+                if let Some(a) = self.arbiter.take() {
+                    a.do_send(ArbiterMsg::CallerCancel);
+                }
+                self.end(
+                    ctx,
+                    CallEvent::Terminate,
+                    reasons::endpoint_lost(),
+                    None,
+                    false,
+                );
+            }
+            _ => self.end(
+                ctx,
+                CallEvent::Terminate,
+                reasons::endpoint_lost(),
+                Some(reasons::endpoint_lost()),
+                false,
+            ),
+        }
+    }
+
     fn set_remote_composing(&mut self, active: bool) {
         if self.remote_composing != active {
             self.remote_composing = active;
@@ -505,6 +562,13 @@ impl Handler<LegMsg> for CallLeg {
     fn handle(&mut self, msg: LegMsg, ctx: &mut Context<Self>) {
         match msg {
             LegMsg::Accept { rid, sdp } => {
+                if self.ended_elsewhere {
+                    return self.reply_error(
+                        rid,
+                        ErrorCode::AnsweredElsewhere,
+                        "another endpoint answered",
+                    );
+                }
                 if self.state != CallState::Incoming || self.pending_accept.is_some() {
                     return self.reply_error(
                         rid,
@@ -607,43 +671,12 @@ impl Handler<LegMsg> for CallLeg {
                     peer.addr.do_send(LegMsg::RemoteComposing { active });
                 }
             }
-            LegMsg::EndpointLost => match self.state {
-                CallState::Incoming => {
-                    if let Some(a) = self.arbiter.take() {
-                        a.do_send(ArbiterMsg::ForkLost {
-                            call: self.init.id.clone(),
-                        });
-                    }
-                    self.end(
-                        ctx,
-                        CallEvent::Terminate,
-                        reasons::endpoint_lost(),
-                        None,
-                        false,
-                    );
-                }
-                CallState::Idle | CallState::Establishing
-                    if self.init.direction == Direction::Outbound =>
-                {
-                    if let Some(a) = self.arbiter.take() {
-                        a.do_send(ArbiterMsg::CallerCancel);
-                    }
-                    self.end(
-                        ctx,
-                        CallEvent::Terminate,
-                        reasons::endpoint_lost(),
-                        None,
-                        false,
-                    );
-                }
-                _ => self.end(
-                    ctx,
-                    CallEvent::Terminate,
-                    reasons::endpoint_lost(),
-                    Some(reasons::endpoint_lost()),
-                    false,
-                ),
-            },
+            LegMsg::EndpointLost => {
+                self.endpoint_lost(ctx);
+                // Nobody is left to release this leg.
+                ctx.stop();
+            }
+            LegMsg::Release => ctx.stop(),
 
             LegMsg::Ringing => {
                 if self.transfer.is_some() || self.state != CallState::Establishing {

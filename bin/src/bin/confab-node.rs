@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use confab_actors::{Settings, spawn_node};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
@@ -51,7 +52,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logs(settings: &Settings) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     if settings.log.format == "json" {
         builder.json().init();
     } else {

@@ -1,0 +1,171 @@
+//! The operations surface of a node (docs/operations.md): `GET /health`, `GET /metrics` and
+//! graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use confab_protocol::*;
+use confab_tests::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn health_is_200_while_serving() {
+    let node = start_node(|_| {});
+    let ops = node.metrics_addr.expect("the test node serves metrics");
+    let (status, _, body) = http_get(ops, "/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "ok\n");
+    // Still 200 with clients connected.
+    let _alice = Raw::sign_in(node.addr, "sip:alice-health@example.com", "laptop").await;
+    let (status, _, _) = http_get(ops, "/health").await;
+    assert_eq!(status, 200);
+    let (status, _, _) = http_get(ops, "/nothing-here").await;
+    assert_eq!(status, 404);
+    node.shutdown();
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_histogram_buckets() {
+    let node = start_node(|_| {});
+    let ops = node.metrics_addr.expect("the test node serves metrics");
+    // A call and an acknowledged message, so both latency histograms have observations.
+    let mut alice = Raw::sign_in(node.addr, "sip:alice-metrics@example.com", "laptop").await;
+    let mut bob = Raw::sign_in(node.addr, "sip:bob-metrics@example.com", "desk").await;
+    let (call, _) = alice.establish(&bob.user.clone(), None).await;
+    let (c, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&c).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    let rid = alice.rid();
+    alice
+        .send(&ClientMsg::Message {
+            rid,
+            call: call.clone(),
+            content_type: "text/plain".into(),
+            body: Body::Text("hi".into()),
+        })
+        .await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageReceived { .. }))
+        .await;
+    let ServerMsg::MessageReceived { msg, .. } = m else {
+        unreachable!()
+    };
+    bob.send(&ClientMsg::MessageAck {
+        call: c.clone(),
+        msg,
+    })
+    .await;
+    let (d, _) = alice.recv_until(|m| reply_rid(m) == rid).await;
+    assert!(matches!(d, ServerMsg::MessageDelivered { .. }), "{d:?}");
+
+    let (status, head, body) = http_get(ops, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    for needle in [
+        "# TYPE confab_endpoints gauge",
+        "\nconfab_endpoints ",
+        "# TYPE confab_call_setup_seconds histogram",
+        "confab_call_setup_seconds_bucket{le=\"0.0005\"}",
+        "confab_call_setup_seconds_bucket{le=\"+Inf\"}",
+        "confab_call_setup_seconds_count ",
+        "# TYPE confab_message_delivery_seconds histogram",
+        "confab_message_delivery_seconds_bucket{le=\"",
+        "confab_messages_total{result=\"delivered\"}",
+    ] {
+        assert!(body.contains(needle), "no {needle:?} in /metrics:\n{body}");
+    }
+    assert!(
+        !body.contains("quantile="),
+        "latencies must be histograms, not summaries:\n{body}"
+    );
+    assert!(
+        !body.contains(&alice.endpoint) && !body.contains("alice-metrics"),
+        "a user or endpoint id leaked into a label:\n{body}"
+    );
+    node.shutdown();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_tells_clients_and_ends_their_calls_with_503() {
+    let node = start_node(|s| s.server.reconnect_after_ms = 1234);
+    let addr = node.addr;
+    let mut alice = Raw::sign_in(addr, "sip:alice-shutdown@example.com", "laptop").await;
+    let mut bob = Raw::sign_in(addr, "sip:bob-shutdown@example.com", "desk").await;
+    let (call, _) = alice.establish(&bob.user.clone(), None).await;
+    let (c, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&c).await, ServerMsg::Ok { .. }));
+    bob.state(&c, CallState::Established).await;
+    alice.state(&call, CallState::Established).await;
+
+    let stopping = tokio::task::spawn_blocking(move || node.shutdown());
+
+    for (client, call) in [(&mut alice, &call), (&mut bob, &c)] {
+        // Everything the node still sends, up to the close. A peer's 503 may overtake this
+        // endpoint's own `shutdown` event, so the order of the two is not asserted.
+        let frames = client.expect_closed().await;
+        let shutdown = frames
+            .iter()
+            .position(|m| matches!(m, ServerMsg::Shutdown { .. }))
+            .unwrap_or_else(|| panic!("{}: no shutdown event in {frames:?}", client.user));
+        let ServerMsg::Shutdown {
+            reason,
+            reconnect_after_ms,
+        } = &frames[shutdown]
+        else {
+            unreachable!()
+        };
+        assert_eq!(reason, "Server shutting down");
+        assert_eq!(*reconnect_after_ms, 1234);
+        let ended = frames.iter().find_map(|m| match m {
+            ServerMsg::CallState {
+                call: c,
+                state: CallState::Terminated,
+                reason,
+                ..
+            } if c == call => Some(reason.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            ended,
+            Some(Some(Reason::new(503, "Server shutting down"))),
+            "{}: {frames:?}",
+            client.user
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the node stops within its shutdown deadline")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the node still accepts connections after shutdown"
+    );
+}
+
+/// A one-shot HTTP/1.0 GET: (status, head, body).
+async fn http_get(addr: SocketAddr, target: &str) -> (u16, String, String) {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(EVENT_TIMEOUT, exchange)
+        .await
+        .expect("HTTP answer in time")
+        .expect("HTTP exchange");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}

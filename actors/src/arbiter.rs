@@ -445,6 +445,10 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 }
                 self.decide("cancelled");
                 self.cancel_others(None, reasons::request_terminated(), false);
+                // The caller's leg waits for our last word before it goes away.
+                self.t.caller.do_send(LegMsg::Failed {
+                    reason: reasons::request_terminated(),
+                });
                 self.maybe_stop(ctx);
             }
         }

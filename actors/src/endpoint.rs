@@ -22,6 +22,7 @@ use crate::context::Ctx;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
+use crate::ratelimit::TokenBucket;
 
 /// A fork of a call offered to this endpoint by an arbiter. If it is dropped unhandled (the
 /// endpoint is gone), the arbiter hears that the fork is lost, so it never waits for it.
@@ -82,7 +83,10 @@ pub enum EndpointMsg {
         conversation: String,
         elsewhere: bool,
     },
-    /// The node is shutting down gracefully.
+    /// The node is shutting down: tell the client (sent to every endpoint before any call
+    /// ends, so each client hears `shutdown` before its calls' events).
+    ShutdownNotice,
+    /// The node is shutting down: end every call, then close.
     Shutdown,
 }
 
@@ -101,7 +105,7 @@ pub struct Endpoint {
     last_rx: Instant,
     /// Set once the endpoint is ending, so nothing more is read or started.
     ending: bool,
-    frames: Option<Frames>,
+    bucket: TokenBucket,
 }
 
 /// The client's frames after the `hello`, read by this actor.
@@ -109,7 +113,13 @@ pub type Frames =
     tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, confab_protocol::FrameCodec>;
 
 impl Endpoint {
-    pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox, frames: Frames) -> Self {
+    pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox) -> Self {
+        let limits = &ctx.settings.limits;
+        let bucket = TokenBucket::new(
+            limits.requests_per_second,
+            limits.request_burst,
+            Instant::now(),
+        );
         Endpoint {
             ctx,
             id,
@@ -121,7 +131,7 @@ impl Endpoint {
             subscriptions: HashSet::new(),
             last_rx: Instant::now(),
             ending: false,
-            frames: Some(frames),
+            bucket,
         }
     }
 
@@ -352,7 +362,8 @@ impl Endpoint {
         let new = users
             .iter()
             .filter(|u| !self.subscriptions.contains(*u))
-            .count();
+            .collect::<HashSet<_>>()
+            .len();
         if self.subscriptions.len() + new > limit {
             return self.error(rid, ErrorCode::Forbidden, "subscription limit reached");
         }
@@ -496,6 +507,30 @@ impl Endpoint {
         ctx.stop();
     }
 
+    /// Refuses a request over the connection's rate, in the form its type is answered in: a
+    /// `message` still gets its one `message_failed`, `composing` gets nothing.
+    fn rate_limited(&mut self, msg: ClientMsg) {
+        metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
+        match msg {
+            ClientMsg::Message { rid, call, .. } => {
+                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
+                self.push(ServerMsg::MessageFailed {
+                    rid,
+                    call,
+                    msg: None,
+                    code: 503,
+                    text: "Too many requests; slow down".to_owned(),
+                });
+            }
+            ClientMsg::Composing { .. } | ClientMsg::MessageAck { .. } => {}
+            other => self.error(
+                other.rid(),
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            ),
+        }
+    }
+
     fn reject_frame(&mut self, e: &DecodeError) {
         let reason = match e {
             DecodeError::UnknownType { .. } => "unknown_type",
@@ -516,9 +551,6 @@ impl Actor for Endpoint {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Enough room for a burst of events without blocking the actor on its own mailbox.
         ctx.set_mailbox_capacity(256);
-        if let Some(frames) = self.frames.take() {
-            ctx.add_stream(frames);
-        }
         metrics::gauge!(m::ENDPOINTS).increment(1.0);
         let hb = self.ctx.settings.heartbeat();
         ctx.run_interval(hb, move |act, ctx| {
@@ -568,6 +600,9 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
         self.last_rx = Instant::now();
         match item {
             Ok(frame) => match decode_client(&frame) {
+                // Acks answer the node's own events; refusing them would only fail the sender.
+                Ok(msg @ ClientMsg::MessageAck { .. }) => self.handle_frame(msg, ctx),
+                Ok(msg) if !self.bucket.try_take(self.last_rx) => self.rate_limited(msg),
                 Ok(msg) => self.handle_frame(msg, ctx),
                 Err(e) => self.reject_frame(&e),
             },
@@ -625,14 +660,14 @@ impl Handler<EndpointMsg> for Endpoint {
                     }
                 }
             }
-            EndpointMsg::Shutdown => {
+            EndpointMsg::ShutdownNotice => {
                 let s = &self.ctx.settings.server;
                 self.push(ServerMsg::Shutdown {
                     reason: "Server shutting down".to_owned(),
                     reconnect_after_ms: s.reconnect_after_ms,
                 });
-                self.end_cleanly(ctx, TerminateCause::Shutdown);
             }
+            EndpointMsg::Shutdown => self.end_cleanly(ctx, TerminateCause::Shutdown),
         }
     }
 }

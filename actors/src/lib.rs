@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod presence;
+pub mod ratelimit;
 pub mod reasons;
 pub mod session;
 pub mod settings;

@@ -104,7 +104,12 @@ pub fn describe_all() {
     ] {
         metrics::counter!(FORK_DECISIONS, "cause" => cause).absolute(0);
     }
-    for reason in ["bad_frame", "frame_too_large", "unknown_type"] {
+    for reason in [
+        "bad_frame",
+        "frame_too_large",
+        "unknown_type",
+        "rate_limited",
+    ] {
         metrics::counter!(FRAMES_REJECTED, "reason" => reason).absolute(0);
     }
     for result in ["delivered", "408", "413", "415", "481", "503"] {

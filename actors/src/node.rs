@@ -198,6 +198,15 @@ async fn drain(ctx: &Arc<NodeCtx>) {
         endpoints = endpoints.len(),
         "shutting down: ending every call"
     );
+    // Every client hears `shutdown` before any call ends, then every call ends.
+    let notices = endpoints
+        .iter()
+        .map(|e| e.addr.send(EndpointMsg::ShutdownNotice));
+    let _ = tokio::time::timeout(
+        Duration::from_millis(ctx.settings.server.shutdown_timeout_ms),
+        futures::future::join_all(notices),
+    )
+    .await;
     for e in &endpoints {
         e.addr.do_send(EndpointMsg::Shutdown);
     }

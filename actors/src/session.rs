@@ -223,6 +223,7 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
         heartbeat_ms: ctx.settings.server.heartbeat_ms,
         max_frame: ctx.settings.server.max_frame,
     });
-    let endpoint = Endpoint::new(ctx, id, hello.user, outbox, frames);
-    actor_ctx.run(endpoint);
+    let mut actor_ctx = actor_ctx;
+    actor_ctx.add_stream(frames);
+    actor_ctx.run(Endpoint::new(ctx, id, hello.user, outbox));
 }

@@ -2,7 +2,7 @@
 //! `CONFAB_<SECTION>_<KEY>` environment overrides. Reading files and the environment is the
 //! binary's job; this module only turns their text into validated [`Settings`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 use thiserror::Error;
@@ -16,7 +16,7 @@ pub enum SettingsError {
     Invalid { key: String, reason: String },
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: Server,
@@ -30,7 +30,7 @@ pub struct Settings {
     pub cluster: Option<Cluster>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Server {
     pub listen: SocketAddr,
@@ -49,7 +49,7 @@ pub struct Server {
     pub listen_backlog: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     pub jwt_secret: String,
@@ -57,7 +57,7 @@ pub struct Auth {
     pub leeway_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fork {
     pub toast_timeout_ms: u64,
@@ -65,14 +65,14 @@ pub struct Fork {
     pub max_forwards: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Presence {
     pub inactive_after_ms: u64,
     pub away_after_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Flow {
     pub ack_timeout_ms: u64,
@@ -81,7 +81,7 @@ pub struct Flow {
     pub max_message_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Frames queued towards one client before it is dropped as a slow consumer.
@@ -91,16 +91,20 @@ pub struct Limits {
     pub subscriptions_per_endpoint: usize,
     /// Messages a call leg may have waiting for an ack.
     pub unacked_per_call: usize,
+    /// Sustained requests per second one connection may send (token bucket; `rate_limited`).
+    pub requests_per_second: u32,
+    /// Requests a connection may send in a burst above the sustained rate.
+    pub request_burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Address of `GET /metrics` and `GET /health`; empty string disables it.
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     /// `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
@@ -109,7 +113,7 @@ pub struct Log {
     pub format: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub nats_url: String,
@@ -182,6 +186,8 @@ impl Default for Limits {
             endpoints_per_user: 32,
             subscriptions_per_endpoint: 1000,
             unacked_per_call: 1024,
+            requests_per_second: 10_000,
+            request_burst: 20_000,
         }
     }
 }
@@ -210,8 +216,21 @@ impl Settings {
         toml_text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, SettingsError> {
-        let mut table: toml::Table =
+        let table: toml::Table =
             toml::from_str(toml_text).map_err(|e| SettingsError::Parse(e.to_string()))?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let settings = Self::with_env(table, &env)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn with_env(
+        mut table: toml::Table,
+        env: &[(String, String)],
+    ) -> Result<Settings, SettingsError> {
+        // An environment value has no type: `12345` may be a port or a secret. The type of the
+        // key's default decides.
+        let defaults = toml::Table::try_from(Settings::default()).unwrap_or_default();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("CONFAB_") else {
                 continue;
@@ -232,13 +251,20 @@ impl Settings {
                     reason: "must be a table".to_owned(),
                 });
             };
-            section_table.insert(key.to_owned(), env_value(&value));
+            let is_text = matches!(
+                defaults.get(section).and_then(|t| t.get(key)),
+                Some(toml::Value::String(_))
+            );
+            let value = if is_text {
+                toml::Value::String(value.clone())
+            } else {
+                env_value(value)
+            };
+            section_table.insert(key.to_owned(), value);
         }
-        let settings: Settings = toml::Value::Table(table)
+        toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| SettingsError::Parse(e.to_string()))?;
-        settings.validate()?;
-        Ok(settings)
+            .map_err(|e: toml::de::Error| SettingsError::Parse(e.to_string()))
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
@@ -329,6 +355,20 @@ mod tests {
         .expect("valid");
         assert_eq!(s.fork.toast_timeout_ms, 7);
         assert_eq!(s.auth.jwt_secret, "s3cret");
+    }
+
+    #[test]
+    fn an_all_digit_env_value_still_fits_a_text_key() {
+        let s = Settings::load(
+            "",
+            [
+                ("CONFAB_AUTH_JWT_SECRET".to_owned(), "12345".to_owned()),
+                ("CONFAB_SERVER_HEARTBEAT_MS".to_owned(), "500".to_owned()),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.auth.jwt_secret, "12345");
+        assert_eq!(s.server.heartbeat_ms, 500);
     }
 
     #[test]

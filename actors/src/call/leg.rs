@@ -189,6 +189,14 @@ pub struct CallLeg {
     pending_accept: Option<Option<u32>>,
     transfer: Option<Transfer>,
     ringing_seen: bool,
+    /// The endpoint forgot this leg (or is gone): nothing more can be addressed to it.
+    released: bool,
+    /// The endpoint's connection was lost.
+    lost: bool,
+    /// A fork arbiter owes this leg its outcome (`Answered` or `Failed`).
+    awaiting_outcome: bool,
+    /// This fork asked its arbiter to accept and waits for `Won`, `AcceptRefused` or `Cancel`.
+    awaiting_decision: bool,
     /// Ended because another fork won: a late accept is `answered_elsewhere`.
     ended_elsewhere: bool,
     remote_composing: bool,
@@ -213,6 +221,10 @@ impl CallLeg {
             pending_accept: None,
             transfer: None,
             ringing_seen: false,
+            released: false,
+            lost: false,
+            awaiting_outcome: false,
+            awaiting_decision: false,
             ended_elsewhere: false,
             remote_composing: false,
             composing_timer: None,
@@ -328,7 +340,29 @@ impl CallLeg {
                 elsewhere,
             });
         } else {
+            self.released = true;
+        }
+    }
+
+    /// Stops the actor once nothing can reach it any more: ended, forgotten by its endpoint,
+    /// and owed nothing by an arbiter (whose last word must still be handled: a win for a leg
+    /// that is gone must hang up the other side).
+    fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.state.is_final()
+            && self.released
+            && !self.awaiting_outcome
+            && !self.awaiting_decision
+        {
             ctx.stop();
+        }
+    }
+
+    /// The reason the other side sees when this ended leg refuses a late answer.
+    fn hangup_reason(&self) -> Reason {
+        if self.lost {
+            reasons::endpoint_lost()
+        } else {
+            reasons::terminated_remotely()
         }
     }
 
@@ -353,6 +387,7 @@ impl CallLeg {
         };
         let addr = ForkArbiter::new(target).start();
         self.arbiter = Some(addr);
+        self.awaiting_outcome = true;
     }
 
     fn handle_terminate(
@@ -382,12 +417,11 @@ impl CallLeg {
         match self.state {
             CallState::Incoming => {
                 // Terminating a ringing fork is a 486 decline of this endpoint only.
-                let code = if cause == TerminateCause::Shutdown {
-                    503
+                if cause == TerminateCause::Shutdown {
+                    self.decline(503, reasons::shutting_down(), ctx);
                 } else {
-                    486
-                };
-                self.decline(code, ctx);
+                    self.decline(486, reasons::declined(486), ctx);
+                }
             }
             CallState::Idle | CallState::Establishing
                 if self.init.direction == Direction::Outbound =>
@@ -404,20 +438,14 @@ impl CallLeg {
         }
     }
 
-    fn decline(&mut self, code: u16, ctx: &mut Context<Self>) {
+    fn decline(&mut self, code: u16, reason: Reason, ctx: &mut Context<Self>) {
         if let Some(a) = self.arbiter.take() {
             a.do_send(ArbiterMsg::Declined {
                 call: self.init.id.clone(),
                 code,
             });
         }
-        self.end(
-            ctx,
-            CallEvent::Decline,
-            reasons::declined(code),
-            None,
-            false,
-        );
+        self.end(ctx, CallEvent::Decline, reason, None, false);
     }
 
     fn handle_message(
@@ -560,6 +588,13 @@ impl Handler<LegMsg> for CallLeg {
     type Result = ();
 
     fn handle(&mut self, msg: LegMsg, ctx: &mut Context<Self>) {
+        self.dispatch(msg, ctx);
+        self.maybe_stop(ctx);
+    }
+}
+
+impl CallLeg {
+    fn dispatch(&mut self, msg: LegMsg, ctx: &mut Context<Self>) {
         match msg {
             LegMsg::Accept { rid, sdp } => {
                 if self.ended_elsewhere {
@@ -590,6 +625,7 @@ impl Handler<LegMsg> for CallLeg {
                     );
                 };
                 self.pending_accept = Some(rid);
+                self.awaiting_decision = true;
                 self.own_sdp = sdp.clone();
                 self.negotiated = Some(negotiated.clone());
                 arbiter.do_send(ArbiterMsg::AcceptRequest {
@@ -607,7 +643,7 @@ impl Handler<LegMsg> for CallLeg {
                     );
                 }
                 self.reply_ok(rid);
-                self.decline(code, ctx);
+                self.decline(code, reasons::declined(code), ctx);
             }
             LegMsg::Forward { rid, to } => {
                 if self.state != CallState::Incoming || self.pending_accept.is_some() {
@@ -672,11 +708,12 @@ impl Handler<LegMsg> for CallLeg {
                 }
             }
             LegMsg::EndpointLost => {
+                self.lost = true;
                 self.endpoint_lost(ctx);
                 // Nobody is left to release this leg.
-                ctx.stop();
+                self.released = true;
             }
-            LegMsg::Release => ctx.stop(),
+            LegMsg::Release => self.released = true,
 
             LegMsg::Ringing => {
                 if self.transfer.is_some() || self.state != CallState::Establishing {
@@ -704,6 +741,7 @@ impl Handler<LegMsg> for CallLeg {
                 sdp,
                 negotiated,
             } => {
+                self.awaiting_outcome = false;
                 if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
                     // The transfer target answered: talk to it from now on; the transferor's
                     // leg ends with 202 and must not see a remote terminate.
@@ -720,7 +758,7 @@ impl Handler<LegMsg> for CallLeg {
                 if self.state != CallState::Establishing {
                     // We cancelled meanwhile; the winner must not wait for us.
                     peer.do_send(LegMsg::RemoteTerminate {
-                        reason: reasons::terminated_remotely(),
+                        reason: self.hangup_reason(),
                     });
                     return;
                 }
@@ -736,6 +774,7 @@ impl Handler<LegMsg> for CallLeg {
                 });
             }
             LegMsg::Failed { reason } => {
+                self.awaiting_outcome = false;
                 if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
                     transferor.do_send(LegMsg::TransferOutcome {
                         result: Err(reason),
@@ -748,9 +787,10 @@ impl Handler<LegMsg> for CallLeg {
 
             LegMsg::Won { peer, remote } => {
                 self.arbiter = None;
+                self.awaiting_decision = false;
                 if self.state != CallState::Incoming {
                     peer.do_send(LegMsg::RemoteTerminate {
-                        reason: reasons::terminated_remotely(),
+                        reason: self.hangup_reason(),
                     });
                     return;
                 }
@@ -776,6 +816,7 @@ impl Handler<LegMsg> for CallLeg {
                 }
             }
             LegMsg::AcceptRefused => {
+                self.awaiting_decision = false;
                 if let Some(rid) = self.pending_accept.take() {
                     self.reply_error(
                         rid,
@@ -786,6 +827,7 @@ impl Handler<LegMsg> for CallLeg {
             }
             LegMsg::Cancel { reason, elsewhere } => {
                 self.arbiter = None;
+                self.awaiting_decision = false;
                 self.end(ctx, CallEvent::RemoteCancel, reason, None, elsewhere);
             }
             LegMsg::AutoAcceptNeeded => {
@@ -888,6 +930,7 @@ impl Handler<LegMsg> for CallLeg {
                     counter: self.init.counter.clone(),
                 };
                 let arbiter = ForkArbiter::new(target).start();
+                self.awaiting_outcome = true;
                 self.transfer = Some(Transfer::Transferee {
                     arbiter,
                     transferor,

@@ -8,7 +8,7 @@ pub mod rank;
 
 use actix::prelude::*;
 use confab_protocol::{Activity, EffectiveActivity, EndpointPresence, ServerMsg, Status};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -111,9 +111,44 @@ struct Subscriber {
     last_seen: Option<ServerMsg>,
 }
 
+/// A user's endpoints. A user has a handful at most, and a map would cost more memory per
+/// signed-in user than the whole list: a plain vector, searched by id.
+#[derive(Default)]
+struct Endpoints(Vec<(String, EndpointState)>);
+
+impl Endpoints {
+    fn insert(&mut self, id: String, state: EndpointState) {
+        match self.get_mut(&id) {
+            Some(e) => *e = state,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((id, state));
+            }
+        }
+    }
+    fn remove(&mut self, id: &str) {
+        self.0.retain(|(e, _)| e != id);
+    }
+    fn get(&self, id: &str) -> Option<&EndpointState> {
+        self.0.iter().find(|(e, _)| e == id).map(|(_, s)| s)
+    }
+    fn get_mut(&mut self, id: &str) -> Option<&mut EndpointState> {
+        self.0.iter_mut().find(|(e, _)| e == id).map(|(_, s)| s)
+    }
+    fn iter(&self) -> impl Iterator<Item = (&String, &EndpointState)> {
+        self.0.iter().map(|(e, s)| (e, s))
+    }
+    fn values(&self) -> impl Iterator<Item = &EndpointState> {
+        self.0.iter().map(|(_, s)| s)
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[derive(Default)]
 struct UserState {
-    endpoints: BTreeMap<String, EndpointState>,
+    endpoints: Endpoints,
     status: Option<Status>,
     subscribers: HashMap<String, Subscriber>,
     timer: Option<SpawnHandle>,

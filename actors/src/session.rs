@@ -22,7 +22,7 @@ use crate::outbox::{Outbox, outbox, write_loop};
 use crate::presence::PresenceMsg;
 
 /// Initial read buffer of a connection.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 128;
 
 /// Longest `device` name accepted.
 const MAX_DEVICE_LEN: usize = 128;

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod messages;
+pub mod peek;
 pub mod sdp;
 pub mod state;
 pub mod uri;

@@ -1,0 +1,125 @@
+//! A fast look at a frame before decoding it: the top-level map's `type`, found by skipping
+//! every other value without building anything. It lets the hottest messages (`message`,
+//! `message_ack`) decode straight into their fields instead of through serde's buffering of
+//! internally tagged enums.
+
+use rmp::Marker;
+
+/// Deepest nesting skipped; deeper frames are left to the full decoder, which rejects them.
+const MAX_DEPTH: usize = 32;
+
+/// The `type` string of a frame whose top level is a map, if it has a readable one.
+pub fn peek_type(body: &[u8]) -> Option<&str> {
+    let mut rd = body;
+    let len = map_len(&mut rd)?;
+    for _ in 0..len {
+        let key = read_str(&mut rd)?;
+        if key == b"type" {
+            return std::str::from_utf8(read_str(&mut rd)?).ok();
+        }
+        skip(&mut rd, 0)?;
+    }
+    None
+}
+
+fn map_len(rd: &mut &[u8]) -> Option<u32> {
+    match take_marker(rd)? {
+        Marker::FixMap(n) => Some(u32::from(n)),
+        Marker::Map16 => Some(u32::from(u16::from_be_bytes(take_array(rd)?))),
+        Marker::Map32 => Some(u32::from_be_bytes(take_array(rd)?)),
+        _ => None,
+    }
+}
+
+fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = match take_marker(rd)? {
+        Marker::FixStr(n) => usize::from(n),
+        Marker::Str8 => usize::from(take(rd, 1)?[0]),
+        Marker::Str16 => usize::from(u16::from_be_bytes(take_array(rd)?)),
+        Marker::Str32 => u32::from_be_bytes(take_array(rd)?) as usize,
+        _ => return None,
+    };
+    take(rd, len)
+}
+
+fn skip(rd: &mut &[u8], depth: usize) -> Option<()> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let be = |b: &[u8]| b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
+    let (bytes, items) = match take_marker(rd)? {
+        Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+            (0, 0)
+        }
+        Marker::U8 | Marker::I8 => (1, 0),
+        Marker::U16 | Marker::I16 => (2, 0),
+        Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
+        Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
+        Marker::FixStr(n) => (usize::from(n), 0),
+        Marker::Str8 | Marker::Bin8 => (be(take(rd, 1)?), 0),
+        Marker::Str16 | Marker::Bin16 => (be(take(rd, 2)?), 0),
+        Marker::Str32 | Marker::Bin32 => (be(take(rd, 4)?), 0),
+        Marker::FixArray(n) => (0, usize::from(n)),
+        Marker::Array16 => (0, be(take(rd, 2)?)),
+        Marker::Array32 => (0, be(take(rd, 4)?)),
+        Marker::FixMap(n) => (0, 2 * usize::from(n)),
+        Marker::Map16 => (0, 2 * be(take(rd, 2)?)),
+        Marker::Map32 => (0, 2 * be(take(rd, 4)?)),
+        Marker::FixExt1 => (2, 0),
+        Marker::FixExt2 => (3, 0),
+        Marker::FixExt4 => (5, 0),
+        Marker::FixExt8 => (9, 0),
+        Marker::FixExt16 => (17, 0),
+        Marker::Ext8 => (be(take(rd, 1)?) + 1, 0),
+        Marker::Ext16 => (be(take(rd, 2)?) + 1, 0),
+        Marker::Ext32 => (be(take(rd, 4)?) + 1, 0),
+        Marker::Reserved => return None,
+    };
+    take(rd, bytes)?;
+    for _ in 0..items {
+        skip(rd, depth + 1)?;
+    }
+    Some(())
+}
+
+fn take_marker(rd: &mut &[u8]) -> Option<Marker> {
+    let b = take(rd, 1)?[0];
+    Some(Marker::from_u8(b))
+}
+
+fn take<'a>(rd: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if rd.len() < n {
+        return None;
+    }
+    let (head, tail) = rd.split_at(n);
+    *rd = tail;
+    Some(head)
+}
+
+fn take_array<const N: usize>(rd: &mut &[u8]) -> Option<[u8; N]> {
+    take(rd, N)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_type_after_other_keys_of_every_kind() {
+        // {"a": [1, {"b": nil}], "c": bin(2), "type": "ping"}
+        let body = [
+            0x83, 0xa1, b'a', 0x92, 0x01, 0x81, 0xa1, b'b', 0xc0, 0xa1, b'c', 0xc4, 0x02, 0xff,
+            0xff, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'p', b'i', b'n', b'g',
+        ];
+        assert_eq!(peek_type(&body), Some("ping"));
+    }
+
+    #[test]
+    fn no_type_or_not_a_map_or_truncated_is_none() {
+        assert_eq!(peek_type(&[0x80]), None);
+        assert_eq!(peek_type(&[0x91, 0xa4]), None);
+        assert_eq!(peek_type(&[0x81, 0xa4, b't', b'y', b'p', b'e']), None);
+        assert_eq!(peek_type(&[]), None);
+        assert_eq!(peek_type(&[0x81, 0xa4, b't', b'y', b'p', b'e', 0x07]), None);
+    }
+}

@@ -408,6 +408,30 @@ impl ClientMsg {
         }
     }
 
+    /// The `rid` field of a request, to set it; `None` for the two messages that are never
+    /// answered (`message_ack`, `composing`).
+    pub fn rid_mut(&mut self) -> Option<&mut Option<u32>> {
+        use ClientMsg::*;
+        match self {
+            Hello { rid, .. }
+            | Ping { rid }
+            | Bye { rid }
+            | DeviceState { rid, .. }
+            | SetStatus { rid, .. }
+            | Subscribe { rid, .. }
+            | Unsubscribe { rid, .. }
+            | CallEstablish { rid, .. }
+            | CallAccept { rid, .. }
+            | CallDecline { rid, .. }
+            | CallForward { rid, .. }
+            | CallTransfer { rid, .. }
+            | CallTerminate { rid, .. }
+            | ConversationTerminate { rid, .. }
+            | Message { rid, .. } => Some(rid),
+            MessageAck { .. } | Composing { .. } => None,
+        }
+    }
+
     /// The wire `type` of this message.
     pub fn type_name(&self) -> &'static str {
         use ClientMsg::*;
@@ -552,6 +576,31 @@ pub enum ServerMsg {
 }
 
 impl ServerMsg {
+    /// The `rid` of a reply; `None` for events (and for replies to requests sent without one).
+    pub fn reply_rid(&self) -> Option<u32> {
+        use ServerMsg::*;
+        match self {
+            Welcome { rid, .. }
+            | Error { rid, .. }
+            | Ok { rid }
+            | Pong { rid }
+            | CallCreated { rid, .. }
+            | MessageDelivered { rid, .. }
+            | MessageFailed { rid, .. } => *rid,
+            Shutdown { .. }
+            | Presence { .. }
+            | CallState { .. }
+            | CallIncoming { .. }
+            | CallRinging { .. }
+            | CallEstablished { .. }
+            | AutoAcceptNeeded { .. }
+            | CallForwarded { .. }
+            | CallTransferred { .. }
+            | MessageReceived { .. }
+            | RemoteComposing { .. } => None,
+        }
+    }
+
     /// A reply `error{rid, code, message}`.
     pub fn error(rid: Option<u32>, code: ErrorCode, message: impl Into<String>) -> Self {
         ServerMsg::Error {

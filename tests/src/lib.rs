@@ -241,37 +241,12 @@ impl Raw {
 }
 
 pub fn reply_rid(m: &ServerMsg) -> Option<u32> {
-    match m {
-        ServerMsg::Welcome { rid, .. }
-        | ServerMsg::Error { rid, .. }
-        | ServerMsg::Ok { rid }
-        | ServerMsg::Pong { rid }
-        | ServerMsg::CallCreated { rid, .. }
-        | ServerMsg::MessageDelivered { rid, .. }
-        | ServerMsg::MessageFailed { rid, .. } => *rid,
-        _ => None,
-    }
+    m.reply_rid()
 }
 
 pub fn set_rid(msg: &mut ClientMsg, new: Option<u32>) {
-    use ClientMsg::*;
-    match msg {
-        Hello { rid, .. }
-        | Ping { rid }
-        | Bye { rid }
-        | DeviceState { rid, .. }
-        | SetStatus { rid, .. }
-        | Subscribe { rid, .. }
-        | Unsubscribe { rid, .. }
-        | CallEstablish { rid, .. }
-        | CallAccept { rid, .. }
-        | CallDecline { rid, .. }
-        | CallForward { rid, .. }
-        | CallTransfer { rid, .. }
-        | CallTerminate { rid, .. }
-        | ConversationTerminate { rid, .. }
-        | Message { rid, .. } => *rid = new,
-        MessageAck { .. } | Composing { .. } => {}
+    if let Some(rid) = msg.rid_mut() {
+        *rid = new;
     }
 }
 

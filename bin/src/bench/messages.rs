@@ -18,6 +18,8 @@ use super::{Progress, run_id};
 pub struct Params {
     pub pairs: usize,
     pub window: usize,
+    /// Total messages per second to offer across all pairs; `None` = as fast as acks allow.
+    pub rate: Option<f64>,
     pub size: usize,
     pub duration: Duration,
 }
@@ -51,6 +53,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
             call,
             body.clone(),
             p.window,
+            p.rate.map(|total| total / p.pairs.max(1) as f64),
             end,
             delivered_live.clone(),
         )));
@@ -74,6 +77,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
         Report::new("messages", total.delivered as f64 / secs, total.latency)
             .with("pairs", p.pairs)
             .with("window", p.window)
+        .with("offered_rate", p.rate.map_or(serde_json::Value::Null, |r| r.into()))
             .with("size", p.size)
             .with("duration_s", secs)
             .with("delivered", total.delivered)
@@ -134,12 +138,14 @@ async fn ack_all(mut callee: Conn) -> anyhow::Result<()> {
     }
 }
 
-/// The caller: keeps `window` messages in flight until `end`, then waits for the stragglers.
+/// The caller: keeps at most `window` messages in flight until `end` (at most `rate` per
+/// second when paced), then waits for the stragglers.
 async fn drive(
     mut caller: Conn,
     call: String,
     body: String,
     window: usize,
+    rate: Option<f64>,
     end: Instant,
     live: Arc<AtomicU64>,
 ) -> anyhow::Result<PairResult> {
@@ -151,23 +157,53 @@ async fn drive(
     };
     let mut sent_at: VecDeque<(u32, Instant)> = VecDeque::with_capacity(window);
     let mut rid: u32 = 100;
+    let mut sent: u64 = 0;
+    let start = Instant::now();
     let message = |rid: u32| ClientMsg::Message {
         rid: Some(rid),
         call: call.clone(),
         content_type: "text/plain".into(),
         body: Body::Text(body.clone()),
     };
-    for _ in 0..window {
-        rid += 1;
-        caller.feed(&message(rid)).await?;
-        sent_at.push_back((rid, Instant::now()));
-    }
-    caller.flush().await?;
+    // How many messages the pacing allows by `now`, and when the next one is due.
+    let allowed = |now: Instant| match rate {
+        Some(rate) => ((now - start).as_secs_f64() * rate) as u64 + 1,
+        None => u64::MAX,
+    };
+    let next_due = |sent: u64| match rate {
+        Some(rate) => start + Duration::from_secs_f64(sent as f64 / rate),
+        None => end,
+    };
     let drain_deadline = end + Duration::from_secs(10);
-    while !sent_at.is_empty() {
+    loop {
+        let now = Instant::now();
+        let mut fed = false;
+        while now < end && sent_at.len() < window && sent < allowed(now) {
+            rid += 1;
+            sent += 1;
+            caller.feed(&message(rid)).await?;
+            sent_at.push_back((rid, Instant::now()));
+            fed = true;
+        }
+        if fed {
+            caller.flush().await?;
+        }
+        if sent_at.is_empty() && now >= end {
+            break;
+        }
+        let wake = if sent_at.len() < window && now < end {
+            next_due(sent).min(end)
+        } else {
+            drain_deadline
+        };
         let first = tokio::select! {
             m = caller.recv() => m?,
-            _ = tokio::time::sleep_until(drain_deadline) => break,
+            _ = tokio::time::sleep_until(wake) => {
+                if Instant::now() >= drain_deadline {
+                    break;
+                }
+                continue;
+            }
         };
         let mut next = Some(first);
         while let Some(m) = next.take() {
@@ -195,14 +231,8 @@ async fn drive(
                     r.failed += 1;
                 }
             }
-            if now < end {
-                rid += 1;
-                caller.feed(&message(rid)).await?;
-                sent_at.push_back((rid, Instant::now()));
-            }
             next = caller.try_recv().transpose()?;
         }
-        caller.flush().await?;
     }
     r.unanswered = sent_at.len() as u64;
     Ok(r)

@@ -43,6 +43,9 @@ enum Scenario {
         /// Body size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// Offer this many messages per second in total (paced); default: as fast as acks allow.
+        #[arg(long)]
+        rate: Option<f64>,
         /// Seconds of load.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -103,11 +106,13 @@ fn main() -> anyhow::Result<()> {
                 pairs,
                 window,
                 size,
+                rate,
                 duration,
             } => {
                 let p = bench::messages::Params {
                     pairs,
                     window: window.max(1),
+                    rate,
                     size,
                     duration: secs(duration),
                 };

@@ -317,7 +317,7 @@ impl Shared {
         mut msg: ClientMsg,
         hook: Option<ReplyHook>,
     ) -> Result<ServerMsg, ClientError> {
-        if rid_slot(&mut msg).is_none() {
+        if msg.rid_mut().is_none() {
             return Err(ClientError::NotARequest(msg.type_name()));
         }
         let (tx, rx) = oneshot::channel();
@@ -332,7 +332,7 @@ impl Shared {
             .pending
             .register(completion)
             .ok_or(ClientError::Closed)?;
-        if let Some(slot) = rid_slot(&mut msg) {
+        if let Some(slot) = msg.rid_mut() {
             *slot = Some(rid);
         }
         if let Err(e) = self.send(&msg) {
@@ -380,53 +380,5 @@ fn hello_msg(hello: Hello) -> ClientMsg {
         token: hello.token,
         device: hello.device,
         agent: hello.agent,
-    }
-}
-
-/// The `rid` field of a request; `None` for the two messages that are never answered.
-fn rid_slot(msg: &mut ClientMsg) -> Option<&mut Option<u32>> {
-    use ClientMsg::*;
-    match msg {
-        Hello { rid, .. }
-        | Ping { rid }
-        | Bye { rid }
-        | DeviceState { rid, .. }
-        | SetStatus { rid, .. }
-        | Subscribe { rid, .. }
-        | Unsubscribe { rid, .. }
-        | CallEstablish { rid, .. }
-        | CallAccept { rid, .. }
-        | CallDecline { rid, .. }
-        | CallForward { rid, .. }
-        | CallTransfer { rid, .. }
-        | CallTerminate { rid, .. }
-        | ConversationTerminate { rid, .. }
-        | Message { rid, .. } => Some(rid),
-        MessageAck { .. } | Composing { .. } => None,
-    }
-}
-
-/// The `rid` of a reply; `None` for events (and for replies to requests sent without one).
-fn reply_rid(msg: &ServerMsg) -> Option<u32> {
-    use ServerMsg::*;
-    match msg {
-        Welcome { rid, .. }
-        | Error { rid, .. }
-        | Ok { rid }
-        | Pong { rid }
-        | CallCreated { rid, .. }
-        | MessageDelivered { rid, .. }
-        | MessageFailed { rid, .. } => *rid,
-        Shutdown { .. }
-        | Presence { .. }
-        | CallState { .. }
-        | CallIncoming { .. }
-        | CallRinging { .. }
-        | CallEstablished { .. }
-        | AutoAcceptNeeded { .. }
-        | CallForwarded { .. }
-        | CallTransferred { .. }
-        | MessageReceived { .. }
-        | RemoteComposing { .. } => None,
     }
 }

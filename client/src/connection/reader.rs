@@ -11,7 +11,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
-use super::{Shared, reply_rid};
+use super::Shared;
 use crate::error::ClientError;
 
 pub(super) async fn run(
@@ -50,7 +50,7 @@ pub(super) async fn run(
 }
 
 fn route(shared: &Shared, events: &mpsc::UnboundedSender<ServerMsg>, msg: ServerMsg) {
-    if let Some(rid) = reply_rid(&msg) {
+    if let Some(rid) = msg.reply_rid() {
         if !shared.pending.complete(rid, Ok(msg)) {
             tracing::warn!(rid, "reply to no outstanding request; dropped");
         }

@@ -725,10 +725,22 @@ struct HotAck {
     msg: u32,
 }
 
+/// Deepest nesting a frame may have. The contract's messages nest four levels; serde recurses
+/// once per level, so an unbounded depth lets a small frame overflow a worker's stack.
+pub const MAX_DEPTH: usize = 16;
+
+fn bounded<'a, 'b>(
+    rest: &'a mut &'b [u8],
+) -> rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a mut &'b [u8]>> {
+    let mut de = rmp_serde::Deserializer::new(rest);
+    de.set_max_depth(MAX_DEPTH);
+    de
+}
+
 /// `T` from the whole body, or `None` if it does not decode exactly.
 fn decode_exact<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
     let mut rest = body;
-    let v = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest)).ok()?;
+    let v = T::deserialize(&mut bounded(&mut rest)).ok()?;
     rest.is_empty().then_some(v)
 }
 
@@ -770,7 +782,7 @@ fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, 
         });
     }
     let mut rest = body;
-    let result = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest));
+    let result = T::deserialize(&mut bounded(&mut rest));
     match result {
         Ok(msg) if rest.is_empty() => Ok(msg),
         Ok(_) => {
@@ -814,7 +826,7 @@ struct Probe {
 impl Probe {
     fn read(body: &[u8]) -> Probe {
         let mut rest = body;
-        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        let mut de = bounded(&mut rest);
         de::Deserializer::deserialize_any(&mut de, ProbeVisitor).unwrap_or_default()
     }
 }

@@ -78,7 +78,7 @@ impl InstantMessagingCall {
         to: &str,
         toast: Option<Toast>,
         options: CallEstablishOptions,
-    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + 'static {
+    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + use<> {
         let begin = Self::begin_establish(conversation, to, toast, options);
         async move {
             let call = begin.await?;
@@ -96,7 +96,7 @@ impl InstantMessagingCall {
         to: &str,
         toast: Option<Toast>,
         options: CallEstablishOptions,
-    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + 'static {
+    ) -> impl Future<Output = Result<InstantMessagingCall, ClientError>> + Send + use<> {
         let conversation = conversation.clone();
         let to = to.to_owned();
         async move { begin_establish(&conversation, to, toast, options).await }
@@ -390,7 +390,18 @@ async fn wait_established(inner: &CallInner) -> Result<(), ClientError> {
     let mut changes = inner.changes.subscribe();
     while let Some(change) = changes.recv().await {
         match change.state {
-            CallState::Established => return Ok(()),
+            CallState::Established => {
+                // `call_established` (with the remote party) may follow the `call_state`; the
+                // call is not usable until it is known.
+                let mut snapshot = inner.snapshot.subscribe();
+                return match snapshot
+                    .wait_for(|s| s.remote.is_some() || s.state.is_final())
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(ClientError::Closed),
+                };
+            }
             CallState::Terminating | CallState::Terminated => {
                 return Err(ClientError::CallEnded(reason_or_unknown(change.reason)));
             }

@@ -1,12 +1,13 @@
-//! Regression tests for what fuzzing found (see `fuzz/README.md`). Each test reproduces one
-//! finding with the smallest input that shows it, and stays here after the fix.
+//! Regression tests for crashes found in the parsers of untrusted input, by the fuzz targets of
+//! `fuzz/` (see its README) or while hardening. Each test reproduces one finding with the
+//! smallest input that shows it, and stays here after the fix.
 //!
 //! 1. `message_decode`: a frame body nesting MessagePack maps or arrays deeply (well within
-//!    `max_frame`: two or three bytes per level) makes `decode_client` recurse once per level,
-//!    up to rmp-serde's default depth limit of 1024. In a debug build that overflows the 2 MiB
-//!    stack of a node worker thread from about 500 levels, and in a release build 1024 levels of
-//!    maps need more than 512 KiB; the overflow aborts the whole node process. Messages of the
-//!    contract nest four levels at most, so decoding should refuse deep nesting long before.
+//!    `max_frame`: one to three bytes per level) made `decode_client` recurse once per level, up
+//!    to rmp-serde's default depth limit of 1024. In a debug build that overflowed the 2 MiB
+//!    stack of a node worker thread from about 500 levels (in release, 1024 levels of maps
+//!    needed more than 512 KiB), and the overflow aborted the whole node process. Fixed by
+//!    bounding nesting to `messages::MAX_DEPTH` (16) in every decoder pass.
 
 use confab_protocol::{decode_client, decode_server};
 use std::process::Command;
@@ -95,4 +96,28 @@ fn shallow_unknown_fields_are_still_ignored() {
     assert!(decode_client(&body).is_ok());
     let body = nested(3, 0x81, true);
     assert!(decode_client(&body).is_ok());
+}
+
+#[test]
+#[ignore = "a frame over MAX_DEPTH loses its rid and type: the lenient probe is depth-bounded too"]
+fn too_deep_frame_is_bad_frame_echoing_its_rid() {
+    // {"type":"ping","rid":5,"x":[[[…]]]}: a map with a valid rid (contract §1: the error echoes
+    // it), one level too deep.
+    for depth in [15, 40, 1000] {
+        let mut body = vec![0x83, 0xa4];
+        body.extend_from_slice(b"type");
+        body.push(0xa4);
+        body.extend_from_slice(b"ping");
+        body.extend_from_slice(&[0xa3, b'r', b'i', b'd', 0x05, 0xa1, b'x']);
+        body.extend(std::iter::repeat_n(0x91, depth));
+        body.push(0xc0);
+        match decode_client(&body) {
+            Err(e @ confab_protocol::DecodeError::BadFrame { .. }) => {
+                assert_eq!(e.rid(), Some(5), "{e:?}");
+                assert_eq!(e.type_name(), Some("ping"), "{e:?}");
+                assert!(!e.to_string().contains("not a MessagePack map"), "{e}");
+            }
+            other => panic!("expected bad_frame, got {other:?}"),
+        }
+    }
 }

@@ -365,6 +365,7 @@ impl Endpoint {
             .collect::<HashSet<_>>()
             .len();
         if self.subscriptions.len() + new > limit {
+            m::limit_tripped("subscriptions_per_endpoint");
             return self.error(rid, ErrorCode::Forbidden, "subscription limit reached");
         }
         self.push(ServerMsg::Ok { rid });
@@ -402,6 +403,7 @@ impl Endpoint {
             );
         }
         if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            m::limit_tripped("calls_per_endpoint");
             return self.error(
                 rid,
                 ErrorCode::Overloaded,
@@ -446,8 +448,12 @@ impl Endpoint {
     }
 
     fn adopt_fork(&mut self, mut offer: ForkOffer, ctx: &mut Context<Self>) {
-        if self.ending || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
-            // Dropping the offer tells the arbiter this fork is lost.
+        // Dropping the offer (returning early) tells the arbiter this fork is lost.
+        if self.ending {
+            return;
+        }
+        if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            m::limit_tripped("calls_per_endpoint");
             return;
         }
         offer.handled = true;
@@ -556,6 +562,7 @@ impl Actor for Endpoint {
         ctx.run_interval(hb, move |act, ctx| {
             if act.last_rx.elapsed() > hb * 3 {
                 tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the endpoint");
+                m::limit_tripped("heartbeat_timeout");
                 act.lost(ctx);
             }
         });
@@ -604,6 +611,15 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
                 Ok(msg @ ClientMsg::MessageAck { .. }) => self.handle_frame(msg, ctx),
                 Ok(msg) if !self.bucket.try_take(self.last_rx) => self.rate_limited(msg),
                 Ok(msg) => self.handle_frame(msg, ctx),
+                // Malformed frames cost a token too, or garbage would be a way past the limit.
+                Err(e) if !self.bucket.try_take(self.last_rx) => {
+                    metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
+                    self.error(
+                        e.rid(),
+                        ErrorCode::RateLimited,
+                        "too many requests; slow down",
+                    );
+                }
                 Err(e) => self.reject_frame(&e),
             },
             Err(FrameError::Empty) => {

@@ -22,7 +22,22 @@ pub const PRESENCE_PUBLICATIONS: &str = "confab_presence_publications_total";
 pub const PRESENCE_NOTIFICATIONS: &str = "confab_presence_notifications_total";
 pub const FRAMES_REJECTED: &str = "confab_frames_rejected_total";
 pub const SLOW_CONSUMERS: &str = "confab_slow_consumers_total";
+pub const LIMITS_TRIPPED: &str = "confab_limits_tripped_total";
 pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
+
+/// Label values of [`LIMITS_TRIPPED`].
+pub const LIMITS: &[&str] = &[
+    "calls_per_endpoint",
+    "subscriptions_per_endpoint",
+    "unacked_per_call",
+    "heartbeat_timeout",
+    "outbound_queue_bytes",
+];
+
+/// Counts one refusal by `limit` (one of [`LIMITS`]).
+pub fn limit_tripped(limit: &'static str) {
+    metrics::counter!(LIMITS_TRIPPED, "limit" => limit).increment(1);
+}
 
 /// Latency buckets in seconds, explicit so histograms aggregate across nodes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -80,6 +95,10 @@ pub fn describe_all() {
     );
     describe_counter!(FRAMES_REJECTED, "Client frames rejected, by reason");
     describe_counter!(SLOW_CONSUMERS, "Clients dropped for not reading");
+    describe_counter!(
+        LIMITS_TRIPPED,
+        "Requests refused or endpoints dropped by a limit, by limit"
+    );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {
         metrics::gauge!(g).set(0.0);
@@ -111,6 +130,9 @@ pub fn describe_all() {
         "rate_limited",
     ] {
         metrics::counter!(FRAMES_REJECTED, "reason" => reason).absolute(0);
+    }
+    for limit in LIMITS {
+        metrics::counter!(LIMITS_TRIPPED, "limit" => *limit).absolute(0);
     }
     for result in ["delivered", "408", "413", "415", "481", "503"] {
         metrics::counter!(MESSAGES, "result" => result).absolute(0);

@@ -21,11 +21,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 
+struct Queue {
+    frames: VecDeque<ServerMsg>,
+    /// Approximate bytes of `frames` (see [`approx_size`]).
+    bytes: usize,
+}
+
 struct Shared {
-    queue: Mutex<VecDeque<ServerMsg>>,
+    queue: Mutex<Queue>,
     ready: Notify,
     closed: CancellationToken,
     capacity: usize,
+    max_bytes: usize,
 }
 
 /// Sending side of a client's queue. Cheap to clone.
@@ -47,13 +54,17 @@ pub struct OutboxReceiver {
     shared: Arc<Shared>,
 }
 
-/// A queue of at most `capacity` frames.
-pub fn outbox(capacity: usize) -> (Outbox, OutboxReceiver) {
+/// A queue of at most `capacity` frames and about `max_bytes` bytes.
+pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
-        queue: Mutex::new(VecDeque::new()),
+        queue: Mutex::new(Queue {
+            frames: VecDeque::new(),
+            bytes: 0,
+        }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
         capacity,
+        max_bytes,
     });
     (
         Outbox {
@@ -65,10 +76,12 @@ pub fn outbox(capacity: usize) -> (Outbox, OutboxReceiver) {
 
 impl Shared {
     fn take(&self) -> VecDeque<ServerMsg> {
-        match self.queue.lock() {
-            Ok(mut q) => std::mem::take(&mut *q),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        let mut q = match self.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        q.bytes = 0;
+        std::mem::take(&mut q.frames)
     }
 }
 
@@ -84,15 +97,21 @@ impl Outbox {
             let Ok(mut q) = s.queue.lock() else {
                 return false;
             };
-            if q.len() >= s.capacity {
+            let size = approx_size(&msg);
+            if q.frames.len() >= s.capacity || q.bytes + size > s.max_bytes {
+                let by_bytes = q.frames.len() < s.capacity;
                 drop(q);
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                if by_bytes {
+                    m::limit_tripped("outbound_queue_bytes");
+                }
                 tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
                 s.closed.cancel();
                 return false;
             }
-            q.push_back(msg);
-            q.len() == 1
+            q.bytes += size;
+            q.frames.push_back(msg);
+            q.frames.len() == 1
         };
         // The writer empties the whole queue each time it wakes, so only the first frame of a
         // batch needs to wake it.
@@ -142,6 +161,23 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
         let _ = sock.shutdown().await;
     })
     .await;
+}
+
+/// Roughly what a message costs queued: a fixed part plus its variable-size payloads. Exact
+/// sizes would need encoding; the bound only has to stop a queue from growing without limit.
+fn approx_size(msg: &ServerMsg) -> usize {
+    const BASE: usize = 160;
+    BASE + match msg {
+        ServerMsg::MessageReceived { body, .. } => body.len(),
+        ServerMsg::CallIncoming { sdp, toast, .. } => {
+            sdp.len() + toast.as_ref().map_or(0, |t| t.body.len())
+        }
+        ServerMsg::CallEstablished { sdp, .. } => sdp.len(),
+        ServerMsg::Presence {
+            endpoints: Some(e), ..
+        } => e.len() * 96,
+        _ => 0,
+    }
 }
 
 fn encode_all(batch: VecDeque<ServerMsg>) -> BytesMut {

@@ -63,7 +63,8 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let (outbox, rx) = outbox(ctx.settings.limits.outbound_queue);
+    let limits = &ctx.settings.limits;
+    let (outbox, rx) = outbox(limits.outbound_queue, limits.outbound_queue_bytes);
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     actix_rt::spawn(async move {
         write_loop(rx, wr).await;

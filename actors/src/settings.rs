@@ -86,6 +86,8 @@ pub struct Flow {
 pub struct Limits {
     /// Frames queued towards one client before it is dropped as a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes (approximately) queued towards one client before it is dropped as a slow consumer.
+    pub outbound_queue_bytes: usize,
     pub calls_per_endpoint: usize,
     pub endpoints_per_user: usize,
     pub subscriptions_per_endpoint: usize,
@@ -182,6 +184,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             outbound_queue: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             calls_per_endpoint: 256,
             endpoints_per_user: 32,
             subscriptions_per_endpoint: 1000,
@@ -297,6 +300,12 @@ impl Settings {
         }
         if self.limits.outbound_queue < 16 {
             return invalid("limits.outbound_queue", "must be at least 16");
+        }
+        if self.limits.outbound_queue_bytes < 2 * self.flow.max_message_bytes {
+            return invalid(
+                "limits.outbound_queue_bytes",
+                "must hold at least two messages of flow.max_message_bytes",
+            );
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return invalid("metrics.listen", "must be host:port or empty");

@@ -3,7 +3,7 @@
 //! named fields; unknown extra fields are ignored. Decoding tells an unknown `type` apart from a
 //! malformed known one, because the contract answers them with different error codes.
 
-use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeOwned, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use thiserror::Error;
@@ -725,6 +725,23 @@ struct HotAck {
     msg: u32,
 }
 
+/// What went wrong, in words fit for the client: serde's own messages ("missing field `call`",
+/// "unknown variant `sleepy`") say what to fix; the reader's are reworded so no internal
+/// detail reaches the wire.
+fn describe(e: &rmp_serde::decode::Error) -> String {
+    use rmp_serde::decode::Error as E;
+    match e {
+        E::Syntax(msg) | E::Uncategorized(msg) => msg.clone(),
+        E::InvalidMarkerRead(_) | E::InvalidDataRead(_) | E::LengthMismatch(_) => {
+            "truncated MessagePack".to_owned()
+        }
+        E::TypeMismatch(_) => "a field has the wrong MessagePack type".to_owned(),
+        E::OutOfRange => "a number is out of range".to_owned(),
+        E::Utf8Error(_) => "a string is not valid UTF-8".to_owned(),
+        E::DepthLimitExceeded => format!("nested deeper than {MAX_DEPTH} levels"),
+    }
+}
+
 /// Deepest nesting a frame may have. The contract's messages nest four levels; serde recurses
 /// once per level, so an unbounded depth lets a small frame overflow a worker's stack.
 pub const MAX_DEPTH: usize = 16;
@@ -786,9 +803,9 @@ fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, 
     match result {
         Ok(msg) if rest.is_empty() => Ok(msg),
         Ok(_) => {
-            let probe = Probe::read(body);
+            let probe = crate::peek::probe(body);
             Err(DecodeError::BadFrame {
-                ty: probe.ty,
+                ty: probe.ty.map(str::to_owned),
                 rid: probe.rid,
                 detail: "trailing bytes after the message map".to_owned(),
             })
@@ -796,137 +813,22 @@ fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, 
         Err(e) => {
             // The slow path only runs for bad frames: a second, lenient pass finds the `type` and
             // `rid` so the error can be the right one and echo the request id.
-            let probe = Probe::read(body);
+            let probe = crate::peek::probe(body);
             match probe.ty {
-                Some(ty) if !known.contains(&ty.as_str()) => {
-                    Err(DecodeError::UnknownType { ty, rid: probe.rid })
-                }
+                Some(ty) if !known.contains(&ty) => Err(DecodeError::UnknownType {
+                    ty: ty.to_owned(),
+                    rid: probe.rid,
+                }),
                 ty => Err(DecodeError::BadFrame {
-                    ty,
+                    ty: ty.map(str::to_owned),
                     rid: probe.rid,
                     detail: if probe.is_map {
-                        e.to_string()
+                        describe(&e)
                     } else {
                         "the frame is not a MessagePack map".to_owned()
                     },
                 }),
             }
         }
-    }
-}
-
-/// What a lenient read of a malformed frame can still tell: its `type` and a valid `rid`.
-#[derive(Default)]
-struct Probe {
-    is_map: bool,
-    ty: Option<String>,
-    rid: Option<u32>,
-}
-
-impl Probe {
-    fn read(body: &[u8]) -> Probe {
-        let mut rest = body;
-        let mut de = bounded(&mut rest);
-        de::Deserializer::deserialize_any(&mut de, ProbeVisitor).unwrap_or_default()
-    }
-}
-
-struct ProbeVisitor;
-
-impl<'de> Visitor<'de> for ProbeVisitor {
-    type Value = Probe;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a map")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
-        let mut probe = Probe {
-            is_map: true,
-            ..Probe::default()
-        };
-        while let Some(key) = map.next_key::<Lenient>()? {
-            let value = map.next_value::<Lenient>()?;
-            match key {
-                Lenient::Str(k) if k == "type" => {
-                    if let Lenient::Str(v) = value {
-                        probe.ty = Some(v);
-                    }
-                }
-                Lenient::Str(k) if k == "rid" => {
-                    if let Lenient::Uint(v) = value {
-                        probe.rid = u32::try_from(v).ok();
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(probe)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Probe, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Probe::default())
-    }
-}
-
-/// Any MessagePack value, keeping only strings and unsigned integers.
-enum Lenient {
-    Str(String),
-    Uint(u64),
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Lenient {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Lenient;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
-                Ok(Lenient::Str(v.to_owned()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
-                Ok(Lenient::Uint(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
-                Ok(u64::try_from(v).map_or(Lenient::Other, Lenient::Uint))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient::Other)
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Lenient, D::Error> {
-                Lenient::deserialize(d)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Lenient::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Lenient, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Lenient::Other)
-            }
-            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Lenient, D::Error> {
-                Lenient::deserialize(d)
-            }
-            fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Lenient, A::Error> {
-                // rmp-serde reports MessagePack ext values as enums; they carry nothing we need.
-                let (IgnoredAny, variant) = data.variant::<IgnoredAny>()?;
-                de::VariantAccess::newtype_variant::<IgnoredAny>(variant)?;
-                Ok(Lenient::Other)
-            }
-        }
-        d.deserialize_any(V)
     }
 }

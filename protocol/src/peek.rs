@@ -5,21 +5,83 @@
 
 use rmp::Marker;
 
-/// Deepest nesting skipped; deeper frames are left to the full decoder, which rejects them.
-const MAX_DEPTH: usize = 32;
+/// What a quick read of a frame can tell, even of a malformed one: whether it is a map, its
+/// `type` and a valid `rid` (an unsigned integer that fits 32 bits).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Probe<'a> {
+    pub is_map: bool,
+    pub ty: Option<&'a str>,
+    pub rid: Option<u32>,
+}
 
 /// The `type` string of a frame whose top level is a map, if it has a readable one.
 pub fn peek_type(body: &[u8]) -> Option<&str> {
+    scan(body, false).ty
+}
+
+/// The `type` and `rid` of a frame, read up to the first thing that is not well-formed. Never
+/// recurses, so nesting depth costs no stack.
+pub fn probe(body: &[u8]) -> Probe<'_> {
+    scan(body, true)
+}
+
+fn scan(body: &[u8], want_rid: bool) -> Probe<'_> {
+    let mut p = Probe::default();
     let mut rd = body;
-    let len = map_len(&mut rd)?;
+    let Some(len) = map_len(&mut rd) else {
+        return p;
+    };
+    p.is_map = true;
     for _ in 0..len {
-        let key = read_str(&mut rd)?;
-        if key == b"type" {
-            return std::str::from_utf8(read_str(&mut rd)?).ok();
+        let key = match peek_marker(rd) {
+            Some(Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) => {
+                read_str(&mut rd)
+            }
+            _ => skip(&mut rd).map(|()| &b""[..]),
+        };
+        let Some(key) = key else { return p };
+        let ok = match key {
+            b"type"
+                if matches!(
+                    peek_marker(rd),
+                    Some(Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32)
+                ) =>
+            {
+                read_str(&mut rd).map(|v| p.ty = std::str::from_utf8(v).ok())
+            }
+            b"rid" => read_uint(&mut rd).map(|v| p.rid = v.and_then(|v| u32::try_from(v).ok())),
+            _ => skip(&mut rd),
+        };
+        if ok.is_none() || (p.ty.is_some() && (!want_rid || p.rid.is_some())) {
+            return p;
         }
-        skip(&mut rd, 0)?;
     }
-    None
+    p
+}
+
+fn peek_marker(rd: &[u8]) -> Option<Marker> {
+    rd.first().map(|b| Marker::from_u8(*b))
+}
+
+/// An unsigned integer (`Some(Some(n))`), or any other value skipped (`Some(None)`).
+fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
+    let be = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
+    match peek_marker(rd)? {
+        Marker::FixPos(n) => {
+            take(rd, 1)?;
+            Some(Some(u64::from(n)))
+        }
+        Marker::U8 | Marker::U16 | Marker::U32 | Marker::U64 => {
+            let width = match take_marker(rd)? {
+                Marker::U8 => 1,
+                Marker::U16 => 2,
+                Marker::U32 => 4,
+                _ => 8,
+            };
+            Some(Some(be(take(rd, width)?)))
+        }
+        _ => skip(rd).map(|()| None),
+    }
 }
 
 fn map_len(rd: &mut &[u8]) -> Option<u32> {
@@ -42,42 +104,43 @@ fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     take(rd, len)
 }
 
-fn skip(rd: &mut &[u8], depth: usize) -> Option<()> {
-    if depth > MAX_DEPTH {
-        return None;
-    }
+/// Skips one value, however deeply nested, without recursion: `pending` counts the values
+/// still to skip, and a container adds its items to it.
+fn skip(rd: &mut &[u8]) -> Option<()> {
     let be = |b: &[u8]| b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
-    let (bytes, items) = match take_marker(rd)? {
-        Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
-            (0, 0)
-        }
-        Marker::U8 | Marker::I8 => (1, 0),
-        Marker::U16 | Marker::I16 => (2, 0),
-        Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
-        Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
-        Marker::FixStr(n) => (usize::from(n), 0),
-        Marker::Str8 | Marker::Bin8 => (be(take(rd, 1)?), 0),
-        Marker::Str16 | Marker::Bin16 => (be(take(rd, 2)?), 0),
-        Marker::Str32 | Marker::Bin32 => (be(take(rd, 4)?), 0),
-        Marker::FixArray(n) => (0, usize::from(n)),
-        Marker::Array16 => (0, be(take(rd, 2)?)),
-        Marker::Array32 => (0, be(take(rd, 4)?)),
-        Marker::FixMap(n) => (0, 2 * usize::from(n)),
-        Marker::Map16 => (0, 2 * be(take(rd, 2)?)),
-        Marker::Map32 => (0, 2 * be(take(rd, 4)?)),
-        Marker::FixExt1 => (2, 0),
-        Marker::FixExt2 => (3, 0),
-        Marker::FixExt4 => (5, 0),
-        Marker::FixExt8 => (9, 0),
-        Marker::FixExt16 => (17, 0),
-        Marker::Ext8 => (be(take(rd, 1)?) + 1, 0),
-        Marker::Ext16 => (be(take(rd, 2)?) + 1, 0),
-        Marker::Ext32 => (be(take(rd, 4)?) + 1, 0),
-        Marker::Reserved => return None,
-    };
-    take(rd, bytes)?;
-    for _ in 0..items {
-        skip(rd, depth + 1)?;
+    let mut pending: usize = 1;
+    while pending > 0 {
+        pending -= 1;
+        let (bytes, items) = match take_marker(rd)? {
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+                (0, 0)
+            }
+            Marker::U8 | Marker::I8 => (1, 0),
+            Marker::U16 | Marker::I16 => (2, 0),
+            Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
+            Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
+            Marker::FixStr(n) => (usize::from(n), 0),
+            Marker::Str8 | Marker::Bin8 => (be(take(rd, 1)?), 0),
+            Marker::Str16 | Marker::Bin16 => (be(take(rd, 2)?), 0),
+            Marker::Str32 | Marker::Bin32 => (be(take(rd, 4)?), 0),
+            Marker::FixArray(n) => (0, usize::from(n)),
+            Marker::Array16 => (0, be(take(rd, 2)?)),
+            Marker::Array32 => (0, be(take(rd, 4)?)),
+            Marker::FixMap(n) => (0, 2 * usize::from(n)),
+            Marker::Map16 => (0, 2 * be(take(rd, 2)?)),
+            Marker::Map32 => (0, 2 * be(take(rd, 4)?)),
+            Marker::FixExt1 => (2, 0),
+            Marker::FixExt2 => (3, 0),
+            Marker::FixExt4 => (5, 0),
+            Marker::FixExt8 => (9, 0),
+            Marker::FixExt16 => (17, 0),
+            Marker::Ext8 => (be(take(rd, 1)?) + 1, 0),
+            Marker::Ext16 => (be(take(rd, 2)?) + 1, 0),
+            Marker::Ext32 => (be(take(rd, 4)?) + 1, 0),
+            Marker::Reserved => return None,
+        };
+        take(rd, bytes)?;
+        pending = pending.checked_add(items)?;
     }
     Some(())
 }

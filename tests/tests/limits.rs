@@ -354,7 +354,6 @@ async fn calls_over_calls_per_endpoint_are_overloaded() {
 }
 
 #[tokio::test]
-#[ignore = "engine bug: refusing a call for calls_per_endpoint moves no metric (endpoint.rs establish/adopt_fork)"]
 async fn calls_per_endpoint_has_a_metric() {
     let node = start_node(|s| s.limits.calls_per_endpoint = 1);
     let mut alice = Raw::sign_in(node.addr, ALICE, "laptop").await;
@@ -446,7 +445,6 @@ async fn subscriptions_over_subscriptions_per_endpoint_are_forbidden() {
 }
 
 #[tokio::test]
-#[ignore = "engine bug: refusing a subscription for subscriptions_per_endpoint moves no metric (endpoint.rs subscribe)"]
 async fn subscriptions_per_endpoint_has_a_metric() {
     let node = start_node(|s| s.limits.subscriptions_per_endpoint = 1);
     let mut alice = Raw::sign_in(node.addr, ALICE, "laptop").await;

@@ -473,6 +473,7 @@ impl CallLeg {
             return self.message_failed(rid, None, 413, "Request Entity Too Large");
         }
         if self.pending.len() >= self.init.ctx.settings.limits.unacked_per_call {
+            m::limit_tripped("unacked_per_call");
             return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
         }
         let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;

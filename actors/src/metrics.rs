@@ -139,5 +139,27 @@ pub fn describe_all() {
     }
     for state in confab_protocol::CallState::ALL {
         metrics::gauge!(CALLS_BY_STATE, "state" => state.as_str()).increment(0.0);
+        metrics::counter!(CALL_TRANSITIONS, "state" => state.as_str()).absolute(0);
     }
+    for code in [
+        "200", "202", "302", "408", "480", "483", "486", "487", "488", "503", "603",
+    ] {
+        metrics::counter!(CALL_OUTCOMES, "code" => code).absolute(0);
+    }
+    for reason in [
+        "not_authenticated",
+        "unauthorized",
+        "bad_frame",
+        "frame_too_large",
+        "unsupported_version",
+        "overloaded",
+        "hello_timeout",
+        "endpoints_per_user",
+        "max_connections",
+    ] {
+        metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).absolute(0);
+    }
+    // Registering a histogram makes it render (all buckets at zero) before its first sample.
+    let _ = metrics::histogram!(CALL_SETUP_SECONDS);
+    let _ = metrics::histogram!(MESSAGE_DELIVERY_SECONDS);
 }

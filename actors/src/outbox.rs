@@ -30,7 +30,10 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     ready: Notify,
+    /// Closing: flush what is queued, then close.
     closed: CancellationToken,
+    /// Dropped as a slow consumer: stop writing at once, even in the middle of a write.
+    aborted: CancellationToken,
     capacity: usize,
     max_bytes: usize,
 }
@@ -63,6 +66,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
+        aborted: CancellationToken::new(),
         capacity,
         max_bytes,
     });
@@ -106,6 +110,7 @@ impl Outbox {
                     m::limit_tripped("outbound_queue_bytes");
                 }
                 tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
+                s.aborted.cancel();
                 s.closed.cancel();
                 return false;
             }
@@ -148,10 +153,19 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
             }
         }
         let buf = encode_all(batch);
-        if sock.write_all(&buf).await.is_err() {
+        // A client that stopped reading blocks this write for good: the abort (slow consumer)
+        // ends it, and dropping the socket frees the connection's slot.
+        let written = tokio::select! {
+            r = sock.write_all(&buf) => r.is_ok(),
+            () = s.aborted.cancelled() => false,
+        };
+        if !written {
             s.closed.cancel();
             return;
         }
+    }
+    if s.aborted.is_cancelled() {
+        return;
     }
     // Closing: what was queued before the close (an error, a `shutdown`, the last call events)
     // still goes out, within a deadline so a client that stopped reading cannot hold us.

@@ -75,7 +75,12 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
     // codec grows it for a large frame.
     let mut frames = FramedRead::with_capacity(
         rd,
-        FrameCodec::new(ctx.settings.server.max_frame as usize),
+        FrameCodec::new(
+            ctx.settings
+                .server
+                .max_hello_frame
+                .min(ctx.settings.server.max_frame) as usize,
+        ),
         READ_BUFFER,
     );
     let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
@@ -96,6 +101,9 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
             return;
         }
     };
+    frames
+        .decoder_mut()
+        .set_max_frame(ctx.settings.server.max_frame as usize);
     start_endpoint(ctx, hello, outbox, frames);
 }
 

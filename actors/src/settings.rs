@@ -35,6 +35,9 @@ pub struct Settings {
 pub struct Server {
     pub listen: SocketAddr,
     pub max_frame: u32,
+    /// Largest frame accepted before sign-in (the `hello`), so an unauthenticated connection
+    /// cannot make the node hold a `max_frame` buffer.
+    pub max_hello_frame: u32,
     pub heartbeat_ms: u64,
     pub max_connections: usize,
     pub hello_timeout_ms: u64,
@@ -130,6 +133,7 @@ impl Default for Server {
         Server {
             listen: SocketAddr::from(([127, 0, 0, 1], 5070)),
             max_frame: 65536,
+            max_hello_frame: 4096,
             heartbeat_ms: 15_000,
             max_connections: 100_000,
             hello_timeout_ms: 10_000,
@@ -279,6 +283,13 @@ impl Settings {
         };
         if self.server.max_frame < 64 {
             return invalid("server.max_frame", "must be at least 64 bytes");
+        }
+        if self.server.max_hello_frame < 512 || self.server.max_hello_frame > self.server.max_frame
+        {
+            return invalid(
+                "server.max_hello_frame",
+                "must be between 512 bytes and server.max_frame",
+            );
         }
         if self.server.heartbeat_ms == 0 {
             return invalid("server.heartbeat_ms", "must be positive");

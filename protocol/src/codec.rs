@@ -38,6 +38,10 @@ impl FrameCodec {
     pub fn max_frame(&self) -> usize {
         self.max_frame
     }
+    /// Changes the bound, e.g. from the small one before sign-in to the node's `max_frame`.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
 }
 
 impl Default for FrameCodec {

@@ -569,6 +569,27 @@ async fn no_hello_within_hello_timeout_closes() {
 }
 
 /// A client that signs in and subscribes, then never reads again.
+#[tokio::test]
+async fn a_frame_before_hello_over_max_hello_frame_is_frame_too_large() {
+    let node = start_node(|_| {});
+    let mut anon = Raw::connect(node.addr).await;
+    // Well under max_frame, over max_hello_frame: refused before the body is read.
+    anon.send_bytes(&5000u32.to_be_bytes()).await;
+    let frames = anon.expect_closed().await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_error(&frames[0], None, ErrorCode::FrameTooLarge);
+    // After hello the node's max_frame applies.
+    let mut alice = Raw::sign_in(node.addr, ALICE, "laptop").await;
+    let big = "x".repeat(5000);
+    let reply = alice
+        .request(ClientMsg::Subscribe {
+            rid: None,
+            users: vec![format!("sip:{big}@example.com")],
+        })
+        .await;
+    assert_code(&reply, ErrorCode::BadFrame);
+}
+
 async fn non_reader(addr: std::net::SocketAddr, user: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(&frame(&hello(user, "never-reads")))
@@ -632,6 +653,21 @@ async fn a_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
             Instant::now() < deadline,
             "no slow consumer after {flips} presence changes"
         );
+    }
+
+    // The node lets go of the non-reader's socket even though its last write can never finish:
+    // the connection's slot is free while the client still has not read a byte.
+    let freed = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = scrape(node.metrics_addr);
+        if m.get("confab_connections", &[]) == m.get("confab_endpoints", &[]) {
+            break;
+        }
+        assert!(
+            Instant::now() < freed,
+            "the slow consumer still holds a connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // The non-reader's connection is closed: reading now drains what was buffered, then EOF.

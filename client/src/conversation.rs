@@ -11,6 +11,11 @@ use crate::endpoint::{Endpoint, ok_reply};
 use crate::error::ClientError;
 
 /// A conversation of one endpoint; cheap to clone (clones share the binding).
+///
+/// Unlike UCMA's, a confab conversation lives on the node only while it holds a call (see
+/// docs/protocol.md, "Where the contract is silent"): once its last call has ended, placing
+/// another call in it fails with [`ClientError::Server`] `unknown_conversation`. Use a new
+/// `Conversation` for a call placed after the previous ones ended.
 #[derive(Clone)]
 pub struct Conversation {
     endpoint: Endpoint,

@@ -77,7 +77,10 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
         Report::new("messages", total.delivered as f64 / secs, total.latency)
             .with("pairs", p.pairs)
             .with("window", p.window)
-        .with("offered_rate", p.rate.map_or(serde_json::Value::Null, |r| r.into()))
+            .with(
+                "offered_rate",
+                p.rate.map_or(serde_json::Value::Null, |r| r.into()),
+            )
             .with("size", p.size)
             .with("duration_s", secs)
             .with("delivered", total.delivered)

@@ -23,6 +23,7 @@ pub const PRESENCE_NOTIFICATIONS: &str = "confab_presence_notifications_total";
 pub const FRAMES_REJECTED: &str = "confab_frames_rejected_total";
 pub const SLOW_CONSUMERS: &str = "confab_slow_consumers_total";
 pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
+pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
 
 /// Latency buckets in seconds, explicit so histograms aggregate across nodes.
 const LATENCY_BUCKETS: &[f64] = &[

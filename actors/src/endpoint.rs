@@ -688,10 +688,10 @@ impl Endpoint {
         elsewhere: bool,
         ctx: &mut Context<Self>,
     ) {
-        if let Some((leg, _)) = self.calls.remove(&call) {
-            if leg.remote_node().is_none() || self.remote_calls.contains_key(&call) {
-                leg.do_send(LegMsg::Release);
-            }
+        if let Some((leg, _)) = self.calls.remove(&call)
+            && (leg.remote_node().is_none() || self.remote_calls.contains_key(&call))
+        {
+            leg.do_send(LegMsg::Release);
         }
         self.remote_calls.remove(&call);
         self.ended.push_back((call.clone(), elsewhere));

@@ -172,7 +172,11 @@ async fn run(
         None => (Arc::new(LocalDirectory::default()), None),
         Some(c) => {
             let node_id = c.node_id.clone().unwrap_or_else(|| {
-                format!("{}-{:06x}", settings.server.node_id, rand::random::<u32>() >> 8)
+                format!(
+                    "{}-{:06x}",
+                    settings.server.node_id,
+                    rand::random::<u32>() >> 8
+                )
             });
             match Cluster::start(c, node_id, presence.clone()).await {
                 Ok(cluster) => (

@@ -31,7 +31,10 @@ fn free_port() -> u16 {
 }
 
 /// Starts `confab-node` as node `node_id` on `nats`; returns the process and its address.
-fn node_process(nats: &NatsServer, node_id: &str) -> (Child, std::net::SocketAddr, tempfile::NamedTempFile) {
+fn node_process(
+    nats: &NatsServer,
+    node_id: &str,
+) -> (Child, std::net::SocketAddr, tempfile::NamedTempFile) {
     let port = free_port();
     let mut config = tempfile::NamedTempFile::new().unwrap();
     write!(
@@ -103,9 +106,7 @@ async fn expect_node_lost(raw: &mut Raw, call: &str, rid: Option<u32>) {
                 assert_eq!(reason, Some(Reason::new(503, "Node lost")), "{}", raw.user);
                 ended = true;
             }
-            ServerMsg::MessageFailed {
-                rid: r, code, ..
-            } if r == rid => {
+            ServerMsg::MessageFailed { rid: r, code, .. } if r == rid => {
                 assert_eq!(code, 503, "{}", raw.user);
                 failed = true;
             }

@@ -148,7 +148,10 @@ async fn fork_across_nodes_first_click_wins_and_messages_flow_in_order() {
     for rid in &rids {
         let (m, _) = alice
             .recv_until(|m| {
-                matches!(m, ServerMsg::MessageDelivered { .. } | ServerMsg::MessageFailed { .. })
+                matches!(
+                    m,
+                    ServerMsg::MessageDelivered { .. } | ServerMsg::MessageFailed { .. }
+                )
             })
             .await;
         assert!(
@@ -199,7 +202,10 @@ async fn a_call_from_another_node_reaches_a_single_device_with_immediate_accept(
     let (call, _) = bob.establish(ALICE, None).await;
     let (incoming, immediate) = alice.incoming().await;
     assert!(immediate, "one endpoint: immediate auto-accept");
-    assert!(matches!(alice.accept(&incoming).await, ServerMsg::Ok { .. }));
+    assert!(matches!(
+        alice.accept(&incoming).await,
+        ServerMsg::Ok { .. }
+    ));
     alice.state(&incoming, CallState::Established).await;
     bob.state(&call, CallState::Established).await;
     // Alice terminates; both ends see it.
@@ -284,10 +290,16 @@ async fn presence_published_on_one_node_is_seen_by_a_subscriber_on_another() {
         })
         .await;
     assert!(matches!(reply, ServerMsg::Ok { .. }));
-    assert_eq!(next_presence(&mut watcher, BOB).await, Availability::Offline);
+    assert_eq!(
+        next_presence(&mut watcher, BOB).await,
+        Availability::Offline
+    );
 
     let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
-    assert_eq!(next_presence(&mut watcher, BOB).await, Availability::Available);
+    assert_eq!(
+        next_presence(&mut watcher, BOB).await,
+        Availability::Available
+    );
     bob.request(ClientMsg::DeviceState {
         rid: None,
         activity: Activity::Away,
@@ -308,7 +320,13 @@ async fn presence_published_on_one_node_is_seen_by_a_subscriber_on_another() {
             matches!(m, ServerMsg::Presence { availability, .. } if *availability == Availability::DoNotDisturb)
         })
         .await;
-    assert!(matches!(m, ServerMsg::Presence { most_active: None, .. }));
+    assert!(matches!(
+        m,
+        ServerMsg::Presence {
+            most_active: None,
+            ..
+        }
+    ));
     // Both devices leave: offline again, and the status is cleared.
     bob.request(ClientMsg::Bye { rid: None }).await;
     bob_c.request(ClientMsg::Bye { rid: None }).await;
@@ -333,6 +351,8 @@ async fn a_node_that_cannot_reach_nats_does_not_start() {
         node_id: Some("lonely".to_owned()),
         node_timeout_ms: None,
     });
-    let err = confab_actors::spawn_node(s).err().expect("no NATS: no node");
+    let err = confab_actors::spawn_node(s)
+        .err()
+        .expect("no NATS: no node");
     assert!(err.to_string().contains("NATS"), "{err}");
 }

@@ -529,13 +529,7 @@ impl CallLeg {
                         call: self.init.id.clone(),
                     });
                 }
-                self.end(
-                    ctx,
-                    CallEvent::Terminate,
-                    lost.clone(),
-                    None,
-                    false,
-                );
+                self.end(ctx, CallEvent::Terminate, lost.clone(), None, false);
             }
             CallState::Idle | CallState::Establishing
                 if self.init.direction == Direction::Outbound =>
@@ -543,13 +537,7 @@ impl CallLeg {
                 if let Some(a) = self.arbiter.take() {
                     a.do_send(ArbiterMsg::CallerCancel);
                 }
-                self.end(
-                    ctx,
-                    CallEvent::Terminate,
-                    lost.clone(),
-                    None,
-                    false,
-                );
+                self.end(ctx, CallEvent::Terminate, lost.clone(), None, false);
             }
             _ => self.end(
                 ctx,

@@ -139,11 +139,15 @@ impl Cluster {
             .map_err(|e| ClusterError::Subscribe(e.to_string()))?
             .map_err(ClusterError::Subscribe)?;
         let cfg = cfg.clone();
-        let started = rt
-            .spawn(Self::start_inner(cfg, node_id, presence, rt.clone(), stop_tx))
-            .await
-            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
-        started
+        rt.spawn(Self::start_inner(
+            cfg,
+            node_id,
+            presence,
+            rt.clone(),
+            stop_tx,
+        ))
+        .await
+        .map_err(|e| ClusterError::Subscribe(e.to_string()))?
     }
 
     async fn start_inner(
@@ -159,10 +163,11 @@ impl Cluster {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(|s| {
-                s.parse().map_err(|e: std::io::Error| ClusterError::Connect {
-                    url: s.to_owned(),
-                    reason: e.to_string(),
-                })
+                s.parse()
+                    .map_err(|e: std::io::Error| ClusterError::Connect {
+                        url: s.to_owned(),
+                        reason: e.to_string(),
+                    })
             })
             .collect::<Result<_, _>>()?;
         let connect_err = |reason: String| ClusterError::Connect {
@@ -314,10 +319,7 @@ impl Cluster {
 
     /// Other nodes' endpoints of `user`.
     pub fn remote_endpoints_of(&self, user: &str) -> Vec<RemoteEndpoint> {
-        self.remote
-            .get(user)
-            .map(|l| l.clone())
-            .unwrap_or_default()
+        self.remote.get(user).map(|l| l.clone()).unwrap_or_default()
     }
 
     pub fn remote_count(&self, user: &str) -> usize {
@@ -682,7 +684,10 @@ fn to_publication(p: &wire::PublicationRecord) -> Publication {
     }
 }
 
-async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<(String, Bytes)>) {
+async fn publish_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<(String, Bytes)>,
+) {
     while let Some((subject, payload)) = rx.recv().await {
         if let Err(e) = client.publish(subject, payload).await {
             tracing::warn!(error = %e, "cannot publish to NATS");
@@ -693,7 +698,11 @@ async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceive
 async fn kv_loop(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<KvOp>) {
     while let Some(op) = rx.recv().await {
         let result = match &op {
-            KvOp::Put(key, value) => kv.put(key, value.clone()).await.map(|_| ()).map_err(|e| e.to_string()),
+            KvOp::Put(key, value) => kv
+                .put(key, value.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             KvOp::Delete(key) => kv.delete(key).await.map_err(|e| e.to_string()),
         };
         if let Err(e) = result {

@@ -185,7 +185,7 @@ pub fn user_token(user: &str) -> String {
 }
 
 pub fn user_from_token(token: &str) -> Option<String> {
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())

@@ -172,11 +172,20 @@ async fn run(
         None => (Arc::new(LocalDirectory::default()), None),
         Some(c) => {
             let node_id = c.node_id.clone().unwrap_or_else(|| {
-                format!(
-                    "{}-{:06x}",
-                    settings.server.node_id,
-                    rand::random::<u32>() >> 8
-                )
+                // Subject- and key-safe: letters, digits, - and _.
+                let base: String = settings
+                    .server
+                    .node_id
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_ascii_alphanumeric() || ch == '_' {
+                            ch
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                format!("{base}-{:06x}", rand::random::<u32>() >> 8)
             });
             match Cluster::start(c, node_id, presence.clone()).await {
                 Ok(cluster) => (

@@ -356,3 +356,89 @@ async fn a_node_that_cannot_reach_nats_does_not_start() {
         .expect("no NATS: no node");
     assert!(err.to_string().contains("NATS"), "{err}");
 }
+
+#[tokio::test]
+async fn a_transfer_to_a_user_on_a_third_node_succeeds() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    for n in [&t.a, &t.b, &t.c] {
+        wait_for_endpoints(n, BOB, 1).await;
+        wait_for_endpoints(n, CAROL, 1).await;
+    }
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    // Bob (on B) transfers Alice to Carol (on C).
+    let reply = bob
+        .request(ClientMsg::CallTransfer {
+            rid: None,
+            call: in_b.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let (in_c, immediate) = carol.incoming().await;
+    assert!(immediate);
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    carol.state(&in_c, CallState::Established).await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::CallTransferred { .. }))
+        .await;
+    let ServerMsg::CallTransferred { remote, .. } = m else {
+        unreachable!()
+    };
+    assert_eq!(remote.endpoint, carol.endpoint);
+    expect_reason(&mut bob, &in_b, 202, "Transferred").await;
+    // Alice and Carol talk.
+    let rid = send_message(&mut alice, &call, "hello carol").await;
+    let (_, text) = receive_and_ack(&mut carol, &in_c).await;
+    assert_eq!(text, "hello carol");
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+}
+
+#[tokio::test]
+async fn bye_on_a_node_other_than_the_call_ends_the_call_before_closing() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    bob.send(&ClientMsg::Bye { rid: Some(9) }).await;
+    let frames = bob.expect_closed().await;
+    assert!(
+        frames.iter().any(|m| matches!(
+            m,
+            ServerMsg::CallState { state: CallState::Terminated, reason: Some(r), .. }
+                if r.code == 200 && r.text == "Terminated locally"
+        )),
+        "{frames:?}"
+    );
+    expect_reason(&mut alice, &call, 200, "Terminated remotely").await;
+    wait_for_endpoints(&t.a, BOB, 0).await;
+}
+
+#[test]
+fn the_example_cluster_configs_load() {
+    for n in ["a", "b", "c"] {
+        let path = format!(
+            "{}/../config/cluster/node-{n}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let s = confab_actors::Settings::load(&text, []).expect("valid config");
+        let c = s.cluster.expect("a [cluster] section");
+        assert_eq!(c.node_id.as_deref(), Some(format!("node-{n}").as_str()));
+    }
+}

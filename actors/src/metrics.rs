@@ -81,6 +81,14 @@ pub fn describe_all() {
     );
     describe_counter!(FRAMES_REJECTED, "Client frames rejected, by reason");
     describe_counter!(SLOW_CONSUMERS, "Clients dropped for not reading");
+    describe_gauge!(
+        CLUSTER_NODES,
+        "Cluster nodes this node sees alive, itself included (cluster mode only)"
+    );
+    describe_counter!(
+        CLUSTER_ENVELOPES,
+        "Envelopes exchanged with other cluster nodes, by direction (cluster mode only)"
+    );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {
         metrics::gauge!(g).set(0.0);

@@ -442,3 +442,33 @@ fn the_example_cluster_configs_load() {
         assert_eq!(c.node_id.as_deref(), Some(format!("node-{n}").as_str()));
     }
 }
+
+#[tokio::test]
+async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_once() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await;
+    let Three { a, b, c, _nats } = t;
+    let started = std::time::Instant::now();
+    b.shutdown();
+    let frames = bob.expect_closed().await;
+    assert!(
+        matches!(frames.first(), Some(ServerMsg::Shutdown { .. })),
+        "{frames:?}"
+    );
+    expect_reason(&mut alice, &call, 503, "Server shutting down").await;
+    wait_for_endpoints(&a, BOB, 0).await;
+    wait_for_endpoints(&c, BOB, 0).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(NODE_TIMEOUT_MS),
+        "a graceful leave does not wait for the node timeout: {:?}",
+        started.elapsed()
+    );
+}

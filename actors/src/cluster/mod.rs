@@ -60,6 +60,8 @@ pub struct RemoteEndpoint {
 enum KvOp {
     Put(String, Bytes),
     Delete(String),
+    /// Answered once every operation queued before it is done.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 struct NodeSeen {
@@ -538,6 +540,11 @@ impl Cluster {
     }
 
     async fn leave_inner(&self) {
+        // The deletes of endpoints that already ended go first.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.kv_tx.send(KvOp::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
         let keys: Vec<String> = self
             .own
             .iter()
@@ -697,9 +704,13 @@ async fn publish_loop(
 
 async fn kv_loop(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<KvOp>) {
     while let Some(op) = rx.recv().await {
-        let result = match &op {
+        let result = match op {
+            KvOp::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
             KvOp::Put(key, value) => kv
-                .put(key, value.clone())
+                .put(key, value)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
@@ -733,7 +744,7 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
             let known = lock(&cluster.nodes).remove(&hb.node).is_some();
             if known {
                 tracing::info!(node = %hb.node, "node left the cluster");
-                cluster.node_lost(&hb.node, hb.epoch, false);
+                cluster.node_lost(&hb.node, hb.epoch, true);
             }
             continue;
         }

@@ -220,7 +220,9 @@ impl Cluster {
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
-        let epoch = rand::random::<u64>() >> 1;
+        // The start time: a later run of a node has a larger epoch, so a record of an earlier
+        // run is recognised as stale whatever order things arrive in.
+        let epoch = wire::unix_ms().max(1);
         let cluster = Arc::new(Cluster {
             node_id,
             epoch,
@@ -328,10 +330,17 @@ impl Cluster {
         self.remote.get(user).map_or(0, |l| l.len())
     }
 
+    /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
     fn is_dead(&self, node: &str, epoch: u64) -> bool {
         lock(&self.dead)
             .iter()
-            .any(|(n, e)| n == node && *e == epoch)
+            .any(|(n, e)| n == node && *e >= epoch)
+    }
+
+    /// The living node with the smallest id cleans the KV for everyone.
+    fn is_purger(&self) -> bool {
+        let nodes = lock(&self.nodes);
+        nodes.keys().all(|n| *n > self.node_id)
     }
 
     /// Applies one KV change to the cache and to presence.
@@ -356,10 +365,13 @@ impl Cluster {
                     }
                     return;
                 }
-                if self.is_dead(&record.node, record.epoch) {
+                if !self.saw_node(&record.node, record.epoch, false) {
+                    // Left over from a dead or earlier run of that node.
+                    if self.is_purger() {
+                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
+                    }
                     return;
                 }
-                self.saw_node(&record.node, record.epoch, false);
                 let upsert = PresenceMsg::Upsert {
                     user: user.clone(),
                     endpoint: endpoint.clone(),
@@ -402,11 +414,12 @@ impl Cluster {
 
     // ---- liveness ---------------------------------------------------------------------------
 
-    /// Notes that `node` (in `epoch`) is alive. A new epoch means the node restarted: what
-    /// referenced its previous run is ended first.
-    fn saw_node(&self, node: &str, epoch: u64, heartbeat: bool) {
+    /// Notes that `node` (in `epoch`) is alive. A later epoch means the node restarted: what
+    /// referenced its previous run is ended first. Returns false for a run that is older than
+    /// the one known, or dead: its records are stale.
+    fn saw_node(&self, node: &str, epoch: u64, heartbeat: bool) -> bool {
         if node == self.node_id {
-            return;
+            return true;
         }
         let restarted = {
             let mut nodes = lock(&self.nodes);
@@ -417,6 +430,7 @@ impl Cluster {
                     }
                     None
                 }
+                Some(seen) if epoch < seen.epoch => return false,
                 Some(seen) => {
                     let old = seen.epoch;
                     seen.epoch = epoch;
@@ -425,7 +439,7 @@ impl Cluster {
                 }
                 None => {
                     if self.is_dead(node, epoch) {
-                        return;
+                        return false;
                     }
                     nodes.insert(
                         node.to_owned(),
@@ -442,8 +456,9 @@ impl Cluster {
         };
         if let Some(old) = restarted {
             tracing::warn!(%node, "node restarted; ending what referenced its previous run");
-            self.node_lost(node, old, false);
+            self.node_lost(node, old, true);
         }
+        true
     }
 
     /// Declares `node` (in `epoch`) dead and ends everything on this node that referenced it.
@@ -453,7 +468,7 @@ impl Cluster {
         let mut gone: Vec<(String, String)> = Vec::new();
         for entry in self.remote.iter() {
             for e in entry.value() {
-                if e.record.node == node && e.record.epoch == epoch {
+                if e.record.node == node && e.record.epoch <= epoch {
                     gone.push((entry.key().clone(), e.id.clone()));
                 }
             }
@@ -461,24 +476,13 @@ impl Cluster {
         for (user, endpoint) in &gone {
             self.forget(user, endpoint);
         }
-        if purge {
-            // The smallest living node id cleans the KV for everyone.
-            let smallest = {
-                let nodes = lock(&self.nodes);
-                nodes
-                    .keys()
-                    .map(String::as_str)
-                    .chain(std::iter::once(self.node_id.as_str()))
-                    .min()
-                    .map(str::to_owned)
-            };
-            if smallest.as_deref() == Some(self.node_id.as_str()) {
-                tracing::info!(%node, records = gone.len(), "purging the dead node's records");
-                for (user, endpoint) in &gone {
-                    let _ = self
-                        .kv_tx
-                        .send(KvOp::Delete(wire::record_key(user, endpoint)));
-                }
+        // The smallest living node id cleans the KV for everyone.
+        if purge && self.is_purger() {
+            tracing::info!(%node, records = gone.len(), "purging the dead node's records");
+            for (user, endpoint) in &gone {
+                let _ = self
+                    .kv_tx
+                    .send(KvOp::Delete(wire::record_key(user, endpoint)));
             }
         }
         // Legs here whose endpoint was there.

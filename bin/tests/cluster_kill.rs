@@ -196,3 +196,44 @@ async fn kill_9_of_a_node_ends_its_calls_and_cleans_the_directory() {
     let reason = alice.state(&call, CallState::Terminated).await;
     assert_eq!(reason.map(|r| r.code), Some(480));
 }
+
+#[tokio::test]
+async fn a_node_restarted_at_once_ends_its_previous_runs_calls_and_serves_again() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |s| {
+        s.fork.toast_timeout_ms = 60_000;
+        s.fork.auto_accept_grace_ms = 60_000;
+    });
+    let (mut b, b_addr, _config) = node_process(&nats, "node-b");
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b_addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let old_bob = a.endpoints_of(BOB);
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    established(&mut alice, &call).await;
+    let rid = send_message(&mut alice, &call).await;
+
+    // kill -9, and the same node id back at once (a new run, a new epoch).
+    b.0.kill().unwrap();
+    let _ = b.0.wait();
+    drop(bob);
+    let (_b2, b2_addr, _config2) = node_process(&nats, "node-b");
+    expect_node_lost(&mut alice, &call, rid).await;
+    // Bob's old endpoint is gone everywhere; his new one works.
+    let mut bob = Raw::sign_in(b2_addr, BOB, "desk").await;
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let now = a.endpoints_of(BOB);
+        if now.len() == 1 && now != old_bob {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-a lists {now:?} for bob");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    established(&mut alice, &call).await;
+}

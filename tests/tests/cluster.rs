@@ -472,3 +472,49 @@ async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_on
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_forward_to_a_user_on_a_third_node_rings_there_and_composing_crosses_nodes() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    wait_for_endpoints(&t.a, CAROL, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    let reply = bob
+        .request(ClientMsg::CallForward {
+            rid: None,
+            call: in_b.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    expect_reason(&mut bob, &in_b, 302, "Moved Temporarily").await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::CallForwarded { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::CallForwarded { to, .. } if to == CAROL));
+    let (in_c, _) = carol.incoming().await;
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    carol.state(&in_c, CallState::Established).await;
+    carol
+        .send(&ClientMsg::Composing {
+            call: in_c.clone(),
+            active: true,
+        })
+        .await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::RemoteComposing { .. }))
+        .await;
+    assert_eq!(
+        m,
+        ServerMsg::RemoteComposing {
+            call: call.clone(),
+            active: true
+        }
+    );
+}

@@ -48,6 +48,8 @@ pub enum ClusterError {
     Kv(String),
     #[error("cannot subscribe: {0}")]
     Subscribe(String),
+    #[error("cannot start the NATS runtime: {0}")]
+    Runtime(String),
 }
 
 /// A remote endpoint as the cache knows it.
@@ -135,11 +137,11 @@ impl Cluster {
                 });
                 rt.shutdown_timeout(Duration::from_millis(100));
             })
-            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?;
         let rt = handle_rx
             .await
-            .map_err(|e| ClusterError::Subscribe(e.to_string()))?
-            .map_err(ClusterError::Subscribe)?;
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?
+            .map_err(ClusterError::Runtime)?;
         let cfg = cfg.clone();
         rt.spawn(Self::start_inner(
             cfg,
@@ -149,7 +151,7 @@ impl Cluster {
             stop_tx,
         ))
         .await
-        .map_err(|e| ClusterError::Subscribe(e.to_string()))?
+        .map_err(|e| ClusterError::Runtime(e.to_string()))?
     }
 
     async fn start_inner(

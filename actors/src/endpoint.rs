@@ -114,9 +114,10 @@ pub enum EndpointMsg {
     Adopt(RemoteFork),
     /// Cluster: an event of a leg on another node, for this endpoint's client.
     RemoteEvent(ServerMsg),
-    /// Cluster: `node` died; calls whose legs lived there end.
+    /// Cluster: `node` died (`None`: this node was cut off from every other); calls whose
+    /// legs lived there end.
     NodeLost {
-        node: String,
+        node: Option<String>,
     },
     LegEnded {
         call: String,
@@ -628,11 +629,11 @@ impl Endpoint {
     /// Cluster: `node` died. Every call whose leg lived there ends here, for the client, as
     /// the leg would have ended it: terminating, terminated, 503 "Node lost"; every message
     /// still waiting gets its `message_failed`.
-    fn node_lost(&mut self, node: &str, ctx: &mut Context<Self>) {
+    fn node_lost(&mut self, node: Option<&str>, ctx: &mut Context<Self>) {
         let lost: Vec<String> = self
             .remote_calls
             .iter()
-            .filter(|(_, r)| r.node == node)
+            .filter(|(_, r)| node.is_none_or(|n| r.node == n))
             .map(|(c, _)| c.clone())
             .collect();
         for call in lost {
@@ -889,7 +890,7 @@ impl Handler<EndpointMsg> for Endpoint {
             EndpointMsg::Fork(offer) => self.adopt_fork(offer, ctx),
             EndpointMsg::Adopt(fork) => self.adopt_remote(fork),
             EndpointMsg::RemoteEvent(msg) => self.remote_event(msg),
-            EndpointMsg::NodeLost { node } => self.node_lost(&node, ctx),
+            EndpointMsg::NodeLost { node } => self.node_lost(node.as_deref(), ctx),
             EndpointMsg::LegEnded {
                 call,
                 conversation,

@@ -36,7 +36,8 @@ pub enum NodeError {
 
 /// What the node thread reports once started: its id and directory, or why it could not join
 /// its cluster.
-type Ready = Result<(String, Arc<dyn Directory>), crate::cluster::ClusterError>;
+type Ready =
+    Result<(String, Arc<dyn Directory>, Option<Arc<Cluster>>), crate::cluster::ClusterError>;
 
 /// A node running on its own threads. Dropping it shuts it down gracefully.
 pub struct RunningNode {
@@ -45,6 +46,7 @@ pub struct RunningNode {
     /// The node's id (the cluster node id in a cluster).
     pub node_id: String,
     directory: Arc<dyn Directory>,
+    cluster: Option<Arc<Cluster>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -71,6 +73,11 @@ impl RunningNode {
             .into_iter()
             .map(|e| e.id)
             .collect()
+    }
+
+    /// The node's cluster membership, when it is in a cluster.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// A handle that can start the graceful shutdown from another thread.
@@ -128,7 +135,7 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         })
         .map_err(NodeError::Thread)?;
     // The node is ready once it has joined its cluster (at once without one).
-    let (node_id, directory) = match ready_rx.recv() {
+    let (node_id, directory, cluster) = match ready_rx.recv() {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             let _ = thread.join();
@@ -145,6 +152,7 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         metrics_addr,
         node_id,
         directory,
+        cluster,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
@@ -205,7 +213,11 @@ async fn run(
         }
     };
     let ctx = Arc::new(NodeCtx::new(settings, directory, presence, cluster));
-    let _ = ready.send(Ok((ctx.node_id.clone(), ctx.directory.clone())));
+    let _ = ready.send(Ok((
+        ctx.node_id.clone(),
+        ctx.directory.clone(),
+        ctx.cluster.clone(),
+    )));
     let recorder = m::recorder();
     m::describe_all();
 

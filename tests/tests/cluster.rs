@@ -518,3 +518,36 @@ async fn a_forward_to_a_user_on_a_third_node_rings_there_and_composing_crosses_n
         }
     );
 }
+
+#[tokio::test]
+async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let old_bob = t.a.endpoints_of(BOB);
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+
+    // B goes silent: A and C declare it dead; the call ends on both sides with 503.
+    let silence = Duration::from_millis(NODE_TIMEOUT_MS * 2);
+    t.b.cluster()
+        .expect("a cluster node")
+        .mute_heartbeats(silence);
+    expect_reason(&mut alice, &call, 503, "Node lost").await;
+    wait_for_endpoints(&t.a, BOB, 0).await;
+    wait_for_endpoints(&t.c, BOB, 0).await;
+    // When B is heard again it is told it was declared dead; it ends its side and rejoins.
+    expect_reason(&mut bob, &in_b, 503, "Node lost").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    wait_for_endpoints(&t.c, BOB, 1).await;
+    assert_eq!(t.a.endpoints_of(BOB), old_bob, "the same endpoint, back");
+    // And calls work again.
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+}

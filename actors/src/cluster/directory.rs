@@ -39,7 +39,7 @@ impl Directory for NatsDirectory {
             &id,
             Record {
                 node: self.cluster.node_id.clone(),
-                epoch: self.cluster.epoch,
+                epoch: self.cluster.epoch(),
                 user,
                 device,
                 publication: None,

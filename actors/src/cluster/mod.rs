@@ -22,6 +22,8 @@ use confab_protocol::{ServerMsg, decode_server};
 use dashmap::DashMap;
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -74,7 +76,8 @@ struct NodeSeen {
 /// This node's membership in the cluster.
 pub struct Cluster {
     pub node_id: String,
-    pub epoch: u64,
+    /// This run's epoch (its start time in unix ms); a rejoin takes a new one.
+    epoch: AtomicU64,
     pub timeout: Duration,
     client: async_nats::Client,
     kv: kv::Store,
@@ -96,6 +99,10 @@ pub struct Cluster {
     presence: PresenceShards,
     rt: tokio::runtime::Handle,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Dead runs of other nodes already told to rejoin.
+    told: Mutex<HashSet<(String, u64)>>,
+    /// Tests: heartbeats are not sent until then (a node cut off from the others).
+    muted_until: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,7 +234,7 @@ impl Cluster {
         let epoch = wire::unix_ms().max(1);
         let cluster = Arc::new(Cluster {
             node_id,
-            epoch,
+            epoch: AtomicU64::new(epoch),
             timeout: Duration::from_millis(cfg.node_timeout_ms.unwrap_or(3000).max(100)),
             client: client.clone(),
             kv: kv.clone(),
@@ -243,19 +250,12 @@ impl Cluster {
             presence,
             rt: rt.clone(),
             stop: Mutex::new(Some(stop)),
+            told: Mutex::new(HashSet::new()),
+            muted_until: Mutex::new(None),
         });
         tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
-        let keys = kv
-            .keys()
-            .await
-            .map_err(|e| ClusterError::Kv(e.to_string()))?;
-        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
-        for key in keys {
-            if let Ok(Some(e)) = kv.entry(&key).await {
-                cluster.apply(&e.key, e.operation, &e.value);
-            }
-        }
+        cluster.load().await?;
         rt.spawn(publish_loop(client.clone(), publish_rx));
         rt.spawn(kv_loop(kv, kv_rx));
         rt.spawn(inbox_loop(cluster.clone(), inbox));
@@ -264,6 +264,81 @@ impl Cluster {
         rt.spawn(liveness_loop(cluster.clone()));
         metrics::gauge!(m::CLUSTER_NODES).set(1.0);
         Ok(cluster)
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Reads every record of the bucket into the cache.
+    async fn load(&self) -> Result<(), ClusterError> {
+        let keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| ClusterError::Kv(e.to_string()))?;
+        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+        for key in keys {
+            if let Ok(Some(e)) = self.kv.entry(&key).await {
+                self.apply(&e.key, e.operation, &e.value);
+            }
+        }
+        Ok(())
+    }
+
+    /// For tests: stops sending heartbeats for `d`, so the other nodes declare this one dead
+    /// while it still runs (a node cut off from the others).
+    pub fn mute_heartbeats(&self, d: Duration) {
+        *lock(&self.muted_until) = Some(Instant::now() + d);
+    }
+
+    /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
+    /// ended every call involving it. It does the same on its side, then comes back as a new
+    /// run: a new epoch, its records written again, the others' records read again.
+    fn rejoin(self: &Arc<Self>) {
+        let old = self.epoch();
+        let new = wire::unix_ms().max(old + 1);
+        self.epoch.store(new, Ordering::Relaxed);
+        tracing::warn!(node = %self.node_id, old, new, "this node was declared dead by the others; rejoining as a new run");
+        for entry in self.legs.iter() {
+            entry.value().1.do_send(LegMsg::NodeLost);
+        }
+        for entry in self.endpoints.iter() {
+            entry.value().do_send(EndpointMsg::NodeLost { node: None });
+        }
+        let cached: Vec<(String, String)> = self
+            .remote
+            .iter()
+            .flat_map(|e| {
+                let user = e.key().clone();
+                e.value()
+                    .iter()
+                    .map(move |r| (user.clone(), r.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (user, endpoint) in cached {
+            self.forget(&user, &endpoint);
+        }
+        lock(&self.nodes).clear();
+        lock(&self.dead).clear();
+        let own: Vec<(String, Record)> = self
+            .own
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (endpoint, mut record) in own {
+            record.epoch = new;
+            self.put_own(&endpoint, record);
+        }
+        self.heartbeat(false);
+        let me = self.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = me.load().await {
+                tracing::warn!(error = %e, "cannot reload the directory after rejoining");
+            }
+        });
     }
 
     /// Publishes an envelope to `node`.
@@ -360,7 +435,8 @@ impl Cluster {
                     }
                 };
                 if record.node == self.node_id {
-                    if record.epoch != self.epoch {
+                    // Endpoints of an earlier run are never this run's (ids carry the run).
+                    if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
                         // Left over from an earlier run of this node.
                         tracing::info!(%key, "deleting a stale record of this node");
                         let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
@@ -496,7 +572,7 @@ impl Cluster {
         // Endpoints here whose calls live there.
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost {
-                node: node.to_owned(),
+                node: Some(node.to_owned()),
             });
         }
     }
@@ -523,9 +599,15 @@ impl Cluster {
     }
 
     fn heartbeat(&self, leaving: bool) {
+        if !leaving
+            && let Some(until) = *lock(&self.muted_until)
+            && Instant::now() < until
+        {
+            return;
+        }
         let hb = Heartbeat {
             node: self.node_id.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch(),
             leaving,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
@@ -556,6 +638,7 @@ impl Cluster {
             .iter()
             .map(|e| wire::record_key(&e.value().user, e.key()))
             .collect();
+        self.own.clear();
         for key in keys {
             let _ = self.kv.delete(&key).await;
         }
@@ -567,7 +650,7 @@ impl Cluster {
 
     // ---- incoming envelopes -----------------------------------------------------------------
 
-    fn route(&self, env: Envelope) {
+    fn route(self: &Arc<Self>, env: Envelope) {
         metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "in").increment(1);
         match env {
             Envelope::Event { endpoint, frame } => {
@@ -648,6 +731,11 @@ impl Cluster {
             Envelope::ForkLost { arbiter, call } => {
                 if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
                     a.do_send(ArbiterMsg::ForkLost { call });
+                }
+            }
+            Envelope::Rejoin { epoch } => {
+                if epoch == self.epoch() {
+                    self.rejoin();
                 }
             }
         }
@@ -754,7 +842,15 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
             }
             continue;
         }
-        cluster.saw_node(&hb.node, hb.epoch, true);
+        if !cluster.saw_node(&hb.node, hb.epoch, true)
+            && cluster.is_dead(&hb.node, hb.epoch)
+            && lock(&cluster.told).insert((hb.node.clone(), hb.epoch))
+        {
+            // A run we declared dead is alive after all (it was cut off): it must come back
+            // as a new run, since every call involving it has ended here.
+            tracing::warn!(node = %hb.node, "heard a node declared dead; asking it to rejoin");
+            cluster.send(&hb.node, &Envelope::Rejoin { epoch: hb.epoch });
+        }
     }
 }
 
@@ -781,7 +877,7 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("node_id", &self.node_id)
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .finish()
     }
 }

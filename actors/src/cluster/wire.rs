@@ -50,6 +50,10 @@ pub enum Envelope {
         arbiter: String,
         call: String,
     },
+    /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
+    Rejoin {
+        epoch: u64,
+    },
 }
 
 /// The endpoint → leg messages of [`LegMsg`] that may cross nodes.

@@ -551,3 +551,54 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
     alice.state(&call, CallState::Established).await;
 }
+
+#[tokio::test]
+async fn a_users_own_view_lists_and_ranks_devices_on_every_node() {
+    let t = three(60_000, 60_000);
+    let mut bob_b = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut bob_c = Raw::sign_in(t.c.addr, BOB, "phone").await;
+    wait_for_endpoints(&t.b, BOB, 2).await;
+    bob_c
+        .request(ClientMsg::DeviceState {
+            rid: None,
+            activity: Activity::Active,
+            idle_ms: Some(0),
+        })
+        .await;
+    bob_b
+        .request(ClientMsg::DeviceState {
+            rid: None,
+            activity: Activity::Inactive,
+            idle_ms: Some(1000),
+        })
+        .await;
+    bob_b
+        .request(ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.to_owned()],
+        })
+        .await;
+    // The view settles on: the phone (on C) most active, then the desk (here, on B).
+    let want_most_active = bob_c.endpoint.clone();
+    let (m, _) = bob_b
+        .recv_until(|m| {
+            matches!(m, ServerMsg::Presence { most_active: Some(ma), endpoints: Some(eps), .. }
+                if *ma == want_most_active && eps.len() == 2 && eps[1].activity == EffectiveActivity::Inactive)
+        })
+        .await;
+    let ServerMsg::Presence {
+        availability,
+        endpoints: Some(eps),
+        ..
+    } = m
+    else {
+        unreachable!()
+    };
+    assert_eq!(availability, Availability::Available);
+    assert_eq!(
+        eps.iter()
+            .map(|e| (e.device.as_str(), e.rank))
+            .collect::<Vec<_>>(),
+        vec![("phone", 1), ("desk", 2)]
+    );
+}

@@ -301,6 +301,9 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     for a in endpoints.iter().filter_map(|e| e.addr.local()) {
         a.do_send(EndpointMsg::Shutdown);
     }
+    if let Some(c) = &ctx.cluster {
+        c.end_remote_legs();
+    }
     let deadline = Duration::from_millis(ctx.settings.server.shutdown_timeout_ms);
     let waited = tokio::time::timeout(deadline, async {
         while !ctx.directory.is_empty() {
@@ -310,6 +313,9 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     .await;
     if waited.is_err() {
         tracing::warn!("shutdown deadline reached with endpoints still connected");
+    }
+    if let Some(c) = &ctx.cluster {
+        c.remote_legs_gone(Duration::from_secs(2)).await;
     }
     // Let the writers flush the last frames.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -455,7 +455,12 @@ async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_on
     alice.state(&call, CallState::Established).await;
     bob.recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
         .await;
-    let Three { a, b, c, _nats } = t;
+    let Three {
+        a,
+        b,
+        c,
+        _nats: nats,
+    } = t;
     let started = std::time::Instant::now();
     b.shutdown();
     let frames = bob.expect_closed().await;
@@ -471,6 +476,9 @@ async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_on
         "a graceful leave does not wait for the node timeout: {:?}",
         started.elapsed()
     );
+    // The nodes stop before their NATS server does.
+    drop((a, c));
+    drop(nats);
 }
 
 #[tokio::test]
@@ -601,4 +609,51 @@ async fn a_users_own_view_lists_and_ranks_devices_on_every_node() {
             .collect::<Vec<_>>(),
         vec![("phone", 1), ("desk", 2)]
     );
+}
+
+#[tokio::test]
+async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_503() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    for n in [&t.a, &t.b, &t.c] {
+        wait_for_endpoints(n, BOB, 1).await;
+        wait_for_endpoints(n, CAROL, 1).await;
+    }
+    // Alice (A) calls Bob (B), then transfers him to Carol (C): the Bob–Carol call lives on A,
+    // whose own endpoint has left it.
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    let reply = alice
+        .request(ClientMsg::CallTransfer {
+            rid: None,
+            call: call.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let (in_c, _) = carol.incoming().await;
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    carol.state(&in_c, CallState::Established).await;
+    bob.recv_until(|m| matches!(m, ServerMsg::CallTransferred { .. }))
+        .await;
+    expect_reason(&mut alice, &call, 202, "Transferred").await;
+    // Node A stops gracefully: the call it holds ends for both, as on a single node.
+    let Three {
+        a,
+        b,
+        c,
+        _nats: nats,
+    } = t;
+    a.shutdown();
+    expect_reason(&mut bob, &in_b, 503, "Server shutting down").await;
+    expect_reason(&mut carol, &in_c, 503, "Server shutting down").await;
+    // The nodes stop before their NATS server does.
+    drop((b, c));
+    drop(nats);
 }

@@ -61,6 +61,13 @@ pub struct RemoteEndpoint {
     pub record: Record,
 }
 
+/// What the publisher task sends, in order.
+enum Outgoing {
+    Publish(String, Bytes),
+    /// Answered once everything queued before it was handed to the client.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 enum KvOp {
     Put(String, Bytes),
     Delete(String),
@@ -79,9 +86,8 @@ pub struct Cluster {
     /// This run's epoch (its start time in unix ms); a rejoin takes a new one.
     epoch: AtomicU64,
     pub timeout: Duration,
-    client: async_nats::Client,
     kv: kv::Store,
-    publish_tx: mpsc::UnboundedSender<(String, Bytes)>,
+    publish_tx: mpsc::UnboundedSender<Outgoing>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
     pub endpoints: DashMap<String, Addr<Endpoint>>,
@@ -236,7 +242,6 @@ impl Cluster {
             node_id,
             epoch: AtomicU64::new(epoch),
             timeout: Duration::from_millis(cfg.node_timeout_ms.unwrap_or(3000).max(100)),
-            client: client.clone(),
             kv: kv.clone(),
             publish_tx,
             kv_tx,
@@ -264,6 +269,28 @@ impl Cluster {
         rt.spawn(liveness_loop(cluster.clone()));
         metrics::gauge!(m::CLUSTER_NODES).set(1.0);
         Ok(cluster)
+    }
+
+    /// Shutdown: legs here whose endpoint is on another node end as on a single node (503
+    /// "Server shutting down"); the legs whose endpoint is here are ended by their endpoint.
+    pub fn end_remote_legs(&self) {
+        for entry in self.legs.iter() {
+            entry.value().1.do_send(LegMsg::Terminate {
+                rid: None,
+                cause: crate::call::leg::TerminateCause::Shutdown,
+            });
+        }
+    }
+
+    /// Shutdown: waits until no leg here serves an endpoint elsewhere (each lingers until its
+    /// endpoint released it), at most `deadline`.
+    pub async fn remote_legs_gone(&self, deadline: Duration) {
+        let _ = tokio::time::timeout(deadline, async {
+            while !self.legs.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
     }
 
     /// This run's epoch.
@@ -346,9 +373,10 @@ impl Cluster {
         match rmp_serde::to_vec_named(env) {
             Ok(bytes) => {
                 metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
-                let _ = self
-                    .publish_tx
-                    .send((format!("confab.node.{node}"), Bytes::from(bytes)));
+                let _ = self.publish_tx.send(Outgoing::Publish(
+                    format!("confab.node.{node}"),
+                    Bytes::from(bytes),
+                ));
             }
             Err(e) => tracing::error!(error = %e, "cannot encode an envelope"),
         }
@@ -611,9 +639,10 @@ impl Cluster {
             leaving,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
-            let _ = self
-                .publish_tx
-                .send((HEARTBEAT_SUBJECT.to_owned(), Bytes::from(bytes)));
+            let _ = self.publish_tx.send(Outgoing::Publish(
+                HEARTBEAT_SUBJECT.to_owned(),
+                Bytes::from(bytes),
+            ));
         }
     }
 
@@ -643,9 +672,11 @@ impl Cluster {
             let _ = self.kv.delete(&key).await;
         }
         self.heartbeat(true);
-        // Let the publisher task hand over what is queued, then flush the connection.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        // Everything queued goes out before the runtime stops.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.publish_tx.send(Outgoing::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
     }
 
     // ---- incoming envelopes -----------------------------------------------------------------
@@ -785,13 +816,18 @@ fn to_publication(p: &wire::PublicationRecord) -> Publication {
     }
 }
 
-async fn publish_loop(
-    client: async_nats::Client,
-    mut rx: mpsc::UnboundedReceiver<(String, Bytes)>,
-) {
-    while let Some((subject, payload)) = rx.recv().await {
-        if let Err(e) = client.publish(subject, payload).await {
-            tracing::warn!(error = %e, "cannot publish to NATS");
+async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outgoing::Publish(subject, payload) => {
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to NATS");
+                }
+            }
+            Outgoing::Flush(done) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+                let _ = done.send(());
+            }
         }
     }
 }

@@ -236,6 +236,11 @@ impl ForkArbiter {
             counter: self.t.counter.clone(),
         })
         .start();
+        // Registered before the endpoint can hear of it (the leg's `started` may run later), so
+        // the endpoint's first request finds it.
+        cluster
+            .legs
+            .insert(call.to_owned(), (node.to_owned(), leg.clone()));
         cluster.send(
             node,
             &Envelope::Adopt {

@@ -600,6 +600,27 @@ impl Endpoint {
     /// Cluster: an event from a leg on another node. The endpoint mirrors what it needs to end
     /// the call itself should that node die, then passes the event on.
     fn remote_event(&mut self, msg: ServerMsg) {
+        // An event of a call this endpoint never held (or forgot long ago) is dropped: ids never
+        // leak. Replies (`ok`, `error`, `message_*`) always pass.
+        let event_call = match &msg {
+            ServerMsg::CallState { call, .. }
+            | ServerMsg::CallIncoming { call, .. }
+            | ServerMsg::CallRinging { call }
+            | ServerMsg::CallEstablished { call, .. }
+            | ServerMsg::AutoAcceptNeeded { call }
+            | ServerMsg::CallForwarded { call, .. }
+            | ServerMsg::CallTransferred { call, .. }
+            | ServerMsg::MessageReceived { call, .. }
+            | ServerMsg::RemoteComposing { call, .. } => Some(call),
+            _ => None,
+        };
+        if let Some(call) = event_call
+            && !self.calls.contains_key(call)
+            && !self.ended.iter().any(|(c, _)| c == call)
+        {
+            tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
+            return;
+        }
         match &msg {
             ServerMsg::CallState { call, state, .. } => {
                 if let Some(r) = self.remote_calls.get_mut(call) {

@@ -237,6 +237,11 @@ impl CallLeg {
     }
 
     fn push(&self, msg: ServerMsg) {
+        // A lost endpoint hears nothing more (locally its outbox is closed anyway; a remote one
+        // may never have adopted this leg, and must not learn its id).
+        if self.lost {
+            return;
+        }
         self.init.outbox.push(msg);
     }
 

@@ -832,22 +832,36 @@ async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceive
     }
 }
 
+/// Attempts per directory write before it is given up (NATS briefly away, a JetStream leader
+/// change); they keep one key's writes in order since the loop waits for each.
+const KV_ATTEMPTS: u32 = 5;
+
 async fn kv_loop(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<KvOp>) {
     while let Some(op) = rx.recv().await {
-        let result = match op {
-            KvOp::Flush(done) => {
-                let _ = done.send(());
-                continue;
+        if let KvOp::Flush(done) = op {
+            let _ = done.send(());
+            continue;
+        }
+        for attempt in 1..=KV_ATTEMPTS {
+            let result = match &op {
+                KvOp::Put(key, value) => kv
+                    .put(key, value.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                KvOp::Delete(key) => kv.delete(key).await.map_err(|e| e.to_string()),
+                KvOp::Flush(_) => Ok(()),
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if attempt == KV_ATTEMPTS => {
+                    tracing::error!(error = %e, "directory write failed; giving up");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "directory write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
             }
-            KvOp::Put(key, value) => kv
-                .put(key, value)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            KvOp::Delete(key) => kv.delete(key).await.map_err(|e| e.to_string()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "directory write failed");
         }
     }
 }

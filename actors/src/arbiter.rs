@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use crate::call::leg::{CallLeg, LegMsg};
+use crate::call::leg::{CallLeg, LegInit, LegMsg};
+use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
 use crate::endpoint::{EndpointMsg, ForkOffer};
 use crate::metrics as m;
 use crate::presence::RankEndpoints;
 use crate::reasons;
+use crate::route::{EndpointRef, EventSink, LegOwner};
 
 /// What a call is and where its outcome goes.
 pub struct ForkTarget {
@@ -40,6 +42,10 @@ pub enum ArbiterMsg {
     ForkReady {
         call: String,
         leg: Addr<CallLeg>,
+    },
+    /// Cluster: the endpoint on another node adopted the leg this arbiter created for it.
+    ForkAdopted {
+        call: String,
     },
     /// A fork could not be offered or its endpoint went away.
     ForkLost {
@@ -75,6 +81,8 @@ struct Fork {
     endpoint: String,
     call: String,
     leg: Option<Addr<CallLeg>>,
+    /// Cluster: the leg this arbiter created for an endpoint on another node, until adopted.
+    created: Option<Addr<CallLeg>>,
     state: ForkState,
     /// Set when the call was decided before this fork's leg existed.
     cancel_when_ready: Option<(Reason, bool)>,
@@ -91,6 +99,8 @@ pub struct ForkArbiter {
     tried: HashSet<String>,
     ranking: Vec<String>,
     auto_current: Option<String>,
+    /// Cluster: this arbiter's id in the node's registry, once it forked to another node.
+    registered: Option<String>,
 }
 
 impl ForkArbiter {
@@ -106,6 +116,7 @@ impl ForkArbiter {
             tried: HashSet::new(),
             ranking: Vec::new(),
             auto_current: None,
+            registered: None,
         }
     }
 
@@ -134,23 +145,32 @@ impl ForkArbiter {
         self.immediate = entries.len() == 1;
         for entry in entries {
             let call = self.t.ctx.ids.mint('c');
+            let created = match &entry.addr {
+                EndpointRef::Local(addr) => {
+                    addr.do_send(EndpointMsg::Fork(ForkOffer::new(
+                        ctx.address(),
+                        call.clone(),
+                        self.t.ctx.ids.mint('v'),
+                        self.t.from.user.clone(),
+                        self.t.offer.clone(),
+                        self.t.toast.clone(),
+                        self.immediate,
+                        self.t.counter.clone(),
+                    )));
+                    None
+                }
+                EndpointRef::Remote { node, id } => {
+                    self.fork_remote(ctx, &call, node, id, &entry.user)
+                }
+            };
             self.forks.push(Fork {
                 endpoint: entry.id.clone(),
-                call: call.clone(),
+                call,
                 leg: None,
+                created,
                 state: ForkState::Offered,
                 cancel_when_ready: None,
             });
-            entry.addr.do_send(EndpointMsg::Fork(ForkOffer::new(
-                ctx.address(),
-                call,
-                self.t.ctx.ids.mint('v'),
-                self.t.from.user.clone(),
-                self.t.offer.clone(),
-                self.t.toast.clone(),
-                self.immediate,
-                self.t.counter.clone(),
-            )));
         }
         self.t.caller.do_send(LegMsg::Ringing);
         let toast = Duration::from_millis(self.settings().toast_timeout_ms);
@@ -166,6 +186,76 @@ impl ForkArbiter {
                 }
             },
         );
+    }
+
+    /// Cluster: the call stays on this node, so the fork's leg is created here, with its events
+    /// going to the endpoint's node; that endpoint adopts it (`ForkAdopted`) or is gone
+    /// (`ForkLost`).
+    fn fork_remote(
+        &mut self,
+        ctx: &mut Context<Self>,
+        call: &str,
+        node: &str,
+        endpoint: &str,
+        user: &str,
+    ) -> Option<Addr<CallLeg>> {
+        let cluster = self.t.ctx.cluster.clone()?;
+        let me = match &self.registered {
+            Some(id) => id.clone(),
+            None => {
+                let id = self.t.ctx.ids.mint('a');
+                cluster.arbiters.insert(id.clone(), ctx.address());
+                self.registered = Some(id.clone());
+                id
+            }
+        };
+        let conversation = self.t.ctx.ids.mint('v');
+        let leg = CallLeg::new(LegInit {
+            ctx: self.t.ctx.clone(),
+            id: call.to_owned(),
+            conversation: conversation.clone(),
+            direction: confab_protocol::Direction::Inbound,
+            outbox: EventSink::Remote {
+                cluster: cluster.clone(),
+                node: node.to_owned(),
+                endpoint: endpoint.to_owned(),
+            },
+            endpoint: LegOwner::Remote {
+                cluster: cluster.clone(),
+                node: node.to_owned(),
+                endpoint: endpoint.to_owned(),
+            },
+            local: Remote {
+                user: user.to_owned(),
+                endpoint: endpoint.to_owned(),
+            },
+            offer: self.t.offer.clone(),
+            toast: self.t.toast.clone(),
+            to: String::new(),
+            arbiter: Some(ctx.address()),
+            counter: self.t.counter.clone(),
+        })
+        .start();
+        // Registered before the endpoint can hear of it (the leg's `started` may run later), so
+        // the endpoint's first request finds it.
+        cluster
+            .legs
+            .insert(call.to_owned(), (node.to_owned(), leg.clone()));
+        cluster.send(
+            node,
+            &Envelope::Adopt {
+                endpoint: endpoint.to_owned(),
+                leg_node: cluster.node_id.clone(),
+                arbiter: me,
+                call: call.to_owned(),
+                conversation,
+                from: self.t.from.user.clone(),
+                offer: self.t.offer.clone(),
+                toast: self.t.toast.clone(),
+                immediate: self.immediate,
+            },
+        );
+        Some(leg)
     }
 
     fn set_timer(
@@ -312,6 +402,9 @@ impl Actor for ForkArbiter {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!(m::ARBITERS).decrement(1.0);
+        if let (Some(id), Some(cluster)) = (&self.registered, &self.t.ctx.cluster) {
+            cluster.arbiters.remove(id);
+        }
     }
 }
 
@@ -332,10 +425,20 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 }
                 self.maybe_stop(ctx);
             }
+            ArbiterMsg::ForkAdopted { call } => {
+                let leg = self.fork_mut(&call).and_then(|f| f.created.take());
+                if let Some(leg) = leg {
+                    Handler::handle(self, ArbiterMsg::ForkReady { call, leg }, ctx);
+                }
+            }
             ArbiterMsg::ForkLost { call } => {
                 let Some(f) = self.fork_mut(&call) else {
                     return;
                 };
+                if let Some(leg) = f.created.take() {
+                    // Nobody adopted the leg made for this fork.
+                    leg.do_send(LegMsg::EndpointLost);
+                }
                 f.cancel_when_ready = None;
                 if matches!(f.state, ForkState::Gone(_)) {
                     // Already cancelled; it only had to report.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::auth::Verifier;
+use crate::cluster::Cluster;
 use crate::directory::Directory;
 use crate::ids::IdGen;
 use crate::presence::PresenceShards;
@@ -17,6 +18,8 @@ pub struct NodeCtx {
     pub directory: Arc<dyn Directory>,
     pub presence: PresenceShards,
     pub verifier: Verifier,
+    /// Set when the node is part of a cluster.
+    pub cluster: Option<Arc<Cluster>>,
     draining: AtomicBool,
 }
 
@@ -27,14 +30,18 @@ impl NodeCtx {
         settings: Settings,
         directory: Arc<dyn Directory>,
         presence: PresenceShards,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
-        let node_id = settings.server.node_id.clone();
+        let node_id = cluster
+            .as_ref()
+            .map_or_else(|| settings.server.node_id.clone(), |c| c.node_id.clone());
         NodeCtx {
             ids: IdGen::new(&node_id),
             verifier: Verifier::new(&settings.auth.jwt_secret, settings.auth.leeway_s),
             node_id,
             directory,
             presence,
+            cluster,
             settings,
             draining: AtomicBool::new(false),
         }

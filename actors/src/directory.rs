@@ -2,11 +2,12 @@
 //! endpoint reference it returns) that know whether a cluster exists: alone, it is this
 //! in-process map; a cluster implementation can back the same trait with a replicated store.
 
-use actix::Addr;
 use dashmap::DashMap;
 use thiserror::Error;
 
-use crate::endpoint::Endpoint;
+use confab_protocol::{Activity, Status};
+
+use crate::route::EndpointRef;
 
 /// One signed-in endpoint as other actors see it.
 #[derive(Clone, Debug)]
@@ -14,7 +15,7 @@ pub struct EndpointEntry {
     pub id: String,
     pub user: String,
     pub device: String,
-    pub addr: Addr<Endpoint>,
+    pub addr: EndpointRef,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,6 +33,11 @@ pub trait Directory: Send + Sync + 'static {
     /// Every endpoint on this node (for shutdown).
     fn all(&self) -> Vec<EndpointEntry>;
     fn len(&self) -> usize;
+    /// The endpoint published its device state (a cluster directory records it for the
+    /// other nodes; the local presence shard is told directly).
+    fn published(&self, _endpoint: &str, _activity: Activity, _idle_ms: u64) {}
+    /// The endpoint set the manual status, at `at_unix_ms`.
+    fn status_set(&self, _endpoint: &str, _status: Option<Status>, _at_unix_ms: u64) {}
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -13,16 +13,48 @@ use confab_protocol::{
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::arbiter::{ArbiterMsg, ForkArbiter};
 use crate::call::conversation::{Conversation, ConversationMsg};
 use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
+use crate::cluster::wire::{Envelope, unix_ms};
 use crate::context::Ctx;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
 use crate::ratelimit::TokenBucket;
+use crate::reasons;
+use crate::route::{EventSink, LegOwner, LegRef};
+
+/// Cluster: a fork whose leg an arbiter on another node created for this endpoint.
+#[derive(Debug)]
+pub struct RemoteFork {
+    pub leg_node: String,
+    pub arbiter: String,
+    pub call: String,
+    pub conversation: String,
+    pub from: String,
+    pub offer: String,
+    pub toast: Option<Toast>,
+    pub immediate: bool,
+}
+
+/// What an endpoint mirrors of a call whose leg lives on another node, so it can end the call
+/// for its client if that node dies.
+struct RemoteCall {
+    node: String,
+    state: confab_protocol::CallState,
+    conversation: String,
+    /// `rid`s of `message` requests still waiting for their answer.
+    messages: Vec<Option<u32>>,
+    /// `rid` of a `call_accept` waiting for its answer.
+    accept: Option<Option<u32>>,
+}
+
+/// How long `bye` waits for calls on other nodes to report their end.
+const REMOTE_END_WAIT: Duration = Duration::from_secs(2);
 
 /// A fork of a call offered to this endpoint by an arbiter. If it is dropped unhandled (the
 /// endpoint is gone), the arbiter hears that the fork is lost, so it never waits for it.
@@ -78,6 +110,15 @@ impl Drop for ForkOffer {
 #[rtype(result = "()")]
 pub enum EndpointMsg {
     Fork(ForkOffer),
+    /// Cluster: adopt a fork whose leg lives on another node.
+    Adopt(RemoteFork),
+    /// Cluster: an event of a leg on another node, for this endpoint's client.
+    RemoteEvent(ServerMsg),
+    /// Cluster: `node` died (`None`: this node was cut off from every other); calls whose
+    /// legs lived there end.
+    NodeLost {
+        node: Option<String>,
+    },
     LegEnded {
         call: String,
         conversation: String,
@@ -98,7 +139,11 @@ pub struct Endpoint {
     id: String,
     user: String,
     outbox: Outbox,
-    calls: HashMap<String, (Addr<CallLeg>, String)>,
+    calls: HashMap<String, (LegRef, String)>,
+    /// Cluster: calls of this endpoint whose legs live on other nodes.
+    remote_calls: HashMap<String, RemoteCall>,
+    /// Ending cleanly and waiting for remote legs to report their end.
+    closing: bool,
     ended: VecDeque<(String, bool)>,
     conversations: HashMap<String, (Addr<Conversation>, usize)>,
     subscriptions: HashSet<String>,
@@ -126,6 +171,8 @@ impl Endpoint {
             user,
             outbox,
             calls: HashMap::new(),
+            remote_calls: HashMap::new(),
+            closing: false,
             ended: VecDeque::new(),
             conversations: HashMap::new(),
             subscriptions: HashSet::new(),
@@ -151,7 +198,7 @@ impl Endpoint {
     }
 
     /// The leg this endpoint holds under `call`, or the error reply for a call it does not hold.
-    fn leg(&self, rid: Option<u32>, call: &str) -> Option<Addr<CallLeg>> {
+    fn leg(&self, rid: Option<u32>, call: &str) -> Option<LegRef> {
         if let Some((leg, _)) = self.calls.get(call) {
             return Some(leg.clone());
         }
@@ -163,7 +210,7 @@ impl Endpoint {
         None
     }
 
-    fn add_call(&mut self, call: String, leg: Addr<CallLeg>, conversation: String) {
+    fn add_call(&mut self, call: String, leg: LegRef, conversation: String) {
         if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
             *count += 1;
             conv.do_send(ConversationMsg::Add {
@@ -202,13 +249,19 @@ impl Endpoint {
                     activity,
                     idle_ms: idle_ms.unwrap_or(0),
                 });
+                self.ctx
+                    .directory
+                    .published(&self.id, activity, idle_ms.unwrap_or(0));
             }
             ClientMsg::SetStatus { rid, status } => {
                 self.push(ServerMsg::Ok { rid });
+                let at_unix_ms = unix_ms();
                 self.ctx.presence.send(PresenceMsg::SetStatus {
                     user: self.user.clone(),
                     status,
+                    at_unix_ms,
                 });
+                self.ctx.directory.status_set(&self.id, status, at_unix_ms);
             }
             ClientMsg::Subscribe { rid, users } => self.subscribe(rid, users),
             ClientMsg::Unsubscribe { rid, users } => {
@@ -234,6 +287,9 @@ impl Endpoint {
             } => self.establish(rid, to, conversation, toast, sdp, ctx),
             ClientMsg::CallAccept { rid, call, sdp } => {
                 if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
+                    if let Some(r) = self.remote_calls.get_mut(&call) {
+                        r.accept = Some(rid);
+                    }
                     leg.do_send(LegMsg::Accept { rid, sdp });
                 } else if self
                     .ended
@@ -310,11 +366,16 @@ impl Endpoint {
                     );
                 }
                 match self.calls.get(&call) {
-                    Some((leg, _)) => leg.do_send(LegMsg::Message {
-                        rid,
-                        content_type,
-                        body,
-                    }),
+                    Some((leg, _)) => {
+                        if let Some(r) = self.remote_calls.get_mut(&call) {
+                            r.messages.push(rid);
+                        }
+                        leg.do_send(LegMsg::Message {
+                            rid,
+                            content_type,
+                            body,
+                        })
+                    }
                     None => {
                         metrics::counter!(m::MESSAGES, "result" => "481").increment(1);
                         self.push(ServerMsg::MessageFailed {
@@ -434,8 +495,8 @@ impl Endpoint {
             id: call.clone(),
             conversation: conversation.clone(),
             direction: Direction::Outbound,
-            outbox: self.outbox.clone(),
-            endpoint: ctx.address(),
+            outbox: EventSink::Local(self.outbox.clone()),
+            endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
             offer: sdp,
             toast,
@@ -444,7 +505,7 @@ impl Endpoint {
             counter,
         })
         .start();
-        self.add_call(call, leg, conversation);
+        self.add_call(call, LegRef::Local(leg), conversation);
     }
 
     fn adopt_fork(&mut self, mut offer: ForkOffer, ctx: &mut Context<Self>) {
@@ -463,8 +524,8 @@ impl Endpoint {
             id: offer.call.clone(),
             conversation: offer.conversation.clone(),
             direction: Direction::Inbound,
-            outbox: self.outbox.clone(),
-            endpoint: ctx.address(),
+            outbox: EventSink::Local(self.outbox.clone()),
+            endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
             offer: offer.offer.clone(),
             toast: offer.toast.clone(),
@@ -485,7 +546,198 @@ impl Endpoint {
             call: offer.call.clone(),
             leg: leg.clone(),
         });
-        self.add_call(offer.call.clone(), leg, offer.conversation.clone());
+        self.add_call(
+            offer.call.clone(),
+            LegRef::Local(leg),
+            offer.conversation.clone(),
+        );
+    }
+
+    /// Cluster: adopts a fork whose leg an arbiter on another node created, or reports it lost.
+    fn adopt_remote(&mut self, fork: RemoteFork) {
+        let Some(cluster) = self.ctx.cluster.clone() else {
+            return;
+        };
+        if self.ending || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            cluster.send(
+                &fork.leg_node,
+                &Envelope::ForkLost {
+                    arbiter: fork.arbiter,
+                    call: fork.call,
+                },
+            );
+            return;
+        }
+        self.new_conversation(fork.conversation.clone());
+        self.push(ServerMsg::CallIncoming {
+            call: fork.call.clone(),
+            conversation: fork.conversation.clone(),
+            from: fork.from,
+            toast: fork.toast,
+            sdp: fork.offer,
+            immediate_auto_accept: fork.immediate,
+        });
+        cluster.send(
+            &fork.leg_node,
+            &Envelope::ForkAdopted {
+                arbiter: fork.arbiter,
+                call: fork.call.clone(),
+            },
+        );
+        self.remote_calls.insert(
+            fork.call.clone(),
+            RemoteCall {
+                node: fork.leg_node.clone(),
+                state: confab_protocol::CallState::Incoming,
+                conversation: fork.conversation.clone(),
+                messages: Vec::new(),
+                accept: None,
+            },
+        );
+        let leg = LegRef::Remote {
+            cluster,
+            node: fork.leg_node,
+            call: fork.call.clone(),
+            endpoint: self.id.clone(),
+        };
+        self.add_call(fork.call, leg, fork.conversation);
+    }
+
+    /// Cluster: an event from a leg on another node. The endpoint mirrors what it needs to end
+    /// the call itself should that node die, then passes the event on.
+    fn remote_event(&mut self, msg: ServerMsg) {
+        // An event of a call this endpoint never held (or forgot long ago) is dropped: ids never
+        // leak. Replies (`ok`, `error`, `message_*`) always pass.
+        let event_call = match &msg {
+            ServerMsg::CallState { call, .. }
+            | ServerMsg::CallIncoming { call, .. }
+            | ServerMsg::CallRinging { call }
+            | ServerMsg::CallEstablished { call, .. }
+            | ServerMsg::AutoAcceptNeeded { call }
+            | ServerMsg::CallForwarded { call, .. }
+            | ServerMsg::CallTransferred { call, .. }
+            | ServerMsg::MessageReceived { call, .. }
+            | ServerMsg::RemoteComposing { call, .. } => Some(call),
+            _ => None,
+        };
+        if let Some(call) = event_call
+            && !self.calls.contains_key(call)
+            && !self.ended.iter().any(|(c, _)| c == call)
+        {
+            tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
+            return;
+        }
+        match &msg {
+            ServerMsg::CallState { call, state, .. } => {
+                if let Some(r) = self.remote_calls.get_mut(call) {
+                    r.state = *state;
+                }
+            }
+            ServerMsg::MessageDelivered { rid, call, .. }
+            | ServerMsg::MessageFailed { rid, call, .. } => {
+                if let Some(r) = self.remote_calls.get_mut(call)
+                    && let Some(i) = r.messages.iter().position(|x| x == rid)
+                {
+                    r.messages.remove(i);
+                }
+            }
+            ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
+                for r in self.remote_calls.values_mut() {
+                    if r.accept == Some(*rid) {
+                        r.accept = None;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.push(msg);
+    }
+
+    /// Cluster: `node` died. Every call whose leg lived there ends here, for the client, as
+    /// the leg would have ended it: terminating, terminated, 503 "Node lost"; every message
+    /// still waiting gets its `message_failed`.
+    fn node_lost(&mut self, node: Option<&str>, ctx: &mut Context<Self>) {
+        let lost: Vec<String> = self
+            .remote_calls
+            .iter()
+            .filter(|(_, r)| node.is_none_or(|n| r.node == n))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for call in lost {
+            let Some(r) = self.remote_calls.remove(&call) else {
+                continue;
+            };
+            let reason = reasons::node_lost();
+            if let Some(rid) = r.accept {
+                self.error(rid, ErrorCode::InvalidState, "the call is over");
+            }
+            for rid in r.messages {
+                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
+                self.push(ServerMsg::MessageFailed {
+                    rid,
+                    call: call.clone(),
+                    msg: None,
+                    code: 503,
+                    text: reason.text.clone(),
+                });
+            }
+            if !r.state.is_final() {
+                let mut previous = r.state;
+                let steps: &[confab_protocol::CallState] =
+                    if previous == confab_protocol::CallState::Terminating {
+                        &[confab_protocol::CallState::Terminated]
+                    } else {
+                        &[
+                            confab_protocol::CallState::Terminating,
+                            confab_protocol::CallState::Terminated,
+                        ]
+                    };
+                for state in steps {
+                    self.push(ServerMsg::CallState {
+                        call: call.clone(),
+                        conversation: r.conversation.clone(),
+                        direction: Direction::Inbound,
+                        state: *state,
+                        previous,
+                        reason: Some(reason.clone()),
+                    });
+                    previous = *state;
+                }
+            }
+            self.leg_ended(call, r.conversation, false, ctx);
+        }
+    }
+
+    /// Forgets an ended leg (and releases it), remembering its id for late requests.
+    fn leg_ended(
+        &mut self,
+        call: String,
+        conversation: String,
+        elsewhere: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some((leg, _)) = self.calls.remove(&call)
+            && (leg.remote_node().is_none() || self.remote_calls.contains_key(&call))
+        {
+            leg.do_send(LegMsg::Release);
+        }
+        self.remote_calls.remove(&call);
+        self.ended.push_back((call.clone(), elsewhere));
+        if self.ended.len() > REMEMBERED_ENDED_CALLS {
+            self.ended.pop_front();
+        }
+        if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
+            *count = count.saturating_sub(1);
+            conv.do_send(ConversationMsg::Remove { call });
+            if *count == 0 {
+                self.conversations.remove(&conversation);
+            }
+        }
+        if self.closing && !self.calls.values().any(|(l, _)| l.remote_node().is_some()) {
+            self.closing = false;
+            self.outbox.close();
+            ctx.stop();
+        }
     }
 
     /// `bye` or shutdown: every call terminates (its events go out first), then the socket
@@ -495,12 +747,29 @@ impl Endpoint {
             return;
         }
         self.ending = true;
-        let legs: Vec<_> = self.calls.values().map(|(l, _)| l.clone()).collect();
+        let mut local = Vec::new();
+        for (leg, _) in self.calls.values() {
+            match leg {
+                LegRef::Local(a) => local.push(a.clone()),
+                remote => remote.do_send(LegMsg::Terminate { rid: None, cause }),
+            }
+        }
         let done = futures::future::join_all(
-            legs.into_iter()
+            local
+                .into_iter()
                 .map(move |leg| leg.send(LegMsg::Terminate { rid: None, cause })),
         );
         ctx.wait(done.into_actor(self).map(|_, act, ctx| {
+            if act.calls.values().any(|(l, _)| l.remote_node().is_some()) {
+                // Legs on other nodes report their end through the network; wait for them
+                // (their events go out first), within a deadline.
+                act.closing = true;
+                ctx.run_later(REMOTE_END_WAIT, |act, ctx| {
+                    act.outbox.close();
+                    ctx.stop();
+                });
+                return;
+            }
             act.outbox.close();
             ctx.stop();
         }));
@@ -656,26 +925,14 @@ impl Handler<EndpointMsg> for Endpoint {
     fn handle(&mut self, msg: EndpointMsg, ctx: &mut Context<Self>) {
         match msg {
             EndpointMsg::Fork(offer) => self.adopt_fork(offer, ctx),
+            EndpointMsg::Adopt(fork) => self.adopt_remote(fork),
+            EndpointMsg::RemoteEvent(msg) => self.remote_event(msg),
+            EndpointMsg::NodeLost { node } => self.node_lost(node.as_deref(), ctx),
             EndpointMsg::LegEnded {
                 call,
                 conversation,
                 elsewhere,
-            } => {
-                if let Some((leg, _)) = self.calls.remove(&call) {
-                    leg.do_send(LegMsg::Release);
-                }
-                self.ended.push_back((call.clone(), elsewhere));
-                if self.ended.len() > REMEMBERED_ENDED_CALLS {
-                    self.ended.pop_front();
-                }
-                if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
-                    *count = count.saturating_sub(1);
-                    conv.do_send(ConversationMsg::Remove { call });
-                    if *count == 0 {
-                        self.conversations.remove(&conversation);
-                    }
-                }
-            }
+            } => self.leg_ended(call, conversation, elsewhere, ctx),
             EndpointMsg::ShutdownNotice => {
                 let s = &self.ctx.settings.server;
                 self.push(ServerMsg::Shutdown {

@@ -6,6 +6,7 @@
 pub mod arbiter;
 pub mod auth;
 pub mod call;
+pub mod cluster;
 pub mod context;
 pub mod directory;
 pub mod endpoint;
@@ -17,6 +18,7 @@ pub mod outbox;
 pub mod presence;
 pub mod ratelimit;
 pub mod reasons;
+pub mod route;
 pub mod session;
 pub mod settings;
 

@@ -24,6 +24,7 @@ pub const FRAMES_REJECTED: &str = "confab_frames_rejected_total";
 pub const SLOW_CONSUMERS: &str = "confab_slow_consumers_total";
 pub const LIMITS_TRIPPED: &str = "confab_limits_tripped_total";
 pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
+pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -98,6 +99,14 @@ pub fn describe_all() {
     describe_counter!(
         LIMITS_TRIPPED,
         "Requests refused or endpoints dropped by a limit, by limit"
+    );
+    describe_gauge!(
+        CLUSTER_NODES,
+        "Cluster nodes this node sees alive, itself included (cluster mode only)"
+    );
+    describe_counter!(
+        CLUSTER_ENVELOPES,
+        "Envelopes exchanged with other cluster nodes, by direction (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

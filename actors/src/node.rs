@@ -9,6 +9,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Semaphore, oneshot};
 
+use crate::cluster::Cluster;
+use crate::cluster::directory::NatsDirectory;
 use crate::context::NodeCtx;
 use crate::directory::{Directory, LocalDirectory};
 use crate::endpoint::EndpointMsg;
@@ -26,12 +28,25 @@ pub enum NodeError {
     },
     #[error("cannot start the node thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("the node stopped while starting")]
+    Start,
 }
+
+/// What the node thread reports once started: its id and directory, or why it could not join
+/// its cluster.
+type Ready =
+    Result<(String, Arc<dyn Directory>, Option<Arc<Cluster>>), crate::cluster::ClusterError>;
 
 /// A node running on its own threads. Dropping it shuts it down gracefully.
 pub struct RunningNode {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The node's id (the cluster node id in a cluster).
+    pub node_id: String,
+    directory: Arc<dyn Directory>,
+    cluster: Option<Arc<Cluster>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -48,6 +63,21 @@ impl RunningNode {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// The endpoint ids the node's directory lists for `user` (in a cluster, those of every
+    /// node it knows of). For tests and tools.
+    pub fn endpoints_of(&self, user: &str) -> Vec<String> {
+        self.directory
+            .endpoints_of(user)
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    /// The node's cluster membership, when it is in a cluster.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// A handle that can start the graceful shutdown from another thread.
@@ -96,17 +126,33 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
     let metrics_listener = settings.metrics_addr().map(|a| bind(a, 128)).transpose()?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("confab-node".into())
         .spawn(move || {
             let system = actix::System::new();
-            system.block_on(run(settings, listener, metrics_listener, stop_rx));
+            system.block_on(run(settings, listener, metrics_listener, stop_rx, ready_tx));
         })
         .map_err(NodeError::Thread)?;
+    // The node is ready once it has joined its cluster (at once without one).
+    let (node_id, directory, cluster) = match ready_rx.recv() {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(NodeError::Cluster(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(NodeError::Start);
+        }
+    };
     tracing::info!(%addr, ?metrics_addr, "confab node listening");
     Ok(RunningNode {
         addr,
         metrics_addr,
+        node_id,
+        directory,
+        cluster,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
@@ -117,6 +163,7 @@ async fn run(
     listener: std::net::TcpListener,
     metrics_listener: Option<std::net::TcpListener>,
     mut stop: oneshot::Receiver<()>,
+    ready: std::sync::mpsc::Sender<Ready>,
 ) {
     let workers_n = match settings.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -129,8 +176,48 @@ async fn run(
         away_after: Duration::from_millis(settings.presence.away_after_ms),
     };
     let presence = PresenceShards::start(&handles, thresholds);
-    let directory: Arc<dyn Directory> = Arc::new(LocalDirectory::default());
-    let ctx = Arc::new(NodeCtx::new(settings, directory, presence));
+    let (directory, cluster): (Arc<dyn Directory>, _) = match &settings.cluster {
+        None => (Arc::new(LocalDirectory::default()), None),
+        Some(c) => {
+            let node_id = c.node_id.clone().unwrap_or_else(|| {
+                // Subject- and key-safe: letters, digits, - and _.
+                let base: String = settings
+                    .server
+                    .node_id
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_ascii_alphanumeric() || ch == '_' {
+                            ch
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                format!("{base}-{:06x}", rand::random::<u32>() >> 8)
+            });
+            match Cluster::start(c, node_id, presence.clone()).await {
+                Ok(cluster) => (
+                    Arc::new(NatsDirectory::new(cluster.clone())) as Arc<dyn Directory>,
+                    Some(cluster),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot join the cluster");
+                    let _ = ready.send(Err(e));
+                    for w in workers {
+                        w.stop();
+                    }
+                    actix::System::current().stop();
+                    return;
+                }
+            }
+        }
+    };
+    let ctx = Arc::new(NodeCtx::new(settings, directory, presence, cluster));
+    let _ = ready.send(Ok((
+        ctx.node_id.clone(),
+        ctx.directory.clone(),
+        ctx.cluster.clone(),
+    )));
     let recorder = m::recorder();
     m::describe_all();
 
@@ -184,6 +271,9 @@ async fn run(
     }
     drop(listener);
     drain(&ctx).await;
+    if let Some(c) = &ctx.cluster {
+        c.leave().await;
+    }
     for w in workers {
         w.stop();
     }
@@ -201,14 +291,18 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     // Every client hears `shutdown` before any call ends, then every call ends.
     let notices = endpoints
         .iter()
-        .map(|e| e.addr.send(EndpointMsg::ShutdownNotice));
+        .filter_map(|e| e.addr.local())
+        .map(|a| a.send(EndpointMsg::ShutdownNotice));
     let _ = tokio::time::timeout(
         Duration::from_millis(ctx.settings.server.shutdown_timeout_ms),
         futures::future::join_all(notices),
     )
     .await;
-    for e in &endpoints {
-        e.addr.do_send(EndpointMsg::Shutdown);
+    for a in endpoints.iter().filter_map(|e| e.addr.local()) {
+        a.do_send(EndpointMsg::Shutdown);
+    }
+    if let Some(c) = &ctx.cluster {
+        c.end_remote_legs();
     }
     let deadline = Duration::from_millis(ctx.settings.server.shutdown_timeout_ms);
     let waited = tokio::time::timeout(deadline, async {
@@ -219,6 +313,9 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     .await;
     if waited.is_err() {
         tracing::warn!("shutdown deadline reached with endpoints still connected");
+    }
+    if let Some(c) = &ctx.cluster {
+        c.remote_legs_gone(Duration::from_secs(2)).await;
     }
     // Let the writers flush the last frames.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -39,6 +39,9 @@ pub fn endpoint_lost() -> Reason {
 pub fn shutting_down() -> Reason {
     Reason::new(503, "Server shutting down")
 }
+pub fn node_lost() -> Reason {
+    Reason::new(503, "Node lost")
+}
 pub fn transfer_pending() -> Reason {
     Reason::new(491, "Request Pending")
 }

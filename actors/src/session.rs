@@ -201,7 +201,7 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
         id: id.clone(),
         user: hello.user.clone(),
         device: hello.device.clone(),
-        addr: actor_ctx.address(),
+        addr: crate::route::EndpointRef::Local(actor_ctx.address()),
     };
     if let Err(e) = ctx
         .directory

@@ -321,6 +321,25 @@ impl Settings {
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return invalid("metrics.listen", "must be host:port or empty");
         }
+        if let Some(c) = &self.cluster {
+            if c.nats_url.trim().is_empty() {
+                return invalid("cluster.nats_url", "must name a NATS server");
+            }
+            if let Some(id) = &c.node_id
+                && (id.is_empty()
+                    || !id
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'))
+            {
+                return invalid(
+                    "cluster.node_id",
+                    "must be a non-empty word of letters, digits, - and _",
+                );
+            }
+            if c.node_timeout_ms == Some(0) {
+                return invalid("cluster.node_timeout_ms", "must be positive");
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
         }
@@ -389,6 +408,20 @@ mod tests {
         .expect("valid");
         assert_eq!(s.auth.jwt_secret, "12345");
         assert_eq!(s.server.heartbeat_ms, 500);
+    }
+
+    #[test]
+    fn the_cluster_section_is_checked() {
+        let s = Settings::load(
+            "[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\nnode_id = \"node-b\"\n",
+            [],
+        )
+        .expect("valid");
+        let c = s.cluster.expect("cluster");
+        assert_eq!(c.node_id.as_deref(), Some("node-b"));
+        let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
+            .expect_err("dots would break subjects and keys");
+        assert!(e.to_string().contains("cluster.node_id"), "{e}");
     }
 
     #[test]

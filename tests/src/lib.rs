@@ -256,3 +256,100 @@ pub fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
     encode_frame(msg, &mut b).unwrap();
     b.to_vec()
 }
+
+/// A real `nats-server` with JetStream on a free port, in a temporary store directory, killed
+/// when dropped. Panics (so a test fails, never skips) when `nats-server` cannot be started.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        // `RUST_LOG=confab_actors=debug` shows the nodes' logs.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+        let child = std::process::Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (install nats-server): {e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NatsServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Node timeout used by cluster tests (a dead node is noticed within it).
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+/// Test settings for a cluster node named `node_id` on `nats`.
+pub fn cluster_settings(nats: &NatsServer, node_id: &str) -> Settings {
+    let mut s = test_settings();
+    s.server.node_id = node_id.to_owned();
+    s.cluster = Some(confab_actors::settings::Cluster {
+        nats_url: nats.url(),
+        node_id: Some(node_id.to_owned()),
+        node_timeout_ms: Some(NODE_TIMEOUT_MS),
+    });
+    s
+}
+
+pub fn start_cluster_node(
+    nats: &NatsServer,
+    node_id: &str,
+    tweak: impl FnOnce(&mut Settings),
+) -> RunningNode {
+    let mut s = cluster_settings(nats, node_id);
+    tweak(&mut s);
+    spawn_node(s).expect("cluster node starts")
+}
+
+/// Waits until `node`'s directory lists exactly `n` endpoints of `user`.
+pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let now = node.endpoints_of(user).len();
+        if now == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {user} has {now} endpoints, expected {n}",
+            node.node_id
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

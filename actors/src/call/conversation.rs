@@ -4,14 +4,15 @@
 use actix::prelude::*;
 use std::collections::HashMap;
 
-use crate::call::leg::{CallLeg, LegMsg, TerminateCause};
+use crate::call::leg::{LegMsg, TerminateCause};
+use crate::route::LegRef;
 
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum ConversationMsg {
     Add {
         call: String,
-        leg: Addr<CallLeg>,
+        leg: LegRef,
     },
     Remove {
         call: String,
@@ -22,7 +23,7 @@ pub enum ConversationMsg {
 
 #[derive(Default)]
 pub struct Conversation {
-    calls: HashMap<String, Addr<CallLeg>>,
+    calls: HashMap<String, LegRef>,
 }
 
 impl Actor for Conversation {

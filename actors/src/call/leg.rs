@@ -18,13 +18,12 @@ use tokio::time::Instant;
 
 use crate::arbiter::{ArbiterMsg, ForkArbiter, ForkTarget};
 use crate::context::Ctx;
-use crate::endpoint::{Endpoint, EndpointMsg};
 use crate::metrics as m;
-use crate::outbox::Outbox;
 use crate::reasons;
+use crate::route::{EventSink, LegOwner};
 
 /// Why an endpoint asks its leg to terminate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TerminateCause {
     /// `call_terminate`.
     Call,
@@ -76,6 +75,8 @@ pub enum LegMsg {
     EndpointLost,
     /// The endpoint forgot this ended leg: nothing more can be addressed to it.
     Release,
+    /// Cluster: the node holding this leg's endpoint died.
+    NodeLost,
 
     // From a fork arbiter to the side that placed the call (the caller, or a transferee).
     Ringing,
@@ -139,8 +140,8 @@ pub struct LegInit {
     pub id: String,
     pub conversation: String,
     pub direction: Direction,
-    pub outbox: Outbox,
-    pub endpoint: Addr<Endpoint>,
+    pub outbox: EventSink,
+    pub endpoint: LegOwner,
     /// This leg's own user and endpoint.
     pub local: Remote,
     /// The SDP offer of the call (the caller's, for both legs).
@@ -193,6 +194,8 @@ pub struct CallLeg {
     released: bool,
     /// The endpoint's connection was lost.
     lost: bool,
+    /// Cluster: the endpoint's node died (the other side sees 503 "Node lost").
+    node_lost: bool,
     /// A fork arbiter owes this leg its outcome (`Answered` or `Failed`).
     awaiting_outcome: bool,
     /// This fork asked its arbiter to accept and waits for `Won`, `AcceptRefused` or `Cancel`.
@@ -223,6 +226,7 @@ impl CallLeg {
             ringing_seen: false,
             released: false,
             lost: false,
+            node_lost: false,
             awaiting_outcome: false,
             awaiting_decision: false,
             ended_elsewhere: false,
@@ -233,6 +237,11 @@ impl CallLeg {
     }
 
     fn push(&self, msg: ServerMsg) {
+        // A lost endpoint hears nothing more (locally its outbox is closed anyway; a remote one
+        // may never have adopted this leg, and must not learn its id).
+        if self.lost {
+            return;
+        }
         self.init.outbox.push(msg);
     }
 
@@ -306,12 +315,21 @@ impl CallLeg {
             tracing::info!(call = %self.init.id, code = reason.code, text = %reason.text, "call ended abnormally");
         }
         metrics::counter!(m::CALL_OUTCOMES, "code" => reason.code.to_string()).increment(1);
+        // A call cut by a dead cluster node fails its messages with the node's loss.
+        let (code, text) = if reason == reasons::node_lost() {
+            (503, "Node lost")
+        } else {
+            (481, "Call Leg/Transaction Does Not Exist")
+        };
         for (msg, p) in std::mem::take(&mut self.pending) {
             ctx.cancel_future(p.timer);
-            self.message_failed(p.rid, Some(msg), 481, "Call Leg/Transaction Does Not Exist");
+            self.message_failed(p.rid, Some(msg), code, text);
         }
+        // After a node loss the peer fails these itself, with 503, when it hears of the loss.
         for (msg, sender) in std::mem::take(&mut self.unacked) {
-            sender.do_send(LegMsg::Refused { msg });
+            if !self.node_lost {
+                sender.do_send(LegMsg::Refused { msg });
+            }
         }
         if let Some(rid) = self.pending_accept.take() {
             if elsewhere {
@@ -333,12 +351,12 @@ impl CallLeg {
         self.ended_elsewhere = elsewhere;
         // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
         // their way to it are still answered; with no endpoint left, nobody can address it.
-        if self.init.endpoint.connected() {
-            self.init.endpoint.do_send(EndpointMsg::LegEnded {
-                call: self.init.id.clone(),
-                conversation: self.init.conversation.clone(),
+        if !self.node_lost && self.init.endpoint.connected() {
+            self.init.endpoint.leg_ended(
+                self.init.id.clone(),
+                self.init.conversation.clone(),
                 elsewhere,
-            });
+            );
         } else {
             self.released = true;
         }
@@ -359,7 +377,9 @@ impl CallLeg {
 
     /// The reason the other side sees when this ended leg refuses a late answer.
     fn hangup_reason(&self) -> Reason {
-        if self.lost {
+        if self.node_lost {
+            reasons::node_lost()
+        } else if self.lost {
             reasons::endpoint_lost()
         } else {
             reasons::terminated_remotely()
@@ -503,6 +523,11 @@ impl CallLeg {
     /// The endpoint's connection is gone: a ringing fork is lost to its arbiter, a caller's
     /// pending call is cancelled, an established call's peer sees 408.
     fn endpoint_lost(&mut self, ctx: &mut Context<Self>) {
+        let lost = if self.node_lost {
+            reasons::node_lost()
+        } else {
+            reasons::endpoint_lost()
+        };
         match self.state {
             CallState::Incoming => {
                 if let Some(a) = self.arbiter.take() {
@@ -510,13 +535,7 @@ impl CallLeg {
                         call: self.init.id.clone(),
                     });
                 }
-                self.end(
-                    ctx,
-                    CallEvent::Terminate,
-                    reasons::endpoint_lost(),
-                    None,
-                    false,
-                );
+                self.end(ctx, CallEvent::Terminate, lost.clone(), None, false);
             }
             CallState::Idle | CallState::Establishing
                 if self.init.direction == Direction::Outbound =>
@@ -524,19 +543,13 @@ impl CallLeg {
                 if let Some(a) = self.arbiter.take() {
                     a.do_send(ArbiterMsg::CallerCancel);
                 }
-                self.end(
-                    ctx,
-                    CallEvent::Terminate,
-                    reasons::endpoint_lost(),
-                    None,
-                    false,
-                );
+                self.end(ctx, CallEvent::Terminate, lost.clone(), None, false);
             }
             _ => self.end(
                 ctx,
                 CallEvent::Terminate,
-                reasons::endpoint_lost(),
-                Some(reasons::endpoint_lost()),
+                lost.clone(),
+                Some(lost.clone()),
                 false,
             ),
         }
@@ -558,6 +571,13 @@ impl Actor for CallLeg {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS).increment(1.0);
+        if let (Some(node), Some(cluster)) =
+            (self.init.endpoint.remote_node(), &self.init.ctx.cluster)
+        {
+            cluster
+                .legs
+                .insert(self.init.id.clone(), (node.to_owned(), ctx.address()));
+        }
         metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).increment(1.0);
         if self.init.direction == Direction::Inbound {
             return;
@@ -581,6 +601,11 @@ impl Actor for CallLeg {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!(m::CALLS).decrement(1.0);
+        if self.init.endpoint.remote_node().is_some()
+            && let Some(cluster) = &self.init.ctx.cluster
+        {
+            cluster.legs.remove(&self.init.id);
+        }
         metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).decrement(1.0);
     }
 }
@@ -715,6 +740,12 @@ impl CallLeg {
                 self.released = true;
             }
             LegMsg::Release => self.released = true,
+            LegMsg::NodeLost => {
+                self.lost = true;
+                self.node_lost = true;
+                self.endpoint_lost(ctx);
+                self.released = true;
+            }
 
             LegMsg::Ringing => {
                 if self.transfer.is_some() || self.state != CallState::Establishing {

@@ -66,6 +66,17 @@ pub enum PresenceMsg {
     SetStatus {
         user: String,
         status: Option<Status>,
+        /// Wall-clock time of the `set_status` (the latest one wins across nodes).
+        at_unix_ms: u64,
+    },
+    /// Cluster: an endpoint on another node, as its directory record says (added or changed).
+    Upsert {
+        user: String,
+        endpoint: String,
+        device: String,
+        publication: Option<Publication>,
+        /// The manual status that endpoint set last, with its wall-clock time.
+        status: Option<(Option<Status>, u64)>,
     },
     Subscribe {
         user: String,
@@ -86,6 +97,7 @@ impl PresenceMsg {
             | PresenceMsg::Left { user, .. }
             | PresenceMsg::Publish { user, .. }
             | PresenceMsg::SetStatus { user, .. }
+            | PresenceMsg::Upsert { user, .. }
             | PresenceMsg::Subscribe { user, .. }
             | PresenceMsg::Unsubscribe { user, .. } => user,
         }
@@ -150,6 +162,8 @@ impl Endpoints {
 struct UserState {
     endpoints: Endpoints,
     status: Option<Status>,
+    /// When the manual status was set (wall-clock ms); the latest `set_status` wins.
+    status_at: u64,
     subscribers: HashMap<String, Subscriber>,
     timer: Option<SpawnHandle>,
 }
@@ -315,6 +329,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                     if state.endpoints.is_empty() {
                         // The manual status belongs to a signed-in user.
                         state.status = None;
+                        state.status_at = 0;
                     }
                 }
             }
@@ -337,9 +352,35 @@ impl Handler<PresenceMsg> for PresenceShard {
                     });
                 }
             }
-            PresenceMsg::SetStatus { status, .. } => {
+            PresenceMsg::SetStatus {
+                status, at_unix_ms, ..
+            } => {
+                // A set_status made here is the latest one this node has seen.
                 if let Some(state) = self.users.get_mut(&user) {
                     state.status = status;
+                    state.status_at = state.status_at.max(at_unix_ms);
+                }
+            }
+            PresenceMsg::Upsert {
+                endpoint,
+                device,
+                publication,
+                status,
+                ..
+            } => {
+                let state = self.users.entry(user.clone()).or_default();
+                state.endpoints.insert(
+                    endpoint,
+                    EndpointState {
+                        device,
+                        publication,
+                    },
+                );
+                if let Some((status, at)) = status
+                    && at > state.status_at
+                {
+                    state.status = status;
+                    state.status_at = at;
                 }
             }
             PresenceMsg::Subscribe {

@@ -30,9 +30,6 @@ fn main() -> anyhow::Result<()> {
     if settings.auth.jwt_secret == "change-me" {
         tracing::warn!("auth.jwt_secret is the default; set CONFAB_AUTH_JWT_SECRET in production");
     }
-    if settings.cluster.is_some() {
-        tracing::warn!("[cluster] is not supported yet by this build; running as a single node");
-    }
     let mut node = spawn_node(settings)?;
     let stop = node.stopper();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -1,0 +1,109 @@
+//! The cluster directory: this node's endpoints in a [`LocalDirectory`] (with their actor
+//! addresses) and in the KV bucket (for the other nodes), and the other nodes' endpoints from
+//! the cache the KV watch keeps.
+
+use confab_protocol::{Activity, Status};
+use std::sync::Arc;
+
+use super::Cluster;
+use super::wire::{PublicationRecord, Record, unix_ms};
+use crate::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory};
+use crate::route::EndpointRef;
+
+pub struct NatsDirectory {
+    local: LocalDirectory,
+    cluster: Arc<Cluster>,
+}
+
+impl NatsDirectory {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        NatsDirectory {
+            local: LocalDirectory::default(),
+            cluster,
+        }
+    }
+}
+
+impl Directory for NatsDirectory {
+    fn register(&self, entry: EndpointEntry, max_per_user: usize) -> Result<(), DirectoryError> {
+        let remote = self.cluster.remote_count(&entry.user);
+        let EndpointRef::Local(addr) = &entry.addr else {
+            return Err(DirectoryError::TooManyEndpoints);
+        };
+        let addr = addr.clone();
+        let (id, user, device) = (entry.id.clone(), entry.user.clone(), entry.device.clone());
+        self.local
+            .register(entry, max_per_user.saturating_sub(remote))?;
+        self.cluster.endpoints.insert(id.clone(), addr);
+        self.cluster.put_own(
+            &id,
+            Record {
+                node: self.cluster.node_id.clone(),
+                epoch: self.cluster.epoch(),
+                user,
+                device,
+                publication: None,
+                status: None,
+                status_set_unix_ms: None,
+                connected_unix_ms: unix_ms(),
+            },
+        );
+        Ok(())
+    }
+
+    fn unregister(&self, user: &str, endpoint: &str) {
+        self.local.unregister(user, endpoint);
+        self.cluster.endpoints.remove(endpoint);
+        self.cluster.delete_own(user, endpoint);
+    }
+
+    fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
+        let mut out: Vec<(u64, EndpointEntry)> = self
+            .local
+            .endpoints_of(user)
+            .into_iter()
+            .map(|e| (0, e))
+            .collect();
+        for r in self.cluster.remote_endpoints_of(user) {
+            out.push((
+                r.record.connected_unix_ms,
+                EndpointEntry {
+                    id: r.id.clone(),
+                    user: r.record.user.clone(),
+                    device: r.record.device.clone(),
+                    addr: EndpointRef::Remote {
+                        node: r.record.node.clone(),
+                        id: r.id,
+                    },
+                },
+            ));
+        }
+        out.into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn all(&self) -> Vec<EndpointEntry> {
+        self.local.all()
+    }
+
+    fn len(&self) -> usize {
+        self.local.len()
+    }
+
+    fn published(&self, endpoint: &str, activity: Activity, idle_ms: u64) {
+        let stamp_unix_ms = unix_ms();
+        self.cluster.update_own(endpoint, |r| {
+            r.publication = Some(PublicationRecord {
+                activity,
+                idle_ms,
+                stamp_unix_ms,
+            });
+        });
+    }
+
+    fn status_set(&self, endpoint: &str, status: Option<Status>, at_unix_ms: u64) {
+        self.cluster.update_own(endpoint, |r| {
+            r.status = status;
+            r.status_set_unix_ms = Some(at_unix_ms);
+        });
+    }
+}

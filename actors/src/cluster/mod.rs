@@ -1,0 +1,933 @@
+//! A cluster of nodes over NATS (design §3).
+//!
+//! - **Routing**: every node subscribes to `confab.node.<id>`; an [`Envelope`] addressed to an
+//!   actor on another node is published there. Publishing goes through one task and one NATS
+//!   connection per node, so envelopes from one node to another arrive in the order sent.
+//!   Received envelopes are delivered through local registries (endpoints, legs whose endpoint
+//!   is remote, arbiters with remote forks).
+//! - **Directory**: the JetStream KV bucket `confab-endpoints`, one record per endpoint, written
+//!   only by its owning node; every node keeps a cache fed by one watch (initial values, then
+//!   changes), which also feeds the presence shards with the other nodes' endpoints.
+//! - **Liveness**: heartbeats on `confab.nodes.heartbeat` every `node_timeout / 3`; a node
+//!   unheard for `node_timeout` is dead: every survivor drops its records and ends what
+//!   referenced it, and the living node with the smallest id deletes its records from the KV.
+
+pub mod directory;
+pub mod wire;
+
+use actix::Addr;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use confab_protocol::{ServerMsg, decode_server};
+use dashmap::DashMap;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::arbiter::{ArbiterMsg, ForkArbiter};
+use crate::call::leg::{CallLeg, LegMsg};
+use crate::endpoint::{Endpoint, EndpointMsg, RemoteFork};
+use crate::metrics as m;
+use crate::presence::rank::Publication;
+use crate::presence::{PresenceMsg, PresenceShards};
+use crate::settings;
+use wire::{Envelope, Heartbeat, Record, WireLegMsg};
+
+pub const BUCKET: &str = "confab-endpoints";
+pub const HEARTBEAT_SUBJECT: &str = "confab.nodes.heartbeat";
+
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("cannot open the JetStream KV bucket {BUCKET}: {0}")]
+    Kv(String),
+    #[error("cannot subscribe: {0}")]
+    Subscribe(String),
+    #[error("cannot start the NATS runtime: {0}")]
+    Runtime(String),
+}
+
+/// A remote endpoint as the cache knows it.
+#[derive(Debug, Clone)]
+pub struct RemoteEndpoint {
+    pub id: String,
+    pub record: Record,
+}
+
+/// What the publisher task sends, in order.
+enum Outgoing {
+    Publish(String, Bytes),
+    /// Answered once everything queued before it was handed to the client.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+enum KvOp {
+    Put(String, Bytes),
+    Delete(String),
+    /// Answered once every operation queued before it is done.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+struct NodeSeen {
+    epoch: u64,
+    last: Instant,
+}
+
+/// This node's membership in the cluster.
+pub struct Cluster {
+    pub node_id: String,
+    /// This run's epoch (its start time in unix ms); a rejoin takes a new one.
+    epoch: AtomicU64,
+    pub timeout: Duration,
+    kv: kv::Store,
+    publish_tx: mpsc::UnboundedSender<Outgoing>,
+    kv_tx: mpsc::UnboundedSender<KvOp>,
+    /// Endpoints signed in here, by id (for envelopes addressed to them).
+    pub endpoints: DashMap<String, Addr<Endpoint>>,
+    /// Legs on this node whose endpoint is on another node: call id → (that node, leg).
+    pub legs: DashMap<String, (String, Addr<CallLeg>)>,
+    /// Arbiters on this node with forks on other nodes.
+    pub arbiters: DashMap<String, Addr<ForkArbiter>>,
+    /// This node's own records, by endpoint id.
+    own: DashMap<String, Record>,
+    /// Other nodes' endpoints, by user.
+    remote: DashMap<String, Vec<RemoteEndpoint>>,
+    nodes: Mutex<HashMap<String, NodeSeen>>,
+    /// (node, epoch) pairs declared dead: their late records are ignored.
+    dead: Mutex<Vec<(String, u64)>>,
+    presence: PresenceShards,
+    rt: tokio::runtime::Handle,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Dead runs of other nodes already told to rejoin.
+    told: Mutex<HashSet<(String, u64)>>,
+    /// Tests: heartbeats are not sent until then (a node cut off from the others).
+    muted_until: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Cluster {
+    /// Connects to NATS, opens the bucket, cleans this node's stale records, loads the cache and
+    /// starts the routing, watch and liveness tasks. The NATS client and those tasks run on a
+    /// runtime of their own (thread `confab-nats`), apart from the actors' workers.
+    pub async fn start(
+        cfg: &settings::Cluster,
+        node_id: String,
+        presence: PresenceShards,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("confab-nats".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("confab-nats")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?;
+        let rt = handle_rx
+            .await
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?
+            .map_err(ClusterError::Runtime)?;
+        let cfg = cfg.clone();
+        rt.spawn(Self::start_inner(
+            cfg,
+            node_id,
+            presence,
+            rt.clone(),
+            stop_tx,
+        ))
+        .await
+        .map_err(|e| ClusterError::Runtime(e.to_string()))?
+    }
+
+    async fn start_inner(
+        cfg: settings::Cluster,
+        node_id: String,
+        presence: PresenceShards,
+        rt: tokio::runtime::Handle,
+        stop: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let urls: Vec<async_nats::ServerAddr> = cfg
+            .nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: std::io::Error| ClusterError::Connect {
+                        url: s.to_owned(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let connect_err = |reason: String| ClusterError::Connect {
+            url: cfg.nats_url.clone(),
+            reason,
+        };
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            async_nats::ConnectOptions::new()
+                .name(format!("confab-{node_id}"))
+                .connect(urls),
+        )
+        .await
+        .map_err(|_| connect_err("timed out".to_owned()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let js = async_nats::jetstream::new(client.clone());
+        let kv = match js.get_key_value(BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => match js
+                .create_key_value(kv::Config {
+                    bucket: BUCKET.to_owned(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(kv) => kv,
+                // Another node may have created it meanwhile.
+                Err(e) => js
+                    .get_key_value(BUCKET)
+                    .await
+                    .map_err(|_| ClusterError::Kv(e.to_string()))?,
+            },
+        };
+        let inbox = client
+            .subscribe(format!("confab.node.{node_id}"))
+            .await
+            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
+        let beats = client
+            .subscribe(HEARTBEAT_SUBJECT)
+            .await
+            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
+        // Changes from now on; the values already there are read below, before any change is
+        // applied (a value read twice is applied twice, which is harmless).
+        let watch = kv
+            .watch_all()
+            .await
+            .map_err(|e| ClusterError::Kv(e.to_string()))?;
+        let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let (kv_tx, kv_rx) = mpsc::unbounded_channel();
+        // The start time: a later run of a node has a larger epoch, so a record of an earlier
+        // run is recognised as stale whatever order things arrive in.
+        let epoch = wire::unix_ms().max(1);
+        let cluster = Arc::new(Cluster {
+            node_id,
+            epoch: AtomicU64::new(epoch),
+            timeout: Duration::from_millis(cfg.node_timeout_ms.unwrap_or(3000).max(100)),
+            kv: kv.clone(),
+            publish_tx,
+            kv_tx,
+            endpoints: DashMap::new(),
+            legs: DashMap::new(),
+            arbiters: DashMap::new(),
+            own: DashMap::new(),
+            remote: DashMap::new(),
+            nodes: Mutex::new(HashMap::new()),
+            dead: Mutex::new(Vec::new()),
+            presence,
+            rt: rt.clone(),
+            stop: Mutex::new(Some(stop)),
+            told: Mutex::new(HashSet::new()),
+            muted_until: Mutex::new(None),
+        });
+        tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
+        // The values already there are applied before the node accepts anyone.
+        cluster.load().await?;
+        rt.spawn(publish_loop(client.clone(), publish_rx));
+        rt.spawn(kv_loop(kv, kv_rx));
+        rt.spawn(inbox_loop(cluster.clone(), inbox));
+        rt.spawn(heartbeat_loop(cluster.clone(), beats));
+        rt.spawn(watch_loop(cluster.clone(), watch));
+        rt.spawn(liveness_loop(cluster.clone()));
+        metrics::gauge!(m::CLUSTER_NODES).set(1.0);
+        Ok(cluster)
+    }
+
+    /// Shutdown: legs here whose endpoint is on another node end as on a single node (503
+    /// "Server shutting down"); the legs whose endpoint is here are ended by their endpoint.
+    pub fn end_remote_legs(&self) {
+        for entry in self.legs.iter() {
+            entry.value().1.do_send(LegMsg::Terminate {
+                rid: None,
+                cause: crate::call::leg::TerminateCause::Shutdown,
+            });
+        }
+    }
+
+    /// Shutdown: waits until no leg here serves an endpoint elsewhere (each lingers until its
+    /// endpoint released it), at most `deadline`.
+    pub async fn remote_legs_gone(&self, deadline: Duration) {
+        let _ = tokio::time::timeout(deadline, async {
+            while !self.legs.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Reads every record of the bucket into the cache.
+    async fn load(&self) -> Result<(), ClusterError> {
+        let keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| ClusterError::Kv(e.to_string()))?;
+        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+        for key in keys {
+            if let Ok(Some(e)) = self.kv.entry(&key).await {
+                self.apply(&e.key, e.operation, &e.value);
+            }
+        }
+        Ok(())
+    }
+
+    /// For tests: stops sending heartbeats for `d`, so the other nodes declare this one dead
+    /// while it still runs (a node cut off from the others).
+    pub fn mute_heartbeats(&self, d: Duration) {
+        *lock(&self.muted_until) = Some(Instant::now() + d);
+    }
+
+    /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
+    /// ended every call involving it. It does the same on its side, then comes back as a new
+    /// run: a new epoch, its records written again, the others' records read again.
+    fn rejoin(self: &Arc<Self>) {
+        let old = self.epoch();
+        let new = wire::unix_ms().max(old + 1);
+        self.epoch.store(new, Ordering::Relaxed);
+        tracing::warn!(node = %self.node_id, old, new, "this node was declared dead by the others; rejoining as a new run");
+        for entry in self.legs.iter() {
+            entry.value().1.do_send(LegMsg::NodeLost);
+        }
+        for entry in self.endpoints.iter() {
+            entry.value().do_send(EndpointMsg::NodeLost { node: None });
+        }
+        let cached: Vec<(String, String)> = self
+            .remote
+            .iter()
+            .flat_map(|e| {
+                let user = e.key().clone();
+                e.value()
+                    .iter()
+                    .map(move |r| (user.clone(), r.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (user, endpoint) in cached {
+            self.forget(&user, &endpoint);
+        }
+        lock(&self.nodes).clear();
+        lock(&self.dead).clear();
+        let own: Vec<(String, Record)> = self
+            .own
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (endpoint, mut record) in own {
+            record.epoch = new;
+            self.put_own(&endpoint, record);
+        }
+        self.heartbeat(false);
+        let me = self.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = me.load().await {
+                tracing::warn!(error = %e, "cannot reload the directory after rejoining");
+            }
+        });
+    }
+
+    /// Publishes an envelope to `node`.
+    pub fn send(&self, node: &str, env: &Envelope) {
+        match rmp_serde::to_vec_named(env) {
+            Ok(bytes) => {
+                metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
+                let _ = self.publish_tx.send(Outgoing::Publish(
+                    format!("confab.node.{node}"),
+                    Bytes::from(bytes),
+                ));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode an envelope"),
+        }
+    }
+
+    /// A leg's event for an endpoint on `node`.
+    pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) {
+        match rmp_serde::to_vec_named(msg) {
+            Ok(frame) => self.send(
+                node,
+                &Envelope::Event {
+                    endpoint: endpoint.to_owned(),
+                    frame,
+                },
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot encode an event"),
+        }
+    }
+
+    // ---- directory records ------------------------------------------------------------------
+
+    /// Writes (creates or replaces) this node's record of `endpoint`.
+    pub fn put_own(&self, endpoint: &str, record: Record) {
+        let key = wire::record_key(&record.user, endpoint);
+        match rmp_serde::to_vec_named(&record) {
+            Ok(bytes) => {
+                self.own.insert(endpoint.to_owned(), record);
+                let _ = self.kv_tx.send(KvOp::Put(key, Bytes::from(bytes)));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a directory record"),
+        }
+    }
+
+    /// Updates this node's record of `endpoint` in place and writes it.
+    pub fn update_own(&self, endpoint: &str, f: impl FnOnce(&mut Record)) {
+        let Some(mut r) = self.own.get(endpoint).map(|r| r.clone()) else {
+            return;
+        };
+        f(&mut r);
+        self.put_own(endpoint, r);
+    }
+
+    pub fn delete_own(&self, user: &str, endpoint: &str) {
+        self.own.remove(endpoint);
+        let _ = self
+            .kv_tx
+            .send(KvOp::Delete(wire::record_key(user, endpoint)));
+    }
+
+    /// Other nodes' endpoints of `user`.
+    pub fn remote_endpoints_of(&self, user: &str) -> Vec<RemoteEndpoint> {
+        self.remote.get(user).map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn remote_count(&self, user: &str) -> usize {
+        self.remote.get(user).map_or(0, |l| l.len())
+    }
+
+    /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
+    fn is_dead(&self, node: &str, epoch: u64) -> bool {
+        lock(&self.dead)
+            .iter()
+            .any(|(n, e)| n == node && *e >= epoch)
+    }
+
+    /// The living node with the smallest id cleans the KV for everyone.
+    fn is_purger(&self) -> bool {
+        let nodes = lock(&self.nodes);
+        nodes.keys().all(|n| *n > self.node_id)
+    }
+
+    /// Applies one KV change to the cache and to presence.
+    fn apply(&self, key: &str, op: kv::Operation, value: &[u8]) {
+        let Some((user, endpoint)) = wire::parse_key(key) else {
+            return;
+        };
+        match op {
+            kv::Operation::Put => {
+                let record: Record = match rmp_serde::from_slice(value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "ignoring an unreadable directory record");
+                        return;
+                    }
+                };
+                if record.node == self.node_id {
+                    // Endpoints of an earlier run are never this run's (ids carry the run).
+                    if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
+                        // Left over from an earlier run of this node.
+                        tracing::info!(%key, "deleting a stale record of this node");
+                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
+                    }
+                    return;
+                }
+                if !self.saw_node(&record.node, record.epoch, false) {
+                    // Left over from a dead or earlier run of that node.
+                    if self.is_purger() {
+                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
+                    }
+                    return;
+                }
+                let upsert = PresenceMsg::Upsert {
+                    user: user.clone(),
+                    endpoint: endpoint.clone(),
+                    device: record.device.clone(),
+                    publication: record.publication.map(|p| to_publication(&p)),
+                    status: record.status_set_unix_ms.map(|at| (record.status, at)),
+                };
+                {
+                    let mut list = self.remote.entry(user).or_default();
+                    match list.iter_mut().find(|e| e.id == endpoint) {
+                        Some(e) => e.record = record,
+                        None => list.push(RemoteEndpoint {
+                            id: endpoint,
+                            record,
+                        }),
+                    }
+                }
+                self.presence.send(upsert);
+            }
+            kv::Operation::Delete | kv::Operation::Purge => self.forget(&user, &endpoint),
+        }
+    }
+
+    /// Drops a remote endpoint from the cache and from presence.
+    fn forget(&self, user: &str, endpoint: &str) {
+        let mut removed = false;
+        self.remote.remove_if_mut(user, |_, list| {
+            let before = list.len();
+            list.retain(|e| e.id != endpoint);
+            removed = list.len() != before;
+            list.is_empty()
+        });
+        if removed {
+            self.presence.send(PresenceMsg::Left {
+                user: user.to_owned(),
+                endpoint: endpoint.to_owned(),
+            });
+        }
+    }
+
+    // ---- liveness ---------------------------------------------------------------------------
+
+    /// Notes that `node` (in `epoch`) is alive. A later epoch means the node restarted: what
+    /// referenced its previous run is ended first. Returns false for a run that is older than
+    /// the one known, or dead: its records are stale.
+    fn saw_node(&self, node: &str, epoch: u64, heartbeat: bool) -> bool {
+        if node == self.node_id {
+            return true;
+        }
+        let restarted = {
+            let mut nodes = lock(&self.nodes);
+            match nodes.get_mut(node) {
+                Some(seen) if seen.epoch == epoch => {
+                    if heartbeat {
+                        seen.last = Instant::now();
+                    }
+                    None
+                }
+                Some(seen) if epoch < seen.epoch => return false,
+                Some(seen) => {
+                    let old = seen.epoch;
+                    seen.epoch = epoch;
+                    seen.last = Instant::now();
+                    Some(old)
+                }
+                None => {
+                    if self.is_dead(node, epoch) {
+                        return false;
+                    }
+                    nodes.insert(
+                        node.to_owned(),
+                        NodeSeen {
+                            epoch,
+                            last: Instant::now(),
+                        },
+                    );
+                    metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
+                    tracing::info!(%node, "node joined the cluster");
+                    None
+                }
+            }
+        };
+        if let Some(old) = restarted {
+            tracing::warn!(%node, "node restarted; ending what referenced its previous run");
+            self.node_lost(node, old, true);
+        }
+        true
+    }
+
+    /// Declares `node` (in `epoch`) dead and ends everything on this node that referenced it.
+    fn node_lost(&self, node: &str, epoch: u64, purge: bool) {
+        lock(&self.dead).push((node.to_owned(), epoch));
+        // Drop its endpoints from the cache and presence at once.
+        let mut gone: Vec<(String, String)> = Vec::new();
+        for entry in self.remote.iter() {
+            for e in entry.value() {
+                if e.record.node == node && e.record.epoch <= epoch {
+                    gone.push((entry.key().clone(), e.id.clone()));
+                }
+            }
+        }
+        for (user, endpoint) in &gone {
+            self.forget(user, endpoint);
+        }
+        // The smallest living node id cleans the KV for everyone.
+        if purge && self.is_purger() {
+            tracing::info!(%node, records = gone.len(), "purging the dead node's records");
+            for (user, endpoint) in &gone {
+                let _ = self
+                    .kv_tx
+                    .send(KvOp::Delete(wire::record_key(user, endpoint)));
+            }
+        }
+        // Legs here whose endpoint was there.
+        for entry in self.legs.iter() {
+            if entry.value().0 == node {
+                entry.value().1.do_send(LegMsg::NodeLost);
+            }
+        }
+        // Endpoints here whose calls live there.
+        for entry in self.endpoints.iter() {
+            entry.value().do_send(EndpointMsg::NodeLost {
+                node: Some(node.to_owned()),
+            });
+        }
+    }
+
+    fn check_liveness(&self) {
+        let now = Instant::now();
+        let dead: Vec<(String, u64)> = {
+            let mut nodes = lock(&self.nodes);
+            let dead: Vec<_> = nodes
+                .iter()
+                .filter(|(_, s)| now.duration_since(s.last) > self.timeout)
+                .map(|(n, s)| (n.clone(), s.epoch))
+                .collect();
+            for (n, _) in &dead {
+                nodes.remove(n);
+            }
+            metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
+            dead
+        };
+        for (node, epoch) in dead {
+            tracing::warn!(%node, timeout_ms = self.timeout.as_millis() as u64, "node unheard for node_timeout; declaring it dead");
+            self.node_lost(&node, epoch, true);
+        }
+    }
+
+    fn heartbeat(&self, leaving: bool) {
+        if !leaving
+            && let Some(until) = *lock(&self.muted_until)
+            && Instant::now() < until
+        {
+            return;
+        }
+        let hb = Heartbeat {
+            node: self.node_id.clone(),
+            epoch: self.epoch(),
+            leaving,
+        };
+        if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
+            let _ = self.publish_tx.send(Outgoing::Publish(
+                HEARTBEAT_SUBJECT.to_owned(),
+                Bytes::from(bytes),
+            ));
+        }
+    }
+
+    /// Graceful leave: this node's records are deleted at once and the others are told; then
+    /// the NATS runtime stops.
+    pub async fn leave(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = self.rt.spawn(async move { me.leave_inner().await }).await;
+        if let Some(stop) = lock(&self.stop).take() {
+            let _ = stop.send(());
+        }
+    }
+
+    async fn leave_inner(&self) {
+        // The deletes of endpoints that already ended go first.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.kv_tx.send(KvOp::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
+        let keys: Vec<String> = self
+            .own
+            .iter()
+            .map(|e| wire::record_key(&e.value().user, e.key()))
+            .collect();
+        self.own.clear();
+        for key in keys {
+            let _ = self.kv.delete(&key).await;
+        }
+        self.heartbeat(true);
+        // Everything queued goes out before the runtime stops.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.publish_tx.send(Outgoing::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
+    }
+
+    // ---- incoming envelopes -----------------------------------------------------------------
+
+    fn route(self: &Arc<Self>, env: Envelope) {
+        metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "in").increment(1);
+        match env {
+            Envelope::Event { endpoint, frame } => {
+                let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) else {
+                    return;
+                };
+                match decode_server(&frame) {
+                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent(msg)),
+                    Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
+                }
+            }
+            Envelope::LegEnded {
+                endpoint,
+                call,
+                conversation,
+                elsewhere,
+            } => match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                Some(ep) => ep.do_send(EndpointMsg::LegEnded {
+                    call,
+                    conversation,
+                    elsewhere,
+                }),
+                None => {
+                    // Nobody here holds it any more: release the leg.
+                    if let Some(node) = self.leg_node_hint(&call) {
+                        self.send(
+                            &node,
+                            &Envelope::Leg {
+                                call,
+                                reply_node: self.node_id.clone(),
+                                reply_endpoint: endpoint,
+                                msg: WireLegMsg::Release,
+                            },
+                        );
+                    }
+                }
+            },
+            Envelope::Adopt {
+                endpoint,
+                leg_node,
+                arbiter,
+                call,
+                conversation,
+                from,
+                offer,
+                toast,
+                immediate,
+            } => {
+                let fork = RemoteFork {
+                    leg_node: leg_node.clone(),
+                    arbiter: arbiter.clone(),
+                    call: call.clone(),
+                    conversation,
+                    from,
+                    offer,
+                    toast,
+                    immediate,
+                };
+                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    Some(ep) => ep.do_send(EndpointMsg::Adopt(fork)),
+                    None => self.send(&leg_node, &Envelope::ForkLost { arbiter, call }),
+                }
+            }
+            Envelope::Leg {
+                call,
+                reply_node,
+                reply_endpoint,
+                msg,
+            } => match self.legs.get(&call).map(|e| e.value().1.clone()) {
+                Some(leg) => leg.do_send(msg.into_leg_msg()),
+                None => self.leg_missing(&call, &reply_node, &reply_endpoint, msg),
+            },
+            Envelope::ForkAdopted { arbiter, call } => {
+                if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
+                    a.do_send(ArbiterMsg::ForkAdopted { call });
+                }
+            }
+            Envelope::ForkLost { arbiter, call } => {
+                if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
+                    a.do_send(ArbiterMsg::ForkLost { call });
+                }
+            }
+            Envelope::Rejoin { epoch } => {
+                if epoch == self.epoch() {
+                    self.rejoin();
+                }
+            }
+        }
+    }
+
+    /// The node of a leg, from its id (ids start with their node's id).
+    fn leg_node_hint(&self, call: &str) -> Option<String> {
+        call.split_once('.').map(|(n, _)| n.to_owned())
+    }
+
+    /// A request for a leg that is gone: the one answer it is owed.
+    fn leg_missing(&self, call: &str, node: &str, endpoint: &str, msg: WireLegMsg) {
+        let reply = match msg {
+            WireLegMsg::Message { rid, .. } => ServerMsg::MessageFailed {
+                rid,
+                call: call.to_owned(),
+                msg: None,
+                code: 481,
+                text: "Call Leg/Transaction Does Not Exist".to_owned(),
+            },
+            WireLegMsg::Terminate {
+                rid,
+                cause: crate::call::leg::TerminateCause::Call,
+            } => ServerMsg::Ok { rid },
+            WireLegMsg::Accept { rid, .. }
+            | WireLegMsg::Decline { rid, .. }
+            | WireLegMsg::Forward { rid, .. }
+            | WireLegMsg::Transfer { rid, .. } => ServerMsg::error(
+                rid,
+                confab_protocol::ErrorCode::InvalidState,
+                "the call is over",
+            ),
+            _ => return,
+        };
+        self.send_event(node, endpoint, &reply);
+    }
+}
+
+/// A publication stamped with another node's wall clock, on this node's monotonic clock.
+fn to_publication(p: &wire::PublicationRecord) -> Publication {
+    let age = Duration::from_millis(wire::unix_ms().saturating_sub(p.stamp_unix_ms));
+    let now = Instant::now();
+    Publication {
+        activity: p.activity,
+        stamp: now.checked_sub(age).unwrap_or(now),
+        idle_ms: p.idle_ms,
+    }
+}
+
+async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outgoing::Publish(subject, payload) => {
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to NATS");
+                }
+            }
+            Outgoing::Flush(done) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Attempts per directory write before it is given up (NATS briefly away, a JetStream leader
+/// change); they keep one key's writes in order since the loop waits for each.
+const KV_ATTEMPTS: u32 = 5;
+
+async fn kv_loop(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<KvOp>) {
+    while let Some(op) = rx.recv().await {
+        if let KvOp::Flush(done) = op {
+            let _ = done.send(());
+            continue;
+        }
+        for attempt in 1..=KV_ATTEMPTS {
+            let result = match &op {
+                KvOp::Put(key, value) => kv
+                    .put(key, value.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                KvOp::Delete(key) => kv.delete(key).await.map_err(|e| e.to_string()),
+                KvOp::Flush(_) => Ok(()),
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if attempt == KV_ATTEMPTS => {
+                    tracing::error!(error = %e, "directory write failed; giving up");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "directory write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+}
+
+async fn inbox_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        match rmp_serde::from_slice::<Envelope>(&msg.payload) {
+            Ok(env) => cluster.route(env),
+            Err(e) => tracing::warn!(error = %e, "dropping an unreadable envelope"),
+        }
+    }
+    tracing::error!("the NATS inbox subscription ended");
+}
+
+async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        let Ok(hb) = rmp_serde::from_slice::<Heartbeat>(&msg.payload) else {
+            continue;
+        };
+        if hb.node == cluster.node_id {
+            continue;
+        }
+        if hb.leaving {
+            let known = lock(&cluster.nodes).remove(&hb.node).is_some();
+            if known {
+                tracing::info!(node = %hb.node, "node left the cluster");
+                cluster.node_lost(&hb.node, hb.epoch, true);
+            }
+            continue;
+        }
+        if !cluster.saw_node(&hb.node, hb.epoch, true)
+            && cluster.is_dead(&hb.node, hb.epoch)
+            && lock(&cluster.told).insert((hb.node.clone(), hb.epoch))
+        {
+            // A run we declared dead is alive after all (it was cut off): it must come back
+            // as a new run, since every call involving it has ended here.
+            tracing::warn!(node = %hb.node, "heard a node declared dead; asking it to rejoin");
+            cluster.send(&hb.node, &Envelope::Rejoin { epoch: hb.epoch });
+        }
+    }
+}
+
+async fn watch_loop(cluster: Arc<Cluster>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        match entry {
+            Ok(e) => cluster.apply(&e.key, e.operation, &e.value),
+            Err(e) => tracing::warn!(error = %e, "directory watch error"),
+        }
+    }
+    tracing::error!("the directory watch ended");
+}
+
+async fn liveness_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.timeout / 3);
+    loop {
+        tick.tick().await;
+        cluster.heartbeat(false);
+        cluster.check_liveness();
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}

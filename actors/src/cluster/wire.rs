@@ -1,0 +1,259 @@
+//! What nodes say to each other: envelopes on `confab.node.<id>`, heartbeats on
+//! `confab.nodes.heartbeat`, and the directory records of the `confab-endpoints` KV bucket.
+//! All MessagePack with named fields (`to_vec_named`), externally tagged enums.
+
+use confab_protocol::{Activity, Body, Status, Toast};
+use serde::{Deserialize, Serialize};
+
+use crate::call::leg::{LegMsg, TerminateCause};
+
+/// One message for an actor on the receiving node.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Envelope {
+    /// A leg's event for its endpoint's client (a `ServerMsg`, MessagePack-encoded).
+    Event {
+        endpoint: String,
+        #[serde(with = "serde_bytes")]
+        frame: Vec<u8>,
+    },
+    /// A leg ended; its endpoint answers `Release` (or the node does, if the endpoint is gone).
+    LegEnded {
+        endpoint: String,
+        call: String,
+        conversation: String,
+        elsewhere: bool,
+    },
+    /// A fork arbiter created an inbound leg for this endpoint: adopt it (or `ForkLost`).
+    Adopt {
+        endpoint: String,
+        leg_node: String,
+        arbiter: String,
+        call: String,
+        conversation: String,
+        from: String,
+        offer: String,
+        toast: Option<Toast>,
+        immediate: bool,
+    },
+    /// An endpoint's request for its leg.
+    Leg {
+        call: String,
+        reply_node: String,
+        reply_endpoint: String,
+        msg: WireLegMsg,
+    },
+    ForkAdopted {
+        arbiter: String,
+        call: String,
+    },
+    ForkLost {
+        arbiter: String,
+        call: String,
+    },
+    /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
+    Rejoin {
+        epoch: u64,
+    },
+}
+
+/// The endpoint → leg messages of [`LegMsg`] that may cross nodes.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WireLegMsg {
+    Accept {
+        rid: Option<u32>,
+        sdp: String,
+    },
+    Decline {
+        rid: Option<u32>,
+        code: u16,
+    },
+    Forward {
+        rid: Option<u32>,
+        to: String,
+    },
+    Transfer {
+        rid: Option<u32>,
+        to: String,
+    },
+    Terminate {
+        rid: Option<u32>,
+        cause: TerminateCause,
+    },
+    Message {
+        rid: Option<u32>,
+        content_type: String,
+        body: Body,
+    },
+    Ack {
+        msg: u32,
+    },
+    Composing {
+        active: bool,
+    },
+    EndpointLost,
+    Release,
+}
+
+impl WireLegMsg {
+    pub fn from_leg_msg(m: LegMsg) -> Option<Self> {
+        Some(match m {
+            LegMsg::Accept { rid, sdp } => WireLegMsg::Accept { rid, sdp },
+            LegMsg::Decline { rid, code } => WireLegMsg::Decline { rid, code },
+            LegMsg::Forward { rid, to } => WireLegMsg::Forward { rid, to },
+            LegMsg::Transfer { rid, to } => WireLegMsg::Transfer { rid, to },
+            LegMsg::Terminate { rid, cause } => WireLegMsg::Terminate { rid, cause },
+            LegMsg::Message {
+                rid,
+                content_type,
+                body,
+            } => WireLegMsg::Message {
+                rid,
+                content_type,
+                body,
+            },
+            LegMsg::Ack { msg } => WireLegMsg::Ack { msg },
+            LegMsg::Composing { active } => WireLegMsg::Composing { active },
+            LegMsg::EndpointLost => WireLegMsg::EndpointLost,
+            LegMsg::Release => WireLegMsg::Release,
+            _ => return None,
+        })
+    }
+
+    pub fn into_leg_msg(self) -> LegMsg {
+        match self {
+            WireLegMsg::Accept { rid, sdp } => LegMsg::Accept { rid, sdp },
+            WireLegMsg::Decline { rid, code } => LegMsg::Decline { rid, code },
+            WireLegMsg::Forward { rid, to } => LegMsg::Forward { rid, to },
+            WireLegMsg::Transfer { rid, to } => LegMsg::Transfer { rid, to },
+            WireLegMsg::Terminate { rid, cause } => LegMsg::Terminate { rid, cause },
+            WireLegMsg::Message {
+                rid,
+                content_type,
+                body,
+            } => LegMsg::Message {
+                rid,
+                content_type,
+                body,
+            },
+            WireLegMsg::Ack { msg } => LegMsg::Ack { msg },
+            WireLegMsg::Composing { active } => LegMsg::Composing { active },
+            WireLegMsg::EndpointLost => LegMsg::EndpointLost,
+            WireLegMsg::Release => LegMsg::Release,
+        }
+    }
+}
+
+/// `confab.nodes.heartbeat`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    pub epoch: u64,
+    /// Set once, when the node leaves gracefully.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
+/// A device-state publication with the owning node's wall-clock stamp.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PublicationRecord {
+    pub activity: Activity,
+    pub idle_ms: u64,
+    pub stamp_unix_ms: u64,
+}
+
+/// The value of `ep.<user-token>.<endpoint>` in the `confab-endpoints` bucket. Only the owning
+/// node writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub node: String,
+    pub epoch: u64,
+    pub user: String,
+    pub device: String,
+    #[serde(default)]
+    pub publication: Option<PublicationRecord>,
+    #[serde(default)]
+    pub status: Option<Status>,
+    #[serde(default)]
+    pub status_set_unix_ms: Option<u64>,
+    pub connected_unix_ms: u64,
+}
+
+/// A NATS-key-safe token for a user URI: lower-case hex of its bytes.
+pub fn user_token(user: &str) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(user.len() * 2);
+    for b in user.bytes() {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+pub fn user_from_token(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The KV key of an endpoint's record.
+pub fn record_key(user: &str, endpoint: &str) -> String {
+    format!("ep.{}.{endpoint}", user_token(user))
+}
+
+/// (user, endpoint) of a record key.
+pub fn parse_key(key: &str) -> Option<(String, String)> {
+    let rest = key.strip_prefix("ep.")?;
+    let (token, endpoint) = rest.split_once('.')?;
+    Some((user_from_token(token)?, endpoint.to_owned()))
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let k = record_key("sip:Bob@example.com", "node-a.0000abcd.e1");
+        assert!(k.starts_with("ep."));
+        assert_eq!(
+            parse_key(&k),
+            Some((
+                "sip:Bob@example.com".to_owned(),
+                "node-a.0000abcd.e1".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn envelopes_round_trip_with_binary_bodies() {
+        let e = Envelope::Leg {
+            call: "c".into(),
+            reply_node: "n".into(),
+            reply_endpoint: "e".into(),
+            msg: WireLegMsg::Message {
+                rid: Some(3),
+                content_type: "application/octet-stream".into(),
+                body: Body::Binary(vec![0, 1, 2]),
+            },
+        };
+        let bytes = rmp_serde::to_vec_named(&e).expect("encodes");
+        let back: Envelope = rmp_serde::from_slice(&bytes).expect("decodes");
+        match back {
+            Envelope::Leg {
+                msg: WireLegMsg::Message { body, .. },
+                ..
+            } => assert_eq!(body, Body::Binary(vec![0, 1, 2])),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Location-transparent references: the router half of the seam (design §1). On a single node
+//! every reference is `Local` and holds an actix address, exactly as before the cluster
+//! existed. In a cluster, the few references that may cross nodes (a leg's endpoint, an
+//! endpoint's leg, a directory entry's endpoint) can be `Remote`: they name a node and an id,
+//! and sending through them publishes an envelope to that node (see [`crate::cluster`]).
+//!
+//! Every call's legs, its fork arbiter and its message counter live on one node (the caller's);
+//! only endpoint ↔ leg traffic crosses nodes.
+
+use actix::Addr;
+use confab_protocol::ServerMsg;
+use std::sync::Arc;
+
+use crate::call::leg::{CallLeg, LegMsg};
+use crate::cluster::Cluster;
+use crate::cluster::wire::{Envelope, WireLegMsg};
+use crate::endpoint::{Endpoint, EndpointMsg};
+use crate::outbox::Outbox;
+
+/// Where a directory entry's endpoint is.
+#[derive(Clone)]
+pub enum EndpointRef {
+    Local(Addr<Endpoint>),
+    Remote { node: String, id: String },
+}
+
+impl std::fmt::Debug for EndpointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointRef::Local(_) => f.write_str("Local"),
+            EndpointRef::Remote { node, id } => write!(f, "Remote({node}/{id})"),
+        }
+    }
+}
+
+impl EndpointRef {
+    /// The local actor, if the endpoint is on this node.
+    pub fn local(&self) -> Option<&Addr<Endpoint>> {
+        match self {
+            EndpointRef::Local(a) => Some(a),
+            EndpointRef::Remote { .. } => None,
+        }
+    }
+}
+
+/// Where a leg's events go: its endpoint's outbox here, or the endpoint's node.
+#[derive(Clone)]
+pub enum EventSink {
+    Local(Outbox),
+    Remote {
+        cluster: Arc<Cluster>,
+        node: String,
+        endpoint: String,
+    },
+}
+
+impl EventSink {
+    pub fn push(&self, msg: ServerMsg) {
+        match self {
+            EventSink::Local(o) => {
+                o.push(msg);
+            }
+            EventSink::Remote {
+                cluster,
+                node,
+                endpoint,
+            } => cluster.send_event(node, endpoint, &msg),
+        }
+    }
+}
+
+/// A leg's endpoint: the actor here, or an endpoint on another node.
+#[derive(Clone)]
+pub enum LegOwner {
+    Local(Addr<Endpoint>),
+    Remote {
+        cluster: Arc<Cluster>,
+        node: String,
+        endpoint: String,
+    },
+}
+
+impl LegOwner {
+    /// False once a local endpoint has stopped. A remote one is presumed alive: its node
+    /// answers for it (a `Release` when it is gone, a node loss when the node dies).
+    pub fn connected(&self) -> bool {
+        match self {
+            LegOwner::Local(a) => a.connected(),
+            LegOwner::Remote { .. } => true,
+        }
+    }
+
+    pub fn leg_ended(&self, call: String, conversation: String, elsewhere: bool) {
+        match self {
+            LegOwner::Local(a) => a.do_send(EndpointMsg::LegEnded {
+                call,
+                conversation,
+                elsewhere,
+            }),
+            LegOwner::Remote {
+                cluster,
+                node,
+                endpoint,
+            } => cluster.send(
+                node,
+                &Envelope::LegEnded {
+                    endpoint: endpoint.clone(),
+                    call,
+                    conversation,
+                    elsewhere,
+                },
+            ),
+        }
+    }
+
+    /// The node holding the endpoint, when it is not this one.
+    pub fn remote_node(&self) -> Option<&str> {
+        match self {
+            LegOwner::Local(_) => None,
+            LegOwner::Remote { node, .. } => Some(node),
+        }
+    }
+}
+
+/// An endpoint's leg: the actor here, or a leg on the node where its call lives.
+#[derive(Clone)]
+pub enum LegRef {
+    Local(Addr<CallLeg>),
+    Remote {
+        cluster: Arc<Cluster>,
+        node: String,
+        call: String,
+        /// The endpoint holding this reference (so the leg's node can answer it).
+        endpoint: String,
+    },
+}
+
+impl LegRef {
+    /// Sends one of the messages an endpoint sends its leg. Other messages never cross nodes.
+    pub fn do_send(&self, msg: LegMsg) {
+        match self {
+            LegRef::Local(a) => a.do_send(msg),
+            LegRef::Remote {
+                cluster,
+                node,
+                call,
+                endpoint,
+            } => {
+                let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
+                    tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
+                    return;
+                };
+                cluster.send(
+                    node,
+                    &Envelope::Leg {
+                        call: call.clone(),
+                        reply_node: cluster.node_id.clone(),
+                        reply_endpoint: endpoint.clone(),
+                        msg: wire,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn remote_node(&self) -> Option<&str> {
+        match self {
+            LegRef::Local(_) => None,
+            LegRef::Remote { node, .. } => Some(node),
+        }
+    }
+}

@@ -1,0 +1,659 @@
+//! End-to-end tests of a cluster (issue #6): a real `nats-server -js` on a free port (started by
+//! the harness; the tests fail if it is missing) and three in-process nodes. A user's devices
+//! sit on different nodes and the contract must hold exactly as on one node: forking, first
+//! click wins, toast timeout to the most active device, declines, the flow, presence.
+
+use confab_actors::RunningNode;
+use confab_protocol::*;
+use confab_tests::*;
+use std::time::Duration;
+
+const ALICE: &str = "sip:alice@example.com";
+const BOB: &str = "sip:bob@example.com";
+const WATCHER: &str = "sip:watcher@example.com";
+
+struct Three {
+    a: RunningNode,
+    b: RunningNode,
+    c: RunningNode,
+    // Dropped last: the nodes leave the cluster before the server goes.
+    _nats: NatsServer,
+}
+
+fn three(toast_ms: u64, grace_ms: u64) -> Three {
+    let nats = NatsServer::start();
+    let tweak = move |s: &mut confab_actors::Settings| {
+        s.fork.toast_timeout_ms = toast_ms;
+        s.fork.auto_accept_grace_ms = grace_ms;
+    };
+    Three {
+        a: start_cluster_node(&nats, "node-a", tweak),
+        b: start_cluster_node(&nats, "node-b", tweak),
+        c: start_cluster_node(&nats, "node-c", tweak),
+        _nats: nats,
+    }
+}
+
+/// Alice on A, Bob on B and C; every node sees Bob's two devices.
+async fn alice_and_two_bobs(t: &Three) -> (Raw, Raw, Raw) {
+    let alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let bob_b = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let bob_c = Raw::sign_in(t.c.addr, BOB, "phone").await;
+    for n in [&t.a, &t.b, &t.c] {
+        wait_for_endpoints(n, BOB, 2).await;
+        wait_for_endpoints(n, ALICE, 1).await;
+    }
+    (alice, bob_b, bob_c)
+}
+
+async fn expect_reason(raw: &mut Raw, call: &str, code: u16, text: &str) {
+    let reason = raw.state(call, CallState::Terminated).await;
+    assert_eq!(
+        reason,
+        Some(Reason::new(code, text)),
+        "{} {}",
+        raw.user,
+        raw.endpoint
+    );
+}
+
+async fn send_message(raw: &mut Raw, call: &str, text: &str) -> Option<u32> {
+    let rid = raw.rid();
+    raw.send(&ClientMsg::Message {
+        rid,
+        call: call.to_owned(),
+        content_type: "text/plain".into(),
+        body: Body::Text(text.into()),
+    })
+    .await;
+    rid
+}
+
+/// Reads until a `message_received`; acks it; returns (msg, body).
+async fn receive_and_ack(raw: &mut Raw, call: &str) -> (u32, String) {
+    let (m, _) = raw
+        .recv_until(|m| matches!(m, ServerMsg::MessageReceived { toast: None, .. }))
+        .await;
+    let ServerMsg::MessageReceived { msg, body, .. } = m else {
+        unreachable!()
+    };
+    raw.send(&ClientMsg::MessageAck {
+        call: call.to_owned(),
+        msg,
+    })
+    .await;
+    let Body::Text(text) = body else {
+        panic!("text body expected")
+    };
+    (msg, text)
+}
+
+#[tokio::test]
+async fn fork_across_nodes_first_click_wins_and_messages_flow_in_order() {
+    let t = three(60_000, 60_000);
+    let (mut alice, mut bob_b, mut bob_c) = alice_and_two_bobs(&t).await;
+    let (call, _) = alice.establish(BOB, Some("hi bob")).await;
+    let (in_b, imm_b) = bob_b.incoming().await;
+    let (in_c, imm_c) = bob_c.incoming().await;
+    assert!(!imm_b && !imm_c, "two endpoints: no immediate auto-accept");
+    alice
+        .recv_until(|m| matches!(m, ServerMsg::CallRinging { .. }))
+        .await;
+
+    // C clicks first.
+    assert!(matches!(bob_c.accept(&in_c).await, ServerMsg::Ok { .. }));
+    let (m, _) = bob_c
+        .recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await;
+    let ServerMsg::CallEstablished { remote, .. } = m else {
+        unreachable!()
+    };
+    assert_eq!(remote.endpoint, alice.endpoint);
+    // The toast is the winner's first message.
+    let (m, _) = bob_c
+        .recv_until(|m| matches!(m, ServerMsg::MessageReceived { .. }))
+        .await;
+    assert!(matches!(
+        m,
+        ServerMsg::MessageReceived {
+            msg: 1,
+            toast: Some(true),
+            ..
+        }
+    ));
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await;
+    let ServerMsg::CallEstablished { remote, .. } = m else {
+        unreachable!()
+    };
+    assert_eq!(remote.endpoint, bob_c.endpoint);
+    // The other fork ends, and a late click is answered elsewhere.
+    expect_reason(&mut bob_b, &in_b, 200, "Call completed elsewhere").await;
+    match bob_b.accept(&in_b).await {
+        ServerMsg::Error { code, .. } => assert_eq!(code, ErrorCode::AnsweredElsewhere),
+        other => panic!("{other:?}"),
+    }
+
+    // Messages both ways, acked, delivered, in order.
+    let mut rids = Vec::new();
+    for i in 0..5 {
+        rids.push(send_message(&mut alice, &call, &format!("a{i}")).await);
+    }
+    for i in 0..5 {
+        let (msg, text) = receive_and_ack(&mut bob_c, &in_c).await;
+        assert_eq!(text, format!("a{i}"));
+        assert_eq!(msg, i + 2, "one counter per call; the toast was 1");
+    }
+    for rid in &rids {
+        let (m, _) = alice
+            .recv_until(|m| {
+                matches!(
+                    m,
+                    ServerMsg::MessageDelivered { .. } | ServerMsg::MessageFailed { .. }
+                )
+            })
+            .await;
+        assert!(
+            matches!(&m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid),
+            "{m:?}"
+        );
+    }
+    let rid = send_message(&mut bob_c, &in_c, "from bob").await;
+    let (msg, text) = receive_and_ack(&mut alice, &call).await;
+    assert_eq!((msg, text.as_str()), (7, "from bob"));
+    let (m, _) = bob_c
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, msg: 7, .. } if r == rid));
+
+    // Bob hangs up from his node; Alice sees it.
+    let reply = bob_c
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: in_c.clone(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }));
+    expect_reason(&mut bob_c, &in_c, 200, "Terminated locally").await;
+    expect_reason(&mut alice, &call, 200, "Terminated remotely").await;
+    // The ended call answers late requests as on one node.
+    match bob_c
+        .request(ClientMsg::Message {
+            rid: None,
+            call: in_c.clone(),
+            content_type: "text/plain".into(),
+            body: Body::Text("late".into()),
+        })
+        .await
+    {
+        ServerMsg::MessageFailed { code, .. } => assert_eq!(code, 481),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_call_from_another_node_reaches_a_single_device_with_immediate_accept() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.b, ALICE, 1).await;
+    // Bob (B) calls Alice (A): the call lives on B.
+    let (call, _) = bob.establish(ALICE, None).await;
+    let (incoming, immediate) = alice.incoming().await;
+    assert!(immediate, "one endpoint: immediate auto-accept");
+    assert!(matches!(
+        alice.accept(&incoming).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&incoming, CallState::Established).await;
+    bob.state(&call, CallState::Established).await;
+    // Alice terminates; both ends see it.
+    let reply = alice
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: incoming.clone(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }));
+    expect_reason(&mut alice, &incoming, 200, "Terminated locally").await;
+    expect_reason(&mut bob, &call, 200, "Terminated remotely").await;
+}
+
+#[tokio::test]
+async fn toast_timeout_asks_the_most_active_device_on_whichever_node() {
+    let t = three(300, 2_000);
+    let (mut alice, mut bob_b, mut bob_c) = alice_and_two_bobs(&t).await;
+    // B is away, C is active: C is the most active endpoint, whatever node ranks it.
+    for (raw, activity) in [(&mut bob_b, Activity::Away), (&mut bob_c, Activity::Active)] {
+        let reply = raw
+            .request(ClientMsg::DeviceState {
+                rid: None,
+                activity,
+                idle_ms: None,
+            })
+            .await;
+        assert!(matches!(reply, ServerMsg::Ok { .. }));
+    }
+    // Let the publications reach node A's presence through the directory.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob_b.incoming().await;
+    let (in_c, _) = bob_c.incoming().await;
+    let (m, _) = bob_c
+        .recv_until(|m| matches!(m, ServerMsg::AutoAcceptNeeded { .. }))
+        .await;
+    assert_eq!(m, ServerMsg::AutoAcceptNeeded { call: in_c.clone() });
+    assert!(matches!(bob_c.accept(&in_c).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    expect_reason(&mut bob_b, &in_b, 200, "Call completed elsewhere").await;
+}
+
+#[tokio::test]
+async fn a_603_decline_on_one_node_ends_the_call_everywhere() {
+    let t = three(60_000, 60_000);
+    let (mut alice, mut bob_b, mut bob_c) = alice_and_two_bobs(&t).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob_b.incoming().await;
+    let (in_c, _) = bob_c.incoming().await;
+    let reply = bob_b
+        .request(ClientMsg::CallDecline {
+            rid: None,
+            call: in_b.clone(),
+            code: Some(603),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }));
+    expect_reason(&mut bob_b, &in_b, 603, "Decline").await;
+    expect_reason(&mut bob_c, &in_c, 603, "Declined elsewhere").await;
+    expect_reason(&mut alice, &call, 603, "Decline").await;
+}
+
+async fn next_presence(raw: &mut Raw, user: &str) -> Availability {
+    let (m, _) = raw
+        .recv_until(|m| matches!(m, ServerMsg::Presence { user: u, .. } if u == user))
+        .await;
+    let ServerMsg::Presence { availability, .. } = m else {
+        unreachable!()
+    };
+    availability
+}
+
+#[tokio::test]
+async fn presence_published_on_one_node_is_seen_by_a_subscriber_on_another() {
+    let t = three(60_000, 60_000);
+    let mut watcher = Raw::sign_in(t.a.addr, WATCHER, "laptop").await;
+    let reply = watcher
+        .request(ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.to_owned()],
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }));
+    assert_eq!(
+        next_presence(&mut watcher, BOB).await,
+        Availability::Offline
+    );
+
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    assert_eq!(
+        next_presence(&mut watcher, BOB).await,
+        Availability::Available
+    );
+    bob.request(ClientMsg::DeviceState {
+        rid: None,
+        activity: Activity::Away,
+        idle_ms: None,
+    })
+    .await;
+    assert_eq!(next_presence(&mut watcher, BOB).await, Availability::Away);
+    // A manual status set on another node of the same user wins as the latest one.
+    let mut bob_c = Raw::sign_in(t.c.addr, BOB, "phone").await;
+    bob_c
+        .request(ClientMsg::SetStatus {
+            rid: None,
+            status: Some(Status::DoNotDisturb),
+        })
+        .await;
+    let (m, _) = watcher
+        .recv_until(|m| {
+            matches!(m, ServerMsg::Presence { availability, .. } if *availability == Availability::DoNotDisturb)
+        })
+        .await;
+    assert!(matches!(
+        m,
+        ServerMsg::Presence {
+            most_active: None,
+            ..
+        }
+    ));
+    // Both devices leave: offline again, and the status is cleared.
+    bob.request(ClientMsg::Bye { rid: None }).await;
+    bob_c.request(ClientMsg::Bye { rid: None }).await;
+    watcher
+        .recv_until(|m| {
+            matches!(m, ServerMsg::Presence { availability, .. } if *availability == Availability::Offline)
+        })
+        .await;
+    wait_for_endpoints(&t.a, BOB, 0).await;
+    drop(t);
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_reach_nats_does_not_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut s = test_settings();
+    s.cluster = Some(confab_actors::settings::Cluster {
+        nats_url: format!("nats://127.0.0.1:{port}"),
+        node_id: Some("lonely".to_owned()),
+        node_timeout_ms: None,
+    });
+    let err = confab_actors::spawn_node(s)
+        .err()
+        .expect("no NATS: no node");
+    assert!(err.to_string().contains("NATS"), "{err}");
+}
+
+#[tokio::test]
+async fn a_transfer_to_a_user_on_a_third_node_succeeds() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    for n in [&t.a, &t.b, &t.c] {
+        wait_for_endpoints(n, BOB, 1).await;
+        wait_for_endpoints(n, CAROL, 1).await;
+    }
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    // Bob (on B) transfers Alice to Carol (on C).
+    let reply = bob
+        .request(ClientMsg::CallTransfer {
+            rid: None,
+            call: in_b.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let (in_c, immediate) = carol.incoming().await;
+    assert!(immediate);
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    carol.state(&in_c, CallState::Established).await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::CallTransferred { .. }))
+        .await;
+    let ServerMsg::CallTransferred { remote, .. } = m else {
+        unreachable!()
+    };
+    assert_eq!(remote.endpoint, carol.endpoint);
+    expect_reason(&mut bob, &in_b, 202, "Transferred").await;
+    // Alice and Carol talk.
+    let rid = send_message(&mut alice, &call, "hello carol").await;
+    let (_, text) = receive_and_ack(&mut carol, &in_c).await;
+    assert_eq!(text, "hello carol");
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+}
+
+#[tokio::test]
+async fn bye_on_a_node_other_than_the_call_ends_the_call_before_closing() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    bob.send(&ClientMsg::Bye { rid: Some(9) }).await;
+    let frames = bob.expect_closed().await;
+    assert!(
+        frames.iter().any(|m| matches!(
+            m,
+            ServerMsg::CallState { state: CallState::Terminated, reason: Some(r), .. }
+                if r.code == 200 && r.text == "Terminated locally"
+        )),
+        "{frames:?}"
+    );
+    expect_reason(&mut alice, &call, 200, "Terminated remotely").await;
+    wait_for_endpoints(&t.a, BOB, 0).await;
+}
+
+#[test]
+fn the_example_cluster_configs_load() {
+    for n in ["a", "b", "c"] {
+        let path = format!(
+            "{}/../config/cluster/node-{n}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let s = confab_actors::Settings::load(&text, []).expect("valid config");
+        let c = s.cluster.expect("a [cluster] section");
+        assert_eq!(c.node_id.as_deref(), Some(format!("node-{n}").as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_once() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await;
+    let Three {
+        a,
+        b,
+        c,
+        _nats: nats,
+    } = t;
+    let started = std::time::Instant::now();
+    b.shutdown();
+    let frames = bob.expect_closed().await;
+    assert!(
+        matches!(frames.first(), Some(ServerMsg::Shutdown { .. })),
+        "{frames:?}"
+    );
+    expect_reason(&mut alice, &call, 503, "Server shutting down").await;
+    wait_for_endpoints(&a, BOB, 0).await;
+    wait_for_endpoints(&c, BOB, 0).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(NODE_TIMEOUT_MS),
+        "a graceful leave does not wait for the node timeout: {:?}",
+        started.elapsed()
+    );
+    // The nodes stop before their NATS server does.
+    drop((a, c));
+    drop(nats);
+}
+
+#[tokio::test]
+async fn a_forward_to_a_user_on_a_third_node_rings_there_and_composing_crosses_nodes() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    wait_for_endpoints(&t.a, CAROL, 1).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    let reply = bob
+        .request(ClientMsg::CallForward {
+            rid: None,
+            call: in_b.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    expect_reason(&mut bob, &in_b, 302, "Moved Temporarily").await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::CallForwarded { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::CallForwarded { to, .. } if to == CAROL));
+    let (in_c, _) = carol.incoming().await;
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    carol.state(&in_c, CallState::Established).await;
+    carol
+        .send(&ClientMsg::Composing {
+            call: in_c.clone(),
+            active: true,
+        })
+        .await;
+    let (m, _) = alice
+        .recv_until(|m| matches!(m, ServerMsg::RemoteComposing { .. }))
+        .await;
+    assert_eq!(
+        m,
+        ServerMsg::RemoteComposing {
+            call: call.clone(),
+            active: true
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    let old_bob = t.a.endpoints_of(BOB);
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+
+    // B goes silent: A and C declare it dead; the call ends on both sides with 503.
+    let silence = Duration::from_millis(NODE_TIMEOUT_MS * 2);
+    t.b.cluster()
+        .expect("a cluster node")
+        .mute_heartbeats(silence);
+    expect_reason(&mut alice, &call, 503, "Node lost").await;
+    wait_for_endpoints(&t.a, BOB, 0).await;
+    wait_for_endpoints(&t.c, BOB, 0).await;
+    // When B is heard again it is told it was declared dead; it ends its side and rejoins.
+    expect_reason(&mut bob, &in_b, 503, "Node lost").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    wait_for_endpoints(&t.c, BOB, 1).await;
+    assert_eq!(t.a.endpoints_of(BOB), old_bob, "the same endpoint, back");
+    // And calls work again.
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+}
+
+#[tokio::test]
+async fn a_users_own_view_lists_and_ranks_devices_on_every_node() {
+    let t = three(60_000, 60_000);
+    let mut bob_b = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut bob_c = Raw::sign_in(t.c.addr, BOB, "phone").await;
+    wait_for_endpoints(&t.b, BOB, 2).await;
+    bob_c
+        .request(ClientMsg::DeviceState {
+            rid: None,
+            activity: Activity::Active,
+            idle_ms: Some(0),
+        })
+        .await;
+    bob_b
+        .request(ClientMsg::DeviceState {
+            rid: None,
+            activity: Activity::Inactive,
+            idle_ms: Some(1000),
+        })
+        .await;
+    bob_b
+        .request(ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.to_owned()],
+        })
+        .await;
+    // The view settles on: the phone (on C) most active, then the desk (here, on B).
+    let want_most_active = bob_c.endpoint.clone();
+    let (m, _) = bob_b
+        .recv_until(|m| {
+            matches!(m, ServerMsg::Presence { most_active: Some(ma), endpoints: Some(eps), .. }
+                if *ma == want_most_active && eps.len() == 2 && eps[1].activity == EffectiveActivity::Inactive)
+        })
+        .await;
+    let ServerMsg::Presence {
+        availability,
+        endpoints: Some(eps),
+        ..
+    } = m
+    else {
+        unreachable!()
+    };
+    assert_eq!(availability, Availability::Available);
+    assert_eq!(
+        eps.iter()
+            .map(|e| (e.device.as_str(), e.rank))
+            .collect::<Vec<_>>(),
+        vec![("phone", 1), ("desk", 2)]
+    );
+}
+
+#[tokio::test]
+async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_503() {
+    const CAROL: &str = "sip:carol@example.com";
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    let mut carol = Raw::sign_in(t.c.addr, CAROL, "phone").await;
+    for n in [&t.a, &t.b, &t.c] {
+        wait_for_endpoints(n, BOB, 1).await;
+        wait_for_endpoints(n, CAROL, 1).await;
+    }
+    // Alice (A) calls Bob (B), then transfers him to Carol (C): the Bob–Carol call lives on A,
+    // whose own endpoint has left it.
+    let (call, _) = alice.establish(BOB, None).await;
+    let (in_b, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    bob.state(&in_b, CallState::Established).await;
+    let reply = alice
+        .request(ClientMsg::CallTransfer {
+            rid: None,
+            call: call.clone(),
+            to: CAROL.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let (in_c, _) = carol.incoming().await;
+    assert!(matches!(carol.accept(&in_c).await, ServerMsg::Ok { .. }));
+    carol.state(&in_c, CallState::Established).await;
+    bob.recv_until(|m| matches!(m, ServerMsg::CallTransferred { .. }))
+        .await;
+    expect_reason(&mut alice, &call, 202, "Transferred").await;
+    // Node A stops gracefully: the call it holds ends for both, as on a single node.
+    let Three {
+        a,
+        b,
+        c,
+        _nats: nats,
+    } = t;
+    a.shutdown();
+    expect_reason(&mut bob, &in_b, 503, "Server shutting down").await;
+    expect_reason(&mut carol, &in_c, 503, "Server shutting down").await;
+    // The nodes stop before their NATS server does.
+    drop((b, c));
+    drop(nats);
+}

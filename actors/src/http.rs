@@ -1,6 +1,7 @@
 //! The operations port: `GET /metrics` (Prometheus text format) and `GET /health` (200 while
-//! serving, 503 while draining). Two fixed routes on a loopback-facing port do not justify an
-//! HTTP framework; this reads one request line and answers with `Connection: close`.
+//! serving, 503 "draining" while draining, 503 "degraded" while a cluster node has lost NATS).
+//! Two fixed routes on a loopback-facing port do not justify an HTTP framework; this reads one
+//! request line and answers with `Connection: close`.
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
@@ -53,6 +54,11 @@ async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Ar
             "503 Service Unavailable",
             "text/plain",
             "draining\n".to_owned(),
+        ),
+        "/health" if ctx.cluster.as_ref().is_some_and(|c| !c.nats_connected()) => (
+            "503 Service Unavailable",
+            "text/plain",
+            "degraded\n".to_owned(),
         ),
         "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),

@@ -25,6 +25,8 @@ pub const SLOW_CONSUMERS: &str = "confab_slow_consumers_total";
 pub const LIMITS_TRIPPED: &str = "confab_limits_tripped_total";
 pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
 pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
+pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoints";
+pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -107,6 +109,15 @@ pub fn describe_all() {
     describe_counter!(
         CLUSTER_ENVELOPES,
         "Envelopes exchanged with other cluster nodes, by direction (cluster mode only)"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_ENDPOINTS,
+        "Directory records this node knows: its own endpoints and its cache of the other nodes' \
+         (cluster mode only)"
+    );
+    describe_gauge!(
+        CLUSTER_NATS_CONNECTED,
+        "1 while the node's NATS connection is up, 0 while it is down (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

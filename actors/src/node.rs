@@ -176,6 +176,9 @@ async fn run(
         away_after: Duration::from_millis(settings.presence.away_after_ms),
     };
     let presence = PresenceShards::start(&handles, thresholds);
+    // Before the cluster starts, so what it records while joining is kept.
+    let recorder = m::recorder();
+    m::describe_all();
     let (directory, cluster): (Arc<dyn Directory>, _) = match &settings.cluster {
         None => (Arc::new(LocalDirectory::default()), None),
         Some(c) => {
@@ -218,8 +221,6 @@ async fn run(
         ctx.directory.clone(),
         ctx.cluster.clone(),
     )));
-    let recorder = m::recorder();
-    m::describe_all();
 
     if let Some(l) = metrics_listener.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
         actix_rt::spawn(crate::http::serve(l, recorder.clone(), ctx.clone()));

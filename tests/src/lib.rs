@@ -277,10 +277,19 @@ impl NatsServer {
             .map(|a| a.port())
             .expect("a free port");
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let child = Self::spawn(port, dir.path());
+        NatsServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
         let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
         let child = std::process::Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -293,11 +302,19 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        NatsServer {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Kills the server (the nodes lose NATS).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, self._dir.path());
     }
 
     pub fn url(&self) -> String {

@@ -657,3 +657,60 @@ async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_5
     drop((b, c));
     drop(nats);
 }
+
+/// `GET path` on a node's operations port: (status, body).
+async fn ops_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the operations port accepts");
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .expect("the request is written");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .expect("the answer is read");
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// Polls `/health` until it answers `status`.
+async fn wait_for_health(addr: std::net::SocketAddr, status: u16, body: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = ops_get(addr, "/health").await;
+        if now.0 == status && now.1 == body {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/health is {now:?}, expected {status} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
+    let mut nats = NatsServer::start();
+    let node = start_cluster_node(&nats, "node-h", |_| {});
+    let ops = node.metrics_addr.expect("the test node serves metrics");
+    assert!(node.cluster().expect("a cluster node").nats_connected());
+    wait_for_health(ops, 200, "ok\n").await;
+    nats.kill();
+    wait_for_health(ops, 503, "degraded\n").await;
+    assert!(!node.cluster().expect("a cluster node").nats_connected());
+    nats.restart();
+    wait_for_health(ops, 200, "ok\n").await;
+    assert!(node.cluster().expect("a cluster node").nats_connected());
+    drop(node);
+    drop(nats);
+}

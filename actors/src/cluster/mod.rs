@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -99,6 +99,10 @@ pub struct Cluster {
     own: DashMap<String, Record>,
     /// Other nodes' endpoints, by user.
     remote: DashMap<String, Vec<RemoteEndpoint>>,
+    /// Endpoints in `remote` (all users).
+    remote_len: AtomicUsize,
+    /// The NATS client's connection state, from its events.
+    nats_connected: Arc<AtomicBool>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
     /// (node, epoch) pairs declared dead: their late records are ignored.
     dead: Mutex<Vec<(String, u64)>>,
@@ -191,15 +195,23 @@ impl Cluster {
             url: cfg.nats_url.clone(),
             reason,
         };
+        let nats_connected = Arc::new(AtomicBool::new(false));
+        let events = nats_connected.clone();
         let client = tokio::time::timeout(
             Duration::from_secs(5),
             async_nats::ConnectOptions::new()
                 .name(format!("confab-{node_id}"))
+                .event_callback(move |event| {
+                    let events = events.clone();
+                    async move { nats_event(&events, event) }
+                })
                 .connect(urls),
         )
         .await
         .map_err(|_| connect_err("timed out".to_owned()))?
         .map_err(|e| connect_err(e.to_string()))?;
+        // Connected now (the event may come later than this).
+        set_nats_connected(&nats_connected, true);
         let js = async_nats::jetstream::new(client.clone());
         let kv = match js.get_key_value(BUCKET).await {
             Ok(kv) => kv,
@@ -250,6 +262,8 @@ impl Cluster {
             arbiters: DashMap::new(),
             own: DashMap::new(),
             remote: DashMap::new(),
+            remote_len: AtomicUsize::new(0),
+            nats_connected,
             nodes: Mutex::new(HashMap::new()),
             dead: Mutex::new(Vec::new()),
             presence,
@@ -268,6 +282,10 @@ impl Cluster {
         rt.spawn(watch_loop(cluster.clone(), watch));
         rt.spawn(liveness_loop(cluster.clone()));
         metrics::gauge!(m::CLUSTER_NODES).set(1.0);
+        for direction in ["in", "out"] {
+            metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
+        }
+        cluster.directory_gauge();
         Ok(cluster)
     }
 
@@ -291,6 +309,21 @@ impl Cluster {
             }
         })
         .await;
+    }
+
+    /// True while the NATS client is connected; a node that lost NATS is degraded (its
+    /// `/health` answers 503).
+    pub fn nats_connected(&self) -> bool {
+        self.nats_connected.load(Ordering::Relaxed)
+    }
+
+    /// Directory records this node knows: its own and its cache of the other nodes'.
+    pub fn directory_len(&self) -> usize {
+        self.own.len() + self.remote_len.load(Ordering::Relaxed)
+    }
+
+    fn directory_gauge(&self) {
+        metrics::gauge!(m::CLUSTER_DIRECTORY_ENDPOINTS).set(self.directory_len() as f64);
     }
 
     /// This run's epoch.
@@ -403,7 +436,9 @@ impl Cluster {
         let key = wire::record_key(&record.user, endpoint);
         match rmp_serde::to_vec_named(&record) {
             Ok(bytes) => {
-                self.own.insert(endpoint.to_owned(), record);
+                if self.own.insert(endpoint.to_owned(), record).is_none() {
+                    self.directory_gauge();
+                }
                 let _ = self.kv_tx.send(KvOp::Put(key, Bytes::from(bytes)));
             }
             Err(e) => tracing::error!(error = %e, "cannot encode a directory record"),
@@ -420,7 +455,9 @@ impl Cluster {
     }
 
     pub fn delete_own(&self, user: &str, endpoint: &str) {
-        self.own.remove(endpoint);
+        if self.own.remove(endpoint).is_some() {
+            self.directory_gauge();
+        }
         let _ = self
             .kv_tx
             .send(KvOp::Delete(wire::record_key(user, endpoint)));
@@ -485,15 +522,25 @@ impl Cluster {
                     publication: record.publication.map(|p| to_publication(&p)),
                     status: record.status_set_unix_ms.map(|at| (record.status, at)),
                 };
-                {
+                let added = {
                     let mut list = self.remote.entry(user).or_default();
                     match list.iter_mut().find(|e| e.id == endpoint) {
-                        Some(e) => e.record = record,
-                        None => list.push(RemoteEndpoint {
-                            id: endpoint,
-                            record,
-                        }),
+                        Some(e) => {
+                            e.record = record;
+                            false
+                        }
+                        None => {
+                            list.push(RemoteEndpoint {
+                                id: endpoint,
+                                record,
+                            });
+                            true
+                        }
                     }
+                };
+                if added {
+                    self.remote_len.fetch_add(1, Ordering::Relaxed);
+                    self.directory_gauge();
                 }
                 self.presence.send(upsert);
             }
@@ -511,6 +558,8 @@ impl Cluster {
             list.is_empty()
         });
         if removed {
+            self.remote_len.fetch_sub(1, Ordering::Relaxed);
+            self.directory_gauge();
             self.presence.send(PresenceMsg::Left {
                 user: user.to_owned(),
                 endpoint: endpoint.to_owned(),
@@ -668,6 +717,7 @@ impl Cluster {
             .map(|e| wire::record_key(&e.value().user, e.key()))
             .collect();
         self.own.clear();
+        self.directory_gauge();
         for key in keys {
             let _ = self.kv.delete(&key).await;
         }
@@ -803,6 +853,28 @@ impl Cluster {
         };
         self.send_event(node, endpoint, &reply);
     }
+}
+
+/// Follows the NATS client's connection state into [`Cluster::nats_connected`] and the
+/// `confab_cluster_nats_connected` gauge.
+fn nats_event(connected: &AtomicBool, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            tracing::info!("connected to NATS");
+            set_nats_connected(connected, true);
+        }
+        async_nats::Event::Disconnected => {
+            tracing::warn!("disconnected from NATS; this node is degraded until it reconnects");
+            set_nats_connected(connected, false);
+        }
+        async_nats::Event::Closed => set_nats_connected(connected, false),
+        other => tracing::warn!(event = %other, "NATS client event"),
+    }
+}
+
+fn set_nats_connected(connected: &AtomicBool, up: bool) {
+    connected.store(up, Ordering::Relaxed);
+    metrics::gauge!(m::CLUSTER_NATS_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 
 /// A publication stamped with another node's wall clock, on this node's monotonic clock.

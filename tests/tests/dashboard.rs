@@ -1,14 +1,18 @@
 //! The Grafana dashboard against a real Prometheus scraping a real node (design §5: the
 //! dashboard uses only names that a running node exports).
 //!
+//! The node runs in cluster mode (a one-node cluster on a real `nats-server -js`, as in
+//! `tests/cluster.rs`) so the Cluster row's panels have data too.
+//!
 //! The test drives every kind of traffic the dashboard shows through a node, lets the
 //! `prometheus` binary scrape it every second, then evaluates every `expr` of
 //! `grafana/dashboard.json` through Prometheus's HTTP API: each must be valid PromQL and return
 //! at least one series. The traffic runs twice, with a scrape in between, so `rate()` and
 //! `histogram_quantile()` see increases and the latency panels show real numbers.
 //!
-//! The `prometheus` binary must be installed (`scripts/test` installs it; `PROMETHEUS_BIN` names
-//! another one); without it the test fails rather than skipping.
+//! The `prometheus` and `nats-server` binaries must be installed (`scripts/test` installs them;
+//! `PROMETHEUS_BIN` and `NATS_SERVER` name others); without them the test fails rather than
+//! skipping.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use confab_protocol::*;
@@ -48,7 +52,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     );
     let names = metric_names(exprs.iter().map(String::as_str));
 
-    let node = start_node(|s| s.limits.outbound_queue = OUTBOUND_QUEUE);
+    let nats = NatsServer::start();
+    let node = start_cluster_node(&nats, "dashboard", |s| {
+        s.limits.outbound_queue = OUTBOUND_QUEUE
+    });
     let metrics_addr = node.metrics_addr.expect("the test node serves metrics");
     let prom = Prometheus::start(metrics_addr).await;
 
@@ -78,6 +85,8 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "confab_signins_total >= 12",
         "sum(rate(confab_call_setup_seconds_count[1m])) > 0",
         "sum(rate(confab_message_delivery_seconds_count[1m])) > 0",
+        "confab_cluster_nats_connected == 1",
+        "confab_cluster_nodes == 1",
     ];
     prom.wait_until_all(&moved).await;
 
@@ -122,6 +131,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 
     drop(prom);
     node.shutdown();
+    drop(nats);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the dashboard test took {:?}",

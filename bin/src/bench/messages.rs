@@ -31,12 +31,19 @@ struct PairResult {
     latency: hdrhistogram::Histogram<u64>,
 }
 
-pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<Report> {
+/// `callee` is where the callees sign in (another node of a cluster: every message crosses
+/// nodes); the callers sign in at `t`.
+pub async fn run(
+    t: &Target,
+    callee: &Target,
+    p: &Params,
+    progress: &Progress,
+) -> anyhow::Result<Report> {
     let run = run_id();
     let mut pairs = Vec::with_capacity(p.pairs);
     for i in 0..p.pairs {
         pairs.push(
-            setup_pair(t, &run, i)
+            setup_pair(t, callee, &run, i)
                 .await
                 .with_context(|| format!("setting up pair {i}"))?,
         );
@@ -76,6 +83,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     Ok(
         Report::new("messages", total.delivered as f64 / secs, total.latency)
             .with("pairs", p.pairs)
+            .with("cross_node", t.server != callee.server)
             .with("window", p.window)
             .with(
                 "offered_rate",
@@ -89,12 +97,17 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     )
 }
 
-/// Signs a caller and a callee in, and establishes a call between them.
-async fn setup_pair(t: &Target, run: &str, i: usize) -> anyhow::Result<(Conn, String, Conn)> {
+/// Signs a caller in at `t` and a callee at `callee`, and establishes a call between them.
+async fn setup_pair(
+    t: &Target,
+    callee_t: &Target,
+    run: &str,
+    i: usize,
+) -> anyhow::Result<(Conn, String, Conn)> {
     let a = format!("sip:a{i}-{run}@bench.invalid");
     let b = format!("sip:b{i}-{run}@bench.invalid");
     let mut caller = Conn::sign_in(t, &a, "bench", None).await?;
-    let mut callee = Conn::sign_in(t, &b, "bench", None).await?;
+    let mut callee = Conn::sign_in(callee_t, &b, "bench", None).await?;
     caller
         .send(&ClientMsg::CallEstablish {
             rid: Some(1),

@@ -49,6 +49,10 @@ enum Scenario {
         /// Seconds of load.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Where the callees sign in (another node of a cluster, so every message crosses
+        /// nodes); default: --server.
+        #[arg(long)]
+        callee_server: Option<SocketAddr>,
     },
     /// Forked call setup to users with several devices.
     Calls {
@@ -108,7 +112,12 @@ fn main() -> anyhow::Result<()> {
                 size,
                 rate,
                 duration,
+                callee_server,
             } => {
+                let callee = Target {
+                    server: callee_server.unwrap_or(target.server),
+                    ..target.clone()
+                };
                 let p = bench::messages::Params {
                     pairs,
                     window: window.max(1),
@@ -116,7 +125,7 @@ fn main() -> anyhow::Result<()> {
                     size,
                     duration: secs(duration),
                 };
-                bench::messages::run(&target, &p, &progress).await
+                bench::messages::run(&target, &callee, &p, &progress).await
             }
             Scenario::Calls {
                 callers,

@@ -108,15 +108,39 @@ async fn setup_pair(
     let b = format!("sip:b{i}-{run}@bench.invalid");
     let mut caller = Conn::sign_in(t, &a, "bench", None).await?;
     let mut callee = Conn::sign_in(callee_t, &b, "bench", None).await?;
-    caller
-        .send(&ClientMsg::CallEstablish {
-            rid: Some(1),
-            to: b.clone(),
-            conversation: None,
-            toast: None,
-            sdp: build_offer(&["text/plain"], None),
-        })
-        .await?;
+    // On another node the callee reaches the caller's node through the cluster directory a
+    // moment later: until then the call ends 480 at once, and is tried again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for attempt in 1u32.. {
+        caller
+            .send(&ClientMsg::CallEstablish {
+                rid: Some(attempt),
+                to: b.clone(),
+                conversation: None,
+                toast: None,
+                sdp: build_offer(&["text/plain"], None),
+            })
+            .await?;
+        let m = caller
+            .recv_until(deadline - Instant::now(), |m| {
+                matches!(
+                    m,
+                    ServerMsg::CallRinging { .. }
+                        | ServerMsg::CallState {
+                            state: confab_protocol::CallState::Terminated,
+                            ..
+                        }
+                )
+            })
+            .await?;
+        if matches!(m, ServerMsg::CallRinging { .. }) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{b} never reachable from the caller's node");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let wait = Duration::from_secs(10);
     let ServerMsg::CallIncoming { call: incoming, .. } = callee
         .recv_until(wait, |m| matches!(m, ServerMsg::CallIncoming { .. }))

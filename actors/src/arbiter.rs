@@ -64,8 +64,11 @@ pub enum ArbiterMsg {
         call: String,
         to: String,
     },
-    /// The caller terminated (or was lost) while the forks rang.
-    CallerCancel,
+    /// The caller terminated (or was lost) while the forks rang; `reason` is what the forks see
+    /// (487 for a cancel, 408 for a lost caller, 503 on shutdown).
+    CallerCancel {
+        reason: Reason,
+    },
 }
 
 #[derive(PartialEq, Eq)]
@@ -542,12 +545,12 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 self.auto_current = None;
                 self.fork(ctx);
             }
-            ArbiterMsg::CallerCancel => {
+            ArbiterMsg::CallerCancel { reason } => {
                 if self.decided {
                     return;
                 }
                 self.decide("cancelled");
-                self.cancel_others(None, reasons::request_terminated(), false);
+                self.cancel_others(None, reason, false);
                 // The caller's leg waits for our last word before it goes away.
                 self.t.caller.do_send(LegMsg::Failed {
                     reason: reasons::request_terminated(),

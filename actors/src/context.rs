@@ -49,10 +49,10 @@ impl NodeCtx {
 
     /// True once a graceful shutdown started: no new sign-ins.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::SeqCst)
     }
 
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
     }
 }

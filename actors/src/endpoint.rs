@@ -782,6 +782,29 @@ impl Endpoint {
         ctx.stop();
     }
 
+    /// Answers a request that arrives after `bye` or a shutdown began: a `message` fails with
+    /// 503, other requests get `invalid_state`, acks and composing are ignored.
+    fn refuse_while_ending(&mut self, msg: ClientMsg) {
+        match msg {
+            ClientMsg::Message { rid, call, .. } => {
+                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
+                self.push(ServerMsg::MessageFailed {
+                    rid,
+                    call,
+                    msg: None,
+                    code: 503,
+                    text: "Endpoint is signing out".to_owned(),
+                });
+            }
+            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
+            other => self.error(
+                other.rid(),
+                ErrorCode::InvalidState,
+                "the endpoint is signing out",
+            ),
+        }
+    }
+
     /// Refuses a request over the connection's rate, in the form its type is answered in: a
     /// `message` still gets its one `message_failed`, `composing` gets nothing.
     fn rate_limited(&mut self, msg: ClientMsg) {
@@ -871,6 +894,12 @@ impl Actor for Endpoint {
 impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
     fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
         if self.ending {
+            // Still answered while the socket is open: a `message` always gets its one answer.
+            if let Ok(frame) = item
+                && let Ok(msg) = decode_client(&frame)
+            {
+                self.refuse_while_ending(msg);
+            }
             return;
         }
         self.last_rx = Instant::now();

@@ -217,6 +217,18 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
         outbox.close();
         return;
     }
+    // A shutdown that began after the handshake's check took its list of endpoints before this
+    // one registered: refuse it, or it would never hear `shutdown`.
+    if ctx.is_draining() {
+        ctx.directory.unregister(&hello.user, &id);
+        outbox.push(ServerMsg::error(
+            hello.rid,
+            ErrorCode::Overloaded,
+            "the node is shutting down",
+        ));
+        outbox.close();
+        return;
+    }
     metrics::counter!(m::SIGNINS).increment(1);
     // Presence hears of the endpoint before the client hears `welcome`, so a subscription made
     // after the welcome already counts it.

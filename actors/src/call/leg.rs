@@ -124,6 +124,9 @@ pub enum LegMsg {
     },
     RemoteTerminate {
         reason: Reason,
+        /// The leg that ended; ignored unless it is still this leg's peer (after a transfer
+        /// the old peer's hang-up must not end the call with the new one).
+        from: Addr<CallLeg>,
     },
     StartTransfer {
         to: String,
@@ -343,10 +346,15 @@ impl CallLeg {
             }
         }
         if let Some(Transfer::Transferee { arbiter, .. }) = self.transfer.take() {
-            arbiter.do_send(ArbiterMsg::CallerCancel);
+            arbiter.do_send(ArbiterMsg::CallerCancel {
+                reason: reasons::request_terminated(),
+            });
         }
         if let (Some(peer), Some(r)) = (self.peer.take(), peer_reason) {
-            peer.addr.do_send(LegMsg::RemoteTerminate { reason: r });
+            peer.addr.do_send(LegMsg::RemoteTerminate {
+                reason: r,
+                from: ctx.address(),
+            });
         }
         self.ended_elsewhere = elsewhere;
         // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
@@ -447,7 +455,12 @@ impl CallLeg {
                 if self.init.direction == Direction::Outbound =>
             {
                 if let Some(a) = self.arbiter.take() {
-                    a.do_send(ArbiterMsg::CallerCancel);
+                    let reason = if cause == TerminateCause::Shutdown {
+                        reasons::shutting_down()
+                    } else {
+                        reasons::request_terminated()
+                    };
+                    a.do_send(ArbiterMsg::CallerCancel { reason });
                 }
                 self.end(ctx, event, own, None, false);
             }
@@ -541,7 +554,9 @@ impl CallLeg {
                 if self.init.direction == Direction::Outbound =>
             {
                 if let Some(a) = self.arbiter.take() {
-                    a.do_send(ArbiterMsg::CallerCancel);
+                    a.do_send(ArbiterMsg::CallerCancel {
+                        reason: lost.clone(),
+                    });
                 }
                 self.end(ctx, CallEvent::Terminate, lost.clone(), None, false);
             }
@@ -791,6 +806,7 @@ impl CallLeg {
                     // We cancelled meanwhile; the winner must not wait for us.
                     peer.do_send(LegMsg::RemoteTerminate {
                         reason: self.hangup_reason(),
+                        from: ctx.address(),
                     });
                     return;
                 }
@@ -823,6 +839,7 @@ impl CallLeg {
                 if self.state != CallState::Incoming {
                     peer.do_send(LegMsg::RemoteTerminate {
                         reason: self.hangup_reason(),
+                        from: ctx.address(),
                     });
                     return;
                 }
@@ -936,7 +953,10 @@ impl CallLeg {
                     }));
                 }
             }
-            LegMsg::RemoteTerminate { reason } => {
+            LegMsg::RemoteTerminate { reason, from } => {
+                if self.peer.as_ref().is_some_and(|p| p.addr != from) {
+                    return;
+                }
                 let event = if self.state == CallState::Established {
                     CallEvent::RemoteTerminate
                 } else {

@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use confab_protocol::ServerMsg;
 use confab_protocol::codec::encode_frame;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -33,7 +34,8 @@ struct Shared {
     /// Closing: flush what is queued, then close.
     closed: CancellationToken,
     /// Dropped as a slow consumer: stop writing at once, even in the middle of a write.
-    aborted: CancellationToken,
+    /// (A flag, not a second token: a token costs an allocation per connection.)
+    aborted: AtomicBool,
     capacity: usize,
     max_bytes: usize,
 }
@@ -66,7 +68,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
-        aborted: CancellationToken::new(),
+        aborted: AtomicBool::new(false),
         capacity,
         max_bytes,
     });
@@ -110,7 +112,7 @@ impl Outbox {
                     m::limit_tripped("outbound_queue_bytes");
                 }
                 tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
-                s.aborted.cancel();
+                s.aborted.store(true, Ordering::SeqCst);
                 s.closed.cancel();
                 return false;
             }
@@ -155,16 +157,28 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
         let buf = encode_all(batch);
         // A client that stopped reading blocks this write for good: the abort (slow consumer)
         // ends it, and dropping the socket frees the connection's slot.
-        let written = tokio::select! {
-            r = sock.write_all(&buf) => r.is_ok(),
-            () = s.aborted.cancelled() => false,
+        let written = {
+            let mut write = std::pin::pin!(sock.write_all(&buf));
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = &mut write => break r.is_ok(),
+                    () = s.closed.cancelled(), if !closing => {
+                        if s.aborted.load(Ordering::SeqCst) {
+                            break false;
+                        }
+                        // A graceful close: finish this write, then flush the rest below.
+                        closing = true;
+                    }
+                }
+            }
         };
         if !written {
             s.closed.cancel();
             return;
         }
     }
-    if s.aborted.is_cancelled() {
+    if s.aborted.load(Ordering::SeqCst) {
         return;
     }
     // Closing: what was queued before the close (an error, a `shutdown`, the last call events)

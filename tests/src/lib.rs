@@ -250,6 +250,38 @@ pub fn set_rid(msg: &mut ClientMsg, new: Option<u32>) {
     }
 }
 
+/// The next frame on `raw` must be exactly `want`.
+pub async fn expect(raw: &mut Raw, want: ServerMsg) {
+    let got = raw.recv().await;
+    assert_eq!(got, want, "{} ({})", raw.user, raw.endpoint);
+}
+
+/// Sends `msg` with a fresh rid and returns that rid.
+pub async fn send_request(raw: &mut Raw, mut msg: ClientMsg) -> Option<u32> {
+    let rid = raw.rid();
+    set_rid(&mut msg, rid);
+    raw.send(&msg).await;
+    rid
+}
+
+/// The next frame on `raw` must be `ok` echoing `rid`.
+pub async fn expect_ok(raw: &mut Raw, rid: Option<u32>) {
+    expect(raw, ServerMsg::Ok { rid }).await;
+}
+
+/// The next frame on `raw` must be an `error` with `code`, echoing `rid`.
+pub async fn expect_error(raw: &mut Raw, rid: Option<u32>, code: ErrorCode) {
+    match raw.recv().await {
+        ServerMsg::Error {
+            rid: r, code: c, ..
+        } if r == rid && c == code => {}
+        other => panic!(
+            "{}: expected error {code:?} (rid {rid:?}), got {other:?}",
+            raw.user
+        ),
+    }
+}
+
 /// Encodes `msg` as a complete frame.
 pub fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
     let mut b = BytesMut::new();

@@ -81,11 +81,6 @@ fn text_toast(text: &str) -> Toast {
 }
 
 /// The next frame on `raw` must be exactly `want`.
-async fn expect(raw: &mut Raw, want: ServerMsg) {
-    let got = raw.recv().await;
-    assert_eq!(got, want, "{} ({})", raw.user, raw.endpoint);
-}
-
 async fn expect_seq(raw: &mut Raw, want: Vec<ServerMsg>) {
     for w in want {
         expect(raw, w).await;
@@ -127,30 +122,6 @@ async fn expect_interleaved(raw: &mut Raw, mut seqs: Vec<Vec<ServerMsg>>) {
 
 async fn expect_end(raw: &mut Raw, leg: &Leg, from: CallState, reason: (u16, &str)) {
     expect_seq(raw, leg.end(from, reason)).await;
-}
-
-/// Sends `msg` with a fresh rid and returns that rid.
-async fn send_request(raw: &mut Raw, mut msg: ClientMsg) -> Option<u32> {
-    let rid = raw.rid();
-    set_rid(&mut msg, rid);
-    raw.send(&msg).await;
-    rid
-}
-
-async fn expect_ok(raw: &mut Raw, rid: Option<u32>) {
-    expect(raw, ServerMsg::Ok { rid }).await;
-}
-
-async fn expect_error(raw: &mut Raw, rid: Option<u32>, code: ErrorCode) {
-    match raw.recv().await {
-        ServerMsg::Error {
-            rid: r, code: c, ..
-        } if r == rid && c == code => {}
-        other => panic!(
-            "{}: expected error {code:?} (rid {rid:?}), got {other:?}",
-            raw.user
-        ),
-    }
 }
 
 /// Sends `msg` and asserts the next frame is `ok` for it.

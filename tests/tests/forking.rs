@@ -68,11 +68,6 @@ fn toast(text: &str) -> Toast {
 }
 
 /// The next frame on `raw` must be exactly `want`.
-async fn expect(raw: &mut Raw, want: ServerMsg) {
-    let got = raw.recv().await;
-    assert_eq!(got, want, "{} ({})", raw.user, raw.endpoint);
-}
-
 /// The next `want.len()` frames on `raw` must be exactly `want`, in any order. Used only for
 /// events whose relative order the contract does not fix.
 async fn expect_any_order(raw: &mut Raw, mut want: Vec<ServerMsg>) {
@@ -103,30 +98,6 @@ async fn expect_end(raw: &mut Raw, leg: &Leg, from: CallState, (code, text): (u1
     let r = Some(Reason::new(code, text));
     expect_state(raw, leg, CallState::Terminating, from, r.clone()).await;
     expect_state(raw, leg, CallState::Terminated, CallState::Terminating, r).await;
-}
-
-/// Sends `msg` with a fresh rid and returns that rid.
-async fn send_request(raw: &mut Raw, mut msg: ClientMsg) -> Option<u32> {
-    let rid = raw.rid();
-    set_rid(&mut msg, rid);
-    raw.send(&msg).await;
-    rid
-}
-
-async fn expect_ok(raw: &mut Raw, rid: Option<u32>) {
-    expect(raw, ServerMsg::Ok { rid }).await;
-}
-
-async fn expect_error(raw: &mut Raw, rid: Option<u32>, code: ErrorCode) {
-    match raw.recv().await {
-        ServerMsg::Error {
-            rid: r, code: c, ..
-        } if r == rid && c == code => {}
-        other => panic!(
-            "{}: expected error {code:?} (rid {rid:?}), got {other:?}",
-            raw.user
-        ),
-    }
 }
 
 async fn publish(raw: &mut Raw, activity: Activity, idle_ms: Option<u64>) {

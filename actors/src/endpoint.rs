@@ -41,6 +41,46 @@ pub struct RemoteFork {
     pub immediate: bool,
 }
 
+/// Tells a remote fork's arbiter the fork is lost if the offer is dropped unhandled: an
+/// endpoint that is stopping no longer reads its mailbox, and the arbiter must not wait for it.
+pub struct RemoteForkGuard {
+    cluster: Arc<crate::cluster::Cluster>,
+    leg_node: String,
+    arbiter: String,
+    call: String,
+    armed: bool,
+}
+
+impl RemoteForkGuard {
+    pub fn new(cluster: Arc<crate::cluster::Cluster>, fork: &RemoteFork) -> Self {
+        RemoteForkGuard {
+            cluster,
+            leg_node: fork.leg_node.clone(),
+            arbiter: fork.arbiter.clone(),
+            call: fork.call.clone(),
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RemoteForkGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cluster.send(
+                &self.leg_node,
+                &crate::cluster::wire::Envelope::ForkLost {
+                    arbiter: std::mem::take(&mut self.arbiter),
+                    call: std::mem::take(&mut self.call),
+                },
+            );
+        }
+    }
+}
+
 /// What an endpoint mirrors of a call whose leg lives on another node, so it can end the call
 /// for its client if that node dies.
 struct RemoteCall {
@@ -111,7 +151,7 @@ impl Drop for ForkOffer {
 pub enum EndpointMsg {
     Fork(ForkOffer),
     /// Cluster: adopt a fork whose leg lives on another node.
-    Adopt(RemoteFork),
+    Adopt(RemoteFork, RemoteForkGuard),
     /// Cluster: an event of a leg on another node, for this endpoint's client.
     RemoteEvent(ServerMsg),
     /// Cluster: `node` died (`None`: this node was cut off from every other); calls whose
@@ -954,7 +994,11 @@ impl Handler<EndpointMsg> for Endpoint {
     fn handle(&mut self, msg: EndpointMsg, ctx: &mut Context<Self>) {
         match msg {
             EndpointMsg::Fork(offer) => self.adopt_fork(offer, ctx),
-            EndpointMsg::Adopt(fork) => self.adopt_remote(fork),
+            EndpointMsg::Adopt(fork, mut guard) => {
+                // From here the fork is answered: adopted, or refused with its own ForkLost.
+                guard.disarm();
+                self.adopt_remote(fork);
+            }
             EndpointMsg::RemoteEvent(msg) => self.remote_event(msg),
             EndpointMsg::NodeLost { node } => self.node_lost(node.as_deref(), ctx),
             EndpointMsg::LegEnded {

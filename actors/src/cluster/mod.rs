@@ -791,7 +791,10 @@ impl Cluster {
                     immediate,
                 };
                 match self.endpoints.get(&endpoint).map(|e| e.clone()) {
-                    Some(ep) => ep.do_send(EndpointMsg::Adopt(fork)),
+                    Some(ep) => {
+                        let guard = crate::endpoint::RemoteForkGuard::new(self.clone(), &fork);
+                        ep.do_send(EndpointMsg::Adopt(fork, guard));
+                    }
                     None => self.send(&leg_node, &Envelope::ForkLost { arbiter, call }),
                 }
             }

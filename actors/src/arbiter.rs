@@ -89,6 +89,9 @@ struct Fork {
     state: ForkState,
     /// Set when the call was decided before this fork's leg existed.
     cancel_when_ready: Option<(Reason, bool)>,
+    /// The target this fork rang (the arbiter's `hops` when it was offered): after a forward,
+    /// the old target's forks no longer count towards the caller's final answer.
+    generation: u32,
 }
 
 pub struct ForkArbiter {
@@ -173,6 +176,7 @@ impl ForkArbiter {
                 created,
                 state: ForkState::Offered,
                 cancel_when_ready: None,
+                generation: self.hops,
             });
         }
         self.t.caller.do_send(LegMsg::Ringing);
@@ -327,14 +331,17 @@ impl ForkArbiter {
 
     /// After a fork left: when none is left, the caller gets the best final answer.
     fn after_fork_gone(&mut self, call: &str, ctx: &mut Context<Self>) {
+        let current = self.hops;
         if self
             .forks
             .iter()
+            .filter(|f| f.generation == current)
             .all(|f| matches!(f.state, ForkState::Gone(_)))
         {
             let codes: Vec<u16> = self
                 .forks
                 .iter()
+                .filter(|f| f.generation == current)
                 .filter_map(|f| match f.state {
                     ForkState::Gone(c) => Some(c),
                     _ => None,

@@ -108,6 +108,8 @@ impl LegOwner {
                     call,
                     conversation,
                     elsewhere,
+                    from_node: cluster.node_id.clone(),
+                    from_epoch: cluster.epoch(),
                 },
             ),
         }

@@ -423,6 +423,8 @@ impl Cluster {
                 &Envelope::Event {
                     endpoint: endpoint.to_owned(),
                     frame,
+                    from_node: self.node_id.clone(),
+                    from_epoch: self.epoch(),
                 },
             ),
             Err(e) => tracing::error!(error = %e, "cannot encode an event"),
@@ -734,7 +736,16 @@ impl Cluster {
     fn route(self: &Arc<Self>, env: Envelope) {
         metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "in").increment(1);
         match env {
-            Envelope::Event { endpoint, frame } => {
+            Envelope::Event {
+                endpoint,
+                frame,
+                from_node,
+                from_epoch,
+            } => {
+                if self.is_dead(&from_node, from_epoch) {
+                    tracing::debug!(node = %from_node, "dropping an event from a run declared dead");
+                    return;
+                }
                 let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) else {
                     return;
                 };
@@ -748,27 +759,34 @@ impl Cluster {
                 call,
                 conversation,
                 elsewhere,
-            } => match self.endpoints.get(&endpoint).map(|e| e.clone()) {
-                Some(ep) => ep.do_send(EndpointMsg::LegEnded {
-                    call,
-                    conversation,
-                    elsewhere,
-                }),
-                None => {
-                    // Nobody here holds it any more: release the leg.
-                    if let Some(node) = self.leg_node_hint(&call) {
-                        self.send(
-                            &node,
-                            &Envelope::Leg {
-                                call,
-                                reply_node: self.node_id.clone(),
-                                reply_endpoint: endpoint,
-                                msg: WireLegMsg::Release,
-                            },
-                        );
+                from_node,
+                from_epoch,
+            } if !self.is_dead(&from_node, from_epoch) => {
+                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    Some(ep) => ep.do_send(EndpointMsg::LegEnded {
+                        call,
+                        conversation,
+                        elsewhere,
+                    }),
+                    None => {
+                        // Nobody here holds it any more: release the leg.
+                        if let Some(node) = self.leg_node_hint(&call) {
+                            self.send(
+                                &node,
+                                &Envelope::Leg {
+                                    call,
+                                    reply_node: self.node_id.clone(),
+                                    reply_endpoint: endpoint,
+                                    msg: WireLegMsg::Release,
+                                },
+                            );
+                        }
                     }
                 }
-            },
+            }
+            Envelope::LegEnded { from_node, .. } => {
+                tracing::debug!(node = %from_node, "dropping a leg end from a run declared dead");
+            }
             Envelope::Adopt {
                 endpoint,
                 leg_node,

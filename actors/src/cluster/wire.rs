@@ -15,6 +15,10 @@ pub enum Envelope {
         endpoint: String,
         #[serde(with = "serde_bytes")]
         frame: Vec<u8>,
+        /// The sending node and its run: a run declared dead has had its calls ended for the
+        /// clients already, so anything it still sends is dropped (no second answer).
+        from_node: String,
+        from_epoch: u64,
     },
     /// A leg ended; its endpoint answers `Release` (or the node does, if the endpoint is gone).
     LegEnded {
@@ -22,6 +26,8 @@ pub enum Envelope {
         call: String,
         conversation: String,
         elsewhere: bool,
+        from_node: String,
+        from_epoch: u64,
     },
     /// A fork arbiter created an inbound leg for this endpoint: adopt it (or `ForkLost`).
     Adopt {

@@ -406,12 +406,12 @@ impl Actor for ForkArbiter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        metrics::gauge!(m::ARBITERS).increment(1.0);
+        m::hot().arbiters.increment(1.0);
         self.fork(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!(m::ARBITERS).decrement(1.0);
+        m::hot().arbiters.decrement(1.0);
         if let (Some(id), Some(cluster)) = (&self.registered, &self.t.ctx.cluster) {
             cluster.arbiters.remove(id);
         }

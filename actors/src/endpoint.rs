@@ -889,7 +889,7 @@ impl Actor for Endpoint {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Enough room for a burst of events without blocking the actor on its own mailbox.
         ctx.set_mailbox_capacity(256);
-        metrics::gauge!(m::ENDPOINTS).increment(1.0);
+        m::hot().endpoints.increment(1.0);
         let hb = self.ctx.settings.heartbeat();
         ctx.run_interval(hb, move |act, ctx| {
             if act.last_rx.elapsed() > hb * 3 {
@@ -912,7 +912,7 @@ impl Actor for Endpoint {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!(m::ENDPOINTS).decrement(1.0);
+        m::hot().endpoints.decrement(1.0);
         for (leg, _) in self.calls.values() {
             leg.do_send(LegMsg::EndpointLost);
         }

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::cluster::directory::NatsDirectory;
@@ -101,11 +102,19 @@ impl Drop for RunningNode {
     }
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, NodeError> {
+fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> Result<std::net::TcpListener, NodeError> {
     use socket2::{Domain, Socket, Type};
     let err = |source| NodeError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
     socket.bind(&addr.into()).map_err(err)?;
     // std's listener uses a backlog of 128, which drops SYNs during a sign-in burst and makes
     // clients wait a second for the retransmit.
@@ -116,14 +125,58 @@ fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, NodeErr
     Ok(socket.into())
 }
 
+/// One listening socket per worker thread on the same address (`SO_REUSEPORT`), so each worker
+/// accepts its own connections: no accept thread handing every new socket to a worker (a
+/// wake-up and an epoll re-registration per sign-in), and the kernel spreads connections over
+/// the workers. Other platforms get one listener, shared through the first worker.
+fn bind_listeners(
+    addr: SocketAddr,
+    backlog: u32,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, NodeError> {
+    if !cfg!(unix) || workers <= 1 {
+        return Ok(vec![bind(addr, backlog, false)?]);
+    }
+    // SO_REUSEPORT would also let a second node bind the same port and silently take half of
+    // the connections; an exclusive bind first makes that mistake fail as it always has.
+    if addr.port() != 0 {
+        drop(bind(addr, 1, false)?);
+    }
+    let first = bind(addr, backlog, true)?;
+    let bound = first
+        .local_addr()
+        .map_err(|source| NodeError::Bind { addr, source })?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(bind(bound, backlog, true)?);
+    }
+    Ok(listeners)
+}
+
+fn worker_count(settings: &Settings) -> usize {
+    match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Binds the node's ports and starts it on its own threads.
 pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
-    let listener = bind(settings.server.listen, settings.server.listen_backlog)?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: settings.server.listen,
-        source,
-    })?;
-    let metrics_listener = settings.metrics_addr().map(|a| bind(a, 128)).transpose()?;
+    let listeners = bind_listeners(
+        settings.server.listen,
+        settings.server.listen_backlog,
+        worker_count(&settings),
+    )?;
+    let addr = listeners[0]
+        .local_addr()
+        .map_err(|source| NodeError::Bind {
+            addr: settings.server.listen,
+            source,
+        })?;
+    let metrics_listener = settings
+        .metrics_addr()
+        .map(|a| bind(a, 128, false))
+        .transpose()?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (stop_tx, stop_rx) = oneshot::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -131,7 +184,13 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         .name("confab-node".into())
         .spawn(move || {
             let system = actix::System::new();
-            system.block_on(run(settings, listener, metrics_listener, stop_rx, ready_tx));
+            system.block_on(run(
+                settings,
+                listeners,
+                metrics_listener,
+                stop_rx,
+                ready_tx,
+            ));
         })
         .map_err(NodeError::Thread)?;
     // The node is ready once it has joined its cluster (at once without one).
@@ -160,16 +219,14 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
 
 async fn run(
     settings: Settings,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     metrics_listener: Option<std::net::TcpListener>,
-    mut stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<()>,
     ready: std::sync::mpsc::Sender<Ready>,
 ) {
-    let workers_n = match settings.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let workers: Vec<Arbiter> = (0..workers_n).map(|_| Arbiter::new()).collect();
+    let workers: Vec<Arbiter> = (0..worker_count(&settings))
+        .map(|_| Arbiter::new())
+        .collect();
     let handles: Vec<_> = workers.iter().map(|a| a.handle()).collect();
     let thresholds = Thresholds {
         inactive_after: Duration::from_millis(settings.presence.inactive_after_ms),
@@ -235,42 +292,23 @@ async fn run(
         });
     }
 
-    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-        tracing::error!("cannot register the listener with the runtime");
-        return;
-    };
     let slots = Arc::new(Semaphore::new(ctx.settings.server.max_connections));
-    let mut next = 0usize;
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = &mut stop => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; refusing a connection");
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
-            actix_rt::spawn(refuse_overloaded(stream));
-            continue;
-        };
-        let Ok(std_stream) = stream.into_std() else {
-            continue;
-        };
-        let worker = &handles[next % handles.len()];
-        next = next.wrapping_add(1);
-        let ctx = ctx.clone();
-        worker.spawn(crate::session::run(std_stream, ctx, permit));
+    let accepting = CancellationToken::new();
+    let mut loops = Vec::new();
+    for (listener, worker) in listeners.into_iter().zip(handles.iter().cycle()) {
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (ctx, slots, accepting) = (ctx.clone(), slots.clone(), accepting.clone());
+        worker.spawn(async move {
+            accept_loop(listener, ctx, slots, accepting).await;
+            drop(done_tx);
+        });
+        loops.push(done_rx);
     }
-    drop(listener);
+    // Until told to stop; a dropped stopper (the node's owner gone) stops it too.
+    let _ = stop.await;
+    accepting.cancel();
+    // The listeners close as their loops end, before the endpoints are told to go.
+    let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(loops)).await;
     drain(&ctx).await;
     if let Some(c) = &ctx.cluster {
         c.leave().await;
@@ -320,6 +358,47 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     }
     // Let the writers flush the last frames.
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Accepts connections on one worker thread's listener and serves each on that thread, until
+/// `accepting` is cancelled. `slots` (shared by every worker) holds `server.max_connections`.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    ctx: Arc<NodeCtx>,
+    slots: Arc<Semaphore>,
+    accepting: CancellationToken,
+) {
+    // Registered here, with this worker's reactor.
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register a listener with the runtime");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = accepting.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing a connection");
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
+            actix_rt::spawn(refuse_overloaded(stream));
+            continue;
+        };
+        actix_rt::spawn(crate::session::run(stream, peer, ctx.clone(), permit));
+    }
 }
 
 async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {

@@ -21,8 +21,13 @@ use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
 use crate::presence::PresenceMsg;
 
-/// Initial read buffer of a connection.
+/// Read buffer of a signed-in connection: most frames are small and an idle endpoint should
+/// cost little; the codec grows it for a larger frame.
 const READ_BUFFER: usize = 128;
+
+/// Read buffer for the `hello`, which carries a token and rarely fits in [`READ_BUFFER`]: one
+/// read instead of three per sign-in. Replaced by a [`READ_BUFFER`] once the hello is read.
+const HELLO_BUFFER: usize = 512;
 
 /// Longest `device` name accepted.
 const MAX_DEVICE_LEN: usize = 128;
@@ -52,15 +57,12 @@ impl Refusal {
 
 /// Serves one accepted connection until it closes. `permit` is the connection's slot under
 /// `server.max_connections`, held until the socket is closed.
-pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePermit) {
-    let stream = match TcpStream::from_std(stream) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not adopt an accepted connection");
-            return;
-        }
-    };
-    let peer = stream.peer_addr().ok();
+pub async fn run(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    ctx: Ctx,
+    permit: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let limits = &ctx.settings.limits;
@@ -81,13 +83,13 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
                 .max_hello_frame
                 .min(ctx.settings.server.max_frame) as usize,
         ),
-        READ_BUFFER,
+        HELLO_BUFFER,
     );
     let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
     let hello = match tokio::time::timeout(timeout, handshake(&mut frames, &ctx)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(refusal)) => {
-            tracing::info!(?peer, code = refusal.code.as_str(), reason = %refusal.text, "connection refused at sign-in");
+            tracing::info!(%peer, code = refusal.code.as_str(), reason = %refusal.text, "connection refused at sign-in");
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.code.as_str())
                 .increment(1);
             outbox.push(ServerMsg::error(refusal.rid, refusal.code, refusal.text));
@@ -95,7 +97,7 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
             return;
         }
         Err(_) => {
-            tracing::info!(?peer, "no hello in time; closing");
+            tracing::info!(%peer, "no hello in time; closing");
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout").increment(1);
             outbox.close();
             return;
@@ -104,6 +106,10 @@ pub async fn run(stream: std::net::TcpStream, ctx: Ctx, permit: OwnedSemaphorePe
     frames
         .decoder_mut()
         .set_max_frame(ctx.settings.server.max_frame as usize);
+    // A client that sent more than the hello keeps its bytes (and the larger buffer).
+    if frames.read_buffer().is_empty() {
+        *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
+    }
     start_endpoint(ctx, hello, outbox, frames);
 }
 

@@ -169,3 +169,32 @@ async fn http_get(addr: SocketAddr, target: &str) -> (u16, String, String) {
         .unwrap_or(0);
     (status, head.to_owned(), body.to_owned())
 }
+
+/// Each worker listens on the port with `SO_REUSEPORT`; that must not let a second node take
+/// the same port (and half its connections) by mistake.
+#[test]
+fn a_second_node_on_a_taken_port_fails_to_start() {
+    let first = start_node(|_| {});
+    let mut s = test_settings();
+    s.server.listen = first.addr;
+    match confab_actors::node::spawn_node(s) {
+        Err(confab_actors::node::NodeError::Bind { addr, .. }) => assert_eq!(addr, first.addr),
+        Err(e) => panic!("expected a bind error, got {e}"),
+        Ok(n) => panic!("a second node started on {}", n.addr),
+    }
+}
+
+/// Many sign-ins at once, spread by the kernel over the workers' listeners, all get a welcome.
+#[tokio::test]
+async fn a_burst_of_sign_ins_over_the_workers_listeners_all_get_a_welcome() {
+    let node = start_node(|s| s.server.workers = 2);
+    let sign_ins = (0..64).map(|i| {
+        let addr = node.addr;
+        tokio::spawn(
+            async move { Raw::sign_in(addr, &format!("sip:burst{i}@example.com"), "d").await },
+        )
+    });
+    let raws = futures::future::join_all(sign_ins).await;
+    assert_eq!(raws.iter().filter(|r| r.is_ok()).count(), 64);
+    assert_eq!(node.endpoints_of("sip:burst63@example.com").len(), 1);
+}

@@ -273,9 +273,10 @@ impl CallLeg {
             Ok(next) => {
                 let previous = self.state;
                 self.state = next;
-                metrics::counter!(m::CALL_TRANSITIONS, "state" => next.as_str()).increment(1);
-                metrics::gauge!(m::CALLS_BY_STATE, "state" => previous.as_str()).decrement(1.0);
-                metrics::gauge!(m::CALLS_BY_STATE, "state" => next.as_str()).increment(1.0);
+                let hot = m::hot();
+                hot.transition(next);
+                hot.in_state(previous).decrement(1.0);
+                hot.in_state(next).increment(1.0);
                 self.push(ServerMsg::CallState {
                     call: self.init.id.clone(),
                     conversation: self.init.conversation.clone(),
@@ -317,7 +318,7 @@ impl CallLeg {
         if reason.code >= 400 && reason.code != 486 && reason.code != 487 {
             tracing::info!(call = %self.init.id, code = reason.code, text = %reason.text, "call ended abnormally");
         }
-        metrics::counter!(m::CALL_OUTCOMES, "code" => reason.code.to_string()).increment(1);
+        m::hot().outcome(reason.code);
         // A call cut by a dead cluster node fails its messages with the node's loss.
         let (code, text) = if reason == reasons::node_lost() {
             (503, "Node lost")
@@ -585,7 +586,7 @@ impl Actor for CallLeg {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        metrics::gauge!(m::CALLS).increment(1.0);
+        m::hot().calls.increment(1.0);
         if let (Some(node), Some(cluster)) =
             (self.init.endpoint.remote_node(), &self.init.ctx.cluster)
         {
@@ -593,7 +594,7 @@ impl Actor for CallLeg {
                 .legs
                 .insert(self.init.id.clone(), (node.to_owned(), ctx.address()));
         }
-        metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).increment(1.0);
+        m::hot().in_state(self.state).increment(1.0);
         if self.init.direction == Direction::Inbound {
             return;
         }
@@ -615,13 +616,13 @@ impl Actor for CallLeg {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!(m::CALLS).decrement(1.0);
+        m::hot().calls.decrement(1.0);
         if self.init.endpoint.remote_node().is_some()
             && let Some(cluster) = &self.init.ctx.cluster
         {
             cluster.legs.remove(&self.init.id);
         }
-        metrics::gauge!(m::CALLS_BY_STATE, "state" => self.state.as_str()).decrement(1.0);
+        m::hot().in_state(self.state).decrement(1.0);
     }
 }
 
@@ -813,7 +814,8 @@ impl CallLeg {
                 self.negotiated = Some(negotiated);
                 self.established_with(peer);
                 self.step(CallEvent::Established, None);
-                metrics::histogram!(m::CALL_SETUP_SECONDS)
+                m::hot()
+                    .call_setup
                     .record(self.created.elapsed().as_secs_f64());
                 self.push(ServerMsg::CallEstablished {
                     call: self.init.id.clone(),
@@ -915,8 +917,9 @@ impl CallLeg {
             LegMsg::Acked { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
                     ctx.cancel_future(p.timer);
-                    metrics::counter!(m::MESSAGES, "result" => "delivered").increment(1);
-                    metrics::histogram!(m::MESSAGE_DELIVERY_SECONDS)
+                    m::hot().messages_delivered.increment(1);
+                    m::hot()
+                        .message_delivery
                         .record(p.sent.elapsed().as_secs_f64());
                     self.push(ServerMsg::MessageDelivered {
                         rid: p.rid,

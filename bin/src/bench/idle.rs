@@ -3,10 +3,9 @@
 //! several 127.0.0.x source addresses so E is not bounded by one address's ephemeral ports.
 
 use anyhow::{Context as _, bail};
-use futures::StreamExt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -40,28 +39,36 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     let start = Instant::now();
     let sources = p.sources.max(1);
     let ticker = progress.spawn_counter(p.endpoints as u64, signed.clone());
-    let results: Vec<anyhow::Result<(Conn, Duration)>> = futures::stream::iter(0..p.endpoints)
-        .map(|i| {
-            let t = t.clone();
-            let run = run.clone();
-            let signed = signed.clone();
-            async move {
-                let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % sources as usize) as u8));
-                let t0 = Instant::now();
-                let c = Conn::sign_in(
-                    &t,
-                    &format!("sip:idle{i}-{run}@bench.invalid"),
-                    "idle",
-                    Some(source),
-                )
-                .await?;
-                signed.fetch_add(1, Ordering::Relaxed);
-                Ok((c, t0.elapsed()))
-            }
+    // Tasks, not one stream of futures: the sign-ins then spread over the runtime's threads
+    // instead of all being polled by the one thread that drives the scenario.
+    let next = Arc::new(AtomicUsize::new(0));
+    let signers: Vec<_> = (0..p.concurrency.clamp(1, p.endpoints.max(1)))
+        .map(|_| {
+            let (t, run, signed, next) = (t.clone(), run.clone(), signed.clone(), next.clone());
+            let (endpoints, sources) = (p.endpoints, sources as usize);
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= endpoints {
+                        return done;
+                    }
+                    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % sources) as u8));
+                    let t0 = Instant::now();
+                    let user = format!("sip:idle{i}-{run}@bench.invalid");
+                    let r = Conn::sign_in(&t, &user, "idle", Some(source)).await;
+                    if r.is_ok() {
+                        signed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.push(r.map(|c| (c, t0.elapsed())));
+                }
+            })
         })
-        .buffer_unordered(p.concurrency.max(1))
-        .collect()
-        .await;
+        .collect();
+    let mut results: Vec<anyhow::Result<(Conn, Duration)>> = Vec::with_capacity(p.endpoints);
+    for s in signers {
+        results.extend(s.await.context("a sign-in task failed")?);
+    }
     let elapsed = start.elapsed();
     ticker.abort();
     let mut latency = histogram();

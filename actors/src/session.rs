@@ -25,6 +25,10 @@ use crate::presence::PresenceMsg;
 /// cost little; the codec grows it for a larger frame.
 const READ_BUFFER: usize = 128;
 
+/// Most a busy connection's read buffer grows to (the codec's adaptive buffer), so one read
+/// takes a batch of frames rather than one; it goes back to [`READ_BUFFER`] when quiet.
+const BUSY_READ_BUFFER: usize = 8192;
+
 /// Read buffer for the `hello`, which carries a token and rarely fits in [`READ_BUFFER`]: one
 /// read instead of three per sign-in. Replaced by a [`READ_BUFFER`] once the hello is read.
 const HELLO_BUFFER: usize = 512;
@@ -73,18 +77,14 @@ pub async fn run(
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         drop(permit);
     });
-    // A small first buffer: most frames are small and an idle endpoint should cost little; the
-    // codec grows it for a large frame.
-    let mut frames = FramedRead::with_capacity(
-        rd,
-        FrameCodec::new(
-            ctx.settings
-                .server
-                .max_hello_frame
-                .min(ctx.settings.server.max_frame) as usize,
-        ),
-        HELLO_BUFFER,
-    );
+    let codec = FrameCodec::new(
+        ctx.settings
+            .server
+            .max_hello_frame
+            .min(ctx.settings.server.max_frame) as usize,
+    )
+    .with_adaptive_buffer(READ_BUFFER, BUSY_READ_BUFFER);
+    let mut frames = FramedRead::with_capacity(rd, codec, HELLO_BUFFER);
     let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
     let hello = match tokio::time::timeout(timeout, handshake(&mut frames, &ctx)).await {
         Ok(Ok(hello)) => hello,

@@ -29,11 +29,74 @@ pub enum FrameError {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
     max_frame: usize,
+    adaptive: Option<Adaptive>,
+}
+
+/// A read buffer that stays small while a connection is quiet and grows while it is busy.
+///
+/// A reader reads at most its buffer's spare room per system call, so a small buffer (what an
+/// idle connection should cost) means one read per frame under load. When a read fills the
+/// buffer, more is probably waiting: the buffer grows (to about `large`) so the next read takes a
+/// batch. After `QUIET_READS` reads in a row that used less than a quarter of it, the buffer goes
+/// back to `small` the next time it is empty.
+#[derive(Debug, Clone, Copy)]
+struct Adaptive {
+    small: usize,
+    large: usize,
+    /// The buffer's length when `decode` last returned: more at the next call means a read.
+    seen: usize,
+    quiet_reads: u32,
+}
+
+/// Reads in a row that use under a quarter of a grown buffer before it shrinks back.
+const QUIET_READS: u32 = 8;
+
+impl Adaptive {
+    /// Called at each `decode` with the buffer as the reader left it.
+    fn after_read(&mut self, src: &mut BytesMut) {
+        let fresh = src.len().saturating_sub(self.seen);
+        if fresh == 0 {
+            return;
+        }
+        let room = src.capacity();
+        if src.len() >= room && room < self.large {
+            src.reserve((room * 4).min(self.large) - src.len());
+            self.quiet_reads = 0;
+        } else if room > self.small && fresh < room / 4 {
+            self.quiet_reads = self.quiet_reads.saturating_add(1);
+        } else {
+            self.quiet_reads = 0;
+        }
+    }
+
+    /// Called as `decode` returns: a quiet connection's emptied buffer goes back to `small`.
+    fn before_return(&mut self, src: &mut BytesMut) {
+        if src.is_empty() && self.quiet_reads >= QUIET_READS && src.capacity() > self.small {
+            *src = BytesMut::with_capacity(self.small);
+            self.quiet_reads = 0;
+        }
+        self.seen = src.len();
+    }
 }
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
-        FrameCodec { max_frame }
+        FrameCodec {
+            max_frame,
+            adaptive: None,
+        }
+    }
+
+    /// Lets the read buffer move between `small` and `large` bytes with the load (see
+    /// [`Adaptive`]): what the node uses, where an idle connection must cost little.
+    pub fn with_adaptive_buffer(mut self, small: usize, large: usize) -> Self {
+        self.adaptive = Some(Adaptive {
+            small,
+            large: large.max(small),
+            seen: 0,
+            quiet_reads: 0,
+        });
+        self
     }
     pub fn max_frame(&self) -> usize {
         self.max_frame
@@ -55,6 +118,19 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        let Some(mut adaptive) = self.adaptive else {
+            return self.decode_frame(src);
+        };
+        adaptive.after_read(src);
+        let frame = self.decode_frame(src);
+        adaptive.before_return(src);
+        self.adaptive = Some(adaptive);
+        frame
+    }
+}
+
+impl FrameCodec {
+    fn decode_frame(&self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         let Some(prefix) = src.get(..LEN_PREFIX) else {
             return Ok(None);
         };
@@ -129,6 +205,54 @@ mod tests {
         let frame = codec.decode(&mut buf).expect("ok").expect("frame");
         assert_eq!(&frame[..], &[0x80, 0x80, 0x80]);
         assert_eq!(&buf[..], &[0xff]);
+    }
+
+    fn frames(n: usize, body: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for _ in 0..n {
+            buf.put_u32(body as u32);
+            buf.extend_from_slice(&vec![0x80; body]);
+        }
+        buf
+    }
+
+    #[test]
+    fn a_full_read_grows_the_buffer_and_quiet_reads_shrink_it() {
+        let mut codec = FrameCodec::new(1024).with_adaptive_buffer(128, 4096);
+        let mut buf = BytesMut::with_capacity(128);
+        // A read that fills the buffer: 12 frames of 6 bytes + part of the next.
+        let burst = frames(20, 6);
+        buf.extend_from_slice(&burst[..buf.capacity()]);
+        assert!(codec.decode(&mut buf).expect("ok").is_some());
+        assert!(buf.capacity() >= 400, "grew to {}", buf.capacity());
+        while codec.decode(&mut buf).expect("ok").is_some() {}
+        // Small reads, each consumed whole: back to the small buffer after QUIET_READS of them.
+        buf.clear();
+        for _ in 0..QUIET_READS {
+            buf.extend_from_slice(&frames(1, 6));
+            assert!(codec.decode(&mut buf).expect("ok").is_some());
+            assert!(codec.decode(&mut buf).expect("ok").is_none());
+        }
+        assert_eq!(buf.capacity(), 128);
+    }
+
+    #[test]
+    fn the_adaptive_buffer_never_passes_its_large_bound() {
+        let mut codec = FrameCodec::new(1 << 20).with_adaptive_buffer(128, 1024);
+        let mut buf = BytesMut::with_capacity(128);
+        let stream = frames(20_000, 4);
+        let mut at = 0;
+        for _ in 0..50 {
+            // As tokio-util's reader does before each read; then a read that fills it.
+            buf.reserve(1);
+            let room = buf.capacity() - buf.len();
+            buf.extend_from_slice(&stream[at..at + room]);
+            at += room;
+            while codec.decode(&mut buf).expect("ok").is_some() {}
+            // `BytesMut::reserve` may round a growth up, never to twice the bound.
+            assert!(buf.capacity() < 2048, "{}", buf.capacity());
+        }
+        assert!(at > 50 * 512, "reads were batched: {at} bytes in 50 reads");
     }
 
     #[test]

@@ -27,6 +27,9 @@ struct Args {
     /// One JSON object with the figures instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Threads of the load generator; default: one per core.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -95,9 +98,11 @@ enum Scenario {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.enable_all().build()?;
     let target = Target {
         server: args.server,
         secret: args.secret.clone(),

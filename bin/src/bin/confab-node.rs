@@ -8,6 +8,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The confab IM-call node. With no arguments it runs with the embedded defaults.
 #[derive(Parser)]
 #[command(version, about)]

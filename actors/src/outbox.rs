@@ -33,6 +33,9 @@ struct Shared {
     ready: Notify,
     /// Closing: flush what is queued, then close.
     closed: CancellationToken,
+    /// Mirrors `closed` for `push`, which checks it for every frame: the token's own check
+    /// takes a lock.
+    closing: AtomicBool,
     /// Dropped as a slow consumer: stop writing at once, even in the middle of a write.
     /// (A flag, not a second token: a token costs an allocation per connection.)
     aborted: AtomicBool,
@@ -68,6 +71,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
+        closing: AtomicBool::new(false),
         aborted: AtomicBool::new(false),
         capacity,
         max_bytes,
@@ -81,13 +85,18 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
 }
 
 impl Shared {
-    fn take(&self) -> VecDeque<ServerMsg> {
+    /// Empties the queue: its frames and about how many bytes they take encoded.
+    fn take(&self) -> (VecDeque<ServerMsg>, usize) {
         let mut q = match self.queue.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
         };
-        q.bytes = 0;
-        std::mem::take(&mut q.frames)
+        (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.closed.cancel();
     }
 }
 
@@ -96,7 +105,7 @@ impl Outbox {
     /// does a connection that is already closing.
     pub fn push(&self, msg: ServerMsg) -> bool {
         let s = &*self.shared;
-        if s.closed.is_cancelled() {
+        if s.closing.load(Ordering::Acquire) {
             return false;
         }
         let was_empty = {
@@ -113,7 +122,7 @@ impl Outbox {
                 }
                 tracing::warn!("client stopped reading; disconnecting it as a slow consumer");
                 s.aborted.store(true, Ordering::SeqCst);
-                s.closed.cancel();
+                s.close();
                 return false;
             }
             q.bytes += size;
@@ -130,7 +139,7 @@ impl Outbox {
 
     /// Asks the writer to flush what is queued and close the socket.
     pub fn close(&self) {
-        self.shared.closed.cancel();
+        self.shared.close();
     }
 
     /// Completes once the connection is closing, for whatever reason.
@@ -146,7 +155,7 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
     let s = &*out.shared;
     loop {
-        let batch = s.take();
+        let (batch, bytes) = s.take();
         if batch.is_empty() {
             tokio::select! {
                 biased;
@@ -154,7 +163,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
                 () = s.closed.cancelled() => break,
             }
         }
-        let buf = encode_all(batch);
+        let buf = encode_all(batch, bytes);
         // A client that stopped reading blocks this write for good: the abort (slow consumer)
         // ends it, and dropping the socket frees the connection's slot.
         let written = {
@@ -174,7 +183,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
             }
         };
         if !written {
-            s.closed.cancel();
+            s.close();
             return;
         }
     }
@@ -183,7 +192,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
     }
     // Closing: what was queued before the close (an error, a `shutdown`, the last call events)
     // still goes out, within a deadline so a client that stopped reading cannot hold us.
-    let buf = encode_all(s.take());
+    let (batch, bytes) = s.take();
+    let buf = encode_all(batch, bytes);
     let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
         let _ = sock.write_all(&buf).await;
         let _ = sock.shutdown().await;
@@ -208,8 +218,10 @@ fn approx_size(msg: &ServerMsg) -> usize {
     }
 }
 
-fn encode_all(batch: VecDeque<ServerMsg>) -> BytesMut {
-    let mut buf = BytesMut::with_capacity(batch.len() * 96);
+/// Encodes `batch` into one buffer, sized from the queue's estimate (`approx_size` errs high)
+/// so it is not reallocated and copied as it fills.
+fn encode_all(batch: VecDeque<ServerMsg>, approx_bytes: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(approx_bytes);
     for msg in &batch {
         if let Err(e) = encode_frame(msg, &mut buf) {
             // Our own messages always encode; if one ever does not, say so instead of dying.

@@ -29,6 +29,18 @@ impl Conn {
         device: &str,
         source: Option<IpAddr>,
     ) -> anyhow::Result<Conn> {
+        let token = mint(t, user);
+        Conn::sign_in_with(t, user, &token, device, source).await
+    }
+
+    /// [`Conn::sign_in`] with a token minted beforehand.
+    pub async fn sign_in_with(
+        t: &Target,
+        user: &str,
+        token: &str,
+        device: &str,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Conn> {
         let stream = match source {
             Some(ip) => {
                 let sock = if t.server.is_ipv4() {
@@ -47,12 +59,11 @@ impl Conn {
             framed: Framed::new(stream, FrameCodec::new(1 << 20)),
             endpoint: String::new(),
         };
-        let token = confab_client::token::mint(user, &t.secret, Duration::from_secs(3600));
         conn.send(&ClientMsg::Hello {
             rid: Some(0),
             version: 1,
             user: user.to_owned(),
-            token,
+            token: token.to_owned(),
             device: device.to_owned(),
             agent: Some("confab-bench".into()),
         })
@@ -116,6 +127,11 @@ impl Conn {
         .await
         .context("timed out waiting for the node")?
     }
+}
+
+/// A token for `user`, valid for an hour.
+pub fn mint(t: &Target, user: &str) -> String {
+    confab_client::token::mint(user, &t.secret, Duration::from_secs(3600))
 }
 
 /// Lets the kernel pick the source port at connect time rather than at bind time. Binding to

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use super::conn::{Conn, Target};
+use super::conn::{Conn, Target, mint};
 use super::report::{Report, histogram, record};
 use super::{Progress, run_id};
 
@@ -36,6 +36,17 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     let rss_before = rss_kib(pid)?;
     let run = run_id();
     let signed = Arc::new(AtomicU64::new(0));
+    // Users and their tokens are made before the clock starts: a client brings a token it got
+    // from its identity provider, and minting is not the node's sign-in work.
+    let users: Arc<Vec<(String, String)>> = Arc::new(
+        (0..p.endpoints)
+            .map(|i| {
+                let user = format!("sip:idle{i}-{run}@bench.invalid");
+                let token = mint(t, &user);
+                (user, token)
+            })
+            .collect(),
+    );
     let start = Instant::now();
     let sources = p.sources.max(1);
     let ticker = progress.spawn_counter(p.endpoints as u64, signed.clone());
@@ -44,19 +55,19 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     let next = Arc::new(AtomicUsize::new(0));
     let signers: Vec<_> = (0..p.concurrency.clamp(1, p.endpoints.max(1)))
         .map(|_| {
-            let (t, run, signed, next) = (t.clone(), run.clone(), signed.clone(), next.clone());
-            let (endpoints, sources) = (p.endpoints, sources as usize);
+            let (t, users, signed, next) =
+                (t.clone(), users.clone(), signed.clone(), next.clone());
+            let sources = sources as usize;
             tokio::spawn(async move {
                 let mut done = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= endpoints {
+                    let Some((user, token)) = users.get(i) else {
                         return done;
-                    }
+                    };
                     let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % sources) as u8));
                     let t0 = Instant::now();
-                    let user = format!("sip:idle{i}-{run}@bench.invalid");
-                    let r = Conn::sign_in(&t, &user, "idle", Some(source)).await;
+                    let r = Conn::sign_in_with(&t, user, token, "idle", Some(source)).await;
                     if r.is_ok() {
                         signed.fetch_add(1, Ordering::Relaxed);
                     }

@@ -79,8 +79,19 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
 
 /// A callee device: accepts by click (device 0) or when asked to auto-accept.
 async fn answer(mut conn: Conn, clicker: bool, accept: Accept) -> anyhow::Result<()> {
+    let wanted: &[&str] = match (clicker, accept) {
+        (true, Accept::Click) => &["call_incoming"],
+        (false, Accept::Click) => &[],
+        (_, Accept::Timeout) => &["auto_accept_needed"],
+    };
+    if wanted.is_empty() {
+        // Has nothing to answer, but reads everything (skipping it), as a client must.
+        loop {
+            conn.recv_only(&[]).await?;
+        }
+    }
     loop {
-        let call = match conn.recv().await? {
+        let call = match conn.recv_only(wanted).await? {
             ServerMsg::CallIncoming { call, .. } if clicker && accept == Accept::Click => call,
             ServerMsg::AutoAcceptNeeded { call } if accept == Accept::Timeout => call,
             _ => continue,
@@ -93,6 +104,9 @@ async fn answer(mut conn: Conn, clicker: bool, accept: Accept) -> anyhow::Result
         .await?;
     }
 }
+
+/// What ends a call's setup for the caller.
+const OUTCOME: &[&str] = &["call_established", "call_state"];
 
 async fn call_repeatedly(
     mut caller: Conn,
@@ -117,8 +131,9 @@ async fn call_repeatedly(
             })
             .await?;
         let created = caller
-            .recv_until(
+            .recv_until_only(
                 Duration::from_secs(30),
+                &["call_created"],
                 |m| matches!(m, ServerMsg::CallCreated { rid: Some(r), .. } if *r == rid),
             )
             .await?;
@@ -126,7 +141,7 @@ async fn call_repeatedly(
             continue;
         };
         let outcome = caller
-            .recv_until(Duration::from_secs(60), |m| match m {
+            .recv_until_only(Duration::from_secs(60), OUTCOME, |m| match m {
                 ServerMsg::CallEstablished { call: c, .. } => *c == call,
                 ServerMsg::CallState {
                     call: c,
@@ -150,7 +165,7 @@ async fn call_repeatedly(
                 })
                 .await?;
             caller
-                .recv_until(Duration::from_secs(30), |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call))
+                .recv_until_only(Duration::from_secs(30), &["call_state"], |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call))
                 .await?;
         } else {
             failed += 1;

@@ -100,6 +100,22 @@ impl Conn {
         }
     }
 
+    /// The next message from the node whose `type` is one of `types`; the others are skipped
+    /// without being decoded (the load generator should spend its cores on load, not on
+    /// decoding frames it ignores).
+    pub async fn recv_only(&mut self, types: &[&str]) -> anyhow::Result<ServerMsg> {
+        loop {
+            let frame = match self.framed.next().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection closed by the node"),
+            };
+            if confab_protocol::peek::peek_type(&frame).is_some_and(|t| types.contains(&t)) {
+                return Ok(decode_server(&frame)?);
+            }
+        }
+    }
+
     /// A message that is already buffered or readable without waiting, if any.
     pub fn try_recv(&mut self) -> Option<anyhow::Result<ServerMsg>> {
         match self.framed.next().now_or_never() {
@@ -116,9 +132,23 @@ impl Conn {
         timeout: Duration,
         pred: impl Fn(&ServerMsg) -> bool,
     ) -> anyhow::Result<ServerMsg> {
+        self.recv_until_only(timeout, &[], pred).await
+    }
+
+    /// [`Conn::recv_until`] looking only at messages whose `type` is in `types` (all when empty).
+    pub async fn recv_until_only(
+        &mut self,
+        timeout: Duration,
+        types: &[&str],
+        pred: impl Fn(&ServerMsg) -> bool,
+    ) -> anyhow::Result<ServerMsg> {
         tokio::time::timeout(timeout, async {
             loop {
-                let m = self.recv().await?;
+                let m = if types.is_empty() {
+                    self.recv().await?
+                } else {
+                    self.recv_only(types).await?
+                };
                 if pred(&m) {
                     return Ok(m);
                 }

@@ -55,8 +55,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     let next = Arc::new(AtomicUsize::new(0));
     let signers: Vec<_> = (0..p.concurrency.clamp(1, p.endpoints.max(1)))
         .map(|_| {
-            let (t, users, signed, next) =
-                (t.clone(), users.clone(), signed.clone(), next.clone());
+            let (t, users, signed, next) = (t.clone(), users.clone(), signed.clone(), next.clone());
             let sources = sources as usize;
             tokio::spawn(async move {
                 let mut done = Vec::new();

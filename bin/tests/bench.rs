@@ -1,0 +1,218 @@
+//! `confab-bench` as a process against a node started in the test: every scenario runs briefly,
+//! prints one JSON object with the common figures and its own, and counts what went wrong. The
+//! figures' size is not checked here (speed lives in BENCHMARKS.md), only that the load was
+//! real: work was done, nothing failed, and the report is complete.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use confab_tests::{SECRET, start_node};
+use serde_json::Value;
+use tokio::process::Command;
+
+/// Upper bound on a whole bench run; a safety net, never a pacing device.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `confab-bench --server ADDR --secret SECRET --json ARGS...` to its end and returns its
+/// JSON report.
+async fn bench(addr: SocketAddr, args: &[&str]) -> Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab-bench"));
+    cmd.env_remove("CONFAB_AUTH_JWT_SECRET")
+        .arg("--server")
+        .arg(addr.to_string())
+        .arg("--secret")
+        .arg(SECRET)
+        .arg("--json")
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("the bench finished in time")
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "confab-bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object: {stdout}");
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+fn num(report: &Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is a number in {report}"))
+}
+
+/// The figures every scenario reports, and that the latency percentiles are ordered.
+fn assert_common(report: &Value, scenario: &str) {
+    assert_eq!(report["scenario"], scenario);
+    let (p50, p99, p999) = (
+        num(report, "p50_ms"),
+        num(report, "p99_ms"),
+        num(report, "p999_ms"),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999, "{report}");
+    assert!(num(report, "throughput_per_s") > 0.0, "{report}");
+}
+
+#[tokio::test]
+async fn messages_are_delivered_and_acked_within_the_window() {
+    let node = start_node(|_| {});
+    let r = bench(
+        node.addr,
+        &[
+            "messages",
+            "--pairs",
+            "4",
+            "--window",
+            "8",
+            "--size",
+            "64",
+            "--duration",
+            "0.5",
+        ],
+    )
+    .await;
+    assert_common(&r, "messages");
+    assert!(num(&r, "delivered") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert_eq!(num(&r, "unanswered"), 0.0, "{r}");
+    assert_eq!(r["cross_node"], false);
+    assert_eq!(num(&r, "samples"), num(&r, "delivered"));
+}
+
+#[tokio::test]
+async fn paced_messages_keep_to_the_offered_rate() {
+    let node = start_node(|_| {});
+    let r = bench(
+        node.addr,
+        &[
+            "messages",
+            "--pairs",
+            "2",
+            "--rate",
+            "400",
+            "--duration",
+            "0.5",
+        ],
+    )
+    .await;
+    assert_common(&r, "messages");
+    assert_eq!(num(&r, "offered_rate"), 400.0);
+    // Paced, not as fast as the acks allow: at most the offered rate (plus the first message).
+    assert!(num(&r, "throughput_per_s") <= 410.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+}
+
+#[tokio::test]
+async fn forked_calls_are_established_by_a_click() {
+    let node = start_node(|_| {});
+    let r = bench(
+        node.addr,
+        &[
+            "calls",
+            "--callers",
+            "3",
+            "--devices",
+            "3",
+            "--duration",
+            "0.5",
+        ],
+    )
+    .await;
+    assert_common(&r, "calls");
+    assert!(num(&r, "established") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert_eq!(num(&r, "devices_per_user"), 3.0);
+}
+
+#[tokio::test]
+async fn forked_calls_are_established_by_the_timeout_when_nobody_clicks() {
+    // The test node's toast timeout and grace are 300 ms each.
+    let node = start_node(|_| {});
+    let r = bench(
+        node.addr,
+        &[
+            "calls",
+            "--callers",
+            "2",
+            "--devices",
+            "2",
+            "--accept",
+            "timeout",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_common(&r, "calls");
+    assert!(num(&r, "established") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    // Nobody clicked: no call was set up before the toast timeout.
+    assert!(num(&r, "p50_ms") >= 300.0, "{r}");
+}
+
+#[tokio::test]
+async fn idle_endpoints_sign_in_and_the_nodes_memory_is_read() {
+    let node = start_node(|_| {});
+    // The node runs in this test's process, so its memory is this process's.
+    let pid = std::process::id().to_string();
+    let r = bench(
+        node.addr,
+        &[
+            "idle",
+            "--endpoints",
+            "200",
+            "--concurrency",
+            "32",
+            "--sources",
+            "2",
+            "--hold",
+            "0.1",
+            "--node-pid",
+            &pid,
+        ],
+    )
+    .await;
+    assert_common(&r, "idle");
+    assert_eq!(num(&r, "endpoints"), 200.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert!(num(&r, "signin_per_s") > 0.0, "{r}");
+    assert!(num(&r, "node_rss_after_kib") > 0.0, "{r}");
+    assert!(r["bytes_per_endpoint"].is_number(), "{r}");
+}
+
+#[tokio::test]
+async fn presence_changes_reach_every_watcher() {
+    let node = start_node(|_| {});
+    let r = bench(
+        node.addr,
+        &["presence", "--watchers", "5", "--changes", "6"],
+    )
+    .await;
+    assert_common(&r, "presence");
+    assert_eq!(
+        num(&r, "samples"),
+        30.0,
+        "every watcher saw every change: {r}"
+    );
+    assert_eq!(num(&r, "missed"), 0.0, "{r}");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_fails_loudly() {
+    let node = start_node(|_| {});
+    let out = Command::new(env!("CARGO_BIN_EXE_confab-bench"))
+        .args(["--server", &node.addr.to_string(), "--secret", "not-it"])
+        .args(["--json", "presence", "--watchers", "1", "--changes", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused"), "{stderr}");
+}

@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use crate::call::leg::{CallLeg, LegInit, LegMsg};
+use crate::call::offer::CallOffer;
 use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
 use crate::endpoint::{EndpointMsg, ForkOffer};
@@ -30,7 +31,7 @@ pub struct ForkTarget {
     pub from: Remote,
     /// Normalised URI of the user called.
     pub to: String,
-    pub offer: String,
+    pub offer: CallOffer,
     pub toast: Option<Toast>,
     pub counter: Arc<AtomicU32>,
 }
@@ -257,7 +258,7 @@ impl ForkArbiter {
                 call: call.to_owned(),
                 conversation,
                 from: self.t.from.user.clone(),
-                offer: self.t.offer.clone(),
+                offer: self.t.offer.sdp().to_owned(),
                 toast: self.t.toast.clone(),
                 immediate: self.immediate,
             },

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::arbiter::{ArbiterMsg, ForkArbiter};
 use crate::call::conversation::{Conversation, ConversationMsg};
 use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
+use crate::call::offer::CallOffer;
 use crate::cluster::wire::{Envelope, unix_ms};
 use crate::context::Ctx;
 use crate::metrics as m;
@@ -103,7 +104,7 @@ pub struct ForkOffer {
     call: String,
     conversation: String,
     from: String,
-    offer: String,
+    offer: CallOffer,
     toast: Option<Toast>,
     immediate: bool,
     counter: Arc<AtomicU32>,
@@ -117,7 +118,7 @@ impl ForkOffer {
         call: String,
         conversation: String,
         from: String,
-        offer: String,
+        offer: CallOffer,
         toast: Option<Toast>,
         immediate: bool,
         counter: Arc<AtomicU32>,
@@ -538,7 +539,7 @@ impl Endpoint {
             outbox: EventSink::Local(self.outbox.clone()),
             endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
-            offer: sdp,
+            offer: CallOffer::unparsed(sdp),
             toast,
             to,
             arbiter: None,
@@ -579,7 +580,7 @@ impl Endpoint {
             conversation: offer.conversation.clone(),
             from: offer.from.clone(),
             toast: offer.toast.clone(),
-            sdp: offer.offer.clone(),
+            sdp: offer.offer.sdp().to_owned(),
             immediate_auto_accept: offer.immediate,
         });
         offer.arbiter.do_send(ArbiterMsg::ForkReady {

@@ -293,7 +293,11 @@ fn intersect<'a>(offered: &'a [String], supported: &[&'a str]) -> Vec<&'a str> {
 
 /// Checks an answer against its offer and returns what the call may carry.
 pub fn negotiate(offer: &str, answer: &str) -> Result<Negotiated, SdpError> {
-    let offered = offer_media(offer)?;
+    negotiate_offered(&offer_media(offer)?, answer)
+}
+
+/// [`negotiate`] with the offer's message media already parsed (by [`offer_media`]).
+pub fn negotiate_offered(offered: &MessageMedia, answer: &str) -> Result<Negotiated, SdpError> {
     let answered = parse(answer)?.message_media()?;
     let offered_ranges: Vec<Range<'_>> = offered
         .accept_types
@@ -409,6 +413,18 @@ fn fields(value: &str) -> Option<Vec<&str>> {
         .then_some(fields)
 }
 
+/// How many fields [`fields`] would find, without collecting them.
+fn field_count(value: &str) -> Option<usize> {
+    let mut n = 0;
+    for f in value.split(' ') {
+        if f.is_empty() || f.contains('\t') {
+            return None;
+        }
+        n += 1;
+    }
+    Some(n)
+}
+
 /// Only ASCII digits: `str::parse` would also take a leading `+`.
 fn parse_digits<T: std::str::FromStr>(text: &str) -> Option<T> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
@@ -418,12 +434,20 @@ fn parse_digits<T: std::str::FromStr>(text: &str) -> Option<T> {
 }
 
 fn accept_types_value(value: Option<&str>) -> Result<Vec<String>, &'static str> {
+    let value = check_accept_types(value)?;
+    Ok(value.split(' ').map(str::to_owned).collect())
+}
+
+/// Validates an `a=accept-types` value (what [`accept_types_value`] would accept) and returns
+/// it, without building the list: the parser checks every such line, but only the usable
+/// message media's list is ever kept.
+fn check_accept_types(value: Option<&str>) -> Result<&str, &'static str> {
     let value = value.ok_or("a=accept-types needs a value")?;
-    let types = fields(value).ok_or("a=accept-types must be single-space separated")?;
-    if types.iter().any(|t| parse_range(t).is_none()) {
+    field_count(value).ok_or("a=accept-types must be single-space separated")?;
+    if value.split(' ').any(|t| parse_range(t).is_none()) {
         return Err("invalid content type in a=accept-types");
     }
-    Ok(types.into_iter().map(str::to_owned).collect())
+    Ok(value)
 }
 
 fn max_size_value(value: Option<&str>) -> Result<u64, &'static str> {
@@ -443,7 +467,13 @@ struct Parser {
 impl Parser {
     fn line(&mut self, number: usize, line: &str) -> Result<(), SdpError> {
         let bad = |reason| malformed(number, reason);
-        if line.chars().any(|c| c.is_control() && c != '\t') {
+        // For ASCII (every line of a real offer) the byte test is the same as the char test.
+        let control = if line.is_ascii() {
+            line.bytes().any(|b| b.is_ascii_control() && b != b'\t')
+        } else {
+            line.chars().any(|c| c.is_control() && c != '\t')
+        };
+        if control {
             return Err(bad("control character"));
         }
         let mut chars = line.chars();
@@ -474,7 +504,7 @@ impl Parser {
                 if self.origin.is_some() {
                     return Err(bad("duplicate o= line"));
                 }
-                if fields(value).is_none_or(|f| f.len() != 6) {
+                if field_count(value) != Some(6) {
                     return Err(bad("o= needs six space-separated fields"));
                 }
                 self.origin = Some(value.to_owned());
@@ -488,7 +518,7 @@ impl Parser {
                 Ok(())
             }
             'c' => {
-                if fields(value).is_none_or(|f| f.len() != 3) {
+                if field_count(value) != Some(3) {
                     return Err(bad("c= needs three space-separated fields"));
                 }
                 if !in_media {
@@ -499,8 +529,9 @@ impl Parser {
                 }
                 Ok(())
             }
-            't' => match fields(value).as_deref() {
-                Some([start, stop])
+            // Two fields of digits only: no empty field, tab or third field can slip through.
+            't' => match value.split_once(' ') {
+                Some((start, stop))
                     if parse_digits::<u64>(start).is_some()
                         && parse_digits::<u64>(stop).is_some() =>
                 {
@@ -590,7 +621,7 @@ impl Parser {
                 if repeated {
                     return Err(bad("duplicate a=accept-types"));
                 }
-                accept_types_value(value).map_err(bad)?;
+                check_accept_types(value).map_err(bad)?;
             } else if is_named(ATTR_MAX_SIZE) {
                 if repeated {
                     return Err(bad("duplicate a=max-size"));

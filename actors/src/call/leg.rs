@@ -6,6 +6,8 @@
 
 use actix::prelude::*;
 use confab_protocol::sdp::{self, Negotiated};
+
+use crate::call::offer::CallOffer;
 use confab_protocol::state::transition;
 use confab_protocol::{
     Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
@@ -148,7 +150,7 @@ pub struct LegInit {
     /// This leg's own user and endpoint.
     pub local: Remote,
     /// The SDP offer of the call (the caller's, for both legs).
-    pub offer: String,
+    pub offer: CallOffer,
     pub toast: Option<Toast>,
     /// Outbound: who is called. Inbound: unused.
     pub to: String,
@@ -213,7 +215,7 @@ pub struct CallLeg {
 impl CallLeg {
     pub fn new(init: LegInit) -> Self {
         let state = init.direction.initial_state();
-        let own_sdp = init.offer.clone();
+        let own_sdp = init.offer.sdp().to_owned();
         let arbiter = init.arbiter.clone();
         CallLeg {
             init,
@@ -404,13 +406,19 @@ impl CallLeg {
             && self.peer.is_some()
     }
 
-    fn start_arbiter(&mut self, ctx: &mut Context<Self>, to: String, toast: Option<Toast>) {
+    fn start_arbiter(
+        &mut self,
+        ctx: &mut Context<Self>,
+        to: String,
+        toast: Option<Toast>,
+        offer: CallOffer,
+    ) {
         let target = ForkTarget {
             ctx: self.init.ctx.clone(),
             caller: ctx.address(),
             from: self.init.local.clone(),
             to,
-            offer: self.own_sdp.clone(),
+            offer,
             toast,
             counter: self.init.counter.clone(),
         };
@@ -600,10 +608,12 @@ impl Actor for CallLeg {
         }
         self.step(CallEvent::Establish, None);
         match sdp::offer_media(&self.own_sdp) {
-            Ok(_) => {
+            Ok(media) => {
                 let to = self.init.to.clone();
                 let toast = self.init.toast.clone();
-                self.start_arbiter(ctx, to, toast);
+                // Parsed once here; every fork's accept reuses it.
+                let offer = CallOffer::parsed(self.own_sdp.clone(), media);
+                self.start_arbiter(ctx, to, toast, offer);
             }
             Err(_) => self.end(
                 ctx,
@@ -653,7 +663,7 @@ impl CallLeg {
                         "the call is not ringing",
                     );
                 }
-                let negotiated = match sdp::negotiate(&self.init.offer, &sdp) {
+                let negotiated = match self.init.offer.negotiate(&sdp) {
                     Ok(n) => n,
                     Err(e) => {
                         return self.reply_error(rid, ErrorCode::NotAcceptable, &e.to_string());
@@ -852,7 +862,7 @@ impl CallLeg {
                 self.step(CallEvent::Established, None);
                 self.push(ServerMsg::CallEstablished {
                     call: self.init.id.clone(),
-                    sdp: self.init.offer.clone(),
+                    sdp: self.init.offer.sdp().to_owned(),
                     remote: remote.clone(),
                 });
                 if let Some(toast) = self.init.toast.take() {
@@ -980,7 +990,7 @@ impl CallLeg {
                     caller: ctx.address(),
                     from: self.init.local.clone(),
                     to,
-                    offer: self.own_sdp.clone(),
+                    offer: CallOffer::unparsed(self.own_sdp.clone()),
                     toast: None,
                     counter: self.init.counter.clone(),
                 };

@@ -11,7 +11,7 @@
 
 use bytes::BytesMut;
 use confab_protocol::ServerMsg;
-use confab_protocol::codec::encode_frame;
+use confab_protocol::hot::encode_server_frame;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -223,7 +223,7 @@ fn approx_size(msg: &ServerMsg) -> usize {
 fn encode_all(batch: VecDeque<ServerMsg>, approx_bytes: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(approx_bytes);
     for msg in &batch {
-        if let Err(e) = encode_frame(msg, &mut buf) {
+        if let Err(e) = encode_server_frame(msg, &mut buf) {
             // Our own messages always encode; if one ever does not, say so instead of dying.
             tracing::error!(error = %e, "could not encode a frame for a client");
         }

@@ -104,6 +104,17 @@ fn bench_codec(c: &mut Criterion) {
         });
     }
 
+    // What the node's outbox uses: hand-written for `call_state`, serde for the rest.
+    let msg = call_state();
+    let mut buf = BytesMut::with_capacity(1024);
+    group.bench_function("encode_server_frame/call_state", |b| {
+        b.iter(|| {
+            buf.clear();
+            confab_protocol::hot::encode_server_frame(black_box(&msg), &mut buf).expect("encodes");
+            black_box(buf.len())
+        })
+    });
+
     for (name, msg) in [
         ("decode_client/message_100b", client_message()),
         ("decode_client/message_ack", client_message_ack()),

@@ -5,6 +5,7 @@
 //! and the tests all build on it, so a rule written here is the same rule everywhere.
 
 pub mod codec;
+pub mod hot;
 pub mod messages;
 pub mod peek;
 pub mod sdp;

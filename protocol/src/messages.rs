@@ -746,19 +746,24 @@ fn describe(e: &rmp_serde::decode::Error) -> String {
 /// once per level, so an unbounded depth lets a small frame overflow a worker's stack.
 pub const MAX_DEPTH: usize = 16;
 
-fn bounded<'a, 'b>(
-    rest: &'a mut &'b [u8],
-) -> rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a mut &'b [u8]>> {
-    let mut de = rmp_serde::Deserializer::new(rest);
+/// A deserializer reading `body` in place (strings are copied once, straight from the frame),
+/// with the depth bound.
+fn bounded(body: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'_, [u8]>> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
     de.set_max_depth(MAX_DEPTH);
     de
 }
 
+/// Whether `body` is exactly one MessagePack value: the in-place reader cannot say where it
+/// stopped, so the value's extent is measured separately (a cheap scan of the markers).
+fn is_one_value(body: &[u8]) -> bool {
+    crate::peek::value_len(body) == Some(body.len())
+}
+
 /// `T` from the whole body, or `None` if it does not decode exactly.
 fn decode_exact<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
-    let mut rest = body;
-    let v = T::deserialize(&mut bounded(&mut rest)).ok()?;
-    rest.is_empty().then_some(v)
+    let v = T::deserialize(&mut bounded(body)).ok()?;
+    is_one_value(body).then_some(v)
 }
 
 /// Decodes a node frame body (without its length prefix).
@@ -798,10 +803,9 @@ fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, 
             detail: "the frame is not a MessagePack map".to_owned(),
         });
     }
-    let mut rest = body;
-    let result = T::deserialize(&mut bounded(&mut rest));
+    let result = T::deserialize(&mut bounded(body));
     match result {
-        Ok(msg) if rest.is_empty() => Ok(msg),
+        Ok(msg) if is_one_value(body) => Ok(msg),
         Ok(_) => {
             let probe = crate::peek::probe(body);
             Err(DecodeError::BadFrame {

@@ -104,6 +104,14 @@ fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     take(rd, len)
 }
 
+/// How many bytes the first MessagePack value of `body` takes; `None` if it is truncated or
+/// malformed. Lets a decoder that borrows from `body` check that nothing trails the message.
+pub fn value_len(body: &[u8]) -> Option<usize> {
+    let mut rest = body;
+    skip(&mut rest)?;
+    Some(body.len() - rest.len())
+}
+
 /// Skips one value, however deeply nested, without recursion: `pending` counts the values
 /// still to skip, and a container adds its items to it.
 fn skip(rd: &mut &[u8]) -> Option<()> {

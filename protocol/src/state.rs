@@ -62,6 +62,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The name used on the wire (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
     /// Outbound calls start `Idle`, inbound calls start `Incoming`.
     pub fn initial_state(self) -> CallState {
         match self {

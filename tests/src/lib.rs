@@ -304,22 +304,30 @@ impl NatsServer {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let child = Self::spawn(port, dir.path());
-        NatsServer {
-            child,
-            port,
-            _dir: dir,
+        // The free port is only free when we look: another test's node may bind it before
+        // nats-server does, and then nats-server exits while our readiness check talks to
+        // that node. So a start counts only once *this* server answers, else a new port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            if let Some(child) = Self::spawn(port, dir.path()) {
+                return NatsServer {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("nats-server did not start on any of 5 free ports");
     }
 
-    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+    /// Starts nats-server on `port`; `None` if it exits (the port was taken) before it answers.
+    fn spawn(port: u16, dir: &std::path::Path) -> Option<std::process::Child> {
         let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
-        let child = std::process::Command::new(&bin)
+        let mut child = std::process::Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir)
             .stdout(std::process::Stdio::null())
@@ -327,14 +335,30 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (install nats-server): {e}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            if Self::answers(port) {
+                return Some(child);
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "nats-server did not listen on {port}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        child
+    }
+
+    /// Whether a NATS server answers on `port` (it greets every client with `INFO`).
+    fn answers(port: u16) -> bool {
+        use std::io::Read;
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut greeting = [0u8; 4];
+        conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
     }
 
     /// Kills the server (the nodes lose NATS).
@@ -346,7 +370,8 @@ impl NatsServer {
     /// Starts the server again on the same port with the same store.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.port, self._dir.path());
+        self.child = Self::spawn(self.port, self._dir.path())
+            .unwrap_or_else(|| panic!("nats-server could not restart on {}", self.port));
     }
 
     pub fn url(&self) -> String {

@@ -384,6 +384,39 @@ async fn unacked_message_fails_with_408_after_ack_timeout() {
     assert_eq!(alice.recv().await, delivered(rid, &a, 2));
 }
 
+/// One sweep timer serves all of a leg's unacked messages: each still fails at its own
+/// deadline, in order, and one acked in between is not failed.
+#[tokio::test]
+async fn several_unacked_messages_each_fail_at_their_own_deadline() {
+    let node = start_node(|s| s.flow.ack_timeout_ms = 300);
+    let Call {
+        mut alice,
+        mut bob,
+        a,
+        b,
+    } = call(&node).await;
+    let first_sent = Instant::now();
+    let r1 = say(&mut alice, &a, "one").await;
+    assert_eq!(bob.recv().await, received(&b, 1, ALICE, "one"));
+    // The second message goes out well after the first.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second_sent = Instant::now();
+    let r2 = say(&mut alice, &a, "two").await;
+    assert_eq!(bob.recv().await, received(&b, 2, ALICE, "two"));
+    let r3 = say(&mut alice, &a, "three").await;
+    assert_eq!(bob.recv().await, received(&b, 3, ALICE, "three"));
+    ack(&mut bob, &b, 3).await;
+    assert_eq!(alice.recv().await, delivered(r3, &a, 3));
+    assert_failed(&alice.recv().await, r1, &a, Some(1), 408);
+    assert!(first_sent.elapsed() >= Duration::from_millis(300));
+    assert_failed(&alice.recv().await, r2, &a, Some(2), 408);
+    assert!(
+        second_sent.elapsed() >= Duration::from_millis(300),
+        "the second failed {:?} after it was sent",
+        second_sent.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn message_pending_when_the_remote_terminates_fails_with_481() {
     let node = start_node(|_| {});

@@ -164,10 +164,14 @@ struct Peer {
     addr: Addr<CallLeg>,
 }
 
+/// A map keyed by message number. The numbers are the node's own (a call's counter), so a
+/// fast hasher is safe here: no client picks the keys that go in, and SipHash was a visible
+/// part of a message's cost (two lookups per message).
+type MsgMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
+
 struct Pending {
     rid: Option<u32>,
     sent: Instant,
-    timer: SpawnHandle,
 }
 
 /// This leg's part in a blind transfer.
@@ -189,9 +193,9 @@ pub struct CallLeg {
     own_sdp: String,
     negotiated: Option<Negotiated>,
     arbiter: Option<Addr<ForkArbiter>>,
-    pending: HashMap<u32, Pending>,
+    pending: MsgMap<Pending>,
     /// Messages we delivered to our client and that await its ack, with their sender.
-    unacked: HashMap<u32, Addr<CallLeg>>,
+    unacked: MsgMap<Addr<CallLeg>>,
     pending_accept: Option<Option<u32>>,
     transfer: Option<Transfer>,
     ringing_seen: bool,
@@ -209,6 +213,10 @@ pub struct CallLeg {
     ended_elsewhere: bool,
     remote_composing: bool,
     composing_timer: Option<SpawnHandle>,
+    /// One timer for all of `pending`, armed for the oldest one's ack deadline. (A timer per
+    /// message cost a timer-wheel entry and a future in the actor's context for each, and the
+    /// context polls its futures one by one.)
+    ack_sweep: Option<SpawnHandle>,
     created: Instant,
 }
 
@@ -224,8 +232,8 @@ impl CallLeg {
             own_sdp,
             negotiated: None,
             arbiter,
-            pending: HashMap::new(),
-            unacked: HashMap::new(),
+            pending: MsgMap::default(),
+            unacked: MsgMap::default(),
             pending_accept: None,
             transfer: None,
             ringing_seen: false,
@@ -237,6 +245,7 @@ impl CallLeg {
             ended_elsewhere: false,
             remote_composing: false,
             composing_timer: None,
+            ack_sweep: None,
             created: Instant::now(),
         }
     }
@@ -327,8 +336,10 @@ impl CallLeg {
         } else {
             (481, "Call Leg/Transaction Does Not Exist")
         };
+        if let Some(sweep) = self.ack_sweep.take() {
+            ctx.cancel_future(sweep);
+        }
         for (msg, p) in std::mem::take(&mut self.pending) {
-            ctx.cancel_future(p.timer);
             self.message_failed(p.rid, Some(msg), code, text);
         }
         // After a node loss the peer fails these itself, with 503, when it hears of the loss.
@@ -526,20 +537,50 @@ impl CallLeg {
             body,
             sender: ctx.address(),
         });
-        let timeout = Duration::from_millis(self.init.ctx.settings.flow.ack_timeout_ms);
-        let timer = ctx.run_later(timeout, move |act, _| {
-            if let Some(p) = act.pending.remove(&msg) {
-                act.message_failed(p.rid, Some(msg), 408, "Request Timeout");
-            }
-        });
         self.pending.insert(
             msg,
             Pending {
                 rid,
                 sent: Instant::now(),
-                timer,
             },
         );
+        if self.ack_sweep.is_none() {
+            self.arm_ack_sweep(ctx, self.ack_timeout());
+        }
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.init.ctx.settings.flow.ack_timeout_ms)
+    }
+
+    fn arm_ack_sweep(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        self.ack_sweep = Some(ctx.run_later(after, |act, ctx| {
+            act.ack_sweep = None;
+            act.expire_unacked(ctx);
+        }));
+    }
+
+    /// Fails (408) every sent message whose ack deadline has passed, oldest first, and re-arms
+    /// the sweep for the next deadline.
+    fn expire_unacked(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let timeout = self.ack_timeout();
+        let mut expired: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.sent + timeout <= now)
+            .map(|(msg, _)| *msg)
+            .collect();
+        expired.sort_unstable();
+        for msg in expired {
+            if let Some(p) = self.pending.remove(&msg) {
+                self.message_failed(p.rid, Some(msg), 408, "Request Timeout");
+            }
+        }
+        if let Some(oldest) = self.pending.values().map(|p| p.sent).min() {
+            let after = (oldest + timeout).saturating_duration_since(now);
+            self.arm_ack_sweep(ctx, after);
+        }
     }
 
     /// The endpoint's connection is gone: a ringing fork is lost to its arbiter, a caller's
@@ -926,7 +967,6 @@ impl CallLeg {
             }
             LegMsg::Acked { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
-                    ctx.cancel_future(p.timer);
                     m::hot().messages_delivered.increment(1);
                     m::hot()
                         .message_delivery
@@ -940,7 +980,6 @@ impl CallLeg {
             }
             LegMsg::Refused { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
-                    ctx.cancel_future(p.timer);
                     self.message_failed(
                         p.rid,
                         Some(msg),

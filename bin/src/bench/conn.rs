@@ -2,13 +2,13 @@
 //! bench's control (no client-library machinery between the load and the socket).
 
 use anyhow::{Context as _, bail};
+use bytes::BytesMut;
 use confab_protocol::{ClientMsg, FrameCodec, ServerMsg, decode_server};
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::{Framed, FramedParts};
-use bytes::BytesMut;
 
 /// First size of a connection's read and write buffers.
 const CONN_BUFFER: usize = 512;

@@ -681,48 +681,13 @@ impl DecodeError {
 
 /// Decodes a client frame body (without its length prefix).
 pub fn decode_client(body: &[u8]) -> Result<ClientMsg, DecodeError> {
-    // The two messages of the flow's hot path decode straight into their fields; anything
+    // The two messages of the flow's hot path are read straight from the frame; anything
     // unusual about them (an error to report, trailing bytes) takes the general path, so the
     // answer is the same either way.
-    match crate::peek::peek_type(body) {
-        Some("message") => {
-            if let Some(m) = decode_exact::<HotMessage>(body) {
-                return Ok(ClientMsg::Message {
-                    rid: m.rid,
-                    call: m.call,
-                    content_type: m.content_type,
-                    body: m.body,
-                });
-            }
-        }
-        Some("message_ack") => {
-            if let Some(m) = decode_exact::<HotAck>(body) {
-                return Ok(ClientMsg::MessageAck {
-                    call: m.call,
-                    msg: m.msg,
-                });
-            }
-        }
-        _ => {}
+    if let Some(msg) = crate::hot::decode_hot_client(body) {
+        return Ok(msg);
     }
     decode_tagged(body, CLIENT_TYPES)
-}
-
-/// The fields of `message`, for the hot path (`type` is skipped as an unknown field).
-#[derive(Deserialize)]
-struct HotMessage {
-    #[serde(default)]
-    rid: Option<u32>,
-    call: String,
-    content_type: String,
-    body: Body,
-}
-
-/// The fields of `message_ack`, for the hot path.
-#[derive(Deserialize)]
-struct HotAck {
-    call: String,
-    msg: u32,
 }
 
 /// What went wrong, in words fit for the client: serde's own messages ("missing field `call`",
@@ -758,12 +723,6 @@ fn bounded(body: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefRea
 /// stopped, so the value's extent is measured separately (a cheap scan of the markers).
 fn is_one_value(body: &[u8]) -> bool {
     crate::peek::value_len(body) == Some(body.len())
-}
-
-/// `T` from the whole body, or `None` if it does not decode exactly.
-fn decode_exact<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
-    let v = T::deserialize(&mut bounded(body)).ok()?;
-    is_one_value(body).then_some(v)
 }
 
 /// Decodes a node frame body (without its length prefix).

@@ -59,12 +59,12 @@ fn scan(body: &[u8], want_rid: bool) -> Probe<'_> {
     p
 }
 
-fn peek_marker(rd: &[u8]) -> Option<Marker> {
+pub(crate) fn peek_marker(rd: &[u8]) -> Option<Marker> {
     rd.first().map(|b| Marker::from_u8(*b))
 }
 
 /// An unsigned integer (`Some(Some(n))`), or any other value skipped (`Some(None)`).
-fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
+pub(crate) fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
     let be = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
     match peek_marker(rd)? {
         Marker::FixPos(n) => {
@@ -84,7 +84,7 @@ fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
     }
 }
 
-fn map_len(rd: &mut &[u8]) -> Option<u32> {
+pub(crate) fn map_len(rd: &mut &[u8]) -> Option<u32> {
     match take_marker(rd)? {
         Marker::FixMap(n) => Some(u32::from(n)),
         Marker::Map16 => Some(u32::from(u16::from_be_bytes(take_array(rd)?))),
@@ -93,7 +93,7 @@ fn map_len(rd: &mut &[u8]) -> Option<u32> {
     }
 }
 
-fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+pub(crate) fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = match take_marker(rd)? {
         Marker::FixStr(n) => usize::from(n),
         Marker::Str8 => usize::from(take(rd, 1)?[0]),
@@ -114,7 +114,7 @@ pub fn value_len(body: &[u8]) -> Option<usize> {
 
 /// Skips one value, however deeply nested, without recursion: `pending` counts the values
 /// still to skip, and a container adds its items to it.
-fn skip(rd: &mut &[u8]) -> Option<()> {
+pub(crate) fn skip(rd: &mut &[u8]) -> Option<()> {
     let be = |b: &[u8]| b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
     let mut pending: usize = 1;
     while pending > 0 {

@@ -192,6 +192,9 @@ pub struct CallLeg {
     /// Our own SDP: the offer for an outbound leg, the answer for an inbound one.
     own_sdp: String,
     negotiated: Option<Negotiated>,
+    /// Content types already found allowed by `negotiated` (a call usually carries one or two):
+    /// checking a media range costs more than the rest of a message's handling in the leg.
+    allowed_types: Vec<String>,
     arbiter: Option<Addr<ForkArbiter>>,
     pending: MsgMap<Pending>,
     /// Messages we delivered to our client and that await its ack, with their sender.
@@ -231,6 +234,7 @@ impl CallLeg {
             peer: None,
             own_sdp,
             negotiated: None,
+            allowed_types: Vec::new(),
             arbiter,
             pending: MsgMap::default(),
             unacked: MsgMap::default(),
@@ -508,13 +512,13 @@ impl CallLeg {
         body: Body,
         ctx: &mut Context<Self>,
     ) {
-        let Some(peer) = self.peer.as_ref().filter(|_| self.can_flow()) else {
+        if self.peer.is_none() || !self.can_flow() {
             return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
-        };
-        let negotiated = self.negotiated.as_ref();
-        if !negotiated.is_some_and(|n| n.allows(&content_type)) {
+        }
+        if !self.allows(&content_type) {
             return self.message_failed(rid, None, 415, "Unsupported Media Type");
         }
+        let negotiated = self.negotiated.as_ref();
         let max = negotiated.and_then(|n| n.max_size).map_or(
             self.init.ctx.settings.flow.max_message_bytes,
             |s| {
@@ -529,6 +533,9 @@ impl CallLeg {
             m::limit_tripped("unacked_per_call");
             return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
         }
+        let Some(peer) = self.peer.as_ref() else {
+            return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
+        };
         let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;
         peer.addr.do_send(LegMsg::Deliver {
             msg,
@@ -547,6 +554,27 @@ impl CallLeg {
         if self.ack_sweep.is_none() {
             self.arm_ack_sweep(ctx, self.ack_timeout());
         }
+    }
+
+    fn set_negotiated(&mut self, negotiated: Negotiated) {
+        self.negotiated = Some(negotiated);
+        self.allowed_types.clear();
+    }
+
+    /// Whether the negotiated SDP allows messages of `content_type`.
+    fn allows(&mut self, content_type: &str) -> bool {
+        const REMEMBERED: usize = 4;
+        if self.allowed_types.iter().any(|t| t == content_type) {
+            return true;
+        }
+        let allowed = self
+            .negotiated
+            .as_ref()
+            .is_some_and(|n| n.allows(content_type));
+        if allowed && self.allowed_types.len() < REMEMBERED {
+            self.allowed_types.push(content_type.to_owned());
+        }
+        allowed
     }
 
     fn ack_timeout(&self) -> Duration {
@@ -720,7 +748,7 @@ impl CallLeg {
                 self.pending_accept = Some(rid);
                 self.awaiting_decision = true;
                 self.own_sdp = sdp.clone();
-                self.negotiated = Some(negotiated.clone());
+                self.set_negotiated(negotiated.clone());
                 arbiter.do_send(ArbiterMsg::AcceptRequest {
                     call: self.init.id.clone(),
                     sdp,
@@ -844,7 +872,7 @@ impl CallLeg {
                 if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
                     // The transfer target answered: talk to it from now on; the transferor's
                     // leg ends with 202 and must not see a remote terminate.
-                    self.negotiated = Some(negotiated);
+                    self.set_negotiated(negotiated);
                     self.peer = Some(Peer { addr: peer });
                     self.push(ServerMsg::CallTransferred {
                         call: self.init.id.clone(),
@@ -862,7 +890,7 @@ impl CallLeg {
                     });
                     return;
                 }
-                self.negotiated = Some(negotiated);
+                self.set_negotiated(negotiated);
                 self.established_with(peer);
                 self.step(CallEvent::Established, None);
                 m::hot()

@@ -125,22 +125,36 @@ fn bind(
     Ok(socket.into())
 }
 
+/// Binds `addr` without `SO_REUSEPORT` and without listening: fails if anything holds the port.
+fn probe_exclusive(addr: SocketAddr) -> Result<socket2::Socket, NodeError> {
+    use socket2::{Domain, Socket, Type};
+    let err = |source| NodeError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket)
+}
+
 /// One listening socket per worker thread on the same address (`SO_REUSEPORT`), so each worker
 /// accepts its own connections: no accept thread handing every new socket to a worker (a
 /// wake-up and an epoll re-registration per sign-in), and the kernel spreads connections over
-/// the workers. Other platforms get one listener, shared through the first worker.
+/// the workers. Other platforms get one listener, served by the first worker.
 fn bind_listeners(
     addr: SocketAddr,
     backlog: u32,
     workers: usize,
 ) -> Result<Vec<std::net::TcpListener>, NodeError> {
-    if !cfg!(unix) || workers <= 1 {
+    // Only Linux spreads a port's connections over its SO_REUSEPORT listeners (the BSDs and
+    // macOS give them all to one); elsewhere one listener serves, through the first worker.
+    if !cfg!(target_os = "linux") || workers <= 1 {
         return Ok(vec![bind(addr, backlog, false)?]);
     }
     // SO_REUSEPORT would also let a second node bind the same port and silently take half of
-    // the connections; an exclusive bind first makes that mistake fail as it always has.
+    // the connections; an exclusive bind first (without listening, so no client is refused in
+    // the meantime) makes that mistake fail as it always has. Two nodes started at the same
+    // instant on one port could still both pass it.
     if addr.port() != 0 {
-        drop(bind(addr, 1, false)?);
+        drop(probe_exclusive(addr)?);
     }
     let first = bind(addr, backlog, true)?;
     let bound = first
@@ -378,8 +392,9 @@ async fn accept_loop(
     };
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             _ = accepting.cancelled() => return,
+            a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,

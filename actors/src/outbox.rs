@@ -26,6 +26,8 @@ struct Queue {
     frames: VecDeque<ServerMsg>,
     /// Approximate bytes of `frames` (see [`approx_size`]).
     bytes: usize,
+    /// The writer has taken its last batch: nothing pushed now would ever be written.
+    sealed: bool,
 }
 
 struct Shared {
@@ -68,6 +70,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         queue: Mutex::new(Queue {
             frames: VecDeque::new(),
             bytes: 0,
+            sealed: false,
         }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
@@ -94,6 +97,18 @@ impl Shared {
         (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
     }
 
+    /// The writer's last take: what is still queued, and no push is accepted after it (a push
+    /// that passed the `closing` check just before the close would otherwise be lost while
+    /// reporting success).
+    fn seal(&self) -> (VecDeque<ServerMsg>, usize) {
+        let mut q = match self.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        q.sealed = true;
+        (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
+    }
+
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.closed.cancel();
@@ -112,6 +127,9 @@ impl Outbox {
             let Ok(mut q) = s.queue.lock() else {
                 return false;
             };
+            if q.sealed {
+                return false;
+            }
             let size = approx_size(&msg);
             if q.frames.len() >= s.capacity || q.bytes + size > s.max_bytes {
                 let by_bytes = q.frames.len() < s.capacity;
@@ -151,6 +169,9 @@ impl Outbox {
 /// How long a closing connection may take to flush its last frames.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
+/// A timer that is not armed yet (a year: tokio caps far deadlines anyway).
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
 pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
     let s = &*out.shared;
@@ -171,6 +192,10 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
         // ends it, and dropping the socket frees the connection's slot.
         let written = {
             let mut write = std::pin::pin!(sock.write_all(&buf));
+            // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish,
+            // like the final flush, so a client that stopped reading cannot hold the socket.
+            let flush_by = tokio::time::sleep(NEVER);
+            let mut flush_by = std::pin::pin!(flush_by);
             let mut closing = false;
             loop {
                 tokio::select! {
@@ -181,21 +206,25 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
                         }
                         // A graceful close: finish this write, then flush the rest below.
                         closing = true;
+                        flush_by.as_mut().reset(tokio::time::Instant::now() + FLUSH_DEADLINE);
                     }
+                    () = &mut flush_by, if closing => break false,
                 }
             }
         };
         if !written {
             s.close();
+            s.seal();
             return;
         }
     }
     if s.aborted.load(Ordering::SeqCst) {
+        s.seal();
         return;
     }
     // Closing: what was queued before the close (an error, a `shutdown`, the last call events)
     // still goes out, within a deadline so a client that stopped reading cannot hold us.
-    let (batch, bytes) = s.take();
+    let (batch, bytes) = s.seal();
     let buf = encode_all(batch, bytes);
     let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
         let _ = sock.write_all(&buf).await;

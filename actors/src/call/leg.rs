@@ -12,7 +12,7 @@ use confab_protocol::state::transition;
 use confab_protocol::{
     Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -216,6 +216,9 @@ pub struct CallLeg {
     ended_elsewhere: bool,
     remote_composing: bool,
     composing_timer: Option<SpawnHandle>,
+    /// `pending`'s messages in the order they were sent (so oldest deadline first), for the
+    /// sweep; entries already answered are dropped from the front as they surface.
+    sent_order: VecDeque<u32>,
     /// One timer for all of `pending`, armed for the oldest one's ack deadline. (A timer per
     /// message cost a timer-wheel entry and a future in the actor's context for each, and the
     /// context polls its futures one by one.)
@@ -237,6 +240,7 @@ impl CallLeg {
             allowed_types: Vec::new(),
             arbiter,
             pending: MsgMap::default(),
+            sent_order: VecDeque::new(),
             unacked: MsgMap::default(),
             pending_accept: None,
             transfer: None,
@@ -343,6 +347,7 @@ impl CallLeg {
         if let Some(sweep) = self.ack_sweep.take() {
             ctx.cancel_future(sweep);
         }
+        self.sent_order.clear();
         for (msg, p) in std::mem::take(&mut self.pending) {
             self.message_failed(p.rid, Some(msg), code, text);
         }
@@ -551,6 +556,7 @@ impl CallLeg {
                 sent: Instant::now(),
             },
         );
+        self.sent_order.push_back(msg);
         if self.ack_sweep.is_none() {
             self.arm_ack_sweep(ctx, self.ack_timeout());
         }
@@ -589,25 +595,41 @@ impl CallLeg {
     }
 
     /// Fails (408) every sent message whose ack deadline has passed, oldest first, and re-arms
-    /// the sweep for the next deadline.
+    /// the sweep for the next deadline. Work is proportional to what expired, not to what is
+    /// pending.
     fn expire_unacked(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let timeout = self.ack_timeout();
-        let mut expired: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.sent + timeout <= now)
-            .map(|(msg, _)| *msg)
-            .collect();
-        expired.sort_unstable();
-        for msg in expired {
+        while let Some(&msg) = self.sent_order.front() {
+            let Some(p) = self.pending.get(&msg) else {
+                // Answered already.
+                self.sent_order.pop_front();
+                continue;
+            };
+            let deadline = p.sent + timeout;
+            if deadline > now {
+                self.arm_ack_sweep(ctx, deadline - now);
+                return;
+            }
+            self.sent_order.pop_front();
             if let Some(p) = self.pending.remove(&msg) {
                 self.message_failed(p.rid, Some(msg), 408, "Request Timeout");
             }
         }
-        if let Some(oldest) = self.pending.values().map(|p| p.sent).min() {
-            let after = (oldest + timeout).saturating_duration_since(now);
-            self.arm_ack_sweep(ctx, after);
+    }
+
+    /// Drops answered messages from the front of `sent_order`, and compacts it when answered
+    /// ones pile up behind an old unanswered one, so it stays about the size of `pending`.
+    fn trim_sent_order(&mut self) {
+        while let Some(msg) = self.sent_order.front() {
+            if self.pending.contains_key(msg) {
+                break;
+            }
+            self.sent_order.pop_front();
+        }
+        if self.sent_order.len() > 2 * self.pending.len() + 32 {
+            let pending = &self.pending;
+            self.sent_order.retain(|msg| pending.contains_key(msg));
         }
     }
 
@@ -995,6 +1017,7 @@ impl CallLeg {
             }
             LegMsg::Acked { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
+                    self.trim_sent_order();
                     m::hot().messages_delivered.increment(1);
                     m::hot()
                         .message_delivery
@@ -1008,6 +1031,7 @@ impl CallLeg {
             }
             LegMsg::Refused { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
+                    self.trim_sent_order();
                     self.message_failed(
                         p.rid,
                         Some(msg),

@@ -13,11 +13,13 @@ use bytes::BytesMut;
 use confab_protocol::ServerMsg;
 use confab_protocol::hot::encode_server_frame;
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -169,8 +171,13 @@ impl Outbox {
 /// How long a closing connection may take to flush its last frames.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
-/// A timer that is not armed yet (a year: tokio caps far deadlines anyway).
-const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Completes when the timer, if there is one, fires.
+async fn expired(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
 pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
@@ -194,10 +201,11 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
             let mut write = std::pin::pin!(sock.write_all(&buf));
             // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish,
             // like the final flush, so a client that stopped reading cannot hold the socket.
-            let flush_by = tokio::time::sleep(NEVER);
-            let mut flush_by = std::pin::pin!(flush_by);
-            let mut closing = false;
+            // Boxed and made only then: a timer held in this future would be part of every
+            // idle connection's writer task (about 110 bytes each).
+            let mut flush_by: Option<Pin<Box<Sleep>>> = None;
             loop {
+                let closing = flush_by.is_some();
                 tokio::select! {
                     r = &mut write => break r.is_ok(),
                     () = s.closed.cancelled(), if !closing => {
@@ -205,10 +213,9 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
                             break false;
                         }
                         // A graceful close: finish this write, then flush the rest below.
-                        closing = true;
-                        flush_by.as_mut().reset(tokio::time::Instant::now() + FLUSH_DEADLINE);
+                        flush_by = Some(Box::pin(tokio::time::sleep(FLUSH_DEADLINE)));
                     }
-                    () = &mut flush_by, if closing => break false,
+                    () = expired(&mut flush_by), if closing => break false,
                 }
             }
         };

@@ -283,3 +283,53 @@ fn encode_all(batch: VecDeque<ServerMsg>, approx_bytes: usize) -> BytesMut {
     }
     buf
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_protocol::Body;
+
+    fn big_message(bytes: usize) -> ServerMsg {
+        ServerMsg::MessageReceived {
+            call: "c".into(),
+            msg: 1,
+            from: "sip:a@example.com".into(),
+            content_type: "text/plain".into(),
+            body: Body::Text("x".repeat(bytes)),
+            toast: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_after_the_writers_last_take_reports_failure() {
+        let (outbox, rx) = outbox(16, 1 << 20);
+        assert!(outbox.push(ServerMsg::Ok { rid: Some(1) }));
+        // The writer's last take, as at the end of a close; `closing` is not even set yet.
+        let (last, _) = rx.shared.seal();
+        assert_eq!(last.len(), 1);
+        assert!(!outbox.push(ServerMsg::Ok { rid: Some(2) }));
+    }
+
+    /// A client that stopped reading must not hold a closing connection (and its slot) for
+    /// good: the write under way gets the flush deadline, like the final flush.
+    #[tokio::test(start_paused = true)]
+    async fn a_graceful_close_ends_even_if_the_client_never_reads() {
+        let (outbox, rx) = outbox(16, 1 << 20);
+        // A peer that never reads: 64 bytes of buffer, then every write blocks.
+        let (sock, _peer) = tokio::io::duplex(64);
+        let writer = tokio::spawn(write_loop(rx, sock));
+        assert!(outbox.push(big_message(10_000)));
+        // Let the writer start its write and block on it.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished());
+        outbox.close();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(FLUSH_DEADLINE * 3, writer)
+            .await
+            .expect("the writer gives up within the flush deadline")
+            .expect("the writer does not panic");
+        assert!(started.elapsed() >= FLUSH_DEADLINE);
+    }
+}

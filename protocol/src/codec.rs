@@ -171,7 +171,12 @@ pub fn encode_frame<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), Fra
         writer.into_inner().truncate(start);
         return Err(FrameError::Encode(e.to_string()));
     }
-    let dst = writer.into_inner();
+    close_frame(writer.into_inner(), start)
+}
+
+/// Writes the length prefix of the frame that starts at `start` (its 4 placeholder bytes were
+/// put there first), or removes the frame if its body does not fit the prefix.
+pub(crate) fn close_frame(dst: &mut BytesMut, start: usize) -> Result<(), FrameError> {
     let len = dst.len() - start - LEN_PREFIX;
     let Ok(len32) = u32::try_from(len) else {
         dst.truncate(start);

@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::codec::{FrameError, LEN_PREFIX, encode_frame};
+use crate::codec::{FrameError, close_frame, encode_frame};
 use crate::messages::{Body, ClientMsg, ServerMsg};
 use crate::peek::{self, peek_marker, read_str, read_uint, skip};
 use rmp::Marker;
@@ -98,15 +98,7 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             return encode_frame(other, dst);
         }
     }
-    let len = dst.len() - start - LEN_PREFIX;
-    let Ok(len32) = u32::try_from(len) else {
-        dst.truncate(start);
-        return Err(FrameError::Encode(format!(
-            "{len} bytes do not fit a frame"
-        )));
-    };
-    dst[start..start + LEN_PREFIX].copy_from_slice(&len32.to_be_bytes());
-    Ok(())
+    close_frame(dst, start)
 }
 
 /// `message` or `message_ack` from a frame body, or `None` when the frame is anything else or
@@ -261,6 +253,7 @@ fn uint(dst: &mut BytesMut, v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::LEN_PREFIX;
     use crate::messages::{Reason, ServerMsg};
     use crate::state::{CallState, Direction};
 

@@ -4,10 +4,10 @@
 //! declares exactly one outcome. Being an actor is the whole answer to the seed's warning about
 //! a lock around AutoAcceptNeeded: every decision is one message handled at a time.
 
+use crate::ids::IdSet;
 use actix::prelude::*;
 use confab_protocol::sdp::Negotiated;
 use confab_protocol::{Reason, Remote, Toast};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
@@ -103,7 +103,7 @@ pub struct ForkArbiter {
     hops: u32,
     timer: Option<SpawnHandle>,
     auto_phase: bool,
-    tried: HashSet<String>,
+    tried: IdSet<String>,
     ranking: Vec<String>,
     auto_current: Option<String>,
     /// Cluster: this arbiter's id in the node's registry, once it forked to another node.
@@ -120,7 +120,7 @@ impl ForkArbiter {
             hops: 0,
             timer: None,
             auto_phase: false,
-            tried: HashSet::new(),
+            tried: IdSet::default(),
             ranking: Vec::new(),
             auto_current: None,
             registered: None,

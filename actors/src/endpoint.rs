@@ -10,7 +10,9 @@ use confab_protocol::{
     ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Remote, ServerMsg, Toast,
     decode_client,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
+
+use crate::ids::IdMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
@@ -180,13 +182,13 @@ pub struct Endpoint {
     id: String,
     user: String,
     outbox: Outbox,
-    calls: HashMap<String, (LegRef, String)>,
+    calls: IdMap<String, (LegRef, String)>,
     /// Cluster: calls of this endpoint whose legs live on other nodes.
-    remote_calls: HashMap<String, RemoteCall>,
+    remote_calls: IdMap<String, RemoteCall>,
     /// Ending cleanly and waiting for remote legs to report their end.
     closing: bool,
     ended: VecDeque<(String, bool)>,
-    conversations: HashMap<String, (Addr<Conversation>, usize)>,
+    conversations: IdMap<String, (Addr<Conversation>, usize)>,
     subscriptions: HashSet<String>,
     last_rx: Instant,
     /// Set once the endpoint is ending, so nothing more is read or started.
@@ -211,11 +213,11 @@ impl Endpoint {
             id,
             user,
             outbox,
-            calls: HashMap::new(),
-            remote_calls: HashMap::new(),
+            calls: IdMap::default(),
+            remote_calls: IdMap::default(),
             closing: false,
             ended: VecDeque::new(),
-            conversations: HashMap::new(),
+            conversations: IdMap::default(),
             subscriptions: HashSet::new(),
             last_rx: Instant::now(),
             ending: false,

@@ -67,7 +67,9 @@ pub async fn run(
     ctx: Ctx,
     permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
+    if !crate::node::LISTENER_NODELAY_INHERITED {
+        let _ = stream.set_nodelay(true);
+    }
     let (rd, wr) = stream.into_split();
     let limits = &ctx.settings.limits;
     let (outbox, rx) = outbox(limits.outbound_queue, limits.outbound_queue_bytes);

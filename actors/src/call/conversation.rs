@@ -1,8 +1,8 @@
 //! A conversation: the group of one endpoint's calls that UCMA terminates together. It exists
 //! while it holds a call; terminating it terminates each of its calls (the UCMA cascade).
 
+use crate::ids::IdMap;
 use actix::prelude::*;
-use std::collections::HashMap;
 
 use crate::call::leg::{LegMsg, TerminateCause};
 use crate::route::LegRef;
@@ -23,7 +23,7 @@ pub enum ConversationMsg {
 
 #[derive(Default)]
 pub struct Conversation {
-    calls: HashMap<String, LegRef>,
+    calls: IdMap<String, LegRef>,
 }
 
 impl Actor for Conversation {

@@ -12,7 +12,7 @@ use confab_protocol::state::transition;
 use confab_protocol::{
     Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -167,7 +167,7 @@ struct Peer {
 /// A map keyed by message number. The numbers are the node's own (a call's counter), so a
 /// fast hasher is safe here: no client picks the keys that go in, and SipHash was a visible
 /// part of a message's cost (two lookups per message).
-type MsgMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
+type MsgMap<V> = crate::ids::IdMap<u32, V>;
 
 struct Pending {
     rid: Option<u32>,

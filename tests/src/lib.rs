@@ -1,7 +1,10 @@
 //! Test support for end-to-end tests: a node started on ephemeral ports with short timeouts,
 //! tokens, and [`Raw`], a protocol client that sends and reads frames exactly as written so a
-//! test sees every event in order.
+//! test sees every event in order. [`legs`] holds the expectations about calls that several
+//! test files share.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+pub mod legs;
 
 use bytes::BytesMut;
 use confab_actors::{RunningNode, Settings, spawn_node};
@@ -188,10 +191,7 @@ impl Raw {
                 rid: None,
                 to: to.to_owned(),
                 conversation: None,
-                toast: toast.map(|t| Toast {
-                    content_type: "text/plain".into(),
-                    body: Body::Text(t.into()),
-                }),
+                toast: toast.map(legs::text_toast),
                 sdp: offer(),
             })
             .await;
@@ -280,6 +280,18 @@ pub async fn expect_error(raw: &mut Raw, rid: Option<u32>, code: ErrorCode) {
             raw.user
         ),
     }
+}
+
+/// Sends `msg` and asserts the next frame is `ok` for it.
+pub async fn request_ok(raw: &mut Raw, msg: ClientMsg) {
+    let rid = send_request(raw, msg).await;
+    expect_ok(raw, rid).await;
+}
+
+/// Sends `msg` and asserts the next frame is `error{code}` for it.
+pub async fn request_error(raw: &mut Raw, msg: ClientMsg, code: ErrorCode) {
+    let rid = send_request(raw, msg).await;
+    expect_error(raw, rid, code).await;
 }
 
 /// Encodes `msg` as a complete frame.

@@ -7,6 +7,11 @@
 
 use confab_protocol::sdp::build_offer;
 use confab_protocol::*;
+use confab_tests::legs::{
+    self, Leg, TERMINATED_LOCALLY, TERMINATED_REMOTELY, expect_callee_established,
+    expect_caller_established, expect_end, expect_first_ringing, expect_seq, place_call_with,
+    quiet_node, remote_of, terminate, text_toast,
+};
 use confab_tests::*;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,91 +20,10 @@ const ALICE: &str = "sip:alice@example.com";
 const BOB: &str = "sip:bob@example.com";
 const CAROL: &str = "sip:carol@example.com";
 
-const TERMINATED_LOCALLY: (u16, &str) = (200, "Terminated locally");
-const TERMINATED_REMOTELY: (u16, &str) = (200, "Terminated remotely");
-
-/// The caller's offer and the callee's answer differ, so every `sdp` field shows which side's
-/// description it carries.
+/// The caller's offer differs from the callee's [`answer`], so every `sdp` field shows which
+/// side's description it carries.
 fn call_offer() -> String {
     build_offer(&["text/plain", "text/html"], None)
-}
-
-fn call_answer() -> String {
-    build_offer(&["text/plain"], None)
-}
-
-/// A node whose fork timers never fire within a test.
-fn quiet_node() -> confab_actors::RunningNode {
-    start_node(|s| {
-        s.fork.toast_timeout_ms = 60_000;
-        s.fork.auto_accept_grace_ms = 60_000;
-    })
-}
-
-/// One endpoint's leg of a call, as its own connection names it.
-#[derive(Clone, Debug)]
-struct Leg {
-    call: String,
-    conversation: String,
-    direction: Direction,
-}
-
-impl Leg {
-    fn state(&self, state: CallState, previous: CallState, reason: Option<Reason>) -> ServerMsg {
-        ServerMsg::CallState {
-            call: self.call.clone(),
-            conversation: self.conversation.clone(),
-            direction: self.direction,
-            state,
-            previous,
-            reason,
-        }
-    }
-
-    /// `from` → terminating → terminated, both with `reason`.
-    fn end(&self, from: CallState, (code, text): (u16, &str)) -> Vec<ServerMsg> {
-        let r = Some(Reason::new(code, text));
-        vec![
-            self.state(CallState::Terminating, from, r.clone()),
-            self.state(CallState::Terminated, CallState::Terminating, r),
-        ]
-    }
-}
-
-fn remote_of(raw: &Raw) -> Remote {
-    Remote {
-        user: raw.user.clone(),
-        endpoint: raw.endpoint.clone(),
-    }
-}
-
-fn text_toast(text: &str) -> Toast {
-    Toast {
-        content_type: "text/plain".into(),
-        body: Body::Text(text.into()),
-    }
-}
-
-/// The next frame on `raw` must be exactly `want`.
-async fn expect_seq(raw: &mut Raw, want: Vec<ServerMsg>) {
-    for w in want {
-        expect(raw, w).await;
-    }
-}
-
-/// The next `want.len()` frames on `raw` must be exactly `want`, in any order. Used only for
-/// events whose relative order the contract does not fix.
-async fn expect_any_order(raw: &mut Raw, mut want: Vec<ServerMsg>) {
-    while !want.is_empty() {
-        let got = raw.recv().await;
-        let Some(i) = want.iter().position(|w| *w == got) else {
-            panic!(
-                "{} ({}): unexpected {got:?}; still expecting {want:?}",
-                raw.user, raw.endpoint
-            );
-        };
-        want.remove(i);
-    }
 }
 
 /// Several sequences on one connection (e.g. the events of two legs): each sequence must
@@ -120,29 +44,6 @@ async fn expect_interleaved(raw: &mut Raw, mut seqs: Vec<Vec<ServerMsg>>) {
     }
 }
 
-async fn expect_end(raw: &mut Raw, leg: &Leg, from: CallState, reason: (u16, &str)) {
-    expect_seq(raw, leg.end(from, reason)).await;
-}
-
-/// Sends `msg` and asserts the next frame is `ok` for it.
-async fn request_ok(raw: &mut Raw, msg: ClientMsg) {
-    let rid = send_request(raw, msg).await;
-    expect_ok(raw, rid).await;
-}
-
-/// Sends `msg` and asserts the next frame is `error{code}` for it.
-async fn request_error(raw: &mut Raw, msg: ClientMsg, code: ErrorCode) {
-    let rid = send_request(raw, msg).await;
-    expect_error(raw, rid, code).await;
-}
-
-fn terminate(leg: &Leg) -> ClientMsg {
-    ClientMsg::CallTerminate {
-        rid: None,
-        call: leg.call.clone(),
-    }
-}
-
 fn accept_with(leg: &Leg, sdp: String) -> ClientMsg {
     ClientMsg::CallAccept {
         rid: None,
@@ -159,123 +60,22 @@ fn transfer(leg: &Leg, to: &str) -> ClientMsg {
     }
 }
 
-/// `call_establish` with `sdp`: the reply first, then idle → establishing.
-async fn place_call_with(
-    caller: &mut Raw,
-    to: &str,
-    conversation: Option<&str>,
-    toast: Option<&str>,
-    sdp: String,
-) -> Leg {
-    let rid = send_request(
-        caller,
-        ClientMsg::CallEstablish {
-            rid: None,
-            to: to.to_owned(),
-            conversation: conversation.map(str::to_owned),
-            toast: toast.map(text_toast),
-            sdp,
-        },
-    )
-    .await;
-    let leg = match caller.recv().await {
-        ServerMsg::CallCreated {
-            rid: r,
-            call,
-            conversation,
-        } if r == rid => Leg {
-            call,
-            conversation,
-            direction: Direction::Outbound,
-        },
-        other => panic!("expected call_created before any call_state, got {other:?}"),
-    };
-    expect(
-        caller,
-        leg.state(CallState::Establishing, CallState::Idle, None),
-    )
-    .await;
-    leg
-}
-
 /// A call with the test offer to a user with one endpoint: up to the first ringing.
 async fn place_call(caller: &mut Raw, to: &str, conversation: Option<&str>) -> Leg {
     let leg = place_call_with(caller, to, conversation, None, call_offer()).await;
-    expect_any_order(
-        caller,
-        vec![
-            ServerMsg::CallRinging {
-                call: leg.call.clone(),
-            },
-            leg.state(CallState::Establishing, CallState::Establishing, None),
-        ],
-    )
-    .await;
+    expect_first_ringing(caller, &leg).await;
     leg
 }
 
 /// The next frame must be `call_incoming` from `from` (a user) with the test offer and no toast.
 async fn expect_incoming(callee: &mut Raw, from: &str, immediate: bool) -> Leg {
-    match callee.recv().await {
-        ServerMsg::CallIncoming {
-            call,
-            conversation,
-            from: f,
-            toast,
-            sdp,
-            immediate_auto_accept,
-        } => {
-            assert_eq!(f, from, "call_incoming.from");
-            assert_eq!(toast, None, "call_incoming.toast");
-            assert_eq!(sdp, call_offer(), "call_incoming.sdp");
-            assert_eq!(immediate_auto_accept, immediate, "immediate_auto_accept");
-            Leg {
-                call,
-                conversation,
-                direction: Direction::Inbound,
-            }
-        }
-        other => panic!("{}: expected call_incoming, got {other:?}", callee.endpoint),
-    }
+    legs::expect_incoming(callee, from, None, &call_offer(), immediate).await
 }
 
-/// `call_accept` with the test answer: `ok` first, then incoming → establishing → established
-/// with `call_established{sdp: the offer, remote}`.
+/// `call_accept` with [`answer`]: `ok` first, then incoming → establishing → established
+/// with `call_established{sdp: the test offer, remote}`.
 async fn accept(callee: &mut Raw, leg: &Leg, remote: Remote) {
-    request_ok(callee, accept_with(leg, call_answer())).await;
-    expect(
-        callee,
-        leg.state(CallState::Establishing, CallState::Incoming, None),
-    )
-    .await;
-    expect_any_order(
-        callee,
-        vec![
-            leg.state(CallState::Established, CallState::Establishing, None),
-            ServerMsg::CallEstablished {
-                call: leg.call.clone(),
-                sdp: call_offer(),
-                remote,
-            },
-        ],
-    )
-    .await;
-}
-
-/// The caller's establishing → established with `call_established{sdp: the answer, remote}`.
-async fn expect_caller_established(caller: &mut Raw, leg: &Leg, remote: Remote) {
-    expect_any_order(
-        caller,
-        vec![
-            leg.state(CallState::Established, CallState::Establishing, None),
-            ServerMsg::CallEstablished {
-                call: leg.call.clone(),
-                sdp: call_answer(),
-                remote,
-            },
-        ],
-    )
-    .await;
+    legs::accept_and_win(callee, leg, &call_offer(), &remote, None).await;
 }
 
 /// `caller` calls `callee` (one endpoint) and `callee` accepts: (caller's leg, callee's leg).
@@ -400,7 +200,7 @@ async fn accept_on_an_established_leg_is_invalid_state() {
     let (out, inc) = established_call(&mut alice, &mut bob).await;
     request_error(
         &mut bob,
-        accept_with(&inc, call_answer()),
+        accept_with(&inc, answer()),
         ErrorCode::InvalidState,
     )
     .await;
@@ -940,7 +740,7 @@ async fn call_state_events_come_in_order_and_every_end_event_carries_a_reason() 
         ClientMsg::CallAccept {
             rid: None,
             call: b1.clone(),
-            sdp: call_answer(),
+            sdp: answer(),
         },
     )
     .await;
@@ -1037,34 +837,7 @@ async fn replies_precede_the_events_their_requests_cause() {
     let mut bob1 = Raw::sign_in(node.addr, BOB, "desk").await;
     let mut bob2 = Raw::sign_in(node.addr, BOB, "phone").await;
     // call_created, then the caller's first call_state.
-    let rid = send_request(
-        &mut alice,
-        ClientMsg::CallEstablish {
-            rid: None,
-            to: BOB.into(),
-            conversation: None,
-            toast: None,
-            sdp: call_offer(),
-        },
-    )
-    .await;
-    let out = match alice.recv().await {
-        ServerMsg::CallCreated {
-            rid: r,
-            call,
-            conversation,
-        } if r == rid => Leg {
-            call,
-            conversation,
-            direction: Direction::Outbound,
-        },
-        other => panic!("the first frame after call_establish must be call_created: {other:?}"),
-    };
-    expect(
-        &mut alice,
-        out.state(CallState::Establishing, CallState::Idle, None),
-    )
-    .await;
+    let out = place_call_with(&mut alice, BOB, None, None, call_offer()).await;
     let f1 = expect_incoming(&mut bob1, ALICE, false).await;
     let f2 = expect_incoming(&mut bob2, ALICE, false).await;
     // call_decline: ok, then the declining leg's events.
@@ -1080,35 +853,10 @@ async fn replies_precede_the_events_their_requests_cause() {
     expect_ok(&mut bob2, rid).await;
     expect_end(&mut bob2, &f2, CallState::Incoming, (486, "Busy Here")).await;
     // call_accept: ok, then the accepting leg's events.
-    let rid = send_request(&mut bob1, accept_with(&f1, call_answer())).await;
+    let rid = send_request(&mut bob1, accept_with(&f1, answer())).await;
     expect_ok(&mut bob1, rid).await;
-    expect(
-        &mut bob1,
-        f1.state(CallState::Establishing, CallState::Incoming, None),
-    )
-    .await;
-    expect_any_order(
-        &mut bob1,
-        vec![
-            f1.state(CallState::Established, CallState::Establishing, None),
-            ServerMsg::CallEstablished {
-                call: f1.call.clone(),
-                sdp: call_offer(),
-                remote: remote_of(&alice),
-            },
-        ],
-    )
-    .await;
-    expect_any_order(
-        &mut alice,
-        vec![
-            ServerMsg::CallRinging {
-                call: out.call.clone(),
-            },
-            out.state(CallState::Establishing, CallState::Establishing, None),
-        ],
-    )
-    .await;
+    expect_callee_established(&mut bob1, &f1, &call_offer(), remote_of(&alice)).await;
+    expect_first_ringing(&mut alice, &out).await;
     expect_caller_established(&mut alice, &out, remote_of(&bob1)).await;
     // call_terminate: ok, then the events.
     let rid = send_request(&mut alice, terminate(&out)).await;
@@ -1137,7 +885,7 @@ async fn ids_never_leak_another_endpoints_call_id_is_unknown() {
     .await;
     request_error(
         &mut bob,
-        accept_with(&out, call_answer()),
+        accept_with(&out, answer()),
         ErrorCode::UnknownCall,
     )
     .await;
@@ -1193,7 +941,7 @@ async fn accept_pipelined_after_a_decline_is_invalid_state() {
     bytes.extend(frame(&ClientMsg::CallAccept {
         rid: r2,
         call: inc.call.clone(),
-        sdp: call_answer(),
+        sdp: answer(),
     }));
     bob.send_bytes(&bytes).await;
     expect_ok(&mut bob, r1).await;

@@ -5,6 +5,11 @@
 //! establishing → establishing, and `call_state` → established versus `call_established`).
 
 use confab_protocol::*;
+use confab_tests::legs::{
+    self, Leg, TERMINATED_LOCALLY, TERMINATED_REMOTELY, expect_callee_established,
+    expect_caller_established, expect_end, expect_first_ringing, place_call_with, quiet_node,
+    remote_of, terminate,
+};
 use confab_tests::*;
 use std::time::{Duration, Instant};
 
@@ -16,14 +21,6 @@ const NOBODY: &str = "sip:nobody@example.com";
 const COMPLETED_ELSEWHERE: (u16, &str) = (200, "Call completed elsewhere");
 const TEMPORARILY_UNAVAILABLE: (u16, &str) = (480, "Temporarily Unavailable");
 
-/// A node whose toast timer never fires within a test: for rules that must not depend on it.
-fn quiet_node() -> confab_actors::RunningNode {
-    start_node(|s| {
-        s.fork.toast_timeout_ms = 60_000;
-        s.fork.auto_accept_grace_ms = 60_000;
-    })
-}
-
 /// A node with the given fork timers.
 fn node_with(toast_ms: u64, grace_ms: u64) -> confab_actors::RunningNode {
     start_node(move |s| {
@@ -32,76 +29,8 @@ fn node_with(toast_ms: u64, grace_ms: u64) -> confab_actors::RunningNode {
     })
 }
 
-/// One endpoint's leg of a call, as its own connection names it.
-#[derive(Clone, Debug)]
-struct Leg {
-    call: String,
-    conversation: String,
-    direction: Direction,
-}
-
-impl Leg {
-    fn state(&self, state: CallState, previous: CallState, reason: Option<Reason>) -> ServerMsg {
-        ServerMsg::CallState {
-            call: self.call.clone(),
-            conversation: self.conversation.clone(),
-            direction: self.direction,
-            state,
-            previous,
-            reason,
-        }
-    }
-}
-
-fn remote_of(raw: &Raw) -> Remote {
-    Remote {
-        user: raw.user.clone(),
-        endpoint: raw.endpoint.clone(),
-    }
-}
-
-fn toast(text: &str) -> Toast {
-    Toast {
-        content_type: "text/plain".into(),
-        body: Body::Text(text.into()),
-    }
-}
-
-/// The next frame on `raw` must be exactly `want`.
-/// The next `want.len()` frames on `raw` must be exactly `want`, in any order. Used only for
-/// events whose relative order the contract does not fix.
-async fn expect_any_order(raw: &mut Raw, mut want: Vec<ServerMsg>) {
-    while !want.is_empty() {
-        let got = raw.recv().await;
-        let Some(i) = want.iter().position(|w| *w == got) else {
-            panic!(
-                "{} ({}): unexpected {got:?}; still expecting {want:?}",
-                raw.user, raw.endpoint
-            );
-        };
-        want.remove(i);
-    }
-}
-
-async fn expect_state(
-    raw: &mut Raw,
-    leg: &Leg,
-    state: CallState,
-    previous: CallState,
-    reason: Option<Reason>,
-) {
-    expect(raw, leg.state(state, previous, reason)).await;
-}
-
-/// `from` → terminating → terminated, both carrying `reason`.
-async fn expect_end(raw: &mut Raw, leg: &Leg, from: CallState, (code, text): (u16, &str)) {
-    let r = Some(Reason::new(code, text));
-    expect_state(raw, leg, CallState::Terminating, from, r.clone()).await;
-    expect_state(raw, leg, CallState::Terminated, CallState::Terminating, r).await;
-}
-
 async fn publish(raw: &mut Raw, activity: Activity, idle_ms: Option<u64>) {
-    let rid = send_request(
+    request_ok(
         raw,
         ClientMsg::DeviceState {
             rid: None,
@@ -110,50 +39,11 @@ async fn publish(raw: &mut Raw, activity: Activity, idle_ms: Option<u64>) {
         },
     )
     .await;
-    expect_ok(raw, rid).await;
 }
 
-/// `call_establish`: the reply first, then idle → establishing.
+/// `call_establish` with the test offer: the reply first, then idle → establishing.
 async fn place_call(caller: &mut Raw, to: &str, toast_text: Option<&str>) -> Leg {
-    let rid = send_request(
-        caller,
-        ClientMsg::CallEstablish {
-            rid: None,
-            to: to.to_owned(),
-            conversation: None,
-            toast: toast_text.map(toast),
-            sdp: offer(),
-        },
-    )
-    .await;
-    let leg = match caller.recv().await {
-        ServerMsg::CallCreated {
-            rid: r,
-            call,
-            conversation,
-        } if r == rid => Leg {
-            call,
-            conversation,
-            direction: Direction::Outbound,
-        },
-        other => panic!("expected call_created first, got {other:?}"),
-    };
-    expect_state(caller, &leg, CallState::Establishing, CallState::Idle, None).await;
-    leg
-}
-
-/// The first `call_ringing`, with its establishing → establishing (outbound rule 2).
-async fn expect_first_ringing(caller: &mut Raw, leg: &Leg) {
-    expect_any_order(
-        caller,
-        vec![
-            ServerMsg::CallRinging {
-                call: leg.call.clone(),
-            },
-            leg.state(CallState::Establishing, CallState::Establishing, None),
-        ],
-    )
-    .await;
+    place_call_with(caller, to, None, toast_text, offer()).await
 }
 
 /// The next frame must be `call_incoming` from `caller` with the test offer.
@@ -163,100 +53,16 @@ async fn expect_incoming(
     toast_text: Option<&str>,
     immediate: bool,
 ) -> Leg {
-    match callee.recv().await {
-        ServerMsg::CallIncoming {
-            call,
-            conversation,
-            from,
-            toast: t,
-            sdp,
-            immediate_auto_accept,
-        } => {
-            assert_eq!(from, caller.user, "call_incoming.from");
-            assert_eq!(t, toast_text.map(toast), "call_incoming.toast");
-            assert_eq!(sdp, offer(), "call_incoming.sdp is the caller's offer");
-            assert_eq!(
-                immediate_auto_accept, immediate,
-                "call_incoming.immediate_auto_accept on {}",
-                callee.endpoint
-            );
-            Leg {
-                call,
-                conversation,
-                direction: Direction::Inbound,
-            }
-        }
-        other => panic!("{}: expected call_incoming, got {other:?}", callee.endpoint),
-    }
+    legs::expect_incoming(callee, &caller.user, toast_text, &offer(), immediate).await
 }
 
-/// `call_accept` that wins: `ok` first, then incoming → establishing → established with
-/// `call_established{sdp: offer, remote: caller}`, then the toast (msg 1) when there is one.
+/// `call_accept` that wins, on a call placed with the test offer.
 async fn accept_and_win(callee: &mut Raw, leg: &Leg, caller: &Remote, toast_text: Option<&str>) {
-    let rid = send_request(
-        callee,
-        ClientMsg::CallAccept {
-            rid: None,
-            call: leg.call.clone(),
-            sdp: answer(),
-        },
-    )
-    .await;
-    expect_ok(callee, rid).await;
-    expect_state(
-        callee,
-        leg,
-        CallState::Establishing,
-        CallState::Incoming,
-        None,
-    )
-    .await;
-    expect_any_order(
-        callee,
-        vec![
-            leg.state(CallState::Established, CallState::Establishing, None),
-            ServerMsg::CallEstablished {
-                call: leg.call.clone(),
-                sdp: offer(),
-                remote: caller.clone(),
-            },
-        ],
-    )
-    .await;
-    if let Some(text) = toast_text {
-        expect(
-            callee,
-            ServerMsg::MessageReceived {
-                call: leg.call.clone(),
-                msg: 1,
-                from: caller.user.clone(),
-                content_type: "text/plain".into(),
-                body: Body::Text(text.into()),
-                toast: Some(true),
-            },
-        )
-        .await;
-    }
-}
-
-/// The caller's establishing → established with `call_established{sdp: answer, remote}`.
-async fn expect_caller_established(caller: &mut Raw, leg: &Leg, remote: Remote) {
-    expect_any_order(
-        caller,
-        vec![
-            leg.state(CallState::Established, CallState::Establishing, None),
-            ServerMsg::CallEstablished {
-                call: leg.call.clone(),
-                sdp: answer(),
-                remote,
-            },
-        ],
-    )
-    .await;
+    legs::accept_and_win(callee, leg, &offer(), caller, toast_text).await;
 }
 
 async fn decline(callee: &mut Raw, leg: &Leg, code: Option<u16>) {
-    let rid = send_request(
+    request_ok(
         callee,
         ClientMsg::CallDecline {
             rid: None,
@@ -265,11 +71,10 @@ async fn decline(callee: &mut Raw, leg: &Leg, code: Option<u16>) {
         },
     )
     .await;
-    expect_ok(callee, rid).await;
 }
 
 async fn forward(callee: &mut Raw, leg: &Leg, to: &str) {
-    let rid = send_request(
+    request_ok(
         callee,
         ClientMsg::CallForward {
             rid: None,
@@ -278,20 +83,12 @@ async fn forward(callee: &mut Raw, leg: &Leg, to: &str) {
         },
     )
     .await;
-    expect_ok(callee, rid).await;
 }
 
 /// Subscribes `raw` to its own user (its `presence` events then list the user's endpoints).
 async fn watch_own_endpoints(raw: &mut Raw) {
-    let rid = send_request(
-        raw,
-        ClientMsg::Subscribe {
-            rid: None,
-            users: vec![raw.user.clone()],
-        },
-    )
-    .await;
-    expect_ok(raw, rid).await;
+    let users = vec![raw.user.clone()];
+    request_ok(raw, ClientMsg::Subscribe { rid: None, users }).await;
 }
 
 /// Waits until `raw`'s own presence lists exactly `n` endpoints (it watches its own user).
@@ -992,20 +789,12 @@ async fn caller_terminating_while_forks_ring_ends_them_487() {
     expect_first_ringing(&mut alice, &leg).await;
     let f1 = expect_incoming(&mut bob1, &alice, Some("never mind"), false).await;
     let f2 = expect_incoming(&mut bob2, &alice, Some("never mind"), false).await;
-    let rid = send_request(
-        &mut alice,
-        ClientMsg::CallTerminate {
-            rid: None,
-            call: leg.call.clone(),
-        },
-    )
-    .await;
-    expect_ok(&mut alice, rid).await;
+    request_ok(&mut alice, terminate(&leg)).await;
     expect_end(
         &mut alice,
         &leg,
         CallState::Establishing,
-        (200, "Terminated locally"),
+        TERMINATED_LOCALLY,
     )
     .await;
     expect_end(
@@ -1190,19 +979,7 @@ async fn endpoints_signing_in_after_the_fork_get_nothing() {
 async fn accept_outcome(raw: &mut Raw, leg: &Leg, rid: Option<u32>, caller: &Remote) -> bool {
     let first = raw.recv().await;
     if first == (ServerMsg::Ok { rid }) {
-        expect_state(raw, leg, CallState::Establishing, CallState::Incoming, None).await;
-        expect_any_order(
-            raw,
-            vec![
-                leg.state(CallState::Established, CallState::Establishing, None),
-                ServerMsg::CallEstablished {
-                    call: leg.call.clone(),
-                    sdp: offer(),
-                    remote: caller.clone(),
-                },
-            ],
-        )
-        .await;
+        expect_callee_established(raw, leg, &offer(), caller.clone()).await;
         return true;
     }
     // Error texts are free; compare errors by rid and code only.
@@ -1281,28 +1058,8 @@ async fn simultaneous_accepts_exactly_one_wins_the_other_gets_answered_elsewhere
             (&mut bob2, &f2)
         };
         expect_caller_established(&mut alice, &leg, remote_of(winner)).await;
-        let rid = send_request(
-            &mut alice,
-            ClientMsg::CallTerminate {
-                rid: None,
-                call: leg.call.clone(),
-            },
-        )
-        .await;
-        expect_ok(&mut alice, rid).await;
-        expect_end(
-            &mut alice,
-            &leg,
-            CallState::Established,
-            (200, "Terminated locally"),
-        )
-        .await;
-        expect_end(
-            winner,
-            w_leg,
-            CallState::Established,
-            (200, "Terminated remotely"),
-        )
-        .await;
+        request_ok(&mut alice, terminate(&leg)).await;
+        expect_end(&mut alice, &leg, CallState::Established, TERMINATED_LOCALLY).await;
+        expect_end(winner, w_leg, CallState::Established, TERMINATED_REMOTELY).await;
     }
 }

@@ -113,7 +113,7 @@ pub enum LegMsg {
         from: String,
         content_type: String,
         body: Body,
-        sender: Addr<CallLeg>,
+        sender: SharedLegAddr,
     },
     Acked {
         msg: u32,
@@ -169,6 +169,11 @@ struct Peer {
 /// part of a message's cost (two lookups per message).
 type MsgMap<V> = crate::ids::IdMap<u32, V>;
 
+/// A leg's address as every message it sends carries it. In actix both `ctx.address()` and
+/// `Addr::clone` allocate two `Arc`s (a new sender with its own parking state); sharing one
+/// `Addr` behind an `Arc` makes the per-message copy a reference-count increment.
+type SharedLegAddr = Arc<Addr<CallLeg>>;
+
 struct Pending {
     rid: Option<u32>,
     sent: Instant,
@@ -198,7 +203,10 @@ pub struct CallLeg {
     arbiter: Option<Addr<ForkArbiter>>,
     pending: MsgMap<Pending>,
     /// Messages we delivered to our client and that await its ack, with their sender.
-    unacked: MsgMap<Addr<CallLeg>>,
+    unacked: MsgMap<SharedLegAddr>,
+    /// Our own address, made at the first message we send (see [`SharedLegAddr`]) and dropped
+    /// when the leg ends, so that it never keeps an ended leg's mailbox open.
+    own_addr: Option<SharedLegAddr>,
     pending_accept: Option<Option<u32>>,
     transfer: Option<Transfer>,
     ringing_seen: bool,
@@ -242,6 +250,7 @@ impl CallLeg {
             pending: MsgMap::default(),
             sent_order: VecDeque::new(),
             unacked: MsgMap::default(),
+            own_addr: None,
             pending_accept: None,
             transfer: None,
             ringing_seen: false,
@@ -397,6 +406,9 @@ impl CallLeg {
     /// and owed nothing by an arbiter (whose last word must still be handled: a win for a leg
     /// that is gone must hang up the other side).
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.state.is_final() {
+            self.own_addr = None;
+        }
         if self.state.is_final()
             && self.released
             && !self.awaiting_outcome
@@ -542,12 +554,16 @@ impl CallLeg {
             return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
         };
         let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let sender = self
+            .own_addr
+            .get_or_insert_with(|| Arc::new(ctx.address()))
+            .clone();
         peer.addr.do_send(LegMsg::Deliver {
             msg,
             from: self.init.local.user.clone(),
             content_type,
             body,
-            sender: ctx.address(),
+            sender,
         });
         self.pending.insert(
             msg,

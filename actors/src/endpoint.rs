@@ -11,8 +11,6 @@ use confab_protocol::{
     decode_client,
 };
 use std::collections::{HashSet, VecDeque};
-
-use crate::ids::IdMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
@@ -24,6 +22,7 @@ use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
 use crate::call::offer::CallOffer;
 use crate::cluster::wire::{Envelope, unix_ms};
 use crate::context::Ctx;
+use crate::ids::IdMap;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;

@@ -1,15 +1,17 @@
-//! Identifier minting. Endpoint, call and conversation ids are opaque strings that must be
-//! unique across the cluster and across restarts of a node, so each carries the node id and a
-//! random per-process epoch before a counter.
+//! Identifier minting, and the hasher for maps keyed by those ids. Endpoint, call and
+//! conversation ids are opaque strings that must be unique across the cluster and across
+//! restarts of a node, so each carries the node id and a random per-process epoch before a
+//! counter.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fast hasher (foldhash, seeded per process) for maps whose keys the node mints itself: ids
-/// from [`IdGen`] and message numbers. No client picks these keys, so SipHash's protection
-/// against chosen-key flooding buys nothing there, while it cost a visible share of a forked
-/// call (about 28 look-ups and inserts per call). Maps keyed by what clients send (user URIs)
-/// keep std's SipHash.
+/// A fast hasher (foldhash, seeded per process) for maps whose keys nodes mint: ids from an
+/// [`IdGen`] of this node or of another node of the cluster (a trusted peer), and message
+/// numbers. No client picks the keys that go into these maps (a client's ids are only looked
+/// up), so SipHash's protection against chosen-key flooding buys nothing there, while it cost
+/// a visible share of a forked call (about 28 look-ups and inserts per call). Maps keyed by
+/// what clients send (user URIs) keep std's SipHash.
 pub type FastState = foldhash::fast::RandomState;
 /// A map keyed by node-minted ids (see [`FastState`]).
 pub type IdMap<K, V> = HashMap<K, V, FastState>;

@@ -103,9 +103,10 @@ impl Drop for RunningNode {
 }
 
 /// Whether accepted sockets inherit `TCP_NODELAY` from their listener, so that the node sets it
-/// once on the listener instead of with a system call per connection (a sign-in is only about
-/// five system calls on the node, so one fewer shows). Linux copies the option into every
-/// accepted socket; elsewhere each session sets it itself.
+/// once on each listener [`bind`] makes (the clients' and the metrics endpoint's) instead of
+/// with a system call per connection (a sign-in is only about five system calls on the node,
+/// so one fewer shows). Linux copies the option into every accepted socket; elsewhere each
+/// session sets it itself.
 pub(crate) const LISTENER_NODELAY_INHERITED: bool = cfg!(target_os = "linux");
 
 fn bind(
@@ -443,17 +444,22 @@ mod tests {
     use super::*;
 
     /// Sessions skip `set_nodelay` where the listener's setting is inherited: if a platform
-    /// stopped copying it, every small frame would wait for Nagle's algorithm.
+    /// stopped copying it, every small frame would wait for Nagle's algorithm. Both kinds of
+    /// listener are checked: one worker's plain one and the `SO_REUSEPORT` ones of several.
+    #[cfg(target_os = "linux")]
     #[test]
     fn accepted_sockets_have_nodelay() {
-        let listener = bind("127.0.0.1:0".parse().expect("address"), 16, false).expect("bind");
-        listener.set_nonblocking(false).expect("blocking");
-        let addr = listener.local_addr().expect("local address");
-        let _client = std::net::TcpStream::connect(addr).expect("connect");
-        let (accepted, _) = listener.accept().expect("accept");
-        assert_eq!(
-            accepted.nodelay().expect("nodelay"),
-            LISTENER_NODELAY_INHERITED
-        );
+        for reuse_port in [false, true] {
+            let any_port = "127.0.0.1:0".parse().expect("address");
+            let listener = bind(any_port, 16, reuse_port).expect("bind");
+            listener.set_nonblocking(false).expect("blocking");
+            let addr = listener.local_addr().expect("local address");
+            let _client = std::net::TcpStream::connect(addr).expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            assert!(
+                accepted.nodelay().expect("nodelay"),
+                "reuse_port {reuse_port}"
+            );
+        }
     }
 }

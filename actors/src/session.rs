@@ -67,7 +67,13 @@ pub async fn run(
     ctx: Ctx,
     permit: OwnedSemaphorePermit,
 ) {
-    if !crate::node::LISTENER_NODELAY_INHERITED {
+    if crate::node::LISTENER_NODELAY_INHERITED {
+        // Set on the listener by `node::bind`, where every accepted stream comes from.
+        debug_assert!(
+            stream.nodelay().unwrap_or(true),
+            "listener without TCP_NODELAY"
+        );
+    } else {
         let _ = stream.set_nodelay(true);
     }
     let (rd, wr) = stream.into_split();

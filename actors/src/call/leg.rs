@@ -8,6 +8,7 @@ use actix::prelude::*;
 use confab_protocol::sdp::{self, Negotiated};
 
 use crate::call::offer::CallOffer;
+use crate::call::unacked::Unacked;
 use confab_protocol::state::transition;
 use confab_protocol::{
     Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
@@ -171,7 +172,9 @@ type MsgMap<V> = crate::ids::IdMap<u32, V>;
 
 /// A leg's address as every message it sends carries it. In actix both `ctx.address()` and
 /// `Addr::clone` allocate two `Arc`s (a new sender with its own parking state); sharing one
-/// `Addr` behind an `Arc` makes the per-message copy a reference-count increment.
+/// `Addr` behind an `Arc` makes the per-message copy a reference-count increment. Use it with
+/// `do_send` only: its holders share one sender, so a `send` that waits for mailbox room would
+/// park them all together.
 type SharedLegAddr = Arc<Addr<CallLeg>>;
 
 struct Pending {
@@ -203,7 +206,7 @@ pub struct CallLeg {
     arbiter: Option<Addr<ForkArbiter>>,
     pending: MsgMap<Pending>,
     /// Messages we delivered to our client and that await its ack, with their sender.
-    unacked: MsgMap<SharedLegAddr>,
+    unacked: Unacked<SharedLegAddr>,
     /// Our own address, made at the first message we send (see [`SharedLegAddr`]) and dropped
     /// when the leg ends, so that it never keeps an ended leg's mailbox open.
     own_addr: Option<SharedLegAddr>,
@@ -239,6 +242,10 @@ impl CallLeg {
         let state = init.direction.initial_state();
         let own_sdp = init.offer.sdp().to_owned();
         let arbiter = init.arbiter.clone();
+        let unacked = Unacked::new(
+            init.ctx.settings.limits.unacked_per_call,
+            Duration::from_millis(init.ctx.settings.flow.ack_timeout_ms),
+        );
         CallLeg {
             init,
             state,
@@ -249,7 +256,7 @@ impl CallLeg {
             arbiter,
             pending: MsgMap::default(),
             sent_order: VecDeque::new(),
-            unacked: MsgMap::default(),
+            unacked,
             own_addr: None,
             pending_accept: None,
             transfer: None,
@@ -360,8 +367,11 @@ impl CallLeg {
         for (msg, p) in std::mem::take(&mut self.pending) {
             self.message_failed(p.rid, Some(msg), code, text);
         }
+        // Our own address may only be held while messages can flow; an ended leg must not keep
+        // its mailbox open (that would stop it from ever stopping on its own).
+        self.own_addr = None;
         // After a node loss the peer fails these itself, with 503, when it hears of the loss.
-        for (msg, sender) in std::mem::take(&mut self.unacked) {
+        for (msg, sender) in self.unacked.take_all() {
             if !self.node_lost {
                 sender.do_send(LegMsg::Refused { msg });
             }
@@ -406,9 +416,6 @@ impl CallLeg {
     /// and owed nothing by an arbiter (whose last word must still be handled: a win for a leg
     /// that is gone must hang up the other side).
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
-        if self.state.is_final() {
-            self.own_addr = None;
-        }
         if self.state.is_final()
             && self.released
             && !self.awaiting_outcome
@@ -857,7 +864,7 @@ impl CallLeg {
                 body,
             } => self.handle_message(rid, content_type, body, ctx),
             LegMsg::Ack { msg } => {
-                if let Some(sender) = self.unacked.remove(&msg) {
+                if let Some(sender) = self.unacked.remove(msg) {
                     sender.do_send(LegMsg::Acked { msg });
                 }
             }
@@ -1021,7 +1028,7 @@ impl CallLeg {
                     ctx.cancel_future(h);
                 }
                 self.set_remote_composing(false);
-                self.unacked.insert(msg, sender);
+                self.unacked.insert(msg, sender, Instant::now());
                 self.push(ServerMsg::MessageReceived {
                     call: self.init.id.clone(),
                     msg,

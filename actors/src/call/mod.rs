@@ -3,3 +3,4 @@
 pub mod conversation;
 pub mod leg;
 pub mod offer;
+pub mod unacked;

@@ -14,7 +14,8 @@ use confab_client::{
     Conversation, DeliveryError, Endpoint, EndpointOptions, Hello, InstantMessagingCall, Reason,
     StateChange, Toast,
 };
-use confab_tests::{start_node, token};
+use confab_tests::legs::{quiet_node, text_toast};
+use confab_tests::token;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,13 +35,6 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 }
 
 /// A node whose toast timer never fires within a test.
-fn quiet_node() -> confab_actors::RunningNode {
-    start_node(|s| {
-        s.fork.toast_timeout_ms = 60_000;
-        s.fork.auto_accept_grace_ms = 60_000;
-    })
-}
-
 async fn sign_in(addr: SocketAddr, user: &str, device: &str, policy: AutoAcceptPolicy) -> Endpoint {
     let options = EndpointOptions {
         auto_accept: policy,
@@ -52,13 +46,6 @@ async fn sign_in(addr: SocketAddr, user: &str, device: &str, policy: AutoAcceptP
     )
     .await
     .unwrap()
-}
-
-fn toast(text: &str) -> Toast {
-    Toast {
-        content_type: "text/plain".into(),
-        body: Body::from(text),
-    }
 }
 
 fn change(previous: CallState, state: CallState, reason: Option<(u16, &str)>) -> StateChange {
@@ -91,7 +78,7 @@ async fn establish_with_a_toast_is_accepted_at_once_by_the_only_device() {
         InstantMessagingCall::establish(
             &conversation,
             BOB,
-            Some(toast("lunch?")),
+            Some(text_toast("lunch?")),
             CallEstablishOptions::default(),
         ),
     )
@@ -103,7 +90,7 @@ async fn establish_with_a_toast_is_accepted_at_once_by_the_only_device() {
     let inbound = next_call(&mut ringing).await;
     assert!(inbound.is_immediate_auto_accept_needed());
     assert_eq!(inbound.peer(), ALICE);
-    assert_eq!(inbound.toast(), Some(&toast("lunch?")));
+    assert_eq!(inbound.toast(), Some(&text_toast("lunch?")));
     within("bob established", inbound.established())
         .await
         .unwrap();
@@ -160,7 +147,7 @@ async fn a_click_wins_a_forked_call_and_the_other_fork_ends_completed_elsewhere(
     let placing = tokio::spawn(InstantMessagingCall::establish(
         &Conversation::new(&alice),
         BOB,
-        Some(toast("are you there?")),
+        Some(text_toast("are you there?")),
         CallEstablishOptions::default(),
     ));
     let on_desk = next_call(&mut desk_calls).await;
@@ -168,7 +155,7 @@ async fn a_click_wins_a_forked_call_and_the_other_fork_ends_completed_elsewhere(
     for fork in [&on_desk, &on_phone] {
         assert!(!fork.is_immediate_auto_accept_needed());
         assert_eq!(fork.state(), CallState::Incoming);
-        assert_eq!(fork.toast(), Some(&toast("are you there?")));
+        assert_eq!(fork.toast(), Some(&text_toast("are you there?")));
     }
 
     // Notify: the library accepted nothing by itself; the user clicks on the desk.
@@ -230,7 +217,7 @@ async fn send_returns_the_msg_number_on_delivery_and_481_once_the_remote_hung_up
         InstantMessagingCall::establish(
             &Conversation::new(&alice),
             BOB,
-            Some(toast("hi")),
+            Some(text_toast("hi")),
             CallEstablishOptions::default(),
         ),
     )
@@ -503,7 +490,7 @@ async fn the_library_state_always_matches_the_node_call_state_sequence() {
     assert_matches_node(&alice_tap, &unanswered).await;
 
     // Accepted, a failed transfer (back to established with its reason), ended by the remote.
-    let call = within("call_created", place(BOB, Some(toast("state check"))))
+    let call = within("call_created", place(BOB, Some(text_toast("state check"))))
         .await
         .unwrap();
     let at_bob = next_call(&mut bob_calls).await;

@@ -153,19 +153,23 @@ fn bind_listeners(
     addr: SocketAddr,
     backlog: u32,
     workers: usize,
-) -> Result<Vec<std::net::TcpListener>, NodeError> {
+) -> Result<(Vec<std::net::TcpListener>, Option<PortClaim>), NodeError> {
     // Only Linux spreads a port's connections over its SO_REUSEPORT listeners (the BSDs and
     // macOS give them all to one); elsewhere one listener serves, through the first worker.
     if !cfg!(target_os = "linux") || workers <= 1 {
-        return Ok(vec![bind(addr, backlog, false)?]);
+        return Ok((vec![bind(addr, backlog, false)?], None));
     }
     // SO_REUSEPORT would also let a second node bind the same port and silently take half of
-    // the connections; an exclusive bind first (without listening, so no client is refused in
-    // the meantime) makes that mistake fail as it always has. Two nodes started at the same
-    // instant on one port could still both pass it.
-    if addr.port() != 0 {
+    // the connections. The claim stops another confab node, even one started at the same
+    // instant; the exclusive bind (without listening, so no client is refused in the meantime)
+    // stops any other program that holds the port.
+    let claim = if addr.port() != 0 {
+        let claim = PortClaim::take(addr)?;
         drop(probe_exclusive(addr)?);
-    }
+        Some(claim)
+    } else {
+        None
+    };
     let first = bind(addr, backlog, true)?;
     let bound = first
         .local_addr()
@@ -174,7 +178,35 @@ fn bind_listeners(
     for _ in 1..workers {
         listeners.push(bind(bound, backlog, true)?);
     }
-    Ok(listeners)
+    Ok((listeners, claim))
+}
+
+/// A node's claim on the client address it shares between its `SO_REUSEPORT` listeners: an
+/// abstract Unix socket named after the address, held while the node runs. Binding one is
+/// atomic and exclusive within the network namespace (the scope of TCP ports too), and the
+/// kernel lets go of it when the process exits, however it exits: no lock file to clean up.
+#[derive(Debug)]
+pub(crate) struct PortClaim {
+    #[cfg(target_os = "linux")]
+    _socket: std::os::unix::net::UnixDatagram,
+}
+
+impl PortClaim {
+    #[cfg(target_os = "linux")]
+    fn take(addr: SocketAddr) -> Result<PortClaim, NodeError> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let err = |source| NodeError::Bind { addr, source };
+        let name = UnixAddr::from_abstract_name(format!("confab-node {addr}")).map_err(err)?;
+        let socket = UnixDatagram::bind_addr(&name).map_err(err)?;
+        Ok(PortClaim { _socket: socket })
+    }
+
+    /// Only Linux shares a port between listeners; elsewhere nothing needs claiming.
+    #[cfg(not(target_os = "linux"))]
+    fn take(_: SocketAddr) -> Result<PortClaim, NodeError> {
+        Ok(PortClaim {})
+    }
 }
 
 fn worker_count(settings: &Settings) -> usize {
@@ -186,7 +218,7 @@ fn worker_count(settings: &Settings) -> usize {
 
 /// Binds the node's ports and starts it on its own threads.
 pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
-    let listeners = bind_listeners(
+    let (listeners, port_claim) = bind_listeners(
         settings.server.listen,
         settings.server.listen_backlog,
         worker_count(&settings),
@@ -207,6 +239,8 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
     let thread = std::thread::Builder::new()
         .name("confab-node".into())
         .spawn(move || {
+            // Held until the node has stopped listening.
+            let _port_claim = port_claim;
             let system = actix::System::new();
             system.block_on(run(
                 settings,
@@ -446,6 +480,26 @@ mod tests {
     /// Sessions skip `set_nodelay` where the listener's setting is inherited: if a platform
     /// stopped copying it, every small frame would wait for Nagle's algorithm. Both kinds of
     /// listener are checked: one worker's plain one and the `SO_REUSEPORT` ones of several.
+    /// Two nodes started at the same instant on one port both pass the exclusive probe bind
+    /// (neither listens yet); the claim lets only one through, and is free again once dropped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_client_address_is_claimed_by_one_node_at_a_time() {
+        // Documentation addresses (RFC 5737): only the claim's name, never bound by any node.
+        let addr: SocketAddr = "192.0.2.1:5999".parse().expect("address");
+        let first = PortClaim::take(addr).expect("the first claim");
+        match PortClaim::take(addr) {
+            Err(NodeError::Bind { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+            }
+            other => panic!("a second claim on the same address: {other:?}"),
+        }
+        let other_port: SocketAddr = "192.0.2.1:5998".parse().expect("address");
+        let _unrelated = PortClaim::take(other_port).expect("another address is free");
+        drop(first);
+        PortClaim::take(addr).expect("free again once the first node is gone");
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn accepted_sockets_have_nodelay() {

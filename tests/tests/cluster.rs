@@ -714,3 +714,35 @@ async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
     drop(node);
     drop(nats);
 }
+
+/// NATS itself goes away and comes back (its store kept): the directory must catch up with
+/// what happened meanwhile. Bob signed in before the outage and Carol during it, on B, whose
+/// record of her could not reach NATS then; afterwards A finds both and can call Carol.
+#[tokio::test]
+async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() {
+    const CAROL: &str = "sip:carol@example.com";
+    let mut nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let ops = b.metrics_addr.expect("the test node serves metrics");
+
+    nats.kill();
+    wait_for_health(ops, 503, "degraded\n").await;
+    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
+    nats.restart();
+    wait_for_health(ops, 200, "ok\n").await;
+
+    wait_for_endpoints(&a, CAROL, 1).await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let (call, _) = alice.establish(CAROL, None).await;
+    let (incoming, _) = carol.incoming().await;
+    assert!(matches!(
+        carol.accept(&incoming).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&call, CallState::Established).await;
+    drop((a, b));
+}

@@ -4,7 +4,6 @@
 //! declares exactly one outcome. Being an actor is the whole answer to the seed's warning about
 //! a lock around AutoAcceptNeeded: every decision is one message handled at a time.
 
-use crate::ids::IdSet;
 use actix::prelude::*;
 use confab_protocol::sdp::Negotiated;
 use confab_protocol::{Reason, Remote, Toast};
@@ -17,6 +16,7 @@ use crate::call::offer::CallOffer;
 use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
 use crate::endpoint::{EndpointMsg, ForkOffer};
+use crate::ids::IdSet;
 use crate::metrics as m;
 use crate::presence::RankEndpoints;
 use crate::reasons;

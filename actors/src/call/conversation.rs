@@ -1,10 +1,10 @@
 //! A conversation: the group of one endpoint's calls that UCMA terminates together. It exists
 //! while it holds a call; terminating it terminates each of its calls (the UCMA cascade).
 
-use crate::ids::IdMap;
 use actix::prelude::*;
 
 use crate::call::leg::{LegMsg, TerminateCause};
+use crate::ids::IdMap;
 use crate::route::LegRef;
 
 #[derive(Message)]

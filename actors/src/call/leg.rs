@@ -9,6 +9,7 @@ use confab_protocol::sdp::{self, Negotiated};
 
 use crate::call::offer::CallOffer;
 use crate::call::unacked::Unacked;
+use crate::ids::IdMap;
 use confab_protocol::state::transition;
 use confab_protocol::{
     Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
@@ -165,11 +166,6 @@ struct Peer {
     addr: Addr<CallLeg>,
 }
 
-/// A map keyed by message number. The numbers are the node's own (a call's counter), so a
-/// fast hasher is safe here: no client picks the keys that go in, and SipHash was a visible
-/// part of a message's cost (two lookups per message).
-type MsgMap<V> = crate::ids::IdMap<u32, V>;
-
 /// A leg's address as every message it sends carries it. In actix both `ctx.address()` and
 /// `Addr::clone` allocate two `Arc`s (a new sender with its own parking state); sharing one
 /// `Addr` behind an `Arc` makes the per-message copy a reference-count increment. Use it with
@@ -204,7 +200,8 @@ pub struct CallLeg {
     /// checking a media range costs more than the rest of a message's handling in the leg.
     allowed_types: Vec<String>,
     arbiter: Option<Addr<ForkArbiter>>,
-    pending: MsgMap<Pending>,
+    /// Keyed by message number, a call's own counter (hence `IdMap`'s fast hasher).
+    pending: IdMap<u32, Pending>,
     /// Messages we delivered to our client and that await its ack, with their sender.
     unacked: Unacked<SharedLegAddr>,
     /// Our own address, made at the first message we send (see [`SharedLegAddr`]) and dropped
@@ -254,7 +251,7 @@ impl CallLeg {
             negotiated: None,
             allowed_types: Vec::new(),
             arbiter,
-            pending: MsgMap::default(),
+            pending: IdMap::default(),
             sent_order: VecDeque::new(),
             unacked,
             own_addr: None,

@@ -1,9 +1,11 @@
 //! Hand-written MessagePack for the frames the node sends most: `call_state` (about half of the
-//! ~22 frames of a forked call), `message_received` and `message_delivered` (two of the four
-//! frames of every message). serde's path for an internally tagged enum costs about 1,600
-//! instructions per frame; writing the map directly costs a fraction of that. The bytes are
-//! exactly what [`crate::codec::encode_frame`] writes (tests compare every shape), so nothing
-//! on the wire changes. Every other message goes through serde.
+//! ~22 frames of a forked call), the other frames of a call's setup (`call_created`,
+//! `call_ringing`, `call_incoming`, `call_established`, `ok`), `welcome` (every sign-in),
+//! `message_received` and `message_delivered` (two of the four frames of every message).
+//! serde's path for an internally tagged enum costs about 1,600 instructions per frame; writing
+//! the map directly costs a fraction of that. The bytes are exactly what
+//! [`crate::codec::encode_frame`] writes (tests compare every shape), so nothing on the wire
+//! changes. Every other message goes through serde.
 //!
 //! The other way, [`decode_hot_client`] reads `message` and `message_ack` (two of the four
 //! frames of every message) straight from the frame: anything but a clean instance of them
@@ -71,27 +73,113 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             str(dst, "content_type");
             str(dst, content_type);
             str(dst, "body");
-            match body {
-                Body::Text(text) => str(dst, text),
-                Body::Binary(bytes) => bin(dst, bytes),
-            }
+            self::body(dst, body);
             if let Some(toast) = toast {
                 str(dst, "toast");
-                dst.put_u8(if *toast { 0xc3 } else { 0xc2 });
+                boolean(dst, *toast);
             }
         }
         ServerMsg::MessageDelivered { rid, call, msg } => {
             map_len(dst, if rid.is_some() { 4 } else { 3 });
             str(dst, "type");
             str(dst, "message_delivered");
-            if let Some(rid) = rid {
-                str(dst, "rid");
-                uint(dst, u64::from(*rid));
-            }
+            opt_rid(dst, *rid);
             str(dst, "call");
             str(dst, call);
             str(dst, "msg");
             uint(dst, u64::from(*msg));
+        }
+        ServerMsg::CallCreated {
+            rid,
+            call,
+            conversation,
+        } => {
+            map_len(dst, if rid.is_some() { 4 } else { 3 });
+            str(dst, "type");
+            str(dst, "call_created");
+            opt_rid(dst, *rid);
+            str(dst, "call");
+            str(dst, call);
+            str(dst, "conversation");
+            str(dst, conversation);
+        }
+        ServerMsg::CallIncoming {
+            call,
+            conversation,
+            from,
+            toast,
+            sdp,
+            immediate_auto_accept,
+        } => {
+            map_len(dst, if toast.is_some() { 7 } else { 6 });
+            str(dst, "type");
+            str(dst, "call_incoming");
+            str(dst, "call");
+            str(dst, call);
+            str(dst, "conversation");
+            str(dst, conversation);
+            str(dst, "from");
+            str(dst, from);
+            if let Some(toast) = toast {
+                str(dst, "toast");
+                map_len(dst, 2);
+                str(dst, "content_type");
+                str(dst, &toast.content_type);
+                str(dst, "body");
+                body(dst, &toast.body);
+            }
+            str(dst, "sdp");
+            str(dst, sdp);
+            str(dst, "immediate_auto_accept");
+            boolean(dst, *immediate_auto_accept);
+        }
+        ServerMsg::CallRinging { call } => {
+            map_len(dst, 2);
+            str(dst, "type");
+            str(dst, "call_ringing");
+            str(dst, "call");
+            str(dst, call);
+        }
+        ServerMsg::CallEstablished { call, sdp, remote } => {
+            map_len(dst, 4);
+            str(dst, "type");
+            str(dst, "call_established");
+            str(dst, "call");
+            str(dst, call);
+            str(dst, "sdp");
+            str(dst, sdp);
+            str(dst, "remote");
+            map_len(dst, 2);
+            str(dst, "user");
+            str(dst, &remote.user);
+            str(dst, "endpoint");
+            str(dst, &remote.endpoint);
+        }
+        ServerMsg::Ok { rid } => {
+            map_len(dst, if rid.is_some() { 2 } else { 1 });
+            str(dst, "type");
+            str(dst, "ok");
+            opt_rid(dst, *rid);
+        }
+        ServerMsg::Welcome {
+            rid,
+            endpoint,
+            node,
+            heartbeat_ms,
+            max_frame,
+        } => {
+            map_len(dst, if rid.is_some() { 6 } else { 5 });
+            str(dst, "type");
+            str(dst, "welcome");
+            opt_rid(dst, *rid);
+            str(dst, "endpoint");
+            str(dst, endpoint);
+            str(dst, "node");
+            str(dst, node);
+            str(dst, "heartbeat_ms");
+            uint(dst, *heartbeat_ms);
+            str(dst, "max_frame");
+            uint(dst, u64::from(*max_frame));
         }
         other => {
             dst.truncate(start);
@@ -215,6 +303,26 @@ fn str(dst: &mut BytesMut, s: &str) {
     dst.put_slice(s.as_bytes());
 }
 
+/// `rid` and its value when there is one (serde skips a `None` rid).
+fn opt_rid(dst: &mut BytesMut, rid: Option<u32>) {
+    if let Some(rid) = rid {
+        str(dst, "rid");
+        uint(dst, u64::from(rid));
+    }
+}
+
+fn boolean(dst: &mut BytesMut, b: bool) {
+    dst.put_u8(if b { 0xc3 } else { 0xc2 });
+}
+
+/// A message body: text as str, binary as bin (what `Body`'s `Serialize` writes).
+fn body(dst: &mut BytesMut, body: &Body) {
+    match body {
+        Body::Text(text) => str(dst, text),
+        Body::Binary(bytes) => bin(dst, bytes),
+    }
+}
+
 /// A byte string (MessagePack bin) in its shortest form, as rmp writes it.
 fn bin(dst: &mut BytesMut, bytes: &[u8]) {
     let len = bytes.len();
@@ -254,7 +362,7 @@ fn uint(dst: &mut BytesMut, v: u64) {
 mod tests {
     use super::*;
     use crate::codec::LEN_PREFIX;
-    use crate::messages::{Reason, ServerMsg};
+    use crate::messages::{Reason, Remote, ServerMsg, Toast};
     use crate::state::{CallState, Direction};
 
     fn both(msg: &ServerMsg) -> (BytesMut, BytesMut) {
@@ -449,8 +557,73 @@ mod tests {
     }
 
     #[test]
+    fn call_setup_frames_are_serdes_in_every_shape() {
+        let long = "s".repeat(300);
+        let toasts = [
+            None,
+            Some(Toast {
+                content_type: "text/plain".into(),
+                body: Body::Text("Lunch?".into()),
+            }),
+            Some(Toast {
+                content_type: long.clone(),
+                body: Body::Binary(vec![0, 1, 255]),
+            }),
+        ];
+        let mut frames = Vec::new();
+        for rid in [None, Some(0), Some(200), Some(u32::MAX)] {
+            frames.push(ServerMsg::Ok { rid });
+            for (call, conversation) in [("c1", "v1"), (long.as_str(), "v")] {
+                frames.push(ServerMsg::CallCreated {
+                    rid,
+                    call: call.into(),
+                    conversation: conversation.into(),
+                });
+            }
+            for (heartbeat_ms, max_frame) in [(0, 0), (15_000, 1 << 20), (u64::MAX, u32::MAX)] {
+                frames.push(ServerMsg::Welcome {
+                    rid,
+                    endpoint: "n1.0badf00d.e1".into(),
+                    node: long.clone(),
+                    heartbeat_ms,
+                    max_frame,
+                });
+            }
+        }
+        for toast in &toasts {
+            for immediate_auto_accept in [false, true] {
+                for sdp in ["", "v=0\r\n", long.as_str()] {
+                    frames.push(ServerMsg::CallIncoming {
+                        call: "n1.c2".into(),
+                        conversation: "n1.v3".into(),
+                        from: "sip:alice@example.com".into(),
+                        toast: toast.clone(),
+                        sdp: sdp.into(),
+                        immediate_auto_accept,
+                    });
+                }
+            }
+        }
+        for call in ["c", long.as_str()] {
+            frames.push(ServerMsg::CallRinging { call: call.into() });
+            frames.push(ServerMsg::CallEstablished {
+                call: call.into(),
+                sdp: long.clone(),
+                remote: Remote {
+                    user: "sip:bob@example.com".into(),
+                    endpoint: call.into(),
+                },
+            });
+        }
+        for m in &frames {
+            let (hot, serde) = both(m);
+            assert_eq!(hot, serde, "{m:?}");
+        }
+    }
+
+    #[test]
     fn other_messages_go_through_serde_unchanged() {
-        let msg = ServerMsg::Ok { rid: Some(7) };
+        let msg = ServerMsg::Pong { rid: Some(7) };
         let (hot, serde) = both(&msg);
         assert_eq!(hot, serde);
     }

@@ -18,20 +18,41 @@ pub fn normalize_user_uri(uri: &str) -> Result<String, InvalidUri> {
         return Err(InvalidUri);
     }
     let (scheme, rest) = uri.split_once(':').ok_or(InvalidUri)?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme != "sip" && scheme != "sips" {
+    let scheme = if scheme.eq_ignore_ascii_case("sip") {
+        "sip"
+    } else if scheme.eq_ignore_ascii_case("sips") {
+        "sips"
+    } else {
         return Err(InvalidUri);
-    }
-    let (user, host) = rest.rsplit_once('@').ok_or(InvalidUri)?;
-    let bad = |s: &str| {
-        s.is_empty()
-            || s.chars()
-                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"'))
     };
-    if bad(user) || bad(host) || host.contains('@') {
+    let (user, host) = rest.rsplit_once('@').ok_or(InvalidUri)?;
+    if !acceptable_part(user) || !acceptable_part(host) || host.contains('@') {
         return Err(InvalidUri);
     }
-    Ok(format!("{scheme}:{user}@{}", host.to_ascii_lowercase()))
+    // Built in one allocation: this runs for every sign-in and every call's target.
+    let mut normalized = String::with_capacity(uri.len());
+    normalized.push_str(scheme);
+    normalized.push(':');
+    normalized.push_str(user);
+    normalized.push('@');
+    let host_start = normalized.len();
+    normalized.push_str(host);
+    normalized[host_start..].make_ascii_lowercase();
+    Ok(normalized)
+}
+
+/// A user or host part: not empty, no whitespace, no control characters, none of `<>"`.
+fn acceptable_part(s: &str) -> bool {
+    let forbidden = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"');
+    if s.is_ascii() {
+        // Byte by byte for the usual all-ASCII part; for ASCII, `is_whitespace` and
+        // `is_control` are exactly the bytes up to space and DEL, which the test below checks.
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b > b' ' && b != 0x7f && !matches!(b, b'<' | b'>' | b'"'))
+    } else {
+        !s.chars().any(forbidden)
+    }
 }
 
 #[cfg(test)]
@@ -69,5 +90,26 @@ mod tests {
             normalize_user_uri(&format!("sip:{}@h", "a".repeat(300))),
             Err(InvalidUri)
         );
+    }
+
+    #[test]
+    fn the_ascii_fast_path_forbids_exactly_what_the_char_rules_forbid() {
+        for b in 0u8..0x80 {
+            let c = char::from(b);
+            let by_char = c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"');
+            let uri = format!("sip:a{c}b@host");
+            assert_eq!(normalize_user_uri(&uri).is_err(), by_char, "byte {b:#x}");
+        }
+    }
+
+    #[test]
+    fn non_ascii_parts_are_checked_by_character() {
+        assert_eq!(
+            normalize_user_uri("sip:J\u{f6}rg@B\u{fc}cher.DE").as_deref(),
+            Ok("sip:J\u{f6}rg@b\u{fc}cher.de")
+        );
+        // No-break space and a C1 control character are whitespace and control outside ASCII.
+        assert_eq!(normalize_user_uri("sip:a\u{a0}b@h"), Err(InvalidUri));
+        assert_eq!(normalize_user_uri("sip:a@h\u{85}"), Err(InvalidUri));
     }
 }

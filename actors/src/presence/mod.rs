@@ -238,6 +238,18 @@ impl PresenceShard {
     /// Sends each subscriber of `user` what changed for it, then re-arms the threshold timer.
     fn notify(&mut self, user: &str, ctx: &mut Context<Self>) {
         let now = Instant::now();
+        let Some(state) = self.users.get_mut(user) else {
+            return;
+        };
+        // Nobody to tell: no views to build, and no threshold timer (it exists only to tell
+        // subscribers of a crossing; a new subscription comes through here and arms it). Most
+        // users have no watcher, and every sign-in and sign-out passes here.
+        if state.subscribers.is_empty() {
+            if let Some(h) = state.timer.take() {
+                ctx.cancel_future(h);
+            }
+            return;
+        }
         let Some(state) = self.users.get(user) else {
             return;
         };

@@ -109,7 +109,7 @@ fn malformed(line: usize, reason: &'static str) -> SdpError {
 pub fn parse(text: &str) -> Result<SessionDescription, SdpError> {
     let mut parser = Parser::default();
     let mut last_line = 0;
-    for (index, raw) in text.split_inclusive('\n').enumerate() {
+    for (index, raw) in lines(text).enumerate() {
         let number = index + 1;
         // Checked before the line is looked at so that a huge input costs at most MAX_LINES
         // lines of work.
@@ -120,6 +120,25 @@ pub fn parse(text: &str) -> Result<SessionDescription, SdpError> {
         last_line = number;
     }
     parser.finish(last_line)
+}
+
+/// `text.split_inclusive('\n')`, by bytes: for lines this short, the char searcher's set-up
+/// cost more than the search.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .bytes()
+            .position(|b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        // A LF is one byte and never inside a multi-byte character: `end` is a boundary.
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        Some(line)
+    })
 }
 
 /// Only a CR directly before the LF is part of the line break; a CR anywhere else (including
@@ -413,16 +432,24 @@ fn fields(value: &str) -> Option<Vec<&str>> {
         .then_some(fields)
 }
 
-/// How many fields [`fields`] would find, without collecting them.
+/// How many fields [`fields`] would find, without collecting them. One pass over the bytes:
+/// with `split` and `contains` this was a tenth of a call's SDP work.
 fn field_count(value: &str) -> Option<usize> {
     let mut n = 0;
-    for f in value.split(' ') {
-        if f.is_empty() || f.contains('\t') {
-            return None;
+    // True at the start and after each space: a space or the end there means an empty field.
+    let mut field_empty = true;
+    for b in value.bytes() {
+        match b {
+            b'\t' => return None,
+            b' ' if field_empty => return None,
+            b' ' => {
+                n += 1;
+                field_empty = true;
+            }
+            _ => field_empty = false,
         }
-        n += 1;
     }
-    Some(n)
+    (!field_empty).then_some(n + 1)
 }
 
 /// Only ASCII digits: `str::parse` would also take a leading `+`.
@@ -678,6 +705,49 @@ mod tests {
         a=path:msrp://alice.example.com:7654/jshA7weztas;tcp\r\n";
 
     const HEADER: &str = "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n";
+
+    #[test]
+    fn field_count_agrees_with_fields() {
+        for value in [
+            "",
+            " ",
+            "a",
+            "a b",
+            "a  b",
+            " a",
+            "a ",
+            "a\tb",
+            "IN IP4 0.0.0.0",
+            "é ü",
+            "a b c d e f",
+        ] {
+            assert_eq!(
+                field_count(value),
+                fields(value).map(|f| f.len()),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lines_split_as_split_inclusive_does() {
+        for text in [
+            "",
+            "\n",
+            "a",
+            "a\n",
+            "a\r\nb",
+            "a\n\nb\n",
+            "é\nü\r\n",
+            "\n\n",
+        ] {
+            assert_eq!(
+                lines(text).collect::<Vec<_>>(),
+                text.split_inclusive('\n').collect::<Vec<_>>(),
+                "{text:?}"
+            );
+        }
+    }
 
     fn with_header(body: &str) -> String {
         format!("{HEADER}{body}")

@@ -171,6 +171,10 @@ pub enum EndpointMsg {
     ShutdownNotice,
     /// The node is shutting down: end every call, then close.
     Shutdown,
+    /// Cluster: the user has more than `endpoints_per_user` endpoints across the nodes (two
+    /// sign-ins raced on two nodes) and this one ranks beyond the limit: tell the client, end
+    /// its calls as `bye` would, then close.
+    OverLimit,
 }
 
 /// What a finished call id still answers to, so a late request gets the right error.
@@ -1016,6 +1020,16 @@ impl Handler<EndpointMsg> for Endpoint {
                 });
             }
             EndpointMsg::Shutdown => self.end_cleanly(ctx, TerminateCause::Shutdown),
+            EndpointMsg::OverLimit => {
+                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user")
+                    .increment(1);
+                self.error(
+                    None,
+                    ErrorCode::Forbidden,
+                    "too many endpoints signed in for this user (across the cluster)",
+                );
+                self.end_cleanly(ctx, TerminateCause::Bye);
+            }
         }
     }
 }

@@ -313,7 +313,14 @@ async fn run(
                     .collect();
                 format!("{base}-{:06x}", rand::random::<u32>() >> 8)
             });
-            match Cluster::start(c, node_id, presence.clone()).await {
+            match Cluster::start(
+                c,
+                node_id,
+                presence.clone(),
+                settings.limits.endpoints_per_user,
+            )
+            .await
+            {
                 Ok(cluster) => (
                     Arc::new(NatsDirectory::new(cluster.clone())) as Arc<dyn Directory>,
                     Some(cluster),

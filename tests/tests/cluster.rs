@@ -746,3 +746,36 @@ async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() 
     alice.state(&call, CallState::Established).await;
     drop((a, b));
 }
+
+#[tokio::test]
+async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_the_nodes_see_each_other()
+ {
+    let mut nats = NatsServer::start();
+    let one_device = |s: &mut confab_actors::Settings| s.limits.endpoints_per_user = 1;
+    let a = start_cluster_node(&nats, "node-a", one_device);
+    let b = start_cluster_node(&nats, "node-b", one_device);
+    let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
+
+    // With NATS down neither node can see the other's sign-in, so both pass the limit of one:
+    // the race of two sign-ins within the directory's propagation time, made certain.
+    nats.kill();
+    for ops in ops {
+        wait_for_health(ops, 503, "degraded\n").await;
+    }
+    let mut first = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut second = Raw::sign_in(b.addr, ALICE, "phone").await;
+    nats.restart();
+
+    // Once the records cross, both nodes rank the two the same way (sign-in time, then id) and
+    // the node of the later one signs it out.
+    expect_error(&mut second, None, ErrorCode::Forbidden).await;
+    second.expect_closed().await;
+    for node in [&a, &b] {
+        wait_for_endpoints(node, ALICE, 1).await;
+    }
+    assert!(matches!(
+        first.request(ClientMsg::Ping { rid: None }).await,
+        ServerMsg::Pong { .. }
+    ));
+    assert_eq!(a.endpoints_of(ALICE), vec![first.endpoint.clone()]);
+}

@@ -97,6 +97,10 @@ pub struct Cluster {
     pub arbiters: DashMap<String, Addr<ForkArbiter>>,
     /// This node's own records, by endpoint id.
     own: DashMap<String, Record>,
+    /// This node's own endpoint ids, by user (for the cluster-wide `endpoints_per_user`).
+    own_by_user: DashMap<String, Vec<String>>,
+    /// `limits.endpoints_per_user`, held across the cluster (see [`Cluster::enforce_limit`]).
+    endpoints_per_user: usize,
     /// Other nodes' endpoints, by user.
     remote: DashMap<String, Vec<RemoteEndpoint>>,
     /// Endpoints in `remote` (all users).
@@ -130,6 +134,7 @@ impl Cluster {
         cfg: &settings::Cluster,
         node_id: String,
         presence: PresenceShards,
+        endpoints_per_user: usize,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -164,6 +169,7 @@ impl Cluster {
             cfg,
             node_id,
             presence,
+            endpoints_per_user,
             rt.clone(),
             stop_tx,
         ))
@@ -175,6 +181,7 @@ impl Cluster {
         cfg: settings::Cluster,
         node_id: String,
         presence: PresenceShards,
+        endpoints_per_user: usize,
         rt: tokio::runtime::Handle,
         stop: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Arc<Cluster>, ClusterError> {
@@ -261,6 +268,8 @@ impl Cluster {
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),
+            own_by_user: DashMap::new(),
+            endpoints_per_user,
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),
             nats_connected,
@@ -438,7 +447,12 @@ impl Cluster {
         let key = wire::record_key(&record.user, endpoint);
         match rmp_serde::to_vec_named(&record) {
             Ok(bytes) => {
+                let user = record.user.clone();
                 if self.own.insert(endpoint.to_owned(), record).is_none() {
+                    self.own_by_user
+                        .entry(user)
+                        .or_default()
+                        .push(endpoint.to_owned());
                     self.directory_gauge();
                 }
                 let _ = self.kv_tx.send(KvOp::Put(key, Bytes::from(bytes)));
@@ -458,6 +472,10 @@ impl Cluster {
 
     pub fn delete_own(&self, user: &str, endpoint: &str) {
         if self.own.remove(endpoint).is_some() {
+            self.own_by_user.remove_if_mut(user, |_, ids| {
+                ids.retain(|id| id != endpoint);
+                ids.is_empty()
+            });
             self.directory_gauge();
         }
         let _ = self
@@ -517,6 +535,7 @@ impl Cluster {
                     }
                     return;
                 }
+                let user_key = user.clone();
                 let upsert = PresenceMsg::Upsert {
                     user: user.clone(),
                     endpoint: endpoint.clone(),
@@ -540,13 +559,46 @@ impl Cluster {
                         }
                     }
                 };
+                self.presence.send(upsert);
                 if added {
                     self.remote_len.fetch_add(1, Ordering::Relaxed);
                     self.directory_gauge();
+                    self.enforce_limit(&user_key);
                 }
-                self.presence.send(upsert);
             }
             kv::Operation::Delete | kv::Operation::Purge => self.forget(&user, &endpoint),
+        }
+    }
+
+    /// Holds `endpoints_per_user` across the cluster once another node's endpoint of `user`
+    /// appears. Each node checks a sign-in against what it has seen, so two sign-ins of one user
+    /// on two nodes within the KV's propagation time can both pass; then every node ranks all
+    /// the user's endpoints the same way (sign-in time, then id) and signs out its own that
+    /// rank beyond the limit. The ranking depends only on the records, so the nodes agree on
+    /// which to keep without talking to each other.
+    fn enforce_limit(&self, user: &str) {
+        let own: Vec<String> = match self.own_by_user.get(user) {
+            Some(ids) => ids.clone(),
+            None => return,
+        };
+        let remote = self.remote_endpoints_of(user);
+        if own.len() + remote.len() <= self.endpoints_per_user {
+            return;
+        }
+        let mut ranked: Vec<(u64, String, bool)> = remote
+            .into_iter()
+            .map(|r| (r.record.connected_unix_ms, r.id, false))
+            .collect();
+        ranked.extend(own.into_iter().filter_map(|id| {
+            let at = self.own.get(&id)?.connected_unix_ms;
+            Some((at, id, true))
+        }));
+        ranked.sort();
+        for (_, id, mine) in ranked.into_iter().skip(self.endpoints_per_user) {
+            if mine && let Some(addr) = self.endpoints.get(&id) {
+                tracing::info!(%user, endpoint = %id, "over endpoints_per_user across the cluster: signing out this node's newest");
+                addr.do_send(EndpointMsg::OverLimit);
+            }
         }
     }
 

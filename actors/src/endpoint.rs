@@ -1020,6 +1020,8 @@ impl Handler<EndpointMsg> for Endpoint {
                 });
             }
             EndpointMsg::Shutdown => self.end_cleanly(ctx, TerminateCause::Shutdown),
+            // Sent again for each later record of the user until this endpoint is gone.
+            EndpointMsg::OverLimit if self.ending => {}
             EndpointMsg::OverLimit => {
                 metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user")
                     .increment(1);

@@ -751,7 +751,14 @@ async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() 
 async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_the_nodes_see_each_other()
  {
     let mut nats = NatsServer::start();
-    let one_device = |s: &mut confab_actors::Settings| s.limits.endpoints_per_user = 1;
+    let one_device = |s: &mut confab_actors::Settings| {
+        s.limits.endpoints_per_user = 1;
+        // Only an endpoint younger than the node timeout is signed out: long enough here that
+        // a slow NATS restart cannot age the racing sign-in out of that window.
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(10_000);
+        }
+    };
     let a = start_cluster_node(&nats, "node-a", one_device);
     let b = start_cluster_node(&nats, "node-b", one_device);
     let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
@@ -764,12 +771,40 @@ async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_
     }
     let mut first = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut second = Raw::sign_in(b.addr, ALICE, "phone").await;
+    // The later endpoint is in a call (with Bob, on its own node) when it is signed out.
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    let (call, _) = second.establish(BOB, None).await;
+    let (incoming, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
+    second.state(&call, CallState::Established).await;
     nats.restart();
 
     // Once the records cross, both nodes rank the two the same way (sign-in time, then id) and
-    // the node of the later one signs it out.
-    expect_error(&mut second, None, ErrorCode::Forbidden).await;
-    second.expect_closed().await;
+    // the node of the later one signs it out: one `forbidden` without a rid, its call ended as
+    // `bye` would end it, then the close.
+    let (signed_out, _) = second
+        .recv_until(|m| matches!(m, ServerMsg::Error { .. }))
+        .await;
+    assert!(
+        matches!(
+            signed_out,
+            ServerMsg::Error {
+                rid: None,
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "{signed_out:?}"
+    );
+    let after = second.expect_closed().await;
+    assert!(
+        !after.iter().any(|m| matches!(m, ServerMsg::Error { .. })),
+        "one error only: {after:?}"
+    );
+    assert_eq!(
+        bob.state(&incoming, CallState::Terminated).await,
+        Some(Reason::new(200, "Terminated remotely"))
+    );
     for node in [&a, &b] {
         wait_for_endpoints(node, ALICE, 1).await;
     }

@@ -32,6 +32,7 @@ impl Directory for NatsDirectory {
         };
         let addr = addr.clone();
         let (id, user, device) = (entry.id.clone(), entry.user.clone(), entry.device.clone());
+        let user_for_limit = user.clone();
         self.local
             .register(entry, max_per_user.saturating_sub(remote))?;
         self.cluster.endpoints.insert(id.clone(), addr);
@@ -48,6 +49,8 @@ impl Directory for NatsDirectory {
                 connected_unix_ms: unix_ms(),
             },
         );
+        // Another node's endpoint of this user may have arrived since `remote_count` above.
+        self.cluster.enforce_limit(&user_for_limit);
         Ok(())
     }
 

@@ -392,14 +392,12 @@ impl Cluster {
         }
         lock(&self.nodes).clear();
         lock(&self.dead).clear();
-        let own: Vec<(String, Record)> = self
-            .own
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        for (endpoint, mut record) in own {
-            record.epoch = new;
-            self.put_own(&endpoint, record);
+        // Re-stamped in place: each shard stays locked while its records are queued, so an
+        // endpoint ending meanwhile queues its delete after this put, never before it (a put
+        // after the delete would leave a record of an endpoint that no longer exists).
+        for mut e in self.own.iter_mut() {
+            e.value_mut().epoch = new;
+            self.write_record(e.key(), e.value());
         }
         self.heartbeat(false);
         let me = self.clone();
@@ -444,17 +442,22 @@ impl Cluster {
 
     /// Writes (creates or replaces) this node's record of `endpoint`.
     pub fn put_own(&self, endpoint: &str, record: Record) {
-        let key = wire::record_key(&record.user, endpoint);
-        match rmp_serde::to_vec_named(&record) {
+        self.write_record(endpoint, &record);
+        let user = record.user.clone();
+        if self.own.insert(endpoint.to_owned(), record).is_none() {
+            self.own_by_user
+                .entry(user)
+                .or_default()
+                .push(endpoint.to_owned());
+            self.directory_gauge();
+        }
+    }
+
+    /// Queues the KV put of this node's record of `endpoint`.
+    fn write_record(&self, endpoint: &str, record: &Record) {
+        match rmp_serde::to_vec_named(record) {
             Ok(bytes) => {
-                let user = record.user.clone();
-                if self.own.insert(endpoint.to_owned(), record).is_none() {
-                    self.own_by_user
-                        .entry(user)
-                        .or_default()
-                        .push(endpoint.to_owned());
-                    self.directory_gauge();
-                }
+                let key = wire::record_key(&record.user, endpoint);
                 let _ = self.kv_tx.send(KvOp::Put(key, Bytes::from(bytes)));
             }
             Err(e) => tracing::error!(error = %e, "cannot encode a directory record"),
@@ -570,13 +573,19 @@ impl Cluster {
         }
     }
 
-    /// Holds `endpoints_per_user` across the cluster once another node's endpoint of `user`
-    /// appears. Each node checks a sign-in against what it has seen, so two sign-ins of one user
-    /// on two nodes within the KV's propagation time can both pass; then every node ranks all
-    /// the user's endpoints the same way (sign-in time, then id) and signs out its own that
-    /// rank beyond the limit. The ranking depends only on the records, so the nodes agree on
-    /// which to keep without talking to each other.
-    fn enforce_limit(&self, user: &str) {
+    /// Holds `endpoints_per_user` across the cluster. Each node checks a sign-in against what
+    /// it has seen, so two sign-ins of one user on two nodes within the KV's propagation time
+    /// can both pass. This runs after every sign-in here and whenever another node's endpoint
+    /// of `user` appears in the cache (so one of the two racing nodes sees both): every node
+    /// ranks all the user's endpoints the same way (sign-in time by the nodes' clocks, then
+    /// id) and signs out its own that rank beyond the limit. The ranking depends only on the
+    /// records, so the nodes agree on which to keep without talking to each other.
+    ///
+    /// Only an endpoint that signed in less than `node_timeout` ago is signed out: a race is
+    /// that recent. A record that shows up later than that (a node rejoining after a
+    /// partition, a record left behind by a failed delete) must not sign out a session that
+    /// has been running for a while; it only blocks new sign-ins until it is cleaned up.
+    pub(crate) fn enforce_limit(&self, user: &str) {
         let own: Vec<String> = match self.own_by_user.get(user) {
             Some(ids) => ids.clone(),
             None => return,
@@ -594,8 +603,17 @@ impl Cluster {
             Some((at, id, true))
         }));
         ranked.sort();
-        for (_, id, mine) in ranked.into_iter().skip(self.endpoints_per_user) {
-            if mine && let Some(addr) = self.endpoints.get(&id) {
+        let race_window = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let fresh_since = wire::unix_ms().saturating_sub(race_window);
+        for (at, id, mine) in ranked.into_iter().skip(self.endpoints_per_user) {
+            if !mine {
+                continue;
+            }
+            if at < fresh_since {
+                tracing::warn!(%user, endpoint = %id, "over endpoints_per_user across the cluster, but this endpoint signed in before the race window: kept");
+                continue;
+            }
+            if let Some(addr) = self.endpoints.get(&id) {
                 tracing::info!(%user, endpoint = %id, "over endpoints_per_user across the cluster: signing out this node's newest");
                 addr.do_send(EndpointMsg::OverLimit);
             }
@@ -771,6 +789,7 @@ impl Cluster {
             .map(|e| wire::record_key(&e.value().user, e.key()))
             .collect();
         self.own.clear();
+        self.own_by_user.clear();
         self.directory_gauge();
         for key in keys {
             let _ = self.kv.delete(&key).await;

@@ -8,7 +8,9 @@ use bytes::{BufMut, BytesMut};
 use confab_protocol::codec::{LEN_PREFIX, encode_frame};
 use confab_protocol::sdp;
 use confab_protocol::state::{CallEvent, CallState, Direction, transition};
-use confab_protocol::{Body, ClientMsg, FrameCodec, Reason, ServerMsg, decode_client};
+use confab_protocol::{
+    Body, ClientMsg, FrameCodec, Reason, ServerMsg, decode_client, decode_server,
+};
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use std::time::Duration;
 use tokio_util::codec::Decoder;
@@ -78,8 +80,8 @@ fn client_message_ack() -> ClientMsg {
     }
 }
 
-/// The frame body (length prefix stripped) of `msg`, as a client would send it.
-fn body_of(msg: &ClientMsg) -> Vec<u8> {
+/// The frame body (length prefix stripped) of `msg`, as its sender would write it.
+fn body_of(msg: &impl serde::Serialize) -> Vec<u8> {
     let mut buf = BytesMut::new();
     encode_frame(msg, &mut buf).expect("encodes");
     buf[LEN_PREFIX..].to_vec()
@@ -125,6 +127,25 @@ fn bench_codec(c: &mut Criterion) {
             b.iter(|| decode_client(black_box(&body)).expect("decodes"))
         });
     }
+
+    // What a client reads for every message it sends or receives (hand-written since
+    // 2026-12-03; anything unusual falls back to serde).
+    let msg = message_received();
+    let body = body_of(&msg);
+    assert_eq!(decode_server(&body).as_ref(), Ok(&msg));
+    group.bench_function("decode_server/message_received_100b", |b| {
+        b.iter(|| decode_server(black_box(&body)).expect("decodes"))
+    });
+    // And what it writes: `message` by hand, as the client library and confab-bench do.
+    let msg = client_message();
+    let mut buf = BytesMut::with_capacity(1024);
+    group.bench_function("encode_client_frame/message_100b", |b| {
+        b.iter(|| {
+            buf.clear();
+            confab_protocol::hot::encode_client_frame(black_box(&msg), &mut buf).expect("encodes");
+            black_box(buf.len())
+        })
+    });
 
     // One read's worth of frames: 64 `message` frames of ~150 bytes each.
     let frame_body = body_of(&client_message());

@@ -10,6 +10,9 @@
 //! The other way, [`decode_hot_client`] reads `message` and `message_ack` (two of the four
 //! frames of every message) straight from the frame: anything but a clean instance of them
 //! returns `None` and takes serde's path, which then gives the answer, errors included.
+//! [`decode_hot_server`] does the same for the client side's two, `message_received` and
+//! `message_delivered` (the client library and confab-bench read every frame through it), and
+//! [`encode_client_frame`] writes a client's `message` and `message_ack` by hand.
 
 use bytes::{BufMut, BytesMut};
 
@@ -189,6 +192,46 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
     close_frame(dst, start)
 }
 
+/// Appends one frame holding `msg`, as [`encode_frame`] would: `message` and `message_ack`
+/// (the two frames a client sends for every message) by hand, the rest through serde.
+pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), FrameError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    match msg {
+        ClientMsg::Message {
+            rid,
+            call,
+            content_type,
+            body,
+        } => {
+            map_len(dst, if rid.is_some() { 5 } else { 4 });
+            str(dst, "type");
+            str(dst, "message");
+            opt_rid(dst, *rid);
+            str(dst, "call");
+            str(dst, call);
+            str(dst, "content_type");
+            str(dst, content_type);
+            str(dst, "body");
+            self::body(dst, body);
+        }
+        ClientMsg::MessageAck { call, msg } => {
+            map_len(dst, 3);
+            str(dst, "type");
+            str(dst, "message_ack");
+            str(dst, "call");
+            str(dst, call);
+            str(dst, "msg");
+            uint(dst, u64::from(*msg));
+        }
+        other => {
+            dst.truncate(start);
+            return encode_frame(other, dst);
+        }
+    }
+    close_frame(dst, start)
+}
+
 /// `message` or `message_ack` from a frame body, or `None` when the frame is anything else or
 /// anything unusual (a duplicate, unknown or mistyped field, trailing bytes).
 pub fn decode_hot_client(body: &[u8]) -> Option<ClientMsg> {
@@ -232,6 +275,82 @@ pub fn decode_hot_client(body: &[u8]) -> Option<ClientMsg> {
         }
         _ => None,
     }
+}
+
+/// `message_received` or `message_delivered` from a frame body, or `None` when the frame is
+/// anything else or anything unusual (a duplicate, unknown or mistyped field, trailing bytes),
+/// which then takes serde's path. These are the two frames of every message a client reads;
+/// serde's path for an internally tagged enum buffers the whole map first.
+pub fn decode_hot_server(body: &[u8]) -> Option<ServerMsg> {
+    let mut rd = body;
+    let mut ty: Option<&[u8]> = None;
+    let mut rid: Option<Option<u32>> = None;
+    let mut call: Option<String> = None;
+    let mut msg: Option<u32> = None;
+    let mut from: Option<String> = None;
+    let mut content_type: Option<String> = None;
+    let mut text: Option<Body> = None;
+    let mut toast: Option<bool> = None;
+    for _ in 0..peek::map_len(&mut rd)? {
+        if !is_str(rd) {
+            return None;
+        }
+        let key = read_str(&mut rd)?;
+        let fresh = match key {
+            b"type" => ty.replace(str_bytes(&mut rd)?).is_none(),
+            b"rid" => rid.replace(nil_or_u32(&mut rd)?).is_none(),
+            b"call" => call.replace(string(&mut rd)?).is_none(),
+            b"msg" => msg.replace(u32_value(&mut rd)?).is_none(),
+            b"from" => from.replace(string(&mut rd)?).is_none(),
+            b"content_type" => content_type.replace(string(&mut rd)?).is_none(),
+            b"body" => text.replace(body_value(&mut rd)?).is_none(),
+            b"toast" => toast.replace(bool_value(&mut rd)?).is_none(),
+            _ => return None,
+        };
+        if !fresh {
+            return None;
+        }
+    }
+    if !rd.is_empty() {
+        return None;
+    }
+    match (ty?, rid, call?, msg?, from, content_type, text, toast) {
+        (
+            b"message_received",
+            None,
+            call,
+            msg,
+            Some(from),
+            Some(content_type),
+            Some(body),
+            toast,
+        ) => Some(ServerMsg::MessageReceived {
+            call,
+            msg,
+            from,
+            content_type,
+            body,
+            toast,
+        }),
+        (b"message_delivered", rid, call, msg, None, None, None, None) => {
+            Some(ServerMsg::MessageDelivered {
+                rid: rid.flatten(),
+                call,
+                msg,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn bool_value(rd: &mut &[u8]) -> Option<bool> {
+    let value = match peek_marker(rd)? {
+        Marker::True => true,
+        Marker::False => false,
+        _ => return None,
+    };
+    skip(rd)?;
+    Some(value)
 }
 
 fn is_str(rd: &[u8]) -> bool {
@@ -483,6 +602,130 @@ mod tests {
             let body = client_body(m);
             assert_eq!(decode_hot_client(&body).as_ref(), Some(m));
             assert_eq!(crate::messages::decode_client(&body).as_ref(), Ok(m));
+        }
+    }
+
+    #[test]
+    fn the_flows_server_frames_take_the_hot_path_and_read_as_serde_reads_them() {
+        let long = "r".repeat(300);
+        let mut frames = Vec::new();
+        for body in [
+            Body::Text("hi".into()),
+            Body::Text(long.clone()),
+            Body::Binary(vec![]),
+            Body::Binary(vec![1; 70_000]),
+        ] {
+            for toast in [None, Some(true), Some(false)] {
+                for msg in [0, 1, 128, u32::MAX] {
+                    frames.push(ServerMsg::MessageReceived {
+                        call: "n1.c7".into(),
+                        msg,
+                        from: long.clone(),
+                        content_type: "text/plain".into(),
+                        body: body.clone(),
+                        toast,
+                    });
+                }
+            }
+        }
+        for rid in [None, Some(0), Some(70_000), Some(u32::MAX)] {
+            frames.push(ServerMsg::MessageDelivered {
+                rid,
+                call: long.clone(),
+                msg: 300,
+            });
+        }
+        for m in &frames {
+            let mut buf = BytesMut::new();
+            encode_frame(m, &mut buf).expect("encodes");
+            let body = &buf[LEN_PREFIX..];
+            assert_eq!(decode_hot_server(body).as_ref(), Some(m), "{m:?}");
+            assert_eq!(crate::messages::decode_server(body).as_ref(), Ok(m));
+        }
+    }
+
+    #[test]
+    fn client_flow_frames_are_serdes_in_every_shape() {
+        let long = "k".repeat(300);
+        let mut frames = vec![ClientMsg::Ping { rid: Some(1) }];
+        for rid in [None, Some(0), Some(128), Some(u32::MAX)] {
+            for body in [
+                Body::Text(String::new()),
+                Body::Text(long.clone()),
+                Body::Binary(vec![0, 255]),
+                Body::Binary(vec![9; 70_000]),
+            ] {
+                frames.push(ClientMsg::Message {
+                    rid,
+                    call: long.clone(),
+                    content_type: "text/plain".into(),
+                    body,
+                });
+            }
+        }
+        for msg in [0, 127, 128, 65_536, u32::MAX] {
+            frames.push(ClientMsg::MessageAck {
+                call: "n1.c1".into(),
+                msg,
+            });
+        }
+        for m in &frames {
+            let (mut hot, mut serde) = (BytesMut::new(), BytesMut::new());
+            encode_client_frame(m, &mut hot).expect("hot path encodes");
+            encode_frame(m, &mut serde).expect("serde encodes");
+            assert_eq!(hot, serde, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn unusual_server_frames_are_left_to_serde() {
+        use rmpv::Value as V;
+        let s = |t: &str| V::from(t);
+        let frame = |pairs: Vec<(V, V)>| {
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, &V::Map(pairs)).expect("vec write");
+            out
+        };
+        let delivered = || {
+            vec![
+                (s("type"), s("message_delivered")),
+                (s("call"), s("c1")),
+                (s("msg"), V::from(3)),
+            ]
+        };
+        assert!(decode_hot_server(&frame(delivered())).is_some());
+        let mut cases = Vec::new();
+        let mut unknown = delivered();
+        unknown.push((s("later_field"), V::from(1)));
+        cases.push(frame(unknown));
+        let mut dup = delivered();
+        dup.push((s("msg"), V::from(4)));
+        cases.push(frame(dup));
+        let mut nil_toast = delivered();
+        nil_toast[0] = (s("type"), s("message_received"));
+        nil_toast.extend([
+            (s("from"), s("sip:a@b")),
+            (s("content_type"), s("text/plain")),
+            (s("body"), s("x")),
+            (s("toast"), V::Nil),
+        ]);
+        cases.push(frame(nil_toast));
+        let mut received_missing_body = delivered();
+        received_missing_body[0] = (s("type"), s("message_received"));
+        received_missing_body.extend([
+            (s("from"), s("sip:a@b")),
+            (s("content_type"), s("text/plain")),
+        ]);
+        cases.push(frame(received_missing_body));
+        let mut delivered_with_from = delivered();
+        delivered_with_from.push((s("from"), s("sip:a@b")));
+        cases.push(frame(delivered_with_from));
+        let mut trailing = frame(delivered());
+        trailing.push(0xc0);
+        cases.push(trailing);
+        cases.push(frame(vec![(s("type"), s("pong"))]));
+        for body in &cases {
+            assert_eq!(decode_hot_server(body), None, "{body:?}");
         }
     }
 

@@ -727,6 +727,11 @@ fn is_one_value(body: &[u8]) -> bool {
 
 /// Decodes a node frame body (without its length prefix).
 pub fn decode_server(body: &[u8]) -> Result<ServerMsg, DecodeError> {
+    // As in `decode_client`: the flow's two frames are read straight from the frame, and
+    // anything unusual about them takes the general path.
+    if let Some(msg) = crate::hot::decode_hot_server(body) {
+        return Ok(msg);
+    }
     decode_tagged(body, SERVER_TYPES)
 }
 

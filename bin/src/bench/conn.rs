@@ -86,12 +86,16 @@ impl Conn {
 
     /// Writes and flushes one message.
     pub async fn send(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
-        self.framed.send(msg).await.context("write")
+        self.feed(msg).await?;
+        self.flush().await
     }
 
-    /// Queues a message; it goes out with the next [`Conn::flush`].
+    /// Queues a message; it goes out with the next [`Conn::flush`]. Encoded straight into the
+    /// write buffer by the protocol's hand-written path for `message` and `message_ack` (serde
+    /// for the rest); every scenario flushes after each batch, so the buffer stays small.
     pub async fn feed(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
-        self.framed.feed(msg).await.context("write")
+        confab_protocol::hot::encode_client_frame(msg, self.framed.write_buffer_mut())
+            .context("encode")
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {

@@ -19,7 +19,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use confab_protocol::codec::{LEN_PREFIX, encode_frame};
+use confab_protocol::codec::LEN_PREFIX;
+use confab_protocol::hot::encode_client_frame;
 use confab_protocol::{ClientMsg, FrameCodec, FrameError, PROTOCOL_VERSION, ServerMsg};
 use futures::Stream;
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -350,7 +351,7 @@ impl Shared {
             return Err(ClientError::Closed);
         }
         let mut buf = BytesMut::with_capacity(128);
-        encode_frame(msg, &mut buf)?;
+        encode_client_frame(msg, &mut buf)?;
         let len = buf.len() - LEN_PREFIX;
         let max = self.max_out_frame.load(Ordering::Relaxed);
         if len > max {

@@ -397,7 +397,9 @@ impl Cluster {
         // after the delete would leave a record of an endpoint that no longer exists).
         for mut e in self.own.iter_mut() {
             e.value_mut().epoch = new;
-            self.write_record(e.key(), e.value());
+            if let Some(put) = record_put(e.key(), e.value()) {
+                let _ = self.kv_tx.send(put);
+            }
         }
         self.heartbeat(false);
         let me = self.clone();
@@ -442,7 +444,11 @@ impl Cluster {
 
     /// Writes (creates or replaces) this node's record of `endpoint`.
     pub fn put_own(&self, endpoint: &str, record: Record) {
-        self.write_record(endpoint, &record);
+        let Some(put) = record_put(endpoint, &record) else {
+            return;
+        };
+        // In `own` before the put is queued, so the watch never shows this node a record of
+        // its own that it does not know.
         let user = record.user.clone();
         if self.own.insert(endpoint.to_owned(), record).is_none() {
             self.own_by_user
@@ -451,17 +457,7 @@ impl Cluster {
                 .push(endpoint.to_owned());
             self.directory_gauge();
         }
-    }
-
-    /// Queues the KV put of this node's record of `endpoint`.
-    fn write_record(&self, endpoint: &str, record: &Record) {
-        match rmp_serde::to_vec_named(record) {
-            Ok(bytes) => {
-                let key = wire::record_key(&record.user, endpoint);
-                let _ = self.kv_tx.send(KvOp::Put(key, Bytes::from(bytes)));
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode a directory record"),
-        }
+        let _ = self.kv_tx.send(put);
     }
 
     /// Updates this node's record of `endpoint` in place and writes it.
@@ -970,6 +966,20 @@ fn set_nats_connected(connected: &AtomicBool, up: bool) {
 }
 
 /// A publication stamped with another node's wall clock, on this node's monotonic clock.
+/// The KV put of this node's record of `endpoint`; `None` (logged) if it cannot be encoded.
+fn record_put(endpoint: &str, record: &Record) -> Option<KvOp> {
+    match rmp_serde::to_vec_named(record) {
+        Ok(bytes) => Some(KvOp::Put(
+            wire::record_key(&record.user, endpoint),
+            Bytes::from(bytes),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a directory record");
+            None
+        }
+    }
+}
+
 fn to_publication(p: &wire::PublicationRecord) -> Publication {
     let age = Duration::from_millis(wire::unix_ms().saturating_sub(p.stamp_unix_ms));
     let now = Instant::now();

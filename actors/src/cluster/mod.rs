@@ -582,14 +582,17 @@ impl Cluster {
     /// partition, a record left behind by a failed delete) must not sign out a session that
     /// has been running for a while; it only blocks new sign-ins until it is cleaned up.
     pub(crate) fn enforce_limit(&self, user: &str) {
-        let own: Vec<String> = match self.own_by_user.get(user) {
-            Some(ids) => ids.clone(),
-            None => return,
-        };
-        let remote = self.remote_endpoints_of(user);
-        if own.len() + remote.len() <= self.endpoints_per_user {
+        // Counted before anything is copied: this runs for every sign-in.
+        let own_count = self.own_by_user.get(user).map_or(0, |ids| ids.len());
+        if own_count == 0 || own_count + self.remote_count(user) <= self.endpoints_per_user {
             return;
         }
+        let own: Vec<String> = self
+            .own_by_user
+            .get(user)
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        let remote = self.remote_endpoints_of(user);
         let mut ranked: Vec<(u64, String, bool)> = remote
             .into_iter()
             .map(|r| (r.record.connected_unix_ms, r.id, false))

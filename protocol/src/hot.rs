@@ -235,42 +235,26 @@ pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), Fr
 /// `message` or `message_ack` from a frame body, or `None` when the frame is anything else or
 /// anything unusual (a duplicate, unknown or mistyped field, trailing bytes).
 pub fn decode_hot_client(body: &[u8]) -> Option<ClientMsg> {
-    let mut rd = body;
-    let mut ty: Option<&[u8]> = None;
-    let mut rid: Option<Option<u32>> = None;
-    let mut call: Option<String> = None;
-    let mut content_type: Option<String> = None;
-    let mut text: Option<Body> = None;
-    let mut msg: Option<u32> = None;
-    for _ in 0..peek::map_len(&mut rd)? {
-        if !is_str(rd) {
-            return None;
+    let f = flow_fields(body)?;
+    match (
+        f.ty?,
+        f.rid,
+        f.call?,
+        f.msg,
+        f.content_type,
+        f.body,
+        f.from,
+        f.toast,
+    ) {
+        (b"message", rid, call, None, Some(content_type), Some(body), None, None) => {
+            Some(ClientMsg::Message {
+                rid: rid.flatten(),
+                call,
+                content_type,
+                body,
+            })
         }
-        let key = read_str(&mut rd)?;
-        let fresh = match key {
-            b"type" => ty.replace(str_bytes(&mut rd)?).is_none(),
-            b"rid" => rid.replace(nil_or_u32(&mut rd)?).is_none(),
-            b"call" => call.replace(string(&mut rd)?).is_none(),
-            b"content_type" => content_type.replace(string(&mut rd)?).is_none(),
-            b"body" => text.replace(body_value(&mut rd)?).is_none(),
-            b"msg" => msg.replace(u32_value(&mut rd)?).is_none(),
-            _ => return None,
-        };
-        if !fresh {
-            return None;
-        }
-    }
-    if !rd.is_empty() {
-        return None;
-    }
-    match (ty?, rid, call?, content_type, text, msg) {
-        (b"message", rid, call, Some(content_type), Some(body), None) => Some(ClientMsg::Message {
-            rid: rid.flatten(),
-            call,
-            content_type,
-            body,
-        }),
-        (b"message_ack", None, call, None, None, Some(msg)) => {
+        (b"message_ack", None, call, Some(msg), None, None, None, None) => {
             Some(ClientMsg::MessageAck { call, msg })
         }
         _ => None,
@@ -282,47 +266,25 @@ pub fn decode_hot_client(body: &[u8]) -> Option<ClientMsg> {
 /// which then takes serde's path. These are the two frames of every message a client reads;
 /// serde's path for an internally tagged enum buffers the whole map first.
 pub fn decode_hot_server(body: &[u8]) -> Option<ServerMsg> {
-    let mut rd = body;
-    let mut ty: Option<&[u8]> = None;
-    let mut rid: Option<Option<u32>> = None;
-    let mut call: Option<String> = None;
-    let mut msg: Option<u32> = None;
-    let mut from: Option<String> = None;
-    let mut content_type: Option<String> = None;
-    let mut text: Option<Body> = None;
-    let mut toast: Option<bool> = None;
-    for _ in 0..peek::map_len(&mut rd)? {
-        if !is_str(rd) {
-            return None;
-        }
-        let key = read_str(&mut rd)?;
-        let fresh = match key {
-            b"type" => ty.replace(str_bytes(&mut rd)?).is_none(),
-            b"rid" => rid.replace(nil_or_u32(&mut rd)?).is_none(),
-            b"call" => call.replace(string(&mut rd)?).is_none(),
-            b"msg" => msg.replace(u32_value(&mut rd)?).is_none(),
-            b"from" => from.replace(string(&mut rd)?).is_none(),
-            b"content_type" => content_type.replace(string(&mut rd)?).is_none(),
-            b"body" => text.replace(body_value(&mut rd)?).is_none(),
-            b"toast" => toast.replace(bool_value(&mut rd)?).is_none(),
-            _ => return None,
-        };
-        if !fresh {
-            return None;
-        }
-    }
-    if !rd.is_empty() {
-        return None;
-    }
-    match (ty?, rid, call?, msg?, from, content_type, text, toast) {
+    let f = flow_fields(body)?;
+    match (
+        f.ty?,
+        f.rid,
+        f.call?,
+        f.msg?,
+        f.content_type,
+        f.body,
+        f.from,
+        f.toast,
+    ) {
         (
             b"message_received",
             None,
             call,
             msg,
-            Some(from),
             Some(content_type),
             Some(body),
+            Some(from),
             toast,
         ) => Some(ServerMsg::MessageReceived {
             call,
@@ -341,6 +303,48 @@ pub fn decode_hot_server(body: &[u8]) -> Option<ServerMsg> {
         }
         _ => None,
     }
+}
+
+/// Every field of the four flow frames (`message`, `message_ack`, `message_received`,
+/// `message_delivered`) as read from one frame; which frame it is, and whether the fields fit
+/// it, the decoders above decide.
+#[derive(Default)]
+struct FlowFields<'a> {
+    ty: Option<&'a [u8]>,
+    rid: Option<Option<u32>>,
+    call: Option<String>,
+    msg: Option<u32>,
+    content_type: Option<String>,
+    body: Option<Body>,
+    from: Option<String>,
+    toast: Option<bool>,
+}
+
+/// The fields of a flow frame, or `None` for anything unusual: a key that is not a string or
+/// not one of those fields, a duplicate, a mistyped value, trailing bytes.
+fn flow_fields(body: &[u8]) -> Option<FlowFields<'_>> {
+    let mut rd = body;
+    let mut f = FlowFields::default();
+    for _ in 0..peek::map_len(&mut rd)? {
+        if !is_str(rd) {
+            return None;
+        }
+        let fresh = match read_str(&mut rd)? {
+            b"type" => f.ty.replace(str_bytes(&mut rd)?).is_none(),
+            b"rid" => f.rid.replace(nil_or_u32(&mut rd)?).is_none(),
+            b"call" => f.call.replace(string(&mut rd)?).is_none(),
+            b"msg" => f.msg.replace(u32_value(&mut rd)?).is_none(),
+            b"content_type" => f.content_type.replace(string(&mut rd)?).is_none(),
+            b"body" => f.body.replace(body_value(&mut rd)?).is_none(),
+            b"from" => f.from.replace(string(&mut rd)?).is_none(),
+            b"toast" => f.toast.replace(bool_value(&mut rd)?).is_none(),
+            _ => return None,
+        };
+        if !fresh {
+            return None;
+        }
+    }
+    rd.is_empty().then_some(f)
 }
 
 fn bool_value(rd: &mut &[u8]) -> Option<bool> {
@@ -753,6 +757,10 @@ mod tests {
         let mut unknown = good();
         unknown.push((s("extra"), V::from(1)));
         cases.push(frame(unknown));
+        // A field of the server's flow frames, which the shared field reader knows.
+        let mut from = good();
+        from.push((s("from"), s("sip:a@b")));
+        cases.push(frame(from));
         let mut negative = good();
         negative.push((s("rid"), V::from(-1)));
         cases.push(frame(negative));

@@ -23,213 +23,207 @@ use rmp::Marker;
 
 /// Appends one frame holding `msg`, as [`encode_frame`] would.
 pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), FrameError> {
-    let start = dst.len();
-    dst.put_u32(0);
-    match msg {
-        ServerMsg::CallState {
-            call,
-            conversation,
-            direction,
-            state,
-            previous,
-            reason,
-        } => {
-            map_len(dst, if reason.is_some() { 7 } else { 6 });
-            str(dst, "type");
-            str(dst, "call_state");
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "conversation");
-            str(dst, conversation);
-            str(dst, "direction");
-            str(dst, direction.as_str());
-            str(dst, "state");
-            str(dst, state.as_str());
-            str(dst, "previous");
-            str(dst, previous.as_str());
-            if let Some(reason) = reason {
-                str(dst, "reason");
-                map_len(dst, 2);
-                str(dst, "code");
-                uint(dst, u64::from(reason.code));
-                str(dst, "text");
-                str(dst, &reason.text);
+    frame_by_hand_or_serde(msg, dst, |dst| {
+        match msg {
+            ServerMsg::CallState {
+                call,
+                conversation,
+                direction,
+                state,
+                previous,
+                reason,
+            } => {
+                map_len(dst, if reason.is_some() { 7 } else { 6 });
+                str(dst, "type");
+                str(dst, "call_state");
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "conversation");
+                str(dst, conversation);
+                str(dst, "direction");
+                str(dst, direction.as_str());
+                str(dst, "state");
+                str(dst, state.as_str());
+                str(dst, "previous");
+                str(dst, previous.as_str());
+                if let Some(reason) = reason {
+                    str(dst, "reason");
+                    map_len(dst, 2);
+                    str(dst, "code");
+                    uint(dst, u64::from(reason.code));
+                    str(dst, "text");
+                    str(dst, &reason.text);
+                }
             }
-        }
-        ServerMsg::MessageReceived {
-            call,
-            msg,
-            from,
-            content_type,
-            body,
-            toast,
-        } => {
-            map_len(dst, if toast.is_some() { 7 } else { 6 });
-            str(dst, "type");
-            str(dst, "message_received");
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "msg");
-            uint(dst, u64::from(*msg));
-            str(dst, "from");
-            str(dst, from);
-            str(dst, "content_type");
-            str(dst, content_type);
-            str(dst, "body");
-            self::body(dst, body);
-            if let Some(toast) = toast {
-                str(dst, "toast");
-                boolean(dst, *toast);
-            }
-        }
-        ServerMsg::MessageDelivered { rid, call, msg } => {
-            map_len(dst, if rid.is_some() { 4 } else { 3 });
-            str(dst, "type");
-            str(dst, "message_delivered");
-            opt_rid(dst, *rid);
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "msg");
-            uint(dst, u64::from(*msg));
-        }
-        ServerMsg::CallCreated {
-            rid,
-            call,
-            conversation,
-        } => {
-            map_len(dst, if rid.is_some() { 4 } else { 3 });
-            str(dst, "type");
-            str(dst, "call_created");
-            opt_rid(dst, *rid);
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "conversation");
-            str(dst, conversation);
-        }
-        ServerMsg::CallIncoming {
-            call,
-            conversation,
-            from,
-            toast,
-            sdp,
-            immediate_auto_accept,
-        } => {
-            map_len(dst, if toast.is_some() { 7 } else { 6 });
-            str(dst, "type");
-            str(dst, "call_incoming");
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "conversation");
-            str(dst, conversation);
-            str(dst, "from");
-            str(dst, from);
-            if let Some(toast) = toast {
-                str(dst, "toast");
-                map_len(dst, 2);
+            ServerMsg::MessageReceived {
+                call,
+                msg,
+                from,
+                content_type,
+                body,
+                toast,
+            } => {
+                map_len(dst, if toast.is_some() { 7 } else { 6 });
+                str(dst, "type");
+                str(dst, "message_received");
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "msg");
+                uint(dst, u64::from(*msg));
+                str(dst, "from");
+                str(dst, from);
                 str(dst, "content_type");
-                str(dst, &toast.content_type);
+                str(dst, content_type);
                 str(dst, "body");
-                body(dst, &toast.body);
+                self::body(dst, body);
+                if let Some(toast) = toast {
+                    str(dst, "toast");
+                    boolean(dst, *toast);
+                }
             }
-            str(dst, "sdp");
-            str(dst, sdp);
-            str(dst, "immediate_auto_accept");
-            boolean(dst, *immediate_auto_accept);
+            ServerMsg::MessageDelivered { rid, call, msg } => {
+                map_len(dst, if rid.is_some() { 4 } else { 3 });
+                str(dst, "type");
+                str(dst, "message_delivered");
+                opt_rid(dst, *rid);
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "msg");
+                uint(dst, u64::from(*msg));
+            }
+            ServerMsg::CallCreated {
+                rid,
+                call,
+                conversation,
+            } => {
+                map_len(dst, if rid.is_some() { 4 } else { 3 });
+                str(dst, "type");
+                str(dst, "call_created");
+                opt_rid(dst, *rid);
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "conversation");
+                str(dst, conversation);
+            }
+            ServerMsg::CallIncoming {
+                call,
+                conversation,
+                from,
+                toast,
+                sdp,
+                immediate_auto_accept,
+            } => {
+                map_len(dst, if toast.is_some() { 7 } else { 6 });
+                str(dst, "type");
+                str(dst, "call_incoming");
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "conversation");
+                str(dst, conversation);
+                str(dst, "from");
+                str(dst, from);
+                if let Some(toast) = toast {
+                    str(dst, "toast");
+                    map_len(dst, 2);
+                    str(dst, "content_type");
+                    str(dst, &toast.content_type);
+                    str(dst, "body");
+                    body(dst, &toast.body);
+                }
+                str(dst, "sdp");
+                str(dst, sdp);
+                str(dst, "immediate_auto_accept");
+                boolean(dst, *immediate_auto_accept);
+            }
+            ServerMsg::CallRinging { call } => {
+                map_len(dst, 2);
+                str(dst, "type");
+                str(dst, "call_ringing");
+                str(dst, "call");
+                str(dst, call);
+            }
+            ServerMsg::CallEstablished { call, sdp, remote } => {
+                map_len(dst, 4);
+                str(dst, "type");
+                str(dst, "call_established");
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "sdp");
+                str(dst, sdp);
+                str(dst, "remote");
+                map_len(dst, 2);
+                str(dst, "user");
+                str(dst, &remote.user);
+                str(dst, "endpoint");
+                str(dst, &remote.endpoint);
+            }
+            ServerMsg::Ok { rid } => {
+                map_len(dst, if rid.is_some() { 2 } else { 1 });
+                str(dst, "type");
+                str(dst, "ok");
+                opt_rid(dst, *rid);
+            }
+            ServerMsg::Welcome {
+                rid,
+                endpoint,
+                node,
+                heartbeat_ms,
+                max_frame,
+            } => {
+                map_len(dst, if rid.is_some() { 6 } else { 5 });
+                str(dst, "type");
+                str(dst, "welcome");
+                opt_rid(dst, *rid);
+                str(dst, "endpoint");
+                str(dst, endpoint);
+                str(dst, "node");
+                str(dst, node);
+                str(dst, "heartbeat_ms");
+                uint(dst, *heartbeat_ms);
+                str(dst, "max_frame");
+                uint(dst, u64::from(*max_frame));
+            }
+            _ => return false,
         }
-        ServerMsg::CallRinging { call } => {
-            map_len(dst, 2);
-            str(dst, "type");
-            str(dst, "call_ringing");
-            str(dst, "call");
-            str(dst, call);
-        }
-        ServerMsg::CallEstablished { call, sdp, remote } => {
-            map_len(dst, 4);
-            str(dst, "type");
-            str(dst, "call_established");
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "sdp");
-            str(dst, sdp);
-            str(dst, "remote");
-            map_len(dst, 2);
-            str(dst, "user");
-            str(dst, &remote.user);
-            str(dst, "endpoint");
-            str(dst, &remote.endpoint);
-        }
-        ServerMsg::Ok { rid } => {
-            map_len(dst, if rid.is_some() { 2 } else { 1 });
-            str(dst, "type");
-            str(dst, "ok");
-            opt_rid(dst, *rid);
-        }
-        ServerMsg::Welcome {
-            rid,
-            endpoint,
-            node,
-            heartbeat_ms,
-            max_frame,
-        } => {
-            map_len(dst, if rid.is_some() { 6 } else { 5 });
-            str(dst, "type");
-            str(dst, "welcome");
-            opt_rid(dst, *rid);
-            str(dst, "endpoint");
-            str(dst, endpoint);
-            str(dst, "node");
-            str(dst, node);
-            str(dst, "heartbeat_ms");
-            uint(dst, *heartbeat_ms);
-            str(dst, "max_frame");
-            uint(dst, u64::from(*max_frame));
-        }
-        other => {
-            dst.truncate(start);
-            return encode_frame(other, dst);
-        }
-    }
-    close_frame(dst, start)
+        true
+    })
 }
 
 /// Appends one frame holding `msg`, as [`encode_frame`] would: `message` and `message_ack`
 /// (the two frames a client sends for every message) by hand, the rest through serde.
 pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), FrameError> {
-    let start = dst.len();
-    dst.put_u32(0);
-    match msg {
-        ClientMsg::Message {
-            rid,
-            call,
-            content_type,
-            body,
-        } => {
-            map_len(dst, if rid.is_some() { 5 } else { 4 });
-            str(dst, "type");
-            str(dst, "message");
-            opt_rid(dst, *rid);
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "content_type");
-            str(dst, content_type);
-            str(dst, "body");
-            self::body(dst, body);
+    frame_by_hand_or_serde(msg, dst, |dst| {
+        match msg {
+            ClientMsg::Message {
+                rid,
+                call,
+                content_type,
+                body,
+            } => {
+                map_len(dst, if rid.is_some() { 5 } else { 4 });
+                str(dst, "type");
+                str(dst, "message");
+                opt_rid(dst, *rid);
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "content_type");
+                str(dst, content_type);
+                str(dst, "body");
+                self::body(dst, body);
+            }
+            ClientMsg::MessageAck { call, msg } => {
+                map_len(dst, 3);
+                str(dst, "type");
+                str(dst, "message_ack");
+                str(dst, "call");
+                str(dst, call);
+                str(dst, "msg");
+                uint(dst, u64::from(*msg));
+            }
+            _ => return false,
         }
-        ClientMsg::MessageAck { call, msg } => {
-            map_len(dst, 3);
-            str(dst, "type");
-            str(dst, "message_ack");
-            str(dst, "call");
-            str(dst, call);
-            str(dst, "msg");
-            uint(dst, u64::from(*msg));
-        }
-        other => {
-            dst.truncate(start);
-            return encode_frame(other, dst);
-        }
-    }
-    close_frame(dst, start)
+        true
+    })
 }
 
 /// `message` or `message_ack` from a frame body, or `None` when the frame is anything else or
@@ -426,6 +420,23 @@ fn str(dst: &mut BytesMut, s: &str) {
     dst.put_slice(s.as_bytes());
 }
 
+/// One frame holding `msg`: its body written by `by_hand`, or, when that declines (returns
+/// false, having written nothing), by serde.
+fn frame_by_hand_or_serde<T: serde::Serialize>(
+    msg: &T,
+    dst: &mut BytesMut,
+    by_hand: impl FnOnce(&mut BytesMut) -> bool,
+) -> Result<(), FrameError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    if by_hand(dst) {
+        close_frame(dst, start)
+    } else {
+        dst.truncate(start);
+        encode_frame(msg, dst)
+    }
+}
+
 /// `rid` and its value when there is one (serde skips a `None` rid).
 fn opt_rid(dst: &mut BytesMut, rid: Option<u32>) {
     if let Some(rid) = rid {
@@ -569,6 +580,15 @@ mod tests {
         }
     }
 
+    use rmpv::Value as V;
+
+    /// A frame body holding the map `pairs`, written by rmpv (so by neither of our paths).
+    fn frame(pairs: Vec<(V, V)>) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &V::Map(pairs)).expect("vec write");
+        out
+    }
+
     fn client_body(msg: &ClientMsg) -> Vec<u8> {
         let mut buf = BytesMut::new();
         encode_frame(msg, &mut buf).expect("encodes");
@@ -683,13 +703,7 @@ mod tests {
 
     #[test]
     fn unusual_server_frames_are_left_to_serde() {
-        use rmpv::Value as V;
         let s = |t: &str| V::from(t);
-        let frame = |pairs: Vec<(V, V)>| {
-            let mut out = Vec::new();
-            rmpv::encode::write_value(&mut out, &V::Map(pairs)).expect("vec write");
-            out
-        };
         let delivered = || {
             vec![
                 (s("type"), s("message_delivered")),
@@ -735,13 +749,7 @@ mod tests {
 
     #[test]
     fn anything_unusual_is_left_to_serde() {
-        use rmpv::Value as V;
         let s = |t: &str| V::from(t);
-        let frame = |pairs: Vec<(V, V)>| {
-            let mut out = Vec::new();
-            rmpv::encode::write_value(&mut out, &V::Map(pairs)).expect("vec write");
-            out
-        };
         let good = || {
             vec![
                 (s("type"), s("message")),

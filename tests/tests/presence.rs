@@ -563,6 +563,31 @@ async fn idle_time_is_extrapolated_and_crossing_thresholds_is_notified_by_itself
 }
 
 #[tokio::test]
+async fn a_watcher_who_subscribes_after_the_publication_still_hears_the_next_crossing() {
+    // Nobody watches Alice when she publishes, so presence keeps no timer for her then; the
+    // subscription must arm it.
+    let node = start_node(|s| {
+        s.presence.inactive_after_ms = 300;
+        s.presence.away_after_ms = 5_000;
+    });
+    let mut alice = sign_in(node.addr, ALICE, "laptop").await;
+    // Its `ok` comes once presence has been told, so the publication is handled first.
+    request_ok(
+        &mut alice,
+        ClientMsg::DeviceState {
+            rid: None,
+            activity: Activity::Active,
+            idle_ms: Some(0),
+        },
+    )
+    .await;
+    let mut bob = sign_in(node.addr, BOB, "desk").await;
+    let first = subscribe(&mut bob, &[ALICE]).await;
+    assert_eq!(first, vec![public(ALICE, Availability::Available)]);
+    assert_eq!(bob.recv().await, public(ALICE, Availability::Inactive));
+}
+
+#[tokio::test]
 async fn published_idle_older_than_inactive_after_is_inactive_at_once() {
     let node = start_node(|s| {
         s.presence.inactive_after_ms = 10_000;

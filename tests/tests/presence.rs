@@ -567,11 +567,13 @@ async fn a_watcher_who_subscribes_after_the_publication_still_hears_the_next_cro
     // Nobody watches Alice when she publishes, so presence keeps no timer for her then; the
     // subscription must arm it.
     let node = start_node(|s| {
-        s.presence.inactive_after_ms = 300;
-        s.presence.away_after_ms = 5_000;
+        s.presence.inactive_after_ms = 1_000;
+        s.presence.away_after_ms = 10_000;
     });
     let mut alice = sign_in(node.addr, ALICE, "laptop").await;
-    // Its `ok` comes once presence has been told, so the publication is handled first.
+    let mut bob = sign_in(node.addr, BOB, "desk").await;
+    // The endpoint tells presence in the same turn as it queues the `ok`, and Bob subscribes
+    // only after the `ok`: the shard handles the publication first.
     request_ok(
         &mut alice,
         ClientMsg::DeviceState {
@@ -581,7 +583,6 @@ async fn a_watcher_who_subscribes_after_the_publication_still_hears_the_next_cro
         },
     )
     .await;
-    let mut bob = sign_in(node.addr, BOB, "desk").await;
     let first = subscribe(&mut bob, &[ALICE]).await;
     assert_eq!(first, vec![public(ALICE, Availability::Available)]);
     assert_eq!(bob.recv().await, public(ALICE, Availability::Inactive));

@@ -442,22 +442,30 @@ impl Cluster {
 
     // ---- directory records ------------------------------------------------------------------
 
-    /// Writes (creates or replaces) this node's record of `endpoint`.
-    pub fn put_own(&self, endpoint: &str, record: Record) {
+    /// Writes (creates or replaces) this node's record of `endpoint`, stamped with this run's
+    /// epoch.
+    pub fn put_own(&self, endpoint: &str, mut record: Record) {
+        let user = record.user.clone();
+        // The entry stays locked from the epoch's stamp until the put is queued, as in the
+        // rejoin's re-stamp: either this sees the rejoin's new epoch, or the rejoin waits and
+        // queues its re-stamped put after this one. And the record is in `own` before its put
+        // is queued, so the watch never shows this node a record of its own it does not know.
+        let entry = self.own.entry(endpoint.to_owned());
+        let added = matches!(entry, dashmap::Entry::Vacant(_));
+        record.epoch = self.epoch();
         let Some(put) = record_put(endpoint, &record) else {
             return;
         };
-        // In `own` before the put is queued, so the watch never shows this node a record of
-        // its own that it does not know.
-        let user = record.user.clone();
-        if self.own.insert(endpoint.to_owned(), record).is_none() {
+        let stored = entry.insert(record);
+        let _ = self.kv_tx.send(put);
+        drop(stored);
+        if added {
             self.own_by_user
                 .entry(user)
                 .or_default()
                 .push(endpoint.to_owned());
             self.directory_gauge();
         }
-        let _ = self.kv_tx.send(put);
     }
 
     /// Updates this node's record of `endpoint` in place and writes it.
@@ -968,7 +976,6 @@ fn set_nats_connected(connected: &AtomicBool, up: bool) {
     metrics::gauge!(m::CLUSTER_NATS_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 
-/// A publication stamped with another node's wall clock, on this node's monotonic clock.
 /// The KV put of this node's record of `endpoint`; `None` (logged) if it cannot be encoded.
 fn record_put(endpoint: &str, record: &Record) -> Option<KvOp> {
     match rmp_serde::to_vec_named(record) {
@@ -983,6 +990,7 @@ fn record_put(endpoint: &str, record: &Record) -> Option<KvOp> {
     }
 }
 
+/// A publication stamped with another node's wall clock, on this node's monotonic clock.
 fn to_publication(p: &wire::PublicationRecord) -> Publication {
     let age = Duration::from_millis(wire::unix_ms().saturating_sub(p.stamp_unix_ms));
     let now = Instant::now();

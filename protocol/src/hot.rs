@@ -33,9 +33,12 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 previous,
                 reason,
             } => {
-                map_len(dst, if reason.is_some() { 7 } else { 6 });
-                str(dst, "type");
-                str(dst, "call_state");
+                tagged(
+                    dst,
+                    "call_state",
+                    None,
+                    if reason.is_some() { 6 } else { 5 },
+                );
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "conversation");
@@ -63,9 +66,12 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 body,
                 toast,
             } => {
-                map_len(dst, if toast.is_some() { 7 } else { 6 });
-                str(dst, "type");
-                str(dst, "message_received");
+                tagged(
+                    dst,
+                    "message_received",
+                    None,
+                    if toast.is_some() { 6 } else { 5 },
+                );
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "msg");
@@ -82,10 +88,7 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 }
             }
             ServerMsg::MessageDelivered { rid, call, msg } => {
-                map_len(dst, if rid.is_some() { 4 } else { 3 });
-                str(dst, "type");
-                str(dst, "message_delivered");
-                opt_rid(dst, *rid);
+                tagged(dst, "message_delivered", *rid, 2);
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "msg");
@@ -96,10 +99,7 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 call,
                 conversation,
             } => {
-                map_len(dst, if rid.is_some() { 4 } else { 3 });
-                str(dst, "type");
-                str(dst, "call_created");
-                opt_rid(dst, *rid);
+                tagged(dst, "call_created", *rid, 2);
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "conversation");
@@ -113,9 +113,12 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 sdp,
                 immediate_auto_accept,
             } => {
-                map_len(dst, if toast.is_some() { 7 } else { 6 });
-                str(dst, "type");
-                str(dst, "call_incoming");
+                tagged(
+                    dst,
+                    "call_incoming",
+                    None,
+                    if toast.is_some() { 6 } else { 5 },
+                );
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "conversation");
@@ -136,16 +139,12 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 boolean(dst, *immediate_auto_accept);
             }
             ServerMsg::CallRinging { call } => {
-                map_len(dst, 2);
-                str(dst, "type");
-                str(dst, "call_ringing");
+                tagged(dst, "call_ringing", None, 1);
                 str(dst, "call");
                 str(dst, call);
             }
             ServerMsg::CallEstablished { call, sdp, remote } => {
-                map_len(dst, 4);
-                str(dst, "type");
-                str(dst, "call_established");
+                tagged(dst, "call_established", None, 3);
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "sdp");
@@ -158,10 +157,7 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 str(dst, &remote.endpoint);
             }
             ServerMsg::Ok { rid } => {
-                map_len(dst, if rid.is_some() { 2 } else { 1 });
-                str(dst, "type");
-                str(dst, "ok");
-                opt_rid(dst, *rid);
+                tagged(dst, "ok", *rid, 0);
             }
             ServerMsg::Welcome {
                 rid,
@@ -170,10 +166,7 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 heartbeat_ms,
                 max_frame,
             } => {
-                map_len(dst, if rid.is_some() { 6 } else { 5 });
-                str(dst, "type");
-                str(dst, "welcome");
-                opt_rid(dst, *rid);
+                tagged(dst, "welcome", *rid, 4);
                 str(dst, "endpoint");
                 str(dst, endpoint);
                 str(dst, "node");
@@ -200,10 +193,7 @@ pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), Fr
                 content_type,
                 body,
             } => {
-                map_len(dst, if rid.is_some() { 5 } else { 4 });
-                str(dst, "type");
-                str(dst, "message");
-                opt_rid(dst, *rid);
+                tagged(dst, "message", *rid, 3);
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "content_type");
@@ -212,9 +202,7 @@ pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), Fr
                 self::body(dst, body);
             }
             ClientMsg::MessageAck { call, msg } => {
-                map_len(dst, 3);
-                str(dst, "type");
-                str(dst, "message_ack");
+                tagged(dst, "message_ack", None, 2);
                 str(dst, "call");
                 str(dst, call);
                 str(dst, "msg");
@@ -435,6 +423,15 @@ fn frame_by_hand_or_serde<T: serde::Serialize>(
         dst.truncate(start);
         encode_frame(msg, dst)
     }
+}
+
+/// The start of a tagged message's map: its size (`fields` after `type` and the `rid`, plus
+/// those two), `type`, and `rid` when there is one (serde skips a `None` rid).
+fn tagged(dst: &mut BytesMut, ty: &str, rid: Option<u32>, fields: u8) {
+    map_len(dst, fields + 1 + u8::from(rid.is_some()));
+    str(dst, "type");
+    str(dst, ty);
+    opt_rid(dst, rid);
 }
 
 /// `rid` and its value when there is one (serde skips a `None` rid).

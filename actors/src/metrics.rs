@@ -29,6 +29,7 @@ pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
 pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
 pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoints";
 pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
+pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -120,6 +121,11 @@ pub fn describe_all() {
     describe_gauge!(
         CLUSTER_NATS_CONNECTED,
         "1 while the node's NATS connection is up, 0 while it is down (cluster mode only)"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_WRITES_PENDING,
+        "Writes of this node's directory records not yet landed in NATS, one per record at \
+         most (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

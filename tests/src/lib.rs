@@ -389,6 +389,36 @@ impl NatsServer {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+
+    /// The keys in the directory bucket, read by a client of its own (what any node would load).
+    pub async fn directory_keys(&self) -> Vec<String> {
+        use futures::StreamExt;
+        let client = async_nats::connect(self.url())
+            .await
+            .expect("the test connects to NATS");
+        let kv = async_nats::jetstream::new(client)
+            .get_key_value(confab_actors::cluster::BUCKET)
+            .await
+            .expect("the nodes created the bucket");
+        let keys = kv.keys().await.expect("the bucket lists its keys");
+        keys.filter_map(|k| async move { k.ok() }).collect().await
+    }
+
+    /// Waits until the directory bucket holds exactly `n` keys.
+    pub async fn wait_for_directory_keys(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let keys = self.directory_keys().await;
+            if keys.len() == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bucket holds {keys:?}, expected {n} keys"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for NatsServer {

@@ -560,6 +560,29 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     alice.state(&call, CallState::Established).await;
 }
 
+/// The purger (the living node with the smallest id) deletes a dead node's records from the
+/// bucket itself, not only from the caches; it deletes each at the revision it saw, which must
+/// be the record's. When the node is heard again it rejoins and writes them back.
+#[tokio::test]
+async fn a_dead_nodes_records_leave_the_bucket_and_come_back_when_it_rejoins() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    nats.wait_for_directory_keys(1).await;
+
+    let cluster_b = b.cluster().expect("a cluster node");
+    cluster_b.mute_heartbeats(Duration::from_secs(60));
+    wait_for_endpoints(&a, BOB, 0).await;
+    nats.wait_for_directory_keys(0).await;
+
+    cluster_b.mute_heartbeats(Duration::ZERO);
+    wait_for_endpoints(&a, BOB, 1).await;
+    nats.wait_for_directory_keys(1).await;
+    drop((a, b));
+}
+
 #[tokio::test]
 async fn a_users_own_view_lists_and_ranks_devices_on_every_node() {
     let t = three(60_000, 60_000);
@@ -727,13 +750,16 @@ async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() 
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
-    let ops = b.metrics_addr.expect("the test node serves metrics");
+    let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
 
     nats.kill();
-    wait_for_health(ops, 503, "degraded\n").await;
+    wait_for_health(ops[1], 503, "degraded\n").await;
     let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
     nats.restart();
-    wait_for_health(ops, 200, "ok\n").await;
+    // Both nodes, each on its own reconnect schedule.
+    for ops in ops {
+        wait_for_health(ops, 200, "ok\n").await;
+    }
 
     wait_for_endpoints(&a, CAROL, 1).await;
     wait_for_endpoints(&a, BOB, 1).await;

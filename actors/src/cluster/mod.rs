@@ -14,6 +14,7 @@
 
 pub mod directory;
 pub mod wire;
+mod writes;
 
 use actix::Addr;
 use async_nats::jetstream::kv;
@@ -38,6 +39,7 @@ use crate::presence::rank::Publication;
 use crate::presence::{PresenceMsg, PresenceShards};
 use crate::settings;
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
+use writes::KvOp;
 
 pub const BUCKET: &str = "confab-endpoints";
 pub const HEARTBEAT_SUBJECT: &str = "confab.nodes.heartbeat";
@@ -59,19 +61,15 @@ pub enum ClusterError {
 pub struct RemoteEndpoint {
     pub id: String,
     pub record: Record,
+    /// The KV revision the record was read at: a purge deletes only that revision, never a
+    /// record its owner has written since (a rejoin).
+    pub revision: u64,
 }
 
 /// What the publisher task sends, in order.
 enum Outgoing {
     Publish(String, Bytes),
     /// Answered once everything queued before it was handed to the client.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-enum KvOp {
-    Put(String, Bytes),
-    Delete(String),
-    /// Answered once every operation queued before it is done.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -208,6 +206,7 @@ impl Cluster {
             Duration::from_secs(5),
             async_nats::ConnectOptions::new()
                 .name(format!("confab-{node_id}"))
+                .reconnect_delay_callback(reconnect_delay)
                 .event_callback(move |event| {
                     let events = events.clone();
                     async move { nats_event(&events, event) }
@@ -285,12 +284,13 @@ impl Cluster {
         // The values already there are applied before the node accepts anyone.
         cluster.load().await?;
         rt.spawn(publish_loop(client.clone(), publish_rx));
-        rt.spawn(kv_loop(kv, kv_rx));
+        rt.spawn(writes::write_loop(kv.clone(), kv_rx));
         rt.spawn(inbox_loop(cluster.clone(), inbox));
         rt.spawn(heartbeat_loop(cluster.clone(), beats));
         rt.spawn(watch_loop(cluster.clone(), watch));
         rt.spawn(liveness_loop(cluster.clone()));
         metrics::gauge!(m::CLUSTER_NODES).set(1.0);
+        metrics::gauge!(m::CLUSTER_DIRECTORY_WRITES_PENDING).set(0.0);
         for direction in ["in", "out"] {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
@@ -350,7 +350,7 @@ impl Cluster {
         let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
         for key in keys {
             if let Ok(Some(e)) = self.kv.entry(&key).await {
-                self.apply(&e.key, e.operation, &e.value);
+                self.apply(&e.key, e.operation, &e.value, e.revision);
             }
         }
         Ok(())
@@ -487,7 +487,7 @@ impl Cluster {
         }
         let _ = self
             .kv_tx
-            .send(KvOp::Delete(wire::record_key(user, endpoint)));
+            .send(KvOp::Delete(wire::record_key(user, endpoint), None));
     }
 
     /// Other nodes' endpoints of `user`.
@@ -512,8 +512,8 @@ impl Cluster {
         nodes.keys().all(|n| *n > self.node_id)
     }
 
-    /// Applies one KV change to the cache and to presence.
-    fn apply(&self, key: &str, op: kv::Operation, value: &[u8]) {
+    /// Applies one KV change (the entry at `revision`) to the cache and to presence.
+    fn apply(&self, key: &str, op: kv::Operation, value: &[u8], revision: u64) {
         let Some((user, endpoint)) = wire::parse_key(key) else {
             return;
         };
@@ -531,14 +531,18 @@ impl Cluster {
                     if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
                         // Left over from an earlier run of this node.
                         tracing::info!(%key, "deleting a stale record of this node");
-                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
+                        let _ = self
+                            .kv_tx
+                            .send(KvOp::Delete(key.to_owned(), Some(revision)));
                     }
                     return;
                 }
                 if !self.saw_node(&record.node, record.epoch, false) {
                     // Left over from a dead or earlier run of that node.
                     if self.is_purger() {
-                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned()));
+                        let _ = self
+                            .kv_tx
+                            .send(KvOp::Delete(key.to_owned(), Some(revision)));
                     }
                     return;
                 }
@@ -555,12 +559,14 @@ impl Cluster {
                     match list.iter_mut().find(|e| e.id == endpoint) {
                         Some(e) => {
                             e.record = record;
+                            e.revision = revision;
                             false
                         }
                         None => {
                             list.push(RemoteEndpoint {
                                 id: endpoint,
                                 record,
+                                revision,
                             });
                             true
                         }
@@ -699,24 +705,25 @@ impl Cluster {
     fn node_lost(&self, node: &str, epoch: u64, purge: bool) {
         lock(&self.dead).push((node.to_owned(), epoch));
         // Drop its endpoints from the cache and presence at once.
-        let mut gone: Vec<(String, String)> = Vec::new();
+        let mut gone: Vec<(String, String, u64)> = Vec::new();
         for entry in self.remote.iter() {
             for e in entry.value() {
                 if e.record.node == node && e.record.epoch <= epoch {
-                    gone.push((entry.key().clone(), e.id.clone()));
+                    gone.push((entry.key().clone(), e.id.clone(), e.revision));
                 }
             }
         }
-        for (user, endpoint) in &gone {
+        for (user, endpoint, _) in &gone {
             self.forget(user, endpoint);
         }
         // The smallest living node id cleans the KV for everyone.
         if purge && self.is_purger() {
             tracing::info!(%node, records = gone.len(), "purging the dead node's records");
-            for (user, endpoint) in &gone {
-                let _ = self
-                    .kv_tx
-                    .send(KvOp::Delete(wire::record_key(user, endpoint)));
+            for (user, endpoint, revision) in &gone {
+                let _ = self.kv_tx.send(KvOp::Delete(
+                    wire::record_key(user, endpoint),
+                    Some(*revision),
+                ));
             }
         }
         // Legs here whose endpoint was there.
@@ -785,11 +792,8 @@ impl Cluster {
     }
 
     async fn leave_inner(&self) {
-        // The deletes of endpoints that already ended go first.
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        if self.kv_tx.send(KvOp::Flush(done_tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
-        }
+        // Queued behind the writes still waiting, so none of those can land after them and
+        // bring a record back.
         let keys: Vec<String> = self
             .own
             .iter()
@@ -799,7 +803,13 @@ impl Cluster {
         self.own_by_user.clear();
         self.directory_gauge();
         for key in keys {
-            let _ = self.kv.delete(&key).await;
+            let _ = self.kv_tx.send(KvOp::Delete(key, None));
+        }
+        // Bounded: with NATS away the node still stops (the others purge its records once
+        // they find it dead).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.kv_tx.send(KvOp::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), done_rx).await;
         }
         self.heartbeat(true);
         // Everything queued goes out before the runtime stops.
@@ -954,6 +964,21 @@ impl Cluster {
     }
 }
 
+/// The pause before reconnect attempt `attempts` (1-based): none, then 10 ms doubling up to
+/// 1 s. The client's default grows to 4 s, so a node could come back seconds after NATS and
+/// after the other nodes, and every second degraded counts: calls across nodes fail, and past
+/// `node_timeout` the others declare it dead. One attempt a second per node costs NATS nothing.
+fn reconnect_delay(attempts: usize) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(2))
+        .unwrap_or(u32::MAX)
+        .min(7);
+    if attempts <= 1 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis((10u64 << doublings).min(1000))
+    }
+}
+
 /// Follows the NATS client's connection state into [`Cluster::nats_connected`] and the
 /// `confab_cluster_nats_connected` gauge.
 fn nats_event(connected: &AtomicBool, event: async_nats::Event) {
@@ -1017,40 +1042,6 @@ async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceive
     }
 }
 
-/// Attempts per directory write before it is given up (NATS briefly away, a JetStream leader
-/// change); they keep one key's writes in order since the loop waits for each.
-const KV_ATTEMPTS: u32 = 5;
-
-async fn kv_loop(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<KvOp>) {
-    while let Some(op) = rx.recv().await {
-        if let KvOp::Flush(done) = op {
-            let _ = done.send(());
-            continue;
-        }
-        for attempt in 1..=KV_ATTEMPTS {
-            let result = match &op {
-                KvOp::Put(key, value) => kv
-                    .put(key, value.clone())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                KvOp::Delete(key) => kv.delete(key).await.map_err(|e| e.to_string()),
-                KvOp::Flush(_) => Ok(()),
-            };
-            match result {
-                Ok(()) => break,
-                Err(e) if attempt == KV_ATTEMPTS => {
-                    tracing::error!(error = %e, "directory write failed; giving up");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "directory write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-                }
-            }
-        }
-    }
-}
-
 async fn inbox_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
     while let Some(msg) = sub.next().await {
         match rmp_serde::from_slice::<Envelope>(&msg.payload) {
@@ -1092,7 +1083,7 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
 async fn watch_loop(cluster: Arc<Cluster>, mut watch: kv::Watch) {
     while let Some(entry) = watch.next().await {
         match entry {
-            Ok(e) => cluster.apply(&e.key, e.operation, &e.value),
+            Ok(e) => cluster.apply(&e.key, e.operation, &e.value, e.revision),
             Err(e) => tracing::warn!(error = %e, "directory watch error"),
         }
     }
@@ -1114,5 +1105,19 @@ impl std::fmt::Debug for Cluster {
             .field("node_id", &self.node_id)
             .field("epoch", &self.epoch())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnecting_starts_at_once_and_never_waits_over_a_second() {
+        let pauses: Vec<u128> = (1..=12).map(|a| reconnect_delay(a).as_millis()).collect();
+        assert_eq!(
+            pauses,
+            [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]
+        );
     }
 }

@@ -1,0 +1,368 @@
+//! This node's writes to the directory bucket (the records of its own endpoints).
+//!
+//! One task makes them, one at a time, in the order they were queued. A write that fails (NATS
+//! away, JetStream not answering yet after a restart) is never given up: it is retried with a
+//! growing pause until it lands. While it waits, a newer write of the same key replaces it, so
+//! every key ends at its last write and the book holds at most one write per key, whatever the
+//! length of the outage.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics as m;
+
+/// What the node asks of the write task.
+pub(super) enum KvOp {
+    Put(String, Bytes),
+    /// A delete; with a revision, only of the record at that revision (a purge of another
+    /// node's record, which its owner may have written again since).
+    Delete(String, Option<u64>),
+    /// Answered once every write queued before it has landed (or been replaced by a later
+    /// write of its key that has landed).
+    Flush(oneshot::Sender<()>),
+}
+
+/// Where the writes go: the KV bucket, or a stand-in in the tests.
+pub(super) trait DirectoryStore: Send + Sync + 'static {
+    fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<(), String>> + Send;
+    /// Deletes `key`; with `revision`, only if the record is still at it (if not, a newer
+    /// write is there and nothing is to be done: that is a success).
+    fn delete(
+        &self,
+        key: &str,
+        revision: Option<u64>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+impl DirectoryStore for kv::Store {
+    async fn put(&self, key: &str, value: Bytes) -> Result<(), String> {
+        kv::Store::put(self, key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), String> {
+        match self.delete_expect_revision(key, revision).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Write {
+    Put(Bytes),
+    Delete(Option<u64>),
+}
+
+/// The writes not yet landed: the last one of each key, in the order they were queued.
+#[derive(Default)]
+struct Book {
+    /// Numbers every op in queue order.
+    seq: u64,
+    /// (seq, key) in queue order; an entry whose key has a later write in `latest` was
+    /// replaced and is skipped.
+    queue: VecDeque<(u64, String)>,
+    latest: HashMap<String, (u64, Write)>,
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+impl Book {
+    fn add(&mut self, op: KvOp) {
+        self.seq += 1;
+        let (key, write) = match op {
+            KvOp::Put(key, value) => (key, Write::Put(value)),
+            KvOp::Delete(key, revision) => (key, Write::Delete(revision)),
+            KvOp::Flush(done) => {
+                self.flushes.push((self.seq, done));
+                return;
+            }
+        };
+        self.latest.insert(key.clone(), (self.seq, write));
+        self.queue.push_back((self.seq, key));
+        // Replaced entries stay in the queue until they reach its front; a key rewritten
+        // over and over during an outage must not grow it without bound.
+        if self.queue.len() > 2 * self.latest.len() + 64 {
+            let latest = &self.latest;
+            self.queue
+                .retain(|(seq, key)| latest.get(key).is_some_and(|(s, _)| s == seq));
+        }
+    }
+
+    /// The oldest write still wanted, left in the book until [`Book::landed`].
+    fn next(&mut self) -> Option<(u64, String, Write)> {
+        while let Some((seq, key)) = self.queue.front() {
+            match self.latest.get(key) {
+                Some((s, write)) if s == seq => return Some((*seq, key.clone(), write.clone())),
+                _ => {
+                    self.queue.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    /// The write `seq` of `key` (the front of the queue) has landed.
+    fn landed(&mut self, seq: u64, key: &str) {
+        if self.latest.get(key).is_some_and(|(s, _)| *s == seq) {
+            self.latest.remove(key);
+        }
+        if self.queue.front().is_some_and(|(s, _)| *s == seq) {
+            self.queue.pop_front();
+        }
+    }
+
+    /// Answers the flushes that no write still waiting was queued before.
+    fn answer_flushes(&mut self) {
+        let oldest = self.next().map(|(seq, _, _)| seq);
+        let (ready, waiting) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(seq, _)| oldest.is_none_or(|o| o > *seq));
+        self.flushes = waiting;
+        for (_, done) in ready {
+            let _ = done.send(());
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.latest.is_empty() && self.flushes.is_empty()
+    }
+
+    fn pending(&self) -> usize {
+        self.latest.len()
+    }
+}
+
+/// The pause before the next attempt after `failures` failures in a row: 100 ms, doubling up
+/// to 2 s (a restarted NATS is found within 2 s of being back).
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(
+        100u64
+            .saturating_mul(1 << failures.saturating_sub(1).min(5))
+            .min(2000),
+    )
+}
+
+/// Makes the writes queued on `rx`; ends when `rx` is closed and every write has landed.
+pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::UnboundedReceiver<KvOp>) {
+    let mut book = Book::default();
+    let mut failures: u32 = 0;
+    let mut closed = false;
+    loop {
+        if book.is_idle() {
+            if closed {
+                return;
+            }
+            match rx.recv().await {
+                Some(op) => book.add(op),
+                None => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(op) => book.add(op),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        book.answer_flushes();
+        metrics::gauge!(m::CLUSTER_DIRECTORY_WRITES_PENDING).set(book.pending() as f64);
+        let Some((seq, key, write)) = book.next() else {
+            continue;
+        };
+        let result = match write {
+            Write::Put(value) => store.put(&key, value).await,
+            Write::Delete(revision) => store.delete(&key, revision).await,
+        };
+        match result {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(failures, "directory writes land again");
+                }
+                failures = 0;
+                book.landed(seq, &key);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                // The first failure of a streak, then one line in ten: an outage of minutes
+                // must not flood the log.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        error = %e,
+                        failures,
+                        pending = book.pending(),
+                        "directory write failed; it is kept and retried until it lands"
+                    );
+                }
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// A write that landed: the key, and the value put (`None`: deleted).
+    type Landed = (String, Option<Bytes>);
+
+    /// A bucket that fails every write while `down`, and records the writes that land.
+    #[derive(Clone, Default)]
+    struct FakeStore {
+        down: Arc<AtomicBool>,
+        attempts: Arc<AtomicU32>,
+        landed: Arc<Mutex<Vec<Landed>>>,
+    }
+
+    impl FakeStore {
+        fn write(&self, key: &str, value: Option<Bytes>) -> Result<(), String> {
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err("no responders".to_owned());
+            }
+            self.landed
+                .lock()
+                .map_err(|e| e.to_string())?
+                .push((key.to_owned(), value));
+            Ok(())
+        }
+
+        fn landed(&self) -> Vec<Landed> {
+            self.landed.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+    }
+
+    impl DirectoryStore for FakeStore {
+        async fn put(&self, key: &str, value: Bytes) -> Result<(), String> {
+            self.write(key, Some(value))
+        }
+
+        async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), String> {
+            self.write(key, None)
+        }
+    }
+
+    /// A write task over a fake bucket that starts up or down.
+    fn writer(up: bool) -> (FakeStore, mpsc::UnboundedSender<KvOp>) {
+        let store = FakeStore::default();
+        store.down.store(!up, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(store.clone(), rx));
+        (store, tx)
+    }
+
+    fn put(key: &str, value: &'static str) -> KvOp {
+        KvOp::Put(key.to_owned(), Bytes::from_static(value.as_bytes()))
+    }
+
+    async fn flushed(tx: &mpsc::UnboundedSender<KvOp>) {
+        let (done_tx, done_rx) = oneshot::channel();
+        assert!(tx.send(KvOp::Flush(done_tx)).is_ok());
+        assert!(done_rx.await.is_ok(), "the write task ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_retried_through_an_outage_of_any_length() {
+        let (store, tx) = writer(false);
+        assert!(tx.send(put("k", "v")).is_ok());
+
+        // Two minutes of paused time: far more attempts than any fixed budget would allow.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(store.attempts.load(Ordering::Relaxed) > 50);
+        assert!(store.landed().is_empty());
+
+        store.down.store(false, Ordering::Relaxed);
+        flushed(&tx).await;
+        assert_eq!(
+            store.landed(),
+            vec![("k".to_owned(), Some(Bytes::from_static(b"v")))]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_write_of_a_key_replaces_the_one_still_waiting() {
+        let (store, tx) = writer(false);
+        assert!(tx.send(put("alice", "laptop")).is_ok());
+        assert!(tx.send(put("bob", "desk")).is_ok());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Alice's endpoint ends during the outage: her put must not land after the delete.
+        assert!(tx.send(KvOp::Delete("alice".to_owned(), None)).is_ok());
+        assert!(tx.send(put("bob", "desk, away")).is_ok());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        store.down.store(false, Ordering::Relaxed);
+        flushed(&tx).await;
+        assert_eq!(
+            store.landed(),
+            vec![
+                ("alice".to_owned(), None),
+                ("bob".to_owned(), Some(Bytes::from_static(b"desk, away"))),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_waits_for_the_writes_before_it_and_no_others() {
+        let (store, tx) = writer(false);
+        assert!(tx.send(put("a", "1")).is_ok());
+        let (done_tx, mut done_rx) = oneshot::channel();
+        assert!(tx.send(KvOp::Flush(done_tx)).is_ok());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            done_rx.try_recv().is_err(),
+            "answered before its write landed"
+        );
+
+        store.down.store(false, Ordering::Relaxed);
+        assert!(done_rx.await.is_ok());
+        assert_eq!(store.landed().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_of_different_keys_land_in_the_order_queued() {
+        let (store, tx) = writer(true);
+        for key in ["c", "a", "b"] {
+            assert!(tx.send(put(key, "x")).is_ok());
+        }
+        flushed(&tx).await;
+        assert!(tx.send(KvOp::Delete("c".to_owned(), None)).is_ok());
+        flushed(&tx).await;
+        let keys: Vec<(String, bool)> = store
+            .landed()
+            .into_iter()
+            .map(|(k, v)| (k, v.is_some()))
+            .collect();
+        assert_eq!(
+            keys,
+            [("c", true), ("a", true), ("b", true), ("c", false)]
+                .map(|(k, put)| (k.to_owned(), put))
+        );
+    }
+
+    #[test]
+    fn a_key_rewritten_many_times_keeps_the_queue_small() {
+        let mut book = Book::default();
+        for i in 0..10_000 {
+            book.add(KvOp::Put(format!("k{}", i % 3), Bytes::new()));
+        }
+        assert_eq!(book.pending(), 3);
+        assert!(book.queue.len() <= 2 * 3 + 64 + 1);
+    }
+
+    #[test]
+    fn the_pause_grows_to_two_seconds() {
+        let pauses: Vec<u128> = (1..=8).map(|f| backoff(f).as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+    }
+}

@@ -86,6 +86,8 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "sum(rate(confab_call_setup_seconds_count[1m])) > 0",
         "sum(rate(confab_message_delivery_seconds_count[1m])) > 0",
         "confab_cluster_nats_connected == 1",
+        // Every directory write of the traffic landed, and the gauge says so once idle.
+        "confab_cluster_directory_writes_pending == 0",
         "confab_cluster_nodes == 1",
     ];
     prom.wait_until_all(&moved).await;

@@ -115,6 +115,10 @@ pub struct Cluster {
     told: Mutex<HashSet<(String, u64)>>,
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
+    /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
+    loading: Mutex<Option<HashMap<String, u64>>>,
+    /// Set once the graceful leave has started: no record is written after its deletes.
+    leaving: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -279,6 +283,8 @@ impl Cluster {
             stop: Mutex::new(Some(stop)),
             told: Mutex::new(HashSet::new()),
             muted_until: Mutex::new(None),
+            loading: Mutex::new(None),
+            leaving: AtomicBool::new(false),
         });
         tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
@@ -340,8 +346,16 @@ impl Cluster {
         self.epoch.load(Ordering::Relaxed)
     }
 
-    /// Reads every record of the bucket into the cache.
+    /// Reads every record of the bucket into the cache. During a rejoin the watch runs
+    /// meanwhile: a record it deletes after the load read it must not come back from the load.
     async fn load(&self) -> Result<(), ClusterError> {
+        *lock(&self.loading) = Some(HashMap::new());
+        let result = self.load_keys().await;
+        *lock(&self.loading) = None;
+        result
+    }
+
+    async fn load_keys(&self) -> Result<(), ClusterError> {
         let keys = self
             .kv
             .keys()
@@ -350,7 +364,13 @@ impl Cluster {
         let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
         for key in keys {
             if let Ok(Some(e)) = self.kv.entry(&key).await {
-                self.apply(&e.key, e.operation, &e.value, e.revision);
+                let deleted_since = lock(&self.loading)
+                    .as_ref()
+                    .and_then(|d| d.get(&e.key).copied())
+                    .is_some_and(|deleted| deleted > e.revision);
+                if !deleted_since {
+                    self.apply(&e.key, e.operation, &e.value, e.revision);
+                }
             }
         }
         Ok(())
@@ -451,6 +471,11 @@ impl Cluster {
         // queues its re-stamped put after this one. And the record is in `own` before its put
         // is queued, so the watch never shows this node a record of its own it does not know.
         let entry = self.own.entry(endpoint.to_owned());
+        // Checked under the entry's lock: the leave sets the flag before it collects `own`,
+        // so a put either sees it or is collected and deleted after its put.
+        if self.leaving.load(Ordering::SeqCst) {
+            return;
+        }
         let added = matches!(entry, dashmap::Entry::Vacant(_));
         record.epoch = self.epoch();
         let Some(put) = record_put(endpoint, &record) else {
@@ -530,10 +555,10 @@ impl Cluster {
                     // Endpoints of an earlier run are never this run's (ids carry the run).
                     if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
                         // Left over from an earlier run of this node.
+                        // Unconditional: only this node writes its keys, and it has no such
+                        // endpoint any more.
                         tracing::info!(%key, "deleting a stale record of this node");
-                        let _ = self
-                            .kv_tx
-                            .send(KvOp::Delete(key.to_owned(), Some(revision)));
+                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned(), None));
                     }
                     return;
                 }
@@ -557,6 +582,9 @@ impl Cluster {
                 let added = {
                     let mut list = self.remote.entry(user).or_default();
                     match list.iter_mut().find(|e| e.id == endpoint) {
+                        // A rejoin's reload can read a key after the watch applied a newer
+                        // revision of it.
+                        Some(e) if e.revision > revision => return,
                         Some(e) => {
                             e.record = record;
                             e.revision = revision;
@@ -579,7 +607,18 @@ impl Cluster {
                     self.enforce_limit(&user_key);
                 }
             }
-            kv::Operation::Delete | kv::Operation::Purge => self.forget(&user, &endpoint),
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some(deleted) = lock(&self.loading).as_mut() {
+                    deleted.insert(key.to_owned(), revision);
+                }
+                let newer_cached = self.remote.get(&user).is_some_and(|list| {
+                    list.iter()
+                        .any(|e| e.id == endpoint && e.revision > revision)
+                });
+                if !newer_cached {
+                    self.forget(&user, &endpoint);
+                }
+            }
         }
     }
 
@@ -792,6 +831,7 @@ impl Cluster {
     }
 
     async fn leave_inner(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
         // Queued behind the writes still waiting, so none of those can land after them and
         // bring a record back.
         let keys: Vec<String> = self

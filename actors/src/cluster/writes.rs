@@ -25,31 +25,48 @@ pub(super) enum KvOp {
     Flush(oneshot::Sender<()>),
 }
 
+/// Why a write did not land.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WriteError {
+    /// NATS away, JetStream not answering, a timeout: worth another attempt.
+    #[error("{0}")]
+    Transient(String),
+    /// The write itself is wrong (an invalid key): no attempt can succeed.
+    #[error("{0}")]
+    Permanent(String),
+}
+
 /// Where the writes go: the KV bucket, or a stand-in in the tests.
 pub(super) trait DirectoryStore: Send + Sync + 'static {
-    fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<(), String>> + Send;
+    fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<(), WriteError>> + Send;
     /// Deletes `key`; with `revision`, only if the record is still at it (if not, a newer
     /// write is there and nothing is to be done: that is a success).
     fn delete(
         &self,
         key: &str,
         revision: Option<u64>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), WriteError>> + Send;
 }
 
 impl DirectoryStore for kv::Store {
-    async fn put(&self, key: &str, value: Bytes) -> Result<(), String> {
-        kv::Store::put(self, key, value)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
+        match kv::Store::put(self, key, value).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::PutErrorKind::InvalidKey => {
+                Err(WriteError::Permanent(e.to_string()))
+            }
+            Err(e) => Err(WriteError::Transient(e.to_string())),
+        }
     }
 
-    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), String> {
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), WriteError> {
         match self.delete_expect_revision(key, revision).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::InvalidKey => {
+                Err(WriteError::Permanent(e.to_string()))
+            }
+            Err(e) => Err(WriteError::Transient(e.to_string())),
         }
     }
 }
@@ -60,15 +77,23 @@ enum Write {
     Delete(Option<u64>),
 }
 
-/// The writes not yet landed: the last one of each key, in the order they were queued.
+/// A write waiting in the book.
+struct Waiting {
+    /// Numbers the key's latest write, to tell whether it was replaced while in flight.
+    version: u64,
+    write: Write,
+}
+
+/// The writes not yet landed: the last one of each key, each key at the place its first
+/// waiting write was queued.
 #[derive(Default)]
 struct Book {
     /// Numbers every op in queue order.
     seq: u64,
-    /// (seq, key) in queue order; an entry whose key has a later write in `latest` was
-    /// replaced and is skipped.
+    /// (seq, key): the keys with a write waiting, in the order their first waiting write was
+    /// queued; one entry per key.
     queue: VecDeque<(u64, String)>,
-    latest: HashMap<String, (u64, Write)>,
+    waiting: HashMap<String, Waiting>,
     flushes: Vec<(u64, oneshot::Sender<()>)>,
 }
 
@@ -83,43 +108,53 @@ impl Book {
                 return;
             }
         };
-        self.latest.insert(key.clone(), (self.seq, write));
-        self.queue.push_back((self.seq, key));
-        // Replaced entries stay in the queue until they reach its front; a key rewritten
-        // over and over during an outage must not grow it without bound.
-        if self.queue.len() > 2 * self.latest.len() + 64 {
-            let latest = &self.latest;
-            self.queue
-                .retain(|(seq, key)| latest.get(key).is_some_and(|(s, _)| s == seq));
-        }
-    }
-
-    /// The oldest write still wanted, left in the book until [`Book::landed`].
-    fn next(&mut self) -> Option<(u64, String, Write)> {
-        while let Some((seq, key)) = self.queue.front() {
-            match self.latest.get(key) {
-                Some((s, write)) if s == seq => return Some((*seq, key.clone(), write.clone())),
-                _ => {
-                    self.queue.pop_front();
+        match self.waiting.get_mut(&key) {
+            // Replaced in place: the key keeps its place, so a flush queued after the first
+            // write still waits for the key's last one.
+            Some(w) => {
+                // A delete of one revision only says that revision is stale; it must not
+                // replace an unconditional write of the key, which would then not happen.
+                let weaker = matches!(write, Write::Delete(Some(_)))
+                    && !matches!(w.write, Write::Delete(Some(_)));
+                if !weaker {
+                    *w = Waiting {
+                        version: self.seq,
+                        write,
+                    };
                 }
             }
+            None => {
+                self.waiting.insert(
+                    key.clone(),
+                    Waiting {
+                        version: self.seq,
+                        write,
+                    },
+                );
+                self.queue.push_back((self.seq, key));
+            }
         }
-        None
     }
 
-    /// The write `seq` of `key` (the front of the queue) has landed.
-    fn landed(&mut self, seq: u64, key: &str) {
-        if self.latest.get(key).is_some_and(|(s, _)| *s == seq) {
-            self.latest.remove(key);
-        }
-        if self.queue.front().is_some_and(|(s, _)| *s == seq) {
+    /// The oldest key's write with its version, left in the book until [`Book::landed`].
+    fn next(&self) -> Option<(u64, String, Write)> {
+        let (_, key) = self.queue.front()?;
+        let w = self.waiting.get(key)?;
+        Some((w.version, key.clone(), w.write.clone()))
+    }
+
+    /// The write `version` of `key` (the front of the queue) has landed, or cannot ever land.
+    /// If the key was written again meanwhile, that write stays at the front, next to go.
+    fn landed(&mut self, version: u64, key: &str) {
+        if self.waiting.get(key).is_some_and(|w| w.version == version) {
+            self.waiting.remove(key);
             self.queue.pop_front();
         }
     }
 
     /// Answers the flushes that no write still waiting was queued before.
     fn answer_flushes(&mut self) {
-        let oldest = self.next().map(|(seq, _, _)| seq);
+        let oldest = self.queue.front().map(|(seq, _)| *seq);
         let (ready, waiting) = std::mem::take(&mut self.flushes)
             .into_iter()
             .partition(|(seq, _)| oldest.is_none_or(|o| o > *seq));
@@ -130,11 +165,11 @@ impl Book {
     }
 
     fn is_idle(&self) -> bool {
-        self.latest.is_empty() && self.flushes.is_empty()
+        self.waiting.is_empty() && self.flushes.is_empty()
     }
 
     fn pending(&self) -> usize {
-        self.latest.len()
+        self.waiting.len()
     }
 }
 
@@ -175,7 +210,7 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
         }
         book.answer_flushes();
         metrics::gauge!(m::CLUSTER_DIRECTORY_WRITES_PENDING).set(book.pending() as f64);
-        let Some((seq, key, write)) = book.next() else {
+        let Some((version, key, write)) = book.next() else {
             continue;
         };
         let result = match write {
@@ -188,9 +223,13 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
                     tracing::info!(failures, "directory writes land again");
                 }
                 failures = 0;
-                book.landed(seq, &key);
+                book.landed(version, &key);
             }
-            Err(e) => {
+            Err(WriteError::Permanent(e)) => {
+                tracing::error!(error = %e, %key, "directory write refused; dropping it");
+                book.landed(version, &key);
+            }
+            Err(WriteError::Transient(e)) => {
                 failures = failures.saturating_add(1);
                 // The first failure of a streak, then one line in ten: an outage of minutes
                 // must not flood the log.
@@ -204,6 +243,10 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
                 }
                 tokio::time::sleep(backoff(failures)).await;
             }
+        }
+        if book.is_idle() {
+            // Set here too: the next turn may wait a long while for work.
+            metrics::gauge!(m::CLUSTER_DIRECTORY_WRITES_PENDING).set(0.0);
         }
     }
 }
@@ -226,14 +269,17 @@ mod tests {
     }
 
     impl FakeStore {
-        fn write(&self, key: &str, value: Option<Bytes>) -> Result<(), String> {
+        fn write(&self, key: &str, value: Option<Bytes>) -> Result<(), WriteError> {
             self.attempts.fetch_add(1, Ordering::Relaxed);
+            if key.is_empty() {
+                return Err(WriteError::Permanent("invalid key".to_owned()));
+            }
             if self.down.load(Ordering::Relaxed) {
-                return Err("no responders".to_owned());
+                return Err(WriteError::Transient("no responders".to_owned()));
             }
             self.landed
                 .lock()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| WriteError::Transient(e.to_string()))?
                 .push((key.to_owned(), value));
             Ok(())
         }
@@ -244,11 +290,11 @@ mod tests {
     }
 
     impl DirectoryStore for FakeStore {
-        async fn put(&self, key: &str, value: Bytes) -> Result<(), String> {
+        async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
             self.write(key, Some(value))
         }
 
-        async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), String> {
+        async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), WriteError> {
             self.write(key, None)
         }
     }
@@ -351,13 +397,59 @@ mod tests {
     }
 
     #[test]
-    fn a_key_rewritten_many_times_keeps_the_queue_small() {
+    fn a_key_rewritten_many_times_holds_one_place() {
         let mut book = Book::default();
         for i in 0..10_000 {
             book.add(KvOp::Put(format!("k{}", i % 3), Bytes::new()));
         }
         assert_eq!(book.pending(), 3);
-        assert!(book.queue.len() <= 2 * 3 + 64 + 1);
+        assert_eq!(book.queue.len(), 3);
+    }
+
+    #[test]
+    fn a_delete_of_one_revision_never_replaces_an_unconditional_write() {
+        let mut book = Book::default();
+        book.add(KvOp::Delete("k".to_owned(), None));
+        book.add(KvOp::Delete("k".to_owned(), Some(7)));
+        assert!(matches!(book.next(), Some((_, _, Write::Delete(None)))));
+        book.add(put("k", "v"));
+        book.add(KvOp::Delete("k".to_owned(), Some(8)));
+        assert!(matches!(book.next(), Some((_, _, Write::Put(_)))));
+        // Between two conditional deletes the later one wins, like any other write.
+        book.add(KvOp::Delete("j".to_owned(), Some(1)));
+        book.add(KvOp::Delete("j".to_owned(), Some(2)));
+        assert!(matches!(
+            book.waiting.get("j").map(|w| &w.write),
+            Some(Write::Delete(Some(2)))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_waits_for_a_key_written_again_after_it() {
+        let (store, tx) = writer(false);
+        assert!(tx.send(put("a", "1")).is_ok());
+        let (done_tx, mut done_rx) = oneshot::channel();
+        assert!(tx.send(KvOp::Flush(done_tx)).is_ok());
+        assert!(tx.send(KvOp::Delete("a".to_owned(), None)).is_ok());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(done_rx.try_recv().is_err(), "answered with `a` not written");
+
+        store.down.store(false, Ordering::Relaxed);
+        assert!(done_rx.await.is_ok());
+        assert_eq!(store.landed(), vec![("a".to_owned(), None)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_can_never_land_is_dropped_and_blocks_nothing() {
+        let (store, tx) = writer(true);
+        assert!(tx.send(put("", "bad")).is_ok());
+        assert!(tx.send(put("b", "x")).is_ok());
+        flushed(&tx).await;
+        assert_eq!(
+            store.landed(),
+            vec![("b".to_owned(), Some(Bytes::from_static(b"x")))]
+        );
+        assert_eq!(store.attempts.load(Ordering::Relaxed), 2);
     }
 
     #[test]

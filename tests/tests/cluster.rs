@@ -773,6 +773,50 @@ async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() 
     drop((a, b));
 }
 
+/// NATS away for longer than the node timeout: each node declares the other dead and purges
+/// its records, and once NATS is back both rejoin and write theirs again. A purge retried after
+/// that rewrite must not delete it (it names the revision it saw), so the directory ends with
+/// exactly the live endpoints, on both nodes and in the bucket, and calls work.
+#[tokio::test]
+async fn a_nats_outage_longer_than_the_node_timeout_ends_in_one_consistent_directory() {
+    const CAROL: &str = "sip:carol@example.com";
+    let mut nats = NatsServer::start();
+    // Twice the tests' 1 s: once NATS is back, a heartbeat late by a second on a loaded
+    // machine must not start another round of deaths and rejoins (and the deaths during the
+    // outage still come within the 5 s a wait allows).
+    let timeout = |s: &mut confab_actors::Settings| {
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(2000);
+        }
+    };
+    let a = start_cluster_node(&nats, "node-a", timeout);
+    let b = start_cluster_node(&nats, "node-b", timeout);
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    wait_for_endpoints(&b, ALICE, 1).await;
+
+    nats.kill();
+    // Past the node timeout each node has declared the other dead.
+    wait_for_endpoints(&a, BOB, 0).await;
+    wait_for_endpoints(&b, ALICE, 0).await;
+    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
+    nats.restart();
+
+    wait_for_endpoints(&a, BOB, 1).await;
+    wait_for_endpoints(&a, CAROL, 1).await;
+    wait_for_endpoints(&b, ALICE, 1).await;
+    nats.wait_for_directory_keys(3).await;
+    let (call, _) = alice.establish(CAROL, None).await;
+    let (incoming, _) = carol.incoming().await;
+    assert!(matches!(
+        carol.accept(&incoming).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&call, CallState::Established).await;
+    drop((a, b));
+}
+
 #[tokio::test]
 async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_the_nodes_see_each_other()
  {

@@ -42,6 +42,11 @@ use wire::{Envelope, Heartbeat, Record, WireLegMsg};
 use writes::KvOp;
 
 pub const BUCKET: &str = "confab-endpoints";
+/// How long loading the directory waits for its next record before it gives up (a healthy
+/// NATS sends them back to back).
+const LOAD_STALL: Duration = Duration::from_secs(5);
+/// Attempts at reloading the directory after a rejoin.
+const RELOAD_ATTEMPTS: u32 = 5;
 pub const HEARTBEAT_SUBJECT: &str = "confab.nodes.heartbeat";
 
 #[derive(Debug, Error)]
@@ -355,25 +360,51 @@ impl Cluster {
         result
     }
 
+    /// Reads the last record of every key through a last-per-subject consumer (values
+    /// included, one pass). It stops at the first record at or past the stream's last sequence
+    /// as read before: every older record has been delivered by then (they come in sequence
+    /// order), and anything newer reaches the watch, which was already running. async-nats's
+    /// `keys()` ends on the consumer's pending count instead, which never reaches 0 when a
+    /// record counted at the start is replaced meanwhile (history 1), so it could hang while
+    /// other nodes write.
     async fn load_keys(&self) -> Result<(), ClusterError> {
-        let keys = self
+        let kv_err = |e: &dyn std::fmt::Display| ClusterError::Kv(e.to_string());
+        let last = self
             .kv
-            .keys()
+            .stream
+            .get_info()
             .await
-            .map_err(|e| ClusterError::Kv(e.to_string()))?;
-        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
-        for key in keys {
-            if let Ok(Some(e)) = self.kv.entry(&key).await {
-                let deleted_since = lock(&self.loading)
-                    .as_ref()
-                    .and_then(|d| d.get(&e.key).copied())
-                    .is_some_and(|deleted| deleted > e.revision);
-                if !deleted_since {
-                    self.apply(&e.key, e.operation, &e.value, e.revision);
-                }
+            .map_err(|e| kv_err(&e))?
+            .state
+            .last_sequence;
+        if last == 0 {
+            return Ok(());
+        }
+        let mut records = self
+            .kv
+            .watch_with_history(">")
+            .await
+            .map_err(|e| kv_err(&e))?;
+        loop {
+            let next = tokio::time::timeout(LOAD_STALL, records.next())
+                .await
+                .map_err(|_| ClusterError::Kv(format!("no record within {LOAD_STALL:?}")))?;
+            let e = match next {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(kv_err(&e)),
+                None => return Ok(()),
+            };
+            let deleted_since = lock(&self.loading)
+                .as_ref()
+                .and_then(|d| d.get(&e.key).copied())
+                .is_some_and(|deleted| deleted > e.revision);
+            if !deleted_since {
+                self.apply(&e.key, e.operation, &e.value, e.revision);
+            }
+            if e.revision >= last || e.delta == 0 {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     /// For tests: stops sending heartbeats for `d`, so the other nodes declare this one dead
@@ -411,7 +442,9 @@ impl Cluster {
             self.forget(&user, &endpoint);
         }
         lock(&self.nodes).clear();
-        lock(&self.dead).clear();
+        // What this node declared dead stays dead: when NATS itself was away, every node
+        // declared every other dead and purged its records, and each must still tell the
+        // others to rejoin when it hears their old runs, or their records would stay purged.
         // Re-stamped in place: each shard stays locked while its records are queued, so an
         // endpoint ending meanwhile queues its delete after this put, never before it (a put
         // after the delete would leave a record of an endpoint that no longer exists).
@@ -424,9 +457,18 @@ impl Cluster {
         self.heartbeat(false);
         let me = self.clone();
         self.rt.spawn(async move {
-            if let Err(e) = me.load().await {
-                tracing::warn!(error = %e, "cannot reload the directory after rejoining");
+            // Without the reload this node would not know the others' endpoints until they
+            // change, so it is tried again while NATS is unsteady.
+            for attempt in 1..=RELOAD_ATTEMPTS {
+                match me.load().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "cannot reload the directory after rejoining");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
             }
+            tracing::error!("gave up reloading the directory after rejoining; other nodes' endpoints appear as they change");
         });
     }
 

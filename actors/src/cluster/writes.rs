@@ -173,6 +173,13 @@ impl Book {
     }
 }
 
+/// How long one attempt waits for JetStream's acknowledgement. The client's own request
+/// timeout is 5 s, and a request sent just as the connection broke may never be answered: the
+/// writes queued behind it would wait that long after NATS is back. A healthy NATS answers in
+/// milliseconds; an attempt that times out but lands later is harmless, since the retry writes
+/// the same value over the same connection, behind it.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The pause before the next attempt after `failures` failures in a row: 100 ms, doubling up
 /// to 2 s (a restarted NATS is found within 2 s of being back).
 fn backoff(failures: u32) -> Duration {
@@ -213,10 +220,15 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
         let Some((version, key, write)) = book.next() else {
             continue;
         };
-        let result = match write {
-            Write::Put(value) => store.put(&key, value).await,
-            Write::Delete(revision) => store.delete(&key, revision).await,
+        let attempt = async {
+            match write {
+                Write::Put(value) => store.put(&key, value).await,
+                Write::Delete(revision) => store.delete(&key, revision).await,
+            }
         };
+        let result = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(WriteError::Transient("no acknowledgement".to_owned())));
         match result {
             Ok(()) => {
                 if failures > 0 {
@@ -450,6 +462,43 @@ mod tests {
             vec![("b".to_owned(), Some(Bytes::from_static(b"x")))]
         );
         assert_eq!(store.attempts.load(Ordering::Relaxed), 2);
+    }
+
+    /// A bucket that never answers the first attempt (a request lost with the connection).
+    struct SilentOnce {
+        inner: FakeStore,
+        silent: AtomicBool,
+    }
+
+    impl DirectoryStore for SilentOnce {
+        async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
+            if self.silent.swap(false, Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.write(key, Some(value))
+        }
+
+        async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), WriteError> {
+            self.inner.write(key, None)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_never_answered_is_given_up_and_retried() {
+        let inner = FakeStore::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(
+            SilentOnce {
+                inner: inner.clone(),
+                silent: AtomicBool::new(true),
+            },
+            rx,
+        ));
+        let started = tokio::time::Instant::now();
+        assert!(tx.send(put("k", "v")).is_ok());
+        flushed(&tx).await;
+        assert_eq!(inner.landed().len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

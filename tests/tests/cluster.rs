@@ -46,6 +46,19 @@ async fn alice_and_two_bobs(t: &Three) -> (Raw, Raw, Raw) {
     (alice, bob_b, bob_c)
 }
 
+/// Alice calls `to`, whose `callee` accepts; returns the call's id on both sides once Alice
+/// sees it established.
+async fn answered_call(alice: &mut Raw, callee: &mut Raw, to: &str) -> (String, String) {
+    let (call, _) = alice.establish(to, None).await;
+    let (incoming, _) = callee.incoming().await;
+    assert!(matches!(
+        callee.accept(&incoming).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&call, CallState::Established).await;
+    (call, incoming)
+}
+
 async fn expect_reason(raw: &mut Raw, call: &str, code: u16, text: &str) {
     let reason = raw.state(call, CallState::Terminated).await;
     assert_eq!(
@@ -368,10 +381,7 @@ async fn a_transfer_to_a_user_on_a_third_node_succeeds() {
         wait_for_endpoints(n, BOB, 1).await;
         wait_for_endpoints(n, CAROL, 1).await;
     }
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    let (call, in_b) = answered_call(&mut alice, &mut bob, BOB).await;
     bob.state(&in_b, CallState::Established).await;
     // Bob (on B) transfers Alice to Carol (on C).
     let reply = bob
@@ -410,10 +420,7 @@ async fn bye_on_a_node_other_than_the_call_ends_the_call_before_closing() {
     let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
     wait_for_endpoints(&t.a, BOB, 1).await;
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    let (call, in_b) = answered_call(&mut alice, &mut bob, BOB).await;
     bob.state(&in_b, CallState::Established).await;
     bob.send(&ClientMsg::Bye { rid: Some(9) }).await;
     let frames = bob.expect_closed().await;
@@ -449,10 +456,7 @@ async fn a_node_leaving_gracefully_ends_its_calls_and_leaves_the_directory_at_on
     let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
     wait_for_endpoints(&t.a, BOB, 1).await;
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    let (call, _) = answered_call(&mut alice, &mut bob, BOB).await;
     bob.recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
         .await;
     let Three {
@@ -534,10 +538,7 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
     wait_for_endpoints(&t.a, BOB, 1).await;
     let old_bob = t.a.endpoints_of(BOB);
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    let (call, in_b) = answered_call(&mut alice, &mut bob, BOB).await;
     bob.state(&in_b, CallState::Established).await;
 
     // B goes silent: A and C declare it dead; the call ends on both sides with 503.
@@ -554,10 +555,7 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     wait_for_endpoints(&t.c, BOB, 1).await;
     assert_eq!(t.a.endpoints_of(BOB), old_bob, "the same endpoint, back");
     // And calls work again.
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    answered_call(&mut alice, &mut bob, BOB).await;
 }
 
 /// The purger (the living node with the smallest id) deletes a dead node's records from the
@@ -647,10 +645,7 @@ async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_5
     }
     // Alice (A) calls Bob (B), then transfers him to Carol (C): the Bob–Carol call lives on A,
     // whose own endpoint has left it.
-    let (call, _) = alice.establish(BOB, None).await;
-    let (in_b, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&in_b).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
+    let (call, in_b) = answered_call(&mut alice, &mut bob, BOB).await;
     bob.state(&in_b, CallState::Established).await;
     let reply = alice
         .request(ClientMsg::CallTransfer {
@@ -763,13 +758,7 @@ async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() 
 
     wait_for_endpoints(&a, CAROL, 1).await;
     wait_for_endpoints(&a, BOB, 1).await;
-    let (call, _) = alice.establish(CAROL, None).await;
-    let (incoming, _) = carol.incoming().await;
-    assert!(matches!(
-        carol.accept(&incoming).await,
-        ServerMsg::Ok { .. }
-    ));
-    alice.state(&call, CallState::Established).await;
+    answered_call(&mut alice, &mut carol, CAROL).await;
     drop((a, b));
 }
 
@@ -807,13 +796,7 @@ async fn a_nats_outage_longer_than_the_node_timeout_ends_in_one_consistent_direc
     wait_for_endpoints(&a, CAROL, 1).await;
     wait_for_endpoints(&b, ALICE, 1).await;
     nats.wait_for_directory_keys(3).await;
-    let (call, _) = alice.establish(CAROL, None).await;
-    let (incoming, _) = carol.incoming().await;
-    assert!(matches!(
-        carol.accept(&incoming).await,
-        ServerMsg::Ok { .. }
-    ));
-    alice.state(&call, CallState::Established).await;
+    answered_call(&mut alice, &mut carol, CAROL).await;
     drop((a, b));
 }
 

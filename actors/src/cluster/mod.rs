@@ -23,7 +23,6 @@ use confab_protocol::{ServerMsg, decode_server};
 use dashmap::DashMap;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,13 +110,18 @@ pub struct Cluster {
     /// The NATS client's connection state, from its events.
     nats_connected: Arc<AtomicBool>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
-    /// (node, epoch) pairs declared dead: their late records are ignored.
-    dead: Mutex<Vec<(String, u64)>>,
+    /// The latest run of each node declared dead: its records and those of earlier runs are
+    /// ignored. One entry per node id, so it stays small however often nodes come and go.
+    dead: Mutex<HashMap<String, u64>>,
     presence: PresenceShards,
     rt: tokio::runtime::Handle,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    /// Dead runs of other nodes already told to rejoin.
-    told: Mutex<HashSet<(String, u64)>>,
+    /// Dead runs of other nodes told to rejoin, and when: asked again only after
+    /// `node_timeout`, in case the one `Rejoin` envelope (core NATS, at most once) was lost.
+    told: Mutex<HashMap<(String, u64), Instant>>,
+    /// The reload a rejoin started; a later rejoin stops it before starting its own, so two
+    /// never share [`Cluster::loading`].
+    reload: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
@@ -282,11 +286,12 @@ impl Cluster {
             remote_len: AtomicUsize::new(0),
             nats_connected,
             nodes: Mutex::new(HashMap::new()),
-            dead: Mutex::new(Vec::new()),
+            dead: Mutex::new(HashMap::new()),
             presence,
             rt: rt.clone(),
             stop: Mutex::new(Some(stop)),
-            told: Mutex::new(HashSet::new()),
+            told: Mutex::new(HashMap::new()),
+            reload: Mutex::new(None),
             muted_until: Mutex::new(None),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
@@ -455,8 +460,11 @@ impl Cluster {
             }
         }
         self.heartbeat(false);
+        if let Some(earlier) = lock(&self.reload).take() {
+            earlier.abort();
+        }
         let me = self.clone();
-        self.rt.spawn(async move {
+        let reload = self.rt.spawn(async move {
             // Without the reload this node would not know the others' endpoints until they
             // change, so it is tried again while NATS is unsteady.
             for attempt in 1..=RELOAD_ATTEMPTS {
@@ -470,6 +478,7 @@ impl Cluster {
             }
             tracing::error!("gave up reloading the directory after rejoining; other nodes' endpoints appear as they change");
         });
+        *lock(&self.reload) = Some(reload);
     }
 
     /// Publishes an envelope to `node`.
@@ -566,11 +575,24 @@ impl Cluster {
         self.remote.get(user).map_or(0, |l| l.len())
     }
 
+    /// Whether the dead run `epoch` of `node` is to be asked to rejoin now: the first time it
+    /// is heard, then at most once per `node_timeout`.
+    fn first_ask_in_a_while(&self, node: &str, epoch: u64) -> bool {
+        let now = Instant::now();
+        let mut told = lock(&self.told);
+        told.retain(|_, at| now.duration_since(*at) < self.timeout);
+        match told.entry((node.to_owned(), epoch)) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
     /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
     fn is_dead(&self, node: &str, epoch: u64) -> bool {
-        lock(&self.dead)
-            .iter()
-            .any(|(n, e)| n == node && *e >= epoch)
+        lock(&self.dead).get(node).is_some_and(|e| *e >= epoch)
     }
 
     /// The living node with the smallest id cleans the KV for everyone.
@@ -784,7 +806,10 @@ impl Cluster {
 
     /// Declares `node` (in `epoch`) dead and ends everything on this node that referenced it.
     fn node_lost(&self, node: &str, epoch: u64, purge: bool) {
-        lock(&self.dead).push((node.to_owned(), epoch));
+        let mut dead = lock(&self.dead);
+        let latest = dead.entry(node.to_owned()).or_insert(epoch);
+        *latest = (*latest).max(epoch);
+        drop(dead);
         // Drop its endpoints from the cache and presence at once.
         let mut gone: Vec<(String, String, u64)> = Vec::new();
         for entry in self.remote.iter() {
@@ -1152,7 +1177,7 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
         }
         if !cluster.saw_node(&hb.node, hb.epoch, true)
             && cluster.is_dead(&hb.node, hb.epoch)
-            && lock(&cluster.told).insert((hb.node.clone(), hb.epoch))
+            && cluster.first_ask_in_a_while(&hb.node, hb.epoch)
         {
             // A run we declared dead is alive after all (it was cut off): it must come back
             // as a new run, since every call involving it has ended here.

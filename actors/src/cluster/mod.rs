@@ -874,6 +874,12 @@ impl Cluster {
         {
             return;
         }
+        // While NATS is away a heartbeat would only wait in the client's buffer, with every
+        // other one of the outage, and all go out stale on reconnect; the next tick sends a
+        // fresh one.
+        if !leaving && !self.nats_connected() {
+            return;
+        }
         let hb = Heartbeat {
             node: self.node_id.clone(),
             epoch: self.epoch(),

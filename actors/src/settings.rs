@@ -126,6 +126,26 @@ pub struct Cluster {
     pub node_id: Option<String>,
     #[serde(default)]
     pub node_timeout_ms: Option<u64>,
+    /// Envelopes for other nodes waiting to go out (they pile up while NATS is away); beyond
+    /// this many, new ones are dropped and counted, as a lost core-NATS message would be.
+    #[serde(default = "default_max_queued_envelopes")]
+    pub max_queued_envelopes: usize,
+}
+
+fn default_max_queued_envelopes() -> usize {
+    65_536
+}
+
+impl Cluster {
+    /// A cluster section naming only the NATS server; everything else at its default.
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Cluster {
+            nats_url: nats_url.into(),
+            node_id: None,
+            node_timeout_ms: None,
+            max_queued_envelopes: default_max_queued_envelopes(),
+        }
+    }
 }
 
 impl Default for Server {
@@ -339,6 +359,9 @@ impl Settings {
             if c.node_timeout_ms == Some(0) {
                 return invalid("cluster.node_timeout_ms", "must be positive");
             }
+            if c.max_queued_envelopes == 0 {
+                return invalid("cluster.max_queued_envelopes", "must be positive");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
@@ -422,6 +445,16 @@ mod tests {
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
             .expect_err("dots would break subjects and keys");
         assert!(e.to_string().contains("cluster.node_id"), "{e}");
+        assert_eq!(c.max_queued_envelopes, 65_536);
+        let e = Settings::load(
+            "[cluster]\nnats_url = \"x\"\nmax_queued_envelopes = 0\n",
+            [],
+        )
+        .expect_err("a node that can queue nothing cannot talk to the others");
+        assert!(
+            e.to_string().contains("cluster.max_queued_envelopes"),
+            "{e}"
+        );
     }
 
     #[test]

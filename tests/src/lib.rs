@@ -440,9 +440,9 @@ pub fn cluster_settings(nats: &NatsServer, node_id: &str) -> Settings {
     let mut s = test_settings();
     s.server.node_id = node_id.to_owned();
     s.cluster = Some(confab_actors::settings::Cluster {
-        nats_url: nats.url(),
         node_id: Some(node_id.to_owned()),
         node_timeout_ms: Some(NODE_TIMEOUT_MS),
+        ..confab_actors::settings::Cluster::new(nats.url())
     });
     s
 }

@@ -360,9 +360,8 @@ async fn a_node_that_cannot_reach_nats_does_not_start() {
         .expect("free port");
     let mut s = test_settings();
     s.cluster = Some(confab_actors::settings::Cluster {
-        nats_url: format!("nats://127.0.0.1:{port}"),
         node_id: Some("lonely".to_owned()),
-        node_timeout_ms: None,
+        ..confab_actors::settings::Cluster::new(format!("nats://127.0.0.1:{port}"))
     });
     let err = confab_actors::spawn_node(s)
         .err()
@@ -866,4 +865,102 @@ async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_
         ServerMsg::Pong { .. }
     ));
     assert_eq!(a.endpoints_of(ALICE), vec![first.endpoint.clone()]);
+}
+
+/// The value of an unlabelled counter or gauge in a `/metrics` text.
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// While NATS is away a node keeps only `cluster.max_queued_envelopes` envelopes for the
+/// others; the rest are dropped and counted, and every message still gets exactly one answer.
+/// The kept ones go out on reconnect, and reach Bob if his node is back on NATS by then (core
+/// NATS delivers only to those subscribed at the time): each message Bob gets is delivered, any
+/// other fails with 408 after the ack timeout, and the dropped ones never reach him.
+#[tokio::test]
+async fn during_a_nats_outage_envelopes_beyond_the_limit_are_dropped_and_their_messages_fail() {
+    const DROPPED: &str = "confab_cluster_envelopes_dropped_total";
+    let mut nats = NatsServer::start();
+    let patient = |s: &mut confab_actors::Settings| {
+        // The outage must not end the call: no node is declared dead meanwhile.
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(30_000);
+        }
+    };
+    // Alice's node holds the call's legs: the messages leave it as envelopes to Bob's node.
+    let a = start_cluster_node(&nats, "node-a", move |s| {
+        patient(s);
+        s.flow.ack_timeout_ms = 6_000;
+        if let Some(c) = s.cluster.as_mut() {
+            c.max_queued_envelopes = 2;
+        }
+    });
+    let b = start_cluster_node(&nats, "node-b", patient);
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
+    let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
+    let dropped_before = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED);
+
+    nats.kill();
+    wait_for_health(ops[0], 503, "degraded\n").await;
+    let mut rids = Vec::new();
+    for i in 1..=5 {
+        rids.push(send_message(&mut alice, &call, &format!("m{i}")).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let dropped = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED) - dropped_before;
+        if dropped >= 3.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{dropped} dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    nats.restart();
+    for ops in ops {
+        wait_for_health(ops, 200, "ok\n").await;
+    }
+    // What reaches Bob comes right after the reconnect; 2 s of silence is well past it and
+    // well before the ack timeout.
+    let mut got = Vec::new();
+    while let Ok(frame) = tokio::time::timeout(Duration::from_secs(2), bob.recv()).await {
+        if let ServerMsg::MessageReceived {
+            msg,
+            body: Body::Text(text),
+            ..
+        } = frame
+        {
+            bob.send(&ClientMsg::MessageAck {
+                call: incoming.clone(),
+                msg,
+            })
+            .await;
+            got.push(text);
+        }
+    }
+    assert!(
+        got.len() <= 2 && got[..] == ["m1", "m2"][..got.len()],
+        "Bob got {got:?}: only kept ones, in order"
+    );
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < rids.len() {
+        match alice.recv().await {
+            ServerMsg::MessageDelivered { rid, .. } => answers.insert(rid, 200),
+            ServerMsg::MessageFailed { rid, code, .. } => answers.insert(rid, code),
+            _ => continue,
+        };
+    }
+    let codes: Vec<u16> = rids.iter().map(|r| answers[r]).collect();
+    let want: Vec<u16> = (0..5)
+        .map(|i| if i < got.len() { 200 } else { 408 })
+        .collect();
+    assert_eq!(codes, want, "Bob got {got:?}");
+    let dropped = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED) - dropped_before;
+    assert_eq!(dropped, 3.0, "two kept, three dropped");
+    drop((a, b));
 }

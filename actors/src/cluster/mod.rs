@@ -13,6 +13,7 @@
 //!   referenced it, and the living node with the smallest id deletes its records from the KV.
 
 pub mod directory;
+mod quota;
 pub mod wire;
 mod writes;
 
@@ -37,6 +38,7 @@ use crate::metrics as m;
 use crate::presence::rank::Publication;
 use crate::presence::{PresenceMsg, PresenceShards};
 use crate::settings;
+use quota::EnvelopeQuota;
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
 use writes::KvOp;
 
@@ -90,6 +92,8 @@ pub struct Cluster {
     pub timeout: Duration,
     kv: kv::Store,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
+    /// Bounds the envelopes kept while NATS is away (`cluster.max_queued_envelopes`).
+    quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
     pub endpoints: DashMap<String, Addr<Endpoint>>,
@@ -214,7 +218,8 @@ impl Cluster {
             reason,
         };
         let nats_connected = Arc::new(AtomicBool::new(false));
-        let events = nats_connected.clone();
+        let quota = Arc::new(EnvelopeQuota::new(cfg.max_queued_envelopes));
+        let events = (nats_connected.clone(), quota.clone());
         let client = tokio::time::timeout(
             Duration::from_secs(5),
             async_nats::ConnectOptions::new()
@@ -222,7 +227,7 @@ impl Cluster {
                 .reconnect_delay_callback(reconnect_delay)
                 .event_callback(move |event| {
                     let events = events.clone();
-                    async move { nats_event(&events, event) }
+                    async move { nats_event(&events.0, &events.1, event) }
                 })
                 .connect(urls),
         )
@@ -275,6 +280,7 @@ impl Cluster {
             timeout: Duration::from_millis(cfg.node_timeout_ms.unwrap_or(3000).max(100)),
             kv: kv.clone(),
             publish_tx,
+            quota: quota.clone(),
             kv_tx,
             endpoints: DashMap::new(),
             legs: DashMap::new(),
@@ -310,6 +316,7 @@ impl Cluster {
         for direction in ["in", "out"] {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
+        metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
         cluster.directory_gauge();
         Ok(cluster)
     }
@@ -485,6 +492,9 @@ impl Cluster {
     pub fn send(&self, node: &str, env: &Envelope) {
         match rmp_serde::to_vec_named(env) {
             Ok(bytes) => {
+                if !self.quota.admit(self.nats_connected()) {
+                    return;
+                }
                 metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
                 let _ = self.publish_tx.send(Outgoing::Publish(
                     format!("confab.node.{node}"),
@@ -1093,12 +1103,13 @@ fn reconnect_delay(attempts: usize) -> Duration {
 }
 
 /// Follows the NATS client's connection state into [`Cluster::nats_connected`] and the
-/// `confab_cluster_nats_connected` gauge.
-fn nats_event(connected: &AtomicBool, event: async_nats::Event) {
+/// `confab_cluster_nats_connected` gauge; a reconnect also ends the outage's envelope quota.
+fn nats_event(connected: &AtomicBool, quota: &EnvelopeQuota, event: async_nats::Event) {
     match event {
         async_nats::Event::Connected => {
             tracing::info!("connected to NATS");
             set_nats_connected(connected, true);
+            quota.reconnected();
         }
         async_nats::Event::Disconnected => {
             tracing::warn!("disconnected from NATS; this node is degraded until it reconnects");

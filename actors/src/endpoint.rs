@@ -89,8 +89,9 @@ struct RemoteCall {
     node: String,
     state: confab_protocol::CallState,
     conversation: String,
-    /// `rid`s of `message` requests still waiting for their answer.
-    messages: Vec<Option<u32>>,
+    /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
+    /// each was sent (see [`Endpoint::sweep_remote_answers`]).
+    messages: VecDeque<(Option<u32>, Instant)>,
     /// `rid` of a `call_accept` waiting for its answer.
     accept: Option<Option<u32>>,
 }
@@ -196,6 +197,8 @@ pub struct Endpoint {
     last_rx: Instant,
     /// Set once the endpoint is ending, so nothing more is read or started.
     ending: bool,
+    /// Cluster: a sweep of `remote_calls`' unanswered messages is scheduled.
+    answer_sweep_armed: bool,
     bucket: TokenBucket,
 }
 
@@ -224,12 +227,25 @@ impl Endpoint {
             subscriptions: HashSet::new(),
             last_rx: Instant::now(),
             ending: false,
+            answer_sweep_armed: false,
             bucket,
         }
     }
 
     fn push(&self, msg: ServerMsg) {
         self.outbox.push(msg);
+    }
+
+    /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
+    fn fail_message(&self, rid: Option<u32>, call: String, code: u16, text: &str) {
+        metrics::counter!(m::MESSAGES, "result" => code.to_string()).increment(1);
+        self.push(ServerMsg::MessageFailed {
+            rid,
+            call,
+            msg: None,
+            code,
+            text: text.to_owned(),
+        });
     }
 
     fn error(&self, rid: Option<u32>, code: ErrorCode, text: &str) {
@@ -413,24 +429,20 @@ impl Endpoint {
                 }
                 match self.calls.get(&call) {
                     Some((leg, _)) => {
-                        if let Some(r) = self.remote_calls.get_mut(&call) {
-                            r.messages.push(rid);
-                        }
+                        let remote = self.remote_calls.get_mut(&call).map(|r| {
+                            r.messages.push_back((rid, Instant::now()));
+                        });
                         leg.do_send(LegMsg::Message {
                             rid,
                             content_type,
                             body,
-                        })
+                        });
+                        if remote.is_some() && !self.answer_sweep_armed {
+                            self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
+                        }
                     }
                     None => {
-                        metrics::counter!(m::MESSAGES, "result" => "481").increment(1);
-                        self.push(ServerMsg::MessageFailed {
-                            rid,
-                            call,
-                            msg: None,
-                            code: 481,
-                            text: "Call Leg/Transaction Does Not Exist".to_owned(),
-                        });
+                        self.fail_message(rid, call, 481, "Call Leg/Transaction Does Not Exist");
                     }
                 }
             }
@@ -636,7 +648,7 @@ impl Endpoint {
                 node: fork.leg_node.clone(),
                 state: confab_protocol::CallState::Incoming,
                 conversation: fork.conversation.clone(),
-                messages: Vec::new(),
+                messages: VecDeque::new(),
                 accept: None,
             },
         );
@@ -681,10 +693,17 @@ impl Endpoint {
             }
             ServerMsg::MessageDelivered { rid, call, .. }
             | ServerMsg::MessageFailed { rid, call, .. } => {
-                if let Some(r) = self.remote_calls.get_mut(call)
-                    && let Some(i) = r.messages.iter().position(|x| x == rid)
-                {
-                    r.messages.remove(i);
+                if let Some(r) = self.remote_calls.get_mut(call) {
+                    match r.messages.iter().position(|(x, _)| x == rid) {
+                        Some(i) => {
+                            r.messages.remove(i);
+                        }
+                        None => {
+                            // Answered here already, with 408, when it came too late.
+                            tracing::debug!(endpoint = %self.id, %call, "dropping a late answer to a message");
+                            return;
+                        }
+                    }
                 }
             }
             ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
@@ -697,6 +716,56 @@ impl Endpoint {
             _ => {}
         }
         self.push(msg);
+    }
+
+    /// Cluster: how long a message to a leg on another node waits for its answer before this
+    /// endpoint gives it one (408). The leg answers within the ack timeout of receiving it, and
+    /// an envelope late by more than `node_timeout` means the nodes lost each other (when the
+    /// calls end with their messages answered anyway); so past the sum, an envelope was lost
+    /// on the way (core NATS delivers at most once): the message, its `message_received` or
+    /// its answer. Without this the client would wait forever.
+    fn remote_answer_timeout(&self) -> Duration {
+        let node_timeout = self
+            .ctx
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.timeout);
+        Duration::from_millis(self.ctx.settings.flow.ack_timeout_ms) + node_timeout
+    }
+
+    fn arm_answer_sweep(&mut self, after: Duration, ctx: &mut Context<Self>) {
+        self.answer_sweep_armed = true;
+        ctx.run_later(after, |act, ctx| {
+            act.answer_sweep_armed = false;
+            act.sweep_remote_answers(ctx);
+        });
+    }
+
+    /// Fails (408) every message to a leg on another node unanswered for
+    /// [`Endpoint::remote_answer_timeout`]; a late answer to one is then dropped, so the
+    /// client still gets exactly one. Re-arms for the oldest message left.
+    fn sweep_remote_answers(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.remote_answer_timeout();
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (call, r) in &mut self.remote_calls {
+            while let Some(&(rid, sent)) = r.messages.front() {
+                if now.saturating_duration_since(sent) < timeout {
+                    next = Some(next.map_or(sent, |n| n.min(sent)));
+                    break;
+                }
+                r.messages.pop_front();
+                expired.push((call.clone(), rid));
+            }
+        }
+        for (call, rid) in expired {
+            tracing::info!(endpoint = %self.id, %call, "no answer from the call's node; failing a message with 408");
+            self.fail_message(rid, call, 408, "Request Timeout");
+        }
+        if let Some(oldest) = next {
+            self.arm_answer_sweep((oldest + timeout).saturating_duration_since(now), ctx);
+        }
     }
 
     /// Cluster: `node` died. Every call whose leg lived there ends here, for the client, as
@@ -717,15 +786,8 @@ impl Endpoint {
             if let Some(rid) = r.accept {
                 self.error(rid, ErrorCode::InvalidState, "the call is over");
             }
-            for rid in r.messages {
-                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
-                self.push(ServerMsg::MessageFailed {
-                    rid,
-                    call: call.clone(),
-                    msg: None,
-                    code: 503,
-                    text: reason.text.clone(),
-                });
+            for (rid, _) in r.messages {
+                self.fail_message(rid, call.clone(), 503, &reason.text);
             }
             if !r.state.is_final() {
                 let mut previous = r.state;
@@ -833,14 +895,7 @@ impl Endpoint {
     fn refuse_while_ending(&mut self, msg: ClientMsg) {
         match msg {
             ClientMsg::Message { rid, call, .. } => {
-                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
-                self.push(ServerMsg::MessageFailed {
-                    rid,
-                    call,
-                    msg: None,
-                    code: 503,
-                    text: "Endpoint is signing out".to_owned(),
-                });
+                self.fail_message(rid, call, 503, "Endpoint is signing out");
             }
             ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
             other => self.error(
@@ -857,14 +912,7 @@ impl Endpoint {
         metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
         match msg {
             ClientMsg::Message { rid, call, .. } => {
-                metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
-                self.push(ServerMsg::MessageFailed {
-                    rid,
-                    call,
-                    msg: None,
-                    code: 503,
-                    text: "Too many requests; slow down".to_owned(),
-                });
+                self.fail_message(rid, call, 503, "Too many requests; slow down");
             }
             ClientMsg::Composing { .. } | ClientMsg::MessageAck { .. } => {}
             other => self.error(

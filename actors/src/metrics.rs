@@ -30,7 +30,7 @@ pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
 pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoints";
 pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
-pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
+pub const CLUSTER_MESSAGES_DROPPED: &str = "confab_cluster_messages_dropped_total";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -129,9 +129,9 @@ pub fn describe_all() {
          most (cluster mode only)"
     );
     describe_counter!(
-        CLUSTER_ENVELOPES_DROPPED,
-        "Envelopes for other nodes dropped because cluster.max_queued_envelopes already waited \
-         for NATS (cluster mode only)"
+        CLUSTER_MESSAGES_DROPPED,
+        "Instant messages for other nodes dropped because cluster.max_queued_messages already \
+         waited for the NATS client (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

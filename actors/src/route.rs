@@ -15,7 +15,12 @@ use crate::call::leg::{CallLeg, LegMsg};
 use crate::cluster::Cluster;
 use crate::cluster::wire::{Envelope, WireLegMsg};
 use crate::endpoint::{Endpoint, EndpointMsg};
+use crate::metrics as m;
 use crate::outbox::Outbox;
+
+/// The `message_failed` 503 text of a message dropped because `cluster.max_queued_messages`
+/// already wait for the NATS client (docs/protocol.md section 6).
+pub const MESSAGES_WAITING_FOR_NODE: &str = "Too many messages waiting for another node";
 
 /// Where a directory entry's endpoint is.
 #[derive(Clone)]
@@ -152,15 +157,34 @@ impl LegRef {
                     tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
                     return;
                 };
-                cluster.send(
-                    node,
-                    &Envelope::Leg {
-                        call: call.clone(),
-                        reply_node: cluster.node_id.clone(),
-                        reply_endpoint: endpoint.clone(),
-                        msg: wire,
-                    },
-                );
+                let message_rid = match &wire {
+                    WireLegMsg::Message { rid, .. } => Some(*rid),
+                    _ => None,
+                };
+                let env = Envelope::Leg {
+                    call: call.clone(),
+                    reply_node: cluster.node_id.clone(),
+                    reply_endpoint: endpoint.clone(),
+                    msg: wire,
+                };
+                match message_rid {
+                    None => cluster.send(node, &env),
+                    Some(rid) => {
+                        if !cluster.send_message(node, &env) {
+                            metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
+                            cluster.answer_here(
+                                endpoint,
+                                ServerMsg::MessageFailed {
+                                    rid,
+                                    call: call.clone(),
+                                    msg: None,
+                                    code: 503,
+                                    text: MESSAGES_WAITING_FOR_NODE.to_owned(),
+                                },
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -126,14 +126,15 @@ pub struct Cluster {
     pub node_id: Option<String>,
     #[serde(default)]
     pub node_timeout_ms: Option<u64>,
-    /// Envelopes for other nodes waiting to go out (they pile up while NATS is away); beyond
-    /// this many, new ones are dropped and counted, as a lost core-NATS message would be.
-    #[serde(default = "default_max_queued_envelopes")]
-    pub max_queued_envelopes: usize,
+    /// Instant messages for other nodes waiting for the NATS client (they pile up while NATS is
+    /// away); beyond this many, new ones are dropped and answered (`message_failed` 503, or 408
+    /// after the ack timeout).
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
 }
 
-fn default_max_queued_envelopes() -> usize {
-    65_536
+fn default_max_queued_messages() -> usize {
+    8_192
 }
 
 impl Cluster {
@@ -143,7 +144,7 @@ impl Cluster {
             nats_url: nats_url.into(),
             node_id: None,
             node_timeout_ms: None,
-            max_queued_envelopes: default_max_queued_envelopes(),
+            max_queued_messages: default_max_queued_messages(),
         }
     }
 }
@@ -359,8 +360,8 @@ impl Settings {
             if c.node_timeout_ms == Some(0) {
                 return invalid("cluster.node_timeout_ms", "must be positive");
             }
-            if c.max_queued_envelopes == 0 {
-                return invalid("cluster.max_queued_envelopes", "must be positive");
+            if c.max_queued_messages == 0 {
+                return invalid("cluster.max_queued_messages", "must be positive");
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -442,19 +443,13 @@ mod tests {
         .expect("valid");
         let c = s.cluster.expect("cluster");
         assert_eq!(c.node_id.as_deref(), Some("node-b"));
+        assert_eq!(c.max_queued_messages, 8_192);
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
             .expect_err("dots would break subjects and keys");
         assert!(e.to_string().contains("cluster.node_id"), "{e}");
-        assert_eq!(c.max_queued_envelopes, 65_536);
-        let e = Settings::load(
-            "[cluster]\nnats_url = \"x\"\nmax_queued_envelopes = 0\n",
-            [],
-        )
-        .expect_err("a node that can queue nothing cannot talk to the others");
-        assert!(
-            e.to_string().contains("cluster.max_queued_envelopes"),
-            "{e}"
-        );
+        let e = Settings::load("[cluster]\nnats_url = \"x\"\nmax_queued_messages = 0\n", [])
+            .expect_err("a node that can queue no message cannot send one to another node");
+        assert!(e.to_string().contains("cluster.max_queued_messages"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! sit on different nodes and the contract must hold exactly as on one node: forking, first
 //! click wins, toast timeout to the most active device, declines, the flow, presence.
 
-use confab_actors::RunningNode;
+use confab_actors::{RunningNode, route};
 use confab_protocol::*;
 use confab_tests::*;
 use std::time::Duration;
@@ -874,93 +874,121 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
-/// While NATS is away a node keeps only `cluster.max_queued_envelopes` envelopes for the
-/// others; the rest are dropped and counted, and every message still gets exactly one answer.
-/// The kept ones go out on reconnect, and reach Bob if his node is back on NATS by then (core
-/// NATS delivers only to those subscribed at the time): each message Bob gets is delivered, any
-/// other fails with 408 after the ack timeout, and the dropped ones never reach him.
-#[tokio::test]
-async fn during_a_nats_outage_envelopes_beyond_the_limit_are_dropped_and_their_messages_fail() {
-    const DROPPED: &str = "confab_cluster_envelopes_dropped_total";
-    let mut nats = NatsServer::start();
-    let patient = |s: &mut confab_actors::Settings| {
-        // The outage must not end the call: no node is declared dead meanwhile.
-        if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(30_000);
+/// The answers to messages, by rid: (code, text), 200 for delivered.
+type Answers = std::collections::HashMap<Option<u32>, Vec<(u16, String)>>;
+
+fn note(answers: &mut Answers, m: ServerMsg) {
+    match m {
+        ServerMsg::MessageFailed {
+            rid, code, text, ..
+        } => answers.entry(rid).or_default().push((code, text)),
+        ServerMsg::MessageDelivered { rid, .. } => {
+            answers.entry(rid).or_default().push((200, String::new()))
         }
-    };
-    // Alice's node holds the call's legs: the messages leave it as envelopes to Bob's node.
-    let a = start_cluster_node(&nats, "node-a", move |s| {
-        patient(s);
-        s.flow.ack_timeout_ms = 6_000;
+        _ => {}
+    }
+}
+
+/// While NATS is away, messages for another node wait in the NATS client (2,048 commands)
+/// and then in the node's queue, bounded by `cluster.max_queued_messages`; beyond that a message
+/// is refused at once with `message_failed` 503, and counted. Whatever happens to the rest
+/// (delivered after the reconnect, or lost because the other node was not back on NATS yet),
+/// every message gets exactly one answer.
+#[tokio::test]
+async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_all_are_answered() {
+    const DROPPED: &str = "confab_cluster_messages_dropped_total";
+    const SENT: u32 = 2_200;
+    let mut nats = NatsServer::start();
+    // Alice's node holds the call's legs; Bob's messages leave his node as envelopes.
+    // Room for every answer and message in the clients' queues: this test is about the node's
+    // queue for the other node, not about slow consumers.
+    let a = start_cluster_node(&nats, "node-a", |s| {
+        s.flow.ack_timeout_ms = 2_000;
+        s.limits.unacked_per_call = 4_096;
+        s.limits.outbound_queue = 8_192;
         if let Some(c) = s.cluster.as_mut() {
-            c.max_queued_envelopes = 2;
+            c.node_timeout_ms = Some(3_000);
         }
     });
-    let b = start_cluster_node(&nats, "node-b", patient);
+    let b = start_cluster_node(&nats, "node-b", |s| {
+        s.flow.ack_timeout_ms = 2_000;
+        s.limits.outbound_queue = 8_192;
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(3_000);
+            c.max_queued_messages = 2;
+        }
+    });
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
     let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
     let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
-    let dropped_before = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED);
+    let dropped_before = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED);
+    // Alice acks whatever reaches her.
+    let alice_acks = tokio::spawn(async move {
+        loop {
+            if let Ok(ServerMsg::MessageReceived { msg, .. }) =
+                tokio::time::timeout(Duration::from_secs(1), alice.recv()).await
+            {
+                alice
+                    .send(&ClientMsg::MessageAck {
+                        call: call.clone(),
+                        msg,
+                    })
+                    .await;
+            }
+        }
+    });
 
     nats.kill();
-    wait_for_health(ops[0], 503, "degraded\n").await;
+    wait_for_health(ops[1], 503, "degraded\n").await;
     let mut rids = Vec::new();
-    for i in 1..=5 {
-        rids.push(send_message(&mut alice, &call, &format!("m{i}")).await);
+    for i in 0..SENT {
+        rids.push(send_message(&mut bob, &incoming, &format!("m{i}")).await);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let dropped = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED) - dropped_before;
-        if dropped >= 3.0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{dropped} dropped");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Answers by rid; the refusals come while NATS is still down.
+    let mut answers = Answers::new();
+    let (first, before) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { code: 503, .. }))
+        .await;
+    for m in before.into_iter().chain([first]) {
+        note(&mut answers, m);
     }
 
     nats.restart();
     for ops in ops {
         wait_for_health(ops, 200, "ok\n").await;
     }
-    // What reaches Bob comes right after the reconnect; 2 s of silence is well past it and
-    // well before the ack timeout.
-    let mut got = Vec::new();
-    while let Ok(frame) = tokio::time::timeout(Duration::from_secs(2), bob.recv()).await {
-        if let ServerMsg::MessageReceived {
-            msg,
-            body: Body::Text(text),
-            ..
-        } = frame
-        {
-            bob.send(&ClientMsg::MessageAck {
-                call: incoming.clone(),
-                msg,
-            })
-            .await;
-            got.push(text);
+    // Bob reads until every message has its answer (408s of lost ones come ack timeout +
+    // node timeout after the send).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answers.len() < rids.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {SENT} answered",
+            answers.len()
+        );
+        if let Ok(m) = tokio::time::timeout(Duration::from_secs(4), bob.recv()).await {
+            note(&mut answers, m);
         }
     }
-    assert!(
-        got.len() <= 2 && got[..] == ["m1", "m2"][..got.len()],
-        "Bob got {got:?}: only kept ones, in order"
-    );
-    let mut answers = std::collections::HashMap::new();
-    while answers.len() < rids.len() {
-        match alice.recv().await {
-            ServerMsg::MessageDelivered { rid, .. } => answers.insert(rid, 200),
-            ServerMsg::MessageFailed { rid, code, .. } => answers.insert(rid, code),
-            _ => continue,
-        };
+    // Nothing more: a late answer to a message already failed here is dropped.
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(500), bob.recv()).await {
+        note(&mut answers, m);
     }
-    let codes: Vec<u16> = rids.iter().map(|r| answers[r]).collect();
-    let want: Vec<u16> = (0..5)
-        .map(|i| if i < got.len() { 200 } else { 408 })
-        .collect();
-    assert_eq!(codes, want, "Bob got {got:?}");
-    let dropped = metric_value(&ops_get(ops[0], "/metrics").await.1, DROPPED) - dropped_before;
-    assert_eq!(dropped, 3.0, "two kept, three dropped");
+    alice_acks.abort();
+
+    let twice: Vec<_> = answers.iter().filter(|(_, a)| a.len() > 1).collect();
+    assert!(twice.is_empty(), "answered more than once: {twice:?}");
+    let refused = answers
+        .values()
+        .filter(|a| a[0] == (503, route::MESSAGES_WAITING_FOR_NODE.to_owned()))
+        .count();
+    let dropped = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED) - dropped_before;
+    assert!(refused > 0);
+    assert_eq!(refused as f64, dropped, "each refusal counted once");
+    for a in answers.values() {
+        assert!(matches!(a[0].0, 200 | 408 | 503), "{a:?}");
+    }
     drop((a, b));
 }

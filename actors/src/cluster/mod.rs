@@ -38,7 +38,7 @@ use crate::metrics as m;
 use crate::presence::rank::Publication;
 use crate::presence::{PresenceMsg, PresenceShards};
 use crate::settings;
-use quota::EnvelopeQuota;
+use quota::MessageQuota;
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
 use writes::KvOp;
 
@@ -75,6 +75,9 @@ pub struct RemoteEndpoint {
 /// What the publisher task sends, in order.
 enum Outgoing {
     Publish(String, Bytes),
+    /// An envelope carrying an instant message: it holds a place in [`Cluster::quota`] until
+    /// the client has taken it.
+    Message(String, Bytes),
     /// Answered once everything queued before it was handed to the client.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -92,8 +95,8 @@ pub struct Cluster {
     pub timeout: Duration,
     kv: kv::Store,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
-    /// Bounds the envelopes kept while NATS is away (`cluster.max_queued_envelopes`).
-    quota: Arc<EnvelopeQuota>,
+    /// Bounds the message envelopes waiting in `publish_tx` (`cluster.max_queued_messages`).
+    quota: Arc<MessageQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
     pub endpoints: DashMap<String, Addr<Endpoint>>,
@@ -218,8 +221,7 @@ impl Cluster {
             reason,
         };
         let nats_connected = Arc::new(AtomicBool::new(false));
-        let quota = Arc::new(EnvelopeQuota::new(cfg.max_queued_envelopes));
-        let events = (nats_connected.clone(), quota.clone());
+        let events = nats_connected.clone();
         let client = tokio::time::timeout(
             Duration::from_secs(5),
             async_nats::ConnectOptions::new()
@@ -227,7 +229,7 @@ impl Cluster {
                 .reconnect_delay_callback(reconnect_delay)
                 .event_callback(move |event| {
                     let events = events.clone();
-                    async move { nats_event(&events.0, &events.1, event) }
+                    async move { nats_event(&events, event) }
                 })
                 .connect(urls),
         )
@@ -270,6 +272,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let quota = Arc::new(MessageQuota::new(cfg.max_queued_messages));
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
         // The start time: a later run of a node has a larger epoch, so a record of an earlier
         // run is recognised as stale whatever order things arrive in.
@@ -305,7 +308,7 @@ impl Cluster {
         tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
         cluster.load().await?;
-        rt.spawn(publish_loop(client.clone(), publish_rx));
+        rt.spawn(publish_loop(client.clone(), publish_rx, quota));
         rt.spawn(writes::write_loop(kv.clone(), kv_rx));
         rt.spawn(inbox_loop(cluster.clone(), inbox));
         rt.spawn(heartbeat_loop(cluster.clone(), beats));
@@ -316,7 +319,7 @@ impl Cluster {
         for direction in ["in", "out"] {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
-        metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
+        metrics::counter!(m::CLUSTER_MESSAGES_DROPPED).increment(0);
         cluster.directory_gauge();
         Ok(cluster)
     }
@@ -490,33 +493,64 @@ impl Cluster {
 
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
-        match rmp_serde::to_vec_named(env) {
-            Ok(bytes) => {
-                if !self.quota.admit(self.nats_connected()) {
-                    return;
+        self.enqueue(node, env, false);
+    }
+
+    /// Publishes an envelope carrying an instant message to `node`, unless
+    /// `cluster.max_queued_messages` already wait (see [`quota`]); false when it was dropped,
+    /// and the caller owes the sender its answer.
+    pub fn send_message(&self, node: &str, env: &Envelope) -> bool {
+        self.enqueue(node, env, true)
+    }
+
+    fn enqueue(&self, node: &str, env: &Envelope, message: bool) -> bool {
+        if message && !self.quota.take() {
+            return false;
+        }
+        let subject = format!("confab.node.{node}");
+        let out = match rmp_serde::to_vec_named(env) {
+            Ok(bytes) if message => Outgoing::Message(subject, Bytes::from(bytes)),
+            Ok(bytes) => Outgoing::Publish(subject, Bytes::from(bytes)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an envelope");
+                if message {
+                    self.quota.release();
                 }
-                metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
-                let _ = self.publish_tx.send(Outgoing::Publish(
-                    format!("confab.node.{node}"),
-                    Bytes::from(bytes),
-                ));
+                return false;
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode an envelope"),
+        };
+        metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
+        // Only fails once the publisher has stopped (the node is leaving); what it held is
+        // answered by the leave itself.
+        let _ = self.publish_tx.send(out);
+        true
+    }
+
+    /// Answers `endpoint` on this node as if its leg on another node had: for a message
+    /// dropped before it left.
+    pub fn answer_here(&self, endpoint: &str, msg: ServerMsg) {
+        if let Some(ep) = self.endpoints.get(endpoint).map(|e| e.clone()) {
+            ep.do_send(EndpointMsg::RemoteEvent(msg));
         }
     }
 
-    /// A leg's event for an endpoint on `node`.
+    /// A leg's event for an endpoint on `node`. A `message_received` is an instant message:
+    /// dropped over the quota, it is answered by the sender's leg (408 after the ack timeout).
     pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) {
         match rmp_serde::to_vec_named(msg) {
-            Ok(frame) => self.send(
-                node,
-                &Envelope::Event {
+            Ok(frame) => {
+                let env = Envelope::Event {
                     endpoint: endpoint.to_owned(),
                     frame,
                     from_node: self.node_id.clone(),
                     from_epoch: self.epoch(),
-                },
-            ),
+                };
+                if matches!(msg, ServerMsg::MessageReceived { .. }) {
+                    self.send_message(node, &env);
+                } else {
+                    self.send(node, &env);
+                }
+            }
             Err(e) => tracing::error!(error = %e, "cannot encode an event"),
         }
     }
@@ -1103,13 +1137,12 @@ fn reconnect_delay(attempts: usize) -> Duration {
 }
 
 /// Follows the NATS client's connection state into [`Cluster::nats_connected`] and the
-/// `confab_cluster_nats_connected` gauge; a reconnect also ends the outage's envelope quota.
-fn nats_event(connected: &AtomicBool, quota: &EnvelopeQuota, event: async_nats::Event) {
+/// `confab_cluster_nats_connected` gauge.
+fn nats_event(connected: &AtomicBool, event: async_nats::Event) {
     match event {
         async_nats::Event::Connected => {
             tracing::info!("connected to NATS");
             set_nats_connected(connected, true);
-            quota.reconnected();
         }
         async_nats::Event::Disconnected => {
             tracing::warn!("disconnected from NATS; this node is degraded until it reconnects");
@@ -1150,13 +1183,23 @@ fn to_publication(p: &wire::PublicationRecord) -> Publication {
     }
 }
 
-async fn publish_loop(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+async fn publish_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    quota: Arc<MessageQuota>,
+) {
     while let Some(out) = rx.recv().await {
         match out {
             Outgoing::Publish(subject, payload) => {
                 if let Err(e) = client.publish(subject, payload).await {
                     tracing::warn!(error = %e, "cannot publish to NATS");
                 }
+            }
+            Outgoing::Message(subject, payload) => {
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to NATS");
+                }
+                quota.release();
             }
             Outgoing::Flush(done) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;

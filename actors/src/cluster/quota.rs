@@ -1,53 +1,67 @@
-//! The bound on envelopes kept for other nodes while NATS is away
-//! (`cluster.max_queued_envelopes`).
+//! The bound on instant messages waiting to go out to other nodes
+//! (`cluster.max_queued_messages`).
 //!
-//! During an outage the NATS client keeps what it is given and sends it on reconnect, so a short
-//! outage loses nothing; but for a long one that store would grow without end. So at most
-//! `limit` envelopes are kept per outage; beyond that a new envelope is dropped and counted. The
-//! node treats it as any core-NATS message lost on the way: the waiting side's timeout answers
-//! the client (a message fails with 408, a ringing call with its toast timeout).
+//! Envelopes wait in the publisher's queue until the NATS client takes them. While NATS is away
+//! the client stops taking them once its own command buffer (2,048) is full, so without a bound
+//! the queue would grow for the whole outage, bodies included. The bound counts what is really
+//! waiting (taken when queued, given back once the client has it), so it holds whether or not
+//! the node has noticed the outage yet. It covers only the envelopes that carry a message body
+//! (a `message` to a leg on another node, a `message_received` to an endpoint on another node):
+//! those are the many and the large ones, and each has an answer when it is dropped (the sender
+//! gets `message_failed` 503 at once, or 408 after the ack timeout). Control envelopes (call
+//! state, accept, hang-up, ...) are never dropped here: losing one would leave a call half
+//! ended, and there are only as many as there are call transitions.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::metrics as m;
 
-pub(super) struct EnvelopeQuota {
-    /// Envelopes kept since NATS went away.
-    kept: AtomicUsize,
+pub(super) struct MessageQuota {
+    /// Message envelopes queued and not yet handed to the NATS client.
+    waiting: AtomicUsize,
     limit: usize,
-    /// Set from the first drop of an outage, so it logs one warning, not one per envelope.
+    /// Set from a drop until the queue has drained to half the limit, so a long outage logs
+    /// one warning when dropping starts and one line when it ends, not one per message.
     dropping: AtomicBool,
 }
 
-impl EnvelopeQuota {
+impl MessageQuota {
     pub(super) fn new(limit: usize) -> Self {
-        EnvelopeQuota {
-            kept: AtomicUsize::new(0),
+        MessageQuota {
+            waiting: AtomicUsize::new(0),
             limit,
             dropping: AtomicBool::new(false),
         }
     }
 
-    /// Whether to send an envelope: always while NATS is connected; during an outage, only the
-    /// first `limit`.
-    pub(super) fn admit(&self, nats_connected: bool) -> bool {
-        if nats_connected || self.kept.fetch_add(1, Ordering::Relaxed) < self.limit {
+    /// Takes a place for one message envelope; false when `limit` already wait, and the caller
+    /// drops it (and answers for it).
+    pub(super) fn take(&self) -> bool {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) < self.limit {
             return true;
         }
-        metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(1);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!(m::CLUSTER_MESSAGES_DROPPED).increment(1);
         if !self.dropping.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 limit = self.limit,
-                "cluster.max_queued_envelopes envelopes wait for NATS; dropping new ones until it is back"
+                "cluster.max_queued_messages messages wait for NATS; dropping new ones until they drain"
             );
         }
         false
     }
 
-    /// NATS is back: what was kept goes out, and the next outage starts from nothing.
-    pub(super) fn reconnected(&self) {
-        self.kept.store(0, Ordering::Relaxed);
-        self.dropping.store(false, Ordering::Relaxed);
+    /// Gives back the place of a message envelope the NATS client has taken.
+    pub(super) fn release(&self) {
+        let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if before <= self.limit / 2 + 1 && self.dropping.swap(false, Ordering::Relaxed) {
+            tracing::info!("messages for other nodes drain again; no longer dropping");
+        }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 }
 
@@ -56,26 +70,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn while_connected_nothing_is_counted_or_refused() {
-        let q = EnvelopeQuota::new(1);
-        for _ in 0..10 {
-            assert!(q.admit(true));
-        }
-        assert!(q.admit(false), "the outage's first envelope is kept");
+    fn places_beyond_the_limit_are_refused_until_one_is_given_back() {
+        let q = MessageQuota::new(2);
+        assert!(q.take());
+        assert!(q.take());
+        assert!(!q.take(), "a third is over the limit");
+        assert_eq!(q.waiting(), 2, "a refused one holds no place");
+        q.release();
+        assert!(q.take());
+        assert!(!q.take());
     }
 
     #[test]
-    fn an_outage_keeps_the_first_limit_envelopes_and_a_reconnect_starts_afresh() {
-        let q = EnvelopeQuota::new(2);
-        assert!(q.admit(false));
-        assert!(q.admit(false));
-        assert!(!q.admit(false), "a third is over the limit");
-        assert!(!q.admit(false));
+    fn dropping_ends_once_the_queue_has_drained_to_half() {
+        let q = MessageQuota::new(4);
+        for _ in 0..4 {
+            assert!(q.take());
+        }
+        assert!(!q.take());
         assert!(q.dropping.load(Ordering::Relaxed));
-        q.reconnected();
+        q.release();
+        assert!(
+            q.dropping.load(Ordering::Relaxed),
+            "one free place is not drained yet"
+        );
+        q.release();
+        q.release();
         assert!(!q.dropping.load(Ordering::Relaxed));
-        assert!(q.admit(false));
-        assert!(q.admit(false));
-        assert!(!q.admit(false));
+        assert_eq!(q.waiting(), 1);
     }
 }

@@ -28,7 +28,7 @@ use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
 use crate::ratelimit::TokenBucket;
 use crate::reasons;
-use crate::route::{EventSink, LegOwner, LegRef};
+use crate::route::{EventSink, LegOwner, LegRef, MESSAGES_WAITING_FOR_NODE};
 
 /// Cluster: a fork whose leg an arbiter on another node created for this endpoint.
 #[derive(Debug)]
@@ -98,6 +98,9 @@ struct RemoteCall {
 
 /// How long `bye` waits for calls on other nodes to report their end.
 const REMOTE_END_WAIT: Duration = Duration::from_secs(2);
+
+/// The `message_failed` 481 text (docs/protocol.md section 6).
+const CALL_DOES_NOT_EXIST: &str = "Call Leg/Transaction Does Not Exist";
 
 /// A fork of a call offered to this endpoint by an arbiter. If it is dropped unhandled (the
 /// endpoint is gone), the arbiter hears that the fork is lost, so it never waits for it.
@@ -432,17 +435,23 @@ impl Endpoint {
                         let remote = self.remote_calls.get_mut(&call).map(|r| {
                             r.messages.push_back((rid, Instant::now()));
                         });
-                        leg.do_send(LegMsg::Message {
+                        let sent = leg.do_send(LegMsg::Message {
                             rid,
                             content_type,
                             body,
                         });
-                        if remote.is_some() && !self.answer_sweep_armed {
+                        if !sent {
+                            // Too many messages already wait for the leg's node.
+                            if let Some(r) = self.remote_calls.get_mut(&call) {
+                                r.messages.pop_back();
+                            }
+                            self.fail_message(rid, call, 503, MESSAGES_WAITING_FOR_NODE);
+                        } else if remote.is_some() && !self.answer_sweep_armed {
                             self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
                         }
                     }
                     None => {
-                        self.fail_message(rid, call, 481, "Call Leg/Transaction Does Not Exist");
+                        self.fail_message(rid, call, 481, CALL_DOES_NOT_EXIST);
                     }
                 }
             }
@@ -693,17 +702,20 @@ impl Endpoint {
             }
             ServerMsg::MessageDelivered { rid, call, .. }
             | ServerMsg::MessageFailed { rid, call, .. } => {
-                if let Some(r) = self.remote_calls.get_mut(call) {
-                    match r.messages.iter().position(|(x, _)| x == rid) {
-                        Some(i) => {
-                            r.messages.remove(i);
-                        }
-                        None => {
-                            // Answered here already, with 408, when it came too late.
-                            tracing::debug!(endpoint = %self.id, %call, "dropping a late answer to a message");
-                            return;
-                        }
-                    }
+                // Only a message still waiting is answered: one answered here already (408
+                // when its answer was late, or when its call ended or its node was lost)
+                // gets no second answer.
+                let waiting = self
+                    .remote_calls
+                    .get_mut(call)
+                    .and_then(|r| {
+                        let i = r.messages.iter().position(|(x, _)| x == rid)?;
+                        r.messages.remove(i)
+                    })
+                    .is_some();
+                if !waiting {
+                    tracing::debug!(endpoint = %self.id, %call, "dropping an answer to a message answered already");
+                    return;
                 }
             }
             ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
@@ -720,17 +732,18 @@ impl Endpoint {
 
     /// Cluster: how long a message to a leg on another node waits for its answer before this
     /// endpoint gives it one (408). The leg answers within the ack timeout of receiving it, and
-    /// an envelope late by more than `node_timeout` means the nodes lost each other (when the
-    /// calls end with their messages answered anyway); so past the sum, an envelope was lost
-    /// on the way (core NATS delivers at most once): the message, its `message_received` or
-    /// its answer. Without this the client would wait forever.
+    /// an envelope late by `node_timeout` or more means the nodes are losing each other (and
+    /// then the calls end, their messages answered anyway); so past the ack timeout plus two
+    /// such delays (there and back), an envelope was lost on the way (core NATS delivers at
+    /// most once): the message, its `message_received`, the ack or the answer. Without this
+    /// the client would wait forever.
     fn remote_answer_timeout(&self) -> Duration {
         let node_timeout = self
             .ctx
             .cluster
             .as_ref()
             .map_or(Duration::ZERO, |c| c.timeout);
-        Duration::from_millis(self.ctx.settings.flow.ack_timeout_ms) + node_timeout
+        Duration::from_millis(self.ctx.settings.flow.ack_timeout_ms) + 2 * node_timeout
     }
 
     fn arm_answer_sweep(&mut self, after: Duration, ctx: &mut Context<Self>) {
@@ -829,7 +842,13 @@ impl Endpoint {
         {
             leg.do_send(LegMsg::Release);
         }
-        self.remote_calls.remove(&call);
+        if let Some(r) = self.remote_calls.remove(&call) {
+            // The leg answered every message it had before it reported its end (in order, on
+            // one connection): one still waiting was lost on the way, or crossed the end.
+            for (rid, _) in r.messages {
+                self.fail_message(rid, call.clone(), 481, CALL_DOES_NOT_EXIST);
+            }
+        }
         self.ended.push_back((call.clone(), elsewhere));
         if self.ended.len() > REMEMBERED_ENDED_CALLS {
             self.ended.pop_front();
@@ -859,7 +878,9 @@ impl Endpoint {
         for (leg, _) in self.calls.values() {
             match leg {
                 LegRef::Local(a) => local.push(a.clone()),
-                remote => remote.do_send(LegMsg::Terminate { rid: None, cause }),
+                remote => {
+                    remote.do_send(LegMsg::Terminate { rid: None, cause });
+                }
             }
         }
         let done = futures::future::join_all(
@@ -873,6 +894,12 @@ impl Endpoint {
                 // (their events go out first), within a deadline.
                 act.closing = true;
                 ctx.run_later(REMOTE_END_WAIT, |act, ctx| {
+                    // Messages to legs that never reported their end still get their answer.
+                    for (call, r) in std::mem::take(&mut act.remote_calls) {
+                        for (rid, _) in r.messages {
+                            act.fail_message(rid, call.clone(), 481, CALL_DOES_NOT_EXIST);
+                        }
+                    }
                     act.outbox.close();
                     ctx.stop();
                 });

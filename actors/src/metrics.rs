@@ -130,8 +130,9 @@ pub fn describe_all() {
     );
     describe_counter!(
         CLUSTER_MESSAGES_DROPPED,
-        "Instant messages for other nodes dropped because cluster.max_queued_messages already \
-         waited for the NATS client (cluster mode only)"
+        "Envelopes of the message flow (messages, acks, composing) for other nodes dropped \
+         because cluster.max_queued_messages already waited for the NATS client (cluster mode \
+         only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

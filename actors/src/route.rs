@@ -15,7 +15,6 @@ use crate::call::leg::{CallLeg, LegMsg};
 use crate::cluster::Cluster;
 use crate::cluster::wire::{Envelope, WireLegMsg};
 use crate::endpoint::{Endpoint, EndpointMsg};
-use crate::metrics as m;
 use crate::outbox::Outbox;
 
 /// The `message_failed` 503 text of a message dropped because `cluster.max_queued_messages`
@@ -144,9 +143,15 @@ pub enum LegRef {
 
 impl LegRef {
     /// Sends one of the messages an endpoint sends its leg. Other messages never cross nodes.
-    pub fn do_send(&self, msg: LegMsg) {
+    /// False when it was not sent: a `message`, `message_ack` or `composing` for another node
+    /// over `cluster.max_queued_messages` (see `cluster::quota`); the caller answers a
+    /// `message` itself.
+    pub fn do_send(&self, msg: LegMsg) -> bool {
         match self {
-            LegRef::Local(a) => a.do_send(msg),
+            LegRef::Local(a) => {
+                a.do_send(msg);
+                true
+            }
             LegRef::Remote {
                 cluster,
                 node,
@@ -155,35 +160,25 @@ impl LegRef {
             } => {
                 let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
                     tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
-                    return;
+                    return true;
                 };
-                let message_rid = match &wire {
-                    WireLegMsg::Message { rid, .. } => Some(*rid),
-                    _ => None,
-                };
+                let flow = matches!(
+                    wire,
+                    WireLegMsg::Message { .. }
+                        | WireLegMsg::Ack { .. }
+                        | WireLegMsg::Composing { .. }
+                );
                 let env = Envelope::Leg {
                     call: call.clone(),
                     reply_node: cluster.node_id.clone(),
                     reply_endpoint: endpoint.clone(),
                     msg: wire,
                 };
-                match message_rid {
-                    None => cluster.send(node, &env),
-                    Some(rid) => {
-                        if !cluster.send_message(node, &env) {
-                            metrics::counter!(m::MESSAGES, "result" => "503").increment(1);
-                            cluster.answer_here(
-                                endpoint,
-                                ServerMsg::MessageFailed {
-                                    rid,
-                                    call: call.clone(),
-                                    msg: None,
-                                    code: 503,
-                                    text: MESSAGES_WAITING_FOR_NODE.to_owned(),
-                                },
-                            );
-                        }
-                    }
+                if flow {
+                    cluster.send_flow(node, &env)
+                } else {
+                    cluster.send(node, &env);
+                    true
                 }
             }
         }

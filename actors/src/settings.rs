@@ -126,9 +126,10 @@ pub struct Cluster {
     pub node_id: Option<String>,
     #[serde(default)]
     pub node_timeout_ms: Option<u64>,
-    /// Instant messages for other nodes waiting for the NATS client (they pile up while NATS is
-    /// away); beyond this many, new ones are dropped and answered (`message_failed` 503, or 408
-    /// after the ack timeout).
+    /// Envelopes of the message flow (messages, acks, composing notices) for other nodes waiting
+    /// for the NATS client (they pile up while NATS is away); beyond this many, new ones are
+    /// dropped, and a message answered (`message_failed` 503 at once, or 408 after the ack
+    /// timeout). See `cluster::quota`.
     #[serde(default = "default_max_queued_messages")]
     pub max_queued_messages: usize,
 }

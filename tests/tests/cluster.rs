@@ -897,24 +897,24 @@ fn note(answers: &mut Answers, m: ServerMsg) {
 #[tokio::test]
 async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_all_are_answered() {
     const DROPPED: &str = "confab_cluster_messages_dropped_total";
-    const SENT: u32 = 2_200;
+    const SENT: u32 = 4_096;
     let mut nats = NatsServer::start();
     // Alice's node holds the call's legs; Bob's messages leave his node as envelopes.
     // Room for every answer and message in the clients' queues: this test is about the node's
     // queue for the other node, not about slow consumers.
     let a = start_cluster_node(&nats, "node-a", |s| {
         s.flow.ack_timeout_ms = 2_000;
-        s.limits.unacked_per_call = 4_096;
-        s.limits.outbound_queue = 8_192;
+        s.limits.unacked_per_call = 8_192;
+        s.limits.outbound_queue = 16_384;
         if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(3_000);
+            c.node_timeout_ms = Some(5_000);
         }
     });
     let b = start_cluster_node(&nats, "node-b", |s| {
         s.flow.ack_timeout_ms = 2_000;
-        s.limits.outbound_queue = 8_192;
+        s.limits.outbound_queue = 16_384;
         if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(3_000);
+            c.node_timeout_ms = Some(5_000);
             c.max_queued_messages = 2;
         }
     });
@@ -959,8 +959,9 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     for ops in ops {
         wait_for_health(ops, 200, "ok\n").await;
     }
-    // Bob reads until every message has its answer (408s of lost ones come ack timeout +
-    // node timeout after the send).
+    // Bob reads until every message has its answer (408s of lost ones come ack timeout + twice
+    // the node timeout after the send). The outage is shorter than the node timeout: the call
+    // stays up.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while answers.len() < rids.len() {
         assert!(
@@ -969,6 +970,7 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
             answers.len()
         );
         if let Ok(m) = tokio::time::timeout(Duration::from_secs(4), bob.recv()).await {
+            assert!(!matches!(m, ServerMsg::CallState { .. }), "{m:?}");
             note(&mut answers, m);
         }
     }
@@ -976,14 +978,20 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     while let Ok(m) = tokio::time::timeout(Duration::from_millis(500), bob.recv()).await {
         note(&mut answers, m);
     }
+    // The call is still up and carries messages.
+    let rid = send_message(&mut bob, &incoming, "after").await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
     alice_acks.abort();
 
     let twice: Vec<_> = answers.iter().filter(|(_, a)| a.len() > 1).collect();
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
-    let refused = answers
-        .values()
-        .filter(|a| a[0] == (503, route::MESSAGES_WAITING_FOR_NODE.to_owned()))
-        .count();
+    let refused = answers.values().filter(|a| a[0].0 == 503).count();
+    for a in answers.values().filter(|a| a[0].0 == 503) {
+        assert_eq!(a[0].1, route::MESSAGES_WAITING_FOR_NODE);
+    }
     let dropped = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED) - dropped_before;
     assert!(refused > 0);
     assert_eq!(refused as f64, dropped, "each refusal counted once");
@@ -991,4 +999,75 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
         assert!(matches!(a[0].0, 200 | 408 | 503), "{a:?}");
     }
     drop((a, b));
+}
+
+/// Alice on A calls Bob on B and answers; returns (Alice, Bob, Alice's call id, Bob's).
+async fn alice_calls_bob(a: &RunningNode, b: &RunningNode) -> (Raw, Raw, String, String) {
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(a, BOB, 1).await;
+    let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
+    (alice, bob, call, incoming)
+}
+
+/// A message whose envelope core NATS loses never reaches the leg, which therefore never
+/// answers it: the sender's own node fails it with 408 after the ack timeout plus twice the
+/// node timeout, and the call goes on.
+#[tokio::test]
+async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
+    let nats = NatsServer::start();
+    let quick = |s: &mut confab_actors::Settings| s.flow.ack_timeout_ms = 300;
+    let a = start_cluster_node(&nats, "node-a", quick);
+    let b = start_cluster_node(&nats, "node-b", quick);
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+
+    b.cluster().expect("a cluster node").lose_flow_envelopes(1);
+    let lost = send_message(&mut bob, &incoming, "lost").await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::MessageFailed { rid, code: 408, text, .. } if *rid == lost && text == "Request Timeout"),
+        "{m:?}"
+    );
+
+    let rid = send_message(&mut bob, &incoming, "next").await;
+    assert_eq!(receive_and_ack(&mut alice, &call).await.1, "next");
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+    drop((a, b, nats));
+}
+
+/// A message lost on the way when the call then ends: the leg answered everything it had
+/// before it reported the end, so the sender's node answers this one with 481.
+#[tokio::test]
+async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+
+    b.cluster().expect("a cluster node").lose_flow_envelopes(1);
+    let lost = send_message(&mut bob, &incoming, "lost").await;
+    // Bob's node has handled the message (and lost it) once it answers a request sent after it.
+    let pong = bob.request(ClientMsg::Ping { rid: None }).await;
+    assert!(matches!(pong, ServerMsg::Pong { .. }), "{pong:?}");
+    let reply = alice
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: call.clone(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }));
+    expect_reason(&mut bob, &incoming, 200, "Terminated remotely").await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::MessageFailed { rid, code: 481, .. } if *rid == lost),
+        "{m:?}"
+    );
+    drop((a, b, nats));
 }

@@ -131,6 +131,9 @@ pub struct Cluster {
     reload: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
+    /// Tests: this many flow envelopes are still to be lost (see
+    /// [`Cluster::lose_flow_envelopes`]).
+    lose_flow: AtomicUsize,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
@@ -302,6 +305,7 @@ impl Cluster {
             told: Mutex::new(HashMap::new()),
             reload: Mutex::new(None),
             muted_until: Mutex::new(None),
+            lose_flow: AtomicUsize::new(0),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
         });
@@ -428,6 +432,12 @@ impl Cluster {
         *lock(&self.muted_until) = Some(Instant::now() + d);
     }
 
+    /// For tests: the next `n` envelopes of the message flow are lost on the way, as core NATS
+    /// may lose them, though the sender believes them sent.
+    pub fn lose_flow_envelopes(&self, n: usize) {
+        self.lose_flow.store(n, Ordering::SeqCst);
+    }
+
     /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
     /// ended every call involving it. It does the same on its side, then comes back as a new
     /// run: a new epoch, its records written again, the others' records read again.
@@ -496,10 +506,18 @@ impl Cluster {
         self.enqueue(node, env, false);
     }
 
-    /// Publishes an envelope carrying an instant message to `node`, unless
-    /// `cluster.max_queued_messages` already wait (see [`quota`]); false when it was dropped,
-    /// and the caller owes the sender its answer.
-    pub fn send_message(&self, node: &str, env: &Envelope) -> bool {
+    /// Publishes an envelope of the message flow (a message, an ack, a composing notice) to
+    /// `node`, unless `cluster.max_queued_messages` already wait (see [`quota`]); false when it
+    /// was not sent, and the caller owes a `message` its answer.
+    pub fn send_flow(&self, node: &str, env: &Envelope) -> bool {
+        if self.lose_flow.load(Ordering::Relaxed) > 0
+            && self
+                .lose_flow
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return true;
+        }
         self.enqueue(node, env, true)
     }
 
@@ -519,23 +537,21 @@ impl Cluster {
                 return false;
             }
         };
+        if self.publish_tx.send(out).is_err() {
+            // The publisher has stopped: the node is leaving, and ends the calls itself.
+            if message {
+                self.quota.release();
+            }
+            return false;
+        }
         metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
-        // Only fails once the publisher has stopped (the node is leaving); what it held is
-        // answered by the leave itself.
-        let _ = self.publish_tx.send(out);
         true
     }
 
-    /// Answers `endpoint` on this node as if its leg on another node had: for a message
-    /// dropped before it left.
-    pub fn answer_here(&self, endpoint: &str, msg: ServerMsg) {
-        if let Some(ep) = self.endpoints.get(endpoint).map(|e| e.clone()) {
-            ep.do_send(EndpointMsg::RemoteEvent(msg));
-        }
-    }
-
-    /// A leg's event for an endpoint on `node`. A `message_received` is an instant message:
-    /// dropped over the quota, it is answered by the sender's leg (408 after the ack timeout).
+    /// A leg's event for an endpoint on `node`. A `message_received` (not a toast, which is
+    /// part of the call's set-up) and a `remote_composing` belong to the message flow: over
+    /// the quota they are dropped, and the sender's leg answers the message (408 after the ack
+    /// timeout).
     pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) {
         match rmp_serde::to_vec_named(msg) {
             Ok(frame) => {
@@ -545,8 +561,12 @@ impl Cluster {
                     from_node: self.node_id.clone(),
                     from_epoch: self.epoch(),
                 };
-                if matches!(msg, ServerMsg::MessageReceived { .. }) {
-                    self.send_message(node, &env);
+                if matches!(
+                    msg,
+                    ServerMsg::MessageReceived { toast: None, .. }
+                        | ServerMsg::RemoteComposing { .. }
+                ) {
+                    self.send_flow(node, &env);
                 } else {
                     self.send(node, &env);
                 }

@@ -1,16 +1,18 @@
-//! The bound on instant messages waiting to go out to other nodes
+//! The bound on the message flow waiting to go out to other nodes
 //! (`cluster.max_queued_messages`).
 //!
 //! Envelopes wait in the publisher's queue until the NATS client takes them. While NATS is away
 //! the client stops taking them once its own command buffer (2,048) is full, so without a bound
 //! the queue would grow for the whole outage, bodies included. The bound counts what is really
 //! waiting (taken when queued, given back once the client has it), so it holds whether or not
-//! the node has noticed the outage yet. It covers only the envelopes that carry a message body
-//! (a `message` to a leg on another node, a `message_received` to an endpoint on another node):
-//! those are the many and the large ones, and each has an answer when it is dropped (the sender
-//! gets `message_failed` 503 at once, or 408 after the ack timeout). Control envelopes (call
-//! state, accept, hang-up, ...) are never dropped here: losing one would leave a call half
-//! ended, and there are only as many as there are call transitions.
+//! the node has noticed the outage yet. It covers the envelopes of the message flow, which a
+//! client can send as fast as its request rate allows: a `message` to a leg on another node
+//! (refused at once with `message_failed` 503), a `message_ack` or `composing` (dropped: the
+//! sender's leg fails the message with 408, a composing notice just lapses), and a
+//! `message_received` (not a toast) or `remote_composing` to an endpoint on another node
+//! (dropped likewise). Call control (accept, hang-up, call state, message answers) is never
+//! dropped here: losing it would leave a call half ended, and a client makes it only as fast as
+//! calls change.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -249,20 +249,24 @@ impl ForkArbiter {
         cluster
             .legs
             .insert(call.to_owned(), (node.to_owned(), leg.clone()));
-        cluster.send(
-            node,
-            &Envelope::Adopt {
-                endpoint: endpoint.to_owned(),
-                leg_node: cluster.node_id.clone(),
-                arbiter: me,
+        let adopt = Envelope::Adopt {
+            endpoint: endpoint.to_owned(),
+            leg_node: cluster.node_id.clone(),
+            arbiter: me,
+            call: call.to_owned(),
+            conversation,
+            from: self.t.from.user.clone(),
+            offer: self.t.offer.sdp().to_owned(),
+            toast: self.t.toast.clone(),
+            immediate: self.immediate,
+        };
+        // A caller's calls drive these, so they share the bound on what waits for NATS; one
+        // not sent is a fork lost, as if the endpoint had gone.
+        if !cluster.send_bounded(node, &adopt) {
+            ctx.address().do_send(ArbiterMsg::ForkLost {
                 call: call.to_owned(),
-                conversation,
-                from: self.t.from.user.clone(),
-                offer: self.t.offer.sdp().to_owned(),
-                toast: self.t.toast.clone(),
-                immediate: self.immediate,
-            },
-        );
+            });
+        }
         Some(leg)
     }
 

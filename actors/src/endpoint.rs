@@ -28,7 +28,7 @@ use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
 use crate::ratelimit::TokenBucket;
 use crate::reasons;
-use crate::route::{EventSink, LegOwner, LegRef, MESSAGES_WAITING_FOR_NODE};
+use crate::route::{EventSink, LegOwner, LegRef, REQUESTS_WAITING_FOR_NODE};
 
 /// Cluster: a fork whose leg an arbiter on another node created for this endpoint.
 #[derive(Debug)]
@@ -239,6 +239,12 @@ impl Endpoint {
         self.outbox.push(msg);
     }
 
+    /// A call request for a leg on another node that was not sent: too many requests already
+    /// wait for that node (`cluster.max_queued_envelopes`). The client may try again.
+    fn not_sent(&self, rid: Option<u32>) {
+        self.error(rid, ErrorCode::Overloaded, REQUESTS_WAITING_FOR_NODE);
+    }
+
     /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
     fn fail_message(&self, rid: Option<u32>, call: String, code: u16, text: &str) {
         metrics::counter!(m::MESSAGES, "result" => code.to_string()).increment(1);
@@ -352,10 +358,17 @@ impl Endpoint {
             } => self.establish(rid, to, conversation, toast, sdp, ctx),
             ClientMsg::CallAccept { rid, call, sdp } => {
                 if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
-                    if let Some(r) = self.remote_calls.get_mut(&call) {
-                        r.accept = Some(rid);
+                    let before = self
+                        .remote_calls
+                        .get_mut(&call)
+                        .map(|r| r.accept.replace(rid));
+                    if !leg.do_send(LegMsg::Accept { rid, sdp }) {
+                        if let (Some(r), Some(before)) = (self.remote_calls.get_mut(&call), before)
+                        {
+                            r.accept = before;
+                        }
+                        self.not_sent(rid);
                     }
-                    leg.do_send(LegMsg::Accept { rid, sdp });
                 } else if self
                     .ended
                     .iter()
@@ -375,32 +388,41 @@ impl Endpoint {
                 if !(400..=699).contains(&code) {
                     return self.error(rid, ErrorCode::BadFrame, "decline code must be 400-699");
                 }
-                if let Some(leg) = self.leg(rid, &call) {
-                    leg.do_send(LegMsg::Decline { rid, code });
+                if let Some(leg) = self.leg(rid, &call)
+                    && !leg.do_send(LegMsg::Decline { rid, code })
+                {
+                    self.not_sent(rid);
                 }
             }
             ClientMsg::CallForward { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call) {
-                    leg.do_send(LegMsg::Forward { rid, to });
+                if let Some(leg) = self.leg(rid, &call)
+                    && !leg.do_send(LegMsg::Forward { rid, to })
+                {
+                    self.not_sent(rid);
                 }
             }
             ClientMsg::CallTransfer { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call) {
-                    leg.do_send(LegMsg::Transfer { rid, to });
+                if let Some(leg) = self.leg(rid, &call)
+                    && !leg.do_send(LegMsg::Transfer { rid, to })
+                {
+                    self.not_sent(rid);
                 }
             }
             ClientMsg::CallTerminate { rid, call } => {
                 if let Some((leg, _)) = self.calls.get(&call) {
-                    leg.do_send(LegMsg::Terminate {
+                    let sent = leg.do_send(LegMsg::Terminate {
                         rid,
                         cause: TerminateCause::Call,
                     });
+                    if !sent {
+                        self.not_sent(rid);
+                    }
                 } else if self.ended.iter().any(|(c, _)| *c == call) {
                     // Terminating a call that already ended is not an error.
                     self.push(ServerMsg::Ok { rid });
@@ -445,7 +467,7 @@ impl Endpoint {
                             if let Some(r) = self.remote_calls.get_mut(&call) {
                                 r.messages.pop_back();
                             }
-                            self.fail_message(rid, call, 503, MESSAGES_WAITING_FOR_NODE);
+                            self.fail_message(rid, call, 503, REQUESTS_WAITING_FOR_NODE);
                         } else if remote.is_some() && !self.answer_sweep_armed {
                             self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
                         }

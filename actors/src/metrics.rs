@@ -30,7 +30,7 @@ pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
 pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoints";
 pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
-pub const CLUSTER_MESSAGES_DROPPED: &str = "confab_cluster_messages_dropped_total";
+pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -129,10 +129,10 @@ pub fn describe_all() {
          most (cluster mode only)"
     );
     describe_counter!(
-        CLUSTER_MESSAGES_DROPPED,
-        "Envelopes of the message flow (messages, acks, composing) for other nodes dropped \
-         because cluster.max_queued_messages already waited for the NATS client (cluster mode \
-         only)"
+        CLUSTER_ENVELOPES_DROPPED,
+        "Envelopes that clients' requests drive (messages, acks, composing, call requests, \
+         forks) not sent to another node because cluster.max_queued_envelopes already waited \
+         for the NATS client (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

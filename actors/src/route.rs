@@ -11,15 +11,15 @@ use actix::Addr;
 use confab_protocol::ServerMsg;
 use std::sync::Arc;
 
-use crate::call::leg::{CallLeg, LegMsg};
+use crate::call::leg::{CallLeg, LegMsg, TerminateCause};
 use crate::cluster::Cluster;
 use crate::cluster::wire::{Envelope, WireLegMsg};
 use crate::endpoint::{Endpoint, EndpointMsg};
 use crate::outbox::Outbox;
 
-/// The `message_failed` 503 text of a message dropped because `cluster.max_queued_messages`
-/// already wait for the NATS client (docs/protocol.md section 6).
-pub const MESSAGES_WAITING_FOR_NODE: &str = "Too many messages waiting for another node";
+/// The text of a `message_failed` 503 or an `error{overloaded}` for a request not sent because
+/// `cluster.max_queued_envelopes` already wait for the NATS client (docs/protocol.md §6, §9 p).
+pub const REQUESTS_WAITING_FOR_NODE: &str = "Too many requests waiting for another node";
 
 /// Where a directory entry's endpoint is.
 #[derive(Clone)]
@@ -143,9 +143,8 @@ pub enum LegRef {
 
 impl LegRef {
     /// Sends one of the messages an endpoint sends its leg. Other messages never cross nodes.
-    /// False when it was not sent: a `message`, `message_ack` or `composing` for another node
-    /// over `cluster.max_queued_messages` (see `cluster::quota`); the caller answers a
-    /// `message` itself.
+    /// False when it was not sent: a client's request for a leg on another node over
+    /// `cluster.max_queued_envelopes` (see `cluster::quota`); the caller answers it itself.
     pub fn do_send(&self, msg: LegMsg) -> bool {
         match self {
             LegRef::Local(a) => {
@@ -162,11 +161,21 @@ impl LegRef {
                     tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
                     return true;
                 };
-                let flow = matches!(
+                // What a client's requests drive is bounded; what the node sends on its own
+                // (a sign-out's hang-up, a lost endpoint, a release) must not be lost.
+                let bounded = matches!(
                     wire,
                     WireLegMsg::Message { .. }
                         | WireLegMsg::Ack { .. }
                         | WireLegMsg::Composing { .. }
+                        | WireLegMsg::Accept { .. }
+                        | WireLegMsg::Decline { .. }
+                        | WireLegMsg::Forward { .. }
+                        | WireLegMsg::Transfer { .. }
+                        | WireLegMsg::Terminate {
+                            cause: TerminateCause::Call,
+                            ..
+                        }
                 );
                 let env = Envelope::Leg {
                     call: call.clone(),
@@ -174,8 +183,8 @@ impl LegRef {
                     reply_endpoint: endpoint.clone(),
                     msg: wire,
                 };
-                if flow {
-                    cluster.send_flow(node, &env)
+                if bounded {
+                    cluster.send_bounded(node, &env)
                 } else {
                     cluster.send(node, &env);
                     true

@@ -126,15 +126,14 @@ pub struct Cluster {
     pub node_id: Option<String>,
     #[serde(default)]
     pub node_timeout_ms: Option<u64>,
-    /// Envelopes of the message flow (messages, acks, composing notices) for other nodes waiting
-    /// for the NATS client (they pile up while NATS is away); beyond this many, new ones are
-    /// dropped, and a message answered (`message_failed` 503 at once, or 408 after the ack
-    /// timeout). See `cluster::quota`.
-    #[serde(default = "default_max_queued_messages")]
-    pub max_queued_messages: usize,
+    /// Envelopes that clients' requests drive to other nodes (messages, acks, composing, call
+    /// requests, forks) waiting for the NATS client (they pile up while NATS is away); beyond
+    /// this many, new ones are not sent, and answered (see `cluster::quota`).
+    #[serde(default = "default_max_queued_envelopes")]
+    pub max_queued_envelopes: usize,
 }
 
-fn default_max_queued_messages() -> usize {
+fn default_max_queued_envelopes() -> usize {
     8_192
 }
 
@@ -145,7 +144,7 @@ impl Cluster {
             nats_url: nats_url.into(),
             node_id: None,
             node_timeout_ms: None,
-            max_queued_messages: default_max_queued_messages(),
+            max_queued_envelopes: default_max_queued_envelopes(),
         }
     }
 }
@@ -361,8 +360,8 @@ impl Settings {
             if c.node_timeout_ms == Some(0) {
                 return invalid("cluster.node_timeout_ms", "must be positive");
             }
-            if c.max_queued_messages == 0 {
-                return invalid("cluster.max_queued_messages", "must be positive");
+            if c.max_queued_envelopes == 0 {
+                return invalid("cluster.max_queued_envelopes", "must be positive");
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -444,13 +443,19 @@ mod tests {
         .expect("valid");
         let c = s.cluster.expect("cluster");
         assert_eq!(c.node_id.as_deref(), Some("node-b"));
-        assert_eq!(c.max_queued_messages, 8_192);
+        assert_eq!(c.max_queued_envelopes, 8_192);
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
             .expect_err("dots would break subjects and keys");
         assert!(e.to_string().contains("cluster.node_id"), "{e}");
-        let e = Settings::load("[cluster]\nnats_url = \"x\"\nmax_queued_messages = 0\n", [])
-            .expect_err("a node that can queue no message cannot send one to another node");
-        assert!(e.to_string().contains("cluster.max_queued_messages"), "{e}");
+        let e = Settings::load(
+            "[cluster]\nnats_url = \"x\"\nmax_queued_envelopes = 0\n",
+            [],
+        )
+        .expect_err("a node that can queue no message cannot send one to another node");
+        assert!(
+            e.to_string().contains("cluster.max_queued_envelopes"),
+            "{e}"
+        );
     }
 
     #[test]

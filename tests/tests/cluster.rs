@@ -890,13 +890,13 @@ fn note(answers: &mut Answers, m: ServerMsg) {
 }
 
 /// While NATS is away, messages for another node wait in the NATS client (2,048 commands)
-/// and then in the node's queue, bounded by `cluster.max_queued_messages`; beyond that a message
+/// and then in the node's queue, bounded by `cluster.max_queued_envelopes`; beyond that a message
 /// is refused at once with `message_failed` 503, and counted. Whatever happens to the rest
 /// (delivered after the reconnect, or lost because the other node was not back on NATS yet),
 /// every message gets exactly one answer.
 #[tokio::test]
 async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_all_are_answered() {
-    const DROPPED: &str = "confab_cluster_messages_dropped_total";
+    const DROPPED: &str = "confab_cluster_envelopes_dropped_total";
     const SENT: u32 = 4_096;
     let mut nats = NatsServer::start();
     // Alice's node holds the call's legs; Bob's messages leave his node as envelopes.
@@ -915,7 +915,7 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
         s.limits.outbound_queue = 16_384;
         if let Some(c) = s.cluster.as_mut() {
             c.node_timeout_ms = Some(5_000);
-            c.max_queued_messages = 2;
+            c.max_queued_envelopes = 2;
         }
     });
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
@@ -990,11 +990,15 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
     let refused = answers.values().filter(|a| a[0].0 == 503).count();
     for a in answers.values().filter(|a| a[0].0 == 503) {
-        assert_eq!(a[0].1, route::MESSAGES_WAITING_FOR_NODE);
+        assert_eq!(a[0].1, route::REQUESTS_WAITING_FOR_NODE);
     }
     let dropped = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED) - dropped_before;
     assert!(refused > 0);
-    assert_eq!(refused as f64, dropped, "each refusal counted once");
+    // At least: the recorder is shared by the tests of this binary, and another one drops too.
+    assert!(
+        dropped >= refused as f64,
+        "{dropped} counted, {refused} refused"
+    );
     for a in answers.values() {
         assert!(matches!(a[0].0, 200 | 408 | 503), "{a:?}");
     }
@@ -1021,7 +1025,9 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
     let b = start_cluster_node(&nats, "node-b", quick);
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
 
-    b.cluster().expect("a cluster node").lose_flow_envelopes(1);
+    b.cluster()
+        .expect("a cluster node")
+        .lose_bounded_envelopes(1);
     let lost = send_message(&mut bob, &incoming, "lost").await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
@@ -1049,7 +1055,9 @@ async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
 
-    b.cluster().expect("a cluster node").lose_flow_envelopes(1);
+    b.cluster()
+        .expect("a cluster node")
+        .lose_bounded_envelopes(1);
     let lost = send_message(&mut bob, &incoming, "lost").await;
     // Bob's node has handled the message (and lost it) once it answers a request sent after it.
     let pong = bob.request(ClientMsg::Ping { rid: None }).await;
@@ -1069,5 +1077,63 @@ async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
         matches!(&m, ServerMsg::MessageFailed { rid, code: 481, .. } if *rid == lost),
         "{m:?}"
     );
+    drop((a, b, nats));
+}
+
+/// When `cluster.max_queued_envelopes` already wait for another node (as behind a NATS outage),
+/// what a client asks of that node is refused at once and not sent: a hang-up gets
+/// `error{overloaded}`, a message `message_failed` 503, a call's fork there is lost (480 when
+/// it was the only one); once the queue drains, the same requests go through.
+#[tokio::test]
+async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
+    let nats = NatsServer::start();
+    let one = |s: &mut confab_actors::Settings| {
+        if let Some(c) = s.cluster.as_mut() {
+            c.max_queued_envelopes = 1;
+        }
+    };
+    let a = start_cluster_node(&nats, "node-a", one);
+    let b = start_cluster_node(&nats, "node-b", one);
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    let [cluster_a, cluster_b] = [&a, &b].map(|n| n.cluster().expect("a cluster node"));
+
+    cluster_b.occupy_envelope_places(1);
+    let hang_up = ClientMsg::CallTerminate {
+        rid: None,
+        call: incoming.clone(),
+    };
+    match bob.request(hang_up.clone()).await {
+        ServerMsg::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::Overloaded);
+            assert_eq!(message, route::REQUESTS_WAITING_FOR_NODE);
+        }
+        other => panic!("{other:?}"),
+    }
+    let rid = send_message(&mut bob, &incoming, "refused").await;
+    match bob.recv().await {
+        ServerMsg::MessageFailed {
+            rid: r, code, text, ..
+        } => {
+            assert_eq!((r, code), (rid, 503));
+            assert_eq!(text, route::REQUESTS_WAITING_FOR_NODE);
+        }
+        other => panic!("{other:?}"),
+    }
+    cluster_b.free_envelope_places(1);
+    let rid = send_message(&mut bob, &incoming, "sent").await;
+    assert_eq!(receive_and_ack(&mut alice, &call).await.1, "sent");
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+    assert!(matches!(bob.request(hang_up).await, ServerMsg::Ok { .. }));
+    expect_reason(&mut alice, &call, 200, "Terminated remotely").await;
+
+    // A's queue full: Alice's call to Bob cannot offer him the fork, so it fails as if his
+    // device had gone.
+    cluster_a.occupy_envelope_places(1);
+    let (call, _) = alice.establish(BOB, None).await;
+    expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
+    cluster_a.free_envelope_places(1);
     drop((a, b, nats));
 }

@@ -38,7 +38,7 @@ use crate::metrics as m;
 use crate::presence::rank::Publication;
 use crate::presence::{PresenceMsg, PresenceShards};
 use crate::settings;
-use quota::MessageQuota;
+use quota::EnvelopeQuota;
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
 use writes::KvOp;
 
@@ -95,8 +95,8 @@ pub struct Cluster {
     pub timeout: Duration,
     kv: kv::Store,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
-    /// Bounds the message envelopes waiting in `publish_tx` (`cluster.max_queued_messages`).
-    quota: Arc<MessageQuota>,
+    /// Bounds the message envelopes waiting in `publish_tx` (`cluster.max_queued_envelopes`).
+    quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
     pub endpoints: DashMap<String, Addr<Endpoint>>,
@@ -132,8 +132,8 @@ pub struct Cluster {
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
     /// Tests: this many flow envelopes are still to be lost (see
-    /// [`Cluster::lose_flow_envelopes`]).
-    lose_flow: AtomicUsize,
+    /// [`Cluster::lose_bounded_envelopes`]).
+    lose_bounded: AtomicUsize,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
@@ -275,7 +275,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
-        let quota = Arc::new(MessageQuota::new(cfg.max_queued_messages));
+        let quota = Arc::new(EnvelopeQuota::new(cfg.max_queued_envelopes));
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
         // The start time: a later run of a node has a larger epoch, so a record of an earlier
         // run is recognised as stale whatever order things arrive in.
@@ -305,7 +305,7 @@ impl Cluster {
             told: Mutex::new(HashMap::new()),
             reload: Mutex::new(None),
             muted_until: Mutex::new(None),
-            lose_flow: AtomicUsize::new(0),
+            lose_bounded: AtomicUsize::new(0),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
         });
@@ -323,7 +323,7 @@ impl Cluster {
         for direction in ["in", "out"] {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
-        metrics::counter!(m::CLUSTER_MESSAGES_DROPPED).increment(0);
+        metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
         cluster.directory_gauge();
         Ok(cluster)
     }
@@ -432,10 +432,21 @@ impl Cluster {
         *lock(&self.muted_until) = Some(Instant::now() + d);
     }
 
-    /// For tests: the next `n` envelopes of the message flow are lost on the way, as core NATS
-    /// may lose them, though the sender believes them sent.
-    pub fn lose_flow_envelopes(&self, n: usize) {
-        self.lose_flow.store(n, Ordering::SeqCst);
+    /// For tests: `n` places of `cluster.max_queued_envelopes` are held, as by envelopes stuck
+    /// behind a NATS outage, until [`Cluster::free_envelope_places`] gives them back.
+    pub fn occupy_envelope_places(&self, n: usize) {
+        self.quota.occupy(n);
+    }
+
+    /// For tests: gives back places held by [`Cluster::occupy_envelope_places`].
+    pub fn free_envelope_places(&self, n: usize) {
+        self.quota.free(n);
+    }
+
+    /// For tests: the next `n` bounded envelopes (see [`quota`]) are lost on the way, as core
+    /// NATS may lose them, though the sender believes them sent.
+    pub fn lose_bounded_envelopes(&self, n: usize) {
+        self.lose_bounded.store(n, Ordering::SeqCst);
     }
 
     /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
@@ -506,13 +517,13 @@ impl Cluster {
         self.enqueue(node, env, false);
     }
 
-    /// Publishes an envelope of the message flow (a message, an ack, a composing notice) to
-    /// `node`, unless `cluster.max_queued_messages` already wait (see [`quota`]); false when it
-    /// was not sent, and the caller owes a `message` its answer.
-    pub fn send_flow(&self, node: &str, env: &Envelope) -> bool {
-        if self.lose_flow.load(Ordering::Relaxed) > 0
+    /// Publishes an envelope a client's requests drive (see [`quota`]) to `node`, unless
+    /// `cluster.max_queued_envelopes` already wait; false when it was not sent, and the caller
+    /// answers for it.
+    pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
+        if self.lose_bounded.load(Ordering::Relaxed) > 0
             && self
-                .lose_flow
+                .lose_bounded
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
         {
@@ -549,9 +560,10 @@ impl Cluster {
     }
 
     /// A leg's event for an endpoint on `node`. A `message_received` (not a toast, which is
-    /// part of the call's set-up) and a `remote_composing` belong to the message flow: over
-    /// the quota they are dropped, and the sender's leg answers the message (408 after the ack
-    /// timeout).
+    /// part of the call's set-up) and a `remote_composing{active:true}` are driven by the
+    /// other client's flow: over the bound they are dropped (the sender's leg answers the
+    /// message with 408 after the ack timeout; a composing notice lapses). The one
+    /// `remote_composing{active:false}` of a lapse is never dropped.
     pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) {
         match rmp_serde::to_vec_named(msg) {
             Ok(frame) => {
@@ -564,9 +576,9 @@ impl Cluster {
                 if matches!(
                     msg,
                     ServerMsg::MessageReceived { toast: None, .. }
-                        | ServerMsg::RemoteComposing { .. }
+                        | ServerMsg::RemoteComposing { active: true, .. }
                 ) {
-                    self.send_flow(node, &env);
+                    self.send_bounded(node, &env);
                 } else {
                     self.send(node, &env);
                 }
@@ -1206,7 +1218,7 @@ fn to_publication(p: &wire::PublicationRecord) -> Publication {
 async fn publish_loop(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    quota: Arc<MessageQuota>,
+    quota: Arc<EnvelopeQuota>,
 ) {
     while let Some(out) = rx.recv().await {
         match out {

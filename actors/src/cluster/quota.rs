@@ -1,24 +1,31 @@
-//! The bound on the message flow waiting to go out to other nodes
-//! (`cluster.max_queued_messages`).
+//! The bound on envelopes that clients' requests drive, waiting to go out to other nodes
+//! (`cluster.max_queued_envelopes`).
 //!
 //! Envelopes wait in the publisher's queue until the NATS client takes them. While NATS is away
 //! the client stops taking them once its own command buffer (2,048) is full, so without a bound
-//! the queue would grow for the whole outage, bodies included. The bound counts what is really
-//! waiting (taken when queued, given back once the client has it), so it holds whether or not
-//! the node has noticed the outage yet. It covers the envelopes of the message flow, which a
-//! client can send as fast as its request rate allows: a `message` to a leg on another node
-//! (refused at once with `message_failed` 503), a `message_ack` or `composing` (dropped: the
-//! sender's leg fails the message with 408, a composing notice just lapses), and a
-//! `message_received` (not a toast) or `remote_composing` to an endpoint on another node
-//! (dropped likewise). Call control (accept, hang-up, call state, message answers) is never
-//! dropped here: losing it would leave a call half ended, and a client makes it only as fast as
-//! calls change.
+//! the queue would grow for the whole outage at the pace of the clients' requests (each
+//! connection may send `limits.requests_per_second`, bodies and SDPs included). The bound counts
+//! what is really waiting (taken when queued, given back once the client has it), so it holds
+//! whether or not the node has noticed the outage yet. It covers what a client can repeat at
+//! will, each with an answer when it is not sent:
+//! - a `message` to a leg on another node: `message_failed` 503 at once;
+//! - a `call_accept`, `call_decline`, `call_forward`, `call_transfer` or `call_terminate` for a
+//!   leg on another node: `error{overloaded}` at once;
+//! - a fork offered to an endpoint on another node: the fork is lost (as if the endpoint had
+//!   gone), and the call goes on with the others or ends as without them;
+//! - a `message_ack`, a `composing`, a `message_received` (not a toast) or a
+//!   `remote_composing{active:true}`: dropped, as core NATS may drop them (the sender's leg
+//!   answers the message with 408 after the ack timeout; a composing notice lapses).
+//!
+//! What the node sends on its own (call state, answers, toasts, a sign-out's hang-ups, a lost
+//! endpoint, releases, the lapse of a composing notice) is never dropped here: losing it would
+//! leave a call half ended, and it comes only as fast as calls change.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::metrics as m;
 
-pub(super) struct MessageQuota {
+pub(super) struct EnvelopeQuota {
     /// Message envelopes queued and not yet handed to the NATS client.
     waiting: AtomicUsize,
     limit: usize,
@@ -27,9 +34,9 @@ pub(super) struct MessageQuota {
     dropping: AtomicBool,
 }
 
-impl MessageQuota {
+impl EnvelopeQuota {
     pub(super) fn new(limit: usize) -> Self {
-        MessageQuota {
+        EnvelopeQuota {
             waiting: AtomicUsize::new(0),
             limit,
             dropping: AtomicBool::new(false),
@@ -43,11 +50,11 @@ impl MessageQuota {
             return true;
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        metrics::counter!(m::CLUSTER_MESSAGES_DROPPED).increment(1);
+        metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(1);
         if !self.dropping.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 limit = self.limit,
-                "cluster.max_queued_messages messages wait for NATS; dropping new ones until they drain"
+                "cluster.max_queued_envelopes messages wait for NATS; dropping new ones until they drain"
             );
         }
         false
@@ -58,6 +65,18 @@ impl MessageQuota {
         let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
         if before <= self.limit / 2 + 1 && self.dropping.swap(false, Ordering::Relaxed) {
             tracing::info!("messages for other nodes drain again; no longer dropping");
+        }
+    }
+
+    /// Tests: holds `n` places, as envelopes stuck behind an outage would.
+    pub(super) fn occupy(&self, n: usize) {
+        self.waiting.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Tests: gives back `n` places held by [`EnvelopeQuota::occupy`].
+    pub(super) fn free(&self, n: usize) {
+        for _ in 0..n {
+            self.release();
         }
     }
 
@@ -73,7 +92,7 @@ mod tests {
 
     #[test]
     fn places_beyond_the_limit_are_refused_until_one_is_given_back() {
-        let q = MessageQuota::new(2);
+        let q = EnvelopeQuota::new(2);
         assert!(q.take());
         assert!(q.take());
         assert!(!q.take(), "a third is over the limit");
@@ -85,7 +104,7 @@ mod tests {
 
     #[test]
     fn dropping_ends_once_the_queue_has_drained_to_half() {
-        let q = MessageQuota::new(4);
+        let q = EnvelopeQuota::new(4);
         for _ in 0..4 {
             assert!(q.take());
         }

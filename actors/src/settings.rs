@@ -131,6 +131,13 @@ pub struct Cluster {
     /// this many, new ones are not sent, and answered (see `cluster::quota`).
     #[serde(default = "default_max_queued_envelopes")]
     pub max_queued_envelopes: usize,
+    /// The same bound in bytes (whichever is reached first).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+}
+
+fn default_max_queued_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn default_max_queued_envelopes() -> usize {
@@ -145,6 +152,7 @@ impl Cluster {
             node_id: None,
             node_timeout_ms: None,
             max_queued_envelopes: default_max_queued_envelopes(),
+            max_queued_bytes: default_max_queued_bytes(),
         }
     }
 }
@@ -363,6 +371,9 @@ impl Settings {
             if c.max_queued_envelopes == 0 {
                 return invalid("cluster.max_queued_envelopes", "must be positive");
             }
+            if c.max_queued_bytes == 0 {
+                return invalid("cluster.max_queued_bytes", "must be positive");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
@@ -444,6 +455,7 @@ mod tests {
         let c = s.cluster.expect("cluster");
         assert_eq!(c.node_id.as_deref(), Some("node-b"));
         assert_eq!(c.max_queued_envelopes, 8_192);
+        assert_eq!(c.max_queued_bytes, 64 << 20);
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
             .expect_err("dots would break subjects and keys");
         assert!(e.to_string().contains("cluster.node_id"), "{e}");

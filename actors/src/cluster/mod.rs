@@ -75,9 +75,9 @@ pub struct RemoteEndpoint {
 /// What the publisher task sends, in order.
 enum Outgoing {
     Publish(String, Bytes),
-    /// An envelope carrying an instant message: it holds a place in [`Cluster::quota`] until
-    /// the client has taken it.
-    Message(String, Bytes),
+    /// An envelope a client's requests drove: it holds a place in [`Cluster::quota`] until the
+    /// client has taken it.
+    Bounded(String, Bytes),
     /// Answered once everything queued before it was handed to the client.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -275,7 +275,10 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
-        let quota = Arc::new(EnvelopeQuota::new(cfg.max_queued_envelopes));
+        let quota = Arc::new(EnvelopeQuota::new(
+            cfg.max_queued_envelopes,
+            cfg.max_queued_bytes,
+        ));
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
         // The start time: a later run of a node has a larger epoch, so a record of an earlier
         // run is recognised as stale whatever order things arrive in.
@@ -532,26 +535,28 @@ impl Cluster {
         self.enqueue(node, env, true)
     }
 
-    fn enqueue(&self, node: &str, env: &Envelope, message: bool) -> bool {
-        if message && !self.quota.take() {
-            return false;
-        }
-        let subject = format!("confab.node.{node}");
-        let out = match rmp_serde::to_vec_named(env) {
-            Ok(bytes) if message => Outgoing::Message(subject, Bytes::from(bytes)),
-            Ok(bytes) => Outgoing::Publish(subject, Bytes::from(bytes)),
+    fn enqueue(&self, node: &str, env: &Envelope, bounded: bool) -> bool {
+        let payload = match rmp_serde::to_vec_named(env) {
+            Ok(bytes) => Bytes::from(bytes),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode an envelope");
-                if message {
-                    self.quota.release();
-                }
                 return false;
             }
         };
+        let len = payload.len();
+        if bounded && !self.quota.take(len) {
+            return false;
+        }
+        let subject = format!("confab.node.{node}");
+        let out = if bounded {
+            Outgoing::Bounded(subject, payload)
+        } else {
+            Outgoing::Publish(subject, payload)
+        };
         if self.publish_tx.send(out).is_err() {
             // The publisher has stopped: the node is leaving, and ends the calls itself.
-            if message {
-                self.quota.release();
+            if bounded {
+                self.quota.release(len);
             }
             return false;
         }
@@ -1227,11 +1232,12 @@ async fn publish_loop(
                     tracing::warn!(error = %e, "cannot publish to NATS");
                 }
             }
-            Outgoing::Message(subject, payload) => {
+            Outgoing::Bounded(subject, payload) => {
+                let len = payload.len();
                 if let Err(e) = client.publish(subject, payload).await {
                     tracing::warn!(error = %e, "cannot publish to NATS");
                 }
-                quota.release();
+                quota.release(len);
             }
             Outgoing::Flush(done) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;

@@ -26,45 +26,58 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::metrics as m;
 
 pub(super) struct EnvelopeQuota {
-    /// Message envelopes queued and not yet handed to the NATS client.
+    /// Bounded envelopes queued and not yet handed to the NATS client, and their bytes.
     waiting: AtomicUsize,
+    waiting_bytes: AtomicUsize,
     limit: usize,
+    byte_limit: usize,
     /// Set from a drop until the queue has drained to half the limit, so a long outage logs
-    /// one warning when dropping starts and one line when it ends, not one per message.
+    /// one warning when dropping starts and one line when it ends, not one per envelope.
     dropping: AtomicBool,
 }
 
 impl EnvelopeQuota {
-    pub(super) fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize, byte_limit: usize) -> Self {
         EnvelopeQuota {
             waiting: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
             limit,
+            byte_limit,
             dropping: AtomicBool::new(false),
         }
     }
 
-    /// Takes a place for one message envelope; false when `limit` already wait, and the caller
-    /// drops it (and answers for it).
-    pub(super) fn take(&self) -> bool {
-        if self.waiting.fetch_add(1, Ordering::AcqRel) < self.limit {
+    /// Takes a place for one envelope of `bytes`; false when `limit` envelopes or
+    /// `byte_limit` bytes already wait (one envelope alone is always let through, however
+    /// large: the frame limits bound it), and the caller drops it (and answers for it).
+    pub(super) fn take(&self, bytes: usize) -> bool {
+        let count = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let before = self.waiting_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if count < self.limit && (before == 0 || before + bytes <= self.byte_limit) {
             return true;
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.waiting_bytes.fetch_sub(bytes, Ordering::AcqRel);
         metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(1);
         if !self.dropping.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 limit = self.limit,
-                "cluster.max_queued_envelopes messages wait for NATS; dropping new ones until they drain"
+                byte_limit = self.byte_limit,
+                "cluster.max_queued_envelopes (or max_queued_bytes) wait for NATS; refusing new ones until they drain"
             );
         }
         false
     }
 
-    /// Gives back the place of a message envelope the NATS client has taken.
-    pub(super) fn release(&self) {
+    /// Gives back the place of an envelope of `bytes` the NATS client has taken.
+    pub(super) fn release(&self, bytes: usize) {
         let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
-        if before <= self.limit / 2 + 1 && self.dropping.swap(false, Ordering::Relaxed) {
-            tracing::info!("messages for other nodes drain again; no longer dropping");
+        let before_bytes = self.waiting_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if before <= self.limit / 2 + 1
+            && before_bytes <= self.byte_limit / 2 + bytes
+            && self.dropping.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("envelopes for other nodes drain again; no longer refusing");
         }
     }
 
@@ -76,13 +89,16 @@ impl EnvelopeQuota {
     /// Tests: gives back `n` places held by [`EnvelopeQuota::occupy`].
     pub(super) fn free(&self, n: usize) {
         for _ in 0..n {
-            self.release();
+            self.release(0);
         }
     }
 
     #[cfg(test)]
-    fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
+    fn waiting(&self) -> (usize, usize) {
+        (
+            self.waiting.load(Ordering::Acquire),
+            self.waiting_bytes.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -90,34 +106,48 @@ impl EnvelopeQuota {
 mod tests {
     use super::*;
 
+    const MIB: usize = 1 << 20;
+
     #[test]
     fn places_beyond_the_limit_are_refused_until_one_is_given_back() {
-        let q = EnvelopeQuota::new(2);
-        assert!(q.take());
-        assert!(q.take());
-        assert!(!q.take(), "a third is over the limit");
-        assert_eq!(q.waiting(), 2, "a refused one holds no place");
-        q.release();
-        assert!(q.take());
-        assert!(!q.take());
+        let q = EnvelopeQuota::new(2, MIB);
+        assert!(q.take(10));
+        assert!(q.take(10));
+        assert!(!q.take(10), "a third is over the limit");
+        assert_eq!(q.waiting(), (2, 20), "a refused one holds no place");
+        q.release(10);
+        assert!(q.take(10));
+        assert!(!q.take(10));
     }
 
     #[test]
-    fn dropping_ends_once_the_queue_has_drained_to_half() {
-        let q = EnvelopeQuota::new(4);
+    fn bytes_beyond_the_byte_limit_are_refused_but_one_envelope_always_passes() {
+        let q = EnvelopeQuota::new(100, 1000);
+        assert!(q.take(5000), "alone, even a large one goes");
+        assert!(!q.take(1), "behind it, nothing fits");
+        q.release(5000);
+        assert!(q.take(600));
+        assert!(q.take(400));
+        assert!(!q.take(1));
+        assert_eq!(q.waiting(), (2, 1000));
+    }
+
+    #[test]
+    fn refusing_ends_once_the_queue_has_drained_to_half() {
+        let q = EnvelopeQuota::new(4, MIB);
         for _ in 0..4 {
-            assert!(q.take());
+            assert!(q.take(1));
         }
-        assert!(!q.take());
+        assert!(!q.take(1));
         assert!(q.dropping.load(Ordering::Relaxed));
-        q.release();
+        q.release(1);
         assert!(
             q.dropping.load(Ordering::Relaxed),
             "one free place is not drained yet"
         );
-        q.release();
-        q.release();
+        q.release(1);
+        q.release(1);
         assert!(!q.dropping.load(Ordering::Relaxed));
-        assert_eq!(q.waiting(), 1);
+        assert_eq!(q.waiting(), (1, 1));
     }
 }

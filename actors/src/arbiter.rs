@@ -218,10 +218,30 @@ impl ForkArbiter {
             }
         };
         let conversation = self.t.ctx.ids.mint('v');
+        let adopt = Envelope::Adopt {
+            endpoint: endpoint.to_owned(),
+            leg_node: cluster.node_id.clone(),
+            arbiter: me,
+            call: call.to_owned(),
+            conversation: conversation.clone(),
+            from: self.t.from.user.clone(),
+            offer: self.t.offer.sdp().to_owned(),
+            toast: self.t.toast.clone(),
+            immediate: self.immediate,
+        };
+        // A caller's calls drive these, so they share the bound on what waits for NATS. Its
+        // place is taken before the leg exists: a fork that cannot be offered is lost, as if
+        // the endpoint had gone, and no leg is left to report an end nobody heard of.
+        let Some(adopt) = cluster.reserve_bounded(node, &adopt) else {
+            ctx.address().do_send(ArbiterMsg::ForkLost {
+                call: call.to_owned(),
+            });
+            return None;
+        };
         let leg = CallLeg::new(LegInit {
             ctx: self.t.ctx.clone(),
             id: call.to_owned(),
-            conversation: conversation.clone(),
+            conversation,
             direction: confab_protocol::Direction::Inbound,
             outbox: EventSink::Remote {
                 cluster: cluster.clone(),
@@ -249,24 +269,7 @@ impl ForkArbiter {
         cluster
             .legs
             .insert(call.to_owned(), (node.to_owned(), leg.clone()));
-        let adopt = Envelope::Adopt {
-            endpoint: endpoint.to_owned(),
-            leg_node: cluster.node_id.clone(),
-            arbiter: me,
-            call: call.to_owned(),
-            conversation,
-            from: self.t.from.user.clone(),
-            offer: self.t.offer.sdp().to_owned(),
-            toast: self.t.toast.clone(),
-            immediate: self.immediate,
-        };
-        // A caller's calls drive these, so they share the bound on what waits for NATS; one
-        // not sent is a fork lost, as if the endpoint had gone.
-        if !cluster.send_bounded(node, &adopt) {
-            ctx.address().do_send(ArbiterMsg::ForkLost {
-                call: call.to_owned(),
-            });
-        }
+        adopt.send();
         Some(leg)
     }
 

@@ -99,9 +99,6 @@ struct RemoteCall {
 /// How long `bye` waits for calls on other nodes to report their end.
 const REMOTE_END_WAIT: Duration = Duration::from_secs(2);
 
-/// The `message_failed` 481 text (docs/protocol.md section 6).
-const CALL_DOES_NOT_EXIST: &str = "Call Leg/Transaction Does Not Exist";
-
 /// A fork of a call offered to this endpoint by an arbiter. If it is dropped unhandled (the
 /// endpoint is gone), the arbiter hears that the fork is lost, so it never waits for it.
 pub struct ForkOffer {
@@ -239,15 +236,31 @@ impl Endpoint {
         self.outbox.push(msg);
     }
 
+    /// Answers every message of `call` still waiting for its leg on another node, when that
+    /// leg can no longer answer them.
+    fn fail_waiting(
+        &self,
+        call: &str,
+        waiting: VecDeque<(Option<u32>, Instant)>,
+        code: u16,
+        text: &str,
+    ) {
+        for (rid, _) in waiting {
+            self.fail_message(rid, call.to_owned(), code, text);
+        }
+    }
+
     /// A call request for a leg on another node that was not sent: too many requests already
-    /// wait for that node (`cluster.max_queued_envelopes`). The client may try again.
+    /// wait for that node (`cluster.max_queued_envelopes` or `max_queued_bytes`). The client
+    /// may try again.
     fn not_sent(&self, rid: Option<u32>) {
         self.error(rid, ErrorCode::Overloaded, REQUESTS_WAITING_FOR_NODE);
     }
 
     /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
     fn fail_message(&self, rid: Option<u32>, call: String, code: u16, text: &str) {
-        metrics::counter!(m::MESSAGES, "result" => code.to_string()).increment(1);
+        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
+            .increment(1);
         self.push(ServerMsg::MessageFailed {
             rid,
             call,
@@ -454,26 +467,31 @@ impl Endpoint {
                 }
                 match self.calls.get(&call) {
                     Some((leg, _)) => {
-                        let remote = self.remote_calls.get_mut(&call).map(|r| {
-                            r.messages.push_back((rid, Instant::now()));
-                        });
+                        let remote = match self.remote_calls.get_mut(&call) {
+                            Some(r) => {
+                                r.messages.push_back((rid, Instant::now()));
+                                true
+                            }
+                            None => false,
+                        };
                         let sent = leg.do_send(LegMsg::Message {
                             rid,
                             content_type,
                             body,
                         });
                         if !sent {
-                            // Too many messages already wait for the leg's node.
+                            // Over the bound for the leg's node: not sent, so answered here
+                            // rather than left to the deadline.
                             if let Some(r) = self.remote_calls.get_mut(&call) {
                                 r.messages.pop_back();
                             }
                             self.fail_message(rid, call, 503, REQUESTS_WAITING_FOR_NODE);
-                        } else if remote.is_some() && !self.answer_sweep_armed {
+                        } else if remote && !self.answer_sweep_armed {
                             self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
                         }
                     }
                     None => {
-                        self.fail_message(rid, call, 481, CALL_DOES_NOT_EXIST);
+                        self.fail_message(rid, call, 481, reasons::CALL_DOES_NOT_EXIST);
                     }
                 }
             }
@@ -796,7 +814,7 @@ impl Endpoint {
         }
         for (call, rid) in expired {
             tracing::info!(endpoint = %self.id, %call, "no answer from the call's node; failing a message with 408");
-            self.fail_message(rid, call, 408, "Request Timeout");
+            self.fail_message(rid, call, 408, reasons::REQUEST_TIMEOUT);
         }
         if let Some(oldest) = next {
             self.arm_answer_sweep((oldest + timeout).saturating_duration_since(now), ctx);
@@ -821,9 +839,7 @@ impl Endpoint {
             if let Some(rid) = r.accept {
                 self.error(rid, ErrorCode::InvalidState, "the call is over");
             }
-            for (rid, _) in r.messages {
-                self.fail_message(rid, call.clone(), 503, &reason.text);
-            }
+            self.fail_waiting(&call, r.messages, 503, &reason.text);
             if !r.state.is_final() {
                 let mut previous = r.state;
                 let steps: &[confab_protocol::CallState] =
@@ -867,9 +883,7 @@ impl Endpoint {
         if let Some(r) = self.remote_calls.remove(&call) {
             // The leg answered every message it had before it reported its end (in order, on
             // one connection): one still waiting was lost on the way, or crossed the end.
-            for (rid, _) in r.messages {
-                self.fail_message(rid, call.clone(), 481, CALL_DOES_NOT_EXIST);
-            }
+            self.fail_waiting(&call, r.messages, 481, reasons::CALL_DOES_NOT_EXIST);
         }
         self.ended.push_back((call.clone(), elsewhere));
         if self.ended.len() > REMEMBERED_ENDED_CALLS {
@@ -918,9 +932,7 @@ impl Endpoint {
                 ctx.run_later(REMOTE_END_WAIT, |act, ctx| {
                     // Messages to legs that never reported their end still get their answer.
                     for (call, r) in std::mem::take(&mut act.remote_calls) {
-                        for (rid, _) in r.messages {
-                            act.fail_message(rid, call.clone(), 481, CALL_DOES_NOT_EXIST);
-                        }
+                        act.fail_waiting(&call, r.messages, 481, reasons::CALL_DOES_NOT_EXIST);
                     }
                     act.outbox.close();
                     ctx.stop();

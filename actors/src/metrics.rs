@@ -131,8 +131,8 @@ pub fn describe_all() {
     describe_counter!(
         CLUSTER_ENVELOPES_DROPPED,
         "Envelopes that clients' requests drive (messages, acks, composing, call requests, \
-         forks) not sent to another node because cluster.max_queued_envelopes already waited \
-         for the NATS client (cluster mode only)"
+         forks) not sent to another node because cluster.max_queued_envelopes or \
+         max_queued_bytes already waited for the NATS client (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

@@ -3,6 +3,24 @@
 
 use confab_protocol::Reason;
 
+/// `message_failed` texts of protocol.md §6, shared by the leg and, for legs on other nodes,
+/// the endpoint.
+pub const CALL_DOES_NOT_EXIST: &str = "Call Leg/Transaction Does Not Exist";
+pub const REQUEST_TIMEOUT: &str = "Request Timeout";
+
+/// The `result` label of `confab_messages_total` for a failure code, without allocating for
+/// the codes the node sends.
+pub fn message_result_label(code: u16) -> std::borrow::Cow<'static, str> {
+    match code {
+        408 => "408".into(),
+        413 => "413".into(),
+        415 => "415".into(),
+        481 => "481".into(),
+        503 => "503".into(),
+        other => other.to_string().into(),
+    }
+}
+
 pub fn terminated_locally() -> Reason {
     Reason::new(200, "Terminated locally")
 }

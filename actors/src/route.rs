@@ -18,7 +18,8 @@ use crate::endpoint::{Endpoint, EndpointMsg};
 use crate::outbox::Outbox;
 
 /// The text of a `message_failed` 503 or an `error{overloaded}` for a request not sent because
-/// `cluster.max_queued_envelopes` already wait for the NATS client (docs/protocol.md §6, §9 p).
+/// `cluster.max_queued_envelopes` (or `max_queued_bytes`) already wait for the NATS client
+/// (docs/protocol.md §6, §9 p).
 pub const REQUESTS_WAITING_FOR_NODE: &str = "Too many requests waiting for another node";
 
 /// Where a directory entry's endpoint is.
@@ -59,10 +60,13 @@ pub enum EventSink {
 }
 
 impl EventSink {
-    pub fn push(&self, msg: ServerMsg) {
+    /// False when an event for another node was not sent (over the bound of
+    /// `Cluster::send_event`); a local outbox takes everything (it has its own limits).
+    pub fn push(&self, msg: ServerMsg) -> bool {
         match self {
             EventSink::Local(o) => {
                 o.push(msg);
+                true
             }
             EventSink::Remote {
                 cluster,
@@ -144,7 +148,8 @@ pub enum LegRef {
 impl LegRef {
     /// Sends one of the messages an endpoint sends its leg. Other messages never cross nodes.
     /// False when it was not sent: a client's request for a leg on another node over
-    /// `cluster.max_queued_envelopes` (see `cluster::quota`); the caller answers it itself.
+    /// `cluster.max_queued_envelopes` or `max_queued_bytes` (see `cluster::quota`); the caller
+    /// answers it itself.
     pub fn do_send(&self, msg: LegMsg) -> bool {
         match self {
             LegRef::Local(a) => {
@@ -158,6 +163,8 @@ impl LegRef {
                 endpoint,
             } => {
                 let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
+                    // A bug, not a refusal: no client request maps here, so nobody waits for
+                    // an answer to it.
                     tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
                     return true;
                 };

@@ -463,11 +463,14 @@ mod tests {
             "[cluster]\nnats_url = \"x\"\nmax_queued_envelopes = 0\n",
             [],
         )
-        .expect_err("a node that can queue no message cannot send one to another node");
+        .expect_err("a node that can queue no envelope cannot send one to another node");
         assert!(
             e.to_string().contains("cluster.max_queued_envelopes"),
             "{e}"
         );
+        let e = Settings::load("[cluster]\nnats_url = \"x\"\nmax_queued_bytes = 0\n", [])
+            .expect_err("no byte may wait");
+        assert!(e.to_string().contains("cluster.max_queued_bytes"), "{e}");
     }
 
     #[test]

@@ -1120,6 +1120,36 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
         other => panic!("{other:?}"),
     }
     cluster_b.free_envelope_places(1);
+
+    // A's queue full: Alice's composing notice does not reach Bob's node, and the `false` that
+    // ends it is not sent either (nothing to end); once the queue drains, the next notice does.
+    cluster_a.occupy_envelope_places(1);
+    for active in [true, false] {
+        alice
+            .send(&ClientMsg::Composing {
+                call: call.clone(),
+                active,
+            })
+            .await;
+    }
+    // Alice's node has handled both once it answers a request sent after them.
+    let pong = alice.request(ClientMsg::Ping { rid: None }).await;
+    assert!(matches!(pong, ServerMsg::Pong { .. }), "{pong:?}");
+    cluster_a.free_envelope_places(1);
+    alice
+        .send(&ClientMsg::Composing {
+            call: call.clone(),
+            active: true,
+        })
+        .await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::RemoteComposing { .. }))
+        .await;
+    assert!(
+        matches!(m, ServerMsg::RemoteComposing { active: true, .. }),
+        "{m:?}"
+    );
+
     let rid = send_message(&mut bob, &incoming, "sent").await;
     assert_eq!(receive_and_ack(&mut alice, &call).await.1, "sent");
     let (m, _) = bob

@@ -23,7 +23,10 @@ pub enum ConversationMsg {
 
 #[derive(Default)]
 pub struct Conversation {
-    calls: IdMap<String, LegRef>,
+    /// Each call's leg, and whether it has been asked to terminate already: a client may repeat
+    /// `conversation_terminate` at will, and while a leg on another node cannot report its end
+    /// (NATS away) each repeat would queue another envelope for it.
+    calls: IdMap<String, (LegRef, bool)>,
 }
 
 impl Actor for Conversation {
@@ -36,7 +39,7 @@ impl Handler<ConversationMsg> for Conversation {
     fn handle(&mut self, msg: ConversationMsg, ctx: &mut Context<Self>) {
         match msg {
             ConversationMsg::Add { call, leg } => {
-                self.calls.insert(call, leg);
+                self.calls.insert(call, (leg, false));
             }
             ConversationMsg::Remove { call } => {
                 self.calls.remove(&call);
@@ -45,11 +48,14 @@ impl Handler<ConversationMsg> for Conversation {
                 }
             }
             ConversationMsg::Terminate => {
-                for leg in self.calls.values() {
-                    leg.do_send(LegMsg::Terminate {
-                        rid: None,
-                        cause: TerminateCause::Conversation,
-                    });
+                for (leg, asked) in self.calls.values_mut() {
+                    if !*asked {
+                        *asked = true;
+                        leg.do_send(LegMsg::Terminate {
+                            rid: None,
+                            cause: TerminateCause::Conversation,
+                        });
+                    }
                 }
             }
         }

@@ -271,13 +271,14 @@ impl CallLeg {
         }
     }
 
-    fn push(&self, msg: ServerMsg) {
+    /// False when the event was not sent (see [`EventSink::push`]).
+    fn push(&self, msg: ServerMsg) -> bool {
         // A lost endpoint hears nothing more (locally its outbox is closed anyway; a remote one
         // may never have adopted this leg, and must not learn its id).
         if self.lost {
-            return;
+            return false;
         }
-        self.init.outbox.push(msg);
+        self.init.outbox.push(msg)
     }
 
     fn reply_ok(&self, rid: Option<u32>) {
@@ -289,7 +290,8 @@ impl CallLeg {
     }
 
     fn message_failed(&self, rid: Option<u32>, msg: Option<u32>, code: u16, text: &str) {
-        metrics::counter!(m::MESSAGES, "result" => code.to_string()).increment(1);
+        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
+            .increment(1);
         self.push(ServerMsg::MessageFailed {
             rid,
             call: self.init.id.clone(),
@@ -355,7 +357,7 @@ impl CallLeg {
         let (code, text) = if reason == reasons::node_lost() {
             (503, "Node lost")
         } else {
-            (481, "Call Leg/Transaction Does Not Exist")
+            (481, reasons::CALL_DOES_NOT_EXIST)
         };
         if let Some(sweep) = self.ack_sweep.take() {
             ctx.cancel_future(sweep);
@@ -534,7 +536,7 @@ impl CallLeg {
         ctx: &mut Context<Self>,
     ) {
         if self.peer.is_none() || !self.can_flow() {
-            return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
+            return self.message_failed(rid, None, 481, reasons::CALL_DOES_NOT_EXIST);
         }
         if !self.allows(&content_type) {
             return self.message_failed(rid, None, 415, "Unsupported Media Type");
@@ -555,7 +557,7 @@ impl CallLeg {
             return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
         }
         let Some(peer) = self.peer.as_ref() else {
-            return self.message_failed(rid, None, 481, "Call Leg/Transaction Does Not Exist");
+            return self.message_failed(rid, None, 481, reasons::CALL_DOES_NOT_EXIST);
         };
         let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let sender = self
@@ -633,7 +635,7 @@ impl CallLeg {
             }
             self.sent_order.pop_front();
             if let Some(p) = self.pending.remove(&msg) {
-                self.message_failed(p.rid, Some(msg), 408, "Request Timeout");
+                self.message_failed(p.rid, Some(msg), 408, reasons::REQUEST_TIMEOUT);
             }
         }
     }
@@ -692,11 +694,16 @@ impl CallLeg {
 
     fn set_remote_composing(&mut self, active: bool) {
         if self.remote_composing != active {
-            self.remote_composing = active;
-            self.push(ServerMsg::RemoteComposing {
+            let sent = self.push(ServerMsg::RemoteComposing {
                 call: self.init.id.clone(),
                 active,
             });
+            // An `active:true` not sent (over the bound for another node) leaves the notice
+            // off, so no `active:false` follows it: that one is never dropped, and a client
+            // toggling its composing notice could otherwise queue one per toggle.
+            if sent || !active {
+                self.remote_composing = active;
+            }
         }
     }
 }
@@ -1052,12 +1059,7 @@ impl CallLeg {
             LegMsg::Refused { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
                     self.trim_sent_order();
-                    self.message_failed(
-                        p.rid,
-                        Some(msg),
-                        481,
-                        "Call Leg/Transaction Does Not Exist",
-                    );
+                    self.message_failed(p.rid, Some(msg), 481, reasons::CALL_DOES_NOT_EXIST);
                 }
             }
             LegMsg::RemoteComposing { active } => {

@@ -95,7 +95,8 @@ pub struct Cluster {
     pub timeout: Duration,
     kv: kv::Store,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
-    /// Bounds the message envelopes waiting in `publish_tx` (`cluster.max_queued_envelopes`).
+    /// Bounds the envelopes clients' requests drive, waiting in `publish_tx`, by count and bytes
+    /// (`cluster.max_queued_envelopes`, `cluster.max_queued_bytes`).
     quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
@@ -131,7 +132,7 @@ pub struct Cluster {
     reload: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
-    /// Tests: this many flow envelopes are still to be lost (see
+    /// Tests: this many bounded envelopes are still to be lost (see
     /// [`Cluster::lose_bounded_envelopes`]).
     lose_bounded: AtomicUsize,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
@@ -261,7 +262,7 @@ impl Cluster {
             },
         };
         let inbox = client
-            .subscribe(format!("confab.node.{node_id}"))
+            .subscribe(node_subject(&node_id))
             .await
             .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
         let beats = client
@@ -517,12 +518,14 @@ impl Cluster {
 
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
-        self.enqueue(node, env, false);
+        if let Some(payload) = encode(env) {
+            self.publish(Outgoing::Publish(node_subject(node), payload));
+        }
     }
 
     /// Publishes an envelope a client's requests drive (see [`quota`]) to `node`, unless
-    /// `cluster.max_queued_envelopes` already wait; false when it was not sent, and the caller
-    /// answers for it.
+    /// `cluster.max_queued_envelopes` (or `max_queued_bytes`) already wait; false when it was
+    /// not sent, and the caller answers for it.
     pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
         if self.lose_bounded.load(Ordering::Relaxed) > 0
             && self
@@ -532,63 +535,64 @@ impl Cluster {
         {
             return true;
         }
-        self.enqueue(node, env, true)
+        self.reserve_bounded(node, env)
+            .is_some_and(BoundedEnvelope::send)
     }
 
-    fn enqueue(&self, node: &str, env: &Envelope, bounded: bool) -> bool {
-        let payload = match rmp_serde::to_vec_named(env) {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode an envelope");
-                return false;
-            }
-        };
-        let len = payload.len();
-        if bounded && !self.quota.take(len) {
-            return false;
+    /// Takes the place of a bounded envelope without sending it yet, for a sender that must
+    /// set things up only once it knows the envelope will go (a fork's leg); None when the
+    /// bound is reached. Dropped unsent, it gives its place back.
+    pub fn reserve_bounded(&self, node: &str, env: &Envelope) -> Option<BoundedEnvelope<'_>> {
+        let payload = encode(env)?;
+        if !self.quota.take(payload.len()) {
+            return None;
         }
-        let subject = format!("confab.node.{node}");
-        let out = if bounded {
-            Outgoing::Bounded(subject, payload)
-        } else {
-            Outgoing::Publish(subject, payload)
-        };
+        Some(BoundedEnvelope {
+            cluster: self,
+            subject: node_subject(node),
+            payload: Some(payload),
+        })
+    }
+
+    /// Queues `out` for the publisher; false once it has stopped (the node is leaving, and
+    /// ends the calls itself).
+    fn publish(&self, out: Outgoing) -> bool {
         if self.publish_tx.send(out).is_err() {
-            // The publisher has stopped: the node is leaving, and ends the calls itself.
-            if bounded {
-                self.quota.release(len);
-            }
             return false;
         }
         metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
         true
     }
 
-    /// A leg's event for an endpoint on `node`. A `message_received` (not a toast, which is
-    /// part of the call's set-up) and a `remote_composing{active:true}` are driven by the
-    /// other client's flow: over the bound they are dropped (the sender's leg answers the
-    /// message with 408 after the ack timeout; a composing notice lapses). The one
-    /// `remote_composing{active:false}` of a lapse is never dropped.
-    pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) {
-        match rmp_serde::to_vec_named(msg) {
-            Ok(frame) => {
-                let env = Envelope::Event {
-                    endpoint: endpoint.to_owned(),
-                    frame,
-                    from_node: self.node_id.clone(),
-                    from_epoch: self.epoch(),
-                };
-                if matches!(
-                    msg,
-                    ServerMsg::MessageReceived { toast: None, .. }
-                        | ServerMsg::RemoteComposing { active: true, .. }
-                ) {
-                    self.send_bounded(node, &env);
-                } else {
-                    self.send(node, &env);
-                }
+    /// A leg's event for an endpoint on `node`; false when it was not sent. A
+    /// `message_received` (not a toast, which is part of the call's set-up) and a
+    /// `remote_composing{active:true}` are driven by the other client's flow: over the bound
+    /// they are not sent (the sender's leg answers the message with 408 after the ack timeout;
+    /// the leg keeps the notice off). Everything else, the `active:false` that ends a notice
+    /// included, is never dropped here.
+    pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) -> bool {
+        let frame = match rmp_serde::to_vec_named(msg) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an event");
+                return false;
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode an event"),
+        };
+        let env = Envelope::Event {
+            endpoint: endpoint.to_owned(),
+            frame,
+            from_node: self.node_id.clone(),
+            from_epoch: self.epoch(),
+        };
+        if matches!(
+            msg,
+            ServerMsg::MessageReceived { toast: None, .. }
+                | ServerMsg::RemoteComposing { active: true, .. }
+        ) {
+            self.send_bounded(node, &env)
+        } else {
+            self.send(node, &env);
+            true
         }
     }
 
@@ -1138,7 +1142,7 @@ impl Cluster {
                 call: call.to_owned(),
                 msg: None,
                 code: 481,
-                text: "Call Leg/Transaction Does Not Exist".to_owned(),
+                text: crate::reasons::CALL_DOES_NOT_EXIST.to_owned(),
             },
             WireLegMsg::Terminate {
                 rid,
@@ -1217,6 +1221,55 @@ fn to_publication(p: &wire::PublicationRecord) -> Publication {
         activity: p.activity,
         stamp: now.checked_sub(age).unwrap_or(now),
         idle_ms: p.idle_ms,
+    }
+}
+
+/// An envelope holding its place in [`Cluster::quota`], ready to go (see
+/// [`Cluster::reserve_bounded`]).
+pub struct BoundedEnvelope<'a> {
+    cluster: &'a Cluster,
+    subject: String,
+    /// Taken when sent; still here on drop means unsent, and the place is given back.
+    payload: Option<Bytes>,
+}
+
+impl BoundedEnvelope<'_> {
+    /// Queues it; false if the publisher has stopped.
+    pub fn send(mut self) -> bool {
+        let Some(payload) = self.payload.take() else {
+            return false;
+        };
+        let len = payload.len();
+        let sent = self.cluster.publish(Outgoing::Bounded(
+            std::mem::take(&mut self.subject),
+            payload,
+        ));
+        if !sent {
+            self.cluster.quota.release(len);
+        }
+        sent
+    }
+}
+
+impl Drop for BoundedEnvelope<'_> {
+    fn drop(&mut self) {
+        if let Some(payload) = self.payload.take() {
+            self.cluster.quota.release(payload.len());
+        }
+    }
+}
+
+fn node_subject(node: &str) -> String {
+    format!("confab.node.{node}")
+}
+
+fn encode(env: &Envelope) -> Option<Bytes> {
+    match rmp_serde::to_vec_named(env) {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an envelope");
+            None
+        }
     }
 }
 

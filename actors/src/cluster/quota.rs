@@ -1,5 +1,5 @@
 //! The bound on envelopes that clients' requests drive, waiting to go out to other nodes
-//! (`cluster.max_queued_envelopes`).
+//! (`cluster.max_queued_envelopes`, and in bytes `cluster.max_queued_bytes`).
 //!
 //! Envelopes wait in the publisher's queue until the NATS client takes them. While NATS is away
 //! the client stops taking them once its own command buffer (2,048) is full, so without a bound
@@ -12,13 +12,15 @@
 //! - a `call_accept`, `call_decline`, `call_forward`, `call_transfer` or `call_terminate` for a
 //!   leg on another node: `error{overloaded}` at once;
 //! - a fork offered to an endpoint on another node: the fork is lost (as if the endpoint had
-//!   gone), and the call goes on with the others or ends as without them;
+//!   gone; no leg is made for it), and the call goes on with the others or ends as without
+//!   them;
 //! - a `message_ack`, a `composing`, a `message_received` (not a toast) or a
 //!   `remote_composing{active:true}`: dropped, as core NATS may drop them (the sender's leg
 //!   answers the message with 408 after the ack timeout; a composing notice lapses).
 //!
-//! What the node sends on its own (call state, answers, toasts, a sign-out's hang-ups, a lost
-//! endpoint, releases, the lapse of a composing notice) is never dropped here: losing it would
+//! What the node sends on its own (call state, answers, toasts, a sign-out's hang-ups, a
+//! conversation's hang-up, sent once per call, a lost endpoint, releases, the `active:false`
+//! ending a composing notice that went out) is never dropped here: losing it would
 //! leave a call half ended, and it comes only as fast as calls change.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1110,7 +1110,10 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
         other => panic!("{other:?}"),
     }
     let rid = send_message(&mut bob, &incoming, "refused").await;
-    match bob.recv().await {
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
+        .await;
+    match m {
         ServerMsg::MessageFailed {
             rid: r, code, text, ..
         } => {

@@ -812,8 +812,11 @@ impl Endpoint {
                 expired.push((call.clone(), rid));
             }
         }
+        if !expired.is_empty() {
+            // One line per sweep, not per message: an outage can expire thousands at once.
+            tracing::info!(endpoint = %self.id, messages = expired.len(), "no answer from the calls' node; failing messages with 408");
+        }
         for (call, rid) in expired {
-            tracing::info!(endpoint = %self.id, %call, "no answer from the call's node; failing a message with 408");
             self.fail_message(rid, call, 408, reasons::REQUEST_TIMEOUT);
         }
         if let Some(oldest) = next {

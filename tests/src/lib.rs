@@ -184,6 +184,17 @@ impl Raw {
         reply
     }
 
+    /// Sends a `ping` and asserts its `pong`. The node answers it only after every frame sent
+    /// before it, so this also waits until those are handled, and shows the connection works.
+    pub async fn ping(&mut self) {
+        let reply = self.request(ClientMsg::Ping { rid: None }).await;
+        assert!(
+            matches!(reply, ServerMsg::Pong { .. }),
+            "{}: {reply:?}",
+            self.user
+        );
+    }
+
     /// `call_establish` to `to`; returns (call, conversation).
     pub async fn establish(&mut self, to: &str, toast: Option<&str>) -> (String, String) {
         let reply = self

@@ -860,10 +860,7 @@ async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_
     for node in [&a, &b] {
         wait_for_endpoints(node, ALICE, 1).await;
     }
-    assert!(matches!(
-        first.request(ClientMsg::Ping { rid: None }).await,
-        ServerMsg::Pong { .. }
-    ));
+    first.ping().await;
     assert_eq!(a.endpoints_of(ALICE), vec![first.endpoint.clone()]);
 }
 
@@ -1060,8 +1057,7 @@ async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
         .lose_bounded_envelopes(1);
     let lost = send_message(&mut bob, &incoming, "lost").await;
     // Bob's node has handled the message (and lost it) once it answers a request sent after it.
-    let pong = bob.request(ClientMsg::Ping { rid: None }).await;
-    assert!(matches!(pong, ServerMsg::Pong { .. }), "{pong:?}");
+    bob.ping().await;
     let reply = alice
         .request(ClientMsg::CallTerminate {
             rid: None,
@@ -1136,8 +1132,7 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
             .await;
     }
     // Alice's node has handled both once it answers a request sent after them.
-    let pong = alice.request(ClientMsg::Ping { rid: None }).await;
-    assert!(matches!(pong, ServerMsg::Pong { .. }), "{pong:?}");
+    alice.ping().await;
     cluster_a.free_envelope_places(1);
     alice
         .send(&ClientMsg::Composing {

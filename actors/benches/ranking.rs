@@ -1,10 +1,12 @@
 //! Micro-benchmarks of the pure per-event rules of the node: presence ranking, effective
 //! activity and aggregation (run on every presence change), the fork arbiter's final answer,
-//! and the per-connection token bucket (run on every inbound frame).
+//! the per-connection token bucket (run on every inbound frame), and the sign-in token check
+//! (run on every `hello`).
 //!
 //! Run with `cargo bench -p confab-actors --bench ranking`. Measurement windows are short on
 //! purpose; treat the numbers as indicative.
 
+use confab_actors::auth::Verifier;
 use confab_actors::presence::rank::{self, Publication, Thresholds};
 use confab_actors::ratelimit::TokenBucket;
 use confab_actors::reasons;
@@ -189,5 +191,38 @@ fn bench_ratelimit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_rank, bench_reasons, bench_ratelimit);
+/// The token check of a sign-in (HS256 signature, expiry, subject against the claimed user),
+/// with a token shaped like the bench's and the CLI's.
+fn bench_signin(c: &mut Criterion) {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+    }
+    let mut group = configure(c, "signin");
+    group.throughput(Throughput::Elements(1));
+    let user = "sip:idle1234-5f3a9c@bench.invalid";
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims {
+            sub: user,
+            exp: jsonwebtoken::get_current_timestamp() + 3600,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(b"change-me"),
+    )
+    .expect("a token");
+    let verifier = Verifier::new("change-me", 5);
+    group.bench_function("verify_token", |b| {
+        b.iter(|| verifier.verify(black_box(&token), black_box(user)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_rank,
+    bench_reasons,
+    bench_ratelimit,
+    bench_signin
+);
 criterion_main!(benches);

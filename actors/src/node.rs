@@ -149,7 +149,11 @@ fn probe_exclusive(addr: SocketAddr) -> Result<socket2::Socket, NodeError> {
 /// accepts its own connections: no accept thread handing every new socket to a worker (a
 /// wake-up and an epoll re-registration per sign-in), and the kernel spreads connections over
 /// the workers. Other platforms get one listener, served by the first worker.
-fn bind_listeners(
+///
+/// Public so that `confab-bench bare-server` listens exactly as the node does: its sign-in
+/// rate is then the machine's share of the node's (see BENCHMARKS.md). The claim must be held
+/// while the listeners serve.
+pub fn bind_listeners(
     addr: SocketAddr,
     backlog: u32,
     workers: usize,
@@ -186,7 +190,7 @@ fn bind_listeners(
 /// atomic and exclusive within the network namespace (the scope of TCP ports too), and the
 /// kernel lets go of it when the process exits, however it exits: no lock file to clean up.
 #[derive(Debug)]
-pub(crate) struct PortClaim {
+pub struct PortClaim {
     #[cfg(target_os = "linux")]
     _socket: std::os::unix::net::UnixDatagram,
 }

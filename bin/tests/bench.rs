@@ -41,6 +41,28 @@ async fn bench(addr: SocketAddr, args: &[&str]) -> Value {
     serde_json::from_str(lines[0]).unwrap()
 }
 
+/// 200 endpoints signed in from two source addresses against the server at `addr`, whose memory
+/// is read from process `pid`.
+async fn small_idle(addr: SocketAddr, pid: &str) -> Value {
+    bench(
+        addr,
+        &[
+            "idle",
+            "--endpoints",
+            "200",
+            "--concurrency",
+            "32",
+            "--sources",
+            "2",
+            "--hold",
+            "0.1",
+            "--node-pid",
+            pid,
+        ],
+    )
+    .await
+}
+
 fn num(report: &Value, key: &str) -> f64 {
     report[key]
         .as_f64()
@@ -161,23 +183,7 @@ async fn idle_endpoints_sign_in_and_the_nodes_memory_is_read() {
     let node = start_node(|_| {});
     // The node runs in this test's process, so its memory is this process's.
     let pid = std::process::id().to_string();
-    let r = bench(
-        node.addr,
-        &[
-            "idle",
-            "--endpoints",
-            "200",
-            "--concurrency",
-            "32",
-            "--sources",
-            "2",
-            "--hold",
-            "0.1",
-            "--node-pid",
-            &pid,
-        ],
-    )
-    .await;
+    let r = small_idle(node.addr, &pid).await;
     assert_common(&r, "idle");
     assert_eq!(num(&r, "endpoints"), 200.0, "{r}");
     assert_eq!(num(&r, "failed"), 0.0, "{r}");
@@ -215,4 +221,31 @@ async fn a_wrong_secret_fails_loudly() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refused"), "{stderr}");
+}
+
+/// The bare server (the yardstick for sign-ins in BENCHMARKS.md) answers every hello of `idle`
+/// with a welcome and holds the connections, so the scenario runs against it unchanged, memory
+/// reading included.
+#[tokio::test]
+async fn idle_runs_against_the_bare_server() {
+    use tokio::io::AsyncBufReadExt;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_confab-bench"))
+        .args(["bare-server", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = server.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the bare server printed its address in time")
+        .unwrap()
+        .expect("an address line");
+    let addr: SocketAddr = first.parse().unwrap();
+    let r = small_idle(addr, &pid).await;
+    assert_common(&r, "idle");
+    assert_eq!(num(&r, "endpoints"), 200.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert!(num(&r, "node_rss_after_kib") > 0.0, "{r}");
 }

@@ -1,5 +1,6 @@
 //! confab-bench's scenarios and what they share: a raw connection, reports, progress.
 
+pub mod bare;
 pub mod calls;
 pub mod conn;
 pub mod idle;

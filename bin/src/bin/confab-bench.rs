@@ -94,10 +94,23 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// Not a scenario but a yardstick: a server that only accepts, reads the hello, answers a
+    /// fixed welcome and holds the connection, listening as the node does. Run `idle` against
+    /// it for the machine's own sign-in rate. Prints its address, then serves until killed.
+    BareServer {
+        #[arg(long, default_value = "127.0.0.1:5071")]
+        listen: SocketAddr,
+        /// Threads, one listener each; default: one per core, like the node's workers.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Scenario::BareServer { listen, workers } = args.scenario {
+        return bench::bare::serve(listen, workers);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         builder.worker_threads(n.max(1));
@@ -166,6 +179,7 @@ fn main() -> anyhow::Result<()> {
                 let p = bench::presence::Params { watchers, changes };
                 bench::presence::run(&target, &p, &progress).await
             }
+            Scenario::BareServer { .. } => unreachable!("served before the runtime is built"),
         }
     })?;
     let out = if args.json {

@@ -396,24 +396,23 @@ async fn drain(ctx: &Arc<NodeCtx>) {
         endpoints = endpoints.len(),
         "shutting down: ending every call"
     );
+    // One deadline for both waits below, so the node is gone within shutdown_timeout_ms of
+    // starting to drain (docs/operations.md), not twice that.
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(ctx.settings.server.shutdown_timeout_ms);
     // Every client hears `shutdown` before any call ends, then every call ends.
     let notices = endpoints
         .iter()
         .filter_map(|e| e.addr.local())
         .map(|a| a.send(EndpointMsg::ShutdownNotice));
-    let _ = tokio::time::timeout(
-        Duration::from_millis(ctx.settings.server.shutdown_timeout_ms),
-        futures::future::join_all(notices),
-    )
-    .await;
+    let _ = tokio::time::timeout_at(deadline, futures::future::join_all(notices)).await;
     for a in endpoints.iter().filter_map(|e| e.addr.local()) {
         a.do_send(EndpointMsg::Shutdown);
     }
     if let Some(c) = &ctx.cluster {
         c.end_remote_legs();
     }
-    let deadline = Duration::from_millis(ctx.settings.server.shutdown_timeout_ms);
-    let waited = tokio::time::timeout(deadline, async {
+    let waited = tokio::time::timeout_at(deadline, async {
         while !ctx.directory.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

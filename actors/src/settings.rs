@@ -266,7 +266,7 @@ impl Settings {
     ) -> Result<Settings, SettingsError> {
         // An environment value has no type: `12345` may be a port or a secret. The type of the
         // key's default decides.
-        let defaults = toml::Table::try_from(Settings::default()).unwrap_or_default();
+        let defaults = typed_defaults();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("CONFAB_") else {
                 continue;
@@ -323,6 +323,9 @@ impl Settings {
         if self.server.heartbeat_ms == 0 {
             return invalid("server.heartbeat_ms", "must be positive");
         }
+        if self.server.hello_timeout_ms == 0 {
+            return invalid("server.hello_timeout_ms", "must be positive");
+        }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be positive");
         }
@@ -338,6 +341,28 @@ impl Settings {
                 "must not be less than presence.inactive_after_ms",
             );
         }
+        if self.flow.max_message_bytes == 0
+            || self.flow.max_message_bytes >= self.server.max_frame as usize
+        {
+            // A message's frame carries its body and more: a limit at or above the frame's would
+            // never be the one that refuses a message (the frame limit closes the connection).
+            return invalid(
+                "flow.max_message_bytes",
+                "must be positive and less than server.max_frame",
+            );
+        }
+        if self.flow.composing_timeout_ms <= COMPOSING_REFRESH_MS {
+            return invalid(
+                "flow.composing_timeout_ms",
+                "must be more than 5000: clients refresh `composing` every 5 s (docs/protocol.md)",
+            );
+        }
+        if self.limits.requests_per_second == 0 {
+            return invalid("limits.requests_per_second", "must be positive");
+        }
+        if self.limits.request_burst == 0 {
+            return invalid("limits.request_burst", "must be positive");
+        }
         if self.limits.outbound_queue < 16 {
             return invalid("limits.outbound_queue", "must be at least 16");
         }
@@ -348,7 +373,7 @@ impl Settings {
             );
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return invalid("metrics.listen", "must be host:port or empty");
+            return invalid("metrics.listen", "must be IP:port or empty");
         }
         if let Some(c) = &self.cluster {
             if c.nats_url.trim().is_empty() {
@@ -365,8 +390,8 @@ impl Settings {
                     "must be a non-empty word of letters, digits, - and _",
                 );
             }
-            if c.node_timeout_ms == Some(0) {
-                return invalid("cluster.node_timeout_ms", "must be positive");
+            if c.node_timeout_ms.is_some_and(|t| t < MIN_NODE_TIMEOUT_MS) {
+                return invalid("cluster.node_timeout_ms", "must be at least 100");
             }
             if c.max_queued_envelopes == 0 {
                 return invalid("cluster.max_queued_envelopes", "must be positive");
@@ -387,6 +412,27 @@ impl Settings {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.listen.parse().ok()
     }
+}
+
+/// How often clients refresh `composing` (docs/protocol.md); the node's timeout must exceed it.
+const COMPOSING_REFRESH_MS: u64 = 5_000;
+
+/// Shortest `cluster.node_timeout_ms`: heartbeats go out every third of it, and below this a
+/// busy NATS server's ordinary delays would declare live nodes dead.
+pub const MIN_NODE_TIMEOUT_MS: u64 = 100;
+
+/// The defaults as TOML, with a `[cluster]` section whose every key is present, so that an
+/// environment value for any key takes that key's type (the real defaults have no cluster).
+fn typed_defaults() -> toml::Table {
+    let defaults = Settings {
+        cluster: Some(Cluster {
+            node_id: Some(String::new()),
+            node_timeout_ms: Some(0),
+            ..Cluster::new("")
+        }),
+        ..Settings::default()
+    };
+    toml::Table::try_from(defaults).unwrap_or_default()
 }
 
 const SECTIONS: &[&str] = &[
@@ -471,6 +517,66 @@ mod tests {
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nmax_queued_bytes = 0\n", [])
             .expect_err("no byte may wait");
         assert!(e.to_string().contains("cluster.max_queued_bytes"), "{e}");
+    }
+
+    #[test]
+    fn an_all_digit_env_value_still_fits_a_text_key_of_the_cluster_section() {
+        let s = Settings::load(
+            "",
+            [
+                (
+                    "CONFAB_CLUSTER_NATS_URL".to_owned(),
+                    "nats://127.0.0.1:4222".to_owned(),
+                ),
+                ("CONFAB_CLUSTER_NODE_ID".to_owned(), "1234".to_owned()),
+                (
+                    "CONFAB_CLUSTER_NODE_TIMEOUT_MS".to_owned(),
+                    "500".to_owned(),
+                ),
+            ],
+        )
+        .expect("valid");
+        let c = s.cluster.expect("cluster");
+        assert_eq!(c.node_id.as_deref(), Some("1234"));
+        assert_eq!(c.node_timeout_ms, Some(500));
+    }
+
+    /// Values that would silently disable a rule are refused with the key's name, not adjusted.
+    #[test]
+    fn values_that_would_disable_a_rule_are_refused() {
+        for (toml, key) in [
+            (
+                "[server]\nhello_timeout_ms = 0\n",
+                "server.hello_timeout_ms",
+            ),
+            (
+                "[flow]\nmax_message_bytes = 65536\n",
+                "flow.max_message_bytes",
+            ),
+            ("[flow]\nmax_message_bytes = 0\n", "flow.max_message_bytes"),
+            (
+                "[flow]\ncomposing_timeout_ms = 5000\n",
+                "flow.composing_timeout_ms",
+            ),
+            (
+                "[limits]\nrequests_per_second = 0\n",
+                "limits.requests_per_second",
+            ),
+            ("[limits]\nrequest_burst = 0\n", "limits.request_burst"),
+            (
+                "[cluster]\nnats_url = \"x\"\nnode_timeout_ms = 99\n",
+                "cluster.node_timeout_ms",
+            ),
+        ] {
+            let e = Settings::load(toml, []).expect_err(toml);
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let s = Settings::load(
+            "[server]\nmax_frame = 8192\n[flow]\nmax_message_bytes = 8000\n",
+            [],
+        )
+        .expect("a body limit below the frame limit");
+        assert_eq!(s.flow.max_message_bytes, 8000);
     }
 
     #[test]

@@ -287,7 +287,11 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             node_id,
             epoch: AtomicU64::new(epoch),
-            timeout: Duration::from_millis(cfg.node_timeout_ms.unwrap_or(3000).max(100)),
+            timeout: Duration::from_millis(
+                cfg.node_timeout_ms
+                    .unwrap_or(3000)
+                    .max(crate::settings::MIN_NODE_TIMEOUT_MS),
+            ),
             kv: kv.clone(),
             publish_tx,
             quota: quota.clone(),

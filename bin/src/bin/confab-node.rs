@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         None => String::new(),
     };
     let settings = Settings::load(&text, std::env::vars())?;
-    init_logs(&settings);
+    init_logs(&settings)?;
     raise_file_limit(settings.server.max_connections);
     if settings.auth.jwt_secret == "change-me" {
         tracing::warn!("auth.jwt_secret is the default; set CONFAB_AUTH_JWT_SECRET in production");
@@ -50,9 +50,14 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logs(settings: &Settings) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+/// `RUST_LOG` wins when set; otherwise `log.level`, which must parse: a filter with a typo would
+/// otherwise be skipped in silence and the node would log less than the operator asked for.
+fn init_logs(settings: &Settings) -> anyhow::Result<()> {
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => EnvFilter::try_new(&settings.log.level)
+            .map_err(|e| anyhow::anyhow!("invalid setting log.level: {e}"))?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());
@@ -61,6 +66,7 @@ fn init_logs(settings: &Settings) {
     } else {
         builder.init();
     }
+    Ok(())
 }
 
 /// Raises the open-file limit to the hard limit; warns when it cannot hold `max_connections`.

@@ -92,8 +92,20 @@ struct RemoteCall {
     /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
     /// each was sent (see [`Endpoint::sweep_remote_answers`]).
     messages: VecDeque<(Option<u32>, Instant)>,
-    /// `rid` of a `call_accept` waiting for its answer.
-    accept: Option<Option<u32>>,
+    /// Call requests (`call_accept`, `call_decline`, `call_forward`, `call_transfer`,
+    /// `call_terminate`) still waiting for their `ok` or `error`, oldest first: the same
+    /// deadline and the same end as `messages`, so each gets its one answer even when its
+    /// envelope, its answer or the leg's node is lost.
+    requests: VecDeque<WaitingRequest>,
+}
+
+/// A call request sent to a leg on another node and not answered yet.
+struct WaitingRequest {
+    rid: Option<u32>,
+    sent: Instant,
+    /// `call_terminate`: answered `ok` if the call ends first (terminating a call that is over
+    /// is not an error); the others get `invalid_state`.
+    terminate: bool,
 }
 
 /// How long `bye` waits for calls on other nodes to report their end.
@@ -257,6 +269,58 @@ impl Endpoint {
         self.error(rid, ErrorCode::Overloaded, REQUESTS_WAITING_FOR_NODE);
     }
 
+    /// Sends a call request (`msg`, whose `rid` is `rid`) to `call`'s leg. For a leg on another
+    /// node the request waits here for its answer (see [`RemoteCall::requests`]); one that
+    /// cannot be sent (too many requests wait for that node) is refused at once.
+    fn send_call_request(
+        &mut self,
+        call: &str,
+        leg: &LegRef,
+        rid: Option<u32>,
+        msg: LegMsg,
+        ctx: &mut Context<Self>,
+    ) {
+        let terminate = matches!(msg, LegMsg::Terminate { .. });
+        let remote = match self.remote_calls.get_mut(call) {
+            Some(r) => {
+                r.requests.push_back(WaitingRequest {
+                    rid,
+                    sent: Instant::now(),
+                    terminate,
+                });
+                true
+            }
+            None => false,
+        };
+        if !leg.do_send(msg) {
+            if let Some(r) = self.remote_calls.get_mut(call) {
+                r.requests.pop_back();
+            }
+            self.not_sent(rid);
+        } else if remote && !self.answer_sweep_armed {
+            self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
+        }
+    }
+
+    /// Answers call requests whose call ended before its leg (on another node) answered them.
+    fn answer_requests_of_ended_call(&self, requests: VecDeque<WaitingRequest>) {
+        for r in requests {
+            if r.terminate {
+                self.push(ServerMsg::Ok { rid: r.rid });
+            } else {
+                self.error(r.rid, ErrorCode::InvalidState, "the call is over");
+            }
+        }
+    }
+
+    /// Everything still waiting for a leg on another node that can no longer answer: messages
+    /// get `message_failed` with `code` and `text`, call requests the answers for a call that
+    /// is over.
+    fn answer_all_waiting(&self, call: &str, r: RemoteCall, code: u16, text: &str) {
+        self.fail_waiting(call, r.messages, code, text);
+        self.answer_requests_of_ended_call(r.requests);
+    }
+
     /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
     fn fail_message(&self, rid: Option<u32>, call: String, code: u16, text: &str) {
         metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
@@ -371,17 +435,7 @@ impl Endpoint {
             } => self.establish(rid, to, conversation, toast, sdp, ctx),
             ClientMsg::CallAccept { rid, call, sdp } => {
                 if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
-                    let before = self
-                        .remote_calls
-                        .get_mut(&call)
-                        .map(|r| r.accept.replace(rid));
-                    if !leg.do_send(LegMsg::Accept { rid, sdp }) {
-                        if let (Some(r), Some(before)) = (self.remote_calls.get_mut(&call), before)
-                        {
-                            r.accept = before;
-                        }
-                        self.not_sent(rid);
-                    }
+                    self.send_call_request(&call, &leg, rid, LegMsg::Accept { rid, sdp }, ctx);
                 } else if self
                     .ended
                     .iter()
@@ -401,41 +455,33 @@ impl Endpoint {
                 if !(400..=699).contains(&code) {
                     return self.error(rid, ErrorCode::BadFrame, "decline code must be 400-699");
                 }
-                if let Some(leg) = self.leg(rid, &call)
-                    && !leg.do_send(LegMsg::Decline { rid, code })
-                {
-                    self.not_sent(rid);
+                if let Some(leg) = self.leg(rid, &call) {
+                    self.send_call_request(&call, &leg, rid, LegMsg::Decline { rid, code }, ctx);
                 }
             }
             ClientMsg::CallForward { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call)
-                    && !leg.do_send(LegMsg::Forward { rid, to })
-                {
-                    self.not_sent(rid);
+                if let Some(leg) = self.leg(rid, &call) {
+                    self.send_call_request(&call, &leg, rid, LegMsg::Forward { rid, to }, ctx);
                 }
             }
             ClientMsg::CallTransfer { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call)
-                    && !leg.do_send(LegMsg::Transfer { rid, to })
-                {
-                    self.not_sent(rid);
+                if let Some(leg) = self.leg(rid, &call) {
+                    self.send_call_request(&call, &leg, rid, LegMsg::Transfer { rid, to }, ctx);
                 }
             }
             ClientMsg::CallTerminate { rid, call } => {
-                if let Some((leg, _)) = self.calls.get(&call) {
-                    let sent = leg.do_send(LegMsg::Terminate {
+                if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
+                    let terminate = LegMsg::Terminate {
                         rid,
                         cause: TerminateCause::Call,
-                    });
-                    if !sent {
-                        self.not_sent(rid);
-                    }
+                    };
+                    self.send_call_request(&call, &leg, rid, terminate, ctx);
                 } else if self.ended.iter().any(|(c, _)| *c == call) {
                     // Terminating a call that already ended is not an error.
                     self.push(ServerMsg::Ok { rid });
@@ -698,7 +744,7 @@ impl Endpoint {
                 state: confab_protocol::CallState::Incoming,
                 conversation: fork.conversation.clone(),
                 messages: VecDeque::new(),
-                accept: None,
+                requests: VecDeque::new(),
             },
         );
         let leg = LegRef::Remote {
@@ -759,9 +805,25 @@ impl Endpoint {
                 }
             }
             ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
-                for r in self.remote_calls.values_mut() {
-                    if r.accept == Some(*rid) {
-                        r.accept = None;
+                // The answer to the oldest call request with this `rid` still waiting (the
+                // frame names no call; a client that reuses a `rid` while a request is open
+                // cannot tell the answers apart either). None waiting: it was answered here
+                // already (its deadline passed, or its call ended), and gets no second answer.
+                let oldest = self
+                    .remote_calls
+                    .values_mut()
+                    .filter_map(|r| {
+                        let i = r.requests.iter().position(|w| w.rid == *rid)?;
+                        Some((r.requests[i].sent, i, r))
+                    })
+                    .min_by_key(|(sent, _, _)| *sent);
+                match oldest {
+                    Some((_, i, r)) => {
+                        r.requests.remove(i);
+                    }
+                    None => {
+                        tracing::debug!(endpoint = %self.id, "dropping an answer to a call request answered already");
+                        return;
                     }
                 }
             }
@@ -801,23 +863,42 @@ impl Endpoint {
         let timeout = self.remote_answer_timeout();
         let now = Instant::now();
         let mut expired = Vec::new();
+        let mut expired_requests = Vec::new();
         let mut next: Option<Instant> = None;
+        let mut keep = |sent: Instant| {
+            let young = now.saturating_duration_since(sent) < timeout;
+            if young {
+                next = Some(next.map_or(sent, |n: Instant| n.min(sent)));
+            }
+            young
+        };
         for (call, r) in &mut self.remote_calls {
             while let Some(&(rid, sent)) = r.messages.front() {
-                if now.saturating_duration_since(sent) < timeout {
-                    next = Some(next.map_or(sent, |n| n.min(sent)));
+                if keep(sent) {
                     break;
                 }
                 r.messages.pop_front();
                 expired.push((call.clone(), rid));
             }
+            while let Some(w) = r.requests.front() {
+                if keep(w.sent) {
+                    break;
+                }
+                expired_requests.push(w.rid);
+                r.requests.pop_front();
+            }
         }
-        if !expired.is_empty() {
+        if !expired.is_empty() || !expired_requests.is_empty() {
             // One line per sweep, not per message: an outage can expire thousands at once.
-            tracing::info!(endpoint = %self.id, messages = expired.len(), "no answer from the calls' node; failing messages with 408");
+            tracing::info!(endpoint = %self.id, messages = expired.len(), requests = expired_requests.len(), "no answer from the calls' node; failing messages with 408 and call requests with internal");
         }
         for (call, rid) in expired {
             self.fail_message(rid, call, 408, reasons::REQUEST_TIMEOUT);
+        }
+        for rid in expired_requests {
+            // Lost between the nodes, the request or its answer: whether it was carried out
+            // is unknown here, and the call's events will tell.
+            self.error(rid, ErrorCode::Internal, reasons::NO_ANSWER_FROM_NODE);
         }
         if let Some(oldest) = next {
             self.arm_answer_sweep((oldest + timeout).saturating_duration_since(now), ctx);
@@ -839,9 +920,7 @@ impl Endpoint {
                 continue;
             };
             let reason = reasons::node_lost();
-            if let Some(rid) = r.accept {
-                self.error(rid, ErrorCode::InvalidState, "the call is over");
-            }
+            self.answer_requests_of_ended_call(r.requests);
             self.fail_waiting(&call, r.messages, 503, &reason.text);
             if !r.state.is_final() {
                 let mut previous = r.state;
@@ -884,9 +963,10 @@ impl Endpoint {
             leg.do_send(LegMsg::Release);
         }
         if let Some(r) = self.remote_calls.remove(&call) {
-            // The leg answered every message it had before it reported its end (in order, on
-            // one connection): one still waiting was lost on the way, or crossed the end.
-            self.fail_waiting(&call, r.messages, 481, reasons::CALL_DOES_NOT_EXIST);
+            // The leg answered every message and request it had before it reported its end (in
+            // order, on one connection): one still waiting was lost on the way, or crossed the
+            // end.
+            self.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST);
         }
         self.ended.push_back((call.clone(), elsewhere));
         if self.ended.len() > REMEMBERED_ENDED_CALLS {
@@ -933,9 +1013,10 @@ impl Endpoint {
                 // (their events go out first), within a deadline.
                 act.closing = true;
                 ctx.run_later(REMOTE_END_WAIT, |act, ctx| {
-                    // Messages to legs that never reported their end still get their answer.
+                    // Messages and requests to legs that never reported their end still get
+                    // their answer.
                     for (call, r) in std::mem::take(&mut act.remote_calls) {
-                        act.fail_waiting(&call, r.messages, 481, reasons::CALL_DOES_NOT_EXIST);
+                        act.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST);
                     }
                     act.outbox.close();
                     ctx.stop();

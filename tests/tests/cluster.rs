@@ -1011,20 +1011,60 @@ async fn alice_calls_bob(a: &RunningNode, b: &RunningNode) -> (Raw, Raw, String,
     (alice, bob, call, incoming)
 }
 
+/// Alice terminates her leg `call`; Bob's leg `incoming` ends "Terminated remotely".
+async fn alice_hangs_up(alice: &mut Raw, call: &str, bob: &mut Raw, incoming: &str) {
+    let reply = alice
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: call.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    expect_reason(bob, incoming, 200, "Terminated remotely").await;
+}
+
+/// Bob's message on his leg `incoming` reaches Alice on her leg `call`, and her ack comes back
+/// to Bob as `message_delivered`: the call still carries messages.
+async fn a_message_still_flows(bob: &mut Raw, incoming: &str, alice: &mut Raw, call: &str) {
+    let rid = send_message(bob, incoming, "still here").await;
+    assert_eq!(receive_and_ack(alice, call).await.1, "still here");
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+        .await;
+    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+}
+
+/// Alice on node A in an established call with Bob on node B, whose node will lose the next
+/// envelope that a request of Bob's drives to A, as core NATS may. Both nodes use
+/// `ack_timeout_ms`.
+async fn losing_bobs_next_envelope(
+    ack_timeout_ms: u64,
+) -> (
+    NatsServer,
+    RunningNode,
+    RunningNode,
+    Raw,
+    Raw,
+    String,
+    String,
+) {
+    let nats = NatsServer::start();
+    let tune = |s: &mut confab_actors::Settings| s.flow.ack_timeout_ms = ack_timeout_ms;
+    let a = start_cluster_node(&nats, "node-a", tune);
+    let b = start_cluster_node(&nats, "node-b", tune);
+    let (alice, bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_bounded_envelopes(1);
+    (nats, a, b, alice, bob, call, incoming)
+}
+
 /// A message whose envelope core NATS loses never reaches the leg, which therefore never
 /// answers it: the sender's own node fails it with 408 after the ack timeout plus twice the
 /// node timeout, and the call goes on.
 #[tokio::test]
 async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
-    let nats = NatsServer::start();
-    let quick = |s: &mut confab_actors::Settings| s.flow.ack_timeout_ms = 300;
-    let a = start_cluster_node(&nats, "node-a", quick);
-    let b = start_cluster_node(&nats, "node-b", quick);
-    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-
-    b.cluster()
-        .expect("a cluster node")
-        .lose_bounded_envelopes(1);
+    let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(300).await;
     let lost = send_message(&mut bob, &incoming, "lost").await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
@@ -1034,12 +1074,75 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
         "{m:?}"
     );
 
-    let rid = send_message(&mut bob, &incoming, "next").await;
-    assert_eq!(receive_and_ack(&mut alice, &call).await.1, "next");
-    let (m, _) = bob
-        .recv_until(|m| matches!(m, ServerMsg::MessageDelivered { .. }))
+    a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    drop((a, b, nats));
+}
+
+/// A call request whose envelope core NATS loses never reaches the leg: the sender's own node
+/// answers it with `internal` after the ack timeout plus twice the node timeout (whether it was
+/// carried out is unknown there), and the call goes on; the same request again then works.
+#[tokio::test]
+async fn a_call_request_lost_between_nodes_gets_internal_from_the_senders_node() {
+    let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(300).await;
+    let reply = bob
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: incoming.clone(),
+        })
         .await;
-    assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
+    assert!(
+        matches!(&reply, ServerMsg::Error { code: ErrorCode::Internal, message, .. } if message.contains("no answer from the call's node")),
+        "{reply:?}"
+    );
+
+    // The call was not ended: a message still flows, and the terminate now does its work.
+    a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    let reply = bob
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: incoming.clone(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    expect_reason(&mut alice, &call, 200, "Terminated remotely").await;
+    drop((a, b, nats));
+}
+
+/// A call request lost on the way when the call then ends: the leg answered everything it had
+/// before it reported its end, so the sender's node answers this one as for a call that is
+/// over (`invalid_state`; a `call_terminate` would get `ok`), once.
+#[tokio::test]
+async fn a_call_request_lost_between_nodes_before_the_call_ends_is_answered_once() {
+    let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(30_000).await;
+    let lost = bob.rid();
+    bob.send(&ClientMsg::CallTransfer {
+        rid: lost,
+        call: incoming.clone(),
+        to: "sip:carol@example.com".into(),
+    })
+    .await;
+    // Bob's node has handled the request (and lost it) once it answers a ping sent after it.
+    bob.ping().await;
+    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::Error { rid, code: ErrorCode::InvalidState, .. } if *rid == lost),
+        "{m:?}"
+    );
+    // Exactly one answer: nothing else for that rid before the pong of a later ping.
+    let pong = bob.rid();
+    bob.send(&ClientMsg::Ping { rid: pong }).await;
+    let (_, before) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Pong { rid } if *rid == pong))
+        .await;
+    assert!(
+        !before.iter().any(
+            |m| matches!(m, ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } if *rid == lost)
+        ),
+        "{before:?}"
+    );
     drop((a, b, nats));
 }
 
@@ -1047,25 +1150,11 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
 /// before it reported the end, so the sender's node answers this one with 481.
 #[tokio::test]
 async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
-    let nats = NatsServer::start();
-    let a = start_cluster_node(&nats, "node-a", |_| {});
-    let b = start_cluster_node(&nats, "node-b", |_| {});
-    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-
-    b.cluster()
-        .expect("a cluster node")
-        .lose_bounded_envelopes(1);
+    let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(30_000).await;
     let lost = send_message(&mut bob, &incoming, "lost").await;
     // Bob's node has handled the message (and lost it) once it answers a request sent after it.
     bob.ping().await;
-    let reply = alice
-        .request(ClientMsg::CallTerminate {
-            rid: None,
-            call: call.clone(),
-        })
-        .await;
-    assert!(matches!(reply, ServerMsg::Ok { .. }));
-    expect_reason(&mut bob, &incoming, 200, "Terminated remotely").await;
+    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
         .await;

@@ -1007,7 +1007,10 @@ impl Endpoint {
                 .into_iter()
                 .map(move |leg| leg.send(LegMsg::Terminate { rid: None, cause })),
         );
-        ctx.wait(done.into_actor(self).map(|_, act, ctx| {
+        // Spawned, not waited on (`ctx.wait` would stop the frame stream): the endpoint keeps
+        // reading its client meanwhile, so a request sent after `bye` is still answered
+        // (`refuse_while_ending`) until the socket closes.
+        ctx.spawn(done.into_actor(self).map(|_, act, ctx| {
             if act.calls.values().any(|(l, _)| l.remote_node().is_some()) {
                 // Legs on other nodes report their end through the network; wait for them
                 // (their events go out first), within a deadline.
@@ -1133,11 +1136,14 @@ impl Actor for Endpoint {
 impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
     fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
         if self.ending {
-            // Still answered while the socket is open: a `message` always gets its one answer.
-            if let Ok(frame) = item
-                && let Ok(msg) = decode_client(&frame)
-            {
-                self.refuse_while_ending(msg);
+            // Still answered while the socket is open: a `message` always gets its one answer,
+            // a malformed frame its error. (A framing error needs no answer now: the socket is
+            // closing anyway.)
+            if let Ok(frame) = item {
+                match decode_client(&frame) {
+                    Ok(msg) => self.refuse_while_ending(msg),
+                    Err(e) => self.reject_frame(&e),
+                }
             }
             return;
         }

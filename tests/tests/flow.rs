@@ -547,6 +547,78 @@ async fn message_pending_when_the_sender_says_bye_is_answered_before_the_close()
     assert_failed(answers[0], rid, &a, Some(1), 481);
 }
 
+/// Requests that follow `bye` in the same write are still read and answered before the
+/// connection closes: the `message` with 503, the `ping`-like request with `invalid_state`
+/// (protocol.md §9 k), each once.
+#[tokio::test]
+async fn requests_sent_right_after_bye_are_answered_before_the_close() {
+    let node = start_node(|_| {});
+    let Call { mut alice, a, .. } = call(&node).await;
+    let mut bytes = frame(&ClientMsg::Bye { rid: Some(2) });
+    bytes.extend(frame(&ClientMsg::Message {
+        rid: Some(3),
+        call: a.clone(),
+        content_type: "text/plain".into(),
+        body: Body::Text("too late".into()),
+    }));
+    bytes.extend(frame(&ClientMsg::SetStatus {
+        rid: Some(4),
+        status: None,
+    }));
+    // A frame of a type the node does not know, still with a readable rid.
+    let mut unknown = unknown_type_frame(5);
+    bytes.append(&mut unknown);
+    alice.send_bytes(&bytes).await;
+    let frames = alice.expect_closed().await;
+    let answers = |rid: u32| {
+        frames
+            .iter()
+            .filter(|m| reply_rid(m) == Some(rid))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        matches!(answers(2)[..], [ServerMsg::Ok { .. }]),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(answers(3)[..], [ServerMsg::MessageFailed { code: 503, .. }]),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(
+            answers(4)[..],
+            [ServerMsg::Error {
+                code: ErrorCode::InvalidState,
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(
+            answers(5)[..],
+            [ServerMsg::Error {
+                code: ErrorCode::UnknownType,
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+}
+
+/// `{type: "no_such_request", rid}` as a frame.
+fn unknown_type_frame(rid: u32) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Unknown {
+        r#type: &'static str,
+        rid: u32,
+    }
+    frame(&Unknown {
+        r#type: "no_such_request",
+        rid,
+    })
+}
+
 #[tokio::test]
 async fn remote_composing_can_become_active_again_after_going_idle() {
     let node = start_node(|s| s.flow.composing_timeout_ms = 100);

@@ -474,6 +474,19 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 sdp,
                 negotiated,
             } => {
+                // Cluster: an accept comes from the fork's own leg, so its endpoint has adopted
+                // it even if the `ForkAdopted` envelope was lost on the way (core NATS delivers
+                // at most once). Without this the accept would wait for an answer forever.
+                if let Some(leg) = self.fork_mut(&call).and_then(|f| f.created.take()) {
+                    Handler::handle(
+                        self,
+                        ArbiterMsg::ForkReady {
+                            call: call.clone(),
+                            leg,
+                        },
+                        ctx,
+                    );
+                }
                 let Some(f) = self.forks.iter().find(|f| f.call == call) else {
                     return;
                 };

@@ -1078,6 +1078,25 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
     drop((a, b, nats));
 }
 
+/// The `ForkAdopted` envelope of a fork on another node is lost (core NATS delivers at most
+/// once): the callee's accept, which comes from the fork's own leg, shows the arbiter that the
+/// fork was adopted, and the call is established as usual.
+#[tokio::test]
+async fn an_accept_wins_though_its_forks_adoption_was_lost_on_the_way() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_next_fork_adopted();
+    let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
+    a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    drop((a, b, nats));
+}
+
 /// A call request whose envelope core NATS loses never reaches the leg: the sender's own node
 /// answers it with `internal` after the ack timeout plus twice the node timeout (whether it was
 /// carried out is unknown there), and the call goes on; the same request again then works.

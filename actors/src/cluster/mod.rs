@@ -135,6 +135,8 @@ pub struct Cluster {
     /// Tests: this many bounded envelopes are still to be lost (see
     /// [`Cluster::lose_bounded_envelopes`]).
     lose_bounded: AtomicUsize,
+    /// Tests: the next `ForkAdopted` envelope is lost (see [`Cluster::lose_next_fork_adopted`]).
+    lose_fork_adopted: AtomicBool,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
@@ -314,6 +316,7 @@ impl Cluster {
             reload: Mutex::new(None),
             muted_until: Mutex::new(None),
             lose_bounded: AtomicUsize::new(0),
+            lose_fork_adopted: AtomicBool::new(false),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
         });
@@ -457,6 +460,12 @@ impl Cluster {
         self.lose_bounded.store(n, Ordering::SeqCst);
     }
 
+    /// For tests: the next `ForkAdopted` envelope this node sends is lost on the way, as core
+    /// NATS may lose it.
+    pub fn lose_next_fork_adopted(&self) {
+        self.lose_fork_adopted.store(true, Ordering::SeqCst);
+    }
+
     /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
     /// ended every call involving it. It does the same on its side, then comes back as a new
     /// run: a new epoch, its records written again, the others' records read again.
@@ -522,6 +531,11 @@ impl Cluster {
 
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
+        if matches!(env, Envelope::ForkAdopted { .. })
+            && self.lose_fork_adopted.swap(false, Ordering::SeqCst)
+        {
+            return;
+        }
         if let Some(payload) = encode(env) {
             self.publish(Outgoing::Publish(node_subject(node), payload));
         }

@@ -134,6 +134,13 @@ pub struct Cluster {
     /// The same bound in bytes (whichever is reached first).
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// How long the node waits at start for NATS to answer before it gives up (exits non-zero).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_max_queued_bytes() -> usize {
@@ -153,6 +160,7 @@ impl Cluster {
             node_timeout_ms: None,
             max_queued_envelopes: default_max_queued_envelopes(),
             max_queued_bytes: default_max_queued_bytes(),
+            connect_timeout_ms: default_connect_timeout_ms(),
         }
     }
 }
@@ -399,6 +407,9 @@ impl Settings {
             if c.max_queued_bytes == 0 {
                 return invalid("cluster.max_queued_bytes", "must be positive");
             }
+            if c.connect_timeout_ms == 0 {
+                return invalid("cluster.connect_timeout_ms", "must be positive");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
@@ -502,6 +513,7 @@ mod tests {
         assert_eq!(c.node_id.as_deref(), Some("node-b"));
         assert_eq!(c.max_queued_envelopes, 8_192);
         assert_eq!(c.max_queued_bytes, 64 << 20);
+        assert_eq!(c.connect_timeout_ms, 5_000);
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nnode_id = \"a.b\"\n", [])
             .expect_err("dots would break subjects and keys");
         assert!(e.to_string().contains("cluster.node_id"), "{e}");
@@ -566,6 +578,10 @@ mod tests {
             (
                 "[cluster]\nnats_url = \"x\"\nnode_timeout_ms = 99\n",
                 "cluster.node_timeout_ms",
+            ),
+            (
+                "[cluster]\nnats_url = \"x\"\nconnect_timeout_ms = 0\n",
+                "cluster.connect_timeout_ms",
             ),
         ] {
             let e = Settings::load(toml, []).expect_err(toml);

@@ -361,6 +361,8 @@ async fn a_node_that_cannot_reach_nats_does_not_start() {
     let mut s = test_settings();
     s.cluster = Some(confab_actors::settings::Cluster {
         node_id: Some("lonely".to_owned()),
+        // Refused at once on loopback; the short limit only keeps a slow refusal short.
+        connect_timeout_ms: 500,
         ..confab_actors::settings::Cluster::new(format!("nats://127.0.0.1:{port}"))
     });
     let err = confab_actors::spawn_node(s)

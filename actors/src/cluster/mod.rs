@@ -229,7 +229,7 @@ impl Cluster {
         let nats_connected = Arc::new(AtomicBool::new(false));
         let events = nats_connected.clone();
         let client = tokio::time::timeout(
-            Duration::from_secs(5),
+            Duration::from_millis(cfg.connect_timeout_ms),
             async_nats::ConnectOptions::new()
                 .name(format!("confab-{node_id}"))
                 .reconnect_delay_callback(reconnect_delay)

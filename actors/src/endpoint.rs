@@ -103,9 +103,19 @@ struct RemoteCall {
 struct WaitingRequest {
     rid: Option<u32>,
     sent: Instant,
-    /// `call_terminate`: answered `ok` if the call ends first (terminating a call that is over
-    /// is not an error); the others get `invalid_state`.
-    terminate: bool,
+    kind: RequestKind,
+}
+
+/// What a waiting call request gets if its call ends before the leg's answer comes: what the
+/// leg itself would have answered for a call that is over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RequestKind {
+    /// `ok`: terminating a call that is over is not an error.
+    Terminate,
+    /// `answered_elsewhere` when another fork won the call, else `invalid_state`.
+    Accept,
+    /// `invalid_state`.
+    Other,
 }
 
 /// How long `bye` waits for calls on other nodes to report their end.
@@ -280,13 +290,17 @@ impl Endpoint {
         msg: LegMsg,
         ctx: &mut Context<Self>,
     ) {
-        let terminate = matches!(msg, LegMsg::Terminate { .. });
+        let kind = match msg {
+            LegMsg::Terminate { .. } => RequestKind::Terminate,
+            LegMsg::Accept { .. } => RequestKind::Accept,
+            _ => RequestKind::Other,
+        };
         let remote = match self.remote_calls.get_mut(call) {
             Some(r) => {
                 r.requests.push_back(WaitingRequest {
                     rid,
                     sent: Instant::now(),
-                    terminate,
+                    kind,
                 });
                 true
             }
@@ -302,13 +316,18 @@ impl Endpoint {
         }
     }
 
-    /// Answers call requests whose call ended before its leg (on another node) answered them.
-    fn answer_requests_of_ended_call(&self, requests: VecDeque<WaitingRequest>) {
+    /// Answers call requests whose call ended (`elsewhere`: another fork won it) before its
+    /// leg, on another node, answered them.
+    fn answer_requests_of_ended_call(&self, requests: VecDeque<WaitingRequest>, elsewhere: bool) {
         for r in requests {
-            if r.terminate {
-                self.push(ServerMsg::Ok { rid: r.rid });
-            } else {
-                self.error(r.rid, ErrorCode::InvalidState, "the call is over");
+            match r.kind {
+                RequestKind::Terminate => self.push(ServerMsg::Ok { rid: r.rid }),
+                RequestKind::Accept if elsewhere => self.error(
+                    r.rid,
+                    ErrorCode::AnsweredElsewhere,
+                    "another endpoint answered",
+                ),
+                _ => self.error(r.rid, ErrorCode::InvalidState, "the call is over"),
             }
         }
     }
@@ -316,9 +335,16 @@ impl Endpoint {
     /// Everything still waiting for a leg on another node that can no longer answer: messages
     /// get `message_failed` with `code` and `text`, call requests the answers for a call that
     /// is over.
-    fn answer_all_waiting(&self, call: &str, r: RemoteCall, code: u16, text: &str) {
+    fn answer_all_waiting(
+        &self,
+        call: &str,
+        r: RemoteCall,
+        code: u16,
+        text: &str,
+        elsewhere: bool,
+    ) {
         self.fail_waiting(call, r.messages, code, text);
-        self.answer_requests_of_ended_call(r.requests);
+        self.answer_requests_of_ended_call(r.requests, elsewhere);
     }
 
     /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
@@ -920,7 +946,7 @@ impl Endpoint {
                 continue;
             };
             let reason = reasons::node_lost();
-            self.answer_requests_of_ended_call(r.requests);
+            self.answer_requests_of_ended_call(r.requests, false);
             self.fail_waiting(&call, r.messages, 503, &reason.text);
             if !r.state.is_final() {
                 let mut previous = r.state;
@@ -966,7 +992,7 @@ impl Endpoint {
             // The leg answered every message and request it had before it reported its end (in
             // order, on one connection): one still waiting was lost on the way, or crossed the
             // end.
-            self.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST);
+            self.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST, elsewhere);
         }
         self.ended.push_back((call.clone(), elsewhere));
         if self.ended.len() > REMEMBERED_ENDED_CALLS {
@@ -1019,7 +1045,7 @@ impl Endpoint {
                     // Messages and requests to legs that never reported their end still get
                     // their answer.
                     for (call, r) in std::mem::take(&mut act.remote_calls) {
-                        act.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST);
+                        act.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST, false);
                     }
                     act.outbox.close();
                     ctx.stop();
@@ -1094,7 +1120,9 @@ impl Actor for Endpoint {
         m::hot().endpoints.increment(1.0);
         let hb = self.ctx.settings.heartbeat();
         ctx.run_interval(hb, move |act, ctx| {
-            if act.last_rx.elapsed() > hb * 3 {
+            // An ending endpoint has its own deadline; dropping it as lost would drop the final
+            // events of its calls on other nodes.
+            if !act.ending && act.last_rx.elapsed() > hb * 3 {
                 tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the endpoint");
                 m::limit_tripped("heartbeat_timeout");
                 act.lost(ctx);

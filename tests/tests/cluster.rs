@@ -1099,6 +1099,56 @@ async fn an_accept_wins_though_its_forks_adoption_was_lost_on_the_way() {
     drop((a, b, nats));
 }
 
+/// Two of Bob's devices click at once; the one on another node loses the race, and its accept
+/// is still waiting (here: lost on the way) when its leg reports that the call was completed
+/// elsewhere: the accept gets `answered_elsewhere`, as on one node, not `invalid_state`.
+#[tokio::test]
+async fn an_accept_still_waiting_when_another_device_wins_gets_answered_elsewhere() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
+    let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
+    wait_for_endpoints(&a, BOB, 2).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (on_desk, _) = desk.incoming().await;
+    let (on_phone, _) = phone.incoming().await;
+
+    b.cluster()
+        .expect("a cluster node")
+        .lose_bounded_envelopes(1);
+    let lost = desk.rid();
+    desk.send(&ClientMsg::CallAccept {
+        rid: lost,
+        call: on_desk.clone(),
+        sdp: answer(),
+    })
+    .await;
+    desk.ping().await;
+    assert!(matches!(
+        phone.accept(&on_phone).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&call, CallState::Established).await;
+    let (m, _) = desk
+        .recv_until(
+            |m| matches!(m, ServerMsg::Error { rid, .. } | ServerMsg::Ok { rid } if *rid == lost),
+        )
+        .await;
+    assert!(
+        matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::AnsweredElsewhere,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    drop((a, b, nats));
+}
+
 /// A call request whose envelope core NATS loses never reaches the leg: the sender's own node
 /// answers it with `internal` after the ack timeout plus twice the node timeout (whether it was
 /// carried out is unknown there), and the call goes on; the same request again then works.

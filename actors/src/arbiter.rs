@@ -270,6 +270,19 @@ impl ForkArbiter {
             .legs
             .insert(call.to_owned(), (node.to_owned(), leg.clone()));
         adopt.send();
+        // Core NATS may lose the `ForkAdopted` (at most once). A fork heard of neither way
+        // within twice the node timeout (an envelope that late means the nodes are losing each
+        // other anyway) counts as adopted: its leg then rings and is cancelled like any other,
+        // so the device's toast is taken down when the call is decided, instead of ringing for
+        // good. (Had the `Adopt` itself been lost, the device never rang and the leg's events
+        // find no call there.)
+        let call = call.to_owned();
+        ctx.run_later(2 * cluster.timeout, move |act, ctx| {
+            if act.fork_mut(&call).is_some_and(|f| f.created.is_some()) {
+                tracing::info!(%call, "no word of a fork's adoption from its node; counting it adopted");
+                Handler::handle(act, ArbiterMsg::ForkAdopted { call }, ctx);
+            }
+        });
         Some(leg)
     }
 

@@ -1080,22 +1080,49 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
     drop((a, b, nats));
 }
 
+/// Alice on node A and Bob on node B, whose node will lose the next `ForkAdopted` it sends.
+async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
+{
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_next_fork_adopted();
+    (nats, a, b, alice, bob)
+}
+
 /// The `ForkAdopted` envelope of a fork on another node is lost (core NATS delivers at most
 /// once): the callee's accept, which comes from the fork's own leg, shows the arbiter that the
 /// fork was adopted, and the call is established as usual.
 #[tokio::test]
 async fn an_accept_wins_though_its_forks_adoption_was_lost_on_the_way() {
-    let nats = NatsServer::start();
-    let a = start_cluster_node(&nats, "node-a", |_| {});
-    let b = start_cluster_node(&nats, "node-b", |_| {});
-    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
-    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
-    wait_for_endpoints(&a, BOB, 1).await;
-    b.cluster()
-        .expect("a cluster node")
-        .lose_next_fork_adopted();
+    let (nats, a, b, mut alice, mut bob) = forks_to_bob_losing_the_next_adoption().await;
     let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
     a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    drop((a, b, nats));
+}
+
+/// The `ForkAdopted` of a fork on another node is lost and nobody answers: the arbiter, hearing
+/// neither that the fork was adopted nor that it was lost within twice the node timeout, counts
+/// it adopted and cancels it like any other, so the device's toast is taken down instead of
+/// ringing for good.
+#[tokio::test]
+async fn an_unanswered_fork_whose_adoption_was_lost_stops_ringing() {
+    let (nats, a, b, mut alice, mut bob) = forks_to_bob_losing_the_next_adoption().await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (incoming, _) = bob.incoming().await;
+    assert_eq!(
+        alice
+            .state(&call, CallState::Terminated)
+            .await
+            .map(|r| r.code),
+        Some(480)
+    );
+    assert!(bob.state(&incoming, CallState::Terminated).await.is_some());
     drop((a, b, nats));
 }
 

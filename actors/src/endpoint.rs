@@ -983,10 +983,20 @@ impl Endpoint {
         elsewhere: bool,
         ctx: &mut Context<Self>,
     ) {
-        if let Some((leg, _)) = self.calls.remove(&call)
-            && (leg.remote_node().is_none() || self.remote_calls.contains_key(&call))
-        {
-            leg.do_send(LegMsg::Release);
+        match self.calls.remove(&call) {
+            Some((leg, _))
+                if leg.remote_node().is_none() || self.remote_calls.contains_key(&call) =>
+            {
+                leg.do_send(LegMsg::Release);
+            }
+            Some(_) => {}
+            // Cluster: a leg made for this endpoint that it never held (the `Adopt` offering
+            // it was lost on the way) still needs its release, or it would stay for good.
+            None => {
+                if let Some(cluster) = &self.ctx.cluster {
+                    cluster.release_leg(call.clone(), self.id.clone());
+                }
+            }
         }
         if let Some(r) = self.remote_calls.remove(&call) {
             // The leg answered every message and request it had before it reported its end (in

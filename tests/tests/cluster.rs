@@ -1080,15 +1080,21 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
     drop((a, b, nats));
 }
 
-/// Alice on node A and Bob on node B, whose node will lose the next `ForkAdopted` it sends.
-async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
-{
+/// Alice signed in on node A and Bob on node B, with A's directory showing Bob.
+async fn alice_on_a_bob_on_b() -> (NatsServer, RunningNode, RunningNode, Raw, Raw) {
     let nats = NatsServer::start();
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
+    (nats, a, b, alice, bob)
+}
+
+/// [`alice_on_a_bob_on_b`], with B about to lose the next `ForkAdopted` it sends.
+async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
+{
+    let (nats, a, b, alice, bob) = alice_on_a_bob_on_b().await;
     b.cluster()
         .expect("a cluster node")
         .lose_next_fork_adopted();
@@ -1115,14 +1121,29 @@ async fn an_unanswered_fork_whose_adoption_was_lost_stops_ringing() {
     let (nats, a, b, mut alice, mut bob) = forks_to_bob_losing_the_next_adoption().await;
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
-    assert_eq!(
-        alice
-            .state(&call, CallState::Terminated)
-            .await
-            .map(|r| r.code),
-        Some(480)
-    );
+    expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
     assert!(bob.state(&incoming, CallState::Terminated).await.is_some());
+    drop((a, b, nats));
+}
+
+/// The `Adopt` offering Bob's fork to his node is lost: his device never rings, the call ends
+/// 480, and the leg the arbiter made for him, which no endpoint holds, is still released and
+/// stops (through the end it reports to Bob's node), instead of staying on Alice's node.
+#[tokio::test]
+async fn a_fork_whose_offer_was_lost_leaves_no_leg_behind() {
+    let (nats, a, b, mut alice, _bob) = alice_on_a_bob_on_b().await;
+    let cluster = a.cluster().expect("a cluster node");
+    cluster.lose_bounded_envelopes(1);
+    let (call, _) = alice.establish(BOB, None).await;
+    expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cluster.legs.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fork's leg is still on node A"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop((a, b, nats));
 }
 

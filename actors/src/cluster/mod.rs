@@ -545,16 +545,17 @@ impl Cluster {
     /// `cluster.max_queued_envelopes` (or `max_queued_bytes`) already wait; false when it was
     /// not sent, and the caller answers for it.
     pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
-        if self.lose_bounded.load(Ordering::Relaxed) > 0
+        self.reserve_bounded(node, env)
+            .is_some_and(BoundedEnvelope::send)
+    }
+
+    /// Tests ([`Cluster::lose_bounded_envelopes`]): whether the envelope about to go is lost.
+    fn lose_this_bounded(&self) -> bool {
+        self.lose_bounded.load(Ordering::Relaxed) > 0
             && self
                 .lose_bounded
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
-        {
-            return true;
-        }
-        self.reserve_bounded(node, env)
-            .is_some_and(BoundedEnvelope::send)
     }
 
     /// Takes the place of a bounded envelope without sending it yet, for a sender that must
@@ -1072,20 +1073,8 @@ impl Cluster {
                         conversation,
                         elsewhere,
                     }),
-                    None => {
-                        // Nobody here holds it any more: release the leg.
-                        if let Some(node) = self.leg_node_hint(&call) {
-                            self.send(
-                                &node,
-                                &Envelope::Leg {
-                                    call,
-                                    reply_node: self.node_id.clone(),
-                                    reply_endpoint: endpoint,
-                                    msg: WireLegMsg::Release,
-                                },
-                            );
-                        }
-                    }
+                    // Nobody here holds it any more: release the leg.
+                    None => self.release_leg(call, endpoint),
                 }
             }
             Envelope::LegEnded { from_node, .. } => {
@@ -1148,6 +1137,22 @@ impl Cluster {
     }
 
     /// The node of a leg, from its id (ids start with their node's id).
+    /// Tells the leg of `call` on another node that `endpoint` here does not hold it (any
+    /// more), so it can stop: without a holder nothing else would release it.
+    pub fn release_leg(&self, call: String, endpoint: String) {
+        if let Some(node) = self.leg_node_hint(&call).filter(|n| *n != self.node_id) {
+            self.send(
+                &node,
+                &Envelope::Leg {
+                    call,
+                    reply_node: self.node_id.clone(),
+                    reply_endpoint: endpoint,
+                    msg: WireLegMsg::Release,
+                },
+            );
+        }
+    }
+
     fn leg_node_hint(&self, call: &str) -> Option<String> {
         call.split_once('.').map(|(n, _)| n.to_owned())
     }
@@ -1258,6 +1263,11 @@ impl BoundedEnvelope<'_> {
             return false;
         };
         let len = payload.len();
+        if self.cluster.lose_this_bounded() {
+            // Lost on the way, as core NATS may lose it: the sender believes it sent.
+            self.cluster.quota.release(len);
+            return true;
+        }
         let sent = self.cluster.publish(Outgoing::Bounded(
             std::mem::take(&mut self.subject),
             payload,

@@ -247,6 +247,7 @@ impl ForkArbiter {
                 cluster: cluster.clone(),
                 node: node.to_owned(),
                 endpoint: endpoint.to_owned(),
+                call: call.to_owned(),
             },
             endpoint: LegOwner::Remote {
                 cluster: cluster.clone(),

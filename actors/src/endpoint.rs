@@ -177,8 +177,12 @@ pub enum EndpointMsg {
     Fork(ForkOffer),
     /// Cluster: adopt a fork whose leg lives on another node.
     Adopt(RemoteFork, RemoteForkGuard),
-    /// Cluster: an event of a leg on another node, for this endpoint's client.
-    RemoteEvent(ServerMsg),
+    /// Cluster: an event of a leg on another node, for this endpoint's client; `call` names
+    /// the leg's call when the event answers a call request.
+    RemoteEvent {
+        msg: ServerMsg,
+        call: Option<String>,
+    },
     /// Cluster: `node` died (`None`: this node was cut off from every other); calls whose
     /// legs lived there end.
     NodeLost {
@@ -784,7 +788,7 @@ impl Endpoint {
 
     /// Cluster: an event from a leg on another node. The endpoint mirrors what it needs to end
     /// the call itself should that node die, then passes the event on.
-    fn remote_event(&mut self, msg: ServerMsg) {
+    fn remote_event(&mut self, msg: ServerMsg, answering: Option<String>) {
         // An event of a call this endpoint never held (or forgot long ago) is dropped: ids never
         // leak. Replies (`ok`, `error`, `message_*`) always pass.
         let event_call = match &msg {
@@ -831,14 +835,15 @@ impl Endpoint {
                 }
             }
             ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
-                // The answer to the oldest call request with this `rid` still waiting (the
-                // frame names no call; a client that reuses a `rid` while a request is open
-                // cannot tell the answers apart either). None waiting: it was answered here
-                // already (its deadline passed, or its call ended), and gets no second answer.
+                // The answer to its call's oldest request with this `rid` still waiting
+                // (without a call, from a node that does not name it: the oldest of any call).
+                // None waiting: it was answered here already (its deadline passed, or its call
+                // ended), and gets no second answer.
                 let oldest = self
                     .remote_calls
-                    .values_mut()
-                    .filter_map(|r| {
+                    .iter_mut()
+                    .filter(|(c, _)| answering.as_ref().is_none_or(|a| a == *c))
+                    .filter_map(|(_, r)| {
                         let i = r.requests.iter().position(|w| w.rid == *rid)?;
                         Some((r.requests[i].sent, i, r))
                     })
@@ -1242,7 +1247,7 @@ impl Handler<EndpointMsg> for Endpoint {
                 guard.disarm();
                 self.adopt_remote(fork);
             }
-            EndpointMsg::RemoteEvent(msg) => self.remote_event(msg),
+            EndpointMsg::RemoteEvent { msg, call } => self.remote_event(msg, call),
             EndpointMsg::NodeLost { node } => self.node_lost(node.as_deref(), ctx),
             EndpointMsg::LegEnded {
                 call,

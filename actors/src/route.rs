@@ -56,6 +56,8 @@ pub enum EventSink {
         cluster: Arc<Cluster>,
         node: String,
         endpoint: String,
+        /// The call of the leg whose events these are.
+        call: String,
     },
 }
 
@@ -72,7 +74,8 @@ impl EventSink {
                 cluster,
                 node,
                 endpoint,
-            } => cluster.send_event(node, endpoint, &msg),
+                call,
+            } => cluster.send_event(node, endpoint, call, &msg),
         }
     }
 }

@@ -1265,6 +1265,62 @@ async fn a_call_request_lost_between_nodes_before_the_call_ends_is_answered_once
     drop((a, b, nats));
 }
 
+/// A client that uses one `rid` for requests to two calls on another node still gets each
+/// call's answer for that call: the leg's answer names its call between the nodes, so the
+/// answer to the second request does not settle the first (lost on the way), which gets the
+/// answer for a call that is over once its call ends, and nothing is answered twice.
+#[tokio::test]
+async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_own() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, mut bob, first, first_incoming) = alice_calls_bob(&a, &b).await;
+    let (second, second_incoming) = answered_call(&mut alice, &mut bob, BOB).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_bounded_envelopes(1);
+    let rid = bob.rid();
+    // Lost on the way (the next envelope Bob's node sends).
+    bob.send(&ClientMsg::CallTransfer {
+        rid,
+        call: first_incoming.clone(),
+        to: "sip:carol@example.com".into(),
+    })
+    .await;
+    bob.ping().await;
+    bob.send(&ClientMsg::CallTerminate {
+        rid,
+        call: second_incoming.clone(),
+    })
+    .await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
+        .await;
+    assert!(matches!(&m, ServerMsg::Ok { rid: r } if *r == rid), "{m:?}");
+    expect_reason(&mut alice, &second, 200, "Terminated remotely").await;
+
+    alice_hangs_up(&mut alice, &first, &mut bob, &first_incoming).await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::Error { rid: r, code: ErrorCode::InvalidState, .. } if *r == rid),
+        "the lost transfer is answered as for a call that is over: {m:?}"
+    );
+    let pong = bob.rid();
+    bob.send(&ClientMsg::Ping { rid: pong }).await;
+    let (_, before) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Pong { rid } if *rid == pong))
+        .await;
+    assert!(
+        !before
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Ok { .. } | ServerMsg::Error { .. })),
+        "{before:?}"
+    );
+    drop((a, b, nats));
+}
+
 /// A message lost on the way when the call then ends: the leg answered everything it had
 /// before it reported the end, so the sender's node answers this one with 481.
 #[tokio::test]

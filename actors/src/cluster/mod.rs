@@ -589,7 +589,10 @@ impl Cluster {
     /// they are not sent (the sender's leg answers the message with 408 after the ack timeout;
     /// the leg keeps the notice off). Everything else, the `active:false` that ends a notice
     /// included, is never dropped here.
-    pub fn send_event(&self, node: &str, endpoint: &str, msg: &ServerMsg) -> bool {
+    ///
+    /// `call` is the call of the leg that sends it; it travels with an answer to a call
+    /// request (see [`Envelope::Event`]).
+    pub fn send_event(&self, node: &str, endpoint: &str, call: &str, msg: &ServerMsg) -> bool {
         let frame = match rmp_serde::to_vec_named(msg) {
             Ok(frame) => frame,
             Err(e) => {
@@ -597,9 +600,11 @@ impl Cluster {
                 return false;
             }
         };
+        let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
         let env = Envelope::Event {
             endpoint: endpoint.to_owned(),
             frame,
+            call: answers_request.then(|| call.to_owned()),
             from_node: self.node_id.clone(),
             from_epoch: self.epoch(),
         };
@@ -1044,6 +1049,7 @@ impl Cluster {
             Envelope::Event {
                 endpoint,
                 frame,
+                call,
                 from_node,
                 from_epoch,
             } => {
@@ -1055,7 +1061,7 @@ impl Cluster {
                     return;
                 };
                 match decode_server(&frame) {
-                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent(msg)),
+                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent { msg, call }),
                     Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
                 }
             }
@@ -1181,7 +1187,7 @@ impl Cluster {
             ),
             _ => return,
         };
-        self.send_event(node, endpoint, &reply);
+        self.send_event(node, endpoint, call, &reply);
     }
 }
 

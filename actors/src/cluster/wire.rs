@@ -15,6 +15,11 @@ pub enum Envelope {
         endpoint: String,
         #[serde(with = "serde_bytes")]
         frame: Vec<u8>,
+        /// With an answer (`ok`, `error`) to a call request: the call whose leg answers, so
+        /// the endpoint settles that call's waiting request even when its client used the same
+        /// `rid` for requests to two calls. Absent on anything else.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<String>,
         /// The sending node and its run: a run declared dead has had its calls ended for the
         /// clients already, so anything it still sends is dropped (no second answer).
         from_node: String,

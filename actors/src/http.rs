@@ -1,30 +1,48 @@
 //! The operations port: `GET /metrics` (Prometheus text format) and `GET /health` (200 while
 //! serving, 503 "draining" while draining, 503 "degraded" while a cluster node has lost NATS).
 //! Two fixed routes on a loopback-facing port do not justify an HTTP framework; this reads one
-//! request line and answers with `Connection: close`.
+//! request line and answers with `Connection: close`. At most `metrics.max_connections` are
+//! served at once (more wait in the listen backlog), each for at most
+//! `metrics.request_timeout_ms`.
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::context::NodeCtx;
 
-/// Serves the operations port until the listener fails.
+/// The pause after a failed accept (out of files, most likely), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves the operations port until the node stops.
 pub async fn serve(listener: TcpListener, handle: Option<PrometheusHandle>, ctx: Arc<NodeCtx>) {
+    let slots = Arc::new(Semaphore::new(ctx.settings.metrics.max_connections));
+    let timeout = Duration::from_millis(ctx.settings.metrics.request_timeout_ms);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // A connection is accepted only when a slot is free: over the limit, scrapers wait in
+        // the listen backlog (their own timeout bounds the wait), holding nothing of the node.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "the operations port cannot accept a connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let handle = handle.clone();
         let ctx = ctx.clone();
         actix_rt::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, handle, ctx)).await;
+            let _ = tokio::time::timeout(timeout, answer(stream, handle, ctx)).await;
+            drop(slot);
         });
     }
 }
-
 async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Arc<NodeCtx>) {
     let mut buf = vec![0u8; 2048];
     let mut len = 0;

@@ -107,6 +107,11 @@ pub struct Limits {
 pub struct Metrics {
     /// Address of `GET /metrics` and `GET /health`; empty string disables it.
     pub listen: String,
+    /// Connections the operations port serves at once; more wait in the listen backlog until
+    /// one is done, so stuck or hostile scrapers cannot hold the node's files.
+    pub max_connections: usize,
+    /// How long one connection may take to send its request and read the answer.
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -240,6 +245,8 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             listen: "127.0.0.1:9464".to_owned(),
+            max_connections: 32,
+            request_timeout_ms: 5_000,
         }
     }
 }
@@ -339,6 +346,12 @@ impl Settings {
         }
         if self.server.node_id.is_empty() || self.server.node_id.contains(char::is_whitespace) {
             return invalid("server.node_id", "must be a non-empty word");
+        }
+        if self.metrics.max_connections == 0 {
+            return invalid("metrics.max_connections", "must be positive");
+        }
+        if self.metrics.request_timeout_ms == 0 {
+            return invalid("metrics.request_timeout_ms", "must be positive");
         }
         if self.auth.jwt_secret.is_empty() {
             return invalid("auth.jwt_secret", "must not be empty");

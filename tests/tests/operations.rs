@@ -146,6 +146,33 @@ async fn graceful_shutdown_tells_clients_and_ends_their_calls_with_503() {
     );
 }
 
+/// The operations port serves `metrics.max_connections` at once: while a connection holds
+/// the only slot, the next waits unanswered (in the listen backlog, holding nothing of the
+/// node), and it is served as soon as the first has its answer.
+#[tokio::test]
+async fn the_operations_port_serves_at_most_its_limit_at_once() {
+    let node = start_node(|s| s.metrics.max_connections = 1);
+    let ops = node.metrics_addr.expect("the test node serves metrics");
+    let mut held = tokio::net::TcpStream::connect(ops).await.unwrap();
+    // Accepted first (the backlog is in order), it takes the slot; half a request keeps it.
+    held.write_all(b"GET /health").await.unwrap();
+    let mut next = tokio::spawn(http_get(ops, "/health"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut next)
+            .await
+            .is_err(),
+        "a second connection is not served while the first holds the only slot"
+    );
+
+    held.write_all(b" HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    held.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let (status, _, body) = next.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    node.shutdown();
+}
+
 /// A one-shot HTTP/1.0 GET: (status, head, body).
 async fn http_get(addr: SocketAddr, target: &str) -> (u16, String, String) {
     let exchange = async {

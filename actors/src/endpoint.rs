@@ -283,13 +283,12 @@ impl Endpoint {
         self.error(rid, ErrorCode::Overloaded, REQUESTS_WAITING_FOR_NODE);
     }
 
-    /// Sends a call request (`msg`, whose `rid` is `rid`) to `call`'s leg. For a leg on another
+    /// Sends a call request (`msg`, whose `rid` is `rid`) to the leg held under `call`. For a leg on another
     /// node the request waits here for its answer (see [`RemoteCall::requests`]); one that
     /// cannot be sent (too many requests wait for that node) is refused at once.
     fn send_call_request(
         &mut self,
         call: &str,
-        leg: &LegRef,
         rid: Option<u32>,
         msg: LegMsg,
         ctx: &mut Context<Self>,
@@ -299,25 +298,46 @@ impl Endpoint {
             LegMsg::Accept { .. } => RequestKind::Accept,
             _ => RequestKind::Other,
         };
+        let waiting = || WaitingRequest {
+            rid,
+            sent: Instant::now(),
+            kind,
+        };
+        if self.send_awaiting_answer(call, msg, |r| &mut r.requests, waiting, ctx) == Some(false) {
+            self.not_sent(rid);
+        }
+    }
+
+    /// Sends `msg` to the leg this endpoint holds under `call`. For a leg on another node,
+    /// `entry()` first joins the `waiting` list of what awaits an answer from that node (the
+    /// deadline sweep armed), and leaves it again if the message could not be sent. Whether
+    /// it was sent, or `None` when this endpoint holds no such call.
+    fn send_awaiting_answer<T>(
+        &mut self,
+        call: &str,
+        msg: LegMsg,
+        waiting: fn(&mut RemoteCall) -> &mut VecDeque<T>,
+        entry: impl FnOnce() -> T,
+        ctx: &mut Context<Self>,
+    ) -> Option<bool> {
+        let (leg, _) = self.calls.get(call)?;
         let remote = match self.remote_calls.get_mut(call) {
             Some(r) => {
-                r.requests.push_back(WaitingRequest {
-                    rid,
-                    sent: Instant::now(),
-                    kind,
-                });
+                waiting(r).push_back(entry());
                 true
             }
             None => false,
         };
         if !leg.do_send(msg) {
             if let Some(r) = self.remote_calls.get_mut(call) {
-                r.requests.pop_back();
+                waiting(r).pop_back();
             }
-            self.not_sent(rid);
-        } else if remote && !self.answer_sweep_armed {
+            return Some(false);
+        }
+        if remote && !self.answer_sweep_armed {
             self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
         }
+        Some(true)
     }
 
     /// Answers call requests whose call ended (`elsewhere`: another fork won it) before its
@@ -464,8 +484,8 @@ impl Endpoint {
                 sdp,
             } => self.establish(rid, to, conversation, toast, sdp, ctx),
             ClientMsg::CallAccept { rid, call, sdp } => {
-                if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
-                    self.send_call_request(&call, &leg, rid, LegMsg::Accept { rid, sdp }, ctx);
+                if self.calls.contains_key(&call) {
+                    self.send_call_request(&call, rid, LegMsg::Accept { rid, sdp }, ctx);
                 } else if self
                     .ended
                     .iter()
@@ -485,33 +505,33 @@ impl Endpoint {
                 if !(400..=699).contains(&code) {
                     return self.error(rid, ErrorCode::BadFrame, "decline code must be 400-699");
                 }
-                if let Some(leg) = self.leg(rid, &call) {
-                    self.send_call_request(&call, &leg, rid, LegMsg::Decline { rid, code }, ctx);
+                if self.leg(rid, &call).is_some() {
+                    self.send_call_request(&call, rid, LegMsg::Decline { rid, code }, ctx);
                 }
             }
             ClientMsg::CallForward { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call) {
-                    self.send_call_request(&call, &leg, rid, LegMsg::Forward { rid, to }, ctx);
+                if self.leg(rid, &call).is_some() {
+                    self.send_call_request(&call, rid, LegMsg::Forward { rid, to }, ctx);
                 }
             }
             ClientMsg::CallTransfer { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if let Some(leg) = self.leg(rid, &call) {
-                    self.send_call_request(&call, &leg, rid, LegMsg::Transfer { rid, to }, ctx);
+                if self.leg(rid, &call).is_some() {
+                    self.send_call_request(&call, rid, LegMsg::Transfer { rid, to }, ctx);
                 }
             }
             ClientMsg::CallTerminate { rid, call } => {
-                if let Some(leg) = self.calls.get(&call).map(|(l, _)| l.clone()) {
+                if self.calls.contains_key(&call) {
                     let terminate = LegMsg::Terminate {
                         rid,
                         cause: TerminateCause::Call,
                     };
-                    self.send_call_request(&call, &leg, rid, terminate, ctx);
+                    self.send_call_request(&call, rid, terminate, ctx);
                 } else if self.ended.iter().any(|(c, _)| *c == call) {
                     // Terminating a call that already ended is not an error.
                     self.push(ServerMsg::Ok { rid });
@@ -541,34 +561,18 @@ impl Endpoint {
                         "body must be str for text/* content types and bin otherwise",
                     );
                 }
-                match self.calls.get(&call) {
-                    Some((leg, _)) => {
-                        let remote = match self.remote_calls.get_mut(&call) {
-                            Some(r) => {
-                                r.messages.push_back((rid, Instant::now()));
-                                true
-                            }
-                            None => false,
-                        };
-                        let sent = leg.do_send(LegMsg::Message {
-                            rid,
-                            content_type,
-                            body,
-                        });
-                        if !sent {
-                            // Over the bound for the leg's node: not sent, so answered here
-                            // rather than left to the deadline.
-                            if let Some(r) = self.remote_calls.get_mut(&call) {
-                                r.messages.pop_back();
-                            }
-                            self.fail_message(rid, call, 503, REQUESTS_WAITING_FOR_NODE);
-                        } else if remote && !self.answer_sweep_armed {
-                            self.arm_answer_sweep(self.remote_answer_timeout(), ctx);
-                        }
-                    }
-                    None => {
-                        self.fail_message(rid, call, 481, reasons::CALL_DOES_NOT_EXIST);
-                    }
+                let msg = LegMsg::Message {
+                    rid,
+                    content_type,
+                    body,
+                };
+                let entry = || (rid, Instant::now());
+                match self.send_awaiting_answer(&call, msg, |r| &mut r.messages, entry, ctx) {
+                    Some(true) => {}
+                    // Over the bound for the leg's node: not sent, so answered here rather
+                    // than left to the deadline.
+                    Some(false) => self.fail_message(rid, call, 503, REQUESTS_WAITING_FOR_NODE),
+                    None => self.fail_message(rid, call, 481, reasons::CALL_DOES_NOT_EXIST),
                 }
             }
             ClientMsg::MessageAck { call, msg } => {
@@ -1082,33 +1086,34 @@ impl Endpoint {
     /// Answers a request that arrives after `bye` or a shutdown began: a `message` fails with
     /// 503, other requests get `invalid_state`, acks and composing are ignored.
     fn refuse_while_ending(&mut self, msg: ClientMsg) {
-        match msg {
-            ClientMsg::Message { rid, call, .. } => {
-                self.fail_message(rid, call, 503, "Endpoint is signing out");
-            }
-            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
-            other => self.error(
-                other.rid(),
-                ErrorCode::InvalidState,
-                "the endpoint is signing out",
-            ),
-        }
+        self.refuse(
+            msg,
+            "Endpoint is signing out",
+            ErrorCode::InvalidState,
+            "the endpoint is signing out",
+        );
     }
 
     /// Refuses a request over the connection's rate, in the form its type is answered in: a
     /// `message` still gets its one `message_failed`, `composing` gets nothing.
     fn rate_limited(&mut self, msg: ClientMsg) {
         metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
+        self.refuse(
+            msg,
+            "Too many requests; slow down",
+            ErrorCode::RateLimited,
+            "too many requests; slow down",
+        );
+    }
+
+    /// A request refused unread, answered in the form its type is answered in: a `message` gets
+    /// `message_failed` 503 with `reason`, an ack or composing nothing (they have no answer),
+    /// any other request `error{code}`.
+    fn refuse(&mut self, msg: ClientMsg, reason: &str, code: ErrorCode, text: &str) {
         match msg {
-            ClientMsg::Message { rid, call, .. } => {
-                self.fail_message(rid, call, 503, "Too many requests; slow down");
-            }
-            ClientMsg::Composing { .. } | ClientMsg::MessageAck { .. } => {}
-            other => self.error(
-                other.rid(),
-                ErrorCode::RateLimited,
-                "too many requests; slow down",
-            ),
+            ClientMsg::Message { rid, call, .. } => self.fail_message(rid, call, 503, reason),
+            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
+            other => self.error(other.rid(), code, text),
         }
     }
 

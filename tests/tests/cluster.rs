@@ -559,6 +559,40 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     answered_call(&mut alice, &mut bob, BOB).await;
 }
 
+/// A node restarted with its wall clock set back starts a run whose epoch is below its last
+/// one. The others hear it as stale and ask it to rejoin above the run they know, so it is back
+/// at once, not after `node_timeout` (a minute here) and not only once its clock passes the old
+/// run's start.
+#[tokio::test]
+async fn a_node_restarted_with_its_clock_set_back_rejoins_above_its_last_run() {
+    let nats = NatsServer::start();
+    let slow = |s: &mut confab_actors::Settings| {
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(60_000);
+        }
+    };
+    let a = start_cluster_node(&nats, "node-a", slow);
+    let b = start_cluster_node(&nats, "node-b", slow);
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    let cluster_b = b.cluster().expect("a cluster node");
+    let last_run = cluster_b.epoch();
+
+    cluster_b.restart_with_clock_set_back(Duration::from_secs(3600));
+    assert!(cluster_b.epoch() < last_run);
+    // B's new run ends its side; A ends its side once it hears the run that replaces the last.
+    expect_reason(&mut bob, &incoming, 503, "Node lost").await;
+    expect_reason(&mut alice, &call, 503, "Node lost").await;
+    assert!(
+        cluster_b.epoch() > last_run,
+        "the run A heard is above the last one: {} <= {last_run}",
+        cluster_b.epoch()
+    );
+    wait_for_endpoints(&a, BOB, 1).await;
+    let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
+    a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    drop((a, b, nats));
+}
+
 /// The purger (the living node with the smallest id) deletes a dead node's records from the
 /// bucket itself, not only from the caches; it deletes each at the revision it saw, which must
 /// be the record's. When the node is heard again it rejoins and writes them back.

@@ -132,6 +132,9 @@ pub struct Cluster {
     reload: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tests: heartbeats are not sent until then (a node cut off from the others).
     muted_until: Mutex<Option<Instant>>,
+    /// Tests: how far this node's wall clock is set back (see
+    /// [`Cluster::restart_with_clock_set_back`]).
+    clock_set_back_ms: AtomicU64,
     /// Tests: this many bounded envelopes are still to be lost (see
     /// [`Cluster::lose_bounded_envelopes`]).
     lose_bounded: AtomicUsize,
@@ -315,6 +318,7 @@ impl Cluster {
             told: Mutex::new(HashMap::new()),
             reload: Mutex::new(None),
             muted_until: Mutex::new(None),
+            clock_set_back_ms: AtomicU64::new(0),
             lose_bounded: AtomicUsize::new(0),
             lose_fork_adopted: AtomicBool::new(false),
             loading: Mutex::new(None),
@@ -466,14 +470,34 @@ impl Cluster {
         self.lose_fork_adopted.store(true, Ordering::SeqCst);
     }
 
-    /// The others declared this run dead (it was cut off longer than `node_timeout`): they have
-    /// ended every call involving it. It does the same on its side, then comes back as a new
-    /// run: a new epoch, its records written again, the others' records read again.
-    fn rejoin(self: &Arc<Self>) {
-        let old = self.epoch();
-        let new = wire::unix_ms().max(old + 1);
+    /// For tests: this node's wall clock is set back by `d`, and it starts a new run as a
+    /// restarted process would, taking the clock's time as its epoch (below its last run's, so
+    /// the others count it as stale, or as dead once they have declared the last run dead).
+    pub fn restart_with_clock_set_back(self: &Arc<Self>, d: Duration) {
+        self.clock_set_back_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+        self.start_run(self.now_ms().max(1));
+    }
+
+    /// The wall clock in unix ms (see [`Cluster::restart_with_clock_set_back`]).
+    fn now_ms(&self) -> u64 {
+        wire::unix_ms().saturating_sub(self.clock_set_back_ms.load(Ordering::Relaxed))
+    }
+
+    /// The others declared this run dead (it was cut off longer than `node_timeout`), or heard
+    /// it with an epoch below a later run of its id (its clock was set back across a restart):
+    /// they have ended every call involving it. It does the same on its side, then comes back
+    /// as a new run, above both its own last run and `above`, the latest the asker knows.
+    fn rejoin(self: &Arc<Self>, above: u64) {
+        let new = next_epoch(self.now_ms(), self.epoch(), above);
+        tracing::warn!(node = %self.node_id, old = self.epoch(), new, "this node was declared dead or stale by the others; rejoining as a new run");
+        self.start_run(new);
+    }
+
+    /// Starts run `new` of this node: a new epoch, every call involving another node ended,
+    /// its records written again, the others' records read again.
+    fn start_run(self: &Arc<Self>, new: u64) {
         self.epoch.store(new, Ordering::Relaxed);
-        tracing::warn!(node = %self.node_id, old, new, "this node was declared dead by the others; rejoining as a new run");
         for entry in self.legs.iter() {
             entry.value().1.do_send(LegMsg::NodeLost);
         }
@@ -700,6 +724,13 @@ impl Cluster {
     }
 
     /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
+    /// The latest run of `node` known here, alive or declared dead (0: none).
+    fn latest_run(&self, node: &str) -> u64 {
+        let dead = lock(&self.dead).get(node).copied().unwrap_or(0);
+        let seen = lock(&self.nodes).get(node).map_or(0, |n| n.epoch);
+        dead.max(seen)
+    }
+
     fn is_dead(&self, node: &str, epoch: u64) -> bool {
         lock(&self.dead).get(node).is_some_and(|e| *e >= epoch)
     }
@@ -1134,9 +1165,9 @@ impl Cluster {
                     a.do_send(ArbiterMsg::ForkLost { call });
                 }
             }
-            Envelope::Rejoin { epoch } => {
+            Envelope::Rejoin { epoch, above } => {
                 if epoch == self.epoch() {
-                    self.rejoin();
+                    self.rejoin(above);
                 }
             }
         }
@@ -1189,6 +1220,12 @@ impl Cluster {
         };
         self.send_event(node, endpoint, call, &reply);
     }
+}
+
+/// A new run's epoch: the wall clock's time, but above the run it replaces and above `above`,
+/// the latest run of this id another node knows (the clock may have been set back).
+fn next_epoch(now_ms: u64, old: u64, above: u64) -> u64 {
+    now_ms.max(old + 1).max(above + 1)
 }
 
 /// The pause before reconnect attempt `attempts` (1-based): none, then 10 ms doubling up to
@@ -1361,13 +1398,21 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
             continue;
         }
         if !cluster.saw_node(&hb.node, hb.epoch, true)
-            && cluster.is_dead(&hb.node, hb.epoch)
             && cluster.first_ask_in_a_while(&hb.node, hb.epoch)
         {
-            // A run we declared dead is alive after all (it was cut off): it must come back
-            // as a new run, since every call involving it has ended here.
-            tracing::warn!(node = %hb.node, "heard a node declared dead; asking it to rejoin");
-            cluster.send(&hb.node, &Envelope::Rejoin { epoch: hb.epoch });
+            // A run we declared dead is alive after all (it was cut off), or a run older than
+            // one we know is heard (its node restarted with its clock set back): it must come
+            // back as a new run above every run of its id known here, since every call
+            // involving those has ended here (or will, when the new run is heard).
+            let above = cluster.latest_run(&hb.node);
+            tracing::warn!(node = %hb.node, epoch = hb.epoch, above, "heard a run of a node declared dead or replaced; asking it to rejoin");
+            cluster.send(
+                &hb.node,
+                &Envelope::Rejoin {
+                    epoch: hb.epoch,
+                    above,
+                },
+            );
         }
     }
 }
@@ -1410,6 +1455,25 @@ mod tests {
         assert_eq!(
             pauses,
             [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]
+        );
+    }
+
+    #[test]
+    fn a_new_run_is_above_the_last_one_and_every_run_another_node_knows_whatever_the_clock() {
+        assert_eq!(
+            next_epoch(5_000, 1_000, 2_000),
+            5_000,
+            "the clock, normally"
+        );
+        assert_eq!(
+            next_epoch(5_000, 5_000, 0),
+            5_001,
+            "a rejoin in the same ms"
+        );
+        assert_eq!(
+            next_epoch(1_000, 1_000, 9_000),
+            9_001,
+            "a clock set back below a run the others know"
         );
     }
 }

@@ -64,6 +64,11 @@ pub enum Envelope {
     /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
     Rejoin {
         epoch: u64,
+        /// The latest run of the receiver's id the sender knows: the new run's epoch must be
+        /// above it, whatever the receiver's wall clock says (a node restarted with its clock
+        /// set back would otherwise take an epoch still counted as dead, or as stale).
+        #[serde(default)]
+        above: u64,
     },
 }
 

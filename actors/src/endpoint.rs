@@ -283,9 +283,10 @@ impl Endpoint {
         self.error(rid, ErrorCode::Overloaded, REQUESTS_WAITING_FOR_NODE);
     }
 
-    /// Sends a call request (`msg`, whose `rid` is `rid`) to the leg held under `call`. For a leg on another
-    /// node the request waits here for its answer (see [`RemoteCall::requests`]); one that
-    /// cannot be sent (too many requests wait for that node) is refused at once.
+    /// Sends a call request (`msg`, whose `rid` is `rid`) to the leg held under `call`, or
+    /// answers that there is none. For a leg on another node the request waits here for its
+    /// answer (see [`RemoteCall::requests`]); one that cannot be sent (too many requests wait
+    /// for that node) is refused at once.
     fn send_call_request(
         &mut self,
         call: &str,
@@ -303,8 +304,11 @@ impl Endpoint {
             sent: Instant::now(),
             kind,
         };
-        if self.send_awaiting_answer(call, msg, |r| &mut r.requests, waiting, ctx) == Some(false) {
-            self.not_sent(rid);
+        match self.send_awaiting_answer(call, msg, |r| &mut r.requests, waiting, ctx) {
+            Some(true) => {}
+            Some(false) => self.not_sent(rid),
+            // Not held: `leg` answers `unknown_call`, or `invalid_state` for a call just over.
+            None => drop(self.leg(rid, call)),
         }
     }
 
@@ -505,25 +509,19 @@ impl Endpoint {
                 if !(400..=699).contains(&code) {
                     return self.error(rid, ErrorCode::BadFrame, "decline code must be 400-699");
                 }
-                if self.leg(rid, &call).is_some() {
-                    self.send_call_request(&call, rid, LegMsg::Decline { rid, code }, ctx);
-                }
+                self.send_call_request(&call, rid, LegMsg::Decline { rid, code }, ctx);
             }
             ClientMsg::CallForward { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if self.leg(rid, &call).is_some() {
-                    self.send_call_request(&call, rid, LegMsg::Forward { rid, to }, ctx);
-                }
+                self.send_call_request(&call, rid, LegMsg::Forward { rid, to }, ctx);
             }
             ClientMsg::CallTransfer { rid, call, to } => {
                 let Ok(to) = normalize_user_uri(&to) else {
                     return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
                 };
-                if self.leg(rid, &call).is_some() {
-                    self.send_call_request(&call, rid, LegMsg::Transfer { rid, to }, ctx);
-                }
+                self.send_call_request(&call, rid, LegMsg::Transfer { rid, to }, ctx);
             }
             ClientMsg::CallTerminate { rid, call } => {
                 if self.calls.contains_key(&call) {
@@ -843,15 +841,24 @@ impl Endpoint {
                 // (without a call, from a node that does not name it: the oldest of any call).
                 // None waiting: it was answered here already (its deadline passed, or its call
                 // ended), and gets no second answer.
-                let oldest = self
-                    .remote_calls
-                    .iter_mut()
-                    .filter(|(c, _)| answering.as_ref().is_none_or(|a| a == *c))
-                    .filter_map(|(_, r)| {
-                        let i = r.requests.iter().position(|w| w.rid == *rid)?;
-                        Some((r.requests[i].sent, i, r))
-                    })
-                    .min_by_key(|(sent, _, _)| *sent);
+                let position = |r: &mut RemoteCall| {
+                    let i = r.requests.iter().position(|w| w.rid == *rid)?;
+                    Some((r.requests[i].sent, i))
+                };
+                let oldest = match &answering {
+                    Some(call) => self.remote_calls.get_mut(call).and_then(|r| {
+                        let (sent, i) = position(r)?;
+                        Some((sent, i, r))
+                    }),
+                    None => self
+                        .remote_calls
+                        .values_mut()
+                        .filter_map(|r| {
+                            let (sent, i) = position(r)?;
+                            Some((sent, i, r))
+                        })
+                        .min_by_key(|(sent, _, _)| *sent),
+                };
                 match oldest {
                     Some((_, i, r)) => {
                         r.requests.remove(i);

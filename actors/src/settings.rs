@@ -114,6 +114,10 @@ pub struct Metrics {
     pub request_timeout_ms: u64,
 }
 
+/// The most `metrics.max_connections` may be: far more than any monitoring needs, and within
+/// what a semaphore holds.
+pub const MAX_METRICS_CONNECTIONS: usize = 65_536;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
@@ -347,8 +351,8 @@ impl Settings {
         if self.server.node_id.is_empty() || self.server.node_id.contains(char::is_whitespace) {
             return invalid("server.node_id", "must be a non-empty word");
         }
-        if self.metrics.max_connections == 0 {
-            return invalid("metrics.max_connections", "must be positive");
+        if !(1..=MAX_METRICS_CONNECTIONS).contains(&self.metrics.max_connections) {
+            return invalid("metrics.max_connections", "must be between 1 and 65536");
         }
         if self.metrics.request_timeout_ms == 0 {
             return invalid("metrics.request_timeout_ms", "must be positive");

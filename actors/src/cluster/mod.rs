@@ -124,9 +124,12 @@ pub struct Cluster {
     presence: PresenceShards,
     rt: tokio::runtime::Handle,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    /// Dead runs of other nodes told to rejoin, and when: asked again only after
-    /// `node_timeout`, in case the one `Rejoin` envelope (core NATS, at most once) was lost.
-    told: Mutex<HashMap<(String, u64), Instant>>,
+    /// Other nodes whose run (dead, or older than one known) was told to rejoin, and when: a
+    /// node is asked again only after `node_timeout`, whichever run is heard, in case the one
+    /// `Rejoin` envelope (core NATS, at most once) was lost, and so that a node that cannot
+    /// rejoin above the run asked about (an older version, which ignores `above`) is not asked
+    /// at the pace of NATS round trips.
+    told: Mutex<HashMap<String, Instant>>,
     /// The reload a rejoin started; a later rejoin stops it before starting its own, so two
     /// never share [`Cluster::loading`].
     reload: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -473,10 +476,13 @@ impl Cluster {
     /// For tests: this node's wall clock is set back by `d`, and it starts a new run as a
     /// restarted process would, taking the clock's time as its epoch (below its last run's, so
     /// the others count it as stale, or as dead once they have declared the last run dead).
-    pub fn restart_with_clock_set_back(self: &Arc<Self>, d: Duration) {
+    /// Returns the new run's epoch.
+    pub fn restart_with_clock_set_back(self: &Arc<Self>, d: Duration) -> u64 {
         self.clock_set_back_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
-        self.start_run(self.now_ms().max(1));
+        let epoch = self.now_ms().max(1);
+        self.start_run(epoch);
+        epoch
     }
 
     /// The wall clock in unix ms (see [`Cluster::restart_with_clock_set_back`]).
@@ -708,13 +714,13 @@ impl Cluster {
         self.remote.get(user).map_or(0, |l| l.len())
     }
 
-    /// Whether the dead run `epoch` of `node` is to be asked to rejoin now: the first time it
-    /// is heard, then at most once per `node_timeout`.
-    fn first_ask_in_a_while(&self, node: &str, epoch: u64) -> bool {
+    /// Whether `node` is to be asked to rejoin now: the first time one of its runs needs it,
+    /// then at most once per `node_timeout`.
+    fn first_ask_in_a_while(&self, node: &str) -> bool {
         let now = Instant::now();
         let mut told = lock(&self.told);
         told.retain(|_, at| now.duration_since(*at) < self.timeout);
-        match told.entry((node.to_owned(), epoch)) {
+        match told.entry(node.to_owned()) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(now);
@@ -723,7 +729,6 @@ impl Cluster {
         }
     }
 
-    /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
     /// The latest run of `node` known here, alive or declared dead (0: none).
     fn latest_run(&self, node: &str) -> u64 {
         let dead = lock(&self.dead).get(node).copied().unwrap_or(0);
@@ -731,6 +736,7 @@ impl Cluster {
         dead.max(seen)
     }
 
+    /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
     fn is_dead(&self, node: &str, epoch: u64) -> bool {
         lock(&self.dead).get(node).is_some_and(|e| *e >= epoch)
     }
@@ -1225,7 +1231,9 @@ impl Cluster {
 /// A new run's epoch: the wall clock's time, but above the run it replaces and above `above`,
 /// the latest run of this id another node knows (the clock may have been set back).
 fn next_epoch(now_ms: u64, old: u64, above: u64) -> u64 {
-    now_ms.max(old + 1).max(above + 1)
+    now_ms
+        .max(old.saturating_add(1))
+        .max(above.saturating_add(1))
 }
 
 /// The pause before reconnect attempt `attempts` (1-based): none, then 10 ms doubling up to
@@ -1397,9 +1405,7 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) 
             }
             continue;
         }
-        if !cluster.saw_node(&hb.node, hb.epoch, true)
-            && cluster.first_ask_in_a_while(&hb.node, hb.epoch)
-        {
+        if !cluster.saw_node(&hb.node, hb.epoch, true) && cluster.first_ask_in_a_while(&hb.node) {
             // A run we declared dead is alive after all (it was cut off), or a run older than
             // one we know is heard (its node restarted with its clock set back): it must come
             // back as a new run above every run of its id known here, since every call

@@ -133,19 +133,22 @@ async fn paced_messages_keep_to_the_offered_rate() {
 #[tokio::test]
 async fn forked_calls_are_established_by_a_click() {
     let node = start_node(|_| {});
-    let r = bench(
-        node.addr,
-        &[
-            "calls",
-            "--callers",
-            "3",
-            "--devices",
-            "3",
-            "--duration",
-            "0.5",
-        ],
-    )
-    .await;
+    small_calls(node.addr).await;
+}
+
+/// Three callers each calling a user on three devices for half a second, against the server
+/// at `addr`: calls were established, none failed.
+async fn small_calls(addr: SocketAddr) {
+    let args = [
+        "calls",
+        "--callers",
+        "3",
+        "--devices",
+        "3",
+        "--duration",
+        "0.5",
+    ];
+    let r = bench(addr, &args).await;
     assert_common(&r, "calls");
     assert!(num(&r, "established") > 0.0, "{r}");
     assert_eq!(num(&r, "failed"), 0.0, "{r}");
@@ -223,29 +226,140 @@ async fn a_wrong_secret_fails_loudly() {
     assert!(stderr.contains("refused"), "{stderr}");
 }
 
-/// The bare server (the yardstick for sign-ins in BENCHMARKS.md) answers every hello of `idle`
-/// with a welcome and holds the connections, so the scenario runs against it unchanged, memory
-/// reading included.
-#[tokio::test]
-async fn idle_runs_against_the_bare_server() {
+/// Starts `confab-bench bare-server` on an ephemeral port with `extra` arguments; returns the
+/// process (killed when dropped) and its address.
+async fn start_bare_server(extra: &[&str]) -> (tokio::process::Child, SocketAddr) {
     use tokio::io::AsyncBufReadExt;
     let mut server = Command::new(env!("CARGO_BIN_EXE_confab-bench"))
         .args(["bare-server", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let pid = server.id().unwrap().to_string();
     let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(WAIT, lines.next_line())
         .await
         .expect("the bare server printed its address in time")
         .unwrap()
         .expect("an address line");
-    let addr: SocketAddr = first.parse().unwrap();
+    (server, first.parse().unwrap())
+}
+
+/// The bare server (the yardstick for sign-ins in BENCHMARKS.md) answers every hello of `idle`
+/// with a welcome and holds the connections, so the scenario runs against it unchanged, memory
+/// reading included.
+#[tokio::test]
+async fn idle_runs_against_the_bare_server() {
+    let (server, addr) = start_bare_server(&[]).await;
+    let pid = server.id().unwrap().to_string();
     let r = small_idle(addr, &pid).await;
     assert_common(&r, "idle");
     assert_eq!(num(&r, "endpoints"), 200.0, "{r}");
     assert_eq!(num(&r, "failed"), 0.0, "{r}");
     assert!(num(&r, "node_rss_after_kib") > 0.0, "{r}");
+}
+
+/// The bare server with `--calls` (the yardstick for calls) runs the `calls` scenario.
+#[tokio::test]
+async fn calls_run_against_the_bare_server() {
+    let (_server, addr) = start_bare_server(&["--calls"]).await;
+    small_calls(addr).await;
+}
+
+/// A yardstick is fair only if the clients see the same thing: for one forked call (a caller,
+/// a callee on two devices, the first accepting, then the caller hanging up), each client gets
+/// the same frames from the bare server as from the node, in the same order.
+#[tokio::test]
+async fn the_bare_call_server_sends_what_the_node_sends_for_a_forked_call() {
+    let node = start_node(|_| {});
+    let from_node = one_forked_call(node.addr).await;
+    let (_server, addr) = start_bare_server(&["--calls"]).await;
+    let from_bare = one_forked_call(addr).await;
+    assert_eq!(from_bare, from_node);
+}
+
+/// What the caller, the accepting device and the other device receive for one forked call,
+/// each frame reduced to its type (and, for `call_state`, its states and reason).
+async fn one_forked_call(addr: SocketAddr) -> [Vec<String>; 3] {
+    use confab_protocol::{CallState, ClientMsg, ServerMsg};
+    use confab_tests::{Raw, offer};
+    let callee = "sip:callee@bench.invalid";
+    let mut first = Raw::sign_in(addr, callee, "dev0").await;
+    let mut second = Raw::sign_in(addr, callee, "dev1").await;
+    let mut caller = Raw::sign_in(addr, "sip:caller@bench.invalid", "desk").await;
+    let terminated = |m: &ServerMsg| {
+        matches!(
+            m,
+            ServerMsg::CallState {
+                state: CallState::Terminated,
+                ..
+            }
+        )
+    };
+    let rid = caller.rid();
+    caller
+        .send(&ClientMsg::CallEstablish {
+            rid,
+            to: callee.into(),
+            conversation: None,
+            toast: None,
+            sdp: offer(),
+        })
+        .await;
+    let (incoming, _) = first
+        .recv_until(|m| matches!(m, ServerMsg::CallIncoming { .. }))
+        .await;
+    let ServerMsg::CallIncoming { call: leg, .. } = &incoming else {
+        unreachable!()
+    };
+    let rid_accept = first.rid();
+    first
+        .send(&ClientMsg::CallAccept {
+            rid: rid_accept,
+            call: leg.clone(),
+            sdp: confab_tests::answer(),
+        })
+        .await;
+    let (established, mut seen_caller) = caller
+        .recv_until(|m| matches!(m, ServerMsg::CallEstablished { .. }))
+        .await;
+    let ServerMsg::CallEstablished { call, .. } = &established else {
+        unreachable!()
+    };
+    let rid_terminate = caller.rid();
+    caller
+        .send(&ClientMsg::CallTerminate {
+            rid: rid_terminate,
+            call: call.clone(),
+        })
+        .await;
+    seen_caller.push(established.clone());
+    let (end, more) = caller.recv_until(terminated).await;
+    seen_caller.extend(more);
+    seen_caller.push(end);
+    let (end, mut seen_first) = first.recv_until(terminated).await;
+    seen_first.insert(0, incoming.clone());
+    seen_first.push(end);
+    let (end, mut seen_second) = second.recv_until(terminated).await;
+    seen_second.push(end);
+    [seen_caller, seen_first, seen_second].map(|frames| frames.iter().map(describe).collect())
+}
+
+/// A frame's type, and for `call_state` its direction, states and reason.
+fn describe(m: &confab_protocol::ServerMsg) -> String {
+    use confab_protocol::ServerMsg;
+    match m {
+        ServerMsg::CallState {
+            direction,
+            state,
+            previous,
+            reason,
+            ..
+        } => format!("call_state {direction:?} {previous:?}->{state:?} {reason:?}"),
+        other => serde_json::to_value(other).unwrap()["type"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned(),
+    }
 }

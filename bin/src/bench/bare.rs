@@ -8,17 +8,23 @@
 //! the kernel and the load generator cost on this machine at that moment; the node's sign-in
 //! rate as a share of this one is the part of the gap that the node's own work explains, and it
 //! does not move with the machine's speed the way either rate alone does (BENCHMARKS.md).
+//!
+//! With `--calls` each connection also routes the `calls` scenario's requests, as the least a
+//! server can do for a forked call ([`super::bare_calls`]).
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use confab_protocol::{FrameCodec, ServerMsg};
+use confab_protocol::{ClientMsg, FrameCodec, ServerMsg};
 use futures::StreamExt;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
+
+use super::bare_calls::{Router, serve_connection};
 
 /// The node's first read buffer for a connection (its hello buffer).
 const HELLO_BUFFER: usize = 512;
@@ -29,7 +35,7 @@ const MAX_FRAME: usize = 64 * 1024;
 
 /// Serves until the process is killed. Prints the address it listens on, on one line of
 /// stdout, once it accepts connections (so a script or test can pass `--listen` port 0).
-pub fn serve(listen: SocketAddr, workers: Option<usize>) -> anyhow::Result<()> {
+pub fn serve(listen: SocketAddr, workers: Option<usize>, calls: bool) -> anyhow::Result<()> {
     let workers = workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
@@ -42,13 +48,15 @@ pub fn serve(listen: SocketAddr, workers: Option<usize>) -> anyhow::Result<()> {
         .local_addr()
         .context("the listener's address")?;
     let welcome = welcome_frame()?;
+    let router = calls.then(|| Arc::new(Router::default()));
     let threads = listeners
         .into_iter()
         .map(|listener| {
             let welcome = welcome.clone();
+            let router = router.clone();
             std::thread::Builder::new()
                 .name("bare-server".into())
-                .spawn(move || accept_on(listener, welcome))
+                .spawn(move || accept_on(listener, welcome, router))
                 .context("starting a server thread")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -65,7 +73,11 @@ pub fn serve(listen: SocketAddr, workers: Option<usize>) -> anyhow::Result<()> {
 }
 
 /// One thread's accept loop, on its own single-threaded runtime like a node worker.
-fn accept_on(listener: std::net::TcpListener, welcome: Bytes) -> anyhow::Result<()> {
+fn accept_on(
+    listener: std::net::TcpListener,
+    welcome: Bytes,
+    router: Option<Arc<Router>>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -73,9 +85,14 @@ fn accept_on(listener: std::net::TcpListener, welcome: Bytes) -> anyhow::Result<
         let listener = tokio::net::TcpListener::from_std(listener)?;
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(hold(stream, welcome.clone()));
-                }
+                Ok((stream, _)) => match &router {
+                    None => {
+                        tokio::spawn(hold(stream, welcome.clone()));
+                    }
+                    Some(router) => {
+                        tokio::spawn(route(stream, welcome.clone(), router.clone()));
+                    }
+                },
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning, as the node does.
                     eprintln!("bare-server: accept failed: {e}");
@@ -98,6 +115,17 @@ async fn hold(stream: TcpStream, welcome: Bytes) {
     }
     let mut buf = [0u8; IDLE_BUFFER];
     while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+}
+
+/// `--calls`: a hello in, then the connection routes calls for its user.
+async fn route(stream: TcpStream, welcome: Bytes, router: Arc<Router>) {
+    let mut frames = FramedRead::with_capacity(stream, FrameCodec::new(MAX_FRAME), HELLO_BUFFER);
+    let Some(Ok(hello)) = frames.next().await else {
+        return;
+    };
+    if let Ok(ClientMsg::Hello { user, .. }) = confab_protocol::decode_client(&hello) {
+        serve_connection(router, frames, user, welcome).await;
+    }
 }
 
 /// The same `welcome` for everyone: the bench's `idle` only checks that it is one, and echoes

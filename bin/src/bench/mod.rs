@@ -1,6 +1,7 @@
 //! confab-bench's scenarios and what they share: a raw connection, reports, progress.
 
 pub mod bare;
+pub mod bare_calls;
 pub mod calls;
 pub mod conn;
 pub mod idle;

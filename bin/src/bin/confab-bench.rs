@@ -96,20 +96,30 @@ enum Scenario {
     },
     /// Not a scenario but a yardstick: a server that only accepts, reads the hello, answers a
     /// fixed welcome and holds the connection, listening as the node does. Run `idle` against
-    /// it for the machine's own sign-in rate. Prints its address, then serves until killed.
+    /// it for the machine's own sign-in rate (and, with `--calls`, `calls` for its call rate).
+    /// Prints its address, then serves until killed.
     BareServer {
         #[arg(long, default_value = "127.0.0.1:5071")]
         listen: SocketAddr,
         /// Threads, one listener each; default: one per core, like the node's workers.
         #[arg(long)]
         workers: Option<usize>,
+        /// Also route the `calls` scenario's requests with the node's frames and nothing else:
+        /// the yardstick for forked calls.
+        #[arg(long)]
+        calls: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Scenario::BareServer { listen, workers } = args.scenario {
-        return bench::bare::serve(listen, workers);
+    if let Scenario::BareServer {
+        listen,
+        workers,
+        calls,
+    } = args.scenario
+    {
+        return bench::bare::serve(listen, workers, calls);
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {

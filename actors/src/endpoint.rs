@@ -412,20 +412,23 @@ impl Endpoint {
         None
     }
 
+    /// Holds `call` (its `leg`) in `conversation`: a new conversation's actor starts with the
+    /// call already in it, so the common case (one call per conversation) sends it nothing.
     fn add_call(&mut self, call: String, leg: LegRef, conversation: String) {
-        if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
-            *count += 1;
-            conv.do_send(ConversationMsg::Add {
-                call: call.clone(),
-                leg: leg.clone(),
-            });
+        match self.conversations.get_mut(&conversation) {
+            Some((conv, count)) => {
+                *count += 1;
+                conv.do_send(ConversationMsg::Add {
+                    call: call.clone(),
+                    leg: leg.clone(),
+                });
+            }
+            None => {
+                let conv = Conversation::with(call.clone(), leg.clone()).start();
+                self.conversations.insert(conversation.clone(), (conv, 1));
+            }
         }
         self.calls.insert(call, (leg, conversation));
-    }
-
-    fn new_conversation(&mut self, id: String) {
-        let conv = Conversation::default().start();
-        self.conversations.insert(id, (conv, 0));
     }
 
     fn handle_frame(&mut self, msg: ClientMsg, ctx: &mut Context<Self>) {
@@ -661,11 +664,8 @@ impl Endpoint {
             Some(_) => {
                 return self.error(rid, ErrorCode::UnknownConversation, "no such conversation");
             }
-            None => {
-                let c = self.ctx.ids.mint('v');
-                self.new_conversation(c.clone());
-                c
-            }
+            // Started with the call, in `add_call`.
+            None => self.ctx.ids.mint('v'),
         };
         let call = self.ctx.ids.mint('c');
         // The reply goes out before the leg exists, so it precedes the leg's first event.
@@ -703,7 +703,6 @@ impl Endpoint {
             return;
         }
         offer.handled = true;
-        self.new_conversation(offer.conversation.clone());
         let leg = CallLeg::new(LegInit {
             ctx: self.ctx.clone(),
             id: offer.call.clone(),
@@ -753,7 +752,6 @@ impl Endpoint {
             );
             return;
         }
-        self.new_conversation(fork.conversation.clone());
         self.push(ServerMsg::CallIncoming {
             call: fork.call.clone(),
             conversation: fork.conversation.clone(),
@@ -1026,9 +1024,12 @@ impl Endpoint {
         }
         if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
             *count = count.saturating_sub(1);
-            conv.do_send(ConversationMsg::Remove { call });
             if *count == 0 {
+                // Its last call: dropping the only address stops the actor (actix stops an
+                // actor whose addresses are all gone), so it needs no message.
                 self.conversations.remove(&conversation);
+            } else {
+                conv.do_send(ConversationMsg::Remove { call });
             }
         }
         if self.closing && !self.calls.values().any(|(l, _)| l.remote_node().is_some()) {

@@ -1,5 +1,7 @@
 //! A conversation: the group of one endpoint's calls that UCMA terminates together. It exists
-//! while it holds a call; terminating it terminates each of its calls (the UCMA cascade).
+//! while it holds a call; terminating it terminates each of its calls (the UCMA cascade). Its
+//! endpoint starts it with its first call and stops it by dropping its address with the last
+//! one, so a conversation of one call is sent no message unless it is terminated.
 
 use actix::prelude::*;
 
@@ -21,12 +23,20 @@ pub enum ConversationMsg {
     Terminate,
 }
 
-#[derive(Default)]
 pub struct Conversation {
     /// Each call's leg, and whether it has been asked to terminate already: a client may repeat
     /// `conversation_terminate` at will, and while a leg on another node cannot report its end
     /// (NATS away) each repeat would queue another envelope for it.
     calls: IdMap<String, (LegRef, bool)>,
+}
+
+impl Conversation {
+    /// A conversation with its first call in it.
+    pub fn with(call: String, leg: LegRef) -> Self {
+        let mut calls = IdMap::default();
+        calls.insert(call, (leg, false));
+        Conversation { calls }
+    }
 }
 
 impl Actor for Conversation {
@@ -59,5 +69,34 @@ impl Handler<ConversationMsg> for Conversation {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The endpoint stops a conversation by dropping its address with its last call (it sends
+    /// no message then); actix must then stop it, or every call would leak one actor.
+    #[test]
+    fn a_conversation_stops_once_its_address_is_dropped() {
+        let system = actix::System::new();
+        let stopped = system.block_on(async {
+            let addr = Conversation {
+                calls: IdMap::default(),
+            }
+            .start();
+            let weak = addr.downgrade();
+            drop(addr);
+            // It stops on one of its next polls; yield until it has, a bounded number of times.
+            for _ in 0..1000 {
+                if weak.upgrade().is_none() {
+                    return true;
+                }
+                actix_rt::task::yield_now().await;
+            }
+            false
+        });
+        assert!(stopped, "the conversation is still running");
     }
 }

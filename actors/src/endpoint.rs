@@ -997,7 +997,9 @@ impl Endpoint {
         elsewhere: bool,
         ctx: &mut Context<Self>,
     ) {
-        match self.calls.remove(&call) {
+        let held = self.calls.remove(&call);
+        let was_held = held.is_some();
+        match held {
             Some((leg, _))
                 if leg.remote_node().is_none() || self.remote_calls.contains_key(&call) =>
             {
@@ -1022,7 +1024,10 @@ impl Endpoint {
         if self.ended.len() > REMEMBERED_ENDED_CALLS {
             self.ended.pop_front();
         }
-        if let Some((conv, count)) = self.conversations.get_mut(&conversation) {
+        // Only a call held until now leaves its conversation: a second report of the same end
+        // (a node loss, then the leg's own late `LegEnded`) must not end a conversation that
+        // still holds other calls.
+        if was_held && let Some((conv, count)) = self.conversations.get_mut(&conversation) {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 // Its last call: dropping the only address stops the actor (actix stops an

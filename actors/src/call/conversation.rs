@@ -39,6 +39,10 @@ impl Conversation {
     }
 }
 
+// No timers and no spawned futures here: actix stops an actor whose addresses are all dropped
+// only when nothing else runs in its context, and the endpoint relies on that to stop a
+// conversation with its last call; anything that kept the context busy would leak one actor per
+// call.
 impl Actor for Conversation {
     type Context = Context<Self>;
 }

@@ -1,12 +1,14 @@
 //! `bare-server --calls`: the least a server can do for the `calls` scenario, as a yardstick
 //! for the node's forked calls.
 //!
-//! It answers the scenario's `call_establish`, `call_accept` and `call_terminate` with exactly
-//! the frames the node sends, grouped into the same socket writes (one write per client per
-//! step; BENCHMARKS.md lists them), so the kernel and the load generator do the same work as
-//! against the node. What it leaves out is the node's own: no token check, no SDP negotiation
-//! (the callee's answer is passed through), no state machine, no actors, no presence, no
-//! limits; a call is an entry in one map behind one lock, shared by the worker threads. It
+//! It answers the scenario's `call_establish`, `call_accept` and `call_terminate` with the
+//! frames the node sends, in the order each client sees them and grouped as the node groups
+//! them per step (one group per client per step; the node's outbox may coalesce more under
+//! load, BENCHMARKS.md gives both servers' writes per call), so the kernel and the load
+//! generator do about the same work as against the node. What it leaves out is the node's
+//! own: no token check, no SDP negotiation (the callee's answer is passed through), no state
+//! machine, no actors, no presence, no limits; a call is an entry in one map behind one lock,
+//! shared by the worker threads and held only for the map operations. It
 //! knows nothing beyond the scenario's happy path: any other request is ignored, and a call
 //! whose client leaves stays in the map (the server lives for one run).
 
@@ -50,11 +52,14 @@ struct Device {
     out: Outbox,
 }
 
+#[derive(Clone)]
 struct Call {
     caller: Device,
     caller_user: String,
     conversation: String,
     callee: String,
+    /// The caller's offer, which the accepting device's `call_established` carries.
+    offer: String,
     /// Each device's leg: (its call id, its conversation, the device).
     legs: Vec<(String, String, Device)>,
     /// The leg that accepted.
@@ -190,8 +195,10 @@ fn ended(
 }
 
 impl Router {
-    /// The toast to every device of `to`, then the caller's `call_created`, establishing and
-    /// ringing (the node's order).
+    /// The caller's `call_created`, establishing and ringing, and the toast to every device of
+    /// `to`. Ids are minted and frames encoded outside the lock, which guards only the maps,
+    /// so the worker threads do not take turns; the call is in the map before any device can
+    /// accept it.
     fn establish(
         &self,
         caller: &Device,
@@ -202,24 +209,27 @@ impl Router {
     ) {
         let call = self.id('c');
         let conversation = self.id('v');
-        let mut state = self.state();
-        let devices = state.users.get(&to).cloned().unwrap_or_default();
-        let mut legs = Vec::with_capacity(devices.len());
-        for d in devices {
-            let (leg, conv) = (self.id('c'), self.id('v'));
-            let _ = d.out.send(group(&[ServerMsg::CallIncoming {
-                call: leg.clone(),
-                conversation: conv.clone(),
-                from: caller_user.to_owned(),
-                toast: None,
-                sdp: sdp.clone(),
-                immediate_auto_accept: false,
-            }]));
-            state.legs.insert(leg.clone(), call.clone());
-            legs.push((leg, conv, d));
-        }
+        let devices = self.state().users.get(&to).cloned().unwrap_or_default();
+        let legs: Vec<(String, String, Device)> = devices
+            .into_iter()
+            .map(|d| (self.id('c'), self.id('v'), d))
+            .collect();
+        let toasts: Vec<(Outbox, Bytes)> = legs
+            .iter()
+            .map(|(leg, conv, d)| {
+                let toast = group(&[ServerMsg::CallIncoming {
+                    call: leg.clone(),
+                    conversation: conv.clone(),
+                    from: caller_user.to_owned(),
+                    toast: None,
+                    sdp: sdp.clone(),
+                    immediate_auto_accept: false,
+                }]);
+                (d.out.clone(), toast)
+            })
+            .collect();
         let out = Direction::Outbound;
-        let _ = caller.out.send(group(&[
+        let created = group(&[
             ServerMsg::CallCreated {
                 rid,
                 call: call.clone(),
@@ -240,36 +250,60 @@ impl Router {
                 CallState::Establishing,
                 CallState::Establishing,
             ),
-        ]));
-        state.calls.insert(
-            call,
-            Call {
-                caller: caller.clone(),
-                caller_user: caller_user.to_owned(),
-                conversation,
-                callee: to,
-                legs,
-                accepted: None,
-            },
-        );
+        ]);
+        {
+            let mut state = self.state();
+            for (leg, _, _) in &legs {
+                state.legs.insert(leg.clone(), call.clone());
+            }
+            state.calls.insert(
+                call,
+                Call {
+                    caller: caller.clone(),
+                    caller_user: caller_user.to_owned(),
+                    conversation,
+                    callee: to,
+                    offer: sdp,
+                    legs,
+                    accepted: None,
+                },
+            );
+        }
+        // The caller's frames first: an accept (which needs a toast) must not put the caller's
+        // `call_established` ahead of its `call_created`.
+        let _ = caller.out.send(created);
+        for (device, toast) in toasts {
+            let _ = device.send(toast);
+        }
     }
 
-    /// The other devices' toasts come down, the caller is established, then the device.
-    fn accept(&self, rid: Option<u32>, leg: &str, sdp: String) {
-        let mut state = self.state();
-        let Some(call_id) = state.legs.get(leg).cloned() else {
-            return;
+    /// The first accept wins: the other devices' toasts come down, the caller is established,
+    /// then the device. The lock covers the decision; frames are encoded and sent after it.
+    fn accept(&self, rid: Option<u32>, leg: &str, answer: String) {
+        let (call_id, call, won) = {
+            let mut state = self.state();
+            let Some(call_id) = state.legs.get(leg).cloned() else {
+                return;
+            };
+            let Some(call) = state.calls.get_mut(&call_id) else {
+                return;
+            };
+            let Some(won) = call.legs.iter().position(|(l, _, _)| l == leg) else {
+                return;
+            };
+            if call.accepted.is_some() {
+                return;
+            }
+            call.accepted = Some(won);
+            // What the frames need, so they are encoded and sent once the lock is released.
+            let call = call.clone();
+            for (i, (l, _, _)) in call.legs.iter().enumerate() {
+                if i != won {
+                    state.legs.remove(l);
+                }
+            }
+            (call_id, call, won)
         };
-        let Some(call) = state.calls.get_mut(&call_id) else {
-            return;
-        };
-        if call.accepted.is_some() {
-            return;
-        }
-        let Some(won) = call.legs.iter().position(|(l, _, _)| l == leg) else {
-            return;
-        };
-        call.accepted = Some(won);
         let inbound = Direction::Inbound;
         for (i, (l, conv, d)) in call.legs.iter().enumerate() {
             if i != won {
@@ -290,7 +324,7 @@ impl Router {
             ),
             ServerMsg::CallEstablished {
                 call: call_id.clone(),
-                sdp: sdp.clone(),
+                sdp: answer,
                 remote: Remote {
                     user: call.callee.clone(),
                     endpoint: device.endpoint.clone(),
@@ -315,27 +349,26 @@ impl Router {
             ),
             ServerMsg::CallEstablished {
                 call: l.clone(),
-                sdp,
+                sdp: call.offer.clone(),
                 remote: Remote {
                     user: call.caller_user.clone(),
                     endpoint: call.caller.endpoint.clone(),
                 },
             },
         ]));
-        let lost: Vec<String> = (call.legs.iter().enumerate())
-            .filter(|(i, _)| *i != won)
-            .map(|(_, (l, _, _))| l.clone())
-            .collect();
-        for l in lost {
-            state.legs.remove(&l);
-        }
     }
 
     /// The caller hangs up: its `ok` and end, then the device's end.
     fn terminate(&self, rid: Option<u32>, call_id: &str) {
-        let mut state = self.state();
-        let Some(call) = state.calls.remove(call_id) else {
-            return;
+        let call = {
+            let mut state = self.state();
+            let Some(call) = state.calls.remove(call_id) else {
+                return;
+            };
+            if let Some((l, _, _)) = call.accepted.map(|i| &call.legs[i]) {
+                state.legs.remove(l);
+            }
+            call
         };
         let mut caller = vec![ServerMsg::Ok { rid }];
         caller.extend(ended(
@@ -352,7 +385,6 @@ impl Router {
             let _ = device
                 .out
                 .send(group(&ended(l, conv, Direction::Inbound, from, why)));
-            state.legs.remove(l);
         }
     }
 }

@@ -431,6 +431,14 @@ impl Settings {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
         }
+        if let Some(word) = bare_non_level(&self.log.level) {
+            return invalid(
+                "log.level",
+                &format!(
+                    "`{word}` is not a level (trace, debug, info, warn, error, off); name a target with a level, as in `{word}=debug`"
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -440,6 +448,18 @@ impl Settings {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.listen.parse().ok()
     }
+}
+
+/// The first directive of a `log.level` filter that is a bare word but not a level. The filter
+/// syntax reads such a word as a target to log at every level, so a misspelt level (`debg`)
+/// would parse and leave the node logging almost nothing; a target must carry its level here.
+fn bare_non_level(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    filter.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '['])
+            && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
+    })
 }
 
 /// How often clients refresh `composing` (docs/protocol.md); the node's timeout must exceed it.
@@ -517,6 +537,27 @@ mod tests {
         .expect("valid");
         assert_eq!(s.auth.jwt_secret, "12345");
         assert_eq!(s.server.heartbeat_ms, 500);
+    }
+
+    #[test]
+    fn a_bare_word_in_log_level_must_be_a_level() {
+        for good in [
+            "info",
+            "WARN",
+            "confab_actors=debug,info",
+            "info, async_nats=warn",
+            "confab_actors[call]=trace",
+        ] {
+            let text = format!("[log]\nlevel = \"{good}\"\n");
+            assert!(
+                Settings::load(&text, []).is_ok(),
+                "{good} is a valid filter"
+            );
+        }
+        let e = Settings::load("[log]\nlevel = \"info,debg\"\n", [])
+            .expect_err("a misspelt level would read as a target and silence the node");
+        assert!(e.to_string().contains("log.level"), "{e}");
+        assert!(e.to_string().contains("`debg`"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn node_with(vars: &[(&str, &str)]) -> (Option<i32>, String) {
 fn a_bad_setting_stops_the_node_and_names_the_key() {
     for (var, value, key) in [
         ("CONFAB_LOG_LEVEL", "confab=loud", "log.level"),
+        ("CONFAB_LOG_LEVEL", "debg", "log.level"),
         (
             "CONFAB_FLOW_COMPOSING_TIMEOUT_MS",
             "1000",

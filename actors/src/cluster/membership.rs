@@ -1,0 +1,364 @@
+//! Which nodes are alive, and in which run: heartbeats, the node timeout, ending what a dead
+//! node's run was part of (and purging its records), rejoining as a new run after being
+//! declared dead or stale, and the graceful leave.
+
+use super::*;
+
+impl Cluster {
+    /// The wall clock in unix ms (see [`Cluster::restart_with_clock_set_back`]).
+    pub(super) fn now_ms(&self) -> u64 {
+        wire::unix_ms().saturating_sub(self.clock_set_back_ms.load(Ordering::Relaxed))
+    }
+
+    /// The others declared this run dead (it was cut off longer than `node_timeout`), or heard
+    /// it with an epoch below a later run of its id (its clock was set back across a restart):
+    /// they have ended every call involving it. It does the same on its side, then comes back
+    /// as a new run, above both its own last run and `above`, the latest the asker knows.
+    pub(super) fn rejoin(self: &Arc<Self>, above: u64) {
+        let new = next_epoch(self.now_ms(), self.epoch(), above);
+        tracing::warn!(node = %self.node_id, old = self.epoch(), new, "this node was declared dead or stale by the others; rejoining as a new run");
+        self.start_run(new);
+    }
+
+    /// Starts run `new` of this node: a new epoch, every call involving another node ended,
+    /// its records written again, the others' records read again.
+    pub(super) fn start_run(self: &Arc<Self>, new: u64) {
+        self.epoch.store(new, Ordering::Relaxed);
+        for entry in self.legs.iter() {
+            entry.value().1.do_send(LegMsg::NodeLost);
+        }
+        for entry in self.endpoints.iter() {
+            entry.value().do_send(EndpointMsg::NodeLost { node: None });
+        }
+        let cached: Vec<(String, String)> = self
+            .remote
+            .iter()
+            .flat_map(|e| {
+                let user = e.key().clone();
+                e.value()
+                    .iter()
+                    .map(move |r| (user.clone(), r.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (user, endpoint) in cached {
+            self.forget(&user, &endpoint);
+        }
+        lock(&self.nodes).clear();
+        // What this node declared dead stays dead: when NATS itself was away, every node
+        // declared every other dead and purged its records, and each must still tell the
+        // others to rejoin when it hears their old runs, or their records would stay purged.
+        // Re-stamped in place: each shard stays locked while its records are queued, so an
+        // endpoint ending meanwhile queues its delete after this put, never before it (a put
+        // after the delete would leave a record of an endpoint that no longer exists).
+        for mut e in self.own.iter_mut() {
+            e.value_mut().epoch = new;
+            if let Some(put) = record_put(e.key(), e.value()) {
+                let _ = self.kv_tx.send(put);
+            }
+        }
+        self.heartbeat(false);
+        if let Some(earlier) = lock(&self.reload).take() {
+            earlier.abort();
+        }
+        let me = self.clone();
+        let reload = self.rt.spawn(async move {
+            // Without the reload this node would not know the others' endpoints until they
+            // change, so it is tried again while NATS is unsteady.
+            for attempt in 1..=RELOAD_ATTEMPTS {
+                match me.load().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "cannot reload the directory after rejoining");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            tracing::error!("gave up reloading the directory after rejoining; other nodes' endpoints appear as they change");
+        });
+        *lock(&self.reload) = Some(reload);
+    }
+
+    /// Whether `node` is to be asked to rejoin now: the first time one of its runs needs it,
+    /// then at most once per `node_timeout`.
+    pub(super) fn first_ask_in_a_while(&self, node: &str) -> bool {
+        let now = Instant::now();
+        let mut told = lock(&self.told);
+        told.retain(|_, at| now.duration_since(*at) < self.timeout);
+        match told.entry(node.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
+    /// The latest run of `node` known here, alive or declared dead (0: none).
+    pub(super) fn latest_run(&self, node: &str) -> u64 {
+        let dead = lock(&self.dead).get(node).copied().unwrap_or(0);
+        let seen = lock(&self.nodes).get(node).map_or(0, |n| n.epoch);
+        dead.max(seen)
+    }
+
+    /// True when `node`'s run `epoch` was declared dead, or a later run of it is known dead.
+    pub(super) fn is_dead(&self, node: &str, epoch: u64) -> bool {
+        lock(&self.dead).get(node).is_some_and(|e| *e >= epoch)
+    }
+
+    /// The living node with the smallest id cleans the KV for everyone.
+    pub(super) fn is_purger(&self) -> bool {
+        let nodes = lock(&self.nodes);
+        nodes.keys().all(|n| *n > self.node_id)
+    }
+
+    /// Notes that `node` (in `epoch`) is alive. A later epoch means the node restarted: what
+    /// referenced its previous run is ended first. Returns false for a run that is older than
+    /// the one known, or dead: its records are stale.
+    pub(super) fn saw_node(&self, node: &str, epoch: u64, heartbeat: bool) -> bool {
+        if node == self.node_id {
+            return true;
+        }
+        let restarted = {
+            let mut nodes = lock(&self.nodes);
+            match nodes.get_mut(node) {
+                Some(seen) if seen.epoch == epoch => {
+                    if heartbeat {
+                        seen.last = Instant::now();
+                    }
+                    None
+                }
+                Some(seen) if epoch < seen.epoch => return false,
+                Some(seen) => {
+                    let old = seen.epoch;
+                    seen.epoch = epoch;
+                    seen.last = Instant::now();
+                    Some(old)
+                }
+                None => {
+                    if self.is_dead(node, epoch) {
+                        return false;
+                    }
+                    nodes.insert(
+                        node.to_owned(),
+                        NodeSeen {
+                            epoch,
+                            last: Instant::now(),
+                        },
+                    );
+                    metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
+                    tracing::info!(%node, "node joined the cluster");
+                    None
+                }
+            }
+        };
+        if let Some(old) = restarted {
+            tracing::warn!(%node, "node restarted; ending what referenced its previous run");
+            self.node_lost(node, old, true);
+        }
+        true
+    }
+
+    /// Declares `node` (in `epoch`) dead and ends everything on this node that referenced it.
+    pub(super) fn node_lost(&self, node: &str, epoch: u64, purge: bool) {
+        let mut dead = lock(&self.dead);
+        let latest = dead.entry(node.to_owned()).or_insert(epoch);
+        *latest = (*latest).max(epoch);
+        drop(dead);
+        // Drop its endpoints from the cache and presence at once.
+        let mut gone: Vec<(String, String, u64)> = Vec::new();
+        for entry in self.remote.iter() {
+            for e in entry.value() {
+                if e.record.node == node && e.record.epoch <= epoch {
+                    gone.push((entry.key().clone(), e.id.clone(), e.revision));
+                }
+            }
+        }
+        for (user, endpoint, _) in &gone {
+            self.forget(user, endpoint);
+        }
+        // The smallest living node id cleans the KV for everyone.
+        if purge && self.is_purger() {
+            tracing::info!(%node, records = gone.len(), "purging the dead node's records");
+            for (user, endpoint, revision) in &gone {
+                let _ = self.kv_tx.send(KvOp::Delete(
+                    wire::record_key(user, endpoint),
+                    Some(*revision),
+                ));
+            }
+        }
+        // Legs here whose endpoint was there.
+        for entry in self.legs.iter() {
+            if entry.value().0 == node {
+                entry.value().1.do_send(LegMsg::NodeLost);
+            }
+        }
+        // Endpoints here whose calls live there.
+        for entry in self.endpoints.iter() {
+            entry.value().do_send(EndpointMsg::NodeLost {
+                node: Some(node.to_owned()),
+            });
+        }
+    }
+
+    pub(super) fn check_liveness(&self) {
+        let now = Instant::now();
+        let dead: Vec<(String, u64)> = {
+            let mut nodes = lock(&self.nodes);
+            let dead: Vec<_> = nodes
+                .iter()
+                .filter(|(_, s)| now.duration_since(s.last) > self.timeout)
+                .map(|(n, s)| (n.clone(), s.epoch))
+                .collect();
+            for (n, _) in &dead {
+                nodes.remove(n);
+            }
+            metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
+            dead
+        };
+        for (node, epoch) in dead {
+            tracing::warn!(%node, timeout_ms = self.timeout.as_millis() as u64, "node unheard for node_timeout; declaring it dead");
+            self.node_lost(&node, epoch, true);
+        }
+    }
+
+    pub(super) fn heartbeat(&self, leaving: bool) {
+        if !leaving
+            && let Some(until) = *lock(&self.muted_until)
+            && Instant::now() < until
+        {
+            return;
+        }
+        // While NATS is away a heartbeat would only wait in the client's buffer, with every
+        // other one of the outage, and all go out stale on reconnect; the next tick sends a
+        // fresh one.
+        if !leaving && !self.nats_connected() {
+            return;
+        }
+        let hb = Heartbeat {
+            node: self.node_id.clone(),
+            epoch: self.epoch(),
+            leaving,
+        };
+        if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
+            let _ = self.publish_tx.send(Outgoing::Publish(
+                HEARTBEAT_SUBJECT.to_owned(),
+                Bytes::from(bytes),
+            ));
+        }
+    }
+
+    /// Graceful leave: this node's records are deleted at once and the others are told; then
+    /// the NATS runtime stops.
+    pub async fn leave(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = self.rt.spawn(async move { me.leave_inner().await }).await;
+        if let Some(stop) = lock(&self.stop).take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub(super) async fn leave_inner(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+        // Queued behind the writes still waiting, so none of those can land after them and
+        // bring a record back.
+        let keys: Vec<String> = self
+            .own
+            .iter()
+            .map(|e| wire::record_key(&e.value().user, e.key()))
+            .collect();
+        self.own.clear();
+        self.own_by_user.clear();
+        self.directory_gauge();
+        for key in keys {
+            let _ = self.kv_tx.send(KvOp::Delete(key, None));
+        }
+        // Bounded: with NATS away the node still stops (the others purge its records once
+        // they find it dead).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.kv_tx.send(KvOp::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), done_rx).await;
+        }
+        self.heartbeat(true);
+        // Everything queued goes out before the runtime stops.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.publish_tx.send(Outgoing::Flush(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
+    }
+}
+
+/// A new run's epoch: the wall clock's time, but above the run it replaces and above `above`,
+/// the latest run of this id another node knows (the clock may have been set back).
+pub(super) fn next_epoch(now_ms: u64, old: u64, above: u64) -> u64 {
+    now_ms
+        .max(old.saturating_add(1))
+        .max(above.saturating_add(1))
+}
+
+pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        let Ok(hb) = rmp_serde::from_slice::<Heartbeat>(&msg.payload) else {
+            continue;
+        };
+        if hb.node == cluster.node_id {
+            continue;
+        }
+        if hb.leaving {
+            let known = lock(&cluster.nodes).remove(&hb.node).is_some();
+            if known {
+                tracing::info!(node = %hb.node, "node left the cluster");
+                cluster.node_lost(&hb.node, hb.epoch, true);
+            }
+            continue;
+        }
+        if !cluster.saw_node(&hb.node, hb.epoch, true) && cluster.first_ask_in_a_while(&hb.node) {
+            // A run we declared dead is alive after all (it was cut off), or a run older than
+            // one we know is heard (its node restarted with its clock set back): it must come
+            // back as a new run above every run of its id known here, since every call
+            // involving those has ended here (or will, when the new run is heard).
+            let above = cluster.latest_run(&hb.node);
+            tracing::warn!(node = %hb.node, epoch = hb.epoch, above, "heard a run of a node declared dead or replaced; asking it to rejoin");
+            cluster.send(
+                &hb.node,
+                &Envelope::Rejoin {
+                    epoch: hb.epoch,
+                    above,
+                },
+            );
+        }
+    }
+}
+
+pub(super) async fn liveness_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.timeout / 3);
+    loop {
+        tick.tick().await;
+        cluster.heartbeat(false);
+        cluster.check_liveness();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_run_is_above_the_last_one_and_every_run_another_node_knows_whatever_the_clock() {
+        assert_eq!(
+            next_epoch(5_000, 1_000, 2_000),
+            5_000,
+            "the clock, normally"
+        );
+        assert_eq!(
+            next_epoch(5_000, 5_000, 0),
+            5_001,
+            "a rejoin in the same ms"
+        );
+        assert_eq!(
+            next_epoch(1_000, 1_000, 9_000),
+            9_001,
+            "a clock set back below a run the others know"
+        );
+    }
+}

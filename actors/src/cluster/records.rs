@@ -1,0 +1,314 @@
+//! The directory's records: this node's own (written to the KV bucket, one per endpoint), the
+//! cache of the other nodes' (fed by the initial load and then by the watch, and passed on to
+//! presence), and the cluster-wide `endpoints_per_user` checked against both.
+
+use super::*;
+
+impl Cluster {
+    /// Reads every record of the bucket into the cache. During a rejoin the watch runs
+    /// meanwhile: a record it deletes after the load read it must not come back from the load.
+    pub(super) async fn load(&self) -> Result<(), ClusterError> {
+        *lock(&self.loading) = Some(HashMap::new());
+        let result = self.load_keys().await;
+        *lock(&self.loading) = None;
+        result
+    }
+
+    /// Reads the last record of every key through a last-per-subject consumer (values
+    /// included, one pass). It stops at the first record at or past the stream's last sequence
+    /// as read before: every older record has been delivered by then (they come in sequence
+    /// order), and anything newer reaches the watch, which was already running. async-nats's
+    /// `keys()` ends on the consumer's pending count instead, which never reaches 0 when a
+    /// record counted at the start is replaced meanwhile (history 1), so it could hang while
+    /// other nodes write.
+    pub(super) async fn load_keys(&self) -> Result<(), ClusterError> {
+        let kv_err = |e: &dyn std::fmt::Display| ClusterError::Kv(e.to_string());
+        let last = self
+            .kv
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| kv_err(&e))?
+            .state
+            .last_sequence;
+        if last == 0 {
+            return Ok(());
+        }
+        let mut records = self
+            .kv
+            .watch_with_history(">")
+            .await
+            .map_err(|e| kv_err(&e))?;
+        loop {
+            let next = tokio::time::timeout(LOAD_STALL, records.next())
+                .await
+                .map_err(|_| ClusterError::Kv(format!("no record within {LOAD_STALL:?}")))?;
+            let e = match next {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(kv_err(&e)),
+                None => return Ok(()),
+            };
+            let deleted_since = lock(&self.loading)
+                .as_ref()
+                .and_then(|d| d.get(&e.key).copied())
+                .is_some_and(|deleted| deleted > e.revision);
+            if !deleted_since {
+                self.apply(&e.key, e.operation, &e.value, e.revision);
+            }
+            if e.revision >= last || e.delta == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes (creates or replaces) this node's record of `endpoint`, stamped with this run's
+    /// epoch.
+    pub fn put_own(&self, endpoint: &str, mut record: Record) {
+        let user = record.user.clone();
+        // The entry stays locked from the epoch's stamp until the put is queued, as in the
+        // rejoin's re-stamp: either this sees the rejoin's new epoch, or the rejoin waits and
+        // queues its re-stamped put after this one. And the record is in `own` before its put
+        // is queued, so the watch never shows this node a record of its own it does not know.
+        let entry = self.own.entry(endpoint.to_owned());
+        // Checked under the entry's lock: the leave sets the flag before it collects `own`,
+        // so a put either sees it or is collected and deleted after its put.
+        if self.leaving.load(Ordering::SeqCst) {
+            return;
+        }
+        let added = matches!(entry, dashmap::Entry::Vacant(_));
+        record.epoch = self.epoch();
+        let Some(put) = record_put(endpoint, &record) else {
+            return;
+        };
+        let stored = entry.insert(record);
+        let _ = self.kv_tx.send(put);
+        drop(stored);
+        if added {
+            self.own_by_user
+                .entry(user)
+                .or_default()
+                .push(endpoint.to_owned());
+            self.directory_gauge();
+        }
+    }
+
+    /// Updates this node's record of `endpoint` in place and writes it.
+    pub fn update_own(&self, endpoint: &str, f: impl FnOnce(&mut Record)) {
+        let Some(mut r) = self.own.get(endpoint).map(|r| r.clone()) else {
+            return;
+        };
+        f(&mut r);
+        self.put_own(endpoint, r);
+    }
+
+    pub fn delete_own(&self, user: &str, endpoint: &str) {
+        if self.own.remove(endpoint).is_some() {
+            self.own_by_user.remove_if_mut(user, |_, ids| {
+                ids.retain(|id| id != endpoint);
+                ids.is_empty()
+            });
+            self.directory_gauge();
+        }
+        let _ = self
+            .kv_tx
+            .send(KvOp::Delete(wire::record_key(user, endpoint), None));
+    }
+
+    /// Other nodes' endpoints of `user`.
+    pub fn remote_endpoints_of(&self, user: &str) -> Vec<RemoteEndpoint> {
+        self.remote.get(user).map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn remote_count(&self, user: &str) -> usize {
+        self.remote.get(user).map_or(0, |l| l.len())
+    }
+
+    /// Applies one KV change (the entry at `revision`) to the cache and to presence.
+    pub(super) fn apply(&self, key: &str, op: kv::Operation, value: &[u8], revision: u64) {
+        let Some((user, endpoint)) = wire::parse_key(key) else {
+            return;
+        };
+        match op {
+            kv::Operation::Put => {
+                let record: Record = match rmp_serde::from_slice(value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "ignoring an unreadable directory record");
+                        return;
+                    }
+                };
+                if record.node == self.node_id {
+                    // Endpoints of an earlier run are never this run's (ids carry the run).
+                    if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
+                        // Left over from an earlier run of this node.
+                        // Unconditional: only this node writes its keys, and it has no such
+                        // endpoint any more.
+                        tracing::info!(%key, "deleting a stale record of this node");
+                        let _ = self.kv_tx.send(KvOp::Delete(key.to_owned(), None));
+                    }
+                    return;
+                }
+                if !self.saw_node(&record.node, record.epoch, false) {
+                    // Left over from a dead or earlier run of that node.
+                    if self.is_purger() {
+                        let _ = self
+                            .kv_tx
+                            .send(KvOp::Delete(key.to_owned(), Some(revision)));
+                    }
+                    return;
+                }
+                let user_key = user.clone();
+                let upsert = PresenceMsg::Upsert {
+                    user: user.clone(),
+                    endpoint: endpoint.clone(),
+                    device: record.device.clone(),
+                    publication: record.publication.map(|p| to_publication(&p)),
+                    status: record.status_set_unix_ms.map(|at| (record.status, at)),
+                };
+                let added = {
+                    let mut list = self.remote.entry(user).or_default();
+                    match list.iter_mut().find(|e| e.id == endpoint) {
+                        // A rejoin's reload can read a key after the watch applied a newer
+                        // revision of it.
+                        Some(e) if e.revision > revision => return,
+                        Some(e) => {
+                            e.record = record;
+                            e.revision = revision;
+                            false
+                        }
+                        None => {
+                            list.push(RemoteEndpoint {
+                                id: endpoint,
+                                record,
+                                revision,
+                            });
+                            true
+                        }
+                    }
+                };
+                self.presence.send(upsert);
+                if added {
+                    self.remote_len.fetch_add(1, Ordering::Relaxed);
+                    self.directory_gauge();
+                    self.enforce_limit(&user_key);
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some(deleted) = lock(&self.loading).as_mut() {
+                    deleted.insert(key.to_owned(), revision);
+                }
+                let newer_cached = self.remote.get(&user).is_some_and(|list| {
+                    list.iter()
+                        .any(|e| e.id == endpoint && e.revision > revision)
+                });
+                if !newer_cached {
+                    self.forget(&user, &endpoint);
+                }
+            }
+        }
+    }
+
+    /// Holds `endpoints_per_user` across the cluster. Each node checks a sign-in against what
+    /// it has seen, so two sign-ins of one user on two nodes within the KV's propagation time
+    /// can both pass. This runs after every sign-in here and whenever another node's endpoint
+    /// of `user` appears in the cache (so one of the two racing nodes sees both): every node
+    /// ranks all the user's endpoints the same way (sign-in time by the nodes' clocks, then
+    /// id) and signs out its own that rank beyond the limit. The ranking depends only on the
+    /// records, so the nodes agree on which to keep without talking to each other.
+    ///
+    /// Only an endpoint that signed in less than `node_timeout` ago is signed out: a race is
+    /// that recent. A record that shows up later than that (a node rejoining after a
+    /// partition, a record left behind by a failed delete) must not sign out a session that
+    /// has been running for a while; it only blocks new sign-ins until it is cleaned up.
+    pub(crate) fn enforce_limit(&self, user: &str) {
+        // Counted before anything is copied: this runs for every sign-in.
+        let own_count = self.own_by_user.get(user).map_or(0, |ids| ids.len());
+        if own_count == 0 || own_count + self.remote_count(user) <= self.endpoints_per_user {
+            return;
+        }
+        let own: Vec<String> = self
+            .own_by_user
+            .get(user)
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        let remote = self.remote_endpoints_of(user);
+        let mut ranked: Vec<(u64, String, bool)> = remote
+            .into_iter()
+            .map(|r| (r.record.connected_unix_ms, r.id, false))
+            .collect();
+        ranked.extend(own.into_iter().filter_map(|id| {
+            let at = self.own.get(&id)?.connected_unix_ms;
+            Some((at, id, true))
+        }));
+        ranked.sort();
+        let race_window = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let fresh_since = wire::unix_ms().saturating_sub(race_window);
+        for (at, id, mine) in ranked.into_iter().skip(self.endpoints_per_user) {
+            if !mine {
+                continue;
+            }
+            if at < fresh_since {
+                tracing::warn!(%user, endpoint = %id, "over endpoints_per_user across the cluster, but this endpoint signed in before the race window: kept");
+                continue;
+            }
+            if let Some(addr) = self.endpoints.get(&id) {
+                tracing::info!(%user, endpoint = %id, "over endpoints_per_user across the cluster: signing out this node's newest");
+                addr.do_send(EndpointMsg::OverLimit);
+            }
+        }
+    }
+
+    /// Drops a remote endpoint from the cache and from presence.
+    pub(super) fn forget(&self, user: &str, endpoint: &str) {
+        let mut removed = false;
+        self.remote.remove_if_mut(user, |_, list| {
+            let before = list.len();
+            list.retain(|e| e.id != endpoint);
+            removed = list.len() != before;
+            list.is_empty()
+        });
+        if removed {
+            self.remote_len.fetch_sub(1, Ordering::Relaxed);
+            self.directory_gauge();
+            self.presence.send(PresenceMsg::Left {
+                user: user.to_owned(),
+                endpoint: endpoint.to_owned(),
+            });
+        }
+    }
+}
+
+/// The KV put of this node's record of `endpoint`; `None` (logged) if it cannot be encoded.
+pub(super) fn record_put(endpoint: &str, record: &Record) -> Option<KvOp> {
+    match rmp_serde::to_vec_named(record) {
+        Ok(bytes) => Some(KvOp::Put(
+            wire::record_key(&record.user, endpoint),
+            Bytes::from(bytes),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a directory record");
+            None
+        }
+    }
+}
+
+/// A publication stamped with another node's wall clock, on this node's monotonic clock.
+pub(super) fn to_publication(p: &wire::PublicationRecord) -> Publication {
+    let age = Duration::from_millis(wire::unix_ms().saturating_sub(p.stamp_unix_ms));
+    let now = Instant::now();
+    Publication {
+        activity: p.activity,
+        stamp: now.checked_sub(age).unwrap_or(now),
+        idle_ms: p.idle_ms,
+    }
+}
+
+pub(super) async fn watch_loop(cluster: Arc<Cluster>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        match entry {
+            Ok(e) => cluster.apply(&e.key, e.operation, &e.value, e.revision),
+            Err(e) => tracing::warn!(error = %e, "directory watch error"),
+        }
+    }
+    tracing::error!("the directory watch ended");
+}

@@ -1,0 +1,336 @@
+//! Envelopes between nodes: publishing them (one task and one NATS connection, so envelopes
+//! from this node to another arrive in the order sent), the bound on those clients' requests
+//! drive ([`super::quota`]), and delivering received ones to the actors they address.
+
+use super::*;
+
+impl Cluster {
+    /// Publishes an envelope to `node`.
+    pub fn send(&self, node: &str, env: &Envelope) {
+        if matches!(env, Envelope::ForkAdopted { .. })
+            && self.lose_fork_adopted.swap(false, Ordering::SeqCst)
+        {
+            return;
+        }
+        if let Some(payload) = encode(env) {
+            self.publish(Outgoing::Publish(node_subject(node), payload));
+        }
+    }
+
+    /// Publishes an envelope a client's requests drive (see [`quota`]) to `node`, unless
+    /// `cluster.max_queued_envelopes` (or `max_queued_bytes`) already wait; false when it was
+    /// not sent, and the caller answers for it.
+    pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
+        self.reserve_bounded(node, env)
+            .is_some_and(BoundedEnvelope::send)
+    }
+
+    /// Tests ([`Cluster::lose_bounded_envelopes`]): whether the envelope about to go is lost.
+    pub(super) fn lose_this_bounded(&self) -> bool {
+        self.lose_bounded.load(Ordering::Relaxed) > 0
+            && self
+                .lose_bounded
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
+    /// Takes the place of a bounded envelope without sending it yet, for a sender that must
+    /// set things up only once it knows the envelope will go (a fork's leg); None when the
+    /// bound is reached. Dropped unsent, it gives its place back.
+    pub fn reserve_bounded(&self, node: &str, env: &Envelope) -> Option<BoundedEnvelope<'_>> {
+        let payload = encode(env)?;
+        if !self.quota.take(payload.len()) {
+            return None;
+        }
+        Some(BoundedEnvelope {
+            cluster: self,
+            subject: node_subject(node),
+            payload: Some(payload),
+        })
+    }
+
+    /// Queues `out` for the publisher; false once it has stopped (the node is leaving, and
+    /// ends the calls itself).
+    pub(super) fn publish(&self, out: Outgoing) -> bool {
+        if self.publish_tx.send(out).is_err() {
+            return false;
+        }
+        metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "out").increment(1);
+        true
+    }
+
+    /// A leg's event for an endpoint on `node`; false when it was not sent. A
+    /// `message_received` (not a toast, which is part of the call's set-up) and a
+    /// `remote_composing{active:true}` are driven by the other client's flow: over the bound
+    /// they are not sent (the sender's leg answers the message with 408 after the ack timeout;
+    /// the leg keeps the notice off). Everything else, the `active:false` that ends a notice
+    /// included, is never dropped here.
+    ///
+    /// `call` is the call of the leg that sends it; it travels with an answer to a call
+    /// request (see [`Envelope::Event`]).
+    pub fn send_event(&self, node: &str, endpoint: &str, call: &str, msg: &ServerMsg) -> bool {
+        let frame = match rmp_serde::to_vec_named(msg) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an event");
+                return false;
+            }
+        };
+        let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
+        let env = Envelope::Event {
+            endpoint: endpoint.to_owned(),
+            frame,
+            call: answers_request.then(|| call.to_owned()),
+            from_node: self.node_id.clone(),
+            from_epoch: self.epoch(),
+        };
+        if matches!(
+            msg,
+            ServerMsg::MessageReceived { toast: None, .. }
+                | ServerMsg::RemoteComposing { active: true, .. }
+        ) {
+            self.send_bounded(node, &env)
+        } else {
+            self.send(node, &env);
+            true
+        }
+    }
+
+    pub(super) fn route(self: &Arc<Self>, env: Envelope) {
+        metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "in").increment(1);
+        match env {
+            Envelope::Event {
+                endpoint,
+                frame,
+                call,
+                from_node,
+                from_epoch,
+            } => {
+                if self.is_dead(&from_node, from_epoch) {
+                    tracing::debug!(node = %from_node, "dropping an event from a run declared dead");
+                    return;
+                }
+                let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) else {
+                    return;
+                };
+                match decode_server(&frame) {
+                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent { msg, call }),
+                    Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
+                }
+            }
+            Envelope::LegEnded {
+                endpoint,
+                call,
+                conversation,
+                elsewhere,
+                from_node,
+                from_epoch,
+            } if !self.is_dead(&from_node, from_epoch) => {
+                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    Some(ep) => ep.do_send(EndpointMsg::LegEnded {
+                        call,
+                        conversation,
+                        elsewhere,
+                    }),
+                    // Nobody here holds it any more: release the leg.
+                    None => self.release_leg(call, endpoint),
+                }
+            }
+            Envelope::LegEnded { from_node, .. } => {
+                tracing::debug!(node = %from_node, "dropping a leg end from a run declared dead");
+            }
+            Envelope::Adopt {
+                endpoint,
+                leg_node,
+                arbiter,
+                call,
+                conversation,
+                from,
+                offer,
+                toast,
+                immediate,
+            } => {
+                let fork = RemoteFork {
+                    leg_node: leg_node.clone(),
+                    arbiter: arbiter.clone(),
+                    call: call.clone(),
+                    conversation,
+                    from,
+                    offer,
+                    toast,
+                    immediate,
+                };
+                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    Some(ep) => {
+                        let guard = crate::endpoint::RemoteForkGuard::new(self.clone(), &fork);
+                        ep.do_send(EndpointMsg::Adopt(fork, guard));
+                    }
+                    None => self.send(&leg_node, &Envelope::ForkLost { arbiter, call }),
+                }
+            }
+            Envelope::Leg {
+                call,
+                reply_node,
+                reply_endpoint,
+                msg,
+            } => match self.legs.get(&call).map(|e| e.value().1.clone()) {
+                Some(leg) => leg.do_send(msg.into_leg_msg()),
+                None => self.leg_missing(&call, &reply_node, &reply_endpoint, msg),
+            },
+            Envelope::ForkAdopted { arbiter, call } => {
+                if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
+                    a.do_send(ArbiterMsg::ForkAdopted { call });
+                }
+            }
+            Envelope::ForkLost { arbiter, call } => {
+                if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
+                    a.do_send(ArbiterMsg::ForkLost { call });
+                }
+            }
+            Envelope::Rejoin { epoch, above } => {
+                if epoch == self.epoch() {
+                    self.rejoin(above);
+                }
+            }
+        }
+    }
+
+    /// Tells the leg of `call` on another node that `endpoint` here does not hold it (any
+    /// more), so it can stop: without a holder nothing else would release it.
+    pub fn release_leg(&self, call: String, endpoint: String) {
+        if let Some(node) = self.leg_node_hint(&call).filter(|n| *n != self.node_id) {
+            self.send(
+                &node,
+                &Envelope::Leg {
+                    call,
+                    reply_node: self.node_id.clone(),
+                    reply_endpoint: endpoint,
+                    msg: WireLegMsg::Release,
+                },
+            );
+        }
+    }
+
+    /// The node of a leg, from its id (ids start with their node's id).
+    pub(super) fn leg_node_hint(&self, call: &str) -> Option<String> {
+        call.split_once('.').map(|(n, _)| n.to_owned())
+    }
+
+    /// A request for a leg that is gone: the one answer it is owed.
+    pub(super) fn leg_missing(&self, call: &str, node: &str, endpoint: &str, msg: WireLegMsg) {
+        let reply = match msg {
+            WireLegMsg::Message { rid, .. } => ServerMsg::MessageFailed {
+                rid,
+                call: call.to_owned(),
+                msg: None,
+                code: 481,
+                text: crate::reasons::CALL_DOES_NOT_EXIST.to_owned(),
+            },
+            WireLegMsg::Terminate {
+                rid,
+                cause: crate::call::leg::TerminateCause::Call,
+            } => ServerMsg::Ok { rid },
+            WireLegMsg::Accept { rid, .. }
+            | WireLegMsg::Decline { rid, .. }
+            | WireLegMsg::Forward { rid, .. }
+            | WireLegMsg::Transfer { rid, .. } => ServerMsg::error(
+                rid,
+                confab_protocol::ErrorCode::InvalidState,
+                "the call is over",
+            ),
+            _ => return,
+        };
+        self.send_event(node, endpoint, call, &reply);
+    }
+}
+
+/// An envelope holding its place in [`Cluster::quota`], ready to go (see
+/// [`Cluster::reserve_bounded`]).
+pub struct BoundedEnvelope<'a> {
+    cluster: &'a Cluster,
+    subject: String,
+    /// Taken when sent; still here on drop means unsent, and the place is given back.
+    payload: Option<Bytes>,
+}
+
+impl BoundedEnvelope<'_> {
+    /// Queues it; false if the publisher has stopped.
+    pub fn send(mut self) -> bool {
+        let Some(payload) = self.payload.take() else {
+            return false;
+        };
+        let len = payload.len();
+        if self.cluster.lose_this_bounded() {
+            // Lost on the way, as core NATS may lose it: the sender believes it sent.
+            self.cluster.quota.release(len);
+            return true;
+        }
+        let sent = self.cluster.publish(Outgoing::Bounded(
+            std::mem::take(&mut self.subject),
+            payload,
+        ));
+        if !sent {
+            self.cluster.quota.release(len);
+        }
+        sent
+    }
+}
+
+impl Drop for BoundedEnvelope<'_> {
+    fn drop(&mut self) {
+        if let Some(payload) = self.payload.take() {
+            self.cluster.quota.release(payload.len());
+        }
+    }
+}
+
+pub(super) fn node_subject(node: &str) -> String {
+    format!("confab.node.{node}")
+}
+
+pub(super) fn encode(env: &Envelope) -> Option<Bytes> {
+    match rmp_serde::to_vec_named(env) {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an envelope");
+            None
+        }
+    }
+}
+
+pub(super) async fn publish_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    quota: Arc<EnvelopeQuota>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outgoing::Publish(subject, payload) => {
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to NATS");
+                }
+            }
+            Outgoing::Bounded(subject, payload) => {
+                let len = payload.len();
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to NATS");
+                }
+                quota.release(len);
+            }
+            Outgoing::Flush(done) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+pub(super) async fn inbox_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        match rmp_serde::from_slice::<Envelope>(&msg.payload) {
+            Ok(env) => cluster.route(env),
+            Err(e) => tracing::warn!(error = %e, "dropping an unreadable envelope"),
+        }
+    }
+    tracing::error!("the NATS inbox subscription ended");
+}

@@ -1,0 +1,397 @@
+//! An endpoint's calls whose legs live on another node (cluster): the forks adopted from
+//! other nodes' arbiters, what the endpoint mirrors of each such call, the requests and
+//! messages waiting for an answer from that node (each answered here if the answer never
+//! comes), and ending those calls for the client when their node dies.
+
+use super::*;
+
+/// Cluster: a fork whose leg an arbiter on another node created for this endpoint.
+#[derive(Debug)]
+pub struct RemoteFork {
+    pub leg_node: String,
+    pub arbiter: String,
+    pub call: String,
+    pub conversation: String,
+    pub from: String,
+    pub offer: String,
+    pub toast: Option<Toast>,
+    pub immediate: bool,
+}
+
+/// Tells a remote fork's arbiter the fork is lost if the offer is dropped unhandled: an
+/// endpoint that is stopping no longer reads its mailbox, and the arbiter must not wait for it.
+pub struct RemoteForkGuard {
+    cluster: Arc<crate::cluster::Cluster>,
+    leg_node: String,
+    arbiter: String,
+    call: String,
+    armed: bool,
+}
+
+impl RemoteForkGuard {
+    pub fn new(cluster: Arc<crate::cluster::Cluster>, fork: &RemoteFork) -> Self {
+        RemoteForkGuard {
+            cluster,
+            leg_node: fork.leg_node.clone(),
+            arbiter: fork.arbiter.clone(),
+            call: fork.call.clone(),
+            armed: true,
+        }
+    }
+
+    pub(super) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RemoteForkGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cluster.send(
+                &self.leg_node,
+                &crate::cluster::wire::Envelope::ForkLost {
+                    arbiter: std::mem::take(&mut self.arbiter),
+                    call: std::mem::take(&mut self.call),
+                },
+            );
+        }
+    }
+}
+
+/// What an endpoint mirrors of a call whose leg lives on another node, so it can end the call
+/// for its client if that node dies.
+pub(super) struct RemoteCall {
+    pub(super) node: String,
+    pub(super) state: confab_protocol::CallState,
+    pub(super) conversation: String,
+    /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
+    /// each was sent (see [`Endpoint::sweep_remote_answers`]).
+    pub(super) messages: VecDeque<(Option<u32>, Instant)>,
+    /// Call requests (`call_accept`, `call_decline`, `call_forward`, `call_transfer`,
+    /// `call_terminate`) still waiting for their `ok` or `error`, oldest first: the same
+    /// deadline and the same end as `messages`, so each gets its one answer even when its
+    /// envelope, its answer or the leg's node is lost.
+    pub(super) requests: VecDeque<WaitingRequest>,
+}
+
+/// A call request sent to a leg on another node and not answered yet.
+pub(super) struct WaitingRequest {
+    pub(super) rid: Option<u32>,
+    pub(super) sent: Instant,
+    pub(super) kind: RequestKind,
+}
+
+/// What a waiting call request gets if its call ends before the leg's answer comes: what the
+/// leg itself would have answered for a call that is over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum RequestKind {
+    /// `ok`: terminating a call that is over is not an error.
+    Terminate,
+    /// `answered_elsewhere` when another fork won the call, else `invalid_state`.
+    Accept,
+    /// `invalid_state`.
+    Other,
+}
+
+impl Endpoint {
+    /// Answers every message of `call` still waiting for its leg on another node, when that
+    /// leg can no longer answer them.
+    pub(super) fn fail_waiting(
+        &self,
+        call: &str,
+        waiting: VecDeque<(Option<u32>, Instant)>,
+        code: u16,
+        text: &str,
+    ) {
+        for (rid, _) in waiting {
+            self.fail_message(rid, call.to_owned(), code, text);
+        }
+    }
+
+    /// Answers call requests whose call ended (`elsewhere`: another fork won it) before its
+    /// leg, on another node, answered them.
+    pub(super) fn answer_requests_of_ended_call(
+        &self,
+        requests: VecDeque<WaitingRequest>,
+        elsewhere: bool,
+    ) {
+        for r in requests {
+            match r.kind {
+                RequestKind::Terminate => self.push(ServerMsg::Ok { rid: r.rid }),
+                RequestKind::Accept if elsewhere => self.error(
+                    r.rid,
+                    ErrorCode::AnsweredElsewhere,
+                    "another endpoint answered",
+                ),
+                _ => self.error(r.rid, ErrorCode::InvalidState, "the call is over"),
+            }
+        }
+    }
+
+    /// Everything still waiting for a leg on another node that can no longer answer: messages
+    /// get `message_failed` with `code` and `text`, call requests the answers for a call that
+    /// is over.
+    pub(super) fn answer_all_waiting(
+        &self,
+        call: &str,
+        r: RemoteCall,
+        code: u16,
+        text: &str,
+        elsewhere: bool,
+    ) {
+        self.fail_waiting(call, r.messages, code, text);
+        self.answer_requests_of_ended_call(r.requests, elsewhere);
+    }
+
+    /// Cluster: adopts a fork whose leg an arbiter on another node created, or reports it lost.
+    pub(super) fn adopt_remote(&mut self, fork: RemoteFork) {
+        let Some(cluster) = self.ctx.cluster.clone() else {
+            return;
+        };
+        if self.ending || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+            cluster.send(
+                &fork.leg_node,
+                &Envelope::ForkLost {
+                    arbiter: fork.arbiter,
+                    call: fork.call,
+                },
+            );
+            return;
+        }
+        self.push(ServerMsg::CallIncoming {
+            call: fork.call.clone(),
+            conversation: fork.conversation.clone(),
+            from: fork.from,
+            toast: fork.toast,
+            sdp: fork.offer,
+            immediate_auto_accept: fork.immediate,
+        });
+        cluster.send(
+            &fork.leg_node,
+            &Envelope::ForkAdopted {
+                arbiter: fork.arbiter,
+                call: fork.call.clone(),
+            },
+        );
+        self.remote_calls.insert(
+            fork.call.clone(),
+            RemoteCall {
+                node: fork.leg_node.clone(),
+                state: confab_protocol::CallState::Incoming,
+                conversation: fork.conversation.clone(),
+                messages: VecDeque::new(),
+                requests: VecDeque::new(),
+            },
+        );
+        let leg = LegRef::Remote {
+            cluster,
+            node: fork.leg_node,
+            call: fork.call.clone(),
+            endpoint: self.id.clone(),
+        };
+        self.add_call(fork.call, leg, fork.conversation);
+    }
+
+    /// Cluster: an event from a leg on another node. The endpoint mirrors what it needs to end
+    /// the call itself should that node die, then passes the event on.
+    pub(super) fn remote_event(&mut self, msg: ServerMsg, answering: Option<String>) {
+        // An event of a call this endpoint never held (or forgot long ago) is dropped: ids never
+        // leak. Replies (`ok`, `error`, `message_*`) always pass.
+        let event_call = match &msg {
+            ServerMsg::CallState { call, .. }
+            | ServerMsg::CallIncoming { call, .. }
+            | ServerMsg::CallRinging { call }
+            | ServerMsg::CallEstablished { call, .. }
+            | ServerMsg::AutoAcceptNeeded { call }
+            | ServerMsg::CallForwarded { call, .. }
+            | ServerMsg::CallTransferred { call, .. }
+            | ServerMsg::MessageReceived { call, .. }
+            | ServerMsg::RemoteComposing { call, .. } => Some(call),
+            _ => None,
+        };
+        if let Some(call) = event_call
+            && !self.calls.contains_key(call)
+            && !self.ended.iter().any(|(c, _)| c == call)
+        {
+            tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
+            return;
+        }
+        match &msg {
+            ServerMsg::CallState { call, state, .. } => {
+                if let Some(r) = self.remote_calls.get_mut(call) {
+                    r.state = *state;
+                }
+            }
+            ServerMsg::MessageDelivered { rid, call, .. }
+            | ServerMsg::MessageFailed { rid, call, .. } => {
+                // Only a message still waiting is answered: one answered here already (408
+                // when its answer was late, or when its call ended or its node was lost)
+                // gets no second answer.
+                let waiting = self
+                    .remote_calls
+                    .get_mut(call)
+                    .and_then(|r| {
+                        let i = r.messages.iter().position(|(x, _)| x == rid)?;
+                        r.messages.remove(i)
+                    })
+                    .is_some();
+                if !waiting {
+                    tracing::debug!(endpoint = %self.id, %call, "dropping an answer to a message answered already");
+                    return;
+                }
+            }
+            ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
+                // The answer to its call's oldest request with this `rid` still waiting
+                // (without a call, from a node that does not name it: the oldest of any call).
+                // None waiting: it was answered here already (its deadline passed, or its call
+                // ended), and gets no second answer.
+                let position = |r: &mut RemoteCall| {
+                    let i = r.requests.iter().position(|w| w.rid == *rid)?;
+                    Some((r.requests[i].sent, i))
+                };
+                let oldest = match &answering {
+                    Some(call) => self.remote_calls.get_mut(call).and_then(|r| {
+                        let (sent, i) = position(r)?;
+                        Some((sent, i, r))
+                    }),
+                    None => self
+                        .remote_calls
+                        .values_mut()
+                        .filter_map(|r| {
+                            let (sent, i) = position(r)?;
+                            Some((sent, i, r))
+                        })
+                        .min_by_key(|(sent, _, _)| *sent),
+                };
+                match oldest {
+                    Some((_, i, r)) => {
+                        r.requests.remove(i);
+                    }
+                    None => {
+                        tracing::debug!(endpoint = %self.id, "dropping an answer to a call request answered already");
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.push(msg);
+    }
+
+    /// Cluster: how long a message to a leg on another node waits for its answer before this
+    /// endpoint gives it one (408). The leg answers within the ack timeout of receiving it, and
+    /// an envelope late by `node_timeout` or more means the nodes are losing each other (and
+    /// then the calls end, their messages answered anyway); so past the ack timeout plus two
+    /// such delays (there and back), an envelope was lost on the way (core NATS delivers at
+    /// most once): the message, its `message_received`, the ack or the answer. Without this
+    /// the client would wait forever.
+    pub(super) fn remote_answer_timeout(&self) -> Duration {
+        let node_timeout = self
+            .ctx
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.timeout);
+        Duration::from_millis(self.ctx.settings.flow.ack_timeout_ms) + 2 * node_timeout
+    }
+
+    pub(super) fn arm_answer_sweep(&mut self, after: Duration, ctx: &mut Context<Self>) {
+        self.answer_sweep_armed = true;
+        ctx.run_later(after, |act, ctx| {
+            act.answer_sweep_armed = false;
+            act.sweep_remote_answers(ctx);
+        });
+    }
+
+    /// Fails (408) every message to a leg on another node unanswered for
+    /// [`Endpoint::remote_answer_timeout`]; a late answer to one is then dropped, so the
+    /// client still gets exactly one. Re-arms for the oldest message left.
+    pub(super) fn sweep_remote_answers(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.remote_answer_timeout();
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut expired_requests = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut keep = |sent: Instant| {
+            let young = now.saturating_duration_since(sent) < timeout;
+            if young {
+                next = Some(next.map_or(sent, |n: Instant| n.min(sent)));
+            }
+            young
+        };
+        for (call, r) in &mut self.remote_calls {
+            while let Some(&(rid, sent)) = r.messages.front() {
+                if keep(sent) {
+                    break;
+                }
+                r.messages.pop_front();
+                expired.push((call.clone(), rid));
+            }
+            while let Some(w) = r.requests.front() {
+                if keep(w.sent) {
+                    break;
+                }
+                expired_requests.push(w.rid);
+                r.requests.pop_front();
+            }
+        }
+        if !expired.is_empty() || !expired_requests.is_empty() {
+            // One line per sweep, not per message: an outage can expire thousands at once.
+            tracing::info!(endpoint = %self.id, messages = expired.len(), requests = expired_requests.len(), "no answer from the calls' node; failing messages with 408 and call requests with internal");
+        }
+        for (call, rid) in expired {
+            self.fail_message(rid, call, 408, reasons::REQUEST_TIMEOUT);
+        }
+        for rid in expired_requests {
+            // Lost between the nodes, the request or its answer: whether it was carried out
+            // is unknown here, and the call's events will tell.
+            self.error(rid, ErrorCode::Internal, reasons::NO_ANSWER_FROM_NODE);
+        }
+        if let Some(oldest) = next {
+            self.arm_answer_sweep((oldest + timeout).saturating_duration_since(now), ctx);
+        }
+    }
+
+    /// Cluster: `node` died. Every call whose leg lived there ends here, for the client, as
+    /// the leg would have ended it: terminating, terminated, 503 "Node lost"; every message
+    /// still waiting gets its `message_failed`.
+    pub(super) fn node_lost(&mut self, node: Option<&str>, ctx: &mut Context<Self>) {
+        let lost: Vec<String> = self
+            .remote_calls
+            .iter()
+            .filter(|(_, r)| node.is_none_or(|n| r.node == n))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for call in lost {
+            let Some(r) = self.remote_calls.remove(&call) else {
+                continue;
+            };
+            let reason = reasons::node_lost();
+            self.answer_requests_of_ended_call(r.requests, false);
+            self.fail_waiting(&call, r.messages, 503, &reason.text);
+            if !r.state.is_final() {
+                let mut previous = r.state;
+                let steps: &[confab_protocol::CallState] =
+                    if previous == confab_protocol::CallState::Terminating {
+                        &[confab_protocol::CallState::Terminated]
+                    } else {
+                        &[
+                            confab_protocol::CallState::Terminating,
+                            confab_protocol::CallState::Terminated,
+                        ]
+                    };
+                for state in steps {
+                    self.push(ServerMsg::CallState {
+                        call: call.clone(),
+                        conversation: r.conversation.clone(),
+                        direction: Direction::Inbound,
+                        state: *state,
+                        previous,
+                        reason: Some(reason.clone()),
+                    });
+                    previous = *state;
+                }
+            }
+            self.leg_ended(call, r.conversation, false, ctx);
+        }
+    }
+}

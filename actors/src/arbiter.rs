@@ -389,14 +389,18 @@ impl ForkArbiter {
         self.auto_phase = true;
         let shard = self.t.ctx.presence.for_user(&self.t.to).clone();
         let user = self.t.to.clone();
+        // A forward handled while the ranking is on its way retargets the call and restarts
+        // its toast timer: this ranking (of the old target) then no longer applies.
+        let hops = self.hops;
         ctx.spawn(
             async move { shard.send(RankEndpoints { user }).await.unwrap_or_default() }
                 .into_actor(self)
-                .map(|ranking, act, ctx| {
-                    act.ranking = ranking;
-                    if !act.decided {
-                        act.auto_accept_next(ctx);
+                .map(move |ranking, act, ctx| {
+                    if act.decided || act.hops != hops || !act.auto_phase {
+                        return;
                     }
+                    act.ranking = ranking;
+                    act.auto_accept_next(ctx);
                 }),
         );
     }

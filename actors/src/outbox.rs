@@ -254,19 +254,50 @@ async fn coalesce() {
     }
 }
 
-/// Roughly what a message costs queued: a fixed part plus its variable-size payloads. Exact
-/// sizes would need encoding; the bound only has to stop a queue from growing without limit.
+/// Roughly what a message costs queued: a fixed part (the tag, ids, numbers) plus every string
+/// whose length a client can choose (bodies, SDPs, content types, URIs, echoed text). Exact
+/// sizes would need encoding; the bound only has to stop a queue from growing without limit,
+/// and it must count every such string, or a peer could fill the queue far past
+/// `limits.outbound_queue_bytes` with frames it counts as small (a long `content_type` on a
+/// one-byte message).
 fn approx_size(msg: &ServerMsg) -> usize {
     const BASE: usize = 160;
+    let remote = |r: &confab_protocol::Remote| r.user.len() + r.endpoint.len();
     BASE + match msg {
-        ServerMsg::MessageReceived { body, .. } => body.len(),
-        ServerMsg::CallIncoming { sdp, toast, .. } => {
-            sdp.len() + toast.as_ref().map_or(0, |t| t.body.len())
+        ServerMsg::MessageReceived {
+            from,
+            content_type,
+            body,
+            ..
+        } => from.len() + content_type.len() + body.len(),
+        ServerMsg::CallIncoming {
+            from, toast, sdp, ..
+        } => {
+            from.len()
+                + sdp.len()
+                + toast
+                    .as_ref()
+                    .map_or(0, |t| t.content_type.len() + t.body.len())
         }
-        ServerMsg::CallEstablished { sdp, .. } => sdp.len(),
+        ServerMsg::CallEstablished { sdp, remote: r, .. } => sdp.len() + remote(r),
+        ServerMsg::CallTransferred { remote: r, .. } => remote(r),
+        ServerMsg::CallForwarded { to, .. } => to.len(),
+        ServerMsg::Error { message, .. } => message.len(),
+        ServerMsg::MessageFailed { text, .. } => text.len(),
         ServerMsg::Presence {
-            endpoints: Some(e), ..
-        } => e.len() * 96,
+            user,
+            most_active,
+            endpoints,
+            ..
+        } => {
+            user.len()
+                + most_active.as_ref().map_or(0, String::len)
+                + endpoints.as_ref().map_or(0, |e| {
+                    e.iter()
+                        .map(|p| p.endpoint.len() + p.device.len() + 32)
+                        .sum()
+                })
+        }
         _ => 0,
     }
 }
@@ -297,6 +328,78 @@ mod tests {
             content_type: "text/plain".into(),
             body: Body::Text("x".repeat(bytes)),
             toast: None,
+        }
+    }
+
+    /// Every string a client can make long counts toward the queue's byte bound: each of
+    /// these messages, with 10 kB in every such string, is counted at least at its encoded size.
+    #[test]
+    fn the_size_estimate_covers_every_string_a_client_chooses() {
+        use confab_protocol::{Availability, ErrorCode, Remote, Toast};
+        let long = "x".repeat(10_000);
+        let remote = Remote {
+            user: long.clone(),
+            endpoint: long.clone(),
+        };
+        let messages = [
+            ServerMsg::MessageReceived {
+                call: "c".into(),
+                msg: 1,
+                from: long.clone(),
+                content_type: long.clone(),
+                body: Body::Text(long.clone()),
+                toast: Some(true),
+            },
+            ServerMsg::CallIncoming {
+                call: "c".into(),
+                conversation: "v".into(),
+                from: long.clone(),
+                toast: Some(Toast {
+                    content_type: long.clone(),
+                    body: Body::Text(long.clone()),
+                }),
+                sdp: long.clone(),
+                immediate_auto_accept: false,
+            },
+            ServerMsg::CallEstablished {
+                call: "c".into(),
+                sdp: long.clone(),
+                remote: remote.clone(),
+            },
+            ServerMsg::CallTransferred {
+                call: "c".into(),
+                remote,
+            },
+            ServerMsg::CallForwarded {
+                call: "c".into(),
+                to: long.clone(),
+            },
+            ServerMsg::error(Some(1), ErrorCode::UnknownType, &long),
+            ServerMsg::MessageFailed {
+                rid: Some(1),
+                call: "c".into(),
+                msg: None,
+                code: 415,
+                text: long.clone(),
+            },
+            ServerMsg::Presence {
+                user: long.clone(),
+                availability: Availability::Available,
+                most_active: Some(long.clone()),
+                endpoints: None,
+                status: None,
+            },
+        ];
+        for msg in &messages {
+            let mut buf = BytesMut::new();
+            encode_server_frame(msg, &mut buf).expect("encodes");
+            assert!(
+                approx_size(msg) >= buf.len(),
+                "{} counted {} for {} encoded bytes",
+                &format!("{msg:?}")[..40],
+                approx_size(msg),
+                buf.len()
+            );
         }
     }
 

@@ -174,6 +174,45 @@ async fn unknown_type_is_unknown_type_echoing_a_valid_rid() {
     }
 }
 
+/// An error quotes at most 200 bytes of the frame: a 60 kB `type` (or value) does not come
+/// back 60 kB long.
+#[tokio::test]
+async fn an_error_quotes_at_most_200_bytes_of_the_frame() {
+    let node = start_node(|_| {});
+    let mut c = Raw::sign_in(node.addr, ALICE, "laptop").await;
+    let long = "é".repeat(30_000);
+    let frames = [
+        map_body(&[
+            ("type", Value::from(long.as_str())),
+            ("rid", Value::from(9)),
+        ]),
+        map_body(&[
+            ("type", Value::from("set_status")),
+            ("rid", Value::from(9)),
+            ("status", Value::from(long.as_str())),
+        ]),
+    ];
+    for b in frames {
+        c.send_body(&b).await;
+        match c.recv().await {
+            ServerMsg::Error {
+                rid: Some(9),
+                message,
+                ..
+            } => {
+                assert!(message.len() <= 200 + '…'.len_utf8(), "{}", message.len());
+                assert!(message.ends_with('…'), "{message}");
+                assert!(
+                    message.contains('é'),
+                    "it still quotes the frame: {message}"
+                );
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    assert_open(&mut c).await;
+}
+
 #[tokio::test]
 async fn missing_field_is_bad_frame_echoing_rid() {
     let node = start_node(|_| {});

@@ -362,6 +362,11 @@ impl CallLeg {
         if let Some(sweep) = self.ack_sweep.take() {
             ctx.cancel_future(sweep);
         }
+        // An ended call's composing notice ends with it: no `remote_composing` after
+        // `terminated` (an ended leg may live on until its endpoint releases it).
+        if let Some(h) = self.composing_timer.take() {
+            ctx.cancel_future(h);
+        }
         self.sent_order.clear();
         for (msg, p) in std::mem::take(&mut self.pending) {
             self.message_failed(p.rid, Some(msg), code, text);
@@ -1024,7 +1029,11 @@ impl CallLeg {
                 body,
                 sender,
             } => {
-                if !self.can_flow() {
+                // A message from a leg that is no longer the peer (sent by a transferor just
+                // before the transfer took its place) is refused: its sender has already
+                // answered it 481, so the client must not get it either.
+                let from_peer = self.peer.as_ref().is_some_and(|p| p.addr == *sender);
+                if !self.can_flow() || !from_peer {
                     sender.do_send(LegMsg::Refused { msg });
                     return;
                 }

@@ -760,8 +760,25 @@ impl Endpoint {
             DecodeError::UnknownType { ty, .. } => format!("unknown message type {ty:?}"),
             DecodeError::BadFrame { detail, .. } => detail.clone(),
         };
-        self.error(e.rid(), e.code(), &text);
+        self.error(e.rid(), e.code(), &clip(&text));
     }
+}
+
+/// How much of a frame-error text is sent back (docs/protocol.md, "Frame errors"): the text
+/// may quote the frame (its unknown `type`, serde's "unknown variant `…`"), and a client must
+/// not get a large error for a small cost, nor fill its own queue with its echoes.
+const MAX_ERROR_TEXT: usize = 200;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes at a character boundary, ending in `…` when cut.
+fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text.into();
+    }
+    let mut end = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
 }
 
 impl Actor for Endpoint {

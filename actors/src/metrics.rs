@@ -39,6 +39,7 @@ pub const LIMITS: &[&str] = &[
     "unacked_per_call",
     "heartbeat_timeout",
     "outbound_queue_bytes",
+    "presence_updates_per_second",
 ];
 
 /// Counts one refusal by `limit` (one of [`LIMITS`]).

@@ -100,6 +100,12 @@ pub struct Limits {
     pub requests_per_second: u32,
     /// Requests a connection may send in a burst above the sustained rate.
     pub request_burst: u32,
+    /// Sustained presence changes (`device_state`, `set_status`) per second one connection may
+    /// make: each reaches every watcher of the user (and, in a cluster, the directory bucket),
+    /// so they are held well below `requests_per_second`.
+    pub presence_updates_per_second: u32,
+    /// Presence changes a connection may make in a burst above that rate.
+    pub presence_update_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -241,6 +247,8 @@ impl Default for Limits {
             unacked_per_call: 1024,
             requests_per_second: 10_000,
             request_burst: 20_000,
+            presence_updates_per_second: 100,
+            presence_update_burst: 200,
         }
     }
 }
@@ -387,6 +395,12 @@ impl Settings {
         }
         if self.limits.request_burst == 0 {
             return invalid("limits.request_burst", "must be positive");
+        }
+        if self.limits.presence_updates_per_second == 0 {
+            return invalid("limits.presence_updates_per_second", "must be positive");
+        }
+        if self.limits.presence_update_burst == 0 {
+            return invalid("limits.presence_update_burst", "must be positive");
         }
         if self.limits.outbound_queue < 16 {
             return invalid("limits.outbound_queue", "must be at least 16");
@@ -633,6 +647,14 @@ mod tests {
                 "limits.requests_per_second",
             ),
             ("[limits]\nrequest_burst = 0\n", "limits.request_burst"),
+            (
+                "[limits]\npresence_updates_per_second = 0\n",
+                "limits.presence_updates_per_second",
+            ),
+            (
+                "[limits]\npresence_update_burst = 0\n",
+                "limits.presence_update_burst",
+            ),
             (
                 "[cluster]\nnats_url = \"x\"\nnode_timeout_ms = 99\n",
                 "cluster.node_timeout_ms",

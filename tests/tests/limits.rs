@@ -448,6 +448,68 @@ async fn subscriptions_over_subscriptions_per_endpoint_are_forbidden() {
     ok(&other.request(sub(&[ALICE, CAROL])).await);
 }
 
+/// Presence changes have their own, smaller budget: each reaches every watcher. Over it the
+/// change is refused and not made; other requests still pass.
+#[tokio::test]
+async fn presence_changes_over_their_rate_are_rate_limited_and_not_made() {
+    let node = start_node(|s| {
+        s.limits.presence_updates_per_second = 1;
+        s.limits.presence_update_burst = 2;
+    });
+    let mut alice = Raw::sign_in(node.addr, ALICE, "laptop").await;
+    let device_state = |activity| ClientMsg::DeviceState {
+        rid: None,
+        activity,
+        idle_ms: None,
+    };
+    let before = scrape(node.metrics_addr).labelled("presence_updates_per_second");
+    // Sent back to back, so they are handled within far less than the second that refills
+    // one token (the bucket starts full, however long the sign-in took).
+    let mut rids = Vec::new();
+    for msg in [
+        device_state(Activity::Away),
+        device_state(Activity::Active),
+        ClientMsg::SetStatus {
+            rid: None,
+            status: Some(Status::Busy),
+        },
+        device_state(Activity::Away),
+    ] {
+        rids.push(send_request(&mut alice, msg).await);
+    }
+    expect_ok(&mut alice, rids[0]).await;
+    expect_ok(&mut alice, rids[1]).await;
+    expect_error(&mut alice, rids[2], ErrorCode::RateLimited).await;
+    expect_error(&mut alice, rids[3], ErrorCode::RateLimited).await;
+    alice.ping().await;
+
+    // A new watcher sees the last change that was made: active, and no busy status.
+    let mut bob = Raw::sign_in(node.addr, BOB, "laptop").await;
+    request_ok(
+        &mut bob,
+        ClientMsg::Subscribe {
+            rid: None,
+            users: vec![ALICE.into()],
+        },
+    )
+    .await;
+    let (presence, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::Presence { .. }))
+        .await;
+    assert!(
+        matches!(
+            presence,
+            ServerMsg::Presence {
+                availability: Availability::Available,
+                ..
+            }
+        ),
+        "{presence:?}"
+    );
+    let after = scrape(node.metrics_addr).labelled("presence_updates_per_second");
+    assert!(after >= before + 2.0, "{before} -> {after}");
+}
+
 #[tokio::test]
 async fn subscriptions_per_endpoint_has_a_metric() {
     let node = start_node(|s| s.limits.subscriptions_per_endpoint = 1);
@@ -616,6 +678,9 @@ async fn a_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
     let node = start_node(|s| {
         s.limits.outbound_queue = 16;
         s.server.max_connections = CONNECTIONS;
+        // The flood below is of presence changes, which their own limit would stop first.
+        s.limits.presence_updates_per_second = 1_000_000;
+        s.limits.presence_update_burst = 1_000_000;
     });
     let metric = || scrape(node.metrics_addr).get("confab_slow_consumers_total", &[]);
     let before = metric();

@@ -143,6 +143,8 @@ pub struct Endpoint {
     /// Cluster: a sweep of `remote_calls`' unanswered messages is scheduled.
     answer_sweep_armed: bool,
     bucket: TokenBucket,
+    /// `limits.presence_updates_per_second`: presence changes fan out to every watcher.
+    presence_bucket: TokenBucket,
 }
 
 /// The client's frames after the `hello`, read by this actor.
@@ -155,6 +157,11 @@ impl Endpoint {
         let bucket = TokenBucket::new(
             limits.requests_per_second,
             limits.request_burst,
+            Instant::now(),
+        );
+        let presence_bucket = TokenBucket::new(
+            limits.presence_updates_per_second,
+            limits.presence_update_burst,
             Instant::now(),
         );
         Endpoint {
@@ -172,6 +179,7 @@ impl Endpoint {
             ending: false,
             answer_sweep_armed: false,
             bucket,
+            presence_bucket,
         }
     }
 
@@ -313,6 +321,16 @@ impl Endpoint {
             ClientMsg::Bye { rid } => {
                 self.push(ServerMsg::Ok { rid });
                 self.end_cleanly(ctx, TerminateCause::Bye);
+            }
+            ClientMsg::DeviceState { rid, .. } | ClientMsg::SetStatus { rid, .. }
+                if !self.presence_bucket.try_take(self.last_rx) =>
+            {
+                m::limit_tripped("presence_updates_per_second");
+                self.error(
+                    rid,
+                    ErrorCode::RateLimited,
+                    "presence changes faster than limits.presence_updates_per_second; slow down",
+                );
             }
             ClientMsg::DeviceState {
                 rid,

@@ -1,8 +1,11 @@
 //! `presence`: W watchers (each a different user) subscribe to one user whose device alternates
 //! between `active` and `away`. Reports publication → notification latency at every watcher.
+//! The node allows one connection `limits.presence_updates_per_second` changes (a burst of
+//! `presence_update_burst`); a change refused for it is made again after a pause and counted
+//! as `rate_limited`.
 
 use anyhow::bail;
-use confab_protocol::{Activity, Availability, ClientMsg, ServerMsg};
+use confab_protocol::{Activity, Availability, ClientMsg, ErrorCode, ServerMsg};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,6 +15,9 @@ use tokio::time::Instant;
 use super::conn::{Conn, Target};
 use super::report::{Report, histogram, record};
 use super::{Progress, run_id};
+
+/// How long the publisher waits after a change the node refused for its presence rate limit.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(20);
 
 pub struct Params {
     pub watchers: usize,
@@ -49,6 +55,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     let ticker = progress.spawn_counter((p.changes * p.watchers) as u64, notified.clone());
     let mut latency = histogram();
     let mut missed = 0u64;
+    let mut rate_limited = 0u64;
     let start = Instant::now();
     for i in 0..p.changes {
         let (activity, expect) = if i % 2 == 0 {
@@ -56,19 +63,34 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
         } else {
             (Activity::Active, Availability::Available)
         };
-        let t0 = Instant::now();
-        publisher
-            .send(&ClientMsg::DeviceState {
-                rid: None,
-                activity,
-                idle_ms: None,
-            })
-            .await?;
-        publisher
-            .recv_until(Duration::from_secs(5), |m| {
-                matches!(m, ServerMsg::Ok { .. })
-            })
-            .await?;
+        let t0 = loop {
+            let t0 = Instant::now();
+            publisher
+                .send(&ClientMsg::DeviceState {
+                    rid: None,
+                    activity,
+                    idle_ms: None,
+                })
+                .await?;
+            let answer = publisher
+                .recv_until(Duration::from_secs(5), |m| {
+                    matches!(m, ServerMsg::Ok { .. } | ServerMsg::Error { .. })
+                })
+                .await?;
+            match answer {
+                ServerMsg::Ok { .. } => break t0,
+                // Over the node's `limits.presence_updates_per_second`: the change was not
+                // made; wait for a token and make it again (counted, and not timed).
+                ServerMsg::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                } => {
+                    rate_limited += 1;
+                    tokio::time::sleep(RATE_LIMITED_PAUSE).await;
+                }
+                other => bail!("device_state refused: {other:?}"),
+            }
+        };
         let mut got = 0;
         while got < p.watchers {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
@@ -95,5 +117,6 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     )
     .with("watchers", p.watchers)
     .with("changes", p.changes)
-    .with("missed", missed))
+    .with("missed", missed)
+    .with("rate_limited", rate_limited))
 }

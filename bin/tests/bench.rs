@@ -157,8 +157,10 @@ async fn small_calls(addr: SocketAddr) {
 
 #[tokio::test]
 async fn forked_calls_are_established_by_the_timeout_when_nobody_clicks() {
-    // The test node's toast timeout and grace are 300 ms each.
-    let node = start_node(|_| {});
+    // The test node's toast timeout is 300 ms. A generous grace keeps a loaded machine from
+    // running out the grace of both devices before the bench's client accepts (which would
+    // end the call 480 and count it failed).
+    let node = start_node(|s| s.fork.auto_accept_grace_ms = 10_000);
     let r = bench(
         node.addr,
         &[

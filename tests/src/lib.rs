@@ -443,8 +443,10 @@ impl Drop for NatsServer {
     }
 }
 
-/// Node timeout used by cluster tests (a dead node is noticed within it).
-pub const NODE_TIMEOUT_MS: u64 = 1000;
+/// Node timeout used by cluster tests (a dead node is noticed within it). Two seconds: short
+/// enough for the tests that wait for a death, long enough that a loaded machine stalling a
+/// node's NATS thread for a heartbeat or two does not make a death no test asked for.
+pub const NODE_TIMEOUT_MS: u64 = 2000;
 
 /// Test settings for a cluster node named `node_id` on `nats`.
 pub fn cluster_settings(nats: &NatsServer, node_id: &str) -> Settings {

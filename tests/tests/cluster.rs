@@ -234,6 +234,30 @@ async fn a_call_from_another_node_reaches_a_single_device_with_immediate_accept(
     expect_reason(&mut bob, &call, 200, "Terminated remotely").await;
 }
 
+/// Waits until `node`'s directory holds `endpoint` (of `user`, on another node) with a
+/// published `activity`.
+async fn wait_for_activity(node: &RunningNode, user: &str, endpoint: &str, activity: Activity) {
+    let cluster = node.cluster().expect("a cluster node");
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let records = cluster.remote_endpoints_of(user);
+        let now = records
+            .iter()
+            .find(|e| e.id == endpoint)
+            .and_then(|e| e.record.publication.as_ref())
+            .map(|p| p.activity);
+        if now == Some(activity) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {endpoint} of {user} published {now:?}, expected {activity:?}",
+            node.node_id
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn toast_timeout_asks_the_most_active_device_on_whichever_node() {
     let t = three(300, 2_000);
@@ -249,8 +273,11 @@ async fn toast_timeout_asks_the_most_active_device_on_whichever_node() {
             .await;
         assert!(matches!(reply, ServerMsg::Ok { .. }));
     }
-    // Let the publications reach node A's presence through the directory.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The call lives on node A, whose presence ranks Bob's devices when the toast times out:
+    // wait until A's directory holds both publications (it hands each record to its presence
+    // as it caches it, well before the toast timer asks for the ranking).
+    wait_for_activity(&t.a, BOB, &bob_b.endpoint, Activity::Away).await;
+    wait_for_activity(&t.a, BOB, &bob_c.endpoint, Activity::Active).await;
     let (call, _) = alice.establish(BOB, None).await;
     let (in_b, _) = bob_b.incoming().await;
     let (in_c, _) = bob_c.incoming().await;

@@ -8,7 +8,7 @@
 
 use confab_actors::auth::Verifier;
 use confab_actors::presence::rank::{self, Publication, Thresholds};
-use confab_actors::ratelimit::TokenBucket;
+use confab_actors::ratelimit::{Rate, TokenBucket};
 use confab_actors::reasons;
 use confab_protocol::{Activity, EffectiveActivity, Status};
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group, criterion_main};
@@ -171,21 +171,23 @@ fn bench_ratelimit(c: &mut Criterion) {
     let t0 = Instant::now();
 
     // Refilled between every call: the common case of a well-behaved client.
-    let mut bucket = TokenBucket::new(1_000_000, 100, t0);
+    let rate = Rate::new(1_000_000, 100);
+    let mut bucket = TokenBucket::full(rate, t0);
     let mut now = t0;
     group.bench_function("try_take/allowed", |b| {
         b.iter(|| {
             now += Duration::from_millis(1);
-            assert!(bucket.try_take(black_box(now)));
+            assert!(bucket.try_take(rate, black_box(now)));
         })
     });
 
     // Exhausted and not refilling: a client flooding within one instant.
-    let mut bucket = TokenBucket::new(1, 1, t0);
-    assert!(bucket.try_take(t0));
+    let rate = Rate::new(1, 1);
+    let mut bucket = TokenBucket::full(rate, t0);
+    assert!(bucket.try_take(rate, t0));
     group.bench_function("try_take/limited", |b| {
         b.iter(|| {
-            assert!(!bucket.try_take(black_box(t0)));
+            assert!(!bucket.try_take(rate, black_box(t0)));
         })
     });
     group.finish();

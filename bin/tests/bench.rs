@@ -132,7 +132,8 @@ async fn paced_messages_keep_to_the_offered_rate() {
 
 #[tokio::test]
 async fn forked_calls_are_established_by_a_click() {
-    let node = start_node(|_| {});
+    // Clicks only: no toast timeout (300 ms in the test settings) on a loaded machine.
+    let node = start_node(|s| s.fork.toast_timeout_ms = 60_000);
     small_calls(node.addr).await;
 }
 
@@ -274,7 +275,10 @@ async fn calls_run_against_the_bare_server() {
 /// the same frames from the bare server as from the node, in the same order.
 #[tokio::test]
 async fn the_bare_call_server_sends_what_the_node_sends_for_a_forked_call() {
-    let node = start_node(|_| {});
+    // The device clicks: a toast timeout (300 ms in the test settings) that a loaded machine
+    // lets pass before the click would add the node's auto-accept frames, which the bare
+    // router never sends.
+    let node = start_node(|s| s.fork.toast_timeout_ms = 60_000);
     let from_node = one_forked_call(node.addr).await;
     let (_server, addr) = start_bare_server(&["--calls"]).await;
     let from_bare = one_forked_call(addr).await;

@@ -27,7 +27,7 @@ use crate::ids::IdMap;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{Rate, TokenBucket};
 use crate::reasons;
 use crate::route::{EventSink, LegOwner, LegRef, REQUESTS_WAITING_FOR_NODE};
 
@@ -147,23 +147,27 @@ pub struct Endpoint {
     presence_bucket: TokenBucket,
 }
 
+/// `limits.requests_per_second` and `request_burst`.
+fn request_rate(ctx: &Ctx) -> Rate {
+    let l = &ctx.settings.limits;
+    Rate::new(l.requests_per_second, l.request_burst)
+}
+
+/// `limits.presence_updates_per_second` and `presence_update_burst`.
+fn presence_rate(ctx: &Ctx) -> Rate {
+    let l = &ctx.settings.limits;
+    Rate::new(l.presence_updates_per_second, l.presence_update_burst)
+}
+
 /// The client's frames after the `hello`, read by this actor.
 pub type Frames =
     tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, confab_protocol::FrameCodec>;
 
 impl Endpoint {
     pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox) -> Self {
-        let limits = &ctx.settings.limits;
-        let bucket = TokenBucket::new(
-            limits.requests_per_second,
-            limits.request_burst,
-            Instant::now(),
-        );
-        let presence_bucket = TokenBucket::new(
-            limits.presence_updates_per_second,
-            limits.presence_update_burst,
-            Instant::now(),
-        );
+        let now = Instant::now();
+        let bucket = TokenBucket::full(request_rate(&ctx), now);
+        let presence_bucket = TokenBucket::full(presence_rate(&ctx), now);
         Endpoint {
             ctx,
             id,
@@ -323,7 +327,9 @@ impl Endpoint {
                 self.end_cleanly(ctx, TerminateCause::Bye);
             }
             ClientMsg::DeviceState { rid, .. } | ClientMsg::SetStatus { rid, .. }
-                if !self.presence_bucket.try_take(self.last_rx) =>
+                if !self
+                    .presence_bucket
+                    .try_take(presence_rate(&self.ctx), self.last_rx) =>
             {
                 m::limit_tripped("presence_updates_per_second");
                 self.error(
@@ -868,10 +874,12 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
             Ok(frame) => match decode_client(&frame) {
                 // Acks answer the node's own events; refusing them would only fail the sender.
                 Ok(msg @ ClientMsg::MessageAck { .. }) => self.handle_frame(msg, ctx),
-                Ok(msg) if !self.bucket.try_take(self.last_rx) => self.rate_limited(msg),
+                Ok(msg) if !self.bucket.try_take(request_rate(&self.ctx), self.last_rx) => {
+                    self.rate_limited(msg)
+                }
                 Ok(msg) => self.handle_frame(msg, ctx),
                 // Malformed frames cost a token too, or garbage would be a way past the limit.
-                Err(e) if !self.bucket.try_take(self.last_rx) => {
+                Err(e) if !self.bucket.try_take(request_rate(&self.ctx), self.last_rx) => {
                     metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
                     self.error(
                         e.rid(),

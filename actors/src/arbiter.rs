@@ -228,6 +228,7 @@ impl ForkArbiter {
             offer: self.t.offer.sdp().to_owned(),
             toast: self.t.toast.clone(),
             immediate: self.immediate,
+            from_epoch: Some(cluster.epoch()),
         };
         // A caller's calls drive these, so they share the bound on what waits for NATS. Its
         // place is taken before the leg exists: a fork that cannot be offered is lost, as if

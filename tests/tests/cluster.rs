@@ -585,6 +585,35 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
     answered_call(&mut alice, &mut bob, BOB).await;
 }
 
+/// A node cut off one way (the others declare it dead; it still hears them) may still fork a
+/// call to their endpoints. The fork comes from a run declared dead, whose envelopes the
+/// others drop: rung, it could never be ended, so it is refused and the call ends as without
+/// that device.
+#[tokio::test]
+async fn a_fork_from_a_run_declared_dead_is_refused_not_rung() {
+    let t = three(60_000, 60_000);
+    let mut alice = Raw::sign_in(t.a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(t.b.addr, BOB, "desk").await;
+    wait_for_endpoints(&t.a, BOB, 1).await;
+    wait_for_endpoints(&t.b, ALICE, 1).await;
+    // A goes silent but runs on: B and C declare it dead, while A still hears them and still
+    // lists Bob.
+    t.a.cluster()
+        .expect("a cluster node")
+        .mute_heartbeats(Duration::from_secs(60));
+    wait_for_endpoints(&t.b, ALICE, 0).await;
+    let (call, _) = alice.establish(BOB, None).await;
+    expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
+    let rid = send_request(&mut bob, ClientMsg::Ping { rid: None }).await;
+    let (_, before_pong) = bob.recv_until(|m| reply_rid(m) == rid).await;
+    assert!(
+        !before_pong
+            .iter()
+            .any(|m| matches!(m, ServerMsg::CallIncoming { .. })),
+        "Bob was rung by a run declared dead: {before_pong:?}"
+    );
+}
+
 /// A node restarted with its wall clock set back starts a run whose epoch is below its last
 /// one. The others hear it as stale and ask it to rejoin above the run they know, so it is back
 /// at once, not after `node_timeout` (a minute here) and not only once its clock passes the old

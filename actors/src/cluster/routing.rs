@@ -149,7 +149,13 @@ impl Cluster {
                 offer,
                 toast,
                 immediate,
+                from_epoch,
             } => {
+                if from_epoch.is_some_and(|epoch| self.is_dead(&leg_node, epoch)) {
+                    tracing::debug!(node = %leg_node, "refusing a fork from a run declared dead");
+                    self.send(&leg_node, &Envelope::ForkLost { arbiter, call });
+                    return;
+                }
                 let fork = RemoteFork {
                     leg_node: leg_node.clone(),
                     arbiter: arbiter.clone(),

@@ -45,6 +45,11 @@ pub enum Envelope {
         offer: String,
         toast: Option<Toast>,
         immediate: bool,
+        /// The run of `leg_node` that sends it: a run declared dead gets `ForkLost` instead, or
+        /// its call would ring here with nothing left to end it (everything else that run sends
+        /// is dropped). Absent from an older node's envelope: then it is taken.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_epoch: Option<u64>,
     },
     /// An endpoint's request for its leg.
     Leg {

@@ -472,8 +472,10 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 let Some(f) = self.fork_mut(&call) else {
                     return;
                 };
-                if let Some(leg) = f.created.take() {
-                    // Nobody adopted the leg made for this fork.
+                // Nobody adopted the leg made for this fork: whether it was still waiting for
+                // word of its adoption (`created`), or had been counted adopted for want of that
+                // word (2 x node_timeout) and the refusal came later still.
+                if let Some(leg) = f.created.take().or_else(|| f.leg.clone()) {
                     leg.do_send(LegMsg::EndpointLost);
                 }
                 f.cancel_when_ready = None;

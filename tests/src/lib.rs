@@ -470,19 +470,31 @@ pub fn start_cluster_node(
     spawn_node(s).expect("cluster node starts")
 }
 
-/// Waits until `node`'s directory lists exactly `n` endpoints of `user`.
-pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
+/// Polls `check` every 10 ms until it passes (`Ok`); panics with its last complaint after
+/// [`EVENT_TIMEOUT`]. For state another node reaches on its own, where no event reaches a client.
+pub async fn wait_until(mut check: impl FnMut() -> Result<(), String>) {
     let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
     loop {
-        let now = node.endpoints_of(user).len();
-        if now == n {
-            return;
+        match check() {
+            Ok(()) => return,
+            Err(complaint) => assert!(tokio::time::Instant::now() < deadline, "{complaint}"),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: {user} has {now} endpoints, expected {n}",
-            node.node_id
-        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until `node`'s directory lists exactly `n` endpoints of `user`.
+pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
+    wait_until(|| {
+        let now = node.endpoints_of(user).len();
+        if now == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {user} has {now} endpoints, expected {n}",
+                node.node_id
+            ))
+        }
+    })
+    .await;
 }

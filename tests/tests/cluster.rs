@@ -238,24 +238,23 @@ async fn a_call_from_another_node_reaches_a_single_device_with_immediate_accept(
 /// published `activity`.
 async fn wait_for_activity(node: &RunningNode, user: &str, endpoint: &str, activity: Activity) {
     let cluster = node.cluster().expect("a cluster node");
-    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let records = cluster.remote_endpoints_of(user);
-        let now = records
+    wait_until(|| {
+        let now = cluster
+            .remote_endpoints_of(user)
             .iter()
             .find(|e| e.id == endpoint)
             .and_then(|e| e.record.publication.as_ref())
             .map(|p| p.activity);
         if now == Some(activity) {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {endpoint} of {user} published {now:?}, expected {activity:?}",
+                node.node_id
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: {endpoint} of {user} published {now:?}, expected {activity:?}",
-            node.node_id
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -126,6 +126,15 @@ impl LegOwner {
         }
     }
 
+    /// How often an unanswered end is sent again: for an endpoint on another node, whose
+    /// `Release` may be lost on the way, or the end itself.
+    pub fn resend_interval(&self) -> Option<std::time::Duration> {
+        match self {
+            LegOwner::Local(_) => None,
+            LegOwner::Remote { cluster, .. } => Some(cluster.resend_interval()),
+        }
+    }
+
     /// The node holding the endpoint, when it is not this one.
     pub fn remote_node(&self) -> Option<&str> {
         match self {
@@ -165,6 +174,11 @@ impl LegRef {
                 call,
                 endpoint,
             } => {
+                if matches!(msg, LegMsg::EndpointLost) {
+                    // Sent again until the leg's end answers it.
+                    cluster.endpoint_lost(node, call, endpoint);
+                    return true;
+                }
                 let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
                     // A bug, not a refusal: no client request maps here, so nobody waits for
                     // an answer to it.

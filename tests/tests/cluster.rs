@@ -3,6 +3,7 @@
 //! sit on different nodes and the contract must hold exactly as on one node: forking, first
 //! click wins, toast timeout to the most active device, declines, the flow, presence.
 
+use confab_actors::cluster::Lose;
 use confab_actors::{RunningNode, route};
 use confab_protocol::*;
 use confab_tests::*;
@@ -1188,7 +1189,7 @@ async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, Ru
     let (nats, a, b, alice, bob) = alice_on_a_bob_on_b().await;
     b.cluster()
         .expect("a cluster node")
-        .lose_next_fork_adopted();
+        .lose_next(Lose::ForkAdopted);
     (nats, a, b, alice, bob)
 }
 
@@ -1518,5 +1519,90 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
     let (call, _) = alice.establish(BOB, None).await;
     expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
     cluster_a.free_envelope_places(1);
+    drop((a, b, nats));
+}
+
+/// Waits until no leg on `node` serves an endpoint on another node: each ended leg has been
+/// released by its endpoint.
+async fn wait_for_no_remote_legs(node: &RunningNode) {
+    let cluster = node.cluster().expect("a cluster node");
+    wait_until(|| match cluster.legs.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} ended legs on {} are never released",
+            cluster.node_id
+        )),
+    })
+    .await;
+}
+
+/// Alice on node A hangs up a call with Bob on node B, and the leg's end that Bob's leg (on
+/// A, the arbiter's node) reports to his endpoint is lost on the way. The leg reports it again
+/// until his endpoint releases it, so it does not stay on A for good.
+#[tokio::test]
+async fn a_leg_end_lost_between_nodes_is_reported_again_until_released() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    a.cluster()
+        .expect("a cluster node")
+        .lose_next(Lose::LegEnded);
+    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    wait_for_no_remote_legs(&a).await;
+    // Bob's endpoint forgot the call: a message on it is refused there, as for any ended call.
+    let rid = send_message(&mut bob, &incoming, "too late").await;
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::MessageFailed { rid: r, code: 481, .. } if *r == rid),
+        "{m:?}"
+    );
+    drop((a, b, nats));
+}
+
+/// The same, with the endpoint's `Release` lost instead: the leg, still unreleased, reports its
+/// end again, and Bob's node, which no longer holds the call, releases it again.
+#[tokio::test]
+async fn a_release_lost_between_nodes_is_sent_again_when_the_end_is() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_next(Lose::Release);
+    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    wait_for_no_remote_legs(&a).await;
+    drop((a, b, nats));
+}
+
+/// Bob's connection drops while his call with Alice lasts, and the word of it to his leg on
+/// node A is lost on the way. His node sends it again until the leg's end answers, so Alice's
+/// call ends "Remote endpoint lost" instead of failing her messages one by one for good.
+#[tokio::test]
+async fn an_endpoint_loss_lost_between_nodes_is_sent_again_until_the_leg_ends() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, bob, call, _incoming) = alice_calls_bob(&a, &b).await;
+    let b_cluster = b.cluster().expect("a cluster node");
+    b_cluster.lose_next(Lose::EndpointLost);
+    drop(bob);
+    let reason = alice.state(&call, CallState::Terminated).await;
+    assert_eq!(
+        reason,
+        Some(Reason::new(408, "Remote endpoint lost")),
+        "Alice's call ends with Bob's loss"
+    );
+    wait_until(|| match b_cluster.unanswered_lost_len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} endpoint losses on node B are still unanswered"
+        )),
+    })
+    .await;
+    wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }

@@ -406,14 +406,42 @@ impl CallLeg {
         // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
         // their way to it are still answered; with no endpoint left, nobody can address it.
         if !self.node_lost && self.init.endpoint.connected() {
-            self.init.endpoint.leg_ended(
-                self.init.id.clone(),
-                self.init.conversation.clone(),
-                elsewhere,
-            );
+            self.report_end();
+            if let Some(every) = self.init.endpoint.resend_interval() {
+                self.report_end_again(every, 1, ctx);
+            }
         } else {
             self.released = true;
         }
+    }
+
+    /// Tells the endpoint that this leg ended.
+    fn report_end(&self) {
+        self.init.endpoint.leg_ended(
+            self.init.id.clone(),
+            self.init.conversation.clone(),
+            self.ended_elsewhere,
+        );
+    }
+
+    /// An endpoint on another node: the end is reported again every `every` until its
+    /// `Release` comes (core NATS may lose either; see `cluster/resend.rs`), or the endpoint's
+    /// node is declared dead (which releases the leg), at most `RESEND_ATTEMPTS` times.
+    fn report_end_again(&mut self, every: Duration, attempt: u32, ctx: &mut Context<Self>) {
+        ctx.run_later(every, move |act, ctx| {
+            if act.released {
+                return;
+            }
+            if attempt > crate::cluster::RESEND_ATTEMPTS {
+                tracing::warn!(call = %act.init.id, "the endpoint never released its ended leg; giving up");
+                act.released = true;
+                act.maybe_stop(ctx);
+                return;
+            }
+            tracing::debug!(call = %act.init.id, attempt, "reporting an unreleased leg's end again");
+            act.report_end();
+            act.report_end_again(every, attempt + 1, ctx);
+        });
     }
 
     /// Stops the actor once nothing can reach it any more: ended, forgotten by its endpoint,
@@ -883,6 +911,11 @@ impl CallLeg {
                 }
             }
             LegMsg::EndpointLost => {
+                if self.state.is_final() && self.init.endpoint.remote_node().is_some() {
+                    // Its end was reported already, but the endpoint's node waits for an end
+                    // to answer its `EndpointLost` (see `cluster/resend.rs`).
+                    self.report_end();
+                }
                 self.lost = true;
                 self.endpoint_lost(ctx);
                 // Nobody is left to release this leg.

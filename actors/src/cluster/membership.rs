@@ -30,6 +30,7 @@ impl Cluster {
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost { node: None });
         }
+        self.forget_unanswered(None);
         let cached: Vec<(String, String)> = self
             .remote
             .iter()
@@ -193,6 +194,7 @@ impl Cluster {
                 entry.value().1.do_send(LegMsg::NodeLost);
             }
         }
+        self.forget_unanswered(Some(node));
         // Endpoints here whose calls live there.
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost {
@@ -336,6 +338,7 @@ pub(super) async fn liveness_loop(cluster: Arc<Cluster>) {
         tick.tick().await;
         cluster.heartbeat(false);
         cluster.check_liveness();
+        cluster.resend_unanswered();
     }
 }
 

@@ -20,6 +20,7 @@ pub mod directory;
 mod membership;
 mod quota;
 mod records;
+mod resend;
 mod routing;
 pub mod wire;
 mod writes;
@@ -48,6 +49,7 @@ use crate::settings;
 use membership::{heartbeat_loop, liveness_loop};
 use quota::EnvelopeQuota;
 use records::{record_put, watch_loop};
+pub use resend::RESEND_ATTEMPTS;
 pub use routing::BoundedEnvelope;
 use routing::{inbox_loop, node_subject, publish_loop};
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
@@ -81,6 +83,19 @@ pub struct RemoteEndpoint {
     /// The KV revision the record was read at: a purge deletes only that revision, never a
     /// record its owner has written since (a rejoin).
     pub revision: u64,
+}
+
+/// For tests: kinds of envelope [`Cluster::lose_next`] can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lose {
+    /// A fork's word to its arbiter that its endpoint took it.
+    ForkAdopted,
+    /// A leg's word to its endpoint that the call ended.
+    LegEnded,
+    /// An endpoint's word to its leg that it is gone.
+    EndpointLost,
+    /// An endpoint's word to its ended leg that it has forgotten it.
+    Release,
 }
 
 /// What the publisher task sends, in order.
@@ -152,8 +167,13 @@ pub struct Cluster {
     /// Tests: this many bounded envelopes are still to be lost (see
     /// [`Cluster::lose_bounded_envelopes`]).
     lose_bounded: AtomicUsize,
-    /// Tests: the next `ForkAdopted` envelope is lost (see [`Cluster::lose_next_fork_adopted`]).
-    lose_fork_adopted: AtomicBool,
+    /// Tests: envelopes still to be lost, one of each kind listed (see [`Cluster::lose_next`]).
+    lose_next: Mutex<Vec<Lose>>,
+    /// Tests: whether `lose_next` holds anything (read on every send, so the lock is not).
+    lose_armed: AtomicBool,
+    /// `EndpointLost`s sent for endpoints gone from here whose leg, on another node, has not
+    /// answered with its end yet: sent again until it does (see `resend.rs`).
+    unanswered_lost: Mutex<HashMap<String, resend::UnansweredLost>>,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
@@ -334,7 +354,9 @@ impl Cluster {
             muted_until: Mutex::new(None),
             clock_set_back_ms: AtomicU64::new(0),
             lose_bounded: AtomicUsize::new(0),
-            lose_fork_adopted: AtomicBool::new(false),
+            lose_next: Mutex::new(Vec::new()),
+            lose_armed: AtomicBool::new(false),
+            unanswered_lost: Mutex::new(HashMap::new()),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
         });
@@ -422,10 +444,12 @@ impl Cluster {
         self.lose_bounded.store(n, Ordering::SeqCst);
     }
 
-    /// For tests: the next `ForkAdopted` envelope this node sends is lost on the way, as core
-    /// NATS may lose it.
-    pub fn lose_next_fork_adopted(&self) {
-        self.lose_fork_adopted.store(true, Ordering::SeqCst);
+    /// For tests: the next envelope of kind `kind` this node sends is lost on the way, as core
+    /// NATS may lose it (called twice, the next two are lost).
+    pub fn lose_next(&self, kind: Lose) {
+        let mut next = lock(&self.lose_next);
+        next.push(kind);
+        self.lose_armed.store(true, Ordering::SeqCst);
     }
 
     /// For tests: this node's wall clock is set back by `d`, and it starts a new run as a

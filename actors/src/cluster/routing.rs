@@ -7,9 +7,7 @@ use super::*;
 impl Cluster {
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
-        if matches!(env, Envelope::ForkAdopted { .. })
-            && self.lose_fork_adopted.swap(false, Ordering::SeqCst)
-        {
+        if self.lose_armed.load(Ordering::Relaxed) && self.lose_this(env) {
             return;
         }
         if let Some(payload) = encode(env) {
@@ -23,6 +21,30 @@ impl Cluster {
     pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
         self.reserve_bounded(node, env)
             .is_some_and(BoundedEnvelope::send)
+    }
+
+    /// Tests ([`Cluster::lose_next`]): whether `env` is to be lost on the way.
+    fn lose_this(&self, env: &Envelope) -> bool {
+        let kind = match env {
+            Envelope::ForkAdopted { .. } => Lose::ForkAdopted,
+            Envelope::LegEnded { .. } => Lose::LegEnded,
+            Envelope::Leg {
+                msg: WireLegMsg::EndpointLost,
+                ..
+            } => Lose::EndpointLost,
+            Envelope::Leg {
+                msg: WireLegMsg::Release,
+                ..
+            } => Lose::Release,
+            _ => return false,
+        };
+        let mut next = lock(&self.lose_next);
+        let Some(i) = next.iter().position(|k| *k == kind) else {
+            return false;
+        };
+        next.remove(i);
+        self.lose_armed.store(!next.is_empty(), Ordering::SeqCst);
+        true
     }
 
     /// Tests ([`Cluster::lose_bounded_envelopes`]): whether the envelope about to go is lost.
@@ -132,8 +154,12 @@ impl Cluster {
                         conversation,
                         elsewhere,
                     }),
-                    // Nobody here holds it any more: release the leg.
-                    None => self.release_leg(call, endpoint),
+                    // Nobody here holds it any more: release the leg. If the endpoint left
+                    // while the call lasted, this end answers its `EndpointLost`.
+                    None => {
+                        self.lost_endpoint_answered(&call);
+                        self.release_leg(call, endpoint);
+                    }
                 }
             }
             Envelope::LegEnded { from_node, .. } => {
@@ -151,8 +177,13 @@ impl Cluster {
                 immediate,
                 from_epoch,
             } => {
-                if from_epoch.is_some_and(|epoch| self.is_dead(&leg_node, epoch)) {
-                    tracing::debug!(node = %leg_node, "refusing a fork from a run declared dead");
+                // A run not heard of yet is noted first: if it replaces one, the calls of the
+                // one it replaces end here now, before this call is rung, and not with them
+                // when the new run's heartbeat comes.
+                if from_epoch.is_some_and(|epoch| {
+                    self.is_dead(&leg_node, epoch) || !self.saw_node(&leg_node, epoch, false)
+                }) {
+                    tracing::debug!(node = %leg_node, "refusing a fork from a run declared dead or replaced");
                     self.send(&leg_node, &Envelope::ForkLost { arbiter, call });
                     return;
                 }
@@ -244,6 +275,21 @@ impl Cluster {
                 confab_protocol::ErrorCode::InvalidState,
                 "the call is over",
             ),
+            // The leg answers an `EndpointLost` with its end; gone, its node does.
+            WireLegMsg::EndpointLost => {
+                self.send(
+                    node,
+                    &Envelope::LegEnded {
+                        endpoint: endpoint.to_owned(),
+                        call: call.to_owned(),
+                        conversation: String::new(),
+                        elsewhere: false,
+                        from_node: self.node_id.clone(),
+                        from_epoch: self.epoch(),
+                    },
+                );
+                return;
+            }
             _ => return,
         };
         self.send_event(node, endpoint, call, &reply);

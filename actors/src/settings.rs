@@ -82,6 +82,9 @@ pub struct Flow {
     pub composing_timeout_ms: u64,
     /// Largest message body accepted (413 above it), whatever the SDP says.
     pub max_message_bytes: usize,
+    /// Longest `content_type` of a message or a toast (`bad_frame` above it): it is passed on
+    /// to the receiver with the body, but not counted in `max_message_bytes`.
+    pub max_content_type_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -232,6 +235,7 @@ impl Default for Flow {
             ack_timeout_ms: 30_000,
             composing_timeout_ms: 6_000,
             max_message_bytes: 60_000,
+            max_content_type_bytes: 256,
         }
     }
 }
@@ -383,6 +387,9 @@ impl Settings {
                 "flow.max_message_bytes",
                 "must be positive and less than server.max_frame",
             );
+        }
+        if self.flow.max_content_type_bytes == 0 {
+            return invalid("flow.max_content_type_bytes", "must be positive");
         }
         if self.flow.composing_timeout_ms <= COMPOSING_REFRESH_MS {
             return invalid(
@@ -638,6 +645,10 @@ mod tests {
                 "flow.max_message_bytes",
             ),
             ("[flow]\nmax_message_bytes = 0\n", "flow.max_message_bytes"),
+            (
+                "[flow]\nmax_content_type_bytes = 0\n",
+                "flow.max_content_type_bytes",
+            ),
             (
                 "[flow]\ncomposing_timeout_ms = 5000\n",
                 "flow.composing_timeout_ms",

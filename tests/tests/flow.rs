@@ -836,6 +836,57 @@ async fn body_kind_not_matching_content_type_is_bad_frame() {
     assert_eq!(alice.recv().await, delivered(rid, &a, 1));
 }
 
+/// A content type travels with its body to the receiver but is not counted in
+/// `flow.max_message_bytes`: it has a limit of its own, `flow.max_content_type_bytes` (256).
+#[tokio::test]
+async fn content_type_longer_than_its_limit_is_bad_frame() {
+    let node = start_node(|_| {});
+    let Call {
+        mut alice,
+        mut bob,
+        a,
+        b,
+    } = call(&node).await;
+    let at_limit = format!("text/{}", "x".repeat(256 - 5));
+    let rid = send_message(&mut alice, &a, &at_limit, Body::Text("hi".into())).await;
+    // At the limit it is read, and refused as a type the call did not negotiate.
+    assert_failed(&alice.recv().await, rid, &a, None, 415);
+    let over = format!("{at_limit}x");
+    let rid = send_message(&mut alice, &a, &over, Body::Text("hi".into())).await;
+    match alice.recv().await {
+        ServerMsg::Error { rid: r, code, .. } => assert_eq!((r, code), (rid, ErrorCode::BadFrame)),
+        other => panic!("expected bad_frame, got {other:?}"),
+    }
+    // A toast's content type too.
+    let reply = alice
+        .request(ClientMsg::CallEstablish {
+            rid: None,
+            to: BOB.to_owned(),
+            conversation: None,
+            toast: Some(Toast {
+                content_type: over,
+                body: Body::Text("knock".into()),
+            }),
+            sdp: offer(),
+        })
+        .await;
+    assert!(
+        matches!(
+            reply,
+            ServerMsg::Error {
+                code: ErrorCode::BadFrame,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    // The call still carries messages.
+    let rid = say(&mut alice, &a, "ok").await;
+    assert_eq!(bob.recv().await, received(&b, 1, ALICE, "ok"));
+    ack(&mut bob, &b, 1).await;
+    assert_eq!(alice.recv().await, delivered(rid, &a, 1));
+}
+
 #[tokio::test]
 async fn toast_is_message_1_and_acking_it_is_allowed_and_ignored() {
     let node = start_node(|_| {});

@@ -8,7 +8,7 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use confab_protocol::uri::normalize_user_uri;
 use confab_protocol::{
-    ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Remote, ServerMsg, Toast,
+    Body, ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Remote, ServerMsg, Toast,
     decode_client,
 };
 use std::collections::{HashSet, VecDeque};
@@ -451,12 +451,8 @@ impl Endpoint {
                 content_type,
                 body,
             } => {
-                if !body.matches_content_type(&content_type) {
-                    return self.error(
-                        rid,
-                        ErrorCode::BadFrame,
-                        "body must be str for text/* content types and bin otherwise",
-                    );
+                if let Err(why) = self.check_content(&content_type, &body) {
+                    return self.error(rid, ErrorCode::BadFrame, why);
                 }
                 let msg = LegMsg::Message {
                     rid,
@@ -539,13 +535,9 @@ impl Endpoint {
             return self.error(rid, ErrorCode::BadFrame, "`to` is not a SIP URI");
         };
         if let Some(t) = &toast
-            && !t.body.matches_content_type(&t.content_type)
+            && let Err(why) = self.check_content(&t.content_type, &t.body)
         {
-            return self.error(
-                rid,
-                ErrorCode::BadFrame,
-                "toast body kind does not match its content type",
-            );
+            return self.error(rid, ErrorCode::BadFrame, why);
         }
         if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
             m::limit_tripped("calls_per_endpoint");
@@ -738,6 +730,21 @@ impl Endpoint {
         self.ending = true;
         self.outbox.close();
         ctx.stop();
+    }
+
+    /// A message's or a toast's content type and body, as the frame carries them: the body's
+    /// kind must match the type, and the type fit `flow.max_content_type_bytes` (it travels
+    /// with the body to the receiver, but is not counted in `flow.max_message_bytes`).
+    fn check_content(&self, content_type: &str, body: &Body) -> Result<(), &'static str> {
+        let why = if content_type.len() > self.ctx.settings.flow.max_content_type_bytes {
+            "content_type is longer than flow.max_content_type_bytes"
+        } else if !body.matches_content_type(content_type) {
+            "body must be str for text/* content types and bin otherwise"
+        } else {
+            return Ok(());
+        };
+        metrics::counter!(m::FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
+        Err(why)
     }
 
     /// Answers a request that arrives after `bye` or a shutdown began: a `message` fails with

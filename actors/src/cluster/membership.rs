@@ -198,7 +198,7 @@ impl Cluster {
         // Endpoints here whose calls live there.
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost {
-                node: Some(node.to_owned()),
+                node: Some((node.to_owned(), epoch)),
             });
         }
     }

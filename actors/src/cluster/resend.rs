@@ -8,9 +8,11 @@
 //! - an endpoint's `EndpointLost` is answered by its leg's `LegEnded` (the leg's node answers
 //!   for a leg it no longer holds); this file keeps the unanswered ones and sends them again.
 //!
-//! Both are sent every [`Cluster::resend_interval`] (half the node timeout), at most
-//! [`RESEND_ATTEMPTS`] times: past that the other node would have been declared dead, which
-//! ends the call on its own.
+//! A leg reports its end again every [`Cluster::resend_interval`] (half the node timeout); the
+//! unanswered `EndpointLost`s are looked at on the liveness tick (a third of the node timeout)
+//! and sent again once a resend interval has passed, so about every two thirds of the node
+//! timeout. Each at most [`RESEND_ATTEMPTS`] times: by then the other node would have been
+//! declared dead, which ends the call on its own.
 
 use super::*;
 

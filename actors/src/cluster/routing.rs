@@ -196,6 +196,7 @@ impl Cluster {
                     offer,
                     toast,
                     immediate,
+                    leg_epoch: from_epoch,
                 };
                 match self.endpoints.get(&endpoint).map(|e| e.clone()) {
                     Some(ep) => {

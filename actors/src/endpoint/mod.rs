@@ -100,10 +100,10 @@ pub enum EndpointMsg {
         msg: ServerMsg,
         call: Option<String>,
     },
-    /// Cluster: `node` died (`None`: this node was cut off from every other); calls whose
-    /// legs lived there end.
+    /// Cluster: run `.1` of node `.0` died, with every earlier run (`None`: this node was cut
+    /// off from every other); calls whose legs lived there end.
     NodeLost {
-        node: Option<String>,
+        node: Option<(String, u64)>,
     },
     LegEnded {
         call: String,
@@ -656,9 +656,13 @@ impl Endpoint {
             // end.
             self.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST, elsewhere);
         }
-        self.ended.push_back((call.clone(), elsewhere));
-        if self.ended.len() > REMEMBERED_ENDED_CALLS {
-            self.ended.pop_front();
+        // A leg on another node reports its end again until released (`cluster/resend.rs`):
+        // one call is remembered once, or its repeats would push other calls out.
+        if was_held || !self.ended.iter().any(|(c, _)| *c == call) {
+            self.ended.push_back((call.clone(), elsewhere));
+            if self.ended.len() > REMEMBERED_ENDED_CALLS {
+                self.ended.pop_front();
+            }
         }
         // Only a call held until now leaves its conversation: a second report of the same end
         // (a node loss, then the leg's own late `LegEnded`) must not end a conversation that
@@ -936,7 +940,9 @@ impl Handler<EndpointMsg> for Endpoint {
                 self.adopt_remote(fork);
             }
             EndpointMsg::RemoteEvent { msg, call } => self.remote_event(msg, call),
-            EndpointMsg::NodeLost { node } => self.node_lost(node.as_deref(), ctx),
+            EndpointMsg::NodeLost { node } => {
+                self.node_lost(node.as_ref().map(|(n, e)| (n.as_str(), *e)), ctx)
+            }
             EndpointMsg::LegEnded {
                 call,
                 conversation,

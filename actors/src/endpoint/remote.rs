@@ -16,6 +16,8 @@ pub struct RemoteFork {
     pub offer: String,
     pub toast: Option<Toast>,
     pub immediate: bool,
+    /// The run of `leg_node` that made the leg (absent from an older node's `Adopt`).
+    pub leg_epoch: Option<u64>,
 }
 
 /// Tells a remote fork's arbiter the fork is lost if the offer is dropped unhandled: an
@@ -62,6 +64,10 @@ impl Drop for RemoteForkGuard {
 /// for its client if that node dies.
 pub(super) struct RemoteCall {
     pub(super) node: String,
+    /// The run of `node` the leg belongs to: a node loss ends only the calls of the run that
+    /// died (a call from its next run may be adopted before the others hear of that run).
+    /// None: from an older node, which does not say; ended with any run of its node.
+    pub(super) epoch: Option<u64>,
     pub(super) state: confab_protocol::CallState,
     pub(super) conversation: String,
     /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
@@ -177,6 +183,7 @@ impl Endpoint {
             fork.call.clone(),
             RemoteCall {
                 node: fork.leg_node.clone(),
+                epoch: fork.leg_epoch,
                 state: confab_protocol::CallState::Incoming,
                 conversation: fork.conversation.clone(),
                 messages: VecDeque::new(),
@@ -351,14 +358,17 @@ impl Endpoint {
         }
     }
 
-    /// Cluster: `node` died. Every call whose leg lived there ends here, for the client, as
-    /// the leg would have ended it: terminating, terminated, 503 "Node lost"; every message
-    /// still waiting gets its `message_failed`.
-    pub(super) fn node_lost(&mut self, node: Option<&str>, ctx: &mut Context<Self>) {
+    /// Cluster: run `epoch` of `node` died (None: every other node, for this one). Every call
+    /// whose leg lived in that run, or an earlier one, ends here, for the client, as the leg
+    /// would have ended it: terminating, terminated, 503 "Node lost"; every message still
+    /// waiting gets its `message_failed`.
+    pub(super) fn node_lost(&mut self, node: Option<(&str, u64)>, ctx: &mut Context<Self>) {
         let lost: Vec<String> = self
             .remote_calls
             .iter()
-            .filter(|(_, r)| node.is_none_or(|n| r.node == n))
+            .filter(|(_, r)| {
+                node.is_none_or(|(n, dead)| r.node == n && r.epoch.is_none_or(|e| e <= dead))
+            })
             .map(|(c, _)| c.clone())
             .collect();
         for call in lost {

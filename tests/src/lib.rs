@@ -498,3 +498,38 @@ pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
     })
     .await;
 }
+
+/// A one-shot HTTP/1.0 GET (the operations port, Prometheus): (status, head, body), or the
+/// error when it cannot be made or takes more than 5 s.
+pub async fn try_http_get(
+    addr: std::net::SocketAddr,
+    target: &str,
+) -> std::io::Result<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(EVENT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP timeout"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// [`try_http_get`] of a server that must answer: (status, head, body).
+pub async fn http_get(addr: std::net::SocketAddr, target: &str) -> (u16, String, String) {
+    try_http_get(addr, target)
+        .await
+        .unwrap_or_else(|e| panic!("GET {target} from {addr}: {e}"))
+}

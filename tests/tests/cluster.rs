@@ -765,35 +765,12 @@ async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_5
     drop(nats);
 }
 
-/// `GET path` on a node's operations port: (status, body).
-async fn ops_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("the operations port accepts");
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .expect("the request is written");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("an answer within 5 s")
-        .expect("the answer is read");
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
-}
-
 /// Polls `/health` until it answers `status`.
 async fn wait_for_health(addr: std::net::SocketAddr, status: u16, body: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let now = ops_get(addr, "/health").await;
+        let (code, _, text) = http_get(addr, "/health").await;
+        let now = (code, text);
         if now.0 == status && now.1 == body {
             return;
         }
@@ -1014,7 +991,7 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     wait_for_endpoints(&a, BOB, 1).await;
     let (call, incoming) = answered_call(&mut alice, &mut bob, BOB).await;
     let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
-    let dropped_before = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED);
+    let dropped_before = metric_value(&http_get(ops[1], "/metrics").await.2, DROPPED);
     // Alice acks whatever reaches her.
     let alice_acks = tokio::spawn(async move {
         loop {
@@ -1083,7 +1060,7 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     for a in answers.values().filter(|a| a[0].0 == 503) {
         assert_eq!(a[0].1, route::REQUESTS_WAITING_FOR_NODE);
     }
-    let dropped = metric_value(&ops_get(ops[1], "/metrics").await.1, DROPPED) - dropped_before;
+    let dropped = metric_value(&http_get(ops[1], "/metrics").await.2, DROPPED) - dropped_before;
     assert!(refused > 0);
     // At least: the recorder is shared by the tests of this binary, and another one drops too.
     assert!(

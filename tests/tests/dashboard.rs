@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../grafana/dashboard.json");
 /// What Grafana variables become when an expression is evaluated outside Grafana.
@@ -114,7 +113,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     }
 
     // The other way round: every family the node exports has a panel.
-    let (status, text) = http_get(metrics_addr, "/metrics").await.unwrap();
+    let (status, _, text) = http_get(metrics_addr, "/metrics").await;
     assert_eq!(status, 200);
     let exported: BTreeSet<String> = text
         .lines()
@@ -475,7 +474,7 @@ impl Prometheus {
             if let Ok(Some(status)) = prom.child.try_wait() {
                 return Err(format!("prometheus exited ({status}): {}", prom.log()));
             }
-            if let Ok((200, _)) = http_get(addr, "/-/ready").await {
+            if let Ok((200, _, _)) = try_http_get(addr, "/-/ready").await {
                 return Ok(prom);
             }
             if Instant::now() > deadline {
@@ -495,7 +494,7 @@ impl Prometheus {
     /// Evaluates `promql` now; the series of the resulting vector, or why it failed.
     async fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
         let target = format!("/api/v1/query?query={}", percent_encode(promql));
-        let (status, body) = http_get(self.addr, &target)
+        let (status, _, body) = try_http_get(self.addr, &target)
             .await
             .map_err(|e| format!("cannot reach prometheus: {e}"))?;
         let v: Value =
@@ -598,27 +597,4 @@ fn percent_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// A one-shot HTTP/1.0 GET: (status, body).
-async fn http_get(addr: SocketAddr, target: &str) -> std::io::Result<(u16, String)> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP timeout"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
 }

@@ -4,7 +4,6 @@
 
 use confab_protocol::*;
 use confab_tests::*;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -171,30 +170,6 @@ async fn the_operations_port_serves_at_most_its_limit_at_once() {
     let (status, _, body) = next.await.unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     node.shutdown();
-}
-
-/// A one-shot HTTP/1.0 GET: (status, head, body).
-async fn http_get(addr: SocketAddr, target: &str) -> (u16, String, String) {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(EVENT_TIMEOUT, exchange)
-        .await
-        .expect("HTTP answer in time")
-        .expect("HTTP exchange");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
 }
 
 /// Each worker listens on the port with `SO_REUSEPORT`; that must not let a second node take

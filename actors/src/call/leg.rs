@@ -289,9 +289,19 @@ impl CallLeg {
         self.push(ServerMsg::error(rid, code, text));
     }
 
+    /// Whether this leg counts its client's messages in `confab_messages_total`: a message is
+    /// counted once, by the node of the client that gets its answer; for an endpoint on
+    /// another node that is the endpoint's node, which alone knows whether the answer arrived
+    /// in time (`endpoint/remote.rs`).
+    fn counts_messages(&self) -> bool {
+        self.init.endpoint.remote_node().is_none()
+    }
+
     fn message_failed(&self, rid: Option<u32>, msg: Option<u32>, code: u16, text: &str) {
-        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
-            .increment(1);
+        if self.counts_messages() {
+            metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
+                .increment(1);
+        }
         self.push(ServerMsg::MessageFailed {
             rid,
             call: self.init.id.clone(),
@@ -1087,7 +1097,9 @@ impl CallLeg {
             LegMsg::Acked { msg } => {
                 if let Some(p) = self.pending.remove(&msg) {
                     self.trim_sent_order();
-                    m::hot().messages_delivered.increment(1);
+                    if self.counts_messages() {
+                        m::hot().messages_delivered.increment(1);
+                    }
                     m::hot()
                         .message_delivery
                         .record(p.sent.elapsed().as_secs_f64());

@@ -96,6 +96,8 @@ pub enum Lose {
     EndpointLost,
     /// An endpoint's word to its ended leg that it has forgotten it.
     Release,
+    /// A leg's answer to its client's `message` (`message_delivered` or `message_failed`).
+    MessageAnswer,
 }
 
 /// What the publisher task sends, in order.

@@ -36,6 +36,14 @@ impl Cluster {
                 msg: WireLegMsg::Release,
                 ..
             } => Lose::Release,
+            Envelope::Event { frame, .. }
+                if matches!(
+                    decode_server(frame),
+                    Ok(ServerMsg::MessageDelivered { .. } | ServerMsg::MessageFailed { .. })
+                ) =>
+            {
+                Lose::MessageAnswer
+            }
             _ => return false,
         };
         let mut next = lock(&self.lose_next);

@@ -246,6 +246,15 @@ impl Endpoint {
                     tracing::debug!(endpoint = %self.id, %call, "dropping an answer to a message answered already");
                     return;
                 }
+                // Counted here, where it reaches the client, and not by the leg: a late answer
+                // dropped above was counted already, as the 408 this node gave.
+                match &msg {
+                    ServerMsg::MessageFailed { code, .. } => {
+                        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(*code))
+                            .increment(1);
+                    }
+                    _ => m::hot().messages_delivered.increment(1),
+                }
             }
             ServerMsg::Ok { rid } | ServerMsg::Error { rid, .. } => {
                 // The answer to its call's oldest request with this `rid` still waiting

@@ -4,6 +4,10 @@
 //! composing state. Each caller and each callee endpoint has its own leg, as each SIP user agent
 //! has its own dialog.
 
+mod peer;
+mod requests;
+mod setup;
+
 use actix::prelude::*;
 use confab_protocol::sdp::{self, Negotiated};
 
@@ -508,125 +512,6 @@ impl CallLeg {
         self.awaiting_outcome = true;
     }
 
-    fn handle_terminate(
-        &mut self,
-        rid: Option<u32>,
-        cause: TerminateCause,
-        ctx: &mut Context<Self>,
-    ) {
-        // Only `call_terminate` is a request of its own; a conversation's, a bye's or a
-        // shutdown's terminate was already answered by the endpoint.
-        if cause == TerminateCause::Call {
-            self.reply_ok(rid);
-        }
-        let event = if cause == TerminateCause::Conversation {
-            CallEvent::ConversationTerminate
-        } else {
-            CallEvent::Terminate
-        };
-        let (own, peer) = if cause == TerminateCause::Shutdown {
-            (reasons::shutting_down(), reasons::shutting_down())
-        } else {
-            (
-                reasons::terminated_locally(),
-                reasons::terminated_remotely(),
-            )
-        };
-        match self.state {
-            CallState::Incoming => {
-                // Terminating a ringing fork is a 486 decline of this endpoint only.
-                if cause == TerminateCause::Shutdown {
-                    self.decline(503, reasons::shutting_down(), ctx);
-                } else {
-                    self.decline(486, reasons::declined(486), ctx);
-                }
-            }
-            CallState::Idle | CallState::Establishing
-                if self.init.direction == Direction::Outbound =>
-            {
-                if let Some(a) = self.arbiter.take() {
-                    let reason = if cause == TerminateCause::Shutdown {
-                        reasons::shutting_down()
-                    } else {
-                        reasons::request_terminated()
-                    };
-                    a.do_send(ArbiterMsg::CallerCancel { reason });
-                }
-                self.end(ctx, event, own, None, false);
-            }
-            CallState::Established | CallState::Transferring | CallState::Establishing => {
-                self.end(ctx, event, own, Some(peer), false);
-            }
-            CallState::Idle | CallState::Terminating | CallState::Terminated => {}
-        }
-    }
-
-    fn decline(&mut self, code: u16, reason: Reason, ctx: &mut Context<Self>) {
-        if let Some(a) = self.arbiter.take() {
-            a.do_send(ArbiterMsg::Declined {
-                call: self.init.id.clone(),
-                code,
-            });
-        }
-        self.end(ctx, CallEvent::Decline, reason, None, false);
-    }
-
-    fn handle_message(
-        &mut self,
-        rid: Option<u32>,
-        content_type: String,
-        body: Body,
-        ctx: &mut Context<Self>,
-    ) {
-        if self.peer.is_none() || !self.can_flow() {
-            return self.message_failed(rid, None, 481, reasons::CALL_DOES_NOT_EXIST);
-        }
-        if !self.allows(&content_type) {
-            return self.message_failed(rid, None, 415, "Unsupported Media Type");
-        }
-        let negotiated = self.negotiated.as_ref();
-        let max = negotiated.and_then(|n| n.max_size).map_or(
-            self.init.ctx.settings.flow.max_message_bytes,
-            |s| {
-                (s.min(usize::MAX as u64) as usize)
-                    .min(self.init.ctx.settings.flow.max_message_bytes)
-            },
-        );
-        if body.len() > max {
-            return self.message_failed(rid, None, 413, "Request Entity Too Large");
-        }
-        if self.pending.len() >= self.init.ctx.settings.limits.unacked_per_call {
-            m::limit_tripped("unacked_per_call");
-            return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
-        }
-        let Some(peer) = self.peer.as_ref() else {
-            return self.message_failed(rid, None, 481, reasons::CALL_DOES_NOT_EXIST);
-        };
-        let msg = self.init.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let sender = self
-            .own_addr
-            .get_or_insert_with(|| Arc::new(ctx.address()))
-            .clone();
-        peer.addr.do_send(LegMsg::Deliver {
-            msg,
-            from: self.init.local.user.clone(),
-            content_type,
-            body,
-            sender,
-        });
-        self.pending.insert(
-            msg,
-            Pending {
-                rid,
-                sent: Instant::now(),
-            },
-        );
-        self.sent_order.push_back(msg);
-        if self.ack_sweep.is_none() {
-            self.arm_ack_sweep(ctx, self.ack_timeout());
-        }
-    }
-
     fn set_negotiated(&mut self, negotiated: Negotiated) {
         self.negotiated = Some(negotiated);
         self.allowed_types.clear();
@@ -807,263 +692,40 @@ impl Handler<LegMsg> for CallLeg {
 }
 
 impl CallLeg {
+    /// Each message to its handler: the endpoint's requests in `requests.rs`, the arbiter's
+    /// word in `setup.rs`, the peer leg's in `peer.rs`.
     fn dispatch(&mut self, msg: LegMsg, ctx: &mut Context<Self>) {
         match msg {
-            LegMsg::Accept { rid, sdp } => {
-                if self.ended_elsewhere {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::AnsweredElsewhere,
-                        "another endpoint answered",
-                    );
-                }
-                if self.state != CallState::Incoming || self.pending_accept.is_some() {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call is not ringing",
-                    );
-                }
-                let negotiated = match self.init.offer.negotiate(&sdp) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return self.reply_error(rid, ErrorCode::NotAcceptable, &e.to_string());
-                    }
-                };
-                let Some(arbiter) = self.arbiter.clone() else {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call is not ringing",
-                    );
-                };
-                self.pending_accept = Some(rid);
-                self.awaiting_decision = true;
-                self.own_sdp = sdp.clone();
-                self.set_negotiated(negotiated.clone());
-                arbiter.do_send(ArbiterMsg::AcceptRequest {
-                    call: self.init.id.clone(),
-                    sdp,
-                    negotiated,
-                });
-            }
-            LegMsg::Decline { rid, code } => {
-                if self.state != CallState::Incoming {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call is not ringing",
-                    );
-                }
-                self.reply_ok(rid);
-                self.decline(code, reasons::declined(code), ctx);
-            }
-            LegMsg::Forward { rid, to } => {
-                if self.state != CallState::Incoming || self.pending_accept.is_some() {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call is not ringing",
-                    );
-                }
-                self.reply_ok(rid);
-                if let Some(a) = self.arbiter.take() {
-                    a.do_send(ArbiterMsg::ForwardRequest {
-                        call: self.init.id.clone(),
-                        to,
-                    });
-                }
-                self.end(
-                    ctx,
-                    CallEvent::Forward,
-                    reasons::moved_temporarily(),
-                    None,
-                    false,
-                );
-            }
-            LegMsg::Transfer { rid, to } => {
-                if self.state != CallState::Established || self.transfer.is_some() {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call cannot be transferred now",
-                    );
-                }
-                let Some(peer) = self.peer.as_ref() else {
-                    return self.reply_error(
-                        rid,
-                        ErrorCode::InvalidState,
-                        "the call has no remote party",
-                    );
-                };
-                peer.addr.do_send(LegMsg::StartTransfer {
-                    to,
-                    transferor: ctx.address(),
-                });
-                self.reply_ok(rid);
-                self.transfer = Some(Transfer::Transferor);
-                self.step(CallEvent::Transfer, None);
-            }
-            LegMsg::Terminate { rid, cause } => self.handle_terminate(rid, cause, ctx),
+            LegMsg::Accept { rid, sdp } => self.on_accept(rid, sdp),
+            LegMsg::Decline { rid, code } => self.on_decline(rid, code, ctx),
+            LegMsg::Forward { rid, to } => self.on_forward(rid, to, ctx),
+            LegMsg::Transfer { rid, to } => self.on_transfer(rid, to, ctx),
+            LegMsg::Terminate { rid, cause } => self.on_terminate(rid, cause, ctx),
             LegMsg::Message {
                 rid,
                 content_type,
                 body,
-            } => self.handle_message(rid, content_type, body, ctx),
-            LegMsg::Ack { msg } => {
-                if let Some(sender) = self.unacked.remove(msg) {
-                    sender.do_send(LegMsg::Acked { msg });
-                }
-            }
-            LegMsg::Composing { active } => {
-                if let Some(peer) = self.peer.as_ref().filter(|_| self.can_flow()) {
-                    peer.addr.do_send(LegMsg::RemoteComposing { active });
-                }
-            }
-            LegMsg::EndpointLost => {
-                if self.state.is_final() && self.init.endpoint.remote_node().is_some() {
-                    // Its end was reported already, but the endpoint's node waits for an end
-                    // to answer its `EndpointLost` (see `cluster/resend.rs`).
-                    self.report_end();
-                }
-                self.lost = true;
-                self.endpoint_lost(ctx);
-                // Nobody is left to release this leg.
-                self.released = true;
-            }
+            } => self.on_message(rid, content_type, body, ctx),
+            LegMsg::Ack { msg } => self.on_ack(msg),
+            LegMsg::Composing { active } => self.on_composing(active),
+            LegMsg::EndpointLost => self.on_endpoint_lost(ctx),
             LegMsg::Release => self.released = true,
-            LegMsg::NodeLost => {
-                self.lost = true;
-                self.node_lost = true;
-                self.endpoint_lost(ctx);
-                self.released = true;
-            }
+            LegMsg::NodeLost => self.on_node_lost(ctx),
 
-            LegMsg::Ringing => {
-                if self.transfer.is_some() || self.state != CallState::Establishing {
-                    return;
-                }
-                self.push(ServerMsg::CallRinging {
-                    call: self.init.id.clone(),
-                });
-                if !self.ringing_seen {
-                    self.ringing_seen = true;
-                    self.step(CallEvent::Ringing, None);
-                }
-            }
-            LegMsg::Forwarded { to } => {
-                if self.transfer.is_none() && self.state == CallState::Establishing {
-                    self.push(ServerMsg::CallForwarded {
-                        call: self.init.id.clone(),
-                        to,
-                    });
-                }
-            }
+            LegMsg::Ringing => self.on_ringing(),
+            LegMsg::Forwarded { to } => self.on_forwarded(to),
             LegMsg::Answered {
                 peer,
                 remote,
                 sdp,
                 negotiated,
-            } => {
-                self.awaiting_outcome = false;
-                if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
-                    // The transfer target answered: talk to it from now on; the transferor's
-                    // leg ends with 202 and must not see a remote terminate.
-                    self.set_negotiated(negotiated);
-                    self.peer = Some(Peer { addr: peer });
-                    self.push(ServerMsg::CallTransferred {
-                        call: self.init.id.clone(),
-                        remote,
-                    });
-                    transferor.do_send(LegMsg::TransferOutcome { result: Ok(()) });
-                    return;
-                }
-                self.arbiter = None;
-                if self.state != CallState::Establishing {
-                    // We cancelled meanwhile; the winner must not wait for us.
-                    peer.do_send(LegMsg::RemoteTerminate {
-                        reason: self.hangup_reason(),
-                        from: ctx.address(),
-                    });
-                    return;
-                }
-                self.set_negotiated(negotiated);
-                self.established_with(peer);
-                self.step(CallEvent::Established, None);
-                m::hot()
-                    .call_setup
-                    .record(self.created.elapsed().as_secs_f64());
-                self.push(ServerMsg::CallEstablished {
-                    call: self.init.id.clone(),
-                    sdp,
-                    remote,
-                });
-            }
-            LegMsg::Failed { reason } => {
-                self.awaiting_outcome = false;
-                if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
-                    transferor.do_send(LegMsg::TransferOutcome {
-                        result: Err(reason),
-                    });
-                    return;
-                }
-                self.arbiter = None;
-                self.end(ctx, CallEvent::EstablishFailed, reason, None, false);
-            }
+            } => self.on_answered(peer, remote, sdp, negotiated, ctx),
+            LegMsg::Failed { reason } => self.on_failed(reason, ctx),
 
-            LegMsg::Won { peer, remote } => {
-                self.arbiter = None;
-                self.awaiting_decision = false;
-                if self.state != CallState::Incoming {
-                    peer.do_send(LegMsg::RemoteTerminate {
-                        reason: self.hangup_reason(),
-                        from: ctx.address(),
-                    });
-                    return;
-                }
-                let rid = self.pending_accept.take().flatten();
-                self.reply_ok(rid);
-                self.step(CallEvent::Accept, None);
-                self.established_with(peer);
-                self.step(CallEvent::Established, None);
-                self.push(ServerMsg::CallEstablished {
-                    call: self.init.id.clone(),
-                    sdp: self.init.offer.sdp().to_owned(),
-                    remote: remote.clone(),
-                });
-                if let Some(toast) = self.init.toast.take() {
-                    self.push(ServerMsg::MessageReceived {
-                        call: self.init.id.clone(),
-                        msg: 1,
-                        from: remote.user,
-                        content_type: toast.content_type,
-                        body: toast.body,
-                        toast: Some(true),
-                    });
-                }
-            }
-            LegMsg::AcceptRefused => {
-                self.awaiting_decision = false;
-                if let Some(rid) = self.pending_accept.take() {
-                    self.reply_error(
-                        rid,
-                        ErrorCode::AnsweredElsewhere,
-                        "another endpoint answered",
-                    );
-                }
-            }
-            LegMsg::Cancel { reason, elsewhere } => {
-                self.arbiter = None;
-                self.awaiting_decision = false;
-                self.end(ctx, CallEvent::RemoteCancel, reason, None, elsewhere);
-            }
-            LegMsg::AutoAcceptNeeded => {
-                if self.state == CallState::Incoming {
-                    self.push(ServerMsg::AutoAcceptNeeded {
-                        call: self.init.id.clone(),
-                    });
-                }
-            }
+            LegMsg::Won { peer, remote } => self.on_won(peer, remote, ctx),
+            LegMsg::AcceptRefused => self.on_accept_refused(),
+            LegMsg::Cancel { reason, elsewhere } => self.on_cancel(reason, elsewhere, ctx),
+            LegMsg::AutoAcceptNeeded => self.on_auto_accept_needed(),
 
             LegMsg::Deliver {
                 msg,
@@ -1071,127 +733,13 @@ impl CallLeg {
                 content_type,
                 body,
                 sender,
-            } => {
-                // A message from a leg that is no longer the peer (sent by a transferor just
-                // before the transfer took its place) is refused: its sender has already
-                // answered it 481, so the client must not get it either.
-                let from_peer = self.peer.as_ref().is_some_and(|p| p.addr == *sender);
-                if !self.can_flow() || !from_peer {
-                    sender.do_send(LegMsg::Refused { msg });
-                    return;
-                }
-                if let Some(h) = self.composing_timer.take() {
-                    ctx.cancel_future(h);
-                }
-                self.set_remote_composing(false);
-                self.unacked.insert(msg, sender, Instant::now());
-                self.push(ServerMsg::MessageReceived {
-                    call: self.init.id.clone(),
-                    msg,
-                    from,
-                    content_type,
-                    body,
-                    toast: None,
-                });
-            }
-            LegMsg::Acked { msg } => {
-                if let Some(p) = self.pending.remove(&msg) {
-                    self.trim_sent_order();
-                    if self.counts_messages() {
-                        m::hot().messages_delivered.increment(1);
-                    }
-                    m::hot()
-                        .message_delivery
-                        .record(p.sent.elapsed().as_secs_f64());
-                    self.push(ServerMsg::MessageDelivered {
-                        rid: p.rid,
-                        call: self.init.id.clone(),
-                        msg,
-                    });
-                }
-            }
-            LegMsg::Refused { msg } => {
-                if let Some(p) = self.pending.remove(&msg) {
-                    self.trim_sent_order();
-                    self.message_failed(p.rid, Some(msg), 481, reasons::CALL_DOES_NOT_EXIST);
-                }
-            }
-            LegMsg::RemoteComposing { active } => {
-                if !self.can_flow() {
-                    return;
-                }
-                if let Some(h) = self.composing_timer.take() {
-                    ctx.cancel_future(h);
-                }
-                self.set_remote_composing(active);
-                if active {
-                    let idle =
-                        Duration::from_millis(self.init.ctx.settings.flow.composing_timeout_ms);
-                    self.composing_timer = Some(ctx.run_later(idle, |act, _| {
-                        act.composing_timer = None;
-                        act.set_remote_composing(false);
-                    }));
-                }
-            }
-            LegMsg::RemoteTerminate { reason, from } => {
-                if self.peer.as_ref().is_some_and(|p| p.addr != from) {
-                    return;
-                }
-                let event = if self.state == CallState::Established {
-                    CallEvent::RemoteTerminate
-                } else {
-                    CallEvent::Terminate
-                };
-                self.peer = None;
-                self.end(ctx, event, reason, None, false);
-            }
-            LegMsg::StartTransfer { to, transferor } => {
-                if self.state != CallState::Established || self.transfer.is_some() {
-                    transferor.do_send(LegMsg::TransferOutcome {
-                        result: Err(reasons::transfer_pending()),
-                    });
-                    return;
-                }
-                let target = ForkTarget {
-                    ctx: self.init.ctx.clone(),
-                    caller: ctx.address(),
-                    from: self.init.local.clone(),
-                    to,
-                    offer: CallOffer::unparsed(self.own_sdp.clone()),
-                    toast: None,
-                    counter: self.init.counter.clone(),
-                };
-                let arbiter = ForkArbiter::new(target).start();
-                self.awaiting_outcome = true;
-                self.transfer = Some(Transfer::Transferee {
-                    arbiter,
-                    transferor,
-                });
-            }
-            LegMsg::TransferOutcome { result } => {
-                if !matches!(self.transfer, Some(Transfer::Transferor))
-                    || self.state != CallState::Transferring
-                {
-                    return;
-                }
-                self.transfer = None;
-                match result {
-                    Ok(()) => {
-                        // The peer now talks to the target; it must not see us terminate.
-                        self.peer = None;
-                        self.end(
-                            ctx,
-                            CallEvent::TransferSucceeded,
-                            reasons::transferred(),
-                            None,
-                            false,
-                        );
-                    }
-                    Err(reason) => {
-                        self.step(CallEvent::TransferFailed, Some(reason));
-                    }
-                }
-            }
+            } => self.on_deliver(msg, from, content_type, body, sender, ctx),
+            LegMsg::Acked { msg } => self.on_acked(msg),
+            LegMsg::Refused { msg } => self.on_refused(msg),
+            LegMsg::RemoteComposing { active } => self.on_remote_composing(active, ctx),
+            LegMsg::RemoteTerminate { reason, from } => self.on_remote_terminate(reason, from, ctx),
+            LegMsg::StartTransfer { to, transferor } => self.on_start_transfer(to, transferor, ctx),
+            LegMsg::TransferOutcome { result } => self.on_transfer_outcome(result, ctx),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! only endpoint ↔ leg traffic crosses nodes.
 
 use actix::Addr;
-use confab_protocol::ServerMsg;
+use confab_protocol::{Reason, ServerMsg};
 use std::sync::Arc;
 
 use crate::call::leg::{CallLeg, LegMsg, TerminateCause};
@@ -101,12 +101,21 @@ impl LegOwner {
         }
     }
 
-    pub fn leg_ended(&self, call: String, conversation: String, elsewhere: bool) {
+    /// Tells the endpoint that its leg `call` ended, and why (`reason`, for an endpoint on
+    /// another node, whose copy of the leg's last events may have been lost on the way).
+    pub fn leg_ended(
+        &self,
+        call: String,
+        conversation: String,
+        elsewhere: bool,
+        reason: Option<Reason>,
+    ) {
         match self {
             LegOwner::Local(a) => a.do_send(EndpointMsg::LegEnded {
                 call,
                 conversation,
                 elsewhere,
+                reason: None,
             }),
             LegOwner::Remote {
                 cluster,
@@ -121,6 +130,7 @@ impl LegOwner {
                     elsewhere,
                     from_node: cluster.node_id.clone(),
                     from_epoch: cluster.epoch(),
+                    reason,
                 },
             ),
         }

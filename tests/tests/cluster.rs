@@ -1574,3 +1574,44 @@ async fn an_endpoint_loss_lost_between_nodes_is_sent_again_until_the_leg_ends() 
     wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }
+
+/// Alice hangs up, and the two `call_state` events that end Bob's leg (on node A) for his
+/// client on node B are lost on the way. The leg's end, which carries its reason and is sent
+/// until answered, still reaches Bob's node, which sends his client the missing events itself:
+/// terminating, then terminated "Terminated remotely", once each.
+#[tokio::test]
+async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    let cluster = a.cluster().expect("a cluster node");
+    cluster.lose_next(Lose::CallState);
+    cluster.lose_next(Lose::CallState);
+    let reply = alice
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: call.clone(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let ended = Some(Reason::new(200, "Terminated remotely"));
+    let (m, _) = bob
+        .recv_until(|m| matches!(m, ServerMsg::CallState { call: c, state, .. } if *c == incoming && (state.is_final() || *state == CallState::Terminating)))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::CallState { state: CallState::Terminating, previous: CallState::Established, reason, .. } if *reason == ended),
+        "{m:?}"
+    );
+    let m = bob.recv().await;
+    assert!(
+        matches!(&m, ServerMsg::CallState { call: c, state: CallState::Terminated, previous: CallState::Terminating, reason, .. } if *c == incoming && *reason == ended),
+        "{m:?}"
+    );
+    // Once each: after the leg is released (it reports its end until then), the next frame
+    // Bob gets is the answer to his ping.
+    wait_for_no_remote_legs(&a).await;
+    bob.send(&ClientMsg::Ping { rid: Some(99) }).await;
+    assert_eq!(bob.recv().await, ServerMsg::Pong { rid: Some(99) });
+    drop((a, b, nats));
+}

@@ -98,6 +98,8 @@ pub enum Lose {
     Release,
     /// A leg's answer to its client's `message` (`message_delivered` or `message_failed`).
     MessageAnswer,
+    /// A leg's `call_state` event for its client.
+    CallState,
 }
 
 /// What the publisher task sends, in order.

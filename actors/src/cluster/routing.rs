@@ -44,6 +44,11 @@ impl Cluster {
             {
                 Lose::MessageAnswer
             }
+            Envelope::Event { frame, .. }
+                if matches!(decode_server(frame), Ok(ServerMsg::CallState { .. })) =>
+            {
+                Lose::CallState
+            }
             _ => return false,
         };
         let mut next = lock(&self.lose_next);
@@ -155,12 +160,14 @@ impl Cluster {
                 elsewhere,
                 from_node,
                 from_epoch,
+                reason,
             } if !self.is_dead(&from_node, from_epoch) => {
                 match self.endpoints.get(&endpoint).map(|e| e.clone()) {
                     Some(ep) => ep.do_send(EndpointMsg::LegEnded {
                         call,
                         conversation,
                         elsewhere,
+                        reason,
                     }),
                     // Nobody here holds it any more: release the leg. If the endpoint left
                     // while the call lasted, this end answers its `EndpointLost`.
@@ -295,6 +302,7 @@ impl Cluster {
                         elsewhere: false,
                         from_node: self.node_id.clone(),
                         from_epoch: self.epoch(),
+                        reason: None,
                     },
                 );
                 return;

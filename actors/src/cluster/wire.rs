@@ -2,7 +2,7 @@
 //! `confab.nodes.heartbeat`, and the directory records of the `confab-endpoints` KV bucket.
 //! All MessagePack with named fields (`to_vec_named`), externally tagged enums.
 
-use confab_protocol::{Activity, Body, Status, Toast};
+use confab_protocol::{Activity, Body, Reason, Status, Toast};
 use serde::{Deserialize, Serialize};
 
 use crate::call::leg::{LegMsg, TerminateCause};
@@ -33,6 +33,11 @@ pub enum Envelope {
         elsewhere: bool,
         from_node: String,
         from_epoch: u64,
+        /// Why it ended: if the leg's own `call_state` events of its end were lost on the way,
+        /// the endpoint's node sends them to the client itself. Absent from an older node, and
+        /// from a node answering for a leg it no longer holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<Reason>,
     },
     /// A fork arbiter created an inbound leg for this endpoint: adopt it (or `ForkLost`).
     Adopt {

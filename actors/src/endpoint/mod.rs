@@ -8,8 +8,8 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use confab_protocol::uri::normalize_user_uri;
 use confab_protocol::{
-    Body, ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Remote, ServerMsg, Toast,
-    decode_client,
+    Body, ClientMsg, DecodeError, Direction, ErrorCode, FrameError, Reason, Remote, ServerMsg,
+    Toast, decode_client,
 };
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -109,6 +109,8 @@ pub enum EndpointMsg {
         call: String,
         conversation: String,
         elsewhere: bool,
+        /// Cluster: why a leg on another node ended (see [`Endpoint::end_mirrored_call`]).
+        reason: Option<Reason>,
     },
     /// The node is shutting down: tell the client (sent to every endpoint before any call
     /// ends, so each client hears `shutdown` before its calls' events).
@@ -947,7 +949,13 @@ impl Handler<EndpointMsg> for Endpoint {
                 call,
                 conversation,
                 elsewhere,
-            } => self.leg_ended(call, conversation, elsewhere, ctx),
+                reason,
+            } => {
+                if let Some(reason) = reason {
+                    self.end_mirrored_call(&call, reason);
+                }
+                self.leg_ended(call, conversation, elsewhere, ctx)
+            }
             EndpointMsg::ShutdownNotice => {
                 let s = &self.ctx.settings.server;
                 self.push(ServerMsg::Shutdown {

@@ -367,6 +367,54 @@ impl Endpoint {
         }
     }
 
+    /// Cluster: the leg of `call`, on another node, ended for `reason`. Its events arrive
+    /// before its end (one connection, in order), so a call still mirrored as not over lost its
+    /// last `call_state` events on the way: the client gets them from here, or would show the
+    /// call for good.
+    pub(super) fn end_mirrored_call(&mut self, call: &str, reason: Reason) {
+        let Some(r) = self.remote_calls.get_mut(call) else {
+            return;
+        };
+        let (state, conversation) = (r.state, r.conversation.clone());
+        r.state = confab_protocol::CallState::Terminated;
+        if !state.is_final() {
+            tracing::debug!(endpoint = %self.id, %call, "a leg's last events were lost on the way; ending the call here");
+        }
+        self.push_end_states(call, &conversation, state, reason);
+    }
+
+    /// The `call_state` events that take an inbound call from `state` to terminated with
+    /// `reason`, as its leg sends them; none when it is there already.
+    fn push_end_states(
+        &self,
+        call: &str,
+        conversation: &str,
+        state: confab_protocol::CallState,
+        reason: Reason,
+    ) {
+        use confab_protocol::CallState::{Terminated, Terminating};
+        if state.is_final() {
+            return;
+        }
+        let steps: &[confab_protocol::CallState] = if state == Terminating {
+            &[Terminated]
+        } else {
+            &[Terminating, Terminated]
+        };
+        let mut previous = state;
+        for next in steps {
+            self.push(ServerMsg::CallState {
+                call: call.to_owned(),
+                conversation: conversation.to_owned(),
+                direction: Direction::Inbound,
+                state: *next,
+                previous,
+                reason: Some(reason.clone()),
+            });
+            previous = *next;
+        }
+    }
+
     /// Cluster: run `epoch` of `node` died (None: every other node, for this one). Every call
     /// whose leg lived in that run, or an earlier one, ends here, for the client, as the leg
     /// would have ended it: terminating, terminated, 503 "Node lost"; every message still
@@ -387,29 +435,7 @@ impl Endpoint {
             let reason = reasons::node_lost();
             self.answer_requests_of_ended_call(r.requests, false);
             self.fail_waiting(&call, r.messages, 503, &reason.text);
-            if !r.state.is_final() {
-                let mut previous = r.state;
-                let steps: &[confab_protocol::CallState] =
-                    if previous == confab_protocol::CallState::Terminating {
-                        &[confab_protocol::CallState::Terminated]
-                    } else {
-                        &[
-                            confab_protocol::CallState::Terminating,
-                            confab_protocol::CallState::Terminated,
-                        ]
-                    };
-                for state in steps {
-                    self.push(ServerMsg::CallState {
-                        call: call.clone(),
-                        conversation: r.conversation.clone(),
-                        direction: Direction::Inbound,
-                        state: *state,
-                        previous,
-                        reason: Some(reason.clone()),
-                    });
-                    previous = *state;
-                }
-            }
+            self.push_end_states(&call, &r.conversation, r.state, reason);
             self.leg_ended(call, r.conversation, false, ctx);
         }
     }

@@ -236,6 +236,9 @@ pub struct CallLeg {
     /// context polls its futures one by one.)
     ack_sweep: Option<SpawnHandle>,
     created: Instant,
+    /// Why it ended, kept for an endpoint on another node: its end is reported again until
+    /// released, and each report carries the reason (see `report_end`).
+    end_reason: Option<Reason>,
 }
 
 impl CallLeg {
@@ -272,6 +275,7 @@ impl CallLeg {
             composing_timer: None,
             ack_sweep: None,
             created: Instant::now(),
+            end_reason: None,
         }
     }
 
@@ -420,10 +424,11 @@ impl CallLeg {
         // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
         // their way to it are still answered; with no endpoint left, nobody can address it.
         if !self.node_lost && self.init.endpoint.connected() {
-            self.report_end();
             if let Some(every) = self.init.endpoint.resend_interval() {
+                self.end_reason = Some(reason);
                 self.report_end_again(every, 1, ctx);
             }
+            self.report_end();
         } else {
             self.released = true;
         }
@@ -435,6 +440,7 @@ impl CallLeg {
             self.init.id.clone(),
             self.init.conversation.clone(),
             self.ended_elsewhere,
+            self.end_reason.clone(),
         );
     }
 

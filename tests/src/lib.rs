@@ -130,10 +130,17 @@ impl Raw {
 
     /// The next frame from the node; panics after [`EVENT_TIMEOUT`] or on close.
     pub async fn recv(&mut self) -> ServerMsg {
-        match tokio::time::timeout(EVENT_TIMEOUT, self.framed.next()).await {
+        self.recv_within(EVENT_TIMEOUT).await
+    }
+
+    /// The next frame from the node; panics after `limit` or on close. For a frame the node
+    /// sends only when a deadline of its own passes: `limit` is that deadline plus
+    /// [`EVENT_TIMEOUT`], so a stalled machine does not eat the margin.
+    pub async fn recv_within(&mut self, limit: Duration) -> ServerMsg {
+        match tokio::time::timeout(limit, self.framed.next()).await {
             Ok(Some(Ok(frame))) => decode_server(&frame).unwrap(),
             Ok(other) => panic!("{}: connection ended: {other:?}", self.user),
-            Err(_) => panic!("{}: no frame within {EVENT_TIMEOUT:?}", self.user),
+            Err(_) => panic!("{}: no frame within {limit:?}", self.user),
         }
     }
 
@@ -142,9 +149,18 @@ impl Raw {
         &mut self,
         pred: impl Fn(&ServerMsg) -> bool,
     ) -> (ServerMsg, Vec<ServerMsg>) {
+        self.recv_until_within(EVENT_TIMEOUT, pred).await
+    }
+
+    /// [`Raw::recv_until`], each frame awaited for at most `limit` (see [`Raw::recv_within`]).
+    pub async fn recv_until_within(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&ServerMsg) -> bool,
+    ) -> (ServerMsg, Vec<ServerMsg>) {
         let mut skipped = Vec::new();
         loop {
-            let m = self.recv().await;
+            let m = self.recv_within(limit).await;
             if pred(&m) {
                 return (m, skipped);
             }

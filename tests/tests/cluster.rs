@@ -1105,6 +1105,13 @@ async fn a_message_still_flows(bob: &mut Raw, incoming: &str, alice: &mut Raw, c
     assert!(matches!(m, ServerMsg::MessageDelivered { rid: r, .. } if r == rid));
 }
 
+/// How long a client may wait for the answer its own node gives a request whose envelope was
+/// lost: that node's deadline (the ack timeout `ack_ms` plus twice the node timeout), plus the
+/// usual [`EVENT_TIMEOUT`] of slack for a stalled machine.
+fn remote_answer(ack_ms: u64) -> Duration {
+    Duration::from_millis(ack_ms + 2 * NODE_TIMEOUT_MS) + EVENT_TIMEOUT
+}
+
 /// Alice on node A in an established call with Bob on node B, whose node will lose the next
 /// envelope that a request of Bob's drives to A, as core NATS may. Both nodes use
 /// `ack_timeout_ms`.
@@ -1138,7 +1145,9 @@ async fn a_message_lost_between_nodes_gets_408_from_the_senders_node() {
     let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(300).await;
     let lost = send_message(&mut bob, &incoming, "lost").await;
     let (m, _) = bob
-        .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
+        .recv_until_within(remote_answer(300), |m| {
+            matches!(m, ServerMsg::MessageFailed { .. })
+        })
         .await;
     assert!(
         matches!(&m, ServerMsg::MessageFailed { rid, code: 408, text, .. } if *rid == lost && text == "Request Timeout"),
@@ -1190,7 +1199,16 @@ async fn an_unanswered_fork_whose_adoption_was_lost_stops_ringing() {
     let (nats, a, b, mut alice, mut bob) = forks_to_bob_losing_the_next_adoption().await;
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
-    expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
+    // The arbiter decides after twice the node timeout.
+    let (m, _) = alice
+        .recv_until_within(remote_answer(0), |m| {
+            matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call)
+        })
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::CallState { reason: Some(r), .. } if *r == Reason::new(480, "Temporarily Unavailable")),
+        "{m:?}"
+    );
     assert!(bob.state(&incoming, CallState::Terminated).await.is_some());
     drop((a, b, nats));
 }
@@ -1272,11 +1290,16 @@ async fn an_accept_still_waiting_when_another_device_wins_gets_answered_elsewher
 #[tokio::test]
 async fn a_call_request_lost_between_nodes_gets_internal_from_the_senders_node() {
     let (nats, a, b, mut alice, mut bob, call, incoming) = losing_bobs_next_envelope(300).await;
-    let reply = bob
-        .request(ClientMsg::CallTerminate {
+    let rid = send_request(
+        &mut bob,
+        ClientMsg::CallTerminate {
             rid: None,
             call: incoming.clone(),
-        })
+        },
+    )
+    .await;
+    let (reply, _) = bob
+        .recv_until_within(remote_answer(300), |m| reply_rid(m) == rid)
         .await;
     assert!(
         matches!(&reply, ServerMsg::Error { code: ErrorCode::Internal, message, .. } if message.contains("no answer from the call's node")),

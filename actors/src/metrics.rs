@@ -47,6 +47,13 @@ pub fn limit_tripped(limit: &'static str) {
     metrics::counter!(LIMITS_TRIPPED, "limit" => limit).increment(1);
 }
 
+/// Counts one message answered `message_failed` with `code` (a message is counted once, by
+/// the node of the client that gets the answer).
+pub fn message_failed(code: u16) {
+    metrics::counter!(MESSAGES, "result" => crate::reasons::message_result_label(code))
+        .increment(1);
+}
+
 /// Latency buckets in seconds, explicit so histograms aggregate across nodes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -263,8 +263,7 @@ impl Endpoint {
 
     /// A `message` answered here rather than by its leg: its one `message_failed`, counted.
     fn fail_message(&self, rid: Option<u32>, call: String, code: u16, text: &str) {
-        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
-            .increment(1);
+        m::message_failed(code);
         self.push(ServerMsg::MessageFailed {
             rid,
             call,

@@ -250,8 +250,7 @@ impl Endpoint {
                 // dropped above was counted already, as the 408 this node gave.
                 match &msg {
                     ServerMsg::MessageFailed { code, .. } => {
-                        metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(*code))
-                            .increment(1);
+                        m::message_failed(*code);
                     }
                     _ => m::hot().messages_delivered.increment(1),
                 }
@@ -372,14 +371,16 @@ impl Endpoint {
     /// last `call_state` events on the way: the client gets them from here, or would show the
     /// call for good.
     pub(super) fn end_mirrored_call(&mut self, call: &str, reason: Reason) {
-        let Some(r) = self.remote_calls.get_mut(call) else {
+        let Some(r) = self
+            .remote_calls
+            .get_mut(call)
+            .filter(|r| !r.state.is_final())
+        else {
             return;
         };
         let (state, conversation) = (r.state, r.conversation.clone());
         r.state = confab_protocol::CallState::Terminated;
-        if !state.is_final() {
-            tracing::debug!(endpoint = %self.id, %call, "a leg's last events were lost on the way; ending the call here");
-        }
+        tracing::debug!(endpoint = %self.id, %call, "a leg's last events were lost on the way; ending the call here");
         self.push_end_states(call, &conversation, state, reason);
     }
 

@@ -307,8 +307,7 @@ impl CallLeg {
 
     fn message_failed(&self, rid: Option<u32>, msg: Option<u32>, code: u16, text: &str) {
         if self.counts_messages() {
-            metrics::counter!(m::MESSAGES, "result" => reasons::message_result_label(code))
-                .increment(1);
+            m::message_failed(code);
         }
         self.push(ServerMsg::MessageFailed {
             rid,
@@ -477,15 +476,20 @@ impl CallLeg {
         }
     }
 
-    /// The reason the other side sees when this ended leg refuses a late answer.
-    fn hangup_reason(&self) -> Reason {
-        if self.node_lost {
+    /// Refuses a late answer from `peer` (this side cancelled or ended meanwhile): the winner
+    /// must not wait for it, so it is hung up, with the reason this leg ended for.
+    fn refuse_late_answer(&self, peer: Addr<CallLeg>, ctx: &mut Context<Self>) {
+        let reason = if self.node_lost {
             reasons::node_lost()
         } else if self.lost {
             reasons::endpoint_lost()
         } else {
             reasons::terminated_remotely()
-        }
+        };
+        peer.do_send(LegMsg::RemoteTerminate {
+            reason,
+            from: ctx.address(),
+        });
     }
 
     fn established_with(&mut self, peer: Addr<CallLeg>) {

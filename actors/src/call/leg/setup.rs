@@ -52,12 +52,8 @@ impl CallLeg {
         }
         self.arbiter = None;
         if self.state != CallState::Establishing {
-            // We cancelled meanwhile; the winner must not wait for us.
-            peer.do_send(LegMsg::RemoteTerminate {
-                reason: self.hangup_reason(),
-                from: ctx.address(),
-            });
-            return;
+            // We cancelled meanwhile.
+            return self.refuse_late_answer(peer, ctx);
         }
         self.set_negotiated(negotiated);
         self.established_with(peer);
@@ -90,11 +86,7 @@ impl CallLeg {
         self.arbiter = None;
         self.awaiting_decision = false;
         if self.state != CallState::Incoming {
-            peer.do_send(LegMsg::RemoteTerminate {
-                reason: self.hangup_reason(),
-                from: ctx.address(),
-            });
-            return;
+            return self.refuse_late_answer(peer, ctx);
         }
         let rid = self.pending_accept.take().flatten();
         self.reply_ok(rid);

@@ -249,6 +249,7 @@ impl ForkArbiter {
                 node: node.to_owned(),
                 endpoint: endpoint.to_owned(),
                 call: call.to_owned(),
+                numbered: Default::default(),
             },
             endpoint: LegOwner::Remote {
                 cluster: cluster.clone(),

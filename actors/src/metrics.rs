@@ -31,6 +31,7 @@ pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoint
 pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
 pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
+pub const CLUSTER_ENVELOPES_RESENT: &str = "confab_cluster_envelopes_resent_total";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -141,6 +142,12 @@ pub fn describe_all() {
         "Envelopes that clients' requests drive (messages, acks, composing, call requests, \
          forks) not sent to another node because cluster.max_queued_envelopes or \
          max_queued_bytes already waited for the NATS client (cluster mode only)"
+    );
+    describe_counter!(
+        CLUSTER_ENVELOPES_RESENT,
+        "Envelopes sent to another node again because their answer had not come (kind: event, \
+         a call's state event; leg_ended; endpoint_lost); core NATS delivers at most once \
+         (cluster mode only)"
     );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {

@@ -10,6 +10,7 @@
 use actix::Addr;
 use confab_protocol::{Reason, ServerMsg};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use crate::call::leg::{CallLeg, LegMsg, TerminateCause};
 use crate::cluster::Cluster;
@@ -58,6 +59,8 @@ pub enum EventSink {
         endpoint: String,
         /// The call of the leg whose events these are.
         call: String,
+        /// How many state events the leg has numbered (`cluster/events.rs`).
+        numbered: Arc<AtomicU64>,
     },
 }
 
@@ -75,7 +78,8 @@ impl EventSink {
                 node,
                 endpoint,
                 call,
-            } => cluster.send_event(node, endpoint, call, &msg),
+                numbered,
+            } => cluster.send_event(node, endpoint, call, &msg, numbered),
         }
     }
 }

@@ -1638,3 +1638,176 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     assert_eq!(bob.recv().await, ServerMsg::Pong { rid: Some(99) });
     drop((a, b, nats));
 }
+
+/// Alice on node A calls Bob on node B (his leg lives on A); from the moment Bob accepts, A
+/// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's frames from his accept's `ok` up to his
+/// leg's `established`, that one included, with the nodes and clients.
+async fn bob_accepts_losing(
+    on_a: &[Lose],
+    on_b: &[Lose],
+) -> (
+    NatsServer,
+    RunningNode,
+    RunningNode,
+    Raw,
+    Raw,
+    String,
+    Vec<ServerMsg>,
+) {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let cluster = a.cluster().expect("a cluster node");
+    wait_until(|| match cluster.acks_events("node-b") {
+        true => Ok(()),
+        false => Err("node-a never heard that node-b acknowledges state events".into()),
+    })
+    .await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (incoming, _) = bob.incoming().await;
+    for kind in on_a {
+        a.cluster().expect("a cluster node").lose_next(*kind);
+    }
+    for kind in on_b {
+        b.cluster().expect("a cluster node").lose_next(*kind);
+    }
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
+    let (last, mut frames) = bob
+        .recv_until(|m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Established, .. } if *c == incoming))
+        .await;
+    frames.push(last);
+    alice.state(&call, CallState::Established).await;
+    (nats, a, b, alice, bob, incoming, frames)
+}
+
+/// The `call_state` events among `frames`, as (previous, state).
+fn states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
+    frames
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::CallState {
+                previous, state, ..
+            } => Some((*previous, *state)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A call's state event lost between the nodes reaches the client anyway, and in order: Bob's
+/// leg (on A) sends `establishing`, then `established`; A loses the first. B drops the second
+/// (it comes after a gap), and A sends both again since B has not acknowledged them.
+#[tokio::test]
+async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
+    let (nats, a, b, _alice, mut bob, incoming, frames) =
+        bob_accepts_losing(&[Lose::CallState], &[]).await;
+    assert_eq!(
+        states(&frames),
+        vec![
+            (CallState::Incoming, CallState::Establishing),
+            (CallState::Establishing, CallState::Established),
+        ],
+        "{frames:?}"
+    );
+    let cluster = a.cluster().expect("a cluster node");
+    assert_eq!(cluster.lose_pending(), 0, "the event was not lost");
+    assert!(cluster.events_resent() > 0, "nothing was sent again");
+    // Then `call_established` (it came after the gap too), once.
+    let m = bob.recv().await;
+    assert!(
+        matches!(&m, ServerMsg::CallEstablished { call, .. } if *call == incoming),
+        "{m:?}"
+    );
+    wait_until(|| match cluster.unseen_events_len() {
+        0 => Ok(()),
+        n => Err(format!("{n} legs' state events never acknowledged")),
+    })
+    .await;
+    bob.send(&ClientMsg::Ping { rid: Some(99) }).await;
+    assert_eq!(bob.recv().await, ServerMsg::Pong { rid: Some(99) });
+    drop((a, b, nats));
+}
+
+/// The acknowledgements of a call's state events lost between the nodes (the first two: B may
+/// acknowledge the set-up's events in one envelope or two): A sends the events again, and B
+/// passes none of them on twice, and acknowledges them again.
+#[tokio::test]
+async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
+    let (nats, a, b, _alice, mut bob, incoming, frames) =
+        bob_accepts_losing(&[], &[Lose::EventsSeen, Lose::EventsSeen]).await;
+    assert_eq!(
+        states(&frames),
+        vec![
+            (CallState::Incoming, CallState::Establishing),
+            (CallState::Establishing, CallState::Established),
+        ],
+        "{frames:?}"
+    );
+    let m = bob.recv().await;
+    assert!(
+        matches!(&m, ServerMsg::CallEstablished { call, .. } if *call == incoming),
+        "{m:?}"
+    );
+    // A holds the events until B acknowledges them again, which it does only for events
+    // sent again: once A holds none, the repeats have reached B.
+    let cluster = a.cluster().expect("a cluster node");
+    wait_until(|| match cluster.unseen_events_len() {
+        0 => Ok(()),
+        n => Err(format!("{n} legs' state events never acknowledged")),
+    })
+    .await;
+    assert_eq!(
+        b.cluster().expect("a cluster node").lose_pending(),
+        0,
+        "the acknowledgements were not lost"
+    );
+    assert!(cluster.events_resent() > 0, "nothing was sent again");
+    bob.send(&ClientMsg::Ping { rid: Some(99) }).await;
+    assert_eq!(bob.recv().await, ServerMsg::Pong { rid: Some(99) });
+    drop((a, b, nats));
+}
+
+/// Every acknowledgement of a call's state events lost between the nodes while both stay up:
+/// A sends the events again `RESEND_ATTEMPTS` times, then ends the call, as for an endpoint
+/// lost, rather than leave Bob's node waiting for an event it may never get. Both clients see
+/// the end: Alice from her leg, Bob from his node (his leg's own events were refused by then).
+#[tokio::test]
+async fn state_events_never_acknowledged_end_the_call_on_both_sides() {
+    let (nats, a, b, mut alice, mut bob, incoming, frames) =
+        bob_accepts_losing(&[], &[Lose::EventsSeen; 20]).await;
+    assert_eq!(
+        states(&frames).last(),
+        Some(&(CallState::Establishing, CallState::Established))
+    );
+    // 8 resends about every two thirds of the node timeout (2 s): some 11 s.
+    let patience = Duration::from_millis(12 * NODE_TIMEOUT_MS) + EVENT_TIMEOUT;
+    let lost = Some(Reason::new(408, "Remote endpoint lost"));
+    let (m, _) = bob
+        .recv_until_within(patience, |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == incoming))
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::CallState { reason, .. } if *reason == lost),
+        "{m:?}"
+    );
+    let (m, _) = alice
+        .recv_until(|m| {
+            matches!(
+                m,
+                ServerMsg::CallState {
+                    state: CallState::Terminated,
+                    ..
+                }
+            )
+        })
+        .await;
+    assert!(
+        matches!(&m, ServerMsg::CallState { reason, .. } if *reason == lost),
+        "{m:?}"
+    );
+    let cluster = a.cluster().expect("a cluster node");
+    assert!(cluster.events_resent() >= 8, "{}", cluster.events_resent());
+    assert_eq!(cluster.unseen_events_len(), 0);
+    drop((a, b, nats));
+}

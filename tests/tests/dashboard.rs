@@ -88,6 +88,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         // Every directory write of the traffic landed, and the gauge says so once idle.
         "confab_cluster_directory_writes_pending == 0",
         "confab_cluster_envelopes_dropped_total == 0",
+        "sum(confab_cluster_envelopes_resent_total) == 0",
         "confab_cluster_nodes == 1",
     ];
     prom.wait_until_all(&moved).await;

@@ -31,6 +31,7 @@ impl Cluster {
             entry.value().do_send(EndpointMsg::NodeLost { node: None });
         }
         self.forget_unanswered(None);
+        self.forget_events_to(None);
         let cached: Vec<(String, String)> = self
             .remote
             .iter()
@@ -134,6 +135,8 @@ impl Cluster {
                     let old = seen.epoch;
                     seen.epoch = epoch;
                     seen.last = Instant::now();
+                    // The new run may be another build: its heartbeat says.
+                    seen.acks_events = false;
                     Some(old)
                 }
                 None => {
@@ -145,6 +148,7 @@ impl Cluster {
                         NodeSeen {
                             epoch,
                             last: Instant::now(),
+                            acks_events: false,
                         },
                     );
                     metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
@@ -195,6 +199,7 @@ impl Cluster {
             }
         }
         self.forget_unanswered(Some(node));
+        self.forget_events_to(Some(node));
         // Endpoints here whose calls live there.
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost {
@@ -241,6 +246,7 @@ impl Cluster {
             node: self.node_id.clone(),
             epoch: self.epoch(),
             leaving,
+            acks_events: true,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
             let _ = self.publish_tx.send(Outgoing::Publish(
@@ -314,7 +320,11 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::S
             }
             continue;
         }
-        if !cluster.saw_node(&hb.node, hb.epoch, true) && cluster.first_ask_in_a_while(&hb.node) {
+        let known = cluster.saw_node(&hb.node, hb.epoch, true);
+        if known {
+            cluster.note_acks_events(&hb.node, hb.acks_events);
+        }
+        if !known && cluster.first_ask_in_a_while(&hb.node) {
             // A run we declared dead is alive after all (it was cut off), or a run older than
             // one we know is heard (its node restarted with its clock set back): it must come
             // back as a new run above every run of its id known here, since every call
@@ -339,6 +349,7 @@ pub(super) async fn liveness_loop(cluster: Arc<Cluster>) {
         cluster.heartbeat(false);
         cluster.check_liveness();
         cluster.resend_unanswered();
+        cluster.resend_unseen_events();
     }
 }
 

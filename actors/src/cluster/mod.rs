@@ -17,6 +17,7 @@
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
 pub mod directory;
+mod events;
 mod membership;
 mod quota;
 mod records;
@@ -100,6 +101,8 @@ pub enum Lose {
     MessageAnswer,
     /// A leg's `call_state` event for its client.
     CallState,
+    /// An endpoint's node's word to a leg's node that it passed the leg's state events on.
+    EventsSeen,
 }
 
 /// What the publisher task sends, in order.
@@ -115,6 +118,8 @@ enum Outgoing {
 struct NodeSeen {
     epoch: u64,
     last: Instant,
+    /// Its heartbeats say it acknowledges numbered state events (`events.rs`).
+    acks_events: bool,
 }
 
 /// This node's membership in the cluster.
@@ -178,6 +183,11 @@ pub struct Cluster {
     /// `EndpointLost`s sent for endpoints gone from here whose leg, on another node, has not
     /// answered with its end yet: sent again until it does (see `resend.rs`).
     unanswered_lost: Mutex<HashMap<String, resend::UnansweredLost>>,
+    /// The state events of legs here, by call, that their endpoint's node has not acknowledged
+    /// yet: sent again until it does (see `events.rs`).
+    unseen_events: Mutex<HashMap<String, events::UnseenEvents>>,
+    /// State events sent again (for tests; the metric counts them too).
+    events_resent: AtomicU64,
     /// While [`Cluster::load`] runs: the keys the watch deleted meanwhile, with the revision.
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
@@ -361,6 +371,8 @@ impl Cluster {
             lose_next: Mutex::new(Vec::new()),
             lose_armed: AtomicBool::new(false),
             unanswered_lost: Mutex::new(HashMap::new()),
+            unseen_events: Mutex::new(HashMap::new()),
+            events_resent: AtomicU64::new(0),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
         });
@@ -379,6 +391,9 @@ impl Cluster {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
         metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
+        for kind in ["event", "leg_ended", "endpoint_lost"] {
+            metrics::counter!(m::CLUSTER_ENVELOPES_RESENT, "kind" => kind).increment(0);
+        }
         cluster.directory_gauge();
         Ok(cluster)
     }
@@ -446,6 +461,12 @@ impl Cluster {
     /// NATS may lose them, though the sender believes them sent.
     pub fn lose_bounded_envelopes(&self, n: usize) {
         self.lose_bounded.store(n, Ordering::SeqCst);
+    }
+
+    /// For tests: how many of the envelopes [`Cluster::lose_next`] was asked to lose have not
+    /// been sent yet (0: all were lost).
+    pub fn lose_pending(&self) -> usize {
+        lock(&self.lose_next).len()
     }
 
     /// For tests: the next envelope of kind `kind` this node sends is lost on the way, as core

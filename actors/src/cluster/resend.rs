@@ -94,6 +94,10 @@ impl Cluster {
             again.push((u.node.clone(), call.clone(), u.endpoint.clone()));
             true
         });
+        if !again.is_empty() {
+            metrics::counter!(m::CLUSTER_ENVELOPES_RESENT, "kind" => "endpoint_lost")
+                .increment(again.len() as u64);
+        }
         for (node, call, endpoint) in again {
             tracing::debug!(%call, %node, "sending an unanswered EndpointLost again");
             self.send_endpoint_lost(&node, &call, &endpoint);

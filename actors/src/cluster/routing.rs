@@ -24,7 +24,7 @@ impl Cluster {
     }
 
     /// Tests ([`Cluster::lose_next`]): whether `env` is to be lost on the way.
-    fn lose_this(&self, env: &Envelope) -> bool {
+    pub(super) fn lose_this(&self, env: &Envelope) -> bool {
         let kind = match env {
             Envelope::ForkAdopted { .. } => Lose::ForkAdopted,
             Envelope::LegEnded { .. } => Lose::LegEnded,
@@ -36,6 +36,7 @@ impl Cluster {
                 msg: WireLegMsg::Release,
                 ..
             } => Lose::Release,
+            Envelope::EventsSeen { .. } => Lose::EventsSeen,
             Envelope::Event { frame, .. }
                 if matches!(
                     decode_server(frame),
@@ -99,11 +100,20 @@ impl Cluster {
     /// `remote_composing{active:true}` are driven by the other client's flow: over the bound
     /// they are not sent (the sender's leg answers the message with 408 after the ack timeout;
     /// the leg keeps the notice off). Everything else, the `active:false` that ends a notice
-    /// included, is never dropped here.
+    /// included, is never dropped here, and a state event for a node that acknowledges them is
+    /// numbered with the next of `numbered` (the leg's count) and sent again until seen
+    /// (`events.rs`).
     ///
     /// `call` is the call of the leg that sends it; it travels with an answer to a call
     /// request (see [`Envelope::Event`]).
-    pub fn send_event(&self, node: &str, endpoint: &str, call: &str, msg: &ServerMsg) -> bool {
+    pub fn send_event(
+        &self,
+        node: &str,
+        endpoint: &str,
+        call: &str,
+        msg: &ServerMsg,
+        numbered: &AtomicU64,
+    ) -> bool {
         let frame = match rmp_serde::to_vec_named(msg) {
             Ok(frame) => frame,
             Err(e) => {
@@ -112,14 +122,20 @@ impl Cluster {
             }
         };
         let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
+        let seq = (events::is_state_event(msg) && self.acks_events(node))
+            .then(|| numbered.fetch_add(1, Ordering::Relaxed) + 1);
         let env = Envelope::Event {
             endpoint: endpoint.to_owned(),
             frame,
             call: answers_request.then(|| call.to_owned()),
             from_node: self.node_id.clone(),
             from_epoch: self.epoch(),
+            seq,
         };
-        if matches!(
+        if let Some(seq) = seq {
+            self.send_state_event(node, call, seq, &env);
+            true
+        } else if matches!(
             msg,
             ServerMsg::MessageReceived { toast: None, .. }
                 | ServerMsg::RemoteComposing { active: true, .. }
@@ -140,6 +156,7 @@ impl Cluster {
                 call,
                 from_node,
                 from_epoch,
+                seq,
             } => {
                 if self.is_dead(&from_node, from_epoch) {
                     tracing::debug!(node = %from_node, "dropping an event from a run declared dead");
@@ -149,7 +166,7 @@ impl Cluster {
                     return;
                 };
                 match decode_server(&frame) {
-                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent { msg, call }),
+                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent { msg, call, seq }),
                     Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
                 }
             }
@@ -230,6 +247,7 @@ impl Cluster {
                 Some(leg) => leg.do_send(msg.into_leg_msg()),
                 None => self.leg_missing(&call, &reply_node, &reply_endpoint, msg),
             },
+            Envelope::EventsSeen { call, upto } => self.events_seen(&call, upto),
             Envelope::ForkAdopted { arbiter, call } => {
                 if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
                     a.do_send(ArbiterMsg::ForkAdopted { call });
@@ -309,7 +327,8 @@ impl Cluster {
             }
             _ => return,
         };
-        self.send_event(node, endpoint, call, &reply);
+        // An answer, never a state event: nothing to number.
+        self.send_event(node, endpoint, call, &reply, &AtomicU64::default());
     }
 }
 

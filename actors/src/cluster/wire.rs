@@ -24,6 +24,18 @@ pub enum Envelope {
         /// clients already, so anything it still sends is dropped (no second answer).
         from_node: String,
         from_epoch: u64,
+        /// On a call's state events (`call_state`, `call_established`, ...; see
+        /// `cluster/events.rs`): their number within the leg's, from 1. The endpoint's node
+        /// passes them on in this order only, answers `EventsSeen`, and the leg's node sends
+        /// the unanswered ones again. Absent on anything else, and from an older node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
+    /// An endpoint's node has passed on the state events of the leg `call` numbered up to
+    /// `upto` (see `seq` above): the leg's node stops sending them again.
+    EventsSeen {
+        call: String,
+        upto: u64,
     },
     /// A leg ended; its endpoint answers `Release` (or the node does, if the endpoint is gone).
     LegEnded {
@@ -177,6 +189,11 @@ pub struct Heartbeat {
     /// Set once, when the node leaves gracefully.
     #[serde(default)]
     pub leaving: bool,
+    /// The node acknowledges numbered state events (`EventsSeen`, `cluster/events.rs`): they
+    /// are numbered and sent again only to such a node. An older node, which does not say,
+    /// would pass each repeat on to its client.
+    #[serde(default)]
+    pub acks_events: bool,
 }
 
 /// A device-state publication with the owning node's wall-clock stamp.

@@ -99,6 +99,8 @@ pub enum EndpointMsg {
     RemoteEvent {
         msg: ServerMsg,
         call: Option<String>,
+        /// A state event's number within its leg's (`cluster/events.rs`).
+        seq: Option<u64>,
     },
     /// Cluster: run `.1` of node `.0` died, with every earlier run (`None`: this node was cut
     /// off from every other); calls whose legs lived there end.
@@ -144,6 +146,8 @@ pub struct Endpoint {
     ending: bool,
     /// Cluster: a sweep of `remote_calls`' unanswered messages is scheduled.
     answer_sweep_armed: bool,
+    /// Cluster: an `EventsSeen` for the state events passed on is scheduled.
+    events_seen_armed: bool,
     bucket: TokenBucket,
     /// `limits.presence_updates_per_second`: presence changes fan out to every watcher.
     presence_bucket: TokenBucket,
@@ -184,6 +188,7 @@ impl Endpoint {
             last_rx: Instant::now(),
             ending: false,
             answer_sweep_armed: false,
+            events_seen_armed: false,
             bucket,
             presence_bucket,
         }
@@ -940,7 +945,7 @@ impl Handler<EndpointMsg> for Endpoint {
                 guard.disarm();
                 self.adopt_remote(fork);
             }
-            EndpointMsg::RemoteEvent { msg, call } => self.remote_event(msg, call),
+            EndpointMsg::RemoteEvent { msg, call, seq } => self.remote_event(msg, call, seq, ctx),
             EndpointMsg::NodeLost { node } => {
                 self.node_lost(node.as_ref().map(|(n, e)| (n.as_str(), *e)), ctx)
             }

@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// How long an endpoint gathers the state events it passes on before acknowledging them to
+/// their leg's node: far below the resend interval (half the node timeout, at least 50 ms).
+const EVENTS_SEEN_DELAY: Duration = Duration::from_millis(5);
+
 /// Cluster: a fork whose leg an arbiter on another node created for this endpoint.
 #[derive(Debug)]
 pub struct RemoteFork {
@@ -73,6 +77,10 @@ pub(super) struct RemoteCall {
     /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
     /// each was sent (see [`Endpoint::sweep_remote_answers`]).
     pub(super) messages: VecDeque<(Option<u32>, Instant)>,
+    /// The number of the next state event of the leg to pass on (`cluster/events.rs`), and
+    /// the last one acknowledged to the leg's node.
+    pub(super) next_event: u64,
+    pub(super) acknowledged: u64,
     /// Call requests (`call_accept`, `call_decline`, `call_forward`, `call_transfer`,
     /// `call_terminate`) still waiting for their `ok` or `error`, oldest first: the same
     /// deadline and the same end as `messages`, so each gets its one answer even when its
@@ -187,6 +195,8 @@ impl Endpoint {
                 state: confab_protocol::CallState::Incoming,
                 conversation: fork.conversation.clone(),
                 messages: VecDeque::new(),
+                next_event: 1,
+                acknowledged: 0,
                 requests: VecDeque::new(),
             },
         );
@@ -201,7 +211,13 @@ impl Endpoint {
 
     /// Cluster: an event from a leg on another node. The endpoint mirrors what it needs to end
     /// the call itself should that node die, then passes the event on.
-    pub(super) fn remote_event(&mut self, msg: ServerMsg, answering: Option<String>) {
+    pub(super) fn remote_event(
+        &mut self,
+        msg: ServerMsg,
+        answering: Option<String>,
+        seq: Option<u64>,
+        ctx: &mut Context<Self>,
+    ) {
         // An event of a call this endpoint never held (or forgot long ago) is dropped: ids never
         // leak. Replies (`ok`, `error`, `message_*`) always pass.
         let event_call = match &msg {
@@ -221,6 +237,11 @@ impl Endpoint {
             && !self.ended.iter().any(|(c, _)| c == call)
         {
             tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
+            return;
+        }
+        if let (Some(seq), Some(call)) = (seq, event_call)
+            && !self.take_in_order(call, seq, ctx)
+        {
             return;
         }
         match &msg {
@@ -291,6 +312,54 @@ impl Endpoint {
             _ => {}
         }
         self.push(msg);
+    }
+
+    /// Cluster: whether the state event numbered `seq` of the leg of `call` is the next one to
+    /// pass on (`cluster/events.rs`). A repeat is not (its acknowledgement may be what was
+    /// lost, so it is acknowledged again), nor is one after a gap (the lost one comes again,
+    /// with everything after it), nor one of a call no longer mirrored (it ended here, and its
+    /// leg is released).
+    fn take_in_order(&mut self, call: &str, seq: u64, ctx: &mut Context<Self>) -> bool {
+        let Some(r) = self.remote_calls.get_mut(call) else {
+            tracing::debug!(endpoint = %self.id, %call, seq, "dropping a state event of a call over here");
+            return false;
+        };
+        let next = seq == r.next_event;
+        if next {
+            r.next_event += 1;
+        } else if seq < r.next_event {
+            r.acknowledged = r.acknowledged.min(seq.saturating_sub(1));
+            tracing::debug!(endpoint = %self.id, %call, seq, "dropping a state event passed on already");
+        } else {
+            tracing::debug!(endpoint = %self.id, %call, seq, expected = r.next_event, "a state event came after a gap; waiting for the lost ones");
+        }
+        if !self.events_seen_armed {
+            self.events_seen_armed = true;
+            // One acknowledgement for the events of a burst (a call's set-up sends several).
+            ctx.run_later(EVENTS_SEEN_DELAY, |act, _| act.acknowledge_events());
+        }
+        next
+    }
+
+    /// Tells each leg's node which of its state events were passed on since the last time.
+    fn acknowledge_events(&mut self) {
+        self.events_seen_armed = false;
+        let Some(cluster) = &self.ctx.cluster else {
+            return;
+        };
+        for (call, r) in &mut self.remote_calls {
+            let upto = r.next_event - 1;
+            if upto > r.acknowledged {
+                r.acknowledged = upto;
+                cluster.send(
+                    &r.node,
+                    &Envelope::EventsSeen {
+                        call: call.clone(),
+                        upto,
+                    },
+                );
+            }
+        }
     }
 
     /// Cluster: how long a message to a leg on another node waits for its answer before this

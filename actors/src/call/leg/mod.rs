@@ -458,6 +458,7 @@ impl CallLeg {
                 return;
             }
             tracing::debug!(call = %act.init.id, attempt, "reporting an unreleased leg's end again");
+            metrics::counter!(m::CLUSTER_ENVELOPES_RESENT, "kind" => "leg_ended").increment(1);
             act.report_end();
             act.report_end_again(every, attempt + 1, ctx);
         });
@@ -687,6 +688,7 @@ impl Actor for CallLeg {
             && let Some(cluster) = &self.init.ctx.cluster
         {
             cluster.legs.remove(&self.init.id);
+            cluster.forget_events(&self.init.id);
         }
         m::hot().in_state(self.state).decrement(1.0);
     }

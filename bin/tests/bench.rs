@@ -369,3 +369,51 @@ fn describe(m: &confab_protocol::ServerMsg) -> String {
             .to_owned(),
     }
 }
+
+/// `--callee-server`: the callers on node A, the called users' devices on node B of a cluster
+/// (a real nats-server), so every message and every fork crosses nodes. Both scenarios work
+/// there and say so (`cross_node`).
+#[tokio::test]
+async fn messages_and_forked_calls_cross_nodes_with_callee_server() {
+    let nats = confab_tests::NatsServer::start();
+    let clicks_only = |s: &mut confab_actors::Settings| s.fork.toast_timeout_ms = 60_000;
+    let a = confab_tests::start_cluster_node(&nats, "node-a", clicks_only);
+    let b = confab_tests::start_cluster_node(&nats, "node-b", clicks_only);
+    let callee = b.addr.to_string();
+    let r = bench(
+        a.addr,
+        &[
+            "calls",
+            "--callers",
+            "3",
+            "--devices",
+            "3",
+            "--duration",
+            "0.5",
+            "--callee-server",
+            &callee,
+        ],
+    )
+    .await;
+    assert_common(&r, "calls");
+    assert!(num(&r, "established") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert_eq!(r["cross_node"], Value::Bool(true), "{r}");
+    let r = bench(
+        a.addr,
+        &[
+            "messages",
+            "--pairs",
+            "3",
+            "--duration",
+            "0.5",
+            "--callee-server",
+            &callee,
+        ],
+    )
+    .await;
+    assert_common(&r, "messages");
+    assert!(num(&r, "delivered") > 0.0, "{r}");
+    assert_eq!(r["cross_node"], Value::Bool(true), "{r}");
+    drop((a, b, nats));
+}

@@ -2,8 +2,10 @@
 //! accepts by click as soon as the toast arrives (`--accept click`), or every device accepts when
 //! told `auto_accept_needed` (`--accept timeout`, for a node configured with a short toast
 //! timeout). Reports established calls per second and establish → `call_established` latency.
+//! With `--callee-server` the devices sign in on another node of a cluster, so every fork
+//! crosses nodes.
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use confab_protocol::sdp::build_offer;
 use confab_protocol::{CallState, ClientMsg, ServerMsg};
 use std::sync::Arc;
@@ -28,7 +30,14 @@ pub struct Params {
     pub duration: Duration,
 }
 
-pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<Report> {
+/// `callee_t` is where the callees' devices sign in (another node of a cluster: every call's
+/// forks cross nodes).
+pub async fn run(
+    t: &Target,
+    callee_t: &Target,
+    p: &Params,
+    progress: &Progress,
+) -> anyhow::Result<Report> {
     let run = run_id();
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -38,7 +47,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
     for i in 0..p.callers {
         let callee = format!("sip:callee{i}-{run}@bench.invalid");
         for d in 0..p.devices {
-            let conn = Conn::sign_in(t, &callee, &format!("dev{d}"), None).await?;
+            let conn = Conn::sign_in(callee_t, &callee, &format!("dev{d}"), None).await?;
             devices.push(tokio::spawn(answer(conn, d == 0, p.accept)));
         }
         let caller = Conn::sign_in(
@@ -49,6 +58,12 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
         )
         .await?;
         tasks.push((caller, callee));
+    }
+    let cross_node = t.server != callee_t.server;
+    if cross_node {
+        for (caller, callee) in &mut tasks {
+            reach(caller, callee).await?;
+        }
     }
     let start = Instant::now();
     let end = end.max(start + p.duration);
@@ -72,6 +87,7 @@ pub async fn run(t: &Target, p: &Params, progress: &Progress) -> anyhow::Result<
         Report::new("calls", ok as f64 / p.duration.as_secs_f64(), latency)
             .with("callers", p.callers)
             .with("devices_per_user", p.devices)
+            .with("cross_node", cross_node)
             .with("established", ok)
             .with("failed", failed),
     )
@@ -119,57 +135,87 @@ async fn call_repeatedly(
     let offer = build_offer(&["text/plain"], None);
     let mut rid = 0u32;
     while Instant::now() < end {
-        rid = rid.wrapping_add(2);
         let t0 = Instant::now();
-        caller
-            .send(&ClientMsg::CallEstablish {
-                rid: Some(rid),
-                to: callee.clone(),
-                conversation: None,
-                toast: None,
-                sdp: offer.clone(),
-            })
-            .await?;
-        let created = caller
-            .recv_until_only(
-                Duration::from_secs(30),
-                &["call_created"],
-                |m| matches!(m, ServerMsg::CallCreated { rid: Some(r), .. } if *r == rid),
-            )
-            .await?;
-        let ServerMsg::CallCreated { call, .. } = created else {
-            continue;
-        };
-        let outcome = caller
-            .recv_until_only(Duration::from_secs(60), OUTCOME, |m| match m {
-                ServerMsg::CallEstablished { call: c, .. } => *c == call,
-                ServerMsg::CallState {
-                    call: c,
-                    state: CallState::Terminated,
-                    ..
-                } => *c == call,
-                _ => false,
-            })
-            .await
-            .context("call outcome")?;
-        if matches!(outcome, ServerMsg::CallEstablished { .. }) {
+        if one_call(&mut caller, &callee, &offer, &mut rid).await? {
             if Instant::now() <= end {
                 ok += 1;
                 done.fetch_add(1, Ordering::Relaxed);
                 record(&mut latency, t0.elapsed());
             }
-            caller
-                .send(&ClientMsg::CallTerminate {
-                    rid: Some(rid + 1),
-                    call: call.clone(),
-                })
-                .await?;
-            caller
-                .recv_until_only(Duration::from_secs(30), &["call_state"], |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call))
-                .await?;
         } else {
             failed += 1;
         }
     }
     Ok((latency, ok, failed))
+}
+
+/// Calls `callee` until a call is established (then hung up): with the callees on another
+/// node, a callee reaches the caller's node through the cluster directory a moment after it
+/// signs in, and until then its calls end 480 at once. Done before the timed run.
+async fn reach(caller: &mut Conn, callee: &str) -> anyhow::Result<()> {
+    let offer = build_offer(&["text/plain"], None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rid = 1u32 << 31;
+    while !one_call(caller, callee, &offer, &mut rid).await? {
+        if Instant::now() >= deadline {
+            bail!("{callee} never reachable from the caller's node");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// One forked call to `callee`, hung up once established: true when it was established.
+async fn one_call(
+    caller: &mut Conn,
+    callee: &str,
+    offer: &str,
+    rid: &mut u32,
+) -> anyhow::Result<bool> {
+    *rid = rid.wrapping_add(2);
+    let rid = *rid;
+    caller
+        .send(&ClientMsg::CallEstablish {
+            rid: Some(rid),
+            to: callee.to_owned(),
+            conversation: None,
+            toast: None,
+            sdp: offer.to_owned(),
+        })
+        .await?;
+    let created = caller
+        .recv_until_only(
+            Duration::from_secs(30),
+            &["call_created"],
+            |m| matches!(m, ServerMsg::CallCreated { rid: Some(r), .. } if *r == rid),
+        )
+        .await?;
+    let ServerMsg::CallCreated { call, .. } = created else {
+        return Ok(false);
+    };
+    let outcome = caller
+        .recv_until_only(Duration::from_secs(60), OUTCOME, |m| match m {
+            ServerMsg::CallEstablished { call: c, .. } => *c == call,
+            ServerMsg::CallState {
+                call: c,
+                state: CallState::Terminated,
+                ..
+            } => *c == call,
+            _ => false,
+        })
+        .await
+        .context("call outcome")?;
+    if !matches!(outcome, ServerMsg::CallEstablished { .. }) {
+        return Ok(false);
+    }
+    caller
+        .send(&ClientMsg::CallTerminate {
+            rid: Some(rid + 1),
+            call: call.clone(),
+        })
+        .await?;
+    caller
+        .recv_until_only(Duration::from_secs(30), &["call_state"], |m| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call))
+        .await?;
+    Ok(true)
 }

@@ -69,6 +69,10 @@ enum Scenario {
         accept: bench::calls::Accept,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Where the called users' devices sign in (another node of a cluster, so every
+        /// fork crosses nodes); default: --server.
+        #[arg(long)]
+        callee_server: Option<SocketAddr>,
     },
     /// Idle endpoints: sign-in rate and node memory per endpoint.
     Idle {
@@ -160,14 +164,19 @@ fn main() -> anyhow::Result<()> {
                 devices,
                 accept,
                 duration,
+                callee_server,
             } => {
+                let callee = Target {
+                    server: callee_server.unwrap_or(target.server),
+                    ..target.clone()
+                };
                 let p = bench::calls::Params {
                     callers,
                     devices: devices.max(1),
                     accept,
                     duration: secs(duration),
                 };
-                bench::calls::run(&target, &p, &progress).await
+                bench::calls::run(&target, &callee, &p, &progress).await
             }
             Scenario::Idle {
                 endpoints,

@@ -321,6 +321,14 @@ impl ForkArbiter {
             if Some(f.call.as_str()) == except || matches!(f.state, ForkState::Gone(_)) {
                 continue;
             }
+            // Cluster: a leg made here for an endpoint on another node whose adoption has not
+            // been heard of (its `ForkAdopted` may have been lost on the way) is cancelled now,
+            // not when it counts as adopted (2 x node_timeout): had the endpoint adopted it,
+            // its device's toast comes down at once; had it not, the leg's events find no call
+            // there, and its end is released all the same (`Cluster::release_leg`).
+            if f.leg.is_none() {
+                f.leg = f.created.take();
+            }
             match &f.leg {
                 Some(leg) => leg.do_send(LegMsg::Cancel {
                     reason: reason.clone(),

@@ -1213,6 +1213,44 @@ async fn an_unanswered_fork_whose_adoption_was_lost_stops_ringing() {
     drop((a, b, nats));
 }
 
+/// Bob rings on his desk (node B) and his phone (node A); the `ForkAdopted` of the desk's fork
+/// is lost on the way, and the phone answers. The desk's toast comes down at once ("Call
+/// completed elsewhere"), not when the arbiter, hearing nothing, would count the fork adopted
+/// (twice the node timeout: two minutes here, so the test fails without the fix).
+#[tokio::test]
+async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answers() {
+    let nats = NatsServer::start();
+    let slow = |s: &mut confab_actors::Settings| {
+        if let Some(c) = s.cluster.as_mut() {
+            c.node_timeout_ms = Some(60_000);
+        }
+    };
+    let a = start_cluster_node(&nats, "node-a", slow);
+    let b = start_cluster_node(&nats, "node-b", slow);
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
+    let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
+    wait_for_endpoints(&a, BOB, 2).await;
+    b.cluster()
+        .expect("a cluster node")
+        .lose_next(Lose::ForkAdopted);
+    let (call, _) = alice.establish(BOB, None).await;
+    let (on_desk, _) = desk.incoming().await;
+    let (on_phone, _) = phone.incoming().await;
+    assert!(matches!(
+        phone.accept(&on_phone).await,
+        ServerMsg::Ok { .. }
+    ));
+    alice.state(&call, CallState::Established).await;
+    expect_reason(&mut desk, &on_desk, 200, "Call completed elsewhere").await;
+    assert_eq!(
+        b.cluster().expect("a cluster node").lose_pending(),
+        0,
+        "the adoption was not lost"
+    );
+    drop((a, b, nats));
+}
+
 /// The `Adopt` offering Bob's fork to his node is lost: his device never rings, the call ends
 /// 480, and the leg the arbiter made for him, which no endpoint holds, is still released and
 /// stops (through the end it reports to Bob's node), instead of staying on Alice's node.

@@ -60,6 +60,9 @@ pub enum ArbiterMsg {
     Declined {
         call: String,
         code: u16,
+        /// The fork's own reason (503 "Server shutting down" when its endpoint's node stops):
+        /// the caller gets it when this decline is the final answer.
+        reason: Reason,
     },
     ForwardRequest {
         call: String,
@@ -90,6 +93,8 @@ struct Fork {
     state: ForkState,
     /// Set when the call was decided before this fork's leg existed.
     cancel_when_ready: Option<(Reason, bool)>,
+    /// Why it declined, when it did.
+    declined: Option<Reason>,
     /// The target this fork rang (the arbiter's `hops` when it was offered): after a forward,
     /// the old target's forks no longer count towards the caller's final answer.
     generation: u32,
@@ -177,6 +182,7 @@ impl ForkArbiter {
                 created,
                 state: ForkState::Offered,
                 cancel_when_ready: None,
+                declined: None,
                 generation: self.hops,
             });
         }
@@ -379,10 +385,18 @@ impl ForkArbiter {
                     _ => None,
                 })
                 .collect();
+            // The best code, with the reason of a fork that declined with it (a shutdown's 503
+            // says so), else the code's usual text.
+            let best = reasons::best_final(&codes);
+            let reason = self
+                .forks
+                .iter()
+                .filter(|f| f.generation == current)
+                .find_map(|f| f.declined.as_ref().filter(|r| r.code == best.code))
+                .cloned()
+                .unwrap_or(best);
             self.decide("declined");
-            self.t.caller.do_send(LegMsg::Failed {
-                reason: reasons::best_final(&codes),
-            });
+            self.t.caller.do_send(LegMsg::Failed { reason });
             self.maybe_stop(ctx);
             return;
         }
@@ -554,7 +568,7 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 self.cancel_others(Some(&call), reasons::completed_elsewhere(), true);
                 self.maybe_stop(ctx);
             }
-            ArbiterMsg::Declined { call, code } => {
+            ArbiterMsg::Declined { call, code, reason } => {
                 let decided = self.decided;
                 let Some(f) = self.fork_mut(&call) else {
                     return;
@@ -563,12 +577,11 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                     return;
                 }
                 f.state = ForkState::Gone(code);
+                f.declined = Some(reason.clone());
                 if code >= 600 {
                     self.decide("declined");
                     self.cancel_others(Some(&call), reasons::declined_elsewhere(), false);
-                    self.t.caller.do_send(LegMsg::Failed {
-                        reason: reasons::declined(code),
-                    });
+                    self.t.caller.do_send(LegMsg::Failed { reason });
                     self.maybe_stop(ctx);
                 } else {
                     self.after_fork_gone(&call, ctx);

@@ -765,6 +765,21 @@ async fn shutting_down_the_node_of_a_call_between_two_other_nodes_ends_it_with_5
     drop(nats);
 }
 
+/// Bob's only device rings on node B, which stops gracefully: his fork is declined with 503
+/// "Server shutting down", and Alice's call (on A) ends with that reason, not the bare code's
+/// "Declined" (protocol.md §9 i).
+#[tokio::test]
+async fn a_fork_declined_by_its_nodes_shutdown_gives_the_caller_that_reason() {
+    let (nats, a, b, mut alice, mut bob) = alice_on_a_bob_on_b().await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (incoming, _) = bob.incoming().await;
+    let stopping = tokio::task::spawn_blocking(move || b.shutdown());
+    expect_reason(&mut bob, &incoming, 503, "Server shutting down").await;
+    expect_reason(&mut alice, &call, 503, "Server shutting down").await;
+    stopping.await.expect("node B stops");
+    drop((a, nats));
+}
+
 /// Polls `/health` until it answers `status`.
 async fn wait_for_health(addr: std::net::SocketAddr, status: u16, body: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

@@ -66,6 +66,7 @@ impl CallLeg {
             a.do_send(ArbiterMsg::Declined {
                 call: self.init.id.clone(),
                 code,
+                reason: reason.clone(),
             });
         }
         self.end(ctx, CallEvent::Decline, reason, None, false);

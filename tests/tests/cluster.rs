@@ -621,13 +621,8 @@ async fn a_fork_from_a_run_declared_dead_is_refused_not_rung() {
 #[tokio::test]
 async fn a_node_restarted_with_its_clock_set_back_rejoins_above_its_last_run() {
     let nats = NatsServer::start();
-    let slow = |s: &mut confab_actors::Settings| {
-        if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(60_000);
-        }
-    };
-    let a = start_cluster_node(&nats, "node-a", slow);
-    let b = start_cluster_node(&nats, "node-b", slow);
+    let a = start_cluster_node(&nats, "node-a", minute_node_timeout);
+    let b = start_cluster_node(&nats, "node-b", minute_node_timeout);
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
     let cluster_b = b.cluster().expect("a cluster node");
     let last_run = cluster_b.epoch();
@@ -1089,6 +1084,14 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
 }
 
 /// Alice on A calls Bob on B and answers; returns (Alice, Bob, Alice's call id, Bob's).
+/// A node timeout of a minute: no node is declared dead (nor a fork counted adopted) while
+/// a test runs, whatever the machine's load.
+fn minute_node_timeout(s: &mut confab_actors::Settings) {
+    if let Some(c) = s.cluster.as_mut() {
+        c.node_timeout_ms = Some(60_000);
+    }
+}
+
 async fn alice_calls_bob(a: &RunningNode, b: &RunningNode) -> (Raw, Raw, String, String) {
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
@@ -1235,13 +1238,8 @@ async fn an_unanswered_fork_whose_adoption_was_lost_stops_ringing() {
 #[tokio::test]
 async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answers() {
     let nats = NatsServer::start();
-    let slow = |s: &mut confab_actors::Settings| {
-        if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(60_000);
-        }
-    };
-    let a = start_cluster_node(&nats, "node-a", slow);
-    let b = start_cluster_node(&nats, "node-b", slow);
+    let a = start_cluster_node(&nats, "node-a", minute_node_timeout);
+    let b = start_cluster_node(&nats, "node-b", minute_node_timeout);
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
     let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
@@ -1692,6 +1690,16 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     drop((a, b, nats));
 }
 
+/// Waits until no leg on `node` holds state events another node has not acknowledged.
+async fn wait_for_state_events_acknowledged(node: &RunningNode) {
+    let cluster = node.cluster().expect("a cluster node");
+    wait_until(|| match cluster.unseen_events_len() {
+        0 => Ok(()),
+        n => Err(format!("{n} legs' state events never acknowledged")),
+    })
+    .await;
+}
+
 /// Alice on node A calls Bob on node B (his leg lives on A); from the moment Bob accepts, A
 /// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's frames from his accept's `ok` up to his
 /// leg's `established`, that one included, with the nodes and clients.
@@ -1773,11 +1781,7 @@ async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
         matches!(&m, ServerMsg::CallEstablished { call, .. } if *call == incoming),
         "{m:?}"
     );
-    wait_until(|| match cluster.unseen_events_len() {
-        0 => Ok(()),
-        n => Err(format!("{n} legs' state events never acknowledged")),
-    })
-    .await;
+    wait_for_state_events_acknowledged(&a).await;
     bob.send(&ClientMsg::Ping { rid: Some(99) }).await;
     assert_eq!(bob.recv().await, ServerMsg::Pong { rid: Some(99) });
     drop((a, b, nats));
@@ -1806,11 +1810,7 @@ async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     // A holds the events until B acknowledges them again, which it does only for events
     // sent again: once A holds none, the repeats have reached B.
     let cluster = a.cluster().expect("a cluster node");
-    wait_until(|| match cluster.unseen_events_len() {
-        0 => Ok(()),
-        n => Err(format!("{n} legs' state events never acknowledged")),
-    })
-    .await;
+    wait_for_state_events_acknowledged(&a).await;
     assert_eq!(
         b.cluster().expect("a cluster node").lose_pending(),
         0,

@@ -775,6 +775,30 @@ async fn a_fork_declined_by_its_nodes_shutdown_gives_the_caller_that_reason() {
     drop((a, nats));
 }
 
+/// Node B is shutting down while Bob's endpoint there still waits for his call's end from
+/// node A (the end is lost on the way three times, so the wait lasts until the endpoint's own
+/// deadline): a call Carol places to him now is declined for the shutdown, 503 "Server
+/// shutting down", as a ringing fork would be, not lost (480).
+#[tokio::test]
+async fn a_fork_offered_to_an_endpoint_already_shutting_down_is_declined_with_503() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let (_alice, mut bob, _call, incoming) = alice_calls_bob(&a, &b).await;
+    let mut carol = Raw::sign_in(a.addr, CAROL, "phone").await;
+    let cluster = a.cluster().expect("a cluster node");
+    for _ in 0..3 {
+        cluster.lose_next(Lose::LegEnded);
+    }
+    let stopping = tokio::task::spawn_blocking(move || b.shutdown());
+    // Bob's call has ended (its events came), and his endpoint waits for the leg's end.
+    expect_reason(&mut bob, &incoming, 503, "Server shutting down").await;
+    let (call, _) = carol.establish(BOB, None).await;
+    expect_reason(&mut carol, &call, 503, "Server shutting down").await;
+    stopping.await.expect("node B stops");
+    drop((a, nats));
+}
+
 /// Polls `/health` until it answers `status`.
 async fn wait_for_health(addr: std::net::SocketAddr, status: u16, body: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

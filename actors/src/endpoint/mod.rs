@@ -142,8 +142,8 @@ pub struct Endpoint {
     conversations: IdMap<String, (Addr<Conversation>, usize)>,
     subscriptions: HashSet<String>,
     last_rx: Instant,
-    /// Set once the endpoint is ending, so nothing more is read or started.
-    ending: bool,
+    /// Whether, and why, the endpoint is ending (then nothing more is read or started).
+    end_state: EndState,
     /// Cluster: a sweep of `remote_calls`' unanswered messages is scheduled.
     answer_sweep_armed: bool,
     /// Cluster: an `EventsSeen` for the state events passed on is scheduled.
@@ -151,6 +151,17 @@ pub struct Endpoint {
     bucket: TokenBucket,
     /// `limits.presence_updates_per_second`: presence changes fan out to every watcher.
     presence_bucket: TokenBucket,
+}
+
+/// Whether, and why, an endpoint is ending.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EndState {
+    Running,
+    /// `bye`, a lost connection, or over `endpoints_per_user`.
+    Ending,
+    /// The node shuts down: a fork offered now is declined with 503 "Server shutting down"
+    /// (as a ringing one is), not lost as for an endpoint that has gone.
+    ShuttingDown,
 }
 
 /// `limits.requests_per_second` and `request_burst`.
@@ -186,7 +197,7 @@ impl Endpoint {
             conversations: IdMap::default(),
             subscriptions: HashSet::new(),
             last_rx: Instant::now(),
-            ending: false,
+            end_state: EndState::Running,
             answer_sweep_armed: false,
             events_seen_armed: false,
             bucket,
@@ -196,6 +207,11 @@ impl Endpoint {
 
     fn push(&self, msg: ServerMsg) {
         self.outbox.push(msg);
+    }
+
+    /// Set once the endpoint is ending: nothing more is read or started.
+    fn ending(&self) -> bool {
+        self.end_state != EndState::Running
     }
 
     /// A call request for a leg on another node that was not sent: too many requests already
@@ -589,7 +605,15 @@ impl Endpoint {
 
     fn adopt_fork(&mut self, mut offer: ForkOffer, ctx: &mut Context<Self>) {
         // Dropping the offer (returning early) tells the arbiter this fork is lost.
-        if self.ending {
+        if self.ending() {
+            if self.end_state == EndState::ShuttingDown {
+                offer.handled = true;
+                offer.arbiter.do_send(ArbiterMsg::Declined {
+                    call: offer.call.clone(),
+                    code: 503,
+                    reason: reasons::shutting_down(),
+                });
+            }
             return;
         }
         if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
@@ -693,10 +717,14 @@ impl Endpoint {
     /// `bye` or shutdown: every call terminates (its events go out first), then the socket
     /// closes.
     fn end_cleanly(&mut self, ctx: &mut Context<Self>, cause: TerminateCause) {
-        if self.ending {
+        if self.ending() {
             return;
         }
-        self.ending = true;
+        self.end_state = if cause == TerminateCause::Shutdown {
+            EndState::ShuttingDown
+        } else {
+            EndState::Ending
+        };
         let mut local = Vec::new();
         for (leg, _) in self.calls.values() {
             match leg {
@@ -737,7 +765,7 @@ impl Endpoint {
 
     /// The connection is gone or unusable: remote parties see 408.
     fn lost(&mut self, ctx: &mut Context<Self>) {
-        self.ending = true;
+        self.end_state = EndState::Ending;
         self.outbox.close();
         ctx.stop();
     }
@@ -833,7 +861,7 @@ impl Actor for Endpoint {
         ctx.run_interval(hb, move |act, ctx| {
             // An ending endpoint has its own deadline; dropping it as lost would drop the final
             // events of its calls on other nodes.
-            if !act.ending && act.last_rx.elapsed() > hb * 3 {
+            if !act.ending() && act.last_rx.elapsed() > hb * 3 {
                 tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the endpoint");
                 m::limit_tripped("heartbeat_timeout");
                 act.lost(ctx);
@@ -845,7 +873,7 @@ impl Actor for Endpoint {
             async move { closed.cancelled().await }
                 .into_actor(self)
                 .map(|(), act, ctx| {
-                    if !act.ending {
+                    if !act.ending() {
                         act.lost(ctx);
                     }
                 }),
@@ -874,7 +902,7 @@ impl Actor for Endpoint {
 
 impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
     fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
-        if self.ending {
+        if self.ending() {
             // Still answered while the socket is open: a `message` always gets its one answer,
             // a malformed frame its error. (A framing error needs no answer now: the socket is
             // closing anyway.)
@@ -928,7 +956,7 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        if !self.ending {
+        if !self.ending() {
             self.lost(ctx);
         }
     }
@@ -969,7 +997,7 @@ impl Handler<EndpointMsg> for Endpoint {
             }
             EndpointMsg::Shutdown => self.end_cleanly(ctx, TerminateCause::Shutdown),
             // Sent again for each later record of the user until this endpoint is gone.
-            EndpointMsg::OverLimit if self.ending => {}
+            EndpointMsg::OverLimit if self.ending() => {}
             EndpointMsg::OverLimit => {
                 metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user")
                     .increment(1);

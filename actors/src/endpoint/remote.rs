@@ -162,7 +162,24 @@ impl Endpoint {
         let Some(cluster) = self.ctx.cluster.clone() else {
             return;
         };
-        if self.ending || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+        if self.end_state == EndState::ShuttingDown {
+            // Declined as a ringing fork is when the node shuts down: its leg, told to
+            // terminate for the shutdown, declines with 503 "Server shutting down".
+            cluster.send(
+                &fork.leg_node,
+                &Envelope::Leg {
+                    call: fork.call,
+                    reply_node: cluster.node_id.clone(),
+                    reply_endpoint: self.id.clone(),
+                    msg: crate::cluster::wire::WireLegMsg::Terminate {
+                        rid: None,
+                        cause: TerminateCause::Shutdown,
+                    },
+                },
+            );
+            return;
+        }
+        if self.ending() || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
             cluster.send(
                 &fork.leg_node,
                 &Envelope::ForkLost {

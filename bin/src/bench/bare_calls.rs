@@ -18,7 +18,7 @@ use confab_protocol::{
 };
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -64,6 +64,9 @@ struct Call {
     legs: Vec<(String, String, Device)>,
     /// The leg that accepted.
     accepted: Option<usize>,
+    /// Set once the set-up's frames (the caller's and every toast) are queued; they are sent
+    /// outside the lock, and an accept waits for them (see [`Router::accept`]).
+    set_up: Arc<AtomicBool>,
 }
 
 impl Router {
@@ -111,7 +114,7 @@ pub async fn serve_connection(
             Ok(ClientMsg::CallEstablish { rid, to, sdp, .. }) => {
                 router.establish(&me, &user, rid, to, sdp)
             }
-            Ok(ClientMsg::CallAccept { rid, call, sdp }) => router.accept(rid, &call, sdp),
+            Ok(ClientMsg::CallAccept { rid, call, sdp }) => router.accept(rid, &call, sdp).await,
             Ok(ClientMsg::CallTerminate { rid, call }) => router.terminate(rid, &call),
             _ => {}
         }
@@ -194,6 +197,17 @@ fn ended(
     ]
 }
 
+/// What an accept comes to (see [`Router::decide`]).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per accept and taken apart at once, never stored"
+)]
+enum Decision {
+    Won((String, Call, usize)),
+    NotYet,
+    None,
+}
+
 impl Router {
     /// The caller's `call_created`, establishing and ringing, and the toast to every device of
     /// `to`. Ids are minted and frames encoded outside the lock, which guards only the maps,
@@ -251,6 +265,7 @@ impl Router {
                 CallState::Establishing,
             ),
         ]);
+        let set_up = Arc::new(AtomicBool::new(false));
         {
             let mut state = self.state();
             for (leg, _, _) in &legs {
@@ -266,6 +281,7 @@ impl Router {
                     offer: sdp,
                     legs,
                     accepted: None,
+                    set_up: set_up.clone(),
                 },
             );
         }
@@ -275,34 +291,20 @@ impl Router {
         for (device, toast) in toasts {
             let _ = device.send(toast);
         }
+        set_up.store(true, Ordering::Release);
     }
 
-    /// The first accept wins: the other devices' toasts come down, the caller is established,
-    /// then the device. The lock covers the decision; frames are encoded and sent after it.
-    fn accept(&self, rid: Option<u32>, leg: &str, answer: String) {
-        let (call_id, call, won) = {
-            let mut state = self.state();
-            let Some(call_id) = state.legs.get(leg).cloned() else {
-                return;
-            };
-            let Some(call) = state.calls.get_mut(&call_id) else {
-                return;
-            };
-            let Some(won) = call.legs.iter().position(|(l, _, _)| l == leg) else {
-                return;
-            };
-            if call.accepted.is_some() {
-                return;
+    /// The first accept wins: the other devices' toasts come down, the device is established,
+    /// then the caller. The lock covers the decision; frames are encoded and sent after it.
+    /// An accept that overtakes its call's set-up (the device clicked before the set-up had
+    /// queued every toast) waits for it, so no device's toast can come down before it went up.
+    async fn accept(&self, rid: Option<u32>, leg: &str, answer: String) {
+        let (call_id, call, won) = loop {
+            match self.decide(leg) {
+                Decision::Won(won) => break won,
+                Decision::NotYet => tokio::task::yield_now().await,
+                Decision::None => return,
             }
-            call.accepted = Some(won);
-            // What the frames need, so they are encoded and sent once the lock is released.
-            let call = call.clone();
-            for (i, (l, _, _)) in call.legs.iter().enumerate() {
-                if i != won {
-                    state.legs.remove(l);
-                }
-            }
-            (call_id, call, won)
         };
         let inbound = Direction::Inbound;
         for (i, (l, conv, d)) in call.legs.iter().enumerate() {
@@ -314,23 +316,8 @@ impl Router {
             }
         }
         let (l, conv, device) = &call.legs[won];
-        let _ = call.caller.out.send(group(&[
-            state_msg(
-                &call_id,
-                &call.conversation,
-                Direction::Outbound,
-                CallState::Established,
-                CallState::Establishing,
-            ),
-            ServerMsg::CallEstablished {
-                call: call_id.clone(),
-                sdp: answer,
-                remote: Remote {
-                    user: call.callee.clone(),
-                    endpoint: device.endpoint.clone(),
-                },
-            },
-        ]));
+        // The device's frames before the caller's: the caller may hang up as soon as it has
+        // its `call_established`, and that end must reach the device after these.
         let _ = device.out.send(group(&[
             ServerMsg::Ok { rid },
             state_msg(
@@ -356,6 +343,54 @@ impl Router {
                 },
             },
         ]));
+        let _ = call.caller.out.send(group(&[
+            state_msg(
+                &call_id,
+                &call.conversation,
+                Direction::Outbound,
+                CallState::Established,
+                CallState::Establishing,
+            ),
+            ServerMsg::CallEstablished {
+                call: call_id.clone(),
+                sdp: answer,
+                remote: Remote {
+                    user: call.callee.clone(),
+                    endpoint: device.endpoint.clone(),
+                },
+            },
+        ]));
+    }
+
+    /// Under the lock: whether the accept of `leg` wins its call (with what its frames need:
+    /// the call's id, a copy of the call, the winning leg's index), must wait for the call's
+    /// set-up to finish queueing its toasts, or is not for a call still ringing.
+    fn decide(&self, leg: &str) -> Decision {
+        let mut state = self.state();
+        let Some(call_id) = state.legs.get(leg).cloned() else {
+            return Decision::None;
+        };
+        let Some(call) = state.calls.get_mut(&call_id) else {
+            return Decision::None;
+        };
+        if !call.set_up.load(Ordering::Acquire) {
+            // The set-up's thread is still queueing the toasts (microseconds).
+            return Decision::NotYet;
+        }
+        let Some(won) = call.legs.iter().position(|(l, _, _)| l == leg) else {
+            return Decision::None;
+        };
+        if call.accepted.is_some() {
+            return Decision::None;
+        }
+        call.accepted = Some(won);
+        let call = call.clone();
+        for (i, (l, _, _)) in call.legs.iter().enumerate() {
+            if i != won {
+                state.legs.remove(l);
+            }
+        }
+        Decision::Won((call_id, call, won))
     }
 
     /// The caller hangs up: its `ok` and end, then the device's end.

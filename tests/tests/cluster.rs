@@ -1725,8 +1725,9 @@ async fn wait_for_state_events_acknowledged(node: &RunningNode) {
 }
 
 /// Alice on node A calls Bob on node B (his leg lives on A); from the moment Bob accepts, A
-/// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's frames from his accept's `ok` up to his
-/// leg's `established`, that one included, with the nodes and clients.
+/// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's
+/// frames from his accept's `ok` up to his leg's `established`, that one included, with the
+/// nodes and clients.
 async fn bob_accepts_losing(
     on_a: &[Lose],
     on_b: &[Lose],

@@ -22,12 +22,34 @@ pub struct EndpointEntry {
 pub enum DirectoryError {
     #[error("too many endpoints signed in for this user")]
     TooManyEndpoints,
+    /// A cluster directory could not make the endpoint known to the other nodes in time.
+    #[error("the cluster directory cannot be written now; sign in again, or on another node")]
+    Unavailable,
 }
+
+/// What [`Directory::settle`] returns: resolves once a new endpoint is known everywhere.
+pub type Settled = std::pin::Pin<Box<dyn Future<Output = Result<(), DirectoryError>> + Send>>;
 
 pub trait Directory: Send + Sync + 'static {
     /// Adds an endpoint, refusing it when its user already has `max_per_user`.
     fn register(&self, entry: EndpointEntry, max_per_user: usize) -> Result<(), DirectoryError>;
     fn unregister(&self, user: &str, endpoint: &str);
+    /// Resolves once the endpoint just registered can be reached from wherever this directory
+    /// is read (every node of a cluster): its `welcome` waits for this. Alone, at once.
+    fn settle(&self) -> Settled {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    /// Resolves once this node has applied every directory change that had landed when it was
+    /// called, so that a status change stamped next is stamped above every change a client
+    /// was already told of (see `presence/stamp.rs`). Alone, at once.
+    fn status_barrier(&self) -> Settled {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    /// Resolves once the writes made so far have landed and this node has applied them: the
+    /// `ok` of a `set_status` waits for it. Alone, at once.
+    fn status_landed(&self) -> Settled {
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// The user's endpoints, in sign-in order.
     fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry>;
     /// Every endpoint on this node (for shutdown).

@@ -1,5 +1,6 @@
 //! The operations port: `GET /metrics` (Prometheus text format) and `GET /health` (200 while
-//! serving, 503 "draining" while draining, 503 "degraded" while a cluster node has lost NATS).
+//! serving, 503 "draining" while draining, 503 "degraded" while a cluster node has lost NATS
+//! or its directory writes cannot land).
 //! Two fixed routes on a loopback-facing port do not justify an HTTP framework; this reads one
 //! request line and answers with `Connection: close`. At most `metrics.max_connections` are
 //! served at once (more wait in the listen backlog), each for at most
@@ -73,11 +74,18 @@ async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Ar
             "text/plain",
             "draining\n".to_owned(),
         ),
-        "/health" if ctx.cluster.as_ref().is_some_and(|c| !c.nats_connected()) => (
-            "503 Service Unavailable",
-            "text/plain",
-            "degraded\n".to_owned(),
-        ),
+        "/health"
+            if ctx
+                .cluster
+                .as_ref()
+                .is_some_and(|c| !c.nats_connected() || !c.directory_healthy()) =>
+        {
+            (
+                "503 Service Unavailable",
+                "text/plain",
+                "degraded\n".to_owned(),
+            )
+        }
         "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };

@@ -32,6 +32,9 @@ pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
 pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
 pub const CLUSTER_ENVELOPES_RESENT: &str = "confab_cluster_envelopes_resent_total";
+pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
+pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
+pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -149,6 +152,22 @@ pub fn describe_all() {
          a call's state event; leg_ended; endpoint_lost); core NATS delivers at most once \
          (cluster mode only)"
     );
+    describe_counter!(
+        CLUSTER_SIGN_IN_SYNC_FAILURES,
+        "Sign-ins whose record did not land in the directory in time (why=directory: refused, \
+         overloaded) or that some other node had not read in time (why=node: welcomed anyway) \
+         within cluster.sign_in_sync_timeout_ms (cluster mode only)"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECTORY_DEGRADED,
+        "1 while this node's directory writes fail (from a failed attempt until one lands) or \
+         its directory watch is being made again; /health answers 503 meanwhile (cluster mode \
+         only)"
+    );
+    describe_gauge!(
+        CLUSTER_KV_REPLICAS,
+        "Replicas of the directory bucket, as JetStream reports it (cluster mode only)"
+    );
 
     for g in [CONNECTIONS, ENDPOINTS, CALLS, ARBITERS] {
         metrics::gauge!(g).set(0.0);
@@ -206,6 +225,7 @@ pub fn describe_all() {
         "hello_timeout",
         "endpoints_per_user",
         "max_connections",
+        "directory_unavailable",
     ] {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).absolute(0);
     }

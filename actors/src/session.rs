@@ -118,7 +118,7 @@ pub async fn run(
     if frames.read_buffer().is_empty() {
         *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
     }
-    start_endpoint(ctx, hello, outbox, frames);
+    start_endpoint(ctx, hello, outbox, frames).await;
 }
 
 async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
@@ -208,7 +208,7 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
     Ok(Hello { rid, user, device })
 }
 
-fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
+async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
     let id = ctx.ids.mint('e');
     let actor_ctx = Context::<Endpoint>::new();
     let entry = EndpointEntry {
@@ -239,6 +239,21 @@ fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
             hello.rid,
             ErrorCode::Overloaded,
             "the node is shutting down",
+        ));
+        outbox.close();
+        return;
+    }
+    // In a cluster, the welcome means every node can reach the endpoint. Meanwhile what is
+    // addressed to it waits in its mailbox, and is handled after the welcome.
+    if let Err(e) = ctx.directory.settle().await {
+        tracing::warn!(user = %hello.user, error = %e, "sign-in refused");
+        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "directory_unavailable")
+            .increment(1);
+        ctx.directory.unregister(&hello.user, &id);
+        outbox.push(ServerMsg::error(
+            hello.rid,
+            ErrorCode::Overloaded,
+            e.to_string(),
         ));
         outbox.close();
         return;

@@ -155,6 +155,23 @@ pub struct Cluster {
     /// How long the node waits at start for NATS to answer before it gives up (exits non-zero).
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Replicas of the directory bucket, so that it survives the loss of a NATS server: the
+    /// bucket is created with this many, or as many as the NATS cluster has servers if fewer.
+    #[serde(default = "default_kv_replicas")]
+    pub kv_replicas: usize,
+    /// How long a sign-in waits for its directory record to land and for every other node to
+    /// have read it before `welcome`; a record that has not landed by then refuses the
+    /// sign-in (`overloaded`), a node that has not answered is logged and counted.
+    #[serde(default = "default_sign_in_sync_timeout_ms")]
+    pub sign_in_sync_timeout_ms: u64,
+}
+
+fn default_kv_replicas() -> usize {
+    3
+}
+
+fn default_sign_in_sync_timeout_ms() -> u64 {
+    3_000
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -179,6 +196,8 @@ impl Cluster {
             max_queued_envelopes: default_max_queued_envelopes(),
             max_queued_bytes: default_max_queued_bytes(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            kv_replicas: default_kv_replicas(),
+            sign_in_sync_timeout_ms: default_sign_in_sync_timeout_ms(),
         }
     }
 }
@@ -447,6 +466,13 @@ impl Settings {
             }
             if c.connect_timeout_ms == 0 {
                 return invalid("cluster.connect_timeout_ms", "must be positive");
+            }
+            if !(1..=5).contains(&c.kv_replicas) {
+                // JetStream's own bound on a stream's replicas.
+                return invalid("cluster.kv_replicas", "must be between 1 and 5");
+            }
+            if c.sign_in_sync_timeout_ms == 0 {
+                return invalid("cluster.sign_in_sync_timeout_ms", "must be positive");
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

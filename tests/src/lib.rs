@@ -90,7 +90,17 @@ impl Raw {
 
     /// Connects and signs in as `user` on `device`.
     pub async fn sign_in(addr: SocketAddr, user: &str, device: &str) -> Raw {
+        match Raw::try_sign_in(addr, user, device).await {
+            Ok(c) => c,
+            Err(other) => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// [`Raw::sign_in`] that may be refused: the client on `welcome`, else the node's answer
+    /// to the `hello` (an `error`, after which the node closes the connection).
+    pub async fn try_sign_in(addr: SocketAddr, user: &str, device: &str) -> Result<Raw, ServerMsg> {
         let mut c = Raw::connect(addr).await;
+        c.user = confab_protocol::uri::normalize_user_uri(user).unwrap();
         c.send(&ClientMsg::Hello {
             rid: Some(1),
             version: 1,
@@ -101,11 +111,12 @@ impl Raw {
         })
         .await;
         match c.recv().await {
-            ServerMsg::Welcome { endpoint, .. } => c.endpoint = endpoint,
-            other => panic!("expected welcome, got {other:?}"),
+            ServerMsg::Welcome { endpoint, .. } => {
+                c.endpoint = endpoint;
+                Ok(c)
+            }
+            other => Err(other),
         }
-        c.user = confab_protocol::uri::normalize_user_uri(user).unwrap();
-        c
     }
 
     pub fn rid(&mut self) -> Option<u32> {
@@ -166,6 +177,52 @@ impl Raw {
             }
             skipped.push(m);
         }
+    }
+
+    /// Reads until `pred` matches, never past `deadline`: the match, or (without panicking,
+    /// so a test can count its failures) what went wrong: the deadline passed or the
+    /// connection ended, with the last frames skipped meanwhile.
+    pub async fn try_recv_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        pred: impl Fn(&ServerMsg) -> bool,
+    ) -> Result<ServerMsg, String> {
+        let mut skipped = Vec::new();
+        let why = loop {
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(Some(Ok(frame))) => match decode_server(&frame) {
+                    Ok(m) if pred(&m) => return Ok(m),
+                    Ok(m) => skipped.push(m),
+                    Err(e) => break format!("an undecodable frame ({e})"),
+                },
+                Ok(other) => break format!("the connection ended ({other:?})"),
+                Err(_) => break "nothing matching by the deadline".to_owned(),
+            }
+        };
+        let last = &skipped[skipped.len().saturating_sub(6)..];
+        Err(format!(
+            "{} ({}): {why}; {} frames skipped, the last: {last:?}",
+            self.user,
+            self.endpoint,
+            skipped.len()
+        ))
+    }
+
+    /// [`Raw::request`] that reports instead of panicking when no reply comes by `deadline`.
+    pub async fn try_request(
+        &mut self,
+        mut msg: ClientMsg,
+        deadline: tokio::time::Instant,
+    ) -> Result<ServerMsg, String> {
+        let rid = self.rid();
+        set_rid(&mut msg, rid);
+        if let Err(e) = self.framed.send(&msg).await {
+            return Err(format!(
+                "{} ({}): cannot send: {e}",
+                self.user, self.endpoint
+            ));
+        }
+        self.try_recv_until(deadline, |m| reply_rid(m) == rid).await
     }
 
     /// Asserts the node closes the connection (after any frames, which are returned).
@@ -338,11 +395,7 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        // `RUST_LOG=confab_actors=debug` shows the nodes' logs.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_logging();
         let dir = tempfile::tempdir().expect("a temporary directory");
         // The free port is only free when we look: another test's node may bind it before
         // nats-server does, and then nats-server exits while our readiness check talks to
@@ -459,6 +512,342 @@ impl Drop for NatsServer {
     }
 }
 
+/// `RUST_LOG=confab_actors=debug` shows the nodes' logs.
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// The number of servers in a [`NatsCluster`].
+pub const NATS_CLUSTER_SIZE: usize = 3;
+
+/// Three real `nats-server` processes with JetStream forming one NATS cluster on 127.0.0.1:
+/// each has its `server_name` (`n0`, `n1`, `n2`), its own client, cluster (route) and
+/// monitoring port, its own store directory and `routes` to the other two, written to a config
+/// file per server in a temporary directory and started with `-c`. [`NatsCluster::start`] and
+/// [`NatsCluster::restart`] return only once JetStream is ready (see
+/// [`NatsCluster::wait_for_jetstream`]). Every server is killed when this is dropped. Panics
+/// (so a test fails, never skips) when `nats-server` cannot be started.
+pub struct NatsCluster {
+    members: Vec<ClusterMember>,
+    _dir: tempfile::TempDir,
+}
+
+struct ClusterMember {
+    name: String,
+    port: u16,
+    monitor_port: u16,
+    config: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsCluster {
+    pub fn start() -> NatsCluster {
+        init_logging();
+        // As for [`NatsServer`]: a free port may be taken before nats-server binds it, and
+        // then that server exits; the whole cluster is then made again on new ports.
+        for _ in 0..5 {
+            if let Some(cluster) = Self::try_start() {
+                return cluster;
+            }
+        }
+        panic!("a NATS cluster did not start on any of 5 sets of free ports");
+    }
+
+    fn try_start() -> Option<NatsCluster> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let ports = free_ports(3 * NATS_CLUSTER_SIZE);
+        let route_port = |i: usize| ports[3 * i + 1];
+        let members = (0..NATS_CLUSTER_SIZE)
+            .map(|i| {
+                let name = format!("n{i}");
+                let (port, monitor_port) = (ports[3 * i], ports[3 * i + 2]);
+                let routes: String = (0..NATS_CLUSTER_SIZE)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("    \"nats-route://127.0.0.1:{}\"\n", route_port(j)))
+                    .collect();
+                let store = dir.path().join(&name);
+                let text = format!(
+                    "server_name: \"{name}\"\n\
+                     listen: \"127.0.0.1:{port}\"\n\
+                     http: \"127.0.0.1:{monitor_port}\"\n\
+                     jetstream {{\n  store_dir: \"{}\"\n}}\n\
+                     cluster {{\n  name: \"confab-test\"\n  listen: \"127.0.0.1:{}\"\n  \
+                     routes: [\n{routes}  ]\n}}\n",
+                    store.display(),
+                    route_port(i),
+                );
+                let config = dir.path().join(format!("{name}.conf"));
+                std::fs::write(&config, text).expect("the server's config file is written");
+                ClusterMember {
+                    name,
+                    port,
+                    monitor_port,
+                    config,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = NatsCluster { members, _dir: dir };
+        for i in 0..NATS_CLUSTER_SIZE {
+            cluster.members[i].child = Some(spawn_nats_config(&cluster.members[i].config));
+        }
+        for i in 0..NATS_CLUSTER_SIZE {
+            // One that exited spoils the attempt; dropping `cluster` kills the others.
+            if !cluster.wait_answers(i) {
+                return None;
+            }
+        }
+        cluster.wait_for_jetstream();
+        Some(cluster)
+    }
+
+    /// Whether server `i` answers clients (false if it exited first: its port was taken).
+    fn wait_answers(&mut self, i: usize) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let m = &mut self.members[i];
+        loop {
+            match m.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) => {}
+                _ => return false,
+            }
+            if NatsServer::answers(m.port) {
+                return true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server {} did not listen on {}",
+                m.name,
+                m.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most 30 s) until JetStream is ready: every running server follows one meta
+    /// leader, itself a running server, which counts every other running server as current.
+    /// With a server killed, the two left elect a leader between them.
+    pub fn wait_for_jetstream(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let complaint = match self.jetstream_ready() {
+                Ok(()) => return,
+                Err(complaint) => complaint,
+            };
+            assert!(
+                std::time::Instant::now() < deadline,
+                "JetStream of the NATS cluster is not ready: {complaint}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn jetstream_ready(&self) -> Result<(), String> {
+        let running: Vec<usize> = (0..NATS_CLUSTER_SIZE)
+            .filter(|i| self.members[*i].child.is_some())
+            .collect();
+        let mut leader: Option<String> = None;
+        for &i in &running {
+            let name = &self.members[i].name;
+            let jsz = self.jsz(i).ok_or_else(|| format!("{name}: no /jsz"))?;
+            let now = jsz["meta_cluster"]["leader"].as_str().unwrap_or("");
+            if now.is_empty() {
+                return Err(format!("{name}: no meta leader"));
+            }
+            match &leader {
+                Some(l) if l != now => return Err(format!("{name} follows {now}, others {l}")),
+                _ => leader = Some(now.to_owned()),
+            }
+        }
+        let leader = leader.ok_or("no server running")?;
+        let at = running
+            .iter()
+            .copied()
+            .find(|i| self.members[*i].name == leader)
+            .ok_or_else(|| format!("the meta leader {leader} is not running"))?;
+        let jsz = self.jsz(at).ok_or_else(|| format!("{leader}: no /jsz"))?;
+        let replicas = jsz["meta_cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for &i in &running {
+            let name = &self.members[i].name;
+            if i == at {
+                continue;
+            }
+            let current = replicas.iter().any(|r| {
+                r["name"].as_str() == Some(name.as_str())
+                    && r["current"].as_bool() == Some(true)
+                    && r["offline"].as_bool() != Some(true)
+            });
+            if !current {
+                return Err(format!(
+                    "the meta leader {leader} does not count {name} current"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Server `i`'s `/jsz` (JetStream state), from its monitoring port.
+    fn jsz(&self, i: usize) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", self.members[i].monitor_port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        conn.write_all(b"GET /jsz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let (_, body) = text.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    }
+
+    /// Kills server `i` (its clients reconnect to the others); returns at once.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again with the same ports, config and store; returns once it
+    /// answers and JetStream is ready with it.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.members[i].child = Some(spawn_nats_config(&self.members[i].config));
+        assert!(
+            self.wait_answers(i),
+            "nats-server {} could not restart on {}",
+            self.members[i].name,
+            self.members[i].port
+        );
+        self.wait_for_jetstream();
+    }
+
+    /// Every server's URL, comma-separated: a `cluster.nats_url` for confab.
+    pub fn urls(&self) -> String {
+        (0..NATS_CLUSTER_SIZE)
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Server `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.members[i].port)
+    }
+
+    /// Waits (at most 30 s) until the directory bucket's stream has a leader and counts every
+    /// other replica current: a server restarted after an outage has caught up, so the next
+    /// one can go (an operator's rolling restart waits for the same).
+    pub async fn wait_for_directory_caught_up(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let addrs: Vec<async_nats::ServerAddr> = (0..NATS_CLUSTER_SIZE)
+            .filter_map(|i| self.url(i).parse().ok())
+            .collect();
+        let client = async_nats::connect(addrs)
+            .await
+            .expect("the test connects to NATS");
+        let js = async_nats::jetstream::new(client);
+        loop {
+            let read = async {
+                let stream = js
+                    .get_stream(format!("KV_{}", confab_actors::cluster::BUCKET))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = stream.get_info().await.map_err(|e| e.to_string())?;
+                let cluster = info.cluster.unwrap_or_default();
+                let lagging: Vec<String> = cluster
+                    .replicas
+                    .iter()
+                    .filter(|p| !p.current || p.offline)
+                    .map(|p| p.name.clone())
+                    .collect();
+                match (cluster.leader, lagging.is_empty()) {
+                    (Some(_), true) if cluster.replicas.len() + 1 == info.config.num_replicas => {
+                        Ok(())
+                    }
+                    (leader, _) => Err(format!("leader {leader:?}, lagging {lagging:?}")),
+                }
+            };
+            let complaint = match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => "no answer within 2 s".to_owned(),
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the directory bucket did not catch up: {complaint}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where the directory bucket's stream lives, for a test's messages: its replica count,
+    /// its leader and its other peers, or why that could not be read.
+    pub async fn directory_placement(&self) -> String {
+        let addrs: Vec<async_nats::ServerAddr> = (0..NATS_CLUSTER_SIZE)
+            .filter(|i| self.members[*i].child.is_some())
+            .filter_map(|i| self.url(i).parse().ok())
+            .collect();
+        let read = async {
+            let client = async_nats::connect(addrs)
+                .await
+                .map_err(|e| e.to_string())?;
+            let stream = async_nats::jetstream::new(client)
+                .get_stream(format!("KV_{}", confab_actors::cluster::BUCKET))
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = stream.get_info().await.map_err(|e| e.to_string())?;
+            let cluster = info.cluster.unwrap_or_default();
+            let peers: Vec<&str> = cluster.replicas.iter().map(|p| p.name.as_str()).collect();
+            Ok::<_, String>(format!(
+                "R{}, leader {:?}, other peers {peers:?}",
+                info.config.num_replicas, cluster.leader
+            ))
+        };
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(placement)) => placement,
+            Ok(Err(e)) => format!("unknown ({e})"),
+            Err(_) => "unknown (no answer within 5 s)".to_owned(),
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..NATS_CLUSTER_SIZE {
+            self.kill(i);
+        }
+    }
+}
+
+/// `n` distinct ports free at the moment (all held until all are known).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound port").port())
+        .collect()
+}
+
+/// Starts `nats-server -c config`, its output discarded.
+fn spawn_nats_config(config: &std::path::Path) -> std::process::Child {
+    let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+    std::process::Command::new(&bin)
+        .arg("-c")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin} (install nats-server): {e}"))
+}
+
 /// Node timeout used by cluster tests (a dead node is noticed within it). Two seconds: short
 /// enough for the tests that wait for a death, long enough that a loaded machine stalling a
 /// node's NATS thread for a heartbeat or two does not make a death no test asked for.
@@ -466,12 +855,18 @@ pub const NODE_TIMEOUT_MS: u64 = 2000;
 
 /// Test settings for a cluster node named `node_id` on `nats`.
 pub fn cluster_settings(nats: &NatsServer, node_id: &str) -> Settings {
+    cluster_settings_on(nats.url(), node_id)
+}
+
+/// Test settings for a cluster node named `node_id` whose `cluster.nats_url` is `nats_url`
+/// (one URL, or several comma-separated, as [`NatsCluster::urls`] gives them).
+pub fn cluster_settings_on(nats_url: String, node_id: &str) -> Settings {
     let mut s = test_settings();
     s.server.node_id = node_id.to_owned();
     s.cluster = Some(confab_actors::settings::Cluster {
         node_id: Some(node_id.to_owned()),
         node_timeout_ms: Some(NODE_TIMEOUT_MS),
-        ..confab_actors::settings::Cluster::new(nats.url())
+        ..confab_actors::settings::Cluster::new(nats_url)
     });
     s
 }

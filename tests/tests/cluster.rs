@@ -834,31 +834,66 @@ async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
 }
 
 /// NATS itself goes away and comes back (its store kept): the directory must catch up with
-/// what happened meanwhile. Bob signed in before the outage and Carol during it, on B, whose
-/// record of her could not reach NATS then; afterwards A finds both and can call Carol.
+/// what changed meanwhile. Bob, signed in on B before the outage, sets his status during it
+/// (B's write waits for NATS); Carol's sign-in during it is refused with `overloaded`, since no
+/// other node could learn of her. Afterwards Alice on A sees Bob's new status, and Carol, signed
+/// in again, can be called from A the moment she holds her welcome.
 #[tokio::test]
 async fn after_nats_restarts_the_directory_has_what_changed_during_the_outage() {
     let mut nats = NatsServer::start();
-    let a = start_cluster_node(&nats, "node-a", |_| {});
-    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let a = start_cluster_node(&nats, "node-a", short_sign_in_sync);
+    let b = start_cluster_node(&nats, "node-b", short_sign_in_sync);
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
-    let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
-    wait_for_endpoints(&a, BOB, 1).await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    request_ok(
+        &mut alice,
+        ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.to_owned()],
+        },
+    )
+    .await;
+    assert_ne!(next_presence(&mut alice, BOB).await, Availability::Offline);
     let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
 
     nats.kill();
     wait_for_health(ops[1], 503, "degraded\n").await;
-    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
+    request_ok(
+        &mut bob,
+        ClientMsg::SetStatus {
+            rid: None,
+            status: Some(Status::Busy),
+        },
+    )
+    .await;
+    let refused = Raw::try_sign_in(b.addr, CAROL, "phone").await.err();
+    assert!(
+        matches!(
+            refused,
+            Some(ServerMsg::Error {
+                code: ErrorCode::Overloaded,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
     nats.restart();
     // Both nodes, each on its own reconnect schedule.
     for ops in ops {
         wait_for_health(ops, 200, "ok\n").await;
     }
 
-    wait_for_endpoints(&a, CAROL, 1).await;
-    wait_for_endpoints(&a, BOB, 1).await;
+    while next_presence(&mut alice, BOB).await != Availability::Busy {}
+    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
     answered_call(&mut alice, &mut carol, CAROL).await;
     drop((a, b));
+}
+
+/// A sign-in that cannot reach the directory is refused after half a second, not three.
+fn short_sign_in_sync(s: &mut confab_actors::Settings) {
+    if let Some(c) = s.cluster.as_mut() {
+        c.sign_in_sync_timeout_ms = 500;
+    }
 }
 
 /// NATS away for longer than the node timeout: each node declares the other dead and purges
@@ -879,20 +914,27 @@ async fn a_nats_outage_longer_than_the_node_timeout_ends_in_one_consistent_direc
     let a = start_cluster_node(&nats, "node-a", timeout);
     let b = start_cluster_node(&nats, "node-b", timeout);
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
-    let _bob = Raw::sign_in(b.addr, BOB, "desk").await;
-    wait_for_endpoints(&a, BOB, 1).await;
-    wait_for_endpoints(&b, ALICE, 1).await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
 
     nats.kill();
     // Past the node timeout each node has declared the other dead.
     wait_for_endpoints(&a, BOB, 0).await;
     wait_for_endpoints(&b, ALICE, 0).await;
-    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
+    // Bob's status changes meanwhile: B's record of him waits for NATS.
+    request_ok(
+        &mut bob,
+        ClientMsg::SetStatus {
+            rid: None,
+            status: Some(Status::Away),
+        },
+    )
+    .await;
     nats.restart();
 
     wait_for_endpoints(&a, BOB, 1).await;
-    wait_for_endpoints(&a, CAROL, 1).await;
     wait_for_endpoints(&b, ALICE, 1).await;
+    let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
+    wait_for_endpoints(&a, CAROL, 1).await;
     nats.wait_for_directory_keys(3).await;
     answered_call(&mut alice, &mut carol, CAROL).await;
     drop((a, b));
@@ -901,24 +943,26 @@ async fn a_nats_outage_longer_than_the_node_timeout_ends_in_one_consistent_direc
 #[tokio::test]
 async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_the_nodes_see_each_other()
  {
-    let mut nats = NatsServer::start();
+    let nats = NatsServer::start();
     let one_device = |s: &mut confab_actors::Settings| {
         s.limits.endpoints_per_user = 1;
         // Only an endpoint younger than the node timeout is signed out: long enough here that
         // a slow NATS restart cannot age the racing sign-in out of that window.
         if let Some(c) = s.cluster.as_mut() {
             c.node_timeout_ms = Some(10_000);
+            c.sign_in_sync_timeout_ms = 500;
         }
     };
     let a = start_cluster_node(&nats, "node-a", one_device);
     let b = start_cluster_node(&nats, "node-b", one_device);
-    let ops = [a.metrics_addr, b.metrics_addr].map(|m| m.expect("test nodes serve metrics"));
 
-    // With NATS down neither node can see the other's sign-in, so both pass the limit of one:
-    // the race of two sign-ins within the directory's propagation time, made certain.
-    nats.kill();
-    for ops in ops {
-        wait_for_health(ops, 503, "degraded\n").await;
+    // With both watches held neither node sees the other's sign-in, so both pass the limit of
+    // one: the race of two sign-ins within the directory's propagation time, made certain.
+    // (Each sign-in waits out `sign_in_sync_timeout_ms` for the other node, which cannot
+    // answer that it has read the record while its watch is held.)
+    let held = [&a, &b].map(|n| n.cluster().expect("a cluster node"));
+    for c in &held {
+        c.hold_watch(true);
     }
     let mut first = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut second = Raw::sign_in(b.addr, ALICE, "phone").await;
@@ -928,7 +972,9 @@ async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_
     let (incoming, _) = bob.incoming().await;
     assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
     second.state(&call, CallState::Established).await;
-    nats.restart();
+    for c in &held {
+        c.hold_watch(false);
+    }
 
     // Once the records cross, both nodes rank the two the same way (sign-in time, then id) and
     // the node of the later one signs it out: one `forbidden` without a rid, its call ended as

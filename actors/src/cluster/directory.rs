@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::Cluster;
 use super::wire::{PublicationRecord, Record, unix_ms};
-use crate::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory};
+use crate::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
 use crate::route::EndpointRef;
 
 pub struct NatsDirectory {
@@ -52,6 +52,32 @@ impl Directory for NatsDirectory {
         // Another node's endpoint of this user may have arrived since `remote_count` above.
         self.cluster.enforce_limit(&user_for_limit);
         Ok(())
+    }
+
+    fn settle(&self) -> Settled {
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            cluster
+                .settle_sign_in()
+                .await
+                .map_err(|_| DirectoryError::Unavailable)
+        })
+    }
+
+    fn status_barrier(&self) -> Settled {
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            cluster.status_barrier().await;
+            Ok(())
+        })
+    }
+
+    fn status_landed(&self) -> Settled {
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            cluster.status_landed().await;
+            Ok(())
+        })
     }
 
     fn unregister(&self, user: &str, endpoint: &str) {

@@ -69,7 +69,7 @@ impl Cluster {
             // change, so it is tried again while NATS is unsteady.
             for attempt in 1..=RELOAD_ATTEMPTS {
                 match me.load().await {
-                    Ok(()) => return,
+                    Ok(_) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt, "cannot reload the directory after rejoining");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -137,6 +137,7 @@ impl Cluster {
                     seen.last = Instant::now();
                     // The new run may be another build: its heartbeat says.
                     seen.acks_events = false;
+                    seen.syncs_directory = None;
                     Some(old)
                 }
                 None => {
@@ -149,6 +150,7 @@ impl Cluster {
                             epoch,
                             last: Instant::now(),
                             acks_events: false,
+                            syncs_directory: None,
                         },
                     );
                     metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
@@ -181,6 +183,11 @@ impl Cluster {
         }
         for (user, endpoint, _) in &gone {
             self.forget(user, endpoint);
+        }
+        // Sign-ins here stop waiting for its word that it read their record.
+        let synced: Vec<u64> = lock(&self.sign_in_syncs).keys().copied().collect();
+        for token in synced {
+            self.directory_synced(node, token);
         }
         // The smallest living node id cleans the KV for everyone.
         if purge && self.is_purger() {
@@ -247,6 +254,7 @@ impl Cluster {
             epoch: self.epoch(),
             leaving,
             acks_events: true,
+            syncs_directory: true,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
             let _ = self.publish_tx.send(Outgoing::Publish(
@@ -323,6 +331,7 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::S
         let known = cluster.saw_node(&hb.node, hb.epoch, true);
         if known {
             cluster.note_acks_events(&hb.node, hb.acks_events);
+            cluster.note_syncs_directory(&hb.node, hb.syncs_directory);
         }
         if !known && cluster.first_ask_in_a_while(&hb.node) {
             // A run we declared dead is alive after all (it was cut off), or a run older than
@@ -350,6 +359,8 @@ pub(super) async fn liveness_loop(cluster: Arc<Cluster>) {
         cluster.check_liveness();
         cluster.resend_unanswered();
         cluster.resend_unseen_events();
+        // Keeps `confab_cluster_directory_degraded` current between `/health` probes.
+        cluster.directory_healthy();
     }
 }
 

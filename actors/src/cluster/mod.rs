@@ -16,6 +16,7 @@
 //!
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
+mod bucket;
 pub mod directory;
 mod events;
 mod membership;
@@ -23,6 +24,7 @@ mod quota;
 mod records;
 mod resend;
 mod routing;
+mod signin;
 pub mod wire;
 mod writes;
 
@@ -32,7 +34,7 @@ use bytes::Bytes;
 use confab_protocol::{ServerMsg, decode_server};
 use dashmap::DashMap;
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,6 +122,9 @@ struct NodeSeen {
     last: Instant,
     /// Its heartbeats say it acknowledges numbered state events (`events.rs`).
     acks_events: bool,
+    /// What its heartbeats say of answering `DirectorySync` (`signin.rs`); `None` until one
+    /// is heard (a node known from its records only).
+    syncs_directory: Option<bool>,
 }
 
 /// This node's membership in the cluster.
@@ -180,6 +185,9 @@ pub struct Cluster {
     lose_next: Mutex<Vec<Lose>>,
     /// Tests: whether `lose_next` holds anything (read on every send, so the lock is not).
     lose_armed: AtomicBool,
+    /// Tests: while true the watch holds back other nodes' changes (see
+    /// [`Cluster::hold_watch`]).
+    watch_held: tokio::sync::watch::Sender<bool>,
     /// `EndpointLost`s sent for endpoints gone from here whose leg, on another node, has not
     /// answered with its end yet: sent again until it does (see `resend.rs`).
     unanswered_lost: Mutex<HashMap<String, resend::UnansweredLost>>,
@@ -192,6 +200,25 @@ pub struct Cluster {
     loading: Mutex<Option<HashMap<String, u64>>>,
     /// Set once the graceful leave has started: no record is written after its deletes.
     leaving: AtomicBool,
+    /// Set while this node's directory writes fail (see `writes.rs`).
+    writes_failing: Arc<AtomicBool>,
+    /// Set while the directory watch is broken and being made again (see `records.rs`).
+    watch_failing: AtomicBool,
+    /// Told by the watch guard that the watch has stopped delivering (see `records.rs`)...
+    watch_stalled: tokio::sync::Notify,
+    /// ... below this revision, which the bucket had reached a round earlier.
+    stalled_below: AtomicU64,
+    /// The last revision the read that came with the current watch covered: the watch's
+    /// changes at or below it are skipped (see `records.rs`).
+    watch_read_upto: AtomicU64,
+    /// The highest directory revision this node's watch (or load) has applied.
+    applied_revision: tokio::sync::watch::Sender<u64>,
+    /// Sign-ins here waiting for the other nodes to have read their record (`signin.rs`).
+    sign_in_syncs: Mutex<HashMap<u64, signin::Waiting>>,
+    /// Numbers [`Cluster::sign_in_syncs`].
+    next_sync: AtomicU64,
+    /// `cluster.sign_in_sync_timeout_ms`.
+    sign_in_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -296,24 +323,7 @@ impl Cluster {
         // Connected now (the event may come later than this).
         set_nats_connected(&nats_connected, true);
         let js = async_nats::jetstream::new(client.clone());
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.to_owned(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(kv) => kv,
-                // Another node may have created it meanwhile.
-                Err(e) => js
-                    .get_key_value(BUCKET)
-                    .await
-                    .map_err(|_| ClusterError::Kv(e.to_string()))?,
-            },
-        };
+        let kv = bucket::open(&js, cfg.kv_replicas, bucket::servers(&client)).await?;
         let inbox = client
             .subscribe(node_subject(&node_id))
             .await
@@ -370,20 +380,36 @@ impl Cluster {
             lose_bounded: AtomicUsize::new(0),
             lose_next: Mutex::new(Vec::new()),
             lose_armed: AtomicBool::new(false),
+            watch_held: tokio::sync::watch::Sender::new(false),
             unanswered_lost: Mutex::new(HashMap::new()),
             unseen_events: Mutex::new(HashMap::new()),
             events_resent: AtomicU64::new(0),
             loading: Mutex::new(None),
             leaving: AtomicBool::new(false),
+            writes_failing: Arc::new(AtomicBool::new(false)),
+            watch_failing: AtomicBool::new(false),
+            watch_stalled: tokio::sync::Notify::new(),
+            stalled_below: AtomicU64::new(0),
+            watch_read_upto: AtomicU64::new(0),
+            applied_revision: tokio::sync::watch::Sender::new(0),
+            sign_in_syncs: Mutex::new(HashMap::new()),
+            next_sync: AtomicU64::new(1),
+            sign_in_timeout: Duration::from_millis(cfg.sign_in_sync_timeout_ms),
         });
         tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
-        cluster.load().await?;
+        let read_upto = cluster.load().await?;
+        cluster.watch_read_upto.store(read_upto, Ordering::Relaxed);
         rt.spawn(publish_loop(client.clone(), publish_rx, quota));
-        rt.spawn(writes::write_loop(kv.clone(), kv_rx));
+        rt.spawn(writes::write_loop(
+            kv.clone(),
+            kv_rx,
+            cluster.writes_failing.clone(),
+        ));
         rt.spawn(inbox_loop(cluster.clone(), inbox));
         rt.spawn(heartbeat_loop(cluster.clone(), beats));
         rt.spawn(watch_loop(cluster.clone(), watch));
+        rt.spawn(records::watch_guard_loop(cluster.clone()));
         rt.spawn(liveness_loop(cluster.clone()));
         metrics::gauge!(m::CLUSTER_NODES).set(1.0);
         metrics::gauge!(m::CLUSTER_DIRECTORY_WRITES_PENDING).set(0.0);
@@ -391,6 +417,10 @@ impl Cluster {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
         metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
+        metrics::gauge!(m::CLUSTER_DIRECTORY_DEGRADED).set(0.0);
+        for why in ["directory", "node"] {
+            metrics::counter!(m::CLUSTER_SIGN_IN_SYNC_FAILURES, "why" => why).increment(0);
+        }
         for kind in ["event", "leg_ended", "endpoint_lost"] {
             metrics::counter!(m::CLUSTER_ENVELOPES_RESENT, "kind" => kind).increment(0);
         }
@@ -426,6 +456,16 @@ impl Cluster {
         self.nats_connected.load(Ordering::Relaxed)
     }
 
+    /// True while the directory works for this node: its writes land and its watch receives.
+    /// While not, other nodes may not learn of sign-ins here (and sign-ins are refused once
+    /// `cluster.sign_in_sync_timeout_ms` passes), so `/health` says degraded.
+    pub fn directory_healthy(&self) -> bool {
+        let healthy = !self.writes_failing.load(Ordering::Relaxed)
+            && !self.watch_failing.load(Ordering::Relaxed);
+        metrics::gauge!(m::CLUSTER_DIRECTORY_DEGRADED).set(if healthy { 0.0 } else { 1.0 });
+        healthy
+    }
+
     /// Directory records this node knows: its own and its cache of the other nodes'.
     pub fn directory_len(&self) -> usize {
         self.own.len() + self.remote_len.load(Ordering::Relaxed)
@@ -444,6 +484,17 @@ impl Cluster {
     /// while it still runs (a node cut off from the others).
     pub fn mute_heartbeats(&self, d: Duration) {
         *lock(&self.muted_until) = Some(Instant::now() + d);
+    }
+
+    /// For tests: while `held`, this node's watch applies none of the other nodes' changes
+    /// (they wait, in order, and are applied once released), only its own: two nodes held at
+    /// once each miss the other's sign-ins, as two sign-ins within the directory's
+    /// propagation time do. (A sign-in on either then waits out `sign_in_sync_timeout_ms` for
+    /// the other, which cannot say it has read the record; and this node counts the revisions
+    /// of its own records as applied though it holds back older ones: a test hook, not a
+    /// state the node is ever in.)
+    pub fn hold_watch(&self, held: bool) {
+        self.watch_held.send_replace(held);
     }
 
     /// For tests: `n` places of `cluster.max_queued_envelopes` are held, as by envelopes stuck

@@ -7,9 +7,10 @@ use super::*;
 impl Cluster {
     /// Reads every record of the bucket into the cache. During a rejoin the watch runs
     /// meanwhile: a record it deletes after the load read it must not come back from the load.
-    pub(super) async fn load(&self) -> Result<(), ClusterError> {
+    /// Returns the last sequence it read up to (see [`Cluster::load_keys`]).
+    pub(super) async fn load(&self) -> Result<u64, ClusterError> {
         *lock(&self.loading) = Some(HashMap::new());
-        let result = self.load_keys().await;
+        let result = self.load_keys(LOAD_STALL).await;
         *lock(&self.loading) = None;
         result
     }
@@ -21,32 +22,31 @@ impl Cluster {
     /// `keys()` ends on the consumer's pending count instead, which never reaches 0 when a
     /// record counted at the start is replaced meanwhile (history 1), so it could hang while
     /// other nodes write.
-    pub(super) async fn load_keys(&self) -> Result<(), ClusterError> {
+    /// Returns the last sequence it read up to: every record at or below it has been applied.
+    pub(super) async fn load_keys(&self, stall: Duration) -> Result<u64, ClusterError> {
         let kv_err = |e: &dyn std::fmt::Display| ClusterError::Kv(e.to_string());
-        let last = self
-            .kv
-            .stream
-            .get_info()
+        let stalled = || ClusterError::Kv(format!("no answer within {stall:?}"));
+        let last = tokio::time::timeout(stall, self.kv.stream.get_info())
             .await
+            .map_err(|_| stalled())?
             .map_err(|e| kv_err(&e))?
             .state
             .last_sequence;
         if last == 0 {
-            return Ok(());
+            return Ok(0);
         }
-        let mut records = self
-            .kv
-            .watch_with_history(">")
+        let mut records = tokio::time::timeout(stall, self.kv.watch_with_history(">"))
             .await
+            .map_err(|_| stalled())?
             .map_err(|e| kv_err(&e))?;
         loop {
-            let next = tokio::time::timeout(LOAD_STALL, records.next())
+            let next = tokio::time::timeout(stall, records.next())
                 .await
-                .map_err(|_| ClusterError::Kv(format!("no record within {LOAD_STALL:?}")))?;
+                .map_err(|_| ClusterError::Kv(format!("no record within {stall:?}")))?;
             let e = match next {
                 Some(Ok(e)) => e,
                 Some(Err(e)) => return Err(kv_err(&e)),
-                None => return Ok(()),
+                None => return Ok(last),
             };
             let deleted_since = lock(&self.loading)
                 .as_ref()
@@ -55,8 +55,9 @@ impl Cluster {
             if !deleted_since {
                 self.apply(&e.key, e.operation, &e.value, e.revision);
             }
+            self.applied(e.revision);
             if e.revision >= last || e.delta == 0 {
-                return Ok(());
+                return Ok(last);
             }
         }
     }
@@ -158,6 +159,9 @@ impl Cluster {
                     return;
                 }
                 let user_key = user.clone();
+                if let Some(at) = record.status_set_unix_ms {
+                    self.presence.observe_status(at);
+                }
                 let upsert = PresenceMsg::Upsert {
                     user: user.clone(),
                     endpoint: endpoint.clone(),
@@ -186,6 +190,7 @@ impl Cluster {
                         }
                     }
                 };
+                tracing::debug!(%key, revision, "directory: remote record applied");
                 self.presence.send(upsert);
                 if added {
                     self.remote_len.fetch_add(1, Ordering::Relaxed);
@@ -303,12 +308,140 @@ pub(super) fn to_publication(p: &wire::PublicationRecord) -> Publication {
     }
 }
 
+/// Applies the directory's changes as the watch delivers them. A watch that fails (its
+/// consumer lived on a NATS server that went away: "missed idle heartbeat"), ends, or stalls
+/// (see [`watch_guard_loop`]) is made again, and the records are read afresh so that nothing
+/// changed meanwhile is missed; until then the directory counts as degraded.
 pub(super) async fn watch_loop(cluster: Arc<Cluster>, mut watch: kv::Watch) {
-    while let Some(entry) = watch.next().await {
-        match entry {
-            Ok(e) => cluster.apply(&e.key, e.operation, &e.value, e.revision),
-            Err(e) => tracing::warn!(error = %e, "directory watch error"),
+    // Tests only (`Cluster::hold_watch`): other nodes' changes held back, in order.
+    let mut held_back: VecDeque<kv::Entry> = VecDeque::new();
+    let mut held = cluster.watch_held.subscribe();
+    loop {
+        if !*held.borrow() {
+            while let Some(e) = held_back.pop_front() {
+                cluster.apply_entry(&e);
+            }
         }
+        let next = tokio::select! {
+            next = watch.next() => next,
+            _ = held.changed() => continue,
+            () = cluster.watch_stalled.notified() => {
+                // A permit left from before the last renewal is stale.
+                if *cluster.applied_revision.borrow()
+                    < cluster.stalled_below.load(Ordering::Relaxed)
+                {
+                    tracing::warn!("the directory watch has stalled behind the bucket; watching again");
+                    cluster.renew_watch(&mut watch).await;
+                }
+                continue;
+            }
+        };
+        match next {
+            Some(Ok(e)) => {
+                if e.revision <= cluster.watch_read_upto.load(Ordering::Relaxed) {
+                    // The read that came with this watch applied this key's last record.
+                    continue;
+                }
+                if *held.borrow() && !cluster.is_own_key(&e.key) {
+                    held_back.push_back(e);
+                    continue;
+                }
+                cluster.apply_entry(&e);
+                continue;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "directory watch error; watching again"),
+            None => tracing::warn!("the directory watch ended; watching again"),
+        }
+        cluster.renew_watch(&mut watch).await;
     }
-    tracing::error!("the directory watch ended");
+}
+
+/// How long reading the records again after a watch failed waits for the next record.
+const RENEW_STALL: Duration = Duration::from_secs(1);
+
+/// Notices a watch that has stopped delivering while the bucket moves on (its consumer's
+/// server died: the client library only notices after ten seconds without a heartbeat). Once
+/// per `node_timeout / 3`, it reads the bucket's last revision; if the watch has not applied
+/// the one read a round earlier, it is stalled.
+pub(super) async fn watch_guard_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.timeout / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen: Option<u64> = None;
+    loop {
+        tick.tick().await;
+        if cluster.watch_failing.load(Ordering::Relaxed) || *cluster.watch_held.borrow() {
+            last_seen = None;
+            continue;
+        }
+        if let Some(last) = last_seen
+            && *cluster.applied_revision.borrow() < last
+        {
+            cluster.stalled_below.store(last, Ordering::Relaxed);
+            cluster.watch_stalled.notify_one();
+            last_seen = None;
+            continue;
+        }
+        last_seen = tokio::time::timeout(cluster.timeout / 3, cluster.kv.stream.get_info())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|info| info.state.last_sequence);
+        // The watch gets a whole round from the read on.
+        tick.reset();
+    }
+}
+
+impl Cluster {
+    /// Applies one change the watch delivered and notes its revision applied.
+    fn apply_entry(&self, e: &kv::Entry) {
+        self.apply(&e.key, e.operation, &e.value, e.revision);
+        self.applied(e.revision);
+    }
+
+    /// Whether `key` is the record of an endpoint of this node (ids start with the node's).
+    fn is_own_key(&self, key: &str) -> bool {
+        wire::parse_key(key).is_some_and(|(_, endpoint)| {
+            endpoint
+                .strip_prefix(self.node_id.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
+    }
+
+    /// Replaces `watch` with a new one and reads every record again, retried until both
+    /// work. The new watch's changes wait (in order) while the records are read; those the
+    /// read covered are skipped (`watch_read_upto`), so a record the read saw deleted cannot
+    /// come back from an older change the watch delivers late.
+    async fn renew_watch(&self, watch: &mut kv::Watch) {
+        self.watch_failing.store(true, Ordering::Relaxed);
+        let mut failures = 0u32;
+        loop {
+            // Each step bounded by a second: JetStream may place the new consumer on the
+            // server that died until it counts that server out, and then never answers; the
+            // next attempt may be placed elsewhere.
+            let renewed = match tokio::time::timeout(RENEW_STALL, self.kv.watch_all()).await {
+                Ok(Ok(w)) => self.load_keys(RENEW_STALL).await.map(|last| (w, last)),
+                Ok(Err(e)) => Err(ClusterError::Kv(e.to_string())),
+                Err(_) => Err(ClusterError::Kv(format!("no watch within {RENEW_STALL:?}"))),
+            };
+            match renewed {
+                Ok((w, last)) => {
+                    *watch = w;
+                    self.watch_read_upto.store(last, Ordering::Relaxed);
+                    tracing::info!(failures, "directory watch made again");
+                    break;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(error = %e, failures, "cannot watch the directory yet");
+                    } else {
+                        tracing::debug!(error = %e, failures, "cannot watch the directory yet");
+                    }
+                    let pause = 50u64.saturating_mul(1 << failures.min(4)).min(500);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
+        }
+        self.watch_failing.store(false, Ordering::Relaxed);
+    }
 }

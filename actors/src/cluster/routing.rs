@@ -258,6 +258,14 @@ impl Cluster {
                     a.do_send(ArbiterMsg::ForkLost { call });
                 }
             }
+            Envelope::DirectorySync {
+                from_node,
+                token,
+                upto,
+            } => self.answer_directory_sync(from_node, token, upto),
+            Envelope::DirectorySynced { from_node, token } => {
+                self.directory_synced(&from_node, token);
+            }
             Envelope::Rejoin { epoch, above } => {
                 if epoch == self.epoch() {
                     self.rejoin(above);

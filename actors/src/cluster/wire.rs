@@ -83,6 +83,19 @@ pub enum Envelope {
         arbiter: String,
         call: String,
     },
+    /// A sign-in on `from_node` waits for its directory record (landed at revision `upto`):
+    /// the receiver answers `DirectorySynced` once its watch has applied that revision, so
+    /// the new endpoint can be reached from here (see `cluster/signin.rs`).
+    DirectorySync {
+        from_node: String,
+        token: u64,
+        upto: u64,
+    },
+    /// The answer to `DirectorySync` `token`.
+    DirectorySynced {
+        from_node: String,
+        token: u64,
+    },
     /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
     Rejoin {
         epoch: u64,
@@ -194,6 +207,11 @@ pub struct Heartbeat {
     /// would pass each repeat on to its client.
     #[serde(default)]
     pub acks_events: bool,
+    /// The node answers `DirectorySync` (`cluster/signin.rs`). A sign-in elsewhere does not
+    /// wait for a node whose heartbeat lacks it (an older build, which would never answer);
+    /// it does wait for a node not heard from yet.
+    #[serde(default)]
+    pub syncs_directory: bool,
 }
 
 /// A device-state publication with the owning node's wall-clock stamp.

@@ -9,6 +9,8 @@
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,8 +23,9 @@ pub(super) enum KvOp {
     /// node's record, which its owner may have written again since).
     Delete(String, Option<u64>),
     /// Answered once every write queued before it has landed (or been replaced by a later
-    /// write of its key that has landed).
-    Flush(oneshot::Sender<()>),
+    /// write of its key that has landed), with the highest revision a put of this task has
+    /// landed at so far: a node whose watch has applied that revision has seen those writes.
+    Flush(oneshot::Sender<u64>),
 }
 
 /// Why a write did not land.
@@ -38,7 +41,8 @@ pub(super) enum WriteError {
 
 /// Where the writes go: the KV bucket, or a stand-in in the tests.
 pub(super) trait DirectoryStore: Send + Sync + 'static {
-    fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<(), WriteError>> + Send;
+    /// Puts `value` at `key`; the revision it landed at.
+    fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<u64, WriteError>> + Send;
     /// Deletes `key`; with `revision`, only if the record is still at it (if not, a newer
     /// write is there and nothing is to be done: that is a success).
     fn delete(
@@ -49,9 +53,9 @@ pub(super) trait DirectoryStore: Send + Sync + 'static {
 }
 
 impl DirectoryStore for kv::Store {
-    async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
+    async fn put(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
         match kv::Store::put(self, key, value).await {
-            Ok(_) => Ok(()),
+            Ok(revision) => Ok(revision),
             Err(e) if e.kind() == kv::PutErrorKind::InvalidKey => {
                 Err(WriteError::Permanent(e.to_string()))
             }
@@ -94,7 +98,9 @@ struct Book {
     /// queued; one entry per key.
     queue: VecDeque<(u64, String)>,
     waiting: HashMap<String, Waiting>,
-    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    flushes: Vec<(u64, oneshot::Sender<u64>)>,
+    /// The highest revision a put has landed at.
+    landed_revision: u64,
 }
 
 impl Book {
@@ -160,7 +166,7 @@ impl Book {
             .partition(|(seq, _)| oldest.is_none_or(|o| o > *seq));
         self.flushes = waiting;
         for (_, done) in ready {
-            let _ = done.send(());
+            let _ = done.send(self.landed_revision);
         }
     }
 
@@ -181,17 +187,23 @@ impl Book {
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The pause before the next attempt after `failures` failures in a row: 100 ms, doubling up
-/// to 2 s (a restarted NATS is found within 2 s of being back).
+/// to 1 s: a restarted NATS, or the bucket's new leader after a NATS server died (JetStream
+/// takes some 6 s to elect it), is found within a second of being back, while sign-ins wait.
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(
         100u64
             .saturating_mul(1 << failures.saturating_sub(1).min(5))
-            .min(2000),
+            .min(1000),
     )
 }
 
 /// Makes the writes queued on `rx`; ends when `rx` is closed and every write has landed.
-pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::UnboundedReceiver<KvOp>) {
+/// `failing` is set from a write's failure until a write lands again.
+pub(super) async fn write_loop(
+    store: impl DirectoryStore,
+    mut rx: mpsc::UnboundedReceiver<KvOp>,
+    failing: Arc<AtomicBool>,
+) {
     let mut book = Book::default();
     let mut failures: u32 = 0;
     let mut closed = false;
@@ -222,19 +234,23 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
         };
         let attempt = async {
             match write {
-                Write::Put(value) => store.put(&key, value).await,
-                Write::Delete(revision) => store.delete(&key, revision).await,
+                Write::Put(value) => store.put(&key, value).await.map(Some),
+                Write::Delete(revision) => store.delete(&key, revision).await.map(|()| None),
             }
         };
         let result = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
             .await
             .unwrap_or_else(|_| Err(WriteError::Transient("no acknowledgement".to_owned())));
         match result {
-            Ok(()) => {
+            Ok(revision) => {
                 if failures > 0 {
                     tracing::info!(failures, "directory writes land again");
                 }
                 failures = 0;
+                failing.store(false, Ordering::Relaxed);
+                if let Some(revision) = revision {
+                    book.landed_revision = book.landed_revision.max(revision);
+                }
                 book.landed(version, &key);
             }
             Err(WriteError::Permanent(e)) => {
@@ -243,6 +259,7 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
             }
             Err(WriteError::Transient(e)) => {
                 failures = failures.saturating_add(1);
+                failing.store(true, Ordering::Relaxed);
                 // The first failure of a streak, then one line in ten: an outage of minutes
                 // must not flood the log.
                 if failures == 1 || failures.is_multiple_of(10) {
@@ -266,8 +283,8 @@ pub(super) async fn write_loop(store: impl DirectoryStore, mut rx: mpsc::Unbound
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU32;
 
     /// A write that landed: the key, and the value put (`None`: deleted).
     type Landed = (String, Option<Bytes>);
@@ -281,7 +298,8 @@ mod tests {
     }
 
     impl FakeStore {
-        fn write(&self, key: &str, value: Option<Bytes>) -> Result<(), WriteError> {
+        /// The write's revision (one per landed write, from 1).
+        fn write(&self, key: &str, value: Option<Bytes>) -> Result<u64, WriteError> {
             self.attempts.fetch_add(1, Ordering::Relaxed);
             if key.is_empty() {
                 return Err(WriteError::Permanent("invalid key".to_owned()));
@@ -289,11 +307,12 @@ mod tests {
             if self.down.load(Ordering::Relaxed) {
                 return Err(WriteError::Transient("no responders".to_owned()));
             }
-            self.landed
+            let mut landed = self
+                .landed
                 .lock()
-                .map_err(|e| WriteError::Transient(e.to_string()))?
-                .push((key.to_owned(), value));
-            Ok(())
+                .map_err(|e| WriteError::Transient(e.to_string()))?;
+            landed.push((key.to_owned(), value));
+            Ok(landed.len() as u64)
         }
 
         fn landed(&self) -> Vec<Landed> {
@@ -302,12 +321,12 @@ mod tests {
     }
 
     impl DirectoryStore for FakeStore {
-        async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
+        async fn put(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
             self.write(key, Some(value))
         }
 
         async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), WriteError> {
-            self.write(key, None)
+            self.write(key, None).map(|_| ())
         }
     }
 
@@ -316,7 +335,7 @@ mod tests {
         let store = FakeStore::default();
         store.down.store(!up, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store.clone(), rx));
+        tokio::spawn(write_loop(store.clone(), rx, Arc::default()));
         (store, tx)
     }
 
@@ -471,7 +490,7 @@ mod tests {
     }
 
     impl DirectoryStore for SilentOnce {
-        async fn put(&self, key: &str, value: Bytes) -> Result<(), WriteError> {
+        async fn put(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
             if self.silent.swap(false, Ordering::Relaxed) {
                 std::future::pending::<()>().await;
             }
@@ -479,7 +498,7 @@ mod tests {
         }
 
         async fn delete(&self, key: &str, _revision: Option<u64>) -> Result<(), WriteError> {
-            self.inner.write(key, None)
+            self.inner.write(key, None).map(|_| ())
         }
     }
 
@@ -493,6 +512,7 @@ mod tests {
                 silent: AtomicBool::new(true),
             },
             rx,
+            Arc::default(),
         ));
         let started = tokio::time::Instant::now();
         assert!(tx.send(put("k", "v")).is_ok());
@@ -504,6 +524,33 @@ mod tests {
     #[test]
     fn the_pause_grows_to_two_seconds() {
         let pauses: Vec<u128> = (1..=8).map(|f| backoff(f).as_millis()).collect();
-        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_answers_with_the_revision_the_writes_before_it_landed_at() {
+        let (_store, tx) = writer(true);
+        assert!(tx.send(put("a", "1")).is_ok());
+        assert!(tx.send(put("b", "1")).is_ok());
+        let (done_tx, done_rx) = oneshot::channel();
+        assert!(tx.send(KvOp::Flush(done_tx)).is_ok());
+        assert_eq!(done_rx.await.ok(), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_is_set_while_writes_fail_and_cleared_when_one_lands() {
+        let store = FakeStore::default();
+        store.down.store(true, Ordering::Relaxed);
+        let failing = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(store.clone(), rx, failing.clone()));
+        assert!(tx.send(put("a", "1")).is_ok());
+        while store.attempts.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(failing.load(Ordering::Relaxed));
+        store.down.store(false, Ordering::Relaxed);
+        flushed(&tx).await;
+        assert!(!failing.load(Ordering::Relaxed));
     }
 }

@@ -21,7 +21,7 @@ use crate::arbiter::{ArbiterMsg, ForkArbiter};
 use crate::call::conversation::{Conversation, ConversationMsg};
 use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
 use crate::call::offer::CallOffer;
-use crate::cluster::wire::{Envelope, unix_ms};
+use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
 use crate::ids::IdMap;
 use crate::metrics as m;
@@ -376,16 +376,7 @@ impl Endpoint {
                     .directory
                     .published(&self.id, activity, idle_ms.unwrap_or(0));
             }
-            ClientMsg::SetStatus { rid, status } => {
-                self.push(ServerMsg::Ok { rid });
-                let at_unix_ms = unix_ms();
-                self.ctx.presence.send(PresenceMsg::SetStatus {
-                    user: self.user.clone(),
-                    status,
-                    at_unix_ms,
-                });
-                self.ctx.directory.status_set(&self.id, status, at_unix_ms);
-            }
+            ClientMsg::SetStatus { rid, status } => self.set_status(rid, status, ctx),
             ClientMsg::Subscribe { rid, users } => self.subscribe(rid, users),
             ClientMsg::Unsubscribe { rid, users } => {
                 let Some(users) = self.normalize_all(rid, &users) else {
@@ -515,6 +506,35 @@ impl Endpoint {
             }
         }
         Some(out)
+    }
+
+    /// `set_status`. In a cluster its order against other devices' changes must be the order
+    /// their clients saw (docs/protocol.md §9 q): the stamp is taken once this node has caught
+    /// up with the directory, and the `ok` once the change has landed there. The endpoint
+    /// handles nothing else meanwhile (a millisecond or two; at most twice 500 ms), so its
+    /// own changes stay in the order sent. Alone, both waits are nothing.
+    fn set_status(
+        &mut self,
+        rid: Option<u32>,
+        status: Option<confab_protocol::Status>,
+        ctx: &mut Context<Self>,
+    ) {
+        let barrier = self.ctx.directory.status_barrier();
+        ctx.wait(
+            fut::wrap_future::<_, Self>(barrier)
+                .then(move |_, act, _| {
+                    let at_unix_ms = act.ctx.presence.stamp_status();
+                    act.ctx.presence.send(PresenceMsg::SetStatus {
+                        user: act.user.clone(),
+                        endpoint: act.id.clone(),
+                        status,
+                        at_unix_ms,
+                    });
+                    act.ctx.directory.status_set(&act.id, status, at_unix_ms);
+                    fut::wrap_future(act.ctx.directory.status_landed())
+                })
+                .map(move |_, act, _| act.push(ServerMsg::Ok { rid })),
+        );
     }
 
     fn subscribe(&mut self, rid: Option<u32>, users: Vec<String>) {

@@ -5,22 +5,27 @@
 //! time) and there is no actor lifecycle to race against when a user signs in and out.
 
 pub mod rank;
+pub mod stamp;
 
 use actix::prelude::*;
 use confab_protocol::{Activity, EffectiveActivity, EndpointPresence, ServerMsg, Status};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use rank::{Publication, Thresholds};
+use stamp::{StatusClock, StatusStamp};
 
 /// Addresses of every shard; cheap to clone.
 #[derive(Clone)]
 pub struct PresenceShards {
     shards: Vec<Addr<PresenceShard>>,
+    /// Stamps this node's `set_status` changes (see [`stamp`]).
+    clock: Arc<StatusClock>,
 }
 
 impl PresenceShards {
@@ -30,7 +35,21 @@ impl PresenceShards {
             .iter()
             .map(|a| PresenceShard::start_in_arbiter(a, move |_| PresenceShard::new(t)))
             .collect();
-        PresenceShards { shards }
+        PresenceShards {
+            shards,
+            clock: Arc::new(StatusClock::default()),
+        }
+    }
+
+    /// The stamp of a `set_status` made now on this node.
+    pub fn stamp_status(&self) -> u64 {
+        self.clock.tick(crate::cluster::wire::unix_ms())
+    }
+
+    /// Notes the stamp of a status set on another node, so that this node's later changes
+    /// are stamped above it.
+    pub fn observe_status(&self, at_ms: u64) {
+        self.clock.observe(at_ms);
     }
 
     pub fn for_user(&self, user: &str) -> &Addr<PresenceShard> {
@@ -65,8 +84,9 @@ pub enum PresenceMsg {
     },
     SetStatus {
         user: String,
+        endpoint: String,
         status: Option<Status>,
-        /// Wall-clock time of the `set_status` (the latest one wins across nodes).
+        /// The `set_status`'s stamp from [`PresenceShards::stamp_status`].
         at_unix_ms: u64,
     },
     /// Cluster: an endpoint on another node, as its directory record says (added or changed).
@@ -75,7 +95,7 @@ pub enum PresenceMsg {
         endpoint: String,
         device: String,
         publication: Option<Publication>,
-        /// The manual status that endpoint set last, with its wall-clock time.
+        /// The manual status that endpoint set last, with its stamp.
         status: Option<(Option<Status>, u64)>,
     },
     Subscribe {
@@ -162,10 +182,22 @@ impl Endpoints {
 struct UserState {
     endpoints: Endpoints,
     status: Option<Status>,
-    /// When the manual status was set (wall-clock ms); the latest `set_status` wins.
-    status_at: u64,
+    /// When and by which endpoint the manual status was set: a change applies only if its
+    /// stamp supersedes this one (see [`stamp`]).
+    status_at: StatusStamp,
     subscribers: HashMap<String, Subscriber>,
     timer: Option<SpawnHandle>,
+}
+
+impl UserState {
+    /// A status change, applied only if it is later than the one in place (a change from
+    /// another node can arrive after a later one made here, or two within one millisecond).
+    fn apply_status(&mut self, status: Option<Status>, stamp: StatusStamp) {
+        if stamp.supersedes(&self.status_at) {
+            self.status = status;
+            self.status_at = stamp;
+        }
+    }
 }
 
 pub struct PresenceShard {
@@ -341,7 +373,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                     if state.endpoints.is_empty() {
                         // The manual status belongs to a signed-in user.
                         state.status = None;
-                        state.status_at = 0;
+                        state.status_at = StatusStamp::default();
                     }
                 }
             }
@@ -365,12 +397,13 @@ impl Handler<PresenceMsg> for PresenceShard {
                 }
             }
             PresenceMsg::SetStatus {
-                status, at_unix_ms, ..
+                endpoint,
+                status,
+                at_unix_ms,
+                ..
             } => {
-                // A set_status made here is the latest one this node has seen.
                 if let Some(state) = self.users.get_mut(&user) {
-                    state.status = status;
-                    state.status_at = state.status_at.max(at_unix_ms);
+                    state.apply_status(status, StatusStamp::new(at_unix_ms, endpoint));
                 }
             }
             PresenceMsg::Upsert {
@@ -381,6 +414,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                 ..
             } => {
                 let state = self.users.entry(user.clone()).or_default();
+                let endpoint_id = endpoint.clone();
                 state.endpoints.insert(
                     endpoint,
                     EndpointState {
@@ -388,11 +422,9 @@ impl Handler<PresenceMsg> for PresenceShard {
                         publication,
                     },
                 );
-                if let Some((status, at)) = status
-                    && at > state.status_at
-                {
-                    state.status = status;
-                    state.status_at = at;
+                if let Some((status, at)) = status {
+                    let stamp = StatusStamp::new(at, endpoint_id);
+                    state.apply_status(status, stamp);
                 }
             }
             PresenceMsg::Subscribe {

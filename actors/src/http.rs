@@ -1,6 +1,8 @@
-//! The operations port: `GET /metrics` (Prometheus text format) and `GET /health` (200 while
-//! serving, 503 "draining" while draining, 503 "degraded" while a cluster node has lost NATS
-//! or its directory writes cannot land).
+//! The operations port: `GET /metrics` (Prometheus text format, with the process's own
+//! metrics), `GET /health` (200 while serving, 503 "draining" while draining, 503 "degraded"
+//! while a cluster node has lost NATS or its directory writes cannot land), and the probes
+//! `GET /livez` (200 while the process serves) and `GET /readyz` (200 while it takes sign-ins:
+//! 503 while draining or degraded).
 //! Two fixed routes on a loopback-facing port do not justify an HTTP framework; this reads one
 //! request line and answers with `Connection: close`. At most `metrics.max_connections` are
 //! served at once (more wait in the listen backlog), each for at most
@@ -44,6 +46,18 @@ pub async fn serve(listener: TcpListener, handle: Option<PrometheusHandle>, ctx:
         });
     }
 }
+/// Why the node does not take sign-ins now: draining, or (in a cluster) NATS or the directory
+/// unusable; `None` when it does.
+fn not_ready(ctx: &NodeCtx) -> Option<&'static str> {
+    if ctx.is_draining() {
+        return Some("draining");
+    }
+    ctx.cluster
+        .as_ref()
+        .filter(|c| !c.nats_connected() || !c.directory_healthy())
+        .map(|_| "degraded")
+}
+
 async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Arc<NodeCtx>) {
     let mut buf = vec![0u8; 2048];
     let mut len = 0;
@@ -64,29 +78,24 @@ async fn answer(mut stream: TcpStream, handle: Option<PrometheusHandle>, ctx: Ar
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or("");
     let (status, ctype, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            handle.map(|h| h.render()).unwrap_or_default(),
-        ),
-        "/health" if ctx.is_draining() => (
-            "503 Service Unavailable",
-            "text/plain",
-            "draining\n".to_owned(),
-        ),
-        "/health"
-            if ctx
-                .cluster
-                .as_ref()
-                .is_some_and(|c| !c.nats_connected() || !c.directory_healthy()) =>
-        {
+        "/metrics" => {
+            crate::metrics::collect_process();
             (
-                "503 Service Unavailable",
-                "text/plain",
-                "degraded\n".to_owned(),
+                "200 OK",
+                "text/plain; version=0.0.4",
+                handle.map(|h| h.render()).unwrap_or_default(),
             )
         }
-        "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        // Liveness: the process serves. A supervisor restarts a node on this one only, never
+        // for a NATS outage or a drain.
+        "/livez" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        // Readiness: the node takes sign-ins. A load balancer stops sending clients on 503.
+        // `/health` is the same, with the body it always had.
+        "/readyz" | "/health" => match not_ready(&ctx) {
+            Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+            None if path == "/readyz" => ("200 OK", "text/plain", "ready\n".to_owned()),
+            None => ("200 OK", "text/plain", "ok\n".to_owned()),
+        },
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };
     let response = format!(

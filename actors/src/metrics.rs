@@ -32,6 +32,7 @@ pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
 pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
 pub const CLUSTER_ENVELOPES_RESENT: &str = "confab_cluster_envelopes_resent_total";
+pub const BUILD_INFO: &str = "confab_build_info";
 pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
 pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
@@ -83,7 +84,26 @@ pub fn recorder() -> Option<PrometheusHandle> {
 
 /// Describes every metric and registers each at zero (with its known label values), so a fresh
 /// node exports the whole catalogue and `rate()` sees the first burst of traffic.
+/// The process's own metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, `process_max_fds`, ...), read from the OS at each scrape.
+fn process() -> &'static metrics_process::Collector {
+    static PROCESS: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    PROCESS.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process's metrics now (before a scrape is rendered).
+pub fn collect_process() {
+    process().collect();
+}
+
 pub fn describe_all() {
+    describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the node's version: which build each node runs"
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    process().describe();
+    process().collect();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(CONNECTIONS, "Open client TCP connections");
     describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted");

@@ -166,6 +166,21 @@ pub struct Cluster {
     pub sign_in_sync_timeout_ms: u64,
 }
 
+/// `scheme://user:password@host` → `scheme://user:<redacted>@host`; anything else unchanged.
+fn redact_url_password(url: &str, redacted: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:{redacted}@{host}"),
+            // A bare token (`nats://TOKEN@host`) is a secret as a whole.
+            None => format!("{scheme}://{redacted}@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
 fn default_kv_replicas() -> usize {
     3
 }
@@ -351,6 +366,23 @@ impl Settings {
         toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| SettingsError::Parse(e.to_string()))
+    }
+
+    /// These settings with every secret replaced by `<redacted>`: `auth.jwt_secret`, and the
+    /// password of a `user:password@` in `cluster.nats_url`. For `confab-node --print-config`.
+    pub fn redacted(&self) -> Settings {
+        const REDACTED: &str = "<redacted>";
+        let mut s = self.clone();
+        s.auth.jwt_secret = REDACTED.to_owned();
+        if let Some(c) = s.cluster.as_mut() {
+            c.nats_url = c
+                .nats_url
+                .split(',')
+                .map(|url| redact_url_password(url, REDACTED))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        s
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
@@ -548,6 +580,25 @@ fn env_value(raw: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_settings_hide_the_secret_and_a_nats_password_and_round_trip() {
+        let s = Settings::load(
+            "[auth]\njwt_secret = \"s3cret\"\n[cluster]\nnats_url = \"nats://u:pw@h:4222,nats://tok@h2:4222,nats://h3:4222\"\n",
+            [],
+        )
+        .expect("valid");
+        let r = s.redacted();
+        assert_eq!(r.auth.jwt_secret, "<redacted>");
+        assert_eq!(
+            r.cluster.as_ref().map(|c| c.nats_url.as_str()),
+            Some("nats://u:<redacted>@h:4222,nats://<redacted>@h2:4222,nats://h3:4222")
+        );
+        let text = toml::to_string_pretty(&r).expect("settings print as TOML");
+        assert!(!text.contains("s3cret") && !text.contains("pw@"), "{text}");
+        let back = Settings::load(&text, []).expect("the printed settings load again");
+        assert_eq!(back.fork.toast_timeout_ms, s.fork.toast_timeout_ms);
+    }
 
     #[test]
     fn empty_text_gives_the_embedded_defaults() {

@@ -64,3 +64,59 @@ fn a_bad_setting_stops_the_node_and_names_the_key() {
         assert!(stderr.contains(key), "{var}={value} names {key}: {stderr}");
     }
 }
+
+/// Runs `confab-node ARGS` with `vars`, which must exit by itself: (status, stdout, stderr).
+fn node_run(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_confab-node"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_configs_and_refuses_a_bad_one_naming_the_key() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    for file in [
+        "config/node.toml",
+        "config/cluster/node-a.toml",
+        "config/cluster/node-b.toml",
+        "config/cluster/node-c.toml",
+    ] {
+        let path = format!("{root}/{file}");
+        let (status, stdout, stderr) = node_run(&["--check", "--config", &path], &[]);
+        assert_eq!(status, Some(0), "{file}: {stderr}");
+        assert!(stdout.starts_with("ok: "), "{file}: {stdout}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[fork]\ntoast_timeout_ms = \"soon\"\n").unwrap();
+    let (status, stdout, stderr) = node_run(&["--check", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(status, Some(1), "{stdout}");
+    assert!(stderr.contains("fork.toast_timeout_ms"), "{stderr}");
+    // The environment is checked too, and so is the log filter.
+    let (status, _, stderr) = node_run(&["--check"], &[("CONFAB_LOG_LEVEL", "debg,[")]);
+    assert_eq!(status, Some(1));
+    assert!(stderr.contains("log.level"), "{stderr}");
+}
+
+#[test]
+fn print_config_shows_file_and_environment_with_secrets_redacted() {
+    let (status, stdout, stderr) = node_run(
+        &["--print-config"],
+        &[
+            ("CONFAB_AUTH_JWT_SECRET", "very-secret-value"),
+            ("CONFAB_FORK_TOAST_TIMEOUT_MS", "4321"),
+        ],
+    );
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stdout.contains("toast_timeout_ms = 4321"), "{stdout}");
+    assert!(stdout.contains("jwt_secret = \"<redacted>\""), "{stdout}");
+    assert!(!stdout.contains("very-secret-value"), "{stdout}");
+}

@@ -826,6 +826,11 @@ async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
     nats.kill();
     wait_for_health(ops, 503, "degraded\n").await;
     assert!(!node.cluster().expect("a cluster node").nats_connected());
+    // Not ready for sign-ins, but alive: a supervisor must not restart it for this.
+    let (status, _, body) = http_get(ops, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "degraded\n"));
+    let (status, _, body) = http_get(ops, "/livez").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
     nats.restart();
     wait_for_health(ops, 200, "ok\n").await;
     assert!(node.cluster().expect("a cluster node").nats_connected());

@@ -354,12 +354,16 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// The `confab_*` series names the expressions use.
+/// The `confab_*` and `process_*` series names the expressions use.
 fn metric_names<'a>(exprs: impl Iterator<Item = &'a str>) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for e in exprs {
         let mut rest = e;
-        while let Some(at) = rest.find("confab_") {
+        while let Some(at) = ["confab_", "process_"]
+            .iter()
+            .filter_map(|prefix| rest.find(prefix))
+            .min()
+        {
             let tail = &rest[at..];
             let end = tail
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -515,7 +519,7 @@ impl Prometheus {
         let deadline = Instant::now() + SCRAPE_DEADLINE;
         loop {
             let present: BTreeSet<String> = self
-                .query(r#"count by (__name__) ({__name__=~"confab_.*"})"#)
+                .query(r#"count by (__name__) ({__name__=~"confab_.*|process_.*"})"#)
                 .await
                 .unwrap_or_default()
                 .iter()

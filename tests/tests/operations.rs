@@ -23,6 +23,32 @@ async fn health_is_200_while_serving() {
     node.shutdown();
 }
 
+/// `/livez` says the process serves, `/readyz` that it takes sign-ins: during a graceful
+/// shutdown (a client that does not leave keeps the node draining) the first stays 200 and the
+/// second turns 503 "draining", so a supervisor does not restart a node that is draining.
+#[tokio::test]
+async fn livez_stays_200_and_readyz_turns_503_while_draining() {
+    let mut node = start_node(|s| s.server.shutdown_timeout_ms = 10_000);
+    let ops = node.metrics_addr.expect("the test node serves metrics");
+    let (status, _, body) = http_get(ops, "/livez").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _, body) = http_get(ops, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let mut alice = Raw::sign_in(node.addr, "sip:alice-drain@example.com", "laptop").await;
+    let stop = node.stopper().expect("the node can be stopped");
+    let _ = stop.send(());
+    // The client hears `shutdown` once the drain has begun; it stays connected.
+    alice
+        .recv_until(|m| matches!(m, ServerMsg::Shutdown { .. }))
+        .await;
+    let (status, _, body) = http_get(ops, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    let (status, _, body) = http_get(ops, "/livez").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    drop(alice);
+    node.wait();
+}
+
 #[tokio::test]
 async fn metrics_are_prometheus_text_with_histogram_buckets() {
     let node = start_node(|_| {});

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use confab_actors::{Settings, spawn_node};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +19,14 @@ struct Args {
     /// TOML settings file (see config/node.toml); CONFAB_<SECTION>_<KEY> variables override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Check the settings (the file, the environment, the log filter) and exit: 0 and "ok" if
+    /// the node would start with them, else the setting at fault and a non-zero status.
+    #[arg(long, conflicts_with = "print_config")]
+    check: bool,
+    /// Print the effective settings (file plus environment plus defaults) as TOML, secrets
+    /// redacted, and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +37,25 @@ fn main() -> anyhow::Result<()> {
         None => String::new(),
     };
     let settings = Settings::load(&text, std::env::vars())?;
+    if args.print_config {
+        let text = toml::to_string_pretty(&settings.redacted())?;
+        std::io::stdout().write_all(text.as_bytes())?;
+        return Ok(());
+    }
+    if args.check {
+        log_filter(&settings)?;
+        let source = args
+            .config
+            .as_ref()
+            .map_or("the embedded defaults".to_owned(), |p| {
+                p.display().to_string()
+            });
+        writeln!(
+            std::io::stdout(),
+            "ok: {source} (with the environment's CONFAB_* overrides)"
+        )?;
+        return Ok(());
+    }
     init_logs(&settings)?;
     raise_file_limit(settings.server.max_connections);
     if settings.auth.jwt_secret == "change-me" {
@@ -50,14 +77,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The log filter: `RUST_LOG` when set, else `log.level`, which must parse.
+fn log_filter(settings: &Settings) -> anyhow::Result<EnvFilter> {
+    match EnvFilter::try_from_default_env() {
+        Ok(filter) => Ok(filter),
+        Err(_) => EnvFilter::try_new(&settings.log.level)
+            .map_err(|e| anyhow::anyhow!("invalid setting log.level: {e}")),
+    }
+}
+
 /// `RUST_LOG` wins when set; otherwise `log.level`, which must parse: a filter with a typo would
 /// otherwise be skipped in silence and the node would log less than the operator asked for.
 fn init_logs(settings: &Settings) -> anyhow::Result<()> {
-    let filter = match EnvFilter::try_from_default_env() {
-        Ok(filter) => filter,
-        Err(_) => EnvFilter::try_new(&settings.log.level)
-            .map_err(|e| anyhow::anyhow!("invalid setting log.level: {e}"))?,
-    };
+    let filter = log_filter(settings)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());

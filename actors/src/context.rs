@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::address_limits::AddressLimits;
 use crate::auth::Verifier;
 use crate::cluster::Cluster;
 use crate::directory::Directory;
 use crate::ids::IdGen;
 use crate::presence::PresenceShards;
 use crate::settings::Settings;
+use crate::tls::ServerTls;
 
 pub struct NodeCtx {
     pub settings: Settings,
@@ -17,9 +19,13 @@ pub struct NodeCtx {
     pub ids: IdGen,
     pub directory: Arc<dyn Directory>,
     pub presence: PresenceShards,
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     /// Set when the node is part of a cluster.
     pub cluster: Option<Arc<Cluster>>,
+    /// Set when the client port speaks TLS (`[tls]`).
+    pub tls: Option<Arc<ServerTls>>,
+    /// Connections and new connections per source address (checked in the accept loop).
+    pub address_limits: Arc<AddressLimits>,
     draining: AtomicBool,
 }
 
@@ -31,17 +37,21 @@ impl NodeCtx {
         directory: Arc<dyn Directory>,
         presence: PresenceShards,
         cluster: Option<Arc<Cluster>>,
+        tls: Option<Arc<ServerTls>>,
+        verifier: Arc<Verifier>,
     ) -> Self {
         let node_id = cluster
             .as_ref()
             .map_or_else(|| settings.server.node_id.clone(), |c| c.node_id.clone());
         NodeCtx {
             ids: IdGen::new(&node_id),
-            verifier: Verifier::new(&settings.auth.jwt_secret, settings.auth.leeway_s),
+            verifier,
             node_id,
             directory,
             presence,
             cluster,
+            tls,
+            address_limits: Arc::new(AddressLimits::new(&settings.limits)),
             settings,
             draining: AtomicBool::new(false),
         }

@@ -3,6 +3,7 @@
 //!
 //! Entry point: [`node::spawn_node`] with [`settings::Settings`].
 
+pub mod address_limits;
 pub mod arbiter;
 pub mod auth;
 pub mod call;
@@ -21,6 +22,8 @@ pub mod reasons;
 pub mod route;
 pub mod session;
 pub mod settings;
+pub mod tls;
+pub mod transport;
 
 pub use node::{NodeError, RunningNode, spawn_node};
 pub use settings::Settings;

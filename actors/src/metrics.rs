@@ -33,6 +33,9 @@ pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_wri
 pub const CLUSTER_ENVELOPES_DROPPED: &str = "confab_cluster_envelopes_dropped_total";
 pub const CLUSTER_ENVELOPES_RESENT: &str = "confab_cluster_envelopes_resent_total";
 pub const BUILD_INFO: &str = "confab_build_info";
+pub const TLS_HANDSHAKES: &str = "confab_tls_handshakes_total";
+pub const TOKENS_REFUSED: &str = "confab_tokens_refused_total";
+pub const TLS_RELOADS: &str = "confab_tls_reloads_total";
 pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
 pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
@@ -45,6 +48,8 @@ pub const LIMITS: &[&str] = &[
     "heartbeat_timeout",
     "outbound_queue_bytes",
     "presence_updates_per_second",
+    "connections_per_address",
+    "new_connections_per_address",
 ];
 
 /// Counts one refusal by `limit` (one of [`LIMITS`]).
@@ -102,6 +107,22 @@ pub fn describe_all() {
         "1, labelled with the node's version: which build each node runs"
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "TLS handshakes on the client port, by result (ok; failed: not TLS, no common version \
+         or cipher, a bad or missing client certificate, or not finished within \
+         server.hello_timeout_ms); only with [tls]"
+    );
+    describe_counter!(
+        TOKENS_REFUSED,
+        "Sign-in tokens refused, by the check that failed (malformed, algorithm, unknown_key, \
+         signature, expired, not_yet_valid, issuer, audience, missing_claim, wrong_user)"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); \
+         only with [tls]"
+    );
     process().describe();
     process().collect();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -246,6 +267,9 @@ pub fn describe_all() {
         "endpoints_per_user",
         "max_connections",
         "directory_unavailable",
+        "tls",
+        "connections_per_address",
+        "new_connections_per_address",
     ] {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).absolute(0);
     }

@@ -10,6 +10,7 @@ use thiserror::Error;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Verifier;
 use crate::cluster::Cluster;
 use crate::cluster::directory::NatsDirectory;
 use crate::context::NodeCtx;
@@ -19,6 +20,7 @@ use crate::metrics as m;
 use crate::presence::PresenceShards;
 use crate::presence::rank::Thresholds;
 use crate::settings::Settings;
+use crate::tls::ServerTls;
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -33,6 +35,10 @@ pub enum NodeError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("the node stopped while starting")]
     Start,
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot load the token keys: {0}")]
+    Keys(#[from] crate::auth::KeysError),
 }
 
 /// What the node thread reports once started: its id and directory, or why it could not join
@@ -48,6 +54,8 @@ pub struct RunningNode {
     pub node_id: String,
     directory: Arc<dyn Directory>,
     cluster: Option<Arc<Cluster>>,
+    tls: Option<Arc<ServerTls>>,
+    verifier: Arc<Verifier>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -79,6 +87,23 @@ impl RunningNode {
     /// The node's cluster membership, when it is in a cluster.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.as_ref()
+    }
+
+    /// Reads the client port's TLS certificate and key again (SIGHUP): new handshakes present
+    /// the new pair, connections already open are untouched; a pair that does not load leaves
+    /// the old one in place and says why. `Ok(false)` when the port has no TLS.
+    pub fn reload_tls(&self) -> Result<bool, crate::tls::TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Reads the token keys again (`auth.jwks_file`, SIGHUP): new sign-ins are checked against
+    /// the new set; signed-in endpoints and their calls are untouched. A file that does not
+    /// load leaves the old keys. `Ok(false)` when there is no key file.
+    pub fn reload_token_keys(&self) -> Result<bool, crate::auth::KeysError> {
+        self.verifier.reload()
     }
 
     /// A handle that can start the graceful shutdown from another thread.
@@ -222,6 +247,22 @@ fn worker_count(settings: &Settings) -> usize {
 
 /// Binds the node's ports and starts it on its own threads.
 pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
+    // Before anything binds: a certificate that does not load stops the node at once.
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()?
+        .map(Arc::new);
+    if tls.is_none() && !settings.server.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %settings.server.listen,
+            "the client port listens beyond this machine without TLS: tokens and messages cross the network in clear text; set [tls] (docs/security.md)"
+        );
+    }
+    let node_tls = tls.clone();
+    let verifier = Arc::new(Verifier::from_settings(&settings.auth)?);
+    let node_verifier = verifier.clone();
     let (listeners, port_claim) = bind_listeners(
         settings.server.listen,
         settings.server.listen_backlog,
@@ -248,6 +289,8 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
             let system = actix::System::new();
             system.block_on(run(
                 settings,
+                node_tls,
+                node_verifier,
                 listeners,
                 metrics_listener,
                 stop_rx,
@@ -274,6 +317,8 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         node_id,
         directory,
         cluster,
+        tls,
+        verifier,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
@@ -281,6 +326,8 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
 
 async fn run(
     settings: Settings,
+    tls: Option<Arc<ServerTls>>,
+    verifier: Arc<Verifier>,
     listeners: Vec<std::net::TcpListener>,
     metrics_listener: Option<std::net::TcpListener>,
     stop: oneshot::Receiver<()>,
@@ -341,7 +388,9 @@ async fn run(
             }
         }
     };
-    let ctx = Arc::new(NodeCtx::new(settings, directory, presence, cluster));
+    let ctx = Arc::new(NodeCtx::new(
+        settings, directory, presence, cluster, tls, verifier,
+    ));
     let _ = ready.send(Ok((
         ctx.node_id.clone(),
         ctx.directory.clone(),
@@ -363,6 +412,18 @@ async fn run(
 
     let slots = Arc::new(Semaphore::new(ctx.settings.server.max_connections));
     let accepting = CancellationToken::new();
+    // Forgets the addresses nothing is held for any more, so the limiter stays small.
+    let limits = ctx.address_limits.clone();
+    let sweeping = accepting.clone();
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = sweeping.cancelled() => return,
+                _ = tick.tick() => limits.sweep(tokio::time::Instant::now()),
+            }
+        }
+    });
     let mut loops = Vec::new();
     for (listener, worker) in listeners.into_iter().zip(handles.iter().cycle()) {
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -460,13 +521,32 @@ async fn accept_loop(
             }
         };
         metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+        // Before anything else: a refused address costs the node no handshake and no slot.
+        let address_slot = match ctx
+            .address_limits
+            .admit(peer.ip(), tokio::time::Instant::now())
+        {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(%peer, limit = why.label(), "connection refused for its address");
+                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => why.label()).increment(1);
+                m::limit_tripped(why.label());
+                drop(stream);
+                continue;
+            }
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; refusing a connection");
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
             actix_rt::spawn(refuse_overloaded(stream));
             continue;
         };
-        actix_rt::spawn(crate::session::run(stream, peer, ctx.clone(), permit));
+        actix_rt::spawn(crate::session::run(
+            stream,
+            peer,
+            ctx.clone(),
+            (permit, address_slot),
+        ));
     }
 }
 

@@ -48,6 +48,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (refilled since its last take).
+    pub fn is_full(&self, rate: Rate, now: Instant) -> bool {
+        let elapsed_ms = millis(now).saturating_sub(self.last_ms);
+        self.tokens + elapsed_ms as f64 * rate.per_second / 1000.0 >= rate.burst
+    }
+
     /// Takes one token if there is one, refilling at `rate` since the last take.
     pub fn try_take(&mut self, rate: Rate, now: Instant) -> bool {
         let now_ms = millis(now);

@@ -1,4 +1,5 @@
-//! One TCP connection: the socket, the codec, the writer task and the `hello` handshake.
+//! One client connection: the socket (with its TLS handshake when the port has `[tls]`), the
+//! codec, the writer task and the `hello` handshake.
 //! It knows nothing of calls: once the client is signed in, its frames go to a new
 //! [`Endpoint`] actor on this worker thread.
 
@@ -14,12 +15,14 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
 
+use crate::address_limits::AddressSlot;
 use crate::context::Ctx;
 use crate::directory::EndpointEntry;
 use crate::endpoint::{Endpoint, Frames};
 use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
 use crate::presence::PresenceMsg;
+use crate::transport;
 
 /// Read buffer of a signed-in connection: most frames are small and an idle endpoint should
 /// cost little; the codec grows it for a larger frame.
@@ -65,7 +68,7 @@ pub async fn run(
     stream: TcpStream,
     peer: std::net::SocketAddr,
     ctx: Ctx,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, AddressSlot),
 ) {
     if crate::node::LISTENER_NODELAY_INHERITED {
         // Set on the listener by `node::bind`, where every accepted stream comes from.
@@ -76,7 +79,28 @@ pub async fn run(
     } else {
         let _ = stream.set_nodelay(true);
     }
-    let (rd, wr) = stream.into_split();
+    // One deadline for the TLS handshake and the hello together.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(ctx.settings.server.hello_timeout_ms);
+    let (rd, wr) = match &ctx.tls {
+        None => transport::split_tcp(stream),
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => {
+                metrics::counter!(m::TLS_HANDSHAKES, "result" => "ok").increment(1);
+                transport::split_tls(stream)
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "TLS handshake failed; closing");
+                tls_refused();
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "no TLS handshake in time; closing");
+                tls_refused();
+                return;
+            }
+        },
+    };
     let limits = &ctx.settings.limits;
     let (outbox, rx) = outbox(limits.outbound_queue, limits.outbound_queue_bytes);
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -93,8 +117,7 @@ pub async fn run(
     )
     .with_adaptive_buffer(READ_BUFFER, BUSY_READ_BUFFER);
     let mut frames = FramedRead::with_capacity(rd, codec, HELLO_BUFFER);
-    let timeout = Duration::from_millis(ctx.settings.server.hello_timeout_ms);
-    let hello = match tokio::time::timeout(timeout, handshake(&mut frames, &ctx)).await {
+    let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(refusal)) => {
             tracing::info!(%peer, code = refusal.code.as_str(), reason = %refusal.text, "connection refused at sign-in");
@@ -119,6 +142,12 @@ pub async fn run(
         *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
     }
     start_endpoint(ctx, hello, outbox, frames).await;
+}
+
+/// Counts a connection closed for a failed or missing TLS handshake.
+fn tls_refused() {
+    metrics::counter!(m::TLS_HANDSHAKES, "result" => "failed").increment(1);
+    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "tls").increment(1);
 }
 
 async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
@@ -194,9 +223,14 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
             "user is not a SIP URI",
         ));
     };
-    if let Err(e) = ctx.verifier.verify(&token, &user) {
-        tracing::debug!(error = %e, "token refused");
-        return Err(Refusal::new(rid, ErrorCode::Unauthorized, "invalid token"));
+    if let Err(why) = ctx.verifier.verify(&token, &user) {
+        tracing::debug!(%user, %why, "token refused");
+        metrics::counter!(m::TOKENS_REFUSED, "check" => why.label()).increment(1);
+        return Err(Refusal::new(
+            rid,
+            ErrorCode::Unauthorized,
+            format!("invalid token: {why}"),
+        ));
     }
     if ctx.is_draining() {
         return Err(Refusal::new(

@@ -28,6 +28,20 @@ pub struct Settings {
     pub metrics: Metrics,
     pub log: Log,
     pub cluster: Option<Cluster>,
+    /// TLS on the client port (`[tls]`); absent = plain TCP.
+    pub tls: Option<Tls>,
+}
+
+/// TLS on the client port: the node's certificate chain and key (PEM), and optionally the CA
+/// whose certificates clients must present. A top-level section (not `[server.tls]`) so that
+/// `CONFAB_TLS_CERT_FILE` and the like override it as any other key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -55,9 +69,17 @@ pub struct Server {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
+    /// The HS256 secret; empty (with `jwks_file`) refuses HS256 tokens.
     pub jwt_secret: String,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_s: u64,
+    /// A JWK set (JSON) of an identity provider's public keys (RS256, ES256, EdDSA); empty =
+    /// none. Re-read on SIGHUP.
+    pub jwks_file: String,
+    /// When set, a token's `iss` must be this.
+    pub issuer: String,
+    /// When set, a token's `aud` must hold this.
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -109,6 +131,15 @@ pub struct Limits {
     pub presence_updates_per_second: u32,
     /// Presence changes a connection may make in a burst above that rate.
     pub presence_update_burst: u32,
+    /// Client connections one source address may hold open at once.
+    pub connections_per_address: usize,
+    /// New client connections one source address may open per second, sustained...
+    pub new_connections_per_address_per_second: u32,
+    /// ... and in a burst above that rate.
+    pub new_connection_burst_per_address: u32,
+    /// Loopback addresses (one machine, or a proxy on the same host) are not held to the two
+    /// limits above.
+    pub address_limits_exempt_loopback: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -240,6 +271,9 @@ impl Default for Auth {
         Auth {
             jwt_secret: "change-me".to_owned(),
             leeway_s: 30,
+            jwks_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
         }
     }
 }
@@ -287,6 +321,10 @@ impl Default for Limits {
             request_burst: 20_000,
             presence_updates_per_second: 100,
             presence_update_burst: 200,
+            connections_per_address: 1_000,
+            new_connections_per_address_per_second: 100,
+            new_connection_burst_per_address: 500,
+            address_limits_exempt_loopback: true,
         }
     }
 }
@@ -420,8 +458,11 @@ impl Settings {
         if self.metrics.request_timeout_ms == 0 {
             return invalid("metrics.request_timeout_ms", "must be positive");
         }
-        if self.auth.jwt_secret.is_empty() {
-            return invalid("auth.jwt_secret", "must not be empty");
+        if self.auth.jwt_secret.is_empty() && self.auth.jwks_file.is_empty() {
+            return invalid(
+                "auth.jwt_secret",
+                "must not be empty (unless auth.jwks_file names the identity provider's keys)",
+            );
         }
         if self.presence.away_after_ms < self.presence.inactive_after_ms {
             return invalid(
@@ -446,6 +487,17 @@ impl Settings {
             return invalid(
                 "flow.composing_timeout_ms",
                 "must be more than 5000: clients refresh `composing` every 5 s (docs/protocol.md)",
+            );
+        }
+        if self.limits.connections_per_address == 0 {
+            return invalid("limits.connections_per_address", "must be positive");
+        }
+        if self.limits.new_connections_per_address_per_second == 0
+            || self.limits.new_connection_burst_per_address == 0
+        {
+            return invalid(
+                "limits.new_connections_per_address_per_second",
+                "must be positive, with a positive limits.new_connection_burst_per_address",
             );
         }
         if self.limits.requests_per_second == 0 {
@@ -563,7 +615,7 @@ fn typed_defaults() -> toml::Table {
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "log", "cluster",
+    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "log", "cluster", "tls",
 ];
 
 /// An environment value as TOML: integers and booleans keep their type, anything else is text.

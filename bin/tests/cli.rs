@@ -36,6 +36,11 @@ fn bare(addr: SocketAddr) -> Command {
         "CONFAB_USER",
         "CONFAB_TOKEN",
         "CONFAB_AUTH_JWT_SECRET",
+        "CONFAB_TOKEN_FILE",
+        "CONFAB_SECRET_FILE",
+        "CONFAB_TLS",
+        "CONFAB_CA",
+        "CONFAB_TLS_SERVER_NAME",
         "NO_COLOR",
         "RUST_LOG",
     ] {
@@ -467,4 +472,50 @@ async fn a_scripted_chat_delivers_each_line_and_quits() {
     bob.line(|l| l == "sip:alice@example.com: second").await;
     bob.line(|l| l.ends_with("established -> terminating 200 Terminated remotely"))
         .await;
+}
+
+#[tokio::test]
+async fn the_cli_speaks_tls_with_a_ca_and_reads_its_secret_from_a_file() {
+    let pki = confab_tests::pki::Pki::new("cli");
+    let tls = pki.node_tls();
+    let node = start_node(move |s| s.tls = Some(tls));
+    let secret_file = pki.dir.path().join("secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let secret = secret_file.to_str().unwrap().to_owned();
+
+    // --ca (the server name is the host of --server, 127.0.0.1), --secret-file.
+    let mut cmd = bare(node.addr);
+    cmd.args(["--ca", &ca, "--secret-file", &secret, "--user", ALICE])
+        .args(["presence", "watch", ALICE, "--count", "1"]);
+    let done = run(cmd).await;
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(done.stdout.starts_with("sip:alice@example.com: available"));
+
+    // The same through CONFAB_CA and CONFAB_SECRET_FILE.
+    let mut cmd = bare(node.addr);
+    cmd.env("CONFAB_CA", &ca)
+        .env("CONFAB_SECRET_FILE", &secret)
+        .args(["--user", ALICE, "presence", "watch", ALICE, "--count", "1"]);
+    let done = run(cmd).await;
+    assert!(done.status.success(), "{}", done.stderr);
+
+    // Plain TCP to a TLS port, and TLS trusting the system's roots only: each fails and says
+    // why.
+    let mut cmd = confab(node.addr, &["--user", ALICE, "presence", "watch", ALICE]);
+    cmd.arg("--count").arg("1");
+    let done = run(cmd).await;
+    assert!(!done.status.success());
+    let mut cmd = confab(
+        node.addr,
+        &["--tls", "--user", ALICE, "presence", "watch", ALICE],
+    );
+    cmd.arg("--count").arg("1");
+    let done = run(cmd).await;
+    assert!(!done.status.success());
+    assert!(
+        done.stderr.contains("TLS") || done.stderr.contains("root certificates"),
+        "{}",
+        done.stderr
+    );
 }

@@ -120,3 +120,85 @@ fn print_config_shows_file_and_environment_with_secrets_redacted() {
     assert!(stdout.contains("jwt_secret = \"<redacted>\""), "{stdout}");
     assert!(!stdout.contains("very-secret-value"), "{stdout}");
 }
+
+/// The node as a process with `[tls]`: SIGHUP makes it present a renewed certificate (of
+/// another CA here) to new connections, and SIGTERM still stops it cleanly.
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_of_a_running_node() {
+    use confab_client::{ClientTls, Endpoint, EndpointOptions, Hello};
+    use tokio::io::AsyncBufReadExt;
+
+    let old = confab_tests::pki::Pki::new("sighup-old");
+    let new = confab_tests::pki::Pki::new("sighup-new");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    old.issue_server(&cert, &key);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab-node"))
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .env("CONFAB_SERVER_LISTEN", "127.0.0.1:0")
+        .env("CONFAB_METRICS_LISTEN", "")
+        .env("CONFAB_AUTH_JWT_SECRET", confab_tests::SECRET)
+        .env("CONFAB_TLS_CERT_FILE", &cert)
+        .env("CONFAB_TLS_KEY_FILE", &key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // Reads the log until a line containing `want`; returns it.
+    async fn line_with(
+        log: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+        want: &str,
+    ) -> String {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = log.next_line().await.unwrap() {
+                if line.contains(want) {
+                    return line;
+                }
+            }
+            panic!("the node's log ended before {want:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {want:?} in the node's log"))
+    }
+    let listening = line_with(&mut log, "confab node listening").await;
+    let addr: std::net::SocketAddr = listening
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {listening:?}"));
+    let sign_in = |ca: std::path::PathBuf| async move {
+        let user = "sip:hup@example.com";
+        let mut options = EndpointOptions::default();
+        options.connection.tls = Some(ClientTls::with_ca_file(ca).unwrap());
+        let hello = Hello::new(user, confab_tests::token(user), "laptop");
+        Endpoint::connect_with(addr, hello, options).await
+    };
+    sign_in(old.ca.clone()).await.unwrap().bye().await.unwrap();
+
+    new.issue_server(&cert, &key);
+    let pid = child.id().unwrap().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status();
+    assert!(hup.unwrap().success());
+    line_with(&mut log, "SIGHUP: TLS certificate reloaded").await;
+    assert!(
+        sign_in(old.ca.clone()).await.is_err(),
+        "the old CA no longer fits"
+    );
+    sign_in(new.ca.clone()).await.unwrap().bye().await.unwrap();
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.unwrap().success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

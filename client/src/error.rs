@@ -34,6 +34,10 @@ pub enum ClientError {
     /// The message has no `rid` field, so it cannot be a request; use `Connection::send`.
     #[error("`{0}` carries no rid and gets no reply; send it instead of requesting it")]
     NotARequest(&'static str),
+    /// TLS could not be set up: a CA file that does not load, or a failed handshake (the
+    /// node's certificate not trusted or not for this name, or the node not speaking TLS).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The node did not answer within the time this library allows (e.g. the `hello`).
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -93,11 +94,18 @@ class Client:
     """One TCP connection = one endpoint (one device of one user)."""
 
     def __init__(self, host: str, port: int, name: str = "client",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls_ca: Optional[str] = None) -> None:
+        """With `tls_ca` (a PEM file), speaks TLS to a node with [tls], trusting that CA and
+        checking the certificate against `host`."""
         self.name = name
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_ca is not None:
+            context = ssl.create_default_context(cafile=tls_ca)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            sock = context.wrap_socket(sock, server_hostname=host)
+        self.sock = sock
         self._rx = bytearray()
         #: Frames read but not yet consumed by request()/next_event(), oldest first.
         self.pending: Deque[Frame] = deque()

@@ -15,6 +15,7 @@ Every check compares exact fields. Timeouts are safety nets (5 s per frame); not
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional
@@ -121,12 +122,12 @@ def check_transitions(client: Client) -> None:
 
 
 class Scenario:
-    def __init__(self, host: str, port: int, secret: str) -> None:
-        self.host, self.port, self.secret = host, port, secret
+    def __init__(self, host: str, port: int, secret: str, tls_ca: Optional[str] = None) -> None:
+        self.host, self.port, self.secret, self.tls_ca = host, port, secret, tls_ca
         self.clients: List[Client] = []
 
     def sign_in(self, name: str, user: str, device: str) -> Client:
-        c = Client(self.host, self.port, name=name)
+        c = Client(self.host, self.port, name=name, tls_ca=self.tls_ca)
         self.clients.append(c)
         try:
             welcome = c.hello(user, self.secret, device)
@@ -331,7 +332,8 @@ def main(argv: List[str]) -> int:
         return 2
     host, _, port = argv[1].rpartition(":")
     name = argv[3]
-    s = Scenario(host.strip("[]"), int(port), argv[2])
+    # CONFAB_CA: speak TLS, trusting that CA (a node with [tls]).
+    s = Scenario(host.strip("[]"), int(port), argv[2], os.environ.get("CONFAB_CA"))
     try:
         SCENARIOS[name](s)
     except (Deviation, ProtocolError) as e:

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 pub mod legs;
+pub mod pki;
 
 use bytes::BytesMut;
 use confab_actors::{RunningNode, Settings, spawn_node};
@@ -137,6 +138,16 @@ impl Raw {
         let mut v = (body.len() as u32).to_be_bytes().to_vec();
         v.extend_from_slice(body);
         self.send_bytes(&v).await;
+    }
+
+    /// The next frame from the node, or `None` once the connection has ended (closed or
+    /// reset); panics after [`EVENT_TIMEOUT`].
+    pub async fn next_or_closed(&mut self) -> Option<ServerMsg> {
+        match tokio::time::timeout(EVENT_TIMEOUT, self.framed.next()).await {
+            Ok(Some(Ok(frame))) => Some(decode_server(&frame).unwrap()),
+            Ok(Some(Err(_)) | None) => None,
+            Err(_) => panic!("{}: no frame within {EVENT_TIMEOUT:?}", self.user),
+        }
     }
 
     /// The next frame from the node; panics after [`EVENT_TIMEOUT`] or on close.
@@ -943,4 +954,30 @@ pub async fn http_get(addr: std::net::SocketAddr, target: &str) -> (u16, String,
     try_http_get(addr, target)
         .await
         .unwrap_or_else(|e| panic!("GET {target} from {addr}: {e}"))
+}
+
+/// `from` sends a message on `call`; `to` receives it on `to_call` and acks it; `from` sees it
+/// delivered.
+pub async fn send_and_ack(from: &mut Raw, call: &str, to: &mut Raw, to_call: &str, text: &str) {
+    let rid = from.rid();
+    from.send(&ClientMsg::Message {
+        rid,
+        call: call.to_owned(),
+        content_type: "text/plain".into(),
+        body: Body::Text(text.into()),
+    })
+    .await;
+    let (m, _) = to
+        .recv_until(|m| matches!(m, ServerMsg::MessageReceived { call: c, toast: None, .. } if c == to_call))
+        .await;
+    let ServerMsg::MessageReceived { msg, .. } = m else {
+        unreachable!()
+    };
+    to.send(&ClientMsg::MessageAck {
+        call: to_call.to_owned(),
+        msg,
+    })
+    .await;
+    let (d, _) = from.recv_until(|m| reply_rid(m) == rid).await;
+    assert!(matches!(d, ServerMsg::MessageDelivered { .. }), "{d:?}");
 }

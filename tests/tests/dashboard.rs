@@ -296,32 +296,6 @@ fn is_presence(m: &ServerMsg) -> bool {
     matches!(m, ServerMsg::Presence { .. })
 }
 
-/// `from` sends a message on `call`; `to` receives it on `to_call` and acks it; `from` sees it
-/// delivered.
-async fn send_and_ack(from: &mut Raw, call: &str, to: &mut Raw, to_call: &str, text: &str) {
-    let rid = from.rid();
-    from.send(&ClientMsg::Message {
-        rid,
-        call: call.to_owned(),
-        content_type: "text/plain".into(),
-        body: Body::Text(text.into()),
-    })
-    .await;
-    let (m, _) = to
-        .recv_until(|m| matches!(m, ServerMsg::MessageReceived { call: c, toast: None, .. } if c == to_call))
-        .await;
-    let ServerMsg::MessageReceived { msg, .. } = m else {
-        unreachable!()
-    };
-    to.send(&ClientMsg::MessageAck {
-        call: to_call.to_owned(),
-        msg,
-    })
-    .await;
-    let (d, _) = from.recv_until(|m| reply_rid(m) == rid).await;
-    assert!(matches!(d, ServerMsg::MessageDelivered { .. }), "{d:?}");
-}
-
 async fn terminate(who: &mut Raw, call: &str) {
     let ok = who
         .request(ClientMsg::CallTerminate {

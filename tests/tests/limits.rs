@@ -760,3 +760,64 @@ async fn a_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
     let r = message_round_trip(&mut carol, &mut bob, &carol_call, "indeed".into()).await;
     assert!(matches!(r, ServerMsg::MessageDelivered { .. }), "{r:?}");
 }
+
+/// One source address holds at most `limits.connections_per_address` connections, and opens at
+/// most `new_connections_per_address_per_second` (after a burst): a connection over either is
+/// closed at once, before any handshake or `hello`, and counted. Loopback is exempt by default,
+/// so the test turns that off.
+#[tokio::test]
+async fn a_source_address_over_its_limits_is_refused_before_a_hello() {
+    let node = start_node(|s| {
+        s.limits.address_limits_exempt_loopback = false;
+        s.limits.connections_per_address = 2;
+        s.limits.new_connections_per_address_per_second = 1_000;
+        s.limits.new_connection_burst_per_address = 1_000;
+    });
+    let first = Raw::sign_in(node.addr, "sip:alice-addr@example.com", "one").await;
+    let _second = Raw::sign_in(node.addr, "sip:alice-addr@example.com", "two").await;
+    let mut third = Raw::connect(node.addr).await;
+    assert_eq!(third.expect_closed().await, Vec::<ServerMsg>::new());
+    // A place comes back when a connection closes.
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        let mut raw = Raw::connect(node.addr).await;
+        raw.send(&ClientMsg::Hello {
+            rid: Some(1),
+            version: 1,
+            user: "sip:alice-addr@example.com".to_owned(),
+            token: token("sip:alice-addr@example.com"),
+            device: "three".to_owned(),
+            agent: None,
+        })
+        .await;
+        // Until the node has seen the first connection close, this one is refused too.
+        if let Some(welcome @ ServerMsg::Welcome { .. }) = raw.next_or_closed().await {
+            again = Some((raw, welcome));
+            break;
+        }
+    }
+    assert!(
+        again.is_some(),
+        "the closed connection's place was given back"
+    );
+    let (_, _, metrics) = http_get(
+        node.metrics_addr.expect("the test node serves metrics"),
+        "/metrics",
+    )
+    .await;
+    assert!(
+        metrics.contains("confab_connections_rejected_total{reason=\"connections_per_address\"}"),
+        "{metrics}"
+    );
+
+    let fast = start_node(|s| {
+        s.limits.address_limits_exempt_loopback = false;
+        s.limits.new_connections_per_address_per_second = 1;
+        s.limits.new_connection_burst_per_address = 2;
+    });
+    let _a = Raw::sign_in(fast.addr, "sip:bob-addr@example.com", "one").await;
+    let _b = Raw::sign_in(fast.addr, "sip:bob-addr@example.com", "two").await;
+    let mut c = Raw::connect(fast.addr).await;
+    assert_eq!(c.expect_closed().await, Vec::<ServerMsg>::new());
+}

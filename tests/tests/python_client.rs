@@ -42,17 +42,29 @@ fn require_python() {
 
 /// Runs `scenarios.py <addr> <secret> <scenario>` against a node started with `tweak`.
 fn run_scenario(scenario: &str, tweak: impl FnOnce(&mut confab_actors::Settings)) {
+    run_scenario_with(scenario, None, tweak);
+}
+
+/// [`run_scenario`]; with `ca`, over TLS (`CONFAB_CA` for the script) to a node with `[tls]`.
+fn run_scenario_with(
+    scenario: &str,
+    ca: Option<&std::path::Path>,
+    tweak: impl FnOnce(&mut confab_actors::Settings),
+) {
     require_python();
     let node = start_node(tweak);
-    let out = Command::new("python3")
-        .arg(python_dir().join("scenarios.py"))
+    let mut cmd = Command::new("python3");
+    cmd.arg(python_dir().join("scenarios.py"))
         .arg(node.addr.to_string())
         .arg(SECRET)
         .arg(scenario)
         .current_dir(python_dir())
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .expect("python3 runs");
+        .env_remove("CONFAB_CA");
+    if let Some(ca) = ca {
+        cmd.env("CONFAB_CA", ca);
+    }
+    let out = cmd.output().expect("python3 runs");
     node.shutdown();
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(
@@ -68,6 +80,18 @@ fn run_scenario(scenario: &str, tweak: impl FnOnce(&mut confab_actors::Settings)
 fn python_client_fork_click() {
     // A long toast timer keeps the arbiter out of the way: this scenario is about the click.
     run_scenario("fork_click", |s| s.fork.toast_timeout_ms = 10_000);
+}
+
+/// The same over TLS: Python's own `ssl` module (OpenSSL) against the node's rustls, checking
+/// the node's certificate against 127.0.0.1.
+#[test]
+fn python_client_fork_click_over_tls() {
+    let pki = confab_tests::pki::Pki::new("python");
+    let tls = pki.node_tls();
+    run_scenario_with("fork_click", Some(&pki.ca), |s| {
+        s.fork.toast_timeout_ms = 10_000;
+        s.tls = Some(tls);
+    });
 }
 
 /// Nobody clicks: after the toast timer the active device (not the away one) is asked to

@@ -178,7 +178,7 @@ fn presence_rate(ctx: &Ctx) -> Rate {
 
 /// The client's frames after the `hello`, read by this actor.
 pub type Frames =
-    tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, confab_protocol::FrameCodec>;
+    tokio_util::codec::FramedRead<crate::transport::ClientReader, confab_protocol::FrameCodec>;
 
 impl Endpoint {
     pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox) -> Self {

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use confab_actors::{Settings, spawn_node};
+use confab_actors::{RunningNode, Settings, spawn_node};
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        wait_for_signal().await;
+        wait_for_signal(&node).await;
         tracing::info!("signal received; shutting down gracefully");
     });
     if let Some(stop) = stop {
@@ -114,24 +114,46 @@ fn raise_file_limit(max_connections: usize) {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGHUP: reloads what can be reloaded in place, each on its own (one that does not load is
+/// logged and keeps its old value): the client port's TLS certificate and the token keys.
+fn reload(node: &RunningNode) {
+    match node.reload_tls() {
+        Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+        Ok(false) => {}
+        // Logged where it failed; the node goes on with the old certificate.
+        Err(_) => {}
+    }
+    match node.reload_token_keys() {
+        Ok(true) => tracing::info!("SIGHUP: token keys reloaded"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the old ones stay"),
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C. Meanwhile each SIGHUP reloads what can be reloaded in place
+/// (see [`reload`]).
+async fn wait_for_signal(node: &RunningNode) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => reload(node),
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = node;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

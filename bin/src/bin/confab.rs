@@ -36,6 +36,32 @@ struct Args {
     /// The node's JWT secret (auth.jwt_secret): mint a token for --user locally.
     #[arg(long, env = "CONFAB_AUTH_JWT_SECRET", global = true)]
     secret: Option<String>,
+    /// Read the token from FILE (first line), so it does not show in `ps`.
+    #[arg(
+        long,
+        env = "CONFAB_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<std::path::PathBuf>,
+    /// Read the JWT secret from FILE (first line), so it does not show in `ps`.
+    #[arg(
+        long,
+        env = "CONFAB_SECRET_FILE",
+        global = true,
+        conflicts_with = "secret"
+    )]
+    secret_file: Option<std::path::PathBuf>,
+    /// Speak TLS to the node (a node with [tls]), trusting the system's root certificates
+    /// unless --ca is given.
+    #[arg(long, env = "CONFAB_TLS", global = true)]
+    tls: bool,
+    /// Trust only the CA certificate(s) in FILE (PEM); implies --tls.
+    #[arg(long, env = "CONFAB_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// The name the node's certificate must carry; default: the host of --server.
+    #[arg(long, env = "CONFAB_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
     /// The device name shown to the user's other endpoints.
     #[arg(long, default_value = "cli", global = true)]
     device: String,
@@ -125,7 +151,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, out: &Arc<Output>) -> anyhow::Result<ExitCode> {
+/// The first line of `path`, for a secret kept out of the command line.
+fn first_line(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the {what} file {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    if line.is_empty() {
+        anyhow::bail!("the {what} file {} is empty", path.display());
+    }
+    Ok(line)
+}
+
+/// `--tls`/`--ca`: how to speak TLS to the node, with the name to check (the host of
+/// `server` unless given).
+fn client_tls(args: &Args) -> anyhow::Result<Option<confab_client::ClientTls>> {
+    if !args.tls && args.ca.is_none() {
+        return Ok(None);
+    }
+    let tls = match &args.ca {
+        Some(ca) => confab_client::ClientTls::with_ca_file(ca)?,
+        None => confab_client::ClientTls::system_roots()?,
+    };
+    let host = match &args.tls_server_name {
+        Some(name) => name.clone(),
+        None => server_host(&args.server).to_owned(),
+    };
+    Ok(Some(tls.server_name(host)))
+}
+
+/// The host of `host:port` (`[v6]:port` too).
+fn server_host(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn run(mut args: Args, out: &Arc<Output>) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.secret_file {
+        args.secret = Some(first_line(path, "secret")?);
+    }
+    if let Some(path) = &args.token_file {
+        args.token = Some(first_line(path, "token")?);
+    }
     if let Command::Token { user_uri, ttl } = &args.command {
         let Some(secret) = &args.secret else {
             anyhow::bail!("`token` needs --secret (or CONFAB_AUTH_JWT_SECRET)");
@@ -149,6 +215,7 @@ fn run(args: Args, out: &Arc<Output>) -> anyhow::Result<ExitCode> {
         user,
         auth,
         device: args.device.clone(),
+        tls: client_tls(&args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -29,6 +29,8 @@ pub struct Session {
     pub user: String,
     pub auth: Auth,
     pub device: String,
+    /// `--tls`/`--ca`: TLS to the node, or plain TCP.
+    pub tls: Option<confab_client::ClientTls>,
 }
 
 impl Session {
@@ -40,10 +42,11 @@ impl Session {
         };
         let mut hello = Hello::new(&self.user, token, &self.device);
         hello.agent = Some(concat!("confab-cli/", env!("CARGO_PKG_VERSION")).to_owned());
-        let options = EndpointOptions {
+        let mut options = EndpointOptions {
             auto_accept: policy,
             ..EndpointOptions::default()
         };
+        options.connection.tls = self.tls.clone();
         Endpoint::connect_with(self.server.as_str(), hello, options)
             .await
             .map_err(|e| match e {
@@ -53,6 +56,9 @@ impl Session {
                     code.as_str()
                 ),
                 ClientError::Io(e) => anyhow!("cannot reach the node at {}: {e}", self.server),
+                ClientError::Tls(e) => {
+                    anyhow!("no TLS session with the node at {}: {e}", self.server)
+                }
                 ClientError::Closed => anyhow!(
                     "the node at {} closed the connection during sign-in",
                     self.server

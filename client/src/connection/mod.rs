@@ -10,7 +10,10 @@
 mod heartbeat;
 mod pending;
 mod reader;
+mod tls;
 mod writer;
+
+pub use tls::ClientTls;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -88,6 +91,8 @@ pub struct ConnectionOptions {
     /// Whether to ping every `heartbeat_ms` (and give up on a node silent for three periods).
     /// Only tests that want to watch the node's timeout turn this off.
     pub heartbeat: bool,
+    /// TLS to the node (a node with `[tls]`); `None`: plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ConnectionOptions {
@@ -96,6 +101,7 @@ impl Default for ConnectionOptions {
             max_frame: DEFAULT_CLIENT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(10),
             heartbeat: true,
+            tls: None,
         }
     }
 }
@@ -193,7 +199,20 @@ impl Connection {
             .map_err(|_| ClientError::Timeout("the TCP connection"))??;
         // Frames are small and latency matters more than packet count; the writer batches.
         stream.set_nodelay(true)?;
-        let (connection, events) = Self::start(stream, &options);
+        let (connection, events) = match &options.tls {
+            None => {
+                let (r, w) = stream.into_split();
+                Self::start(r, w, &options)
+            }
+            Some(tls) => {
+                let peer = stream.peer_addr()?.ip();
+                let stream = tokio::time::timeout_at(deadline, tls.connect(stream, peer))
+                    .await
+                    .map_err(|_| ClientError::Timeout("the TLS handshake"))??;
+                let (r, w) = tokio::io::split(stream);
+                Self::start(r, w, &options)
+            }
+        };
         let reply = tokio::time::timeout_at(deadline, connection.request(hello_msg(hello))).await;
         let welcome = match reply {
             Ok(Ok(ServerMsg::Welcome {
@@ -236,8 +255,11 @@ impl Connection {
         Ok((connection, welcome, events))
     }
 
-    fn start(stream: TcpStream, options: &ConnectionOptions) -> (Connection, Events) {
-        let (read_half, write_half) = stream.into_split();
+    fn start<R, W>(read_half: R, write_half: W, options: &ConnectionOptions) -> (Connection, Events)
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();

@@ -7,15 +7,14 @@ use std::sync::Arc;
 
 use confab_protocol::{DecodeError, FrameCodec, ServerMsg, decode_server};
 use futures::StreamExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use super::Shared;
 use crate::error::ClientError;
 
-pub(super) async fn run(
-    mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
+pub(super) async fn run<R: tokio::io::AsyncRead + Unpin>(
+    mut frames: FramedRead<R, FrameCodec>,
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<ServerMsg>,
 ) {

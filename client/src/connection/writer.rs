@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use futures::SinkExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::{BytesCodec, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -12,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 /// Most frames written before a flush, so one producer cannot delay the flush indefinitely.
 const MAX_BURST: usize = 256;
 
-pub(super) async fn run(
-    mut sink: FramedWrite<OwnedWriteHalf, BytesCodec>,
+pub(super) async fn run<W: tokio::io::AsyncWrite + Unpin>(
+    mut sink: FramedWrite<W, BytesCodec>,
     mut queue: mpsc::UnboundedReceiver<Bytes>,
     cancel: CancellationToken,
 ) {

@@ -1,0 +1,178 @@
+//! TLS on the client port (rustls, with the ring provider): the server configuration built
+//! from `[tls]`, and its certificate reloaded in place.
+//!
+//! - TLS 1.2 and 1.3 only; resumption by session tickets (and a session cache for TLS 1.2
+//!   clients without tickets), so a reconnecting client skips the full handshake.
+//! - With `client_ca_file`, every client must present a certificate that CA signed.
+//! - The certificate and key are read at start (a bad file stops the node) and again by
+//!   [`ServerTls::reload`] (SIGHUP): a new pair that does not load is reported and the old one
+//!   kept; connections already open are not touched, new handshakes use the new pair.
+
+use rustls::ServerConfig;
+use rustls::crypto::ring as provider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use thiserror::Error;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics as m;
+use crate::settings;
+
+/// TLS sessions a node remembers for TLS 1.2 resumption without tickets.
+const SESSION_CACHE: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("tls.{key}: cannot read {path}: {reason}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("tls.{key}: {path} holds no {what}")]
+    Empty {
+        key: &'static str,
+        path: PathBuf,
+        what: &'static str,
+    },
+    #[error("tls: the key does not fit the certificate or is of an unsupported kind: {0}")]
+    Key(String),
+    #[error("tls: {0}")]
+    Config(String),
+}
+
+/// The client port's TLS: the acceptor handshakes use, and the certificate it presents.
+pub struct ServerTls {
+    acceptor: TlsAcceptor,
+    cert: Arc<ReloadableCert>,
+    cfg: settings::Tls,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("cert_file", &self.cfg.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads the files named by `cfg` and builds the server configuration.
+    pub fn load(cfg: &settings::Tls) -> Result<ServerTls, TlsError> {
+        let cert = Arc::new(ReloadableCert {
+            current: RwLock::new(Arc::new(certified_key(cfg)?)),
+        });
+        let provider = Arc::new(provider::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match &cfg.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for ca in read_certs("client_ca_file", path)? {
+                    roots
+                        .add(ca)
+                        .map_err(|e| TlsError::Config(format!("client_ca_file: {e}")))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError::Config(format!("client_ca_file: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(cert.clone());
+        config.ticketer = provider::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+        Ok(ServerTls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            cert,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// Reads the certificate and key again; on success new handshakes present them, on
+    /// failure the old pair stays and the error says why. Counted in
+    /// `confab_tls_reloads_total{result}`.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        match certified_key(&self.cfg) {
+            Ok(key) => {
+                let mut current = match self.cert.current.write() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                *current = Arc::new(key);
+                metrics::counter!(m::TLS_RELOADS, "result" => "ok").increment(1);
+                tracing::info!(cert_file = %self.cfg.cert_file.display(), "TLS certificate reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
+                tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The certificate the node presents, swapped whole by a reload.
+#[derive(Debug)]
+struct ReloadableCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = match self.current.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        Some(current.clone())
+    }
+}
+
+/// The chain of `cert_file` with the key of `key_file`, checked to fit each other.
+fn certified_key(cfg: &settings::Tls) -> Result<CertifiedKey, TlsError> {
+    let chain = read_certs("cert_file", &cfg.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::File {
+        key: "key_file",
+        path: cfg.key_file.clone(),
+        reason: e.to_string(),
+    })?;
+    let signing =
+        provider::sign::any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    Ok(certified)
+}
+
+fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_err = |reason: String| TlsError::File {
+        key,
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            key,
+            path: path.to_owned(),
+            what: "PEM certificate",
+        });
+    }
+    Ok(certs)
+}

@@ -1,0 +1,95 @@
+//! Certificates for TLS tests, made with rcgen in a temporary directory: a CA, a server
+//! certificate for `localhost` and `127.0.0.1` signed by it, and a client certificate.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use std::path::PathBuf;
+
+/// A CA and what it signed, as PEM files.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    /// The CA's certificate: what clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate chain and key, for `[tls] cert_file` and `key_file`.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A client certificate and key the CA signed (for `client_ca_file`).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    ca_cert: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    /// A new CA named `name`, with a server and a client certificate.
+    pub fn new(name: &str) -> Pki {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let ca_cert = params.self_signed(&ca_key).expect("a CA certificate");
+        let path = |file: &str| dir.path().join(file);
+        let pki = Pki {
+            ca: path("ca.pem"),
+            cert: path("server.pem"),
+            key: path("server-key.pem"),
+            client_cert: path("client.pem"),
+            client_key: path("client-key.pem"),
+            ca_cert,
+            ca_key,
+            dir,
+        };
+        std::fs::write(&pki.ca, pki.ca_cert.pem()).expect("write the CA");
+        pki.issue_server(&pki.cert, &pki.key);
+        let (cert, key) = pki.sign(
+            vec![],
+            "confab test client",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        std::fs::write(&pki.client_cert, cert).expect("write the client certificate");
+        std::fs::write(&pki.client_key, key).expect("write the client key");
+        pki
+    }
+
+    /// Writes a new server certificate (for `localhost` and `127.0.0.1`) and key to the given
+    /// paths.
+    pub fn issue_server(&self, cert: &std::path::Path, key: &std::path::Path) {
+        let (c, k) = self.sign(
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "confab test node",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        std::fs::write(cert, c).expect("write the server certificate");
+        std::fs::write(key, k).expect("write the server key");
+    }
+
+    /// A certificate (PEM) for `names`, signed by the CA, and its key (PEM).
+    fn sign(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
+        let mut params = CertificateParams::new(names).expect("certificate parameters");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("a key");
+        let cert = params
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("a signed certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// `[tls]` settings for a node presenting this PKI's server certificate.
+    pub fn node_tls(&self) -> confab_actors::settings::Tls {
+        confab_actors::settings::Tls {
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+            client_ca_file: None,
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! TLS on the client port (`[tls]`, docs/protocol.md §1): real TLS between real sockets, with
+//! certificates made by rcgen. Devices sign in, call and chat over TLS through the Rust client
+//! library; a plain-TCP client on the TLS port gets nothing; a reloaded certificate is
+//! presented to new connections while old ones carry on, and one that does not load leaves
+//! the old in place; with `client_ca_file`, a client without a certificate is refused.
+#![allow(clippy::unwrap_used)]
+
+use confab_client::{
+    AutoAcceptPolicy, CallEstablishOptions, ClientError, ClientTls, Conversation, Endpoint,
+    EndpointOptions, Hello, InstantMessagingCall,
+};
+use confab_protocol::*;
+use confab_tests::pki::Pki;
+use confab_tests::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+const ALICE: &str = "sip:alice@example.com";
+const BOB: &str = "sip:bob@example.com";
+
+fn tls_node(
+    pki: &Pki,
+    tweak: impl FnOnce(&mut confab_actors::settings::Tls),
+) -> confab_actors::RunningNode {
+    let mut tls = pki.node_tls();
+    tweak(&mut tls);
+    start_node(|s| {
+        s.tls = Some(tls);
+        s.fork.toast_timeout_ms = 60_000;
+        s.fork.auto_accept_grace_ms = 60_000;
+    })
+}
+
+async fn connect(addr: SocketAddr, user: &str, tls: ClientTls) -> Result<Endpoint, ClientError> {
+    let mut options = EndpointOptions {
+        auto_accept: AutoAcceptPolicy::Accept,
+        ..EndpointOptions::default()
+    };
+    options.connection.tls = Some(tls);
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        Endpoint::connect_with(addr, Hello::new(user, token(user), "laptop"), options),
+    )
+    .await
+    .expect("sign-in finished in time")
+}
+
+/// The value of the series `series` (name and labels) in a `/metrics` text. The recorder is
+/// shared by every test of this file, so tests compare with at least what they caused.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn trusting(pki: &Pki) -> ClientTls {
+    ClientTls::with_ca_file(&pki.ca).unwrap()
+}
+
+#[tokio::test]
+async fn devices_sign_in_call_and_chat_over_tls() {
+    let pki = Pki::new("chat");
+    let node = tls_node(&pki, |_| {});
+    // The name checked is the address connected to (127.0.0.1), or one given.
+    let alice = connect(node.addr, ALICE, trusting(&pki)).await.unwrap();
+    let bob = connect(node.addr, BOB, trusting(&pki).server_name("localhost"))
+        .await
+        .unwrap();
+    let mut ringing = bob.incoming_calls();
+    let call = InstantMessagingCall::establish(
+        &Conversation::new(&alice),
+        BOB,
+        Some(legs::text_toast("over TLS")),
+        CallEstablishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let inbound = tokio::time::timeout(EVENT_TIMEOUT, ringing.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    inbound.established().await.unwrap();
+    let mut received = inbound.flow().received();
+    let msg = call.flow().send_text("encrypted hello").await.unwrap();
+    let toast = received.recv().await.unwrap();
+    let hello = received.recv().await.unwrap();
+    assert!(toast.toast);
+    assert_eq!(
+        (hello.msg, hello.body),
+        (msg, Body::from("encrypted hello"))
+    );
+    call.terminate().await.unwrap();
+    alice.bye().await.unwrap();
+    bob.bye().await.unwrap();
+    let (_, _, metrics) = http_get(node.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metric(&metrics, "confab_tls_handshakes_total{result=\"ok\"}") >= 2.0);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_node_or_does_not_speak_tls_gets_nothing() {
+    let pki = Pki::new("trust");
+    let stranger = Pki::new("stranger");
+    let node = tls_node(&pki, |_| {});
+    // Trusting another CA: the handshake fails on the client's side.
+    match connect(node.addr, ALICE, trusting(&stranger)).await {
+        Err(ClientError::Tls(why)) => assert!(why.contains("handshake"), "{why}"),
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    // A name the certificate does not carry.
+    match connect(
+        node.addr,
+        ALICE,
+        trusting(&pki).server_name("elsewhere.example"),
+    )
+    .await
+    {
+        Err(ClientError::Tls(_)) => {}
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    // Plain TCP on the TLS port: the hello is not TLS, so the node closes without a frame.
+    let mut raw = Raw::connect(node.addr).await;
+    raw.send(&ClientMsg::Hello {
+        rid: Some(1),
+        version: 1,
+        user: ALICE.to_owned(),
+        token: token(ALICE),
+        device: "plain".to_owned(),
+        agent: None,
+    })
+    .await;
+    assert_eq!(raw.expect_closed().await, Vec::<ServerMsg>::new());
+    let (_, _, metrics) = http_get(node.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        metric(
+            &metrics,
+            "confab_connections_rejected_total{reason=\"tls\"}"
+        ) >= 3.0
+    );
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_connections_and_the_old_ones_carry_on() {
+    let old = Pki::new("old");
+    let new = Pki::new("new");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    old.issue_server(&cert, &key);
+    let node = tls_node(&old, |t| {
+        t.cert_file = cert.clone();
+        t.key_file = key.clone();
+    });
+    let alice = connect(node.addr, ALICE, trusting(&old)).await.unwrap();
+
+    // A file that does not load: refused, and the old certificate stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    assert!(node.reload_tls().is_err());
+    connect(node.addr, BOB, trusting(&old))
+        .await
+        .unwrap()
+        .bye()
+        .await
+        .unwrap();
+
+    // A certificate of another CA: new connections get it, the open one goes on.
+    new.issue_server(&cert, &key);
+    assert!(node.reload_tls().unwrap());
+    assert!(matches!(
+        connect(node.addr, BOB, trusting(&old)).await,
+        Err(ClientError::Tls(_))
+    ));
+    let bob = connect(node.addr, BOB, trusting(&new)).await.unwrap();
+    let presence = alice.subscribe([BOB]).await.unwrap();
+    drop(presence);
+    bob.bye().await.unwrap();
+    alice.bye().await.unwrap();
+    let (_, _, metrics) = http_get(node.metrics_addr.unwrap(), "/metrics").await;
+    for series in [
+        "confab_tls_reloads_total{result=\"ok\"}",
+        "confab_tls_reloads_total{result=\"failed\"}",
+    ] {
+        assert!(metric(&metrics, series) >= 1.0, "{series}");
+    }
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
+    let pki = Pki::new("mutual");
+    let node = tls_node(&pki, |t| t.client_ca_file = Some(pki.ca.clone()));
+    // The library presents no certificate: the node refuses the handshake, so the client
+    // sees the connection end before any welcome.
+    assert!(connect(node.addr, ALICE, trusting(&pki)).await.is_err());
+
+    // With the CA's client certificate (rustls directly), the hello gets its welcome.
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for ca in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&pki.client_cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hello = ClientMsg::Hello {
+        rid: Some(1),
+        version: 1,
+        user: ALICE.to_owned(),
+        token: token(ALICE),
+        device: "mutual".to_owned(),
+        agent: None,
+    };
+    tls.write_all(&frame(&hello)).await.unwrap();
+    let mut len = [0u8; 4];
+    tls.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    tls.read_exact(&mut body).await.unwrap();
+    assert!(
+        matches!(decode_server(&body), Ok(ServerMsg::Welcome { .. })),
+        "{:?}",
+        decode_server(&body)
+    );
+}

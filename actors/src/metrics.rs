@@ -270,6 +270,7 @@ pub fn describe_all() {
         "tls",
         "connections_per_address",
         "new_connections_per_address",
+        "proxy_header",
     ] {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).absolute(0);
     }

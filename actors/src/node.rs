@@ -522,17 +522,20 @@ async fn accept_loop(
         };
         metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
         // Before anything else: a refused address costs the node no handshake and no slot.
-        let address_slot = match ctx
-            .address_limits
-            .admit(peer.ip(), tokio::time::Instant::now())
-        {
-            Ok(slot) => slot,
-            Err(why) => {
-                tracing::debug!(%peer, limit = why.label(), "connection refused for its address");
-                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => why.label()).increment(1);
-                m::limit_tripped(why.label());
-                drop(stream);
-                continue;
+        // Behind a PROXY header the address is the client's, which the session reads first.
+        let address_slot = if ctx.settings.server.proxy_protocol {
+            None
+        } else {
+            match ctx
+                .address_limits
+                .admit(peer.ip(), tokio::time::Instant::now())
+            {
+                Ok(slot) => Some(slot),
+                Err(why) => {
+                    crate::session::refused_for_address(peer, why);
+                    drop(stream);
+                    continue;
+                }
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
 
-use crate::address_limits::AddressSlot;
+use crate::address_limits::{AddressRefusal, AddressSlot};
 use crate::context::Ctx;
 use crate::directory::EndpointEntry;
 use crate::endpoint::{Endpoint, Frames};
@@ -23,6 +23,7 @@ use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
 use crate::presence::PresenceMsg;
 use crate::transport;
+use confab_protocol::proxy::ProxyHeader;
 
 /// Read buffer of a signed-in connection: most frames are small and an idle endpoint should
 /// cost little; the codec grows it for a larger frame.
@@ -65,10 +66,10 @@ impl Refusal {
 /// Serves one accepted connection until it closes. `permit` is the connection's slot under
 /// `server.max_connections`, held until the socket is closed.
 pub async fn run(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: std::net::SocketAddr,
     ctx: Ctx,
-    permit: (OwnedSemaphorePermit, AddressSlot),
+    permit: (OwnedSemaphorePermit, Option<AddressSlot>),
 ) {
     if crate::node::LISTENER_NODELAY_INHERITED {
         // Set on the listener by `node::bind`, where every accepted stream comes from.
@@ -79,9 +80,43 @@ pub async fn run(
     } else {
         let _ = stream.set_nodelay(true);
     }
-    // One deadline for the TLS handshake and the hello together.
+    // One deadline for the PROXY header, the TLS handshake and the hello together.
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(ctx.settings.server.hello_timeout_ms);
+    let (permit, address_slot) = permit;
+    let (peer, address_slot) = match address_slot {
+        Some(slot) => (peer, slot),
+        None => {
+            let peer = match tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await
+            {
+                Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
+                Ok(Ok(ProxyHeader::Local)) => peer,
+                Ok(Err(why)) => {
+                    tracing::info!(%peer, %why, "bad PROXY header; closing");
+                    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
+                        .increment(1);
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "no PROXY header in time; closing");
+                    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
+                        .increment(1);
+                    return;
+                }
+            };
+            match ctx
+                .address_limits
+                .admit(peer.ip(), tokio::time::Instant::now())
+            {
+                Ok(slot) => (peer, slot),
+                Err(why) => {
+                    refused_for_address(peer, why);
+                    return;
+                }
+            }
+        }
+    };
+    let permit = (permit, address_slot);
     let (rd, wr) = match &ctx.tls {
         None => transport::split_tcp(stream),
         Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
@@ -142,6 +177,33 @@ pub async fn run(
         *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
     }
     start_endpoint(ctx, hello, outbox, frames).await;
+}
+
+/// Counts (and logs at debug) a connection refused for its address's limits.
+pub(crate) fn refused_for_address(peer: std::net::SocketAddr, why: AddressRefusal) {
+    tracing::debug!(%peer, limit = why.label(), "connection refused for its address");
+    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => why.label()).increment(1);
+    m::limit_tripped(why.label());
+}
+
+/// Why a PROXY header was not taken.
+#[derive(Debug, thiserror::Error)]
+enum ProxyReadError {
+    #[error("{0}")]
+    Header(#[from] confab_protocol::proxy::ProxyError),
+    #[error("connection ended in the PROXY header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads exactly the PROXY v2 header, leaving what follows (TLS or the hello) unread.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyReadError> {
+    use confab_protocol::proxy;
+    use tokio::io::AsyncReadExt;
+    let mut fixed = [0u8; proxy::FIXED_LEN];
+    stream.read_exact(&mut fixed).await?;
+    let mut rest = vec![0u8; proxy::rest_len(&fixed)?];
+    stream.read_exact(&mut rest).await?;
+    Ok(proxy::parse(&fixed, &rest)?)
 }
 
 /// Counts a connection closed for a failed or missing TLS handshake.

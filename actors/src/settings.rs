@@ -64,6 +64,10 @@ pub struct Server {
     pub reconnect_after_ms: u64,
     /// Pending-connection queue of the listening socket (sign-in bursts queue here).
     pub listen_backlog: u32,
+    /// Every client connection starts with a PROXY protocol v2 header (from a load balancer
+    /// in front of the node), which gives the client's address; a connection without one is
+    /// refused.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -262,6 +266,7 @@ impl Default for Server {
             shutdown_timeout_ms: 10_000,
             reconnect_after_ms: 5_000,
             listen_backlog: 4096,
+            proxy_protocol: false,
         }
     }
 }

@@ -417,3 +417,38 @@ async fn messages_and_forked_calls_cross_nodes_with_callee_server() {
     assert_eq!(r["cross_node"], Value::Bool(true), "{r}");
     drop((a, b, nats));
 }
+
+/// `--ca`: the same scenarios over TLS to a node with `[tls]`, with resumed and with full
+/// handshakes (scripts/bench-tls measures them beside plain TCP).
+#[tokio::test]
+async fn the_bench_speaks_tls_with_ca() {
+    let pki = confab_tests::pki::Pki::new("bench");
+    let tls = pki.node_tls();
+    let node = start_node(move |s| s.tls = Some(tls));
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let r = bench(
+        node.addr,
+        &["--ca", &ca, "messages", "--pairs", "2", "--duration", "0.3"],
+    )
+    .await;
+    assert_common(&r, "messages");
+    assert!(num(&r, "delivered") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    let pid = std::process::id().to_string();
+    for extra in [&[][..], &["--tls-full-handshakes"][..]] {
+        let mut args = vec!["--ca", ca.as_str()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "idle",
+            "--endpoints",
+            "50",
+            "--hold",
+            "0",
+            "--node-pid",
+            &pid,
+        ]);
+        let r = bench(node.addr, &args).await;
+        assert_eq!(num(&r, "failed"), 0.0, "{r}");
+        assert_eq!(num(&r, "endpoints"), 50.0, "{r}");
+    }
+}

@@ -84,6 +84,7 @@ BAD = [
 
 def write(target, data):
     name = hashlib.sha1(data).hexdigest()
+    os.makedirs(os.path.join("corpus", target), exist_ok=True)
     with open(os.path.join("corpus", target, name), "wb") as f:
         f.write(data)
 
@@ -109,3 +110,11 @@ for offer, answer in [(OFFER, ANSWER), (OFFER_MSRP, ANSWER), (OFFER, OFFER_MSRP)
     data = (offer + answer).encode()
     pick = min(255, len(offer.encode()) * 256 // len(data) + 1)
     write("sdp_parse", bytes([pick]) + data)
+# proxy_v2: PROXY protocol v2 headers (signature, version/command, family, length, rest)
+PROXY_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+V4 = bytes([203, 0, 113, 7, 192, 0, 2, 1]) + struct.pack(">HH", 40000, 5070)
+V6 = (bytes.fromhex("20010db8000000000000000000000007")
+      + bytes.fromhex("20010db8000000000000000000000001") + struct.pack(">HH", 40000, 5070))
+write("proxy_v2", PROXY_SIG + bytes([0x21, 0x11]) + struct.pack(">H", len(V4)) + V4)
+write("proxy_v2", PROXY_SIG + bytes([0x21, 0x21]) + struct.pack(">H", len(V6)) + V6)
+write("proxy_v2", PROXY_SIG + bytes([0x20, 0x00]) + struct.pack(">H", 0))

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod hot;
 pub mod messages;
 pub mod peek;
+pub mod proxy;
 pub mod sdp;
 pub mod state;
 pub mod uri;

@@ -65,6 +65,21 @@ impl Pki {
         std::fs::write(key, k).expect("write the server key");
     }
 
+    /// Writes a server certificate that expired on 2020-01-01, and its key.
+    pub fn issue_expired_server(&self, cert: &std::path::Path, key: &std::path::Path) {
+        let (c, k) = self.sign_with(
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "confab test node (expired)",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            |p| {
+                p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            },
+        );
+        std::fs::write(cert, c).expect("write the server certificate");
+        std::fs::write(key, k).expect("write the server key");
+    }
+
     /// A certificate (PEM) for `names`, signed by the CA, and its key (PEM).
     fn sign(
         &self,
@@ -72,7 +87,19 @@ impl Pki {
         common_name: &str,
         usage: ExtendedKeyUsagePurpose,
     ) -> (String, String) {
+        self.sign_with(names, common_name, usage, |_| {})
+    }
+
+    /// [`Pki::sign`], with `tweak` applied to the certificate's parameters.
+    fn sign_with(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
         let mut params = CertificateParams::new(names).expect("certificate parameters");
+        tweak(&mut params);
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);

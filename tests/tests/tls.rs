@@ -135,13 +135,24 @@ async fn a_client_that_does_not_trust_the_node_or_does_not_speak_tls_gets_nothin
     })
     .await;
     assert_eq!(raw.expect_closed().await, Vec::<ServerMsg>::new());
-    let (_, _, metrics) = http_get(node.metrics_addr.unwrap(), "/metrics").await;
-    assert!(
-        metric(
+    // The node counts a handshake the client gave up on when it sees the close, which may be
+    // after the client has moved on: poll the counter (there is no event to wait for).
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let (_, _, metrics) = http_get(node.metrics_addr.unwrap(), "/metrics").await;
+        let refused = metric(
             &metrics,
-            "confab_connections_rejected_total{reason=\"tls\"}"
-        ) >= 3.0
-    );
+            "confab_connections_rejected_total{reason=\"tls\"}",
+        );
+        if refused >= 3.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{refused} TLS refusals counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -239,4 +250,46 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
         "{:?}",
         decode_server(&body)
     );
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused_by_the_client() {
+    let pki = Pki::new("expired");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    pki.issue_expired_server(&cert, &key);
+    let node = tls_node(&pki, |t| {
+        t.cert_file = cert.clone();
+        t.key_file = key.clone();
+    });
+    match connect(node.addr, ALICE, trusting(&pki)).await {
+        Err(ClientError::Tls(why)) => assert!(why.to_lowercase().contains("expired"), "{why}"),
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+}
+
+/// A handshake that never finishes (nothing sent, or a TLS record cut short) holds the
+/// connection only until `server.hello_timeout_ms`, then it is closed and counted.
+#[tokio::test]
+async fn a_handshake_that_never_finishes_is_closed_at_the_hello_deadline() {
+    let pki = Pki::new("stall");
+    let tls = pki.node_tls();
+    let node = start_node(move |s| {
+        s.tls = Some(tls);
+        s.server.hello_timeout_ms = 300;
+    });
+    let mut silent = Raw::connect(node.addr).await;
+    let mut cut_short = Raw::connect(node.addr).await;
+    // A TLS handshake record that announces 255 bytes and brings 3.
+    cut_short
+        .send_bytes(&[0x16, 0x03, 0x01, 0x00, 0xFF, 0x01, 0x00, 0x00])
+        .await;
+    assert_eq!(silent.expect_closed().await, Vec::<ServerMsg>::new());
+    assert_eq!(cut_short.expect_closed().await, Vec::<ServerMsg>::new());
+    // Garbage instead of a client hello: refused at once.
+    let mut garbage = Raw::connect(node.addr).await;
+    garbage
+        .send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(garbage.expect_closed().await, Vec::<ServerMsg>::new());
 }

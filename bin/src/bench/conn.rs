@@ -1,4 +1,4 @@
-//! A bench connection: raw frames over TCP, signed in, with reads and batched writes under the
+//! A bench connection: raw frames over TCP (or TLS), signed in, with reads and batched writes under the
 //! bench's control (no client-library machinery between the load and the socket).
 
 use anyhow::{Context as _, bail};
@@ -10,11 +10,13 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::{Framed, FramedParts};
 
+use super::stream::{BenchStream, connect_tls};
+
 /// First size of a connection's read and write buffers.
 const CONN_BUFFER: usize = 512;
 
 pub struct Conn {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<BenchStream, FrameCodec>,
     pub endpoint: String,
 }
 
@@ -23,6 +25,8 @@ pub struct Conn {
 pub struct Target {
     pub server: SocketAddr,
     pub secret: String,
+    /// TLS to a node with `[tls]` (`--ca`); `None`: plain TCP.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Conn {
@@ -59,6 +63,10 @@ impl Conn {
             None => TcpStream::connect(t.server).await?,
         };
         stream.set_nodelay(true)?;
+        let stream = match &t.tls {
+            None => tokio_util::either::Either::Left(stream),
+            Some(config) => connect_tls(config, stream, t.server.ip()).await?,
+        };
         // Small buffers that grow on demand: tokio-util's 8 KiB defaults, times 19,000 idle
         // connections, made page faults a tenth of the bench's time in the `idle` scenario.
         let mut parts = FramedParts::new::<&ClientMsg>(stream, FrameCodec::new(1 << 20));

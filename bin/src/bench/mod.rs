@@ -8,6 +8,7 @@ pub mod idle;
 pub mod messages;
 pub mod presence;
 pub mod report;
+pub mod stream;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;

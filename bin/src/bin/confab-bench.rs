@@ -30,6 +30,13 @@ struct Args {
     /// Threads of the load generator; default: one per core.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Speak TLS to a node with [tls], trusting the CA certificate(s) in FILE; the node's
+    /// certificate must carry the IP address of --server.
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// With --ca: a full TLS handshake on every connection (no session resumption).
+    #[arg(long, global = true, requires = "ca")]
+    tls_full_handshakes: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -130,9 +137,15 @@ fn main() -> anyhow::Result<()> {
         builder.worker_threads(n.max(1));
     }
     let runtime = builder.enable_all().build()?;
+    let tls = args
+        .ca
+        .as_deref()
+        .map(|ca| bench::stream::tls_config(ca, !args.tls_full_handshakes))
+        .transpose()?;
     let target = Target {
         server: args.server,
         secret: args.secret.clone(),
+        tls,
     };
     let progress = Progress::new(args.json);
     let secs = |s: f64| Duration::from_secs_f64(s.max(0.1));

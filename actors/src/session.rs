@@ -119,7 +119,15 @@ pub async fn run(
     let permit = (permit, address_slot);
     let (rd, wr) = match &ctx.tls {
         None => transport::split_tcp(stream),
-        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Some(tls) => match tokio::time::timeout_at(
+            deadline.min(
+                tokio::time::Instant::now()
+                    + Duration::from_millis(ctx.settings.server.tls_handshake_timeout_ms),
+            ),
+            tls.acceptor().accept(stream),
+        )
+        .await
+        {
             Ok(Ok(stream)) => {
                 metrics::counter!(m::TLS_HANDSHAKES, "result" => "ok").increment(1);
                 transport::split_tls(stream)

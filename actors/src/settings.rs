@@ -68,6 +68,9 @@ pub struct Server {
     /// in front of the node), which gives the client's address; a connection without one is
     /// refused.
     pub proxy_protocol: bool,
+    /// Most a TLS handshake may take (within `hello_timeout_ms`, which also covers the hello):
+    /// a client that starts one and stalls is closed this early.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -267,6 +270,7 @@ impl Default for Server {
             reconnect_after_ms: 5_000,
             listen_backlog: 4096,
             proxy_protocol: false,
+            tls_handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -447,6 +451,9 @@ impl Settings {
         }
         if self.server.heartbeat_ms == 0 {
             return invalid("server.heartbeat_ms", "must be positive");
+        }
+        if self.server.tls_handshake_timeout_ms == 0 {
+            return invalid("server.tls_handshake_timeout_ms", "must be positive");
         }
         if self.server.hello_timeout_ms == 0 {
             return invalid("server.hello_timeout_ms", "must be positive");

@@ -269,14 +269,16 @@ async fn an_expired_certificate_is_refused_by_the_client() {
 }
 
 /// A handshake that never finishes (nothing sent, or a TLS record cut short) holds the
-/// connection only until `server.hello_timeout_ms`, then it is closed and counted.
+/// connection only until `server.tls_handshake_timeout_ms`, then it is closed and counted.
 #[tokio::test]
-async fn a_handshake_that_never_finishes_is_closed_at_the_hello_deadline() {
+async fn a_handshake_that_never_finishes_is_closed_at_its_own_deadline() {
     let pki = Pki::new("stall");
     let tls = pki.node_tls();
     let node = start_node(move |s| {
         s.tls = Some(tls);
-        s.server.hello_timeout_ms = 300;
+        // The handshake's own deadline, well inside the hello's.
+        s.server.tls_handshake_timeout_ms = 300;
+        s.server.hello_timeout_ms = 60_000;
     });
     let mut silent = Raw::connect(node.addr).await;
     let mut cut_short = Raw::connect(node.addr).await;

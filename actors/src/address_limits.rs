@@ -63,14 +63,16 @@ impl AddressLimits {
         }
     }
 
-    /// Admits a connection from `ip` at `now`, or says which limit it is over.
+    /// Admits a connection from `ip` at `now`, or says which limit it is over. An address from
+    /// a PROXY header (`from_header`) is never exempt: a client could claim to be loopback.
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
+        from_header: bool,
         now: Instant,
     ) -> Result<AddressSlot, AddressRefusal> {
-        let ip = ip.to_canonical();
-        if self.exempt_loopback && ip.is_loopback() {
+        let ip = counted_as(ip);
+        if self.exempt_loopback && !from_header && ip.is_loopback() {
             return Ok(AddressSlot { limits: None });
         }
         let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,7 +99,7 @@ impl AddressLimits {
         by_address.retain(|_, seen| seen.open > 0 || !seen.bucket.is_full(self.rate, now));
     }
 
-    /// Addresses the limiter holds (for tests and the gauge).
+    /// Addresses the limiter holds (for tests).
     pub fn addresses(&self) -> usize {
         self.by_address
             .lock()
@@ -110,6 +112,18 @@ impl AddressLimits {
         if let Some(seen) = by_address.get_mut(&ip) {
             seen.open = seen.open.saturating_sub(1);
         }
+    }
+}
+
+/// The address a connection counts under: IPv4 as is (an IPv4-mapped IPv6 address as its IPv4
+/// address), IPv6 by its /64, which one host or one customer usually holds whole.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if !v6.is_loopback() => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        other => other,
     }
 }
 
@@ -143,22 +157,27 @@ mod tests {
     fn an_address_holds_at_most_its_connections_and_gets_a_place_back_on_close() {
         let l = limits(2, 1000, 1000, true);
         let now = Instant::now();
-        let one = l.admit(A, now).expect("first");
-        let _two = l.admit(A, now).expect("second");
-        assert_eq!(l.admit(A, now).err(), Some(AddressRefusal::TooMany));
-        assert!(l.admit(B, now).is_ok(), "another address is not affected");
+        let one = l.admit(A, false, now).expect("first");
+        let _two = l.admit(A, false, now).expect("second");
+        assert_eq!(l.admit(A, false, now).err(), Some(AddressRefusal::TooMany));
+        assert!(
+            l.admit(B, false, now).is_ok(),
+            "another address is not affected"
+        );
         drop(one);
-        assert!(l.admit(A, now).is_ok());
+        assert!(l.admit(A, false, now).is_ok());
     }
 
     #[test]
     fn new_connections_are_held_to_the_rate_after_the_burst() {
         let l = limits(100, 10, 3, true);
         let now = Instant::now();
-        let slots: Vec<_> = (0..3).map(|_| l.admit(A, now).expect("burst")).collect();
-        assert_eq!(l.admit(A, now).err(), Some(AddressRefusal::TooFast));
+        let slots: Vec<_> = (0..3)
+            .map(|_| l.admit(A, false, now).expect("burst"))
+            .collect();
+        assert_eq!(l.admit(A, false, now).err(), Some(AddressRefusal::TooFast));
         assert!(
-            l.admit(A, now + Duration::from_millis(100)).is_ok(),
+            l.admit(A, false, now + Duration::from_millis(100)).is_ok(),
             "one more after 1/10 s"
         );
         drop(slots);
@@ -170,28 +189,58 @@ mod tests {
         let now = Instant::now();
         let exempt = limits(1, 1, 1, true);
         let _held: Vec<_> = (0..5)
-            .map(|_| exempt.admit(local, now).expect("exempt"))
+            .map(|_| exempt.admit(local, false, now).expect("exempt"))
             .collect();
         let counted = limits(1, 1, 1, false);
-        let _one = counted.admit(local, now).expect("first");
-        assert!(counted.admit(local, now).is_err());
+        let _one = counted.admit(local, false, now).expect("first");
+        assert!(counted.admit(local, false, now).is_err());
     }
 
     #[test]
     fn an_ipv4_mapped_address_counts_as_its_ipv4_address() {
         let l = limits(1, 100, 100, true);
         let now = Instant::now();
-        let _v4 = l.admit(A, now).expect("v4");
+        let _v4 = l.admit(A, false, now).expect("v4");
         let mapped = IpAddr::V6(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
-        assert_eq!(l.admit(mapped, now).err(), Some(AddressRefusal::TooMany));
+        assert_eq!(
+            l.admit(mapped, false, now).err(),
+            Some(AddressRefusal::TooMany)
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_prefix() {
+        let l = limits(1, 100, 100, true);
+        let now = Instant::now();
+        let one: IpAddr = "2001:db8:1:2::7".parse().unwrap_or(A);
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap_or(A);
+        let other_64: IpAddr = "2001:db8:1:3::7".parse().unwrap_or(A);
+        let _held = l.admit(one, false, now).expect("first");
+        assert_eq!(
+            l.admit(same_64, false, now).err(),
+            Some(AddressRefusal::TooMany)
+        );
+        assert!(l.admit(other_64, false, now).is_ok());
+    }
+
+    #[test]
+    fn a_loopback_address_from_a_proxy_header_is_not_exempt() {
+        let l = limits(1, 100, 100, true);
+        let now = Instant::now();
+        let local = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let _one = l.admit(local, true, now).expect("first");
+        assert_eq!(
+            l.admit(local, true, now).err(),
+            Some(AddressRefusal::TooMany)
+        );
     }
 
     #[test]
     fn a_sweep_forgets_idle_refilled_addresses_only() {
         let l = limits(10, 10, 2, true);
         let now = Instant::now();
-        let held = l.admit(A, now).expect("held");
-        drop(l.admit(B, now).expect("closed at once"));
+        let held = l.admit(A, false, now).expect("held");
+        drop(l.admit(B, false, now).expect("closed at once"));
         l.sweep(now);
         assert_eq!(l.addresses(), 2, "B's bucket has not refilled yet");
         l.sweep(now + Duration::from_secs(1));

@@ -47,6 +47,20 @@ pub enum TokenRefusal {
 }
 
 impl TokenRefusal {
+    /// Every check, for registering the metric's series at zero.
+    pub const ALL: [TokenRefusal; 10] = [
+        TokenRefusal::Malformed,
+        TokenRefusal::Algorithm,
+        TokenRefusal::UnknownKey,
+        TokenRefusal::Signature,
+        TokenRefusal::Expired,
+        TokenRefusal::NotYetValid,
+        TokenRefusal::Issuer,
+        TokenRefusal::Audience,
+        TokenRefusal::MissingClaim,
+        TokenRefusal::WrongUser,
+    ];
+
     /// The `check` label of `confab_tokens_refused_total`.
     pub fn label(self) -> &'static str {
         match self {
@@ -221,26 +235,32 @@ fn load_keys(path: &Path) -> Result<Vec<PublicKey>, KeysError> {
         reason: e.to_string(),
     })?;
     let mut kids: HashMap<String, ()> = HashMap::new();
-    set.keys
-        .iter()
-        .map(|jwk| {
-            let kid = jwk.common.key_id.clone();
-            let err = |reason: &str| KeysError::Key {
-                kid: kid.clone().unwrap_or_default(),
-                reason: reason.to_owned(),
-            };
-            if let Some(k) = &kid
-                && kids.insert(k.clone(), ()).is_some()
-            {
-                return Err(err("the same kid twice"));
-            }
-            let alg = key_algorithm(jwk).ok_or_else(|| {
-                err("not an RSA, P-256 or Ed25519 public key (RS256, ES256, EdDSA)")
-            })?;
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| err(&e.to_string()))?;
-            Ok(PublicKey { kid, alg, key })
-        })
-        .collect()
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone();
+        let err = |reason: &str| KeysError::Key {
+            kid: kid.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+        };
+        if let Some(k) = &kid
+            && kids.insert(k.clone(), ()).is_some()
+        {
+            return Err(err("the same kid twice"));
+        }
+        // Providers publish encryption keys and kinds this node does not sign with beside
+        // their signing keys: those are passed over, not a reason to refuse the whole set.
+        let for_signing = !matches!(
+            jwk.common.public_key_use,
+            Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+        );
+        let Some(alg) = key_algorithm(jwk).filter(|_| for_signing) else {
+            tracing::warn!(kid = ?kid, "JWK set: skipping a key that is not an RS256, ES256 or EdDSA signing key");
+            continue;
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| err(&e.to_string()))?;
+        keys.push(PublicKey { kid, alg, key });
+    }
+    Ok(keys)
 }
 
 /// The algorithm a JWK signs with, from its kind (and its `alg` if it names one).

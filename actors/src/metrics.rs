@@ -107,11 +107,18 @@ pub fn describe_all() {
         "1, labelled with the node's version: which build each node runs"
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for result in ["ok", "failed"] {
+        metrics::counter!(TLS_HANDSHAKES, "result" => result).absolute(0);
+        metrics::counter!(TLS_RELOADS, "result" => result).absolute(0);
+    }
+    for check in crate::auth::TokenRefusal::ALL {
+        metrics::counter!(TOKENS_REFUSED, "check" => check.label()).absolute(0);
+    }
     describe_counter!(
         TLS_HANDSHAKES,
         "TLS handshakes on the client port, by result (ok; failed: not TLS, no common version \
          or cipher, a bad or missing client certificate, or not finished within \
-         server.hello_timeout_ms); only with [tls]"
+         server.tls_handshake_timeout_ms); 0 without [tls]"
     );
     describe_counter!(
         TOKENS_REFUSED,
@@ -120,8 +127,8 @@ pub fn describe_all() {
     );
     describe_counter!(
         TLS_RELOADS,
-        "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); \
-         only with [tls]"
+        "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); 0 \
+         without [tls]"
     );
     process().describe();
     process().collect();

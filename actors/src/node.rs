@@ -528,7 +528,7 @@ async fn accept_loop(
         } else {
             match ctx
                 .address_limits
-                .admit(peer.ip(), tokio::time::Instant::now())
+                .admit(peer.ip(), false, tokio::time::Instant::now())
             {
                 Ok(slot) => Some(slot),
                 Err(why) => {

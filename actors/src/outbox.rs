@@ -198,7 +198,13 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
         // A client that stopped reading blocks this write for good: the abort (slow consumer)
         // ends it, and dropping the socket frees the connection's slot.
         let written = {
-            let mut write = std::pin::pin!(sock.write_all(&buf));
+            // The flush matters for TLS: rustls takes the bytes into its buffer and may leave
+            // ciphertext there when the socket would block, until something flushes it. On
+            // plain TCP it does nothing.
+            let mut write = std::pin::pin!(async {
+                sock.write_all(&buf).await?;
+                sock.flush().await
+            });
             // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish,
             // like the final flush, so a client that stopped reading cannot hold the socket.
             // Boxed and made only then: a timer held in this future would be part of every

@@ -87,26 +87,26 @@ pub async fn run(
     let (peer, address_slot) = match address_slot {
         Some(slot) => (peer, slot),
         None => {
-            let peer = match tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await
-            {
-                Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
-                Ok(Ok(ProxyHeader::Local)) => peer,
-                Ok(Err(why)) => {
-                    tracing::info!(%peer, %why, "bad PROXY header; closing");
-                    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
-                        .increment(1);
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "no PROXY header in time; closing");
-                    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
-                        .increment(1);
-                    return;
-                }
-            };
+            let (peer, from_header) =
+                match tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await {
+                    Ok(Ok(ProxyHeader::Proxied { source, .. })) => (source, true),
+                    Ok(Ok(ProxyHeader::Local)) => (peer, false),
+                    Ok(Err(why)) => {
+                        tracing::info!(%peer, %why, "bad PROXY header; closing");
+                        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
+                            .increment(1);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "no PROXY header in time; closing");
+                        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_header")
+                            .increment(1);
+                        return;
+                    }
+                };
             match ctx
                 .address_limits
-                .admit(peer.ip(), tokio::time::Instant::now())
+                .admit(peer.ip(), from_header, tokio::time::Instant::now())
             {
                 Ok(slot) => (peer, slot),
                 Err(why) => {

@@ -204,16 +204,18 @@ pub struct Cluster {
     pub sign_in_sync_timeout_ms: u64,
 }
 
-/// `scheme://user:password@host` → `scheme://user:<redacted>@host`; anything else unchanged.
-fn redact_url_password(url: &str, redacted: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+/// `[scheme://]user:password@host` → `[scheme://]user:<redacted>@host`, a bare token
+/// (`TOKEN@host`) redacted whole; anything else unchanged. The host starts after the last `@`,
+/// so a password holding one does not leak.
+pub fn redact_url_password(url: &str, redacted: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
-    match rest.split_once('@') {
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:{redacted}@{host}"),
-            // A bare token (`nats://TOKEN@host`) is a secret as a whole.
-            None => format!("{scheme}://{redacted}@{host}"),
+            Some((user, _)) => format!("{scheme}{user}:{redacted}@{host}"),
+            None => format!("{scheme}{redacted}@{host}"),
         },
         None => url.to_owned(),
     }
@@ -420,7 +422,11 @@ impl Settings {
     pub fn redacted(&self) -> Settings {
         const REDACTED: &str = "<redacted>";
         let mut s = self.clone();
-        s.auth.jwt_secret = REDACTED.to_owned();
+        // An empty secret (HS256 off) stays empty: printed as redacted it would load back as a
+        // secret everyone knows.
+        if !s.auth.jwt_secret.is_empty() {
+            s.auth.jwt_secret = REDACTED.to_owned();
+        }
         if let Some(c) = s.cluster.as_mut() {
             c.nats_url = c
                 .nats_url
@@ -469,6 +475,14 @@ impl Settings {
         }
         if self.metrics.request_timeout_ms == 0 {
             return invalid("metrics.request_timeout_ms", "must be positive");
+        }
+        if !self.auth.jwks_file.is_empty() && self.auth.jwt_secret == Auth::default().jwt_secret {
+            // With an identity provider the shared secret is easy to forget, and the default
+            // is public: anyone could mint an HS256 token for any user.
+            return invalid(
+                "auth.jwt_secret",
+                "is the public default while auth.jwks_file is set: set a secret of your own, or \"\" to refuse HS256 tokens",
+            );
         }
         if self.auth.jwt_secret.is_empty() && self.auth.jwks_file.is_empty() {
             return invalid(
@@ -657,6 +671,18 @@ mod tests {
         assert_eq!(
             r.cluster.as_ref().map(|c| c.nats_url.as_str()),
             Some("nats://u:<redacted>@h:4222,nats://<redacted>@h2:4222,nats://h3:4222")
+        );
+        assert_eq!(
+            redact_url_password("u:p@ss@h:4222", "<redacted>"),
+            "u:<redacted>@h:4222"
+        );
+        let open = Settings::load("[auth]\njwt_secret = \"\"\njwks_file = \"/k.json\"\n", [])
+            .expect("valid");
+        assert_eq!(open.redacted().auth.jwt_secret, "", "HS256 off stays off");
+        let public_default = Settings::load("[auth]\njwks_file = \"/k.json\"\n", []);
+        assert!(
+            matches!(public_default, Err(SettingsError::Invalid { ref key, .. }) if key == "auth.jwt_secret"),
+            "the public default secret beside an identity provider: {public_default:?}"
         );
         let text = toml::to_string_pretty(&r).expect("settings print as TOML");
         assert!(!text.contains("s3cret") && !text.contains("pw@"), "{text}");

@@ -981,3 +981,18 @@ pub async fn send_and_ack(from: &mut Raw, call: &str, to: &mut Raw, to_call: &st
     let (d, _) = from.recv_until(|m| reply_rid(m) == rid).await;
     assert!(matches!(d, ServerMsg::MessageDelivered { .. }), "{d:?}");
 }
+
+/// The value of the series `series` (name and labels, as printed) in a `/metrics` text; 0 when
+/// absent. The recorder is shared by a test binary's tests, so compare with at least what a
+/// test caused.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}

@@ -45,20 +45,6 @@ async fn connect(addr: SocketAddr, user: &str, tls: ClientTls) -> Result<Endpoin
     .expect("sign-in finished in time")
 }
 
-/// The value of the series `series` (name and labels) in a `/metrics` text. The recorder is
-/// shared by every test of this file, so tests compare with at least what they caused.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 fn trusting(pki: &Pki) -> ClientTls {
     ClientTls::with_ca_file(&pki.ca).unwrap()
 }

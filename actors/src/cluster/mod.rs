@@ -295,13 +295,13 @@ impl Cluster {
             .map(|s| {
                 s.parse()
                     .map_err(|e: std::io::Error| ClusterError::Connect {
-                        url: s.to_owned(),
+                        url: shown_url(s),
                         reason: e.to_string(),
                     })
             })
             .collect::<Result<_, _>>()?;
         let connect_err = |reason: String| ClusterError::Connect {
-            url: cfg.nats_url.clone(),
+            url: shown_url(&cfg.nats_url),
             reason,
         };
         let nats_connected = Arc::new(AtomicBool::new(false));
@@ -396,7 +396,8 @@ impl Cluster {
             next_sync: AtomicU64::new(1),
             sign_in_timeout: Duration::from_millis(cfg.sign_in_sync_timeout_ms),
         });
-        tracing::info!(node = %cluster.node_id, epoch, url = %cfg.nats_url, "joined the cluster");
+        let url = shown_url(&cfg.nats_url);
+        tracing::info!(node = %cluster.node_id, epoch, %url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
         let read_upto = cluster.load().await?;
         cluster.watch_read_upto.store(read_upto, Ordering::Relaxed);
@@ -539,6 +540,14 @@ impl Cluster {
         self.start_run(epoch);
         epoch
     }
+}
+
+/// `nats_url` as logs and errors show it: passwords and tokens redacted.
+fn shown_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| crate::settings::redact_url_password(u.trim(), "<redacted>"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The pause before reconnect attempt `attempts` (1-based): none, then 10 ms doubling up to

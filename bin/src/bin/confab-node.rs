@@ -44,6 +44,11 @@ fn main() -> anyhow::Result<()> {
     }
     if args.check {
         log_filter(&settings)?;
+        // The files the settings name, read as a start would read them.
+        if let Some(tls) = &settings.tls {
+            confab_actors::tls::ServerTls::load(tls)?;
+        }
+        confab_actors::auth::Verifier::from_settings(&settings.auth)?;
         let source = args
             .config
             .as_ref()
@@ -61,13 +66,19 @@ fn main() -> anyhow::Result<()> {
     if settings.auth.jwt_secret == "change-me" {
         tracing::warn!("auth.jwt_secret is the default; set CONFAB_AUTH_JWT_SECRET in production");
     }
-    let mut node = spawn_node(settings)?;
-    let stop = node.stopper();
+    // The signal handlers go in before the node starts (which may wait seconds for NATS): a
+    // SIGHUP meanwhile must not kill the process, whose default action for it is to end.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::install()
+    };
+    let mut node = spawn_node(settings)?;
+    let stop = node.stopper();
     runtime.block_on(async {
-        wait_for_signal(&node).await;
+        wait_for_signal(signals, &node).await;
         tracing::info!("signal received; shutting down gracefully");
     });
     if let Some(stop) = stop {
@@ -130,16 +141,35 @@ fn reload(node: &RunningNode) {
     }
 }
 
+/// The signals the node handles, registered once.
+struct Signals {
+    #[cfg(unix)]
+    term_and_hup: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    /// Registers SIGTERM and SIGHUP (within a runtime); Ctrl-C is registered when awaited.
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                term_and_hup: signal(SignalKind::terminate())
+                    .ok()
+                    .zip(signal(SignalKind::hangup()).ok()),
+            }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+}
+
 /// Waits for SIGTERM or Ctrl-C. Meanwhile each SIGHUP reloads what can be reloaded in place
 /// (see [`reload`]).
-async fn wait_for_signal(node: &RunningNode) {
+async fn wait_for_signal(signals: Signals, node: &RunningNode) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
+        let Some((mut term, mut hup)) = signals.term_and_hup else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
@@ -153,7 +183,7 @@ async fn wait_for_signal(node: &RunningNode) {
     }
     #[cfg(not(unix))]
     {
-        let _ = node;
+        let _ = (signals, node);
         let _ = tokio::signal::ctrl_c().await;
     }
 }

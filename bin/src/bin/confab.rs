@@ -31,10 +31,15 @@ struct Args {
     #[arg(long, env = "CONFAB_USER", global = true)]
     user: Option<String>,
     /// A JWT for --user (HS256, `sub` = the user); used instead of --secret when both are set.
-    #[arg(long, env = "CONFAB_TOKEN", global = true)]
+    #[arg(long, env = "CONFAB_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
     /// The node's JWT secret (auth.jwt_secret): mint a token for --user locally.
-    #[arg(long, env = "CONFAB_AUTH_JWT_SECRET", global = true)]
+    #[arg(
+        long,
+        env = "CONFAB_AUTH_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
     secret: Option<String>,
     /// Read the token from FILE (first line), so it does not show in `ps`.
     #[arg(

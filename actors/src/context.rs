@@ -26,6 +26,8 @@ pub struct NodeCtx {
     pub tls: Option<Arc<ServerTls>>,
     /// Connections and new connections per source address (checked in the accept loop).
     pub address_limits: Arc<AddressLimits>,
+    /// `server.proxy_trusted_from`, parsed (validated with the settings).
+    pub proxy_trusted_from: Vec<ipnet::IpNet>,
     draining: AtomicBool,
 }
 
@@ -52,6 +54,12 @@ impl NodeCtx {
             cluster,
             tls,
             address_limits: Arc::new(AddressLimits::new(&settings.limits)),
+            proxy_trusted_from: settings
+                .server
+                .proxy_trusted_from
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
             settings,
             draining: AtomicBool::new(false),
         }

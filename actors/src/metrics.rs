@@ -278,6 +278,7 @@ pub fn describe_all() {
         "connections_per_address",
         "new_connections_per_address",
         "proxy_header",
+        "proxy_untrusted",
     ] {
         metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).absolute(0);
     }

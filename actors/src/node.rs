@@ -254,6 +254,11 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         .map(ServerTls::load)
         .transpose()?
         .map(Arc::new);
+    if settings.server.proxy_protocol && settings.server.proxy_trusted_from.is_empty() {
+        tracing::warn!(
+            "server.proxy_protocol takes PROXY headers from any peer: set server.proxy_trusted_from to the load balancers' networks, or make sure only they reach the client port"
+        );
+    }
     if tls.is_none() && !settings.server.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %settings.server.listen,

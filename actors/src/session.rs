@@ -87,6 +87,17 @@ pub async fn run(
     let (peer, address_slot) = match address_slot {
         Some(slot) => (peer, slot),
         None => {
+            let trusted = &ctx.proxy_trusted_from;
+            if !trusted.is_empty()
+                && !trusted
+                    .iter()
+                    .any(|n| n.contains(&peer.ip().to_canonical()))
+            {
+                tracing::info!(%peer, "a PROXY header from a peer not in server.proxy_trusted_from; closing");
+                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "proxy_untrusted")
+                    .increment(1);
+                return;
+            }
             let (peer, from_header) =
                 match tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await {
                     Ok(Ok(ProxyHeader::Proxied { source, .. })) => (source, true),

@@ -68,6 +68,10 @@ pub struct Server {
     /// in front of the node), which gives the client's address; a connection without one is
     /// refused.
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the networks (CIDR, e.g. `10.0.0.0/8`) a PROXY header is taken
+    /// from, that is the load balancers; a connection from anywhere else is refused. Empty:
+    /// any peer (then only the balancers must be able to reach the port).
+    pub proxy_trusted_from: Vec<String>,
     /// Most a TLS handshake may take (within `hello_timeout_ms`, which also covers the hello):
     /// a client that starts one and stalls is closed this early.
     pub tls_handshake_timeout_ms: u64,
@@ -272,6 +276,7 @@ impl Default for Server {
             reconnect_after_ms: 5_000,
             listen_backlog: 4096,
             proxy_protocol: false,
+            proxy_trusted_from: Vec::new(),
             tls_handshake_timeout_ms: 5_000,
         }
     }
@@ -401,14 +406,18 @@ impl Settings {
                     reason: "must be a table".to_owned(),
                 });
             };
-            let is_text = matches!(
-                defaults.get(section).and_then(|t| t.get(key)),
-                Some(toml::Value::String(_))
-            );
-            let value = if is_text {
-                toml::Value::String(value.clone())
-            } else {
-                env_value(value)
+            let value = match defaults.get(section).and_then(|t| t.get(key)) {
+                Some(toml::Value::String(_)) => toml::Value::String(value.clone()),
+                // A list of text: comma-separated in the variable.
+                Some(toml::Value::Array(_)) => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| toml::Value::String(v.to_owned()))
+                        .collect(),
+                ),
+                _ => env_value(value),
             };
             section_table.insert(key.to_owned(), value);
         }
@@ -457,6 +466,17 @@ impl Settings {
         }
         if self.server.heartbeat_ms == 0 {
             return invalid("server.heartbeat_ms", "must be positive");
+        }
+        if let Some(bad) = self
+            .server
+            .proxy_trusted_from
+            .iter()
+            .find(|n| n.parse::<ipnet::IpNet>().is_err())
+        {
+            return Err(SettingsError::Invalid {
+                key: "server.proxy_trusted_from".to_owned(),
+                reason: format!("{bad:?} is not a network like 10.0.0.0/8"),
+            });
         }
         if self.server.tls_handshake_timeout_ms == 0 {
             return invalid("server.tls_handshake_timeout_ms", "must be positive");
@@ -658,6 +678,24 @@ fn env_value(raw: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_trusted_from_takes_networks_from_the_file_or_a_comma_separated_variable() {
+        let s = Settings::load(
+            "",
+            [(
+                "CONFAB_SERVER_PROXY_TRUSTED_FROM".to_owned(),
+                "10.0.0.0/8, 2001:db8::/32".to_owned(),
+            )],
+        )
+        .expect("valid");
+        assert_eq!(s.server.proxy_trusted_from, ["10.0.0.0/8", "2001:db8::/32"]);
+        let bad = Settings::load("[server]\nproxy_trusted_from = [\"lb.example\"]\n", []);
+        assert!(
+            matches!(bad, Err(SettingsError::Invalid { ref key, .. }) if key == "server.proxy_trusted_from"),
+            "{bad:?}"
+        );
+    }
 
     #[test]
     fn redacted_settings_hide_the_secret_and_a_nats_password_and_round_trip() {

@@ -79,3 +79,47 @@ async fn the_client_address_comes_from_the_proxy_header_and_is_limited() {
         assert!(metric(&metrics, &series) >= 1.0, "{series}");
     }
 }
+
+/// With `server.proxy_trusted_from`, a PROXY header is taken only from those networks (the load
+/// balancers): a peer elsewhere is closed before its header is read, so it cannot claim an
+/// address.
+#[tokio::test]
+async fn a_header_is_taken_only_from_the_trusted_networks() {
+    let elsewhere = start_node(|s| {
+        s.server.proxy_protocol = true;
+        s.server.proxy_trusted_from = vec!["10.0.0.0/8".to_owned()];
+    });
+    // Closed before its header is read: the header may still go out, nothing more.
+    let mut untrusted = Raw::connect(elsewhere.addr).await;
+    untrusted
+        .send_bytes(&proxy::encode(addr("203.0.113.7:40000"), elsewhere.addr))
+        .await;
+    assert_eq!(
+        untrusted.expect_closed().await,
+        Vec::<ServerMsg>::new(),
+        "127.0.0.1 is not a trusted balancer here"
+    );
+    let (_, _, metrics) = http_get(
+        elsewhere
+            .metrics_addr
+            .expect("the test node serves metrics"),
+        "/metrics",
+    )
+    .await;
+    assert!(
+        metric(
+            &metrics,
+            "confab_connections_rejected_total{reason=\"proxy_untrusted\"}"
+        ) >= 1.0
+    );
+
+    let here = start_node(|s| {
+        s.server.proxy_protocol = true;
+        s.server.proxy_trusted_from = vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()];
+    });
+    let (_raw, first) = hello_from(here.addr, Some(addr("203.0.113.7:40000")), "b").await;
+    assert!(
+        matches!(first, Some(ServerMsg::Welcome { .. })),
+        "{first:?}"
+    );
+}

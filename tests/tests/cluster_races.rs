@@ -140,6 +140,15 @@ fn user(name: &str, i: usize) -> String {
     format!("sip:{name}{i}@example.com")
 }
 
+/// One client on each node, user `name` with the node's index, signed in on `device`.
+async fn one_per_node(nodes: &[RunningNode], name: &str, device: &str) -> Vec<Raw> {
+    let mut clients = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        clients.push(Raw::sign_in(node.addr, &user(name, n), device).await);
+    }
+    clients
+}
+
 fn subscribe(users: &[&str]) -> ClientMsg {
     ClientMsg::Subscribe {
         rid: None,
@@ -508,10 +517,7 @@ async fn call_a_fresh_device(
 async fn a_call_right_after_the_callees_only_device_is_welcomed_on_another_node_rings_it() {
     let _serial = SERIAL.lock().await;
     let c = cluster(2, |_| {});
-    let mut callers = Vec::new();
-    for (n, node) in c.nodes.iter().enumerate() {
-        callers.push(Raw::sign_in(node.addr, &user("alice-b", n), "laptop").await);
-    }
+    let mut callers = one_per_node(&c.nodes, "alice-b", "laptop").await;
     let mut tally = Tally::new("call to a device just welcomed on the other node");
     while tally.go_on() {
         let i = tally.runs;
@@ -591,10 +597,7 @@ async fn both_ring(first: &mut Raw, second: &mut Raw) -> Result<(String, String)
 async fn a_second_device_welcomed_on_another_node_just_before_a_call_rings_too() {
     let _serial = SERIAL.lock().await;
     let c = cluster(2, quiet);
-    let mut callers = Vec::new();
-    for (n, node) in c.nodes.iter().enumerate() {
-        callers.push(Raw::sign_in(node.addr, &user("alice-c", n), "laptop").await);
-    }
+    let mut callers = one_per_node(&c.nodes, "alice-c", "laptop").await;
     let mut tally = Tally::new("call forked to a second device just welcomed elsewhere");
     while tally.go_on() {
         let i = tally.runs;
@@ -653,10 +656,7 @@ async fn subscribe_to_a_fresh_user(
 async fn the_first_presence_of_a_user_just_signed_in_on_another_node_counts_the_device() {
     let _serial = SERIAL.lock().await;
     let c = cluster(2, |_| {});
-    let mut watchers = Vec::new();
-    for (n, node) in c.nodes.iter().enumerate() {
-        watchers.push(Raw::sign_in(node.addr, &user("alice-d", n), "laptop").await);
-    }
+    let mut watchers = one_per_node(&c.nodes, "alice-d", "laptop").await;
     let mut tally = Tally::new("first presence of a user just signed in elsewhere");
     while tally.go_on() {
         let i = tally.runs;
@@ -1292,15 +1292,7 @@ async fn check_round(
 #[tokio::test]
 async fn random_rapid_changes_on_three_nodes_converge_for_every_watcher_and_calls_ring() {
     let _serial = SERIAL.lock().await;
-    let seed = std::env::var("RACES_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
+    let seed = seed_from_env("RACES_SEED") | 1;
     eprintln!("property seed {seed} (RACES_SEED={seed} replays the same choices)");
     let mut rng = Rng(seed);
     let c = cluster(3, quiet);

@@ -510,14 +510,7 @@ async fn soak_with_faults_leaves_nothing_behind() {
         assert_eq!(m0.get(g, &[]), 0.0, "{g} before the soak");
     }
     let rss_before = rss_kib();
-    let seed = std::env::var("SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = seed_from_env("SOAK_SEED");
     eprintln!("soak seed {seed} (SOAK_SEED={seed} to replay the same choices)");
 
     // Clients 0..20 are each user's laptop, 20..30 the phones of users 0..10.

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use crate::call::leg::{CallLeg, LegInit, LegMsg};
 use crate::call::offer::CallOffer;
-use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
-use crate::endpoint::{EndpointMsg, ForkOffer};
+use crate::endpoint::{EndpointMsg, ForkOffer, RemoteFork};
 use crate::ids::IdSet;
+use crate::link::EndpointElsewhere;
 use crate::metrics as m;
 use crate::presence::RankEndpoints;
 use crate::reasons;
@@ -213,20 +213,19 @@ impl ForkArbiter {
         endpoint: &str,
         user: &str,
     ) -> Option<Addr<CallLeg>> {
-        let cluster = self.t.ctx.cluster.clone()?;
+        let link = self.t.ctx.link.clone()?;
         let me = match &self.registered {
             Some(id) => id.clone(),
             None => {
                 let id = self.t.ctx.ids.mint('a');
-                cluster.arbiters.insert(id.clone(), ctx.address());
+                link.register_arbiter(&id, ctx.address());
                 self.registered = Some(id.clone());
                 id
             }
         };
         let conversation = self.t.ctx.ids.mint('v');
-        let adopt = Envelope::Adopt {
-            endpoint: endpoint.to_owned(),
-            leg_node: cluster.node_id.clone(),
+        let fork = RemoteFork {
+            leg_node: link.node_id().to_owned(),
             arbiter: me,
             call: call.to_owned(),
             conversation: conversation.clone(),
@@ -234,12 +233,12 @@ impl ForkArbiter {
             offer: self.t.offer.sdp().to_owned(),
             toast: self.t.toast.clone(),
             immediate: self.immediate,
-            from_epoch: Some(cluster.epoch()),
+            leg_epoch: Some(link.epoch()),
         };
-        // A caller's calls drive these, so they share the bound on what waits for NATS. Its
-        // place is taken before the leg exists: a fork that cannot be offered is lost, as if
-        // the endpoint had gone, and no leg is left to report an end nobody heard of.
-        let Some(adopt) = cluster.reserve_bounded(node, &adopt) else {
+        // A caller's calls drive these, so they share the bound on what waits for other nodes.
+        // Its place is taken before the leg exists: a fork that cannot be offered is lost, as
+        // if the endpoint had gone, and no leg is left to report an end nobody heard of.
+        let Some(adopt) = link.reserve_fork(node, endpoint, fork) else {
             ctx.address().do_send(ArbiterMsg::ForkLost {
                 call: call.to_owned(),
             });
@@ -251,16 +250,20 @@ impl ForkArbiter {
             conversation,
             direction: confab_protocol::Direction::Inbound,
             outbox: EventSink::Remote {
-                cluster: cluster.clone(),
-                node: node.to_owned(),
-                endpoint: endpoint.to_owned(),
+                link: link.clone(),
+                to: EndpointElsewhere {
+                    node: node.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                },
                 call: call.to_owned(),
                 numbered: Default::default(),
             },
             endpoint: LegOwner::Remote {
-                cluster: cluster.clone(),
-                node: node.to_owned(),
-                endpoint: endpoint.to_owned(),
+                link: link.clone(),
+                to: EndpointElsewhere {
+                    node: node.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                },
             },
             local: Remote {
                 user: user.to_owned(),
@@ -275,18 +278,16 @@ impl ForkArbiter {
         .start();
         // Registered before the endpoint can hear of it (the leg's `started` may run later), so
         // the endpoint's first request finds it.
-        cluster
-            .legs
-            .insert(call.to_owned(), (node.to_owned(), leg.clone()));
+        link.register_leg(call, node, leg.clone());
         adopt.send();
-        // Core NATS may lose the `ForkAdopted` (at most once). A fork heard of neither way
+        // The link may lose the `ForkAdopted` (core NATS delivers at most once). A fork heard of neither way
         // within twice the node timeout (an envelope that late means the nodes are losing each
         // other anyway) counts as adopted: its leg then rings and is cancelled like any other,
         // so the device's toast is taken down when the call is decided, instead of ringing for
         // good. (Had the `Adopt` itself been lost, the device never rang and the leg's events
         // find no call there.)
         let call = call.to_owned();
-        ctx.run_later(2 * cluster.timeout, move |act, ctx| {
+        ctx.run_later(2 * link.node_timeout(), move |act, ctx| {
             if act.fork_mut(&call).is_some_and(|f| f.created.is_some()) {
                 tracing::info!(%call, "no word of a fork's adoption from its node; counting it adopted");
                 Handler::handle(act, ArbiterMsg::ForkAdopted { call }, ctx);
@@ -462,8 +463,8 @@ impl Actor for ForkArbiter {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().arbiters.decrement(1.0);
-        if let (Some(id), Some(cluster)) = (&self.registered, &self.t.ctx.cluster) {
-            cluster.arbiters.remove(id);
+        if let (Some(id), Some(link)) = (&self.registered, &self.t.ctx.link) {
+            link.forget_arbiter(id);
         }
     }
 }

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::address_limits::AddressLimits;
 use crate::auth::Verifier;
-use crate::cluster::Cluster;
 use crate::directory::Directory;
 use crate::ids::IdGen;
+use crate::link::Link;
 use crate::presence::PresenceShards;
 use crate::settings::Settings;
 use crate::tls::ServerTls;
@@ -20,8 +20,8 @@ pub struct NodeCtx {
     pub directory: Arc<dyn Directory>,
     pub presence: PresenceShards,
     pub verifier: Arc<Verifier>,
-    /// Set when the node is part of a cluster.
-    pub cluster: Option<Arc<Cluster>>,
+    /// Set when the node is part of a cluster: how its actors reach the other nodes'.
+    pub link: Option<Arc<dyn Link>>,
     /// Set when the client port speaks TLS (`[tls]`).
     pub tls: Option<Arc<ServerTls>>,
     /// Connections and new connections per source address (checked in the accept loop).
@@ -38,20 +38,21 @@ impl NodeCtx {
         settings: Settings,
         directory: Arc<dyn Directory>,
         presence: PresenceShards,
-        cluster: Option<Arc<Cluster>>,
+        link: Option<Arc<dyn Link>>,
         tls: Option<Arc<ServerTls>>,
         verifier: Arc<Verifier>,
     ) -> Self {
-        let node_id = cluster
-            .as_ref()
-            .map_or_else(|| settings.server.node_id.clone(), |c| c.node_id.clone());
+        let node_id = link.as_ref().map_or_else(
+            || settings.server.node_id.clone(),
+            |l| l.node_id().to_owned(),
+        );
         NodeCtx {
             ids: IdGen::new(&node_id),
             verifier,
             node_id,
             directory,
             presence,
-            cluster,
+            link,
             tls,
             address_limits: Arc::new(AddressLimits::new(&settings.limits)),
             proxy_trusted_from: settings

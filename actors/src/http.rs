@@ -52,9 +52,9 @@ fn not_ready(ctx: &NodeCtx) -> Option<&'static str> {
     if ctx.is_draining() {
         return Some("draining");
     }
-    ctx.cluster
+    ctx.link
         .as_ref()
-        .filter(|c| !c.nats_connected() || !c.directory_healthy())
+        .filter(|l| !l.healthy())
         .map(|_| "degraded")
 }
 

@@ -11,11 +11,10 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
-use crate::cluster::Cluster;
-use crate::cluster::directory::NatsDirectory;
 use crate::context::NodeCtx;
 use crate::directory::{Directory, LocalDirectory};
 use crate::endpoint::EndpointMsg;
+use crate::link::{Join, JoinError, Joined, Link};
 use crate::metrics as m;
 use crate::presence::PresenceShards;
 use crate::presence::rank::Thresholds;
@@ -32,7 +31,9 @@ pub enum NodeError {
     #[error("cannot start the node thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot join the cluster: {0}")]
-    Cluster(#[from] crate::cluster::ClusterError),
+    Cluster(JoinError),
+    #[error("the settings have a [cluster] section but this node was built without a cluster link")]
+    NoLink,
     #[error("the node stopped while starting")]
     Start,
     #[error("cannot set up TLS: {0}")]
@@ -43,8 +44,7 @@ pub enum NodeError {
 
 /// What the node thread reports once started: its id and directory, or why it could not join
 /// its cluster.
-type Ready =
-    Result<(String, Arc<dyn Directory>, Option<Arc<Cluster>>), crate::cluster::ClusterError>;
+type Ready = Result<(String, Arc<dyn Directory>, Option<Arc<dyn Link>>), JoinError>;
 
 /// A node running on its own threads. Dropping it shuts it down gracefully.
 pub struct RunningNode {
@@ -53,7 +53,7 @@ pub struct RunningNode {
     /// The node's id (the cluster node id in a cluster).
     pub node_id: String,
     directory: Arc<dyn Directory>,
-    cluster: Option<Arc<Cluster>>,
+    link: Option<Arc<dyn Link>>,
     tls: Option<Arc<ServerTls>>,
     verifier: Arc<Verifier>,
     stop: Option<oneshot::Sender<()>>,
@@ -84,9 +84,9 @@ impl RunningNode {
             .collect()
     }
 
-    /// The node's cluster membership, when it is in a cluster.
-    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.as_ref()
+    /// The node's link to the other nodes, when it is in a cluster.
+    pub fn link(&self) -> Option<&Arc<dyn Link>> {
+        self.link.as_ref()
     }
 
     /// Reads the client port's TLS certificate and key again (SIGHUP): new handshakes present
@@ -245,8 +245,23 @@ fn worker_count(settings: &Settings) -> usize {
     }
 }
 
-/// Binds the node's ports and starts it on its own threads.
+/// Binds the node's ports and starts it alone, on its own threads. A node of a cluster is
+/// started with [`spawn_node_with`] and the cluster's [`Join`].
 pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
+    spawn_node_with(settings, None)
+}
+
+/// Binds the node's ports and starts it on its own threads, joining its cluster through `join`
+/// when the settings have a `[cluster]` section.
+pub fn spawn_node_with(
+    settings: Settings,
+    join: Option<Arc<dyn Join>>,
+) -> Result<RunningNode, NodeError> {
+    let join = match (&settings.cluster, join) {
+        (None, _) => None,
+        (Some(_), None) => return Err(NodeError::NoLink),
+        (Some(_), Some(j)) => Some(j),
+    };
     // Before anything binds: a certificate that does not load stops the node at once.
     let tls = settings
         .tls
@@ -296,15 +311,17 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
                 settings,
                 node_tls,
                 node_verifier,
-                listeners,
-                metrics_listener,
-                stop_rx,
-                ready_tx,
+                Bound {
+                    clients: listeners,
+                    metrics: metrics_listener,
+                },
+                (stop_rx, ready_tx),
+                join,
             ));
         })
         .map_err(NodeError::Thread)?;
     // The node is ready once it has joined its cluster (at once without one).
-    let (node_id, directory, cluster) = match ready_rx.recv() {
+    let (node_id, directory, link) = match ready_rx.recv() {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             let _ = thread.join();
@@ -321,7 +338,7 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
         metrics_addr,
         node_id,
         directory,
-        cluster,
+        link,
         tls,
         verifier,
         stop: Some(stop_tx),
@@ -329,15 +346,24 @@ pub fn spawn_node(settings: Settings) -> Result<RunningNode, NodeError> {
     })
 }
 
+/// The sockets [`spawn_node`] bound for the node thread.
+struct Bound {
+    clients: Vec<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
+}
+
 async fn run(
     settings: Settings,
     tls: Option<Arc<ServerTls>>,
     verifier: Arc<Verifier>,
-    listeners: Vec<std::net::TcpListener>,
-    metrics_listener: Option<std::net::TcpListener>,
-    stop: oneshot::Receiver<()>,
-    ready: std::sync::mpsc::Sender<Ready>,
+    bound: Bound,
+    (stop, ready): (oneshot::Receiver<()>, std::sync::mpsc::Sender<Ready>),
+    join: Option<Arc<dyn Join>>,
 ) {
+    let Bound {
+        clients: listeners,
+        metrics: metrics_listener,
+    } = bound;
     let workers: Vec<Arbiter> = (0..worker_count(&settings))
         .map(|_| Arbiter::new())
         .collect();
@@ -350,37 +376,33 @@ async fn run(
     // Before the cluster starts, so what it records while joining is kept.
     let recorder = m::recorder();
     m::describe_all();
-    let (directory, cluster): (Arc<dyn Directory>, _) = match &settings.cluster {
+    let (directory, link): (Arc<dyn Directory>, _) = match join {
         None => (Arc::new(LocalDirectory::default()), None),
-        Some(c) => {
-            let node_id = c.node_id.clone().unwrap_or_else(|| {
-                // Subject- and key-safe: letters, digits, - and _.
-                let base: String = settings
-                    .server
-                    .node_id
-                    .chars()
-                    .map(|ch| {
-                        if ch.is_ascii_alphanumeric() || ch == '_' {
-                            ch
-                        } else {
-                            '-'
-                        }
-                    })
-                    .collect();
-                format!("{base}-{:06x}", rand::random::<u32>() >> 8)
-            });
-            match Cluster::start(
-                c,
-                node_id,
-                presence.clone(),
-                settings.limits.endpoints_per_user,
-            )
-            .await
-            {
-                Ok(cluster) => (
-                    Arc::new(NatsDirectory::new(cluster.clone())) as Arc<dyn Directory>,
-                    Some(cluster),
-                ),
+        Some(join) => {
+            let node_id = settings
+                .cluster
+                .as_ref()
+                .and_then(|c| c.node_id.clone())
+                .unwrap_or_else(|| {
+                    // Subject- and key-safe: letters, digits, - and _.
+                    let base: String = settings
+                        .server
+                        .node_id
+                        .chars()
+                        .map(|ch| {
+                            if ch.is_ascii_alphanumeric() || ch == '_' {
+                                ch
+                            } else {
+                                '-'
+                            }
+                        })
+                        .collect();
+                    format!("{base}-{:06x}", rand::random::<u32>() >> 8)
+                });
+            match join.join(&settings, node_id, presence.clone()).await {
+                Ok(Joined {
+                    directory, link, ..
+                }) => (directory, Some(link)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot join the cluster");
                     let _ = ready.send(Err(e));
@@ -394,12 +416,12 @@ async fn run(
         }
     };
     let ctx = Arc::new(NodeCtx::new(
-        settings, directory, presence, cluster, tls, verifier,
+        settings, directory, presence, link, tls, verifier,
     ));
     let _ = ready.send(Ok((
         ctx.node_id.clone(),
         ctx.directory.clone(),
-        ctx.cluster.clone(),
+        ctx.link.clone(),
     )));
 
     if let Some(l) = metrics_listener.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
@@ -445,8 +467,8 @@ async fn run(
     // The listeners close as their loops end, before the endpoints are told to go.
     let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(loops)).await;
     drain(&ctx).await;
-    if let Some(c) = &ctx.cluster {
-        c.leave().await;
+    if let Some(l) = &ctx.link {
+        l.clone().leave().await;
     }
     for w in workers {
         w.stop();
@@ -475,8 +497,8 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     for a in endpoints.iter().filter_map(|e| e.addr.local()) {
         a.do_send(EndpointMsg::Shutdown);
     }
-    if let Some(c) = &ctx.cluster {
-        c.end_remote_legs();
+    if let Some(l) = &ctx.link {
+        l.end_remote_legs();
     }
     let waited = tokio::time::timeout_at(deadline, async {
         while !ctx.directory.is_empty() {
@@ -487,8 +509,8 @@ async fn drain(ctx: &Arc<NodeCtx>) {
     if waited.is_err() {
         tracing::warn!("shutdown deadline reached with endpoints still connected");
     }
-    if let Some(c) = &ctx.cluster {
-        c.remote_legs_gone(Duration::from_secs(2)).await;
+    if let Some(l) = &ctx.link {
+        l.remote_legs_gone(Duration::from_secs(2)).await;
     }
     // Let the writers flush the last frames.
     tokio::time::sleep(Duration::from_millis(50)).await;

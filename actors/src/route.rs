@@ -2,7 +2,7 @@
 //! every reference is `Local` and holds an actix address, exactly as before the cluster
 //! existed. In a cluster, the few references that may cross nodes (a leg's endpoint, an
 //! endpoint's leg, a directory entry's endpoint) can be `Remote`: they name a node and an id,
-//! and sending through them publishes an envelope to that node (see [`crate::cluster`]).
+//! and sending through them goes through the node's [`Link`] (`link.rs`).
 //!
 //! Every call's legs, its fork arbiter and its message counter live on one node (the caller's);
 //! only endpoint ↔ leg traffic crosses nodes.
@@ -12,10 +12,9 @@ use confab_protocol::{Reason, ServerMsg};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use crate::call::leg::{CallLeg, LegMsg, TerminateCause};
-use crate::cluster::Cluster;
-use crate::cluster::wire::{Envelope, WireLegMsg};
+use crate::call::leg::{CallLeg, LegMsg};
 use crate::endpoint::{Endpoint, EndpointMsg};
+use crate::link::{EndpointElsewhere, LegEnd, Link};
 use crate::outbox::Outbox;
 
 /// The text of a `message_failed` 503 or an `error{overloaded}` for a request not sent because
@@ -54,19 +53,18 @@ impl EndpointRef {
 pub enum EventSink {
     Local(Outbox),
     Remote {
-        cluster: Arc<Cluster>,
-        node: String,
-        endpoint: String,
+        link: Arc<dyn Link>,
+        to: EndpointElsewhere,
         /// The call of the leg whose events these are.
         call: String,
-        /// How many state events the leg has numbered (`cluster/events.rs`).
+        /// How many state events the leg has numbered (the cluster's `events.rs`).
         numbered: Arc<AtomicU64>,
     },
 }
 
 impl EventSink {
     /// False when an event for another node was not sent (over the bound of
-    /// `Cluster::send_event`); a local outbox takes everything (it has its own limits).
+    /// [`Link::send_event`]); a local outbox takes everything (it has its own limits).
     pub fn push(&self, msg: ServerMsg) -> bool {
         match self {
             EventSink::Local(o) => {
@@ -74,12 +72,11 @@ impl EventSink {
                 true
             }
             EventSink::Remote {
-                cluster,
-                node,
-                endpoint,
+                link,
+                to,
                 call,
                 numbered,
-            } => cluster.send_event(node, endpoint, call, &msg, numbered),
+            } => link.send_event(to, call, &msg, numbered),
         }
     }
 }
@@ -89,9 +86,8 @@ impl EventSink {
 pub enum LegOwner {
     Local(Addr<Endpoint>),
     Remote {
-        cluster: Arc<Cluster>,
-        node: String,
-        endpoint: String,
+        link: Arc<dyn Link>,
+        to: EndpointElsewhere,
     },
 }
 
@@ -121,19 +117,12 @@ impl LegOwner {
                 elsewhere,
                 reason: None,
             }),
-            LegOwner::Remote {
-                cluster,
-                node,
-                endpoint,
-            } => cluster.send(
-                node,
-                &Envelope::LegEnded {
-                    endpoint: endpoint.clone(),
+            LegOwner::Remote { link, to } => link.leg_ended(
+                to,
+                LegEnd {
                     call,
                     conversation,
                     elsewhere,
-                    from_node: cluster.node_id.clone(),
-                    from_epoch: cluster.epoch(),
                     reason,
                 },
             ),
@@ -145,7 +134,7 @@ impl LegOwner {
     pub fn resend_interval(&self) -> Option<std::time::Duration> {
         match self {
             LegOwner::Local(_) => None,
-            LegOwner::Remote { cluster, .. } => Some(cluster.resend_interval()),
+            LegOwner::Remote { link, .. } => Some(link.resend_interval()),
         }
     }
 
@@ -153,7 +142,7 @@ impl LegOwner {
     pub fn remote_node(&self) -> Option<&str> {
         match self {
             LegOwner::Local(_) => None,
-            LegOwner::Remote { node, .. } => Some(node),
+            LegOwner::Remote { to, .. } => Some(&to.node),
         }
     }
 }
@@ -163,7 +152,7 @@ impl LegOwner {
 pub enum LegRef {
     Local(Addr<CallLeg>),
     Remote {
-        cluster: Arc<Cluster>,
+        link: Arc<dyn Link>,
         node: String,
         call: String,
         /// The endpoint holding this reference (so the leg's node can answer it).
@@ -173,9 +162,9 @@ pub enum LegRef {
 
 impl LegRef {
     /// Sends one of the messages an endpoint sends its leg. Other messages never cross nodes.
-    /// False when it was not sent: a client's request for a leg on another node over
-    /// `cluster.max_queued_envelopes` or `max_queued_bytes` (see `cluster::quota`); the caller
-    /// answers it itself.
+    /// False when it was not sent: a client's request for a leg on another node over the
+    /// bound of what waits for that node ([`Link::send_to_leg`]); the caller answers it
+    /// itself.
     pub fn do_send(&self, msg: LegMsg) -> bool {
         match self {
             LegRef::Local(a) => {
@@ -183,51 +172,11 @@ impl LegRef {
                 true
             }
             LegRef::Remote {
-                cluster,
+                link,
                 node,
                 call,
                 endpoint,
-            } => {
-                if matches!(msg, LegMsg::EndpointLost) {
-                    // Sent again until the leg's end answers it.
-                    cluster.endpoint_lost(node, call, endpoint);
-                    return true;
-                }
-                let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
-                    // A bug, not a refusal: no client request maps here, so nobody waits for
-                    // an answer to it.
-                    tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
-                    return true;
-                };
-                // What a client's requests drive is bounded; what the node sends on its own
-                // (a sign-out's hang-up, a lost endpoint, a release) must not be lost.
-                let bounded = matches!(
-                    wire,
-                    WireLegMsg::Message { .. }
-                        | WireLegMsg::Ack { .. }
-                        | WireLegMsg::Composing { .. }
-                        | WireLegMsg::Accept { .. }
-                        | WireLegMsg::Decline { .. }
-                        | WireLegMsg::Forward { .. }
-                        | WireLegMsg::Transfer { .. }
-                        | WireLegMsg::Terminate {
-                            cause: TerminateCause::Call,
-                            ..
-                        }
-                );
-                let env = Envelope::Leg {
-                    call: call.clone(),
-                    reply_node: cluster.node_id.clone(),
-                    reply_endpoint: endpoint.clone(),
-                    msg: wire,
-                };
-                if bounded {
-                    cluster.send_bounded(node, &env)
-                } else {
-                    cluster.send(node, &env);
-                    true
-                }
-            }
+            } => link.send_to_leg(node, call, endpoint, msg),
         }
     }
 

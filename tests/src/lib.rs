@@ -8,7 +8,8 @@ pub mod legs;
 pub mod pki;
 
 use bytes::BytesMut;
-use confab_actors::{RunningNode, Settings, spawn_node};
+use confab_actors::{RunningNode, Settings};
+use confab_cluster::spawn_node;
 use confab_protocol::codec::encode_frame;
 use confab_protocol::sdp::build_offer;
 use confab_protocol::*;
@@ -488,7 +489,7 @@ impl NatsServer {
             .await
             .expect("the test connects to NATS");
         let kv = async_nats::jetstream::new(client)
-            .get_key_value(confab_actors::cluster::BUCKET)
+            .get_key_value(confab_cluster::BUCKET)
             .await
             .expect("the nodes created the bucket");
         let keys = kv.keys().await.expect("the bucket lists its keys");
@@ -767,7 +768,7 @@ impl NatsCluster {
         loop {
             let read = async {
                 let stream = js
-                    .get_stream(format!("KV_{}", confab_actors::cluster::BUCKET))
+                    .get_stream(format!("KV_{}", confab_cluster::BUCKET))
                     .await
                     .map_err(|e| e.to_string())?;
                 let info = stream.get_info().await.map_err(|e| e.to_string())?;
@@ -810,7 +811,7 @@ impl NatsCluster {
                 .await
                 .map_err(|e| e.to_string())?;
             let stream = async_nats::jetstream::new(client)
-                .get_stream(format!("KV_{}", confab_actors::cluster::BUCKET))
+                .get_stream(format!("KV_{}", confab_cluster::BUCKET))
                 .await
                 .map_err(|e| e.to_string())?;
             let info = stream.get_info().await.map_err(|e| e.to_string())?;

@@ -3,8 +3,8 @@
 //! sit on different nodes and the contract must hold exactly as on one node: forking, first
 //! click wins, toast timeout to the most active device, declines, the flow, presence.
 
-use confab_actors::cluster::Lose;
 use confab_actors::{RunningNode, route};
+use confab_cluster::Lose;
 use confab_protocol::*;
 use confab_tests::*;
 use std::time::Duration;
@@ -238,7 +238,7 @@ async fn a_call_from_another_node_reaches_a_single_device_with_immediate_accept(
 /// Waits until `node`'s directory holds `endpoint` (of `user`, on another node) with a
 /// published `activity`.
 async fn wait_for_activity(node: &RunningNode, user: &str, endpoint: &str, activity: Activity) {
-    let cluster = node.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(node).expect("a cluster node");
     wait_until(|| {
         let now = cluster
             .remote_endpoints_of(user)
@@ -393,7 +393,7 @@ async fn a_node_that_cannot_reach_nats_does_not_start() {
         connect_timeout_ms: 500,
         ..confab_actors::settings::Cluster::new(format!("nats://127.0.0.1:{port}"))
     });
-    let err = confab_actors::spawn_node(s)
+    let err = confab_cluster::spawn_node(s)
         .err()
         .expect("no NATS: no node");
     assert!(err.to_string().contains("NATS"), "{err}");
@@ -570,7 +570,7 @@ async fn a_node_cut_off_longer_than_the_timeout_loses_its_calls_then_rejoins() {
 
     // B goes silent: A and C declare it dead; the call ends on both sides with 503.
     let silence = Duration::from_millis(NODE_TIMEOUT_MS * 2);
-    t.b.cluster()
+    confab_cluster::of(&t.b)
         .expect("a cluster node")
         .mute_heartbeats(silence);
     expect_reason(&mut alice, &call, 503, "Node lost").await;
@@ -598,7 +598,7 @@ async fn a_fork_from_a_run_declared_dead_is_refused_not_rung() {
     wait_for_endpoints(&t.b, ALICE, 1).await;
     // A goes silent but runs on: B and C declare it dead, while A still hears them and still
     // lists Bob.
-    t.a.cluster()
+    confab_cluster::of(&t.a)
         .expect("a cluster node")
         .mute_heartbeats(Duration::from_secs(60));
     wait_for_endpoints(&t.b, ALICE, 0).await;
@@ -624,7 +624,7 @@ async fn a_node_restarted_with_its_clock_set_back_rejoins_above_its_last_run() {
     let a = start_cluster_node(&nats, "node-a", minute_node_timeout);
     let b = start_cluster_node(&nats, "node-b", minute_node_timeout);
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    let cluster_b = b.cluster().expect("a cluster node");
+    let cluster_b = confab_cluster::of(&b).expect("a cluster node");
     let last_run = cluster_b.epoch();
 
     let set_back = cluster_b.restart_with_clock_set_back(Duration::from_secs(3600));
@@ -655,7 +655,7 @@ async fn a_dead_nodes_records_leave_the_bucket_and_come_back_when_it_rejoins() {
     wait_for_endpoints(&a, BOB, 1).await;
     nats.wait_for_directory_keys(1).await;
 
-    let cluster_b = b.cluster().expect("a cluster node");
+    let cluster_b = confab_cluster::of(&b).expect("a cluster node");
     cluster_b.mute_heartbeats(Duration::from_secs(60));
     wait_for_endpoints(&a, BOB, 0).await;
     nats.wait_for_directory_keys(0).await;
@@ -786,7 +786,7 @@ async fn a_fork_offered_to_an_endpoint_already_shutting_down_is_declined_with_50
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (_alice, mut bob, _call, incoming) = alice_calls_bob(&a, &b).await;
     let mut carol = Raw::sign_in(a.addr, CAROL, "phone").await;
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     for _ in 0..3 {
         cluster.lose_next(Lose::LegEnded);
     }
@@ -821,11 +821,19 @@ async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
     let mut nats = NatsServer::start();
     let node = start_cluster_node(&nats, "node-h", |_| {});
     let ops = node.metrics_addr.expect("the test node serves metrics");
-    assert!(node.cluster().expect("a cluster node").nats_connected());
+    assert!(
+        confab_cluster::of(&node)
+            .expect("a cluster node")
+            .nats_connected()
+    );
     wait_for_health(ops, 200, "ok\n").await;
     nats.kill();
     wait_for_health(ops, 503, "degraded\n").await;
-    assert!(!node.cluster().expect("a cluster node").nats_connected());
+    assert!(
+        !confab_cluster::of(&node)
+            .expect("a cluster node")
+            .nats_connected()
+    );
     // Not ready for sign-ins, but alive: a supervisor must not restart it for this.
     let (status, _, body) = http_get(ops, "/readyz").await;
     assert_eq!((status, body.as_str()), (503, "degraded\n"));
@@ -833,7 +841,11 @@ async fn a_node_that_loses_nats_reports_itself_degraded_until_it_reconnects() {
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     nats.restart();
     wait_for_health(ops, 200, "ok\n").await;
-    assert!(node.cluster().expect("a cluster node").nats_connected());
+    assert!(
+        confab_cluster::of(&node)
+            .expect("a cluster node")
+            .nats_connected()
+    );
     drop(node);
     drop(nats);
 }
@@ -965,7 +977,7 @@ async fn two_sign_ins_over_endpoints_per_user_on_two_nodes_leave_the_first_once_
     // one: the race of two sign-ins within the directory's propagation time, made certain.
     // (Each sign-in waits out `sign_in_sync_timeout_ms` for the other node, which cannot
     // answer that it has read the record while its watch is held.)
-    let held = [&a, &b].map(|n| n.cluster().expect("a cluster node"));
+    let held = [&a, &b].map(|n| confab_cluster::of(n).expect("a cluster node"));
     for c in &held {
         c.hold_watch(true);
     }
@@ -1224,7 +1236,7 @@ async fn losing_bobs_next_envelope(
     let a = start_cluster_node(&nats, "node-a", tune);
     let b = start_cluster_node(&nats, "node-b", tune);
     let (alice, bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_bounded_envelopes(1);
     (nats, a, b, alice, bob, call, incoming)
@@ -1266,7 +1278,7 @@ async fn alice_on_a_bob_on_b() -> (NatsServer, RunningNode, RunningNode, Raw, Ra
 async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
 {
     let (nats, a, b, alice, bob) = alice_on_a_bob_on_b().await;
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_next(Lose::ForkAdopted);
     (nats, a, b, alice, bob)
@@ -1319,7 +1331,7 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
     let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
     wait_for_endpoints(&a, BOB, 2).await;
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_next(Lose::ForkAdopted);
     let (call, _) = alice.establish(BOB, None).await;
@@ -1332,7 +1344,9 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     alice.state(&call, CallState::Established).await;
     expect_reason(&mut desk, &on_desk, 200, "Call completed elsewhere").await;
     assert_eq!(
-        b.cluster().expect("a cluster node").lose_pending(),
+        confab_cluster::of(&b)
+            .expect("a cluster node")
+            .lose_pending(),
         0,
         "the adoption was not lost"
     );
@@ -1345,7 +1359,7 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
 #[tokio::test]
 async fn a_fork_whose_offer_was_lost_leaves_no_leg_behind() {
     let (nats, a, b, mut alice, _bob) = alice_on_a_bob_on_b().await;
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     cluster.lose_bounded_envelopes(1);
     let (call, _) = alice.establish(BOB, None).await;
     expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
@@ -1376,7 +1390,7 @@ async fn an_accept_still_waiting_when_another_device_wins_gets_answered_elsewher
     let (on_desk, _) = desk.incoming().await;
     let (on_phone, _) = phone.incoming().await;
 
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_bounded_envelopes(1);
     let lost = desk.rid();
@@ -1494,7 +1508,7 @@ async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_ow
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, first, first_incoming) = alice_calls_bob(&a, &b).await;
     let (second, second_incoming) = answered_call(&mut alice, &mut bob, BOB).await;
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_bounded_envelopes(1);
     let rid = bob.rid();
@@ -1573,7 +1587,7 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
     let a = start_cluster_node(&nats, "node-a", one);
     let b = start_cluster_node(&nats, "node-b", one);
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    let [cluster_a, cluster_b] = [&a, &b].map(|n| n.cluster().expect("a cluster node"));
+    let [cluster_a, cluster_b] = [&a, &b].map(|n| confab_cluster::of(n).expect("a cluster node"));
 
     cluster_b.occupy_envelope_places(1);
     let hang_up = ClientMsg::CallTerminate {
@@ -1651,7 +1665,7 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
 /// Waits until no leg on `node` serves an endpoint on another node: each ended leg has been
 /// released by its endpoint.
 async fn wait_for_no_remote_legs(node: &RunningNode) {
-    let cluster = node.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(node).expect("a cluster node");
     wait_until(|| match cluster.legs.len() {
         0 => Ok(()),
         n => Err(format!(
@@ -1671,7 +1685,7 @@ async fn a_leg_end_lost_between_nodes_is_reported_again_until_released() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    a.cluster()
+    confab_cluster::of(&a)
         .expect("a cluster node")
         .lose_next(Lose::LegEnded);
     alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
@@ -1687,7 +1701,7 @@ async fn a_release_lost_between_nodes_is_sent_again_when_the_end_is() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    b.cluster()
+    confab_cluster::of(&b)
         .expect("a cluster node")
         .lose_next(Lose::Release);
     alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
@@ -1704,7 +1718,7 @@ async fn an_endpoint_loss_lost_between_nodes_is_sent_again_until_the_leg_ends() 
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, bob, call, _incoming) = alice_calls_bob(&a, &b).await;
-    let b_cluster = b.cluster().expect("a cluster node");
+    let b_cluster = confab_cluster::of(&b).expect("a cluster node");
     b_cluster.lose_next(Lose::EndpointLost);
     drop(bob);
     let reason = alice.state(&call, CallState::Terminated).await;
@@ -1734,7 +1748,7 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     cluster.lose_next(Lose::CallState);
     cluster.lose_next(Lose::CallState);
     let reply = alice
@@ -1767,7 +1781,7 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
 
 /// Waits until no leg on `node` holds state events another node has not acknowledged.
 async fn wait_for_state_events_acknowledged(node: &RunningNode) {
-    let cluster = node.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(node).expect("a cluster node");
     wait_until(|| match cluster.unseen_events_len() {
         0 => Ok(()),
         n => Err(format!("{n} legs' state events never acknowledged")),
@@ -1797,7 +1811,7 @@ async fn bob_accepts_losing(
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     wait_until(|| match cluster.acks_events("node-b") {
         true => Ok(()),
         false => Err("node-a never heard that node-b acknowledges state events".into()),
@@ -1806,10 +1820,14 @@ async fn bob_accepts_losing(
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
     for kind in on_a {
-        a.cluster().expect("a cluster node").lose_next(*kind);
+        confab_cluster::of(&a)
+            .expect("a cluster node")
+            .lose_next(*kind);
     }
     for kind in on_b {
-        b.cluster().expect("a cluster node").lose_next(*kind);
+        confab_cluster::of(&b)
+            .expect("a cluster node")
+            .lose_next(*kind);
     }
     assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
     let (last, mut frames) = bob
@@ -1848,7 +1866,7 @@ async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
         ],
         "{frames:?}"
     );
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     assert_eq!(cluster.lose_pending(), 0, "the event was not lost");
     assert!(cluster.events_resent() > 0, "nothing was sent again");
     // Then `call_established` (it came after the gap too), once.
@@ -1885,10 +1903,12 @@ async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     );
     // A holds the events until B acknowledges them again, which it does only for events
     // sent again: once A holds none, the repeats have reached B.
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     wait_for_state_events_acknowledged(&a).await;
     assert_eq!(
-        b.cluster().expect("a cluster node").lose_pending(),
+        confab_cluster::of(&b)
+            .expect("a cluster node")
+            .lose_pending(),
         0,
         "the acknowledgements were not lost"
     );
@@ -1935,7 +1955,7 @@ async fn state_events_never_acknowledged_end_the_call_on_both_sides() {
         matches!(&m, ServerMsg::CallState { reason, .. } if *reason == lost),
         "{m:?}"
     );
-    let cluster = a.cluster().expect("a cluster node");
+    let cluster = confab_cluster::of(&a).expect("a cluster node");
     assert!(cluster.events_resent() >= 8, "{}", cluster.events_resent());
     assert_eq!(cluster.unseen_events_len(), 0);
     drop((a, b, nats));

@@ -2,7 +2,7 @@
 //! client that gets its answer. Its own test binary, because the metrics recorder is one per
 //! process and the other cluster tests would count their messages into the same series.
 
-use confab_actors::cluster::Lose;
+use confab_cluster::Lose;
 use confab_protocol::*;
 use confab_tests::*;
 use std::time::Duration;
@@ -78,7 +78,7 @@ async fn a_message_whose_answer_is_lost_between_nodes_is_counted_once() {
         .await;
     let before = counted().await;
 
-    a.cluster()
+    confab_cluster::of(&a)
         .expect("a cluster node")
         .lose_next(Lose::MessageAnswer);
     bob_says_and_alice_acks(&mut bob, &incoming, &mut alice, &call, 1).await;

@@ -8,7 +8,8 @@
 //! which must get exactly one answer. The `/health` answer while directory writes cannot land
 //! is checked in `cluster.rs`.
 
-use confab_actors::{RunningNode, spawn_node};
+use confab_actors::RunningNode;
+use confab_cluster::spawn_node;
 use confab_protocol::*;
 use confab_tests::*;
 use std::time::Duration;

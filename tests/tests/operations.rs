@@ -205,7 +205,7 @@ fn a_second_node_on_a_taken_port_fails_to_start() {
     let first = start_node(|_| {});
     let mut s = test_settings();
     s.server.listen = first.addr;
-    match confab_actors::node::spawn_node(s) {
+    match confab_cluster::spawn_node(s) {
         Err(confab_actors::node::NodeError::Bind { addr, .. }) => assert_eq!(addr, first.addr),
         Err(e) => panic!("expected a bind error, got {e}"),
         Ok(n) => panic!("a second node started on {}", n.addr),

@@ -21,9 +21,9 @@ use crate::arbiter::{ArbiterMsg, ForkArbiter};
 use crate::call::conversation::{Conversation, ConversationMsg};
 use crate::call::leg::{CallLeg, LegInit, LegMsg, TerminateCause};
 use crate::call::offer::CallOffer;
-use crate::cluster::wire::Envelope;
 use crate::context::Ctx;
 use crate::ids::IdMap;
+use crate::link::Link;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
@@ -99,7 +99,7 @@ pub enum EndpointMsg {
     RemoteEvent {
         msg: ServerMsg,
         call: Option<String>,
-        /// A state event's number within its leg's (`cluster/events.rs`).
+        /// A state event's number within its leg's (`cluster/src/events.rs`).
         seq: Option<u64>,
     },
     /// Cluster: run `.1` of node `.0` died, with every earlier run (`None`: this node was cut
@@ -695,8 +695,8 @@ impl Endpoint {
             // Cluster: a leg made for this endpoint that it never held (the `Adopt` offering
             // it was lost on the way) still needs its release, or it would stay for good.
             None => {
-                if let Some(cluster) = &self.ctx.cluster {
-                    cluster.release_leg(call.clone(), self.id.clone());
+                if let Some(link) = &self.ctx.link {
+                    link.release_leg(call.clone(), self.id.clone());
                 }
             }
         }
@@ -706,7 +706,7 @@ impl Endpoint {
             // end.
             self.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST, elsewhere);
         }
-        // A leg on another node reports its end again until released (`cluster/resend.rs`):
+        // A leg on another node reports its end again until released (`cluster/src/resend.rs`):
         // one call is remembered once, or its repeats would push other calls out.
         if was_held || !self.ended.iter().any(|(c, _)| *c == call) {
             self.ended.push_back((call.clone(), elsewhere));

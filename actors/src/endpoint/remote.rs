@@ -27,7 +27,7 @@ pub struct RemoteFork {
 /// Tells a remote fork's arbiter the fork is lost if the offer is dropped unhandled: an
 /// endpoint that is stopping no longer reads its mailbox, and the arbiter must not wait for it.
 pub struct RemoteForkGuard {
-    cluster: Arc<crate::cluster::Cluster>,
+    link: Arc<dyn Link>,
     leg_node: String,
     arbiter: String,
     call: String,
@@ -35,9 +35,9 @@ pub struct RemoteForkGuard {
 }
 
 impl RemoteForkGuard {
-    pub fn new(cluster: Arc<crate::cluster::Cluster>, fork: &RemoteFork) -> Self {
+    pub fn new(link: Arc<dyn Link>, fork: &RemoteFork) -> Self {
         RemoteForkGuard {
-            cluster,
+            link,
             leg_node: fork.leg_node.clone(),
             arbiter: fork.arbiter.clone(),
             call: fork.call.clone(),
@@ -53,12 +53,10 @@ impl RemoteForkGuard {
 impl Drop for RemoteForkGuard {
     fn drop(&mut self) {
         if self.armed {
-            self.cluster.send(
+            self.link.fork_lost(
                 &self.leg_node,
-                &crate::cluster::wire::Envelope::ForkLost {
-                    arbiter: std::mem::take(&mut self.arbiter),
-                    call: std::mem::take(&mut self.call),
-                },
+                std::mem::take(&mut self.arbiter),
+                std::mem::take(&mut self.call),
             );
         }
     }
@@ -77,7 +75,7 @@ pub(super) struct RemoteCall {
     /// `rid`s of `message` requests still waiting for their answer, oldest first, with when
     /// each was sent (see [`Endpoint::sweep_remote_answers`]).
     pub(super) messages: VecDeque<(Option<u32>, Instant)>,
-    /// The number of the next state event of the leg to pass on (`cluster/events.rs`), and
+    /// The number of the next state event of the leg to pass on (`cluster/src/events.rs`), and
     /// the last one acknowledged to the leg's node.
     pub(super) next_event: u64,
     pub(super) acknowledged: u64,
@@ -159,34 +157,25 @@ impl Endpoint {
 
     /// Cluster: adopts a fork whose leg an arbiter on another node created, or reports it lost.
     pub(super) fn adopt_remote(&mut self, fork: RemoteFork) {
-        let Some(cluster) = self.ctx.cluster.clone() else {
+        let Some(link) = self.ctx.link.clone() else {
             return;
         };
         if self.end_state == EndState::ShuttingDown {
             // Declined as a ringing fork is when the node shuts down: its leg, told to
             // terminate for the shutdown, declines with 503 "Server shutting down".
-            cluster.send(
+            link.send_to_leg(
                 &fork.leg_node,
-                &Envelope::Leg {
-                    call: fork.call,
-                    reply_node: cluster.node_id.clone(),
-                    reply_endpoint: self.id.clone(),
-                    msg: crate::cluster::wire::WireLegMsg::Terminate {
-                        rid: None,
-                        cause: TerminateCause::Shutdown,
-                    },
+                &fork.call,
+                &self.id,
+                LegMsg::Terminate {
+                    rid: None,
+                    cause: TerminateCause::Shutdown,
                 },
             );
             return;
         }
         if self.ending() || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
-            cluster.send(
-                &fork.leg_node,
-                &Envelope::ForkLost {
-                    arbiter: fork.arbiter,
-                    call: fork.call,
-                },
-            );
+            link.fork_lost(&fork.leg_node, fork.arbiter, fork.call);
             return;
         }
         self.push(ServerMsg::CallIncoming {
@@ -197,13 +186,7 @@ impl Endpoint {
             sdp: fork.offer,
             immediate_auto_accept: fork.immediate,
         });
-        cluster.send(
-            &fork.leg_node,
-            &Envelope::ForkAdopted {
-                arbiter: fork.arbiter,
-                call: fork.call.clone(),
-            },
-        );
+        link.fork_adopted(&fork.leg_node, fork.arbiter, fork.call.clone());
         self.remote_calls.insert(
             fork.call.clone(),
             RemoteCall {
@@ -218,7 +201,7 @@ impl Endpoint {
             },
         );
         let leg = LegRef::Remote {
-            cluster,
+            link,
             node: fork.leg_node,
             call: fork.call.clone(),
             endpoint: self.id.clone(),
@@ -332,7 +315,7 @@ impl Endpoint {
     }
 
     /// Cluster: whether the state event numbered `seq` of the leg of `call` is the next one to
-    /// pass on (`cluster/events.rs`). A repeat is not (its acknowledgement may be what was
+    /// pass on (`cluster/src/events.rs`). A repeat is not (its acknowledgement may be what was
     /// lost, so it is acknowledged again), nor is one after a gap (the lost one comes again,
     /// with everything after it), nor one of a call no longer mirrored (it ended here, and its
     /// leg is released).
@@ -361,20 +344,14 @@ impl Endpoint {
     /// Tells each leg's node which of its state events were passed on since the last time.
     fn acknowledge_events(&mut self) {
         self.events_seen_armed = false;
-        let Some(cluster) = &self.ctx.cluster else {
+        let Some(link) = &self.ctx.link else {
             return;
         };
         for (call, r) in &mut self.remote_calls {
             let upto = r.next_event - 1;
             if upto > r.acknowledged {
                 r.acknowledged = upto;
-                cluster.send(
-                    &r.node,
-                    &Envelope::EventsSeen {
-                        call: call.clone(),
-                        upto,
-                    },
-                );
+                link.events_seen(&r.node, call, upto);
             }
         }
     }
@@ -389,9 +366,9 @@ impl Endpoint {
     pub(super) fn remote_answer_timeout(&self) -> Duration {
         let node_timeout = self
             .ctx
-            .cluster
+            .link
             .as_ref()
-            .map_or(Duration::ZERO, |c| c.timeout);
+            .map_or(Duration::ZERO, |l| l.node_timeout());
         Duration::from_millis(self.ctx.settings.flow.ack_timeout_ms) + 2 * node_timeout
     }
 

@@ -43,7 +43,7 @@ impl PresenceShards {
 
     /// The stamp of a `set_status` made now on this node.
     pub fn stamp_status(&self) -> u64 {
-        self.clock.tick(crate::cluster::wire::unix_ms())
+        self.clock.tick(stamp::unix_ms())
     }
 
     /// Notes the stamp of a status set on another node, so that this node's later changes

@@ -65,6 +65,13 @@ impl StatusClock {
     }
 }
 
+/// The wall clock in unix ms (0 before 1970, which no clock here reads).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use confab_actors::{RunningNode, Settings, spawn_node};
+use confab_actors::{RunningNode, Settings};
+use confab_cluster::spawn_node;
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;

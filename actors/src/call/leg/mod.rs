@@ -444,14 +444,20 @@ impl CallLeg {
     }
 
     /// An endpoint on another node: the end is reported again every `every` until its
-    /// `Release` comes (core NATS may lose either; see `cluster/resend.rs`), or the endpoint's
+    /// `Release` comes (core NATS may lose either; see `cluster/src/resend.rs`), or the endpoint's
     /// node is declared dead (which releases the leg), at most `RESEND_ATTEMPTS` times.
     fn report_end_again(&mut self, every: Duration, attempt: u32, ctx: &mut Context<Self>) {
         ctx.run_later(every, move |act, ctx| {
             if act.released {
                 return;
             }
-            if attempt > crate::cluster::RESEND_ATTEMPTS {
+            if act
+                .init
+                .ctx
+                .link
+                .as_ref()
+                .is_none_or(|l| attempt > l.resend_attempts())
+            {
                 tracing::warn!(call = %act.init.id, "the endpoint never released its ended leg; giving up");
                 act.released = true;
                 act.maybe_stop(ctx);
@@ -652,12 +658,8 @@ impl Actor for CallLeg {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         m::hot().calls.increment(1.0);
-        if let (Some(node), Some(cluster)) =
-            (self.init.endpoint.remote_node(), &self.init.ctx.cluster)
-        {
-            cluster
-                .legs
-                .insert(self.init.id.clone(), (node.to_owned(), ctx.address()));
+        if let (Some(node), Some(link)) = (self.init.endpoint.remote_node(), &self.init.ctx.link) {
+            link.register_leg(&self.init.id, node, ctx.address());
         }
         m::hot().in_state(self.state).increment(1.0);
         if self.init.direction == Direction::Inbound {
@@ -685,10 +687,9 @@ impl Actor for CallLeg {
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().calls.decrement(1.0);
         if self.init.endpoint.remote_node().is_some()
-            && let Some(cluster) = &self.init.ctx.cluster
+            && let Some(link) = &self.init.ctx.link
         {
-            cluster.legs.remove(&self.init.id);
-            cluster.forget_events(&self.init.id);
+            link.forget_leg(&self.init.id);
         }
         m::hot().in_state(self.state).decrement(1.0);
     }

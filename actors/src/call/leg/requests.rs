@@ -231,7 +231,7 @@ impl CallLeg {
     pub(super) fn on_endpoint_lost(&mut self, ctx: &mut Context<Self>) {
         if self.state.is_final() && self.init.endpoint.remote_node().is_some() {
             // Its end was reported already, but the endpoint's node waits for an end
-            // to answer its `EndpointLost` (see `cluster/resend.rs`).
+            // to answer its `EndpointLost` (see `cluster/src/resend.rs`).
             self.report_end();
         }
         self.lost = true;

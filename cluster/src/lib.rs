@@ -19,6 +19,7 @@
 mod bucket;
 pub mod directory;
 mod events;
+mod link;
 mod membership;
 mod quota;
 mod records;
@@ -42,13 +43,14 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::arbiter::{ArbiterMsg, ForkArbiter};
-use crate::call::leg::{CallLeg, LegMsg};
-use crate::endpoint::{Endpoint, EndpointMsg, RemoteFork};
-use crate::metrics as m;
-use crate::presence::rank::Publication;
-use crate::presence::{PresenceMsg, PresenceShards};
-use crate::settings;
+use confab_actors::arbiter::{ArbiterMsg, ForkArbiter};
+use confab_actors::call::leg::{CallLeg, LegMsg};
+use confab_actors::endpoint::{Endpoint, EndpointMsg, RemoteFork};
+use confab_actors::metrics as m;
+use confab_actors::presence::rank::Publication;
+use confab_actors::presence::{PresenceMsg, PresenceShards};
+use confab_actors::settings;
+pub use link::{NatsJoin, of, spawn_node};
 use membership::{heartbeat_loop, liveness_loop};
 use quota::EnvelopeQuota;
 use records::{record_put, watch_loop};
@@ -353,7 +355,7 @@ impl Cluster {
             timeout: Duration::from_millis(
                 cfg.node_timeout_ms
                     .unwrap_or(3000)
-                    .max(crate::settings::MIN_NODE_TIMEOUT_MS),
+                    .max(confab_actors::settings::MIN_NODE_TIMEOUT_MS),
             ),
             kv: kv.clone(),
             publish_tx,
@@ -435,7 +437,7 @@ impl Cluster {
         for entry in self.legs.iter() {
             entry.value().1.do_send(LegMsg::Terminate {
                 rid: None,
-                cause: crate::call::leg::TerminateCause::Shutdown,
+                cause: confab_actors::call::leg::TerminateCause::Shutdown,
             });
         }
     }
@@ -545,7 +547,7 @@ impl Cluster {
 /// `nats_url` as logs and errors show it: passwords and tokens redacted.
 fn shown_url(urls: &str) -> String {
     urls.split(',')
-        .map(|u| crate::settings::redact_url_password(u.trim(), "<redacted>"))
+        .map(|u| confab_actors::settings::redact_url_password(u.trim(), "<redacted>"))
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -25,7 +25,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::metrics as m;
+use confab_actors::metrics as m;
 
 pub(super) struct EnvelopeQuota {
     /// Bounded envelopes queued and not yet handed to the NATS client, and their bytes.

@@ -5,7 +5,7 @@
 use confab_protocol::{Activity, Body, Reason, Status, Toast};
 use serde::{Deserialize, Serialize};
 
-use crate::call::leg::{LegMsg, TerminateCause};
+use confab_actors::call::leg::{LegMsg, TerminateCause};
 
 /// One message for an actor on the receiving node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,7 +25,7 @@ pub enum Envelope {
         from_node: String,
         from_epoch: u64,
         /// On a call's state events (`call_state`, `call_established`, ...; see
-        /// `cluster/events.rs`): their number within the leg's, from 1. The endpoint's node
+        /// `cluster/src/events.rs`): their number within the leg's, from 1. The endpoint's node
         /// passes them on in this order only, answers `EventsSeen`, and the leg's node sends
         /// the unanswered ones again. Absent on anything else, and from an older node.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,7 +85,7 @@ pub enum Envelope {
     },
     /// A sign-in on `from_node` waits for its directory record (landed at revision `upto`):
     /// the receiver answers `DirectorySynced` once its watch has applied that revision, so
-    /// the new endpoint can be reached from here (see `cluster/signin.rs`).
+    /// the new endpoint can be reached from here (see `cluster/src/signin.rs`).
     DirectorySync {
         from_node: String,
         token: u64,
@@ -202,12 +202,12 @@ pub struct Heartbeat {
     /// Set once, when the node leaves gracefully.
     #[serde(default)]
     pub leaving: bool,
-    /// The node acknowledges numbered state events (`EventsSeen`, `cluster/events.rs`): they
+    /// The node acknowledges numbered state events (`EventsSeen`, `cluster/src/events.rs`): they
     /// are numbered and sent again only to such a node. An older node, which does not say,
     /// would pass each repeat on to its client.
     #[serde(default)]
     pub acks_events: bool,
-    /// The node answers `DirectorySync` (`cluster/signin.rs`). A sign-in elsewhere does not
+    /// The node answers `DirectorySync` (`cluster/src/signin.rs`). A sign-in elsewhere does not
     /// wait for a node whose heartbeat lacks it (an older build, which would never answer);
     /// it does wait for a node not heard from yet.
     #[serde(default)]
@@ -272,11 +272,7 @@ pub fn parse_key(key: &str) -> Option<(String, String)> {
     Some((user_from_token(token)?, endpoint.to_owned()))
 }
 
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64)
-}
+pub use confab_actors::presence::stamp::unix_ms;
 
 #[cfg(test)]
 mod tests {

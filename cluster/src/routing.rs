@@ -232,7 +232,8 @@ impl Cluster {
                 };
                 match self.endpoints.get(&endpoint).map(|e| e.clone()) {
                     Some(ep) => {
-                        let guard = crate::endpoint::RemoteForkGuard::new(self.clone(), &fork);
+                        let guard =
+                            confab_actors::endpoint::RemoteForkGuard::new(self.clone(), &fork);
                         ep.do_send(EndpointMsg::Adopt(fork, guard));
                     }
                     None => self.send(&leg_node, &Envelope::ForkLost { arbiter, call }),
@@ -303,11 +304,11 @@ impl Cluster {
                 call: call.to_owned(),
                 msg: None,
                 code: 481,
-                text: crate::reasons::CALL_DOES_NOT_EXIST.to_owned(),
+                text: confab_actors::reasons::CALL_DOES_NOT_EXIST.to_owned(),
             },
             WireLegMsg::Terminate {
                 rid,
-                cause: crate::call::leg::TerminateCause::Call,
+                cause: confab_actors::call::leg::TerminateCause::Call,
             } => ServerMsg::Ok { rid },
             WireLegMsg::Accept { rid, .. }
             | WireLegMsg::Decline { rid, .. }

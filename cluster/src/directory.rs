@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::Cluster;
 use super::wire::{PublicationRecord, Record, unix_ms};
-use crate::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
-use crate::route::EndpointRef;
+use confab_actors::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
+use confab_actors::route::EndpointRef;
 
 pub struct NatsDirectory {
     local: LocalDirectory,

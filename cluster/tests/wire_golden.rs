@@ -9,7 +9,7 @@
 #![allow(clippy::print_stdout)] // `CONFAB_BLESS=1` prints the table to paste.
 
 use confab_actors::call::leg::TerminateCause;
-use confab_actors::cluster::wire::{Envelope, Heartbeat, PublicationRecord, Record, WireLegMsg};
+use confab_cluster::wire::{Envelope, Heartbeat, PublicationRecord, Record, WireLegMsg};
 use confab_protocol::{Activity, Body, Reason, Status, Toast};
 
 fn hex(bytes: &[u8]) -> String {

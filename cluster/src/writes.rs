@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics as m;
+use confab_actors::metrics as m;
 
 /// What the node asks of the write task.
 pub(super) enum KvOp {

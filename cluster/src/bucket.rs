@@ -11,7 +11,7 @@
 use async_nats::jetstream::{self, kv};
 
 use super::{BUCKET, ClusterError};
-use crate::metrics as m;
+use confab_actors::metrics as m;
 
 /// Opens (creating or raising it if need be) the directory bucket. `servers` is how many
 /// servers the NATS cluster has, as the server the node is connected to advertises them.

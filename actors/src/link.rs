@@ -1,0 +1,154 @@
+//! The engine's seam to actors on other nodes. The engine names what it needs from a cluster
+//! here and nothing else: how an actor here reaches an actor elsewhere (a leg's events and end
+//! to its endpoint, an endpoint's requests and loss to its leg, a fork offered to an endpoint
+//! and its answer), which actors here other nodes may address (legs and arbiters), the resend
+//! timing, and joining and leaving. Alone, a node has no [`Link`] and every reference is
+//! local (`route.rs`).
+//!
+//! The cluster (crate `confab-cluster`) implements [`Join`] and [`Link`] and depends on this
+//! crate, never the other way round: how envelopes travel, how the directory is replicated and
+//! how nodes learn of each other's death stay behind these two traits.
+
+use actix::Addr;
+use confab_protocol::{Reason, ServerMsg};
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use crate::arbiter::ForkArbiter;
+use crate::call::leg::{CallLeg, LegMsg};
+use crate::directory::Directory;
+use crate::endpoint::RemoteFork;
+use crate::presence::PresenceShards;
+use crate::settings::Settings;
+
+/// A boxed future the link hands back (its own work may run on its own runtime).
+pub type LinkFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a node could not join its cluster (the link's own error, as text and source).
+pub type JoinError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What joining a cluster gives the node.
+pub struct Joined {
+    /// This node's id in the cluster (unique among the nodes).
+    pub node_id: String,
+    /// The directory every node reads: who is signed in where.
+    pub directory: Arc<dyn Directory>,
+    pub link: Arc<dyn Link>,
+}
+
+/// How a node joins its cluster, given to `spawn_node_with` by whoever built the node (the
+/// binary, or a test) when the settings have a `[cluster]` section.
+pub trait Join: Send + Sync + 'static {
+    /// Joins as `node_id`, feeding the other nodes' endpoints to `presence`. Runs once, before
+    /// the node takes any client.
+    fn join(
+        &self,
+        settings: &Settings,
+        node_id: String,
+        presence: PresenceShards,
+    ) -> LinkFuture<'static, Result<Joined, JoinError>>;
+}
+
+/// An envelope that holds its place among what waits for another node, ready to go: taken
+/// before a fork's leg exists, so a fork that cannot be offered is lost at once and no leg is
+/// left behind. Dropped unsent, it gives its place back.
+pub trait Reserved: Send {
+    fn send(self: Box<Self>);
+}
+
+/// An endpoint on another node, as a leg here addresses it.
+#[derive(Clone, Debug)]
+pub struct EndpointElsewhere {
+    pub node: String,
+    pub endpoint: String,
+}
+
+/// What a leg tells its endpoint on another node when the call ends.
+#[derive(Clone, Debug)]
+pub struct LegEnd {
+    pub call: String,
+    pub conversation: String,
+    /// Another fork won the call.
+    pub elsewhere: bool,
+    /// The end's reason, for an endpoint whose copy of the leg's last events was lost.
+    pub reason: Option<Reason>,
+}
+
+/// Everything the engine asks of the cluster once joined. Every method is cheap and never
+/// blocks an actor: sending queues, and the answers come back as actor messages.
+pub trait Link: Send + Sync + 'static {
+    /// This node's id.
+    fn node_id(&self) -> &str;
+    /// This run's epoch: a later run of a node has a larger one.
+    fn epoch(&self) -> u64;
+    /// How long a node may be unheard before the others declare it dead.
+    fn node_timeout(&self) -> Duration;
+    /// How often a leg's unanswered end, or an endpoint's unanswered loss, is sent again.
+    fn resend_interval(&self) -> Duration;
+    /// How many times it is sent again before giving up.
+    fn resend_attempts(&self) -> u32;
+
+    // A leg here whose endpoint is on another node.
+
+    /// Makes the leg reachable from its endpoint's node, by call id.
+    fn register_leg(&self, call: &str, node: &str, leg: Addr<CallLeg>);
+    /// The leg has stopped: forget it and whatever it still had to resend.
+    fn forget_leg(&self, call: &str);
+    /// One of the leg's events for its endpoint (`numbered`: the leg's count of state events);
+    /// false when it was not sent (over the bound of what waits for that node).
+    fn send_event(
+        &self,
+        to: &EndpointElsewhere,
+        call: &str,
+        msg: &ServerMsg,
+        numbered: &AtomicU64,
+    ) -> bool;
+    /// The leg's end, sent again by the leg until its endpoint releases it.
+    fn leg_ended(&self, to: &EndpointElsewhere, end: LegEnd);
+
+    // An endpoint here whose leg is on another node.
+
+    /// One of the messages an endpoint sends its leg; false when it was not sent (a client's
+    /// request over the bound of what waits for that node: the endpoint answers it itself).
+    fn send_to_leg(&self, node: &str, call: &str, endpoint: &str, msg: LegMsg) -> bool;
+    /// The endpoint has forgotten its ended leg: the leg may stop.
+    fn release_leg(&self, call: String, endpoint: String);
+    /// The endpoint passed on the leg's state events up to `upto`.
+    fn events_seen(&self, node: &str, call: &str, upto: u64);
+    /// The endpoint took the fork an arbiter on another node offered it.
+    fn fork_adopted(&self, leg_node: &str, arbiter: String, call: String);
+    /// The endpoint could not take that fork (it is gone, ending, or full).
+    fn fork_lost(&self, leg_node: &str, arbiter: String, call: String);
+
+    // An arbiter here with forks on other nodes.
+
+    /// Makes the arbiter reachable from its forks' nodes as `id`.
+    fn register_arbiter(&self, id: &str, arbiter: Addr<ForkArbiter>);
+    fn forget_arbiter(&self, id: &str);
+    /// Reserves the offer of `fork` to `endpoint` on `node`; None when too much already waits
+    /// for other nodes.
+    fn reserve_fork(
+        &self,
+        node: &str,
+        endpoint: &str,
+        fork: RemoteFork,
+    ) -> Option<Box<dyn Reserved + '_>>;
+
+    // The node.
+
+    /// True while this node can take sign-ins as far as the cluster goes (its connection and
+    /// its directory work); false makes `/readyz` and `/health` say degraded.
+    fn healthy(&self) -> bool;
+    /// Shutdown: every leg here whose endpoint is elsewhere ends as on a single node.
+    fn end_remote_legs(&self);
+    /// Shutdown: resolves once no leg here serves an endpoint elsewhere, at most `deadline`.
+    fn remote_legs_gone(&self, deadline: Duration) -> LinkFuture<'_, ()>;
+    /// Graceful leave: this node's endpoints are forgotten everywhere, then the link stops.
+    fn leave(self: Arc<Self>) -> LinkFuture<'static, ()>;
+    /// The implementation itself, for its own tests' hooks.
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}

@@ -1,0 +1,241 @@
+//! The engine's [`Link`] and [`Join`], carried out over NATS: each request of the engine
+//! becomes the envelope that carries it (`wire.rs`), bounded or not, and the registries the
+//! inbox (`routing.rs`) delivers through.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use actix::Addr;
+use confab_actors::arbiter::ForkArbiter;
+use confab_actors::call::leg::{CallLeg, LegMsg, TerminateCause};
+use confab_actors::directory::Directory;
+use confab_actors::endpoint::RemoteFork;
+use confab_actors::link::{
+    EndpointElsewhere, Join, JoinError, Joined, LegEnd, Link, LinkFuture, Reserved,
+};
+use confab_actors::presence::PresenceShards;
+use confab_actors::settings::Settings;
+use confab_protocol::ServerMsg;
+
+use crate::directory::NatsDirectory;
+use crate::routing::BoundedEnvelope;
+use crate::wire::{Envelope, WireLegMsg};
+use crate::{Cluster, RESEND_ATTEMPTS};
+
+/// Joins the cluster of the settings' `[cluster]` section over NATS.
+pub struct NatsJoin;
+
+impl Join for NatsJoin {
+    fn join(
+        &self,
+        settings: &Settings,
+        node_id: String,
+        presence: PresenceShards,
+    ) -> LinkFuture<'static, Result<Joined, JoinError>> {
+        let cfg = settings.cluster.clone();
+        let endpoints_per_user = settings.limits.endpoints_per_user;
+        Box::pin(async move {
+            let cfg = cfg.ok_or("the settings have no [cluster] section")?;
+            let cluster = Cluster::start(&cfg, node_id, presence, endpoints_per_user).await?;
+            Ok(Joined {
+                node_id: cluster.node_id.clone(),
+                directory: Arc::new(NatsDirectory::new(cluster.clone())) as Arc<dyn Directory>,
+                link: cluster as Arc<dyn Link>,
+            })
+        })
+    }
+}
+
+impl Reserved for BoundedEnvelope<'_> {
+    fn send(self: Box<Self>) {
+        BoundedEnvelope::send(*self);
+    }
+}
+
+impl Link for Cluster {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn epoch(&self) -> u64 {
+        Cluster::epoch(self)
+    }
+
+    fn node_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn resend_interval(&self) -> Duration {
+        Cluster::resend_interval(self)
+    }
+
+    fn resend_attempts(&self) -> u32 {
+        RESEND_ATTEMPTS
+    }
+
+    fn register_leg(&self, call: &str, node: &str, leg: Addr<CallLeg>) {
+        self.legs.insert(call.to_owned(), (node.to_owned(), leg));
+    }
+
+    fn forget_leg(&self, call: &str) {
+        self.legs.remove(call);
+        self.forget_events(call);
+    }
+
+    fn send_event(
+        &self,
+        to: &EndpointElsewhere,
+        call: &str,
+        msg: &ServerMsg,
+        numbered: &AtomicU64,
+    ) -> bool {
+        Cluster::send_event(self, &to.node, &to.endpoint, call, msg, numbered)
+    }
+
+    fn leg_ended(&self, to: &EndpointElsewhere, end: LegEnd) {
+        self.send(
+            &to.node,
+            &Envelope::LegEnded {
+                endpoint: to.endpoint.clone(),
+                call: end.call,
+                conversation: end.conversation,
+                elsewhere: end.elsewhere,
+                from_node: self.node_id.clone(),
+                from_epoch: self.epoch(),
+                reason: end.reason,
+            },
+        );
+    }
+
+    fn send_to_leg(&self, node: &str, call: &str, endpoint: &str, msg: LegMsg) -> bool {
+        if matches!(msg, LegMsg::EndpointLost) {
+            // Sent again until the leg's end answers it.
+            self.endpoint_lost(node, call, endpoint);
+            return true;
+        }
+        let Some(wire) = WireLegMsg::from_leg_msg(msg) else {
+            // A bug, not a refusal: no client request maps here, so nobody waits for an
+            // answer to it.
+            tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
+            return true;
+        };
+        // What a client's requests drive is bounded; what the node sends on its own (a
+        // sign-out's hang-up, a lost endpoint, a release) must not be lost.
+        let bounded = matches!(
+            wire,
+            WireLegMsg::Message { .. }
+                | WireLegMsg::Ack { .. }
+                | WireLegMsg::Composing { .. }
+                | WireLegMsg::Accept { .. }
+                | WireLegMsg::Decline { .. }
+                | WireLegMsg::Forward { .. }
+                | WireLegMsg::Transfer { .. }
+                | WireLegMsg::Terminate {
+                    cause: TerminateCause::Call,
+                    ..
+                }
+        );
+        let env = Envelope::Leg {
+            call: call.to_owned(),
+            reply_node: self.node_id.clone(),
+            reply_endpoint: endpoint.to_owned(),
+            msg: wire,
+        };
+        if bounded {
+            self.send_bounded(node, &env)
+        } else {
+            self.send(node, &env);
+            true
+        }
+    }
+
+    fn release_leg(&self, call: String, endpoint: String) {
+        Cluster::release_leg(self, call, endpoint);
+    }
+
+    fn events_seen(&self, node: &str, call: &str, upto: u64) {
+        self.send(
+            node,
+            &Envelope::EventsSeen {
+                call: call.to_owned(),
+                upto,
+            },
+        );
+    }
+
+    fn fork_adopted(&self, leg_node: &str, arbiter: String, call: String) {
+        self.send(leg_node, &Envelope::ForkAdopted { arbiter, call });
+    }
+
+    fn fork_lost(&self, leg_node: &str, arbiter: String, call: String) {
+        self.send(leg_node, &Envelope::ForkLost { arbiter, call });
+    }
+
+    fn register_arbiter(&self, id: &str, arbiter: Addr<ForkArbiter>) {
+        self.arbiters.insert(id.to_owned(), arbiter);
+    }
+
+    fn forget_arbiter(&self, id: &str) {
+        self.arbiters.remove(id);
+    }
+
+    fn reserve_fork(
+        &self,
+        node: &str,
+        endpoint: &str,
+        fork: RemoteFork,
+    ) -> Option<Box<dyn Reserved + '_>> {
+        let adopt = Envelope::Adopt {
+            endpoint: endpoint.to_owned(),
+            leg_node: fork.leg_node,
+            arbiter: fork.arbiter,
+            call: fork.call,
+            conversation: fork.conversation,
+            from: fork.from,
+            offer: fork.offer,
+            toast: fork.toast,
+            immediate: fork.immediate,
+            from_epoch: fork.leg_epoch,
+        };
+        let reserved = self.reserve_bounded(node, &adopt)?;
+        Some(Box::new(reserved))
+    }
+
+    fn healthy(&self) -> bool {
+        self.nats_connected() && self.directory_healthy()
+    }
+
+    fn end_remote_legs(&self) {
+        Cluster::end_remote_legs(self);
+    }
+
+    fn remote_legs_gone(&self, deadline: Duration) -> LinkFuture<'_, ()> {
+        Box::pin(Cluster::remote_legs_gone(self, deadline))
+    }
+
+    fn leave(self: Arc<Self>) -> LinkFuture<'static, ()> {
+        Box::pin(async move { Cluster::leave(&self).await })
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// The cluster a node joined, for tests' hooks: None for a node alone.
+pub fn of(node: &confab_actors::RunningNode) -> Option<Arc<Cluster>> {
+    node.link()?.clone().as_any().downcast::<Cluster>().ok()
+}
+
+/// Starts a node, joining the cluster of its `[cluster]` section over NATS when it has one.
+pub fn spawn_node(
+    settings: Settings,
+) -> Result<confab_actors::RunningNode, confab_actors::NodeError> {
+    let join = settings
+        .cluster
+        .is_some()
+        .then(|| Arc::new(NatsJoin) as Arc<dyn Join>);
+    confab_actors::node::spawn_node_with(settings, join)
+}

@@ -18,7 +18,7 @@ pub struct EndpointEntry {
     pub addr: EndpointRef,
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum DirectoryError {
     #[error("too many endpoints signed in for this user")]
     TooManyEndpoints,

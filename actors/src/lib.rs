@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod presence;
 pub mod ratelimit;
 pub mod reasons;
+pub mod refusal;
 pub mod route;
 pub mod session;
 pub mod settings;

@@ -582,11 +582,7 @@ async fn accept_loop(
 
 async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
-    let msg = confab_protocol::ServerMsg::error(
-        None,
-        confab_protocol::ErrorCode::Overloaded,
-        "connection limit reached",
-    );
+    let msg = crate::refusal::Refusal::ConnectionLimit.reply(None);
     if let Ok(frame) = confab_protocol::codec::frame_bytes(&msg) {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
     }

@@ -8,10 +8,6 @@ use confab_protocol::Reason;
 pub const CALL_DOES_NOT_EXIST: &str = "Call Leg/Transaction Does Not Exist";
 pub const REQUEST_TIMEOUT: &str = "Request Timeout";
 
-/// `error{internal}` text for a call request to a leg on another node whose answer never came
-/// (protocol.md §9 p): the request or its answer was lost between the nodes.
-pub const NO_ANSWER_FROM_NODE: &str = "no answer from the call's node; the outcome is unknown";
-
 /// The `result` label of `confab_messages_total` for a failure code, without allocating for
 /// the codes the node sends.
 pub fn message_result_label(code: u16) -> std::borrow::Cow<'static, str> {

@@ -17,11 +17,6 @@ use crate::endpoint::{Endpoint, EndpointMsg};
 use crate::link::{EndpointElsewhere, LegEnd, Link};
 use crate::outbox::Outbox;
 
-/// The text of a `message_failed` 503 or an `error{overloaded}` for a request not sent because
-/// `cluster.max_queued_envelopes` (or `max_queued_bytes`) already wait for the NATS client
-/// (docs/protocol.md §6, §9 p).
-pub const REQUESTS_WAITING_FOR_NODE: &str = "Too many requests waiting for another node";
-
 /// Where a directory entry's endpoint is.
 #[derive(Clone)]
 pub enum EndpointRef {

@@ -6,8 +6,7 @@
 use actix::prelude::*;
 use confab_protocol::uri::normalize_user_uri;
 use confab_protocol::{
-    ClientMsg, DecodeError, ErrorCode, FrameCodec, FrameError, PROTOCOL_VERSION, ServerMsg,
-    decode_client,
+    ClientMsg, DecodeError, FrameCodec, FrameError, PROTOCOL_VERSION, ServerMsg, decode_client,
 };
 use futures::StreamExt;
 use std::time::Duration;
@@ -22,6 +21,7 @@ use crate::endpoint::{Endpoint, Frames};
 use crate::metrics as m;
 use crate::outbox::{Outbox, outbox, write_loop};
 use crate::presence::PresenceMsg;
+use crate::refusal::Refusal;
 use crate::transport;
 use confab_protocol::proxy::ProxyHeader;
 
@@ -47,19 +47,15 @@ struct Hello {
 }
 
 /// Why the handshake failed: what to tell the client before closing.
-struct Refusal {
+/// A sign-in refused, with the `rid` of its `hello` when it had one.
+struct SignInRefused {
     rid: Option<u32>,
-    code: ErrorCode,
-    text: String,
+    why: Refusal,
 }
 
-impl Refusal {
-    fn new(rid: Option<u32>, code: ErrorCode, text: impl Into<String>) -> Self {
-        Refusal {
-            rid,
-            code,
-            text: text.into(),
-        }
+impl SignInRefused {
+    fn new(rid: Option<u32>, why: Refusal) -> Self {
+        SignInRefused { rid, why }
     }
 }
 
@@ -174,10 +170,10 @@ pub async fn run(
     let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(refusal)) => {
-            tracing::info!(%peer, code = refusal.code.as_str(), reason = %refusal.text, "connection refused at sign-in");
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.code.as_str())
-                .increment(1);
-            outbox.push(ServerMsg::error(refusal.rid, refusal.code, refusal.text));
+            let code = refusal.why.code();
+            tracing::info!(%peer, code = code.as_str(), reason = %refusal.why.text(), "connection refused at sign-in");
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => code.as_str()).increment(1);
+            outbox.push(refusal.why.reply(refusal.rid));
             outbox.close();
             return;
         }
@@ -231,25 +227,20 @@ fn tls_refused() {
     metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "tls").increment(1);
 }
 
-async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
+async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefused> {
     let frame = match frames.next().await {
         Some(Ok(frame)) => frame,
         Some(Err(FrameError::Empty)) => {
-            return Err(Refusal::new(None, ErrorCode::BadFrame, "zero-length frame"));
+            return Err(SignInRefused::new(None, Refusal::ZeroLengthFrame));
         }
         Some(Err(FrameError::TooLarge { len, max })) => {
-            return Err(Refusal::new(
+            return Err(SignInRefused::new(
                 None,
-                ErrorCode::FrameTooLarge,
-                format!("frame of {len} bytes exceeds {max}"),
+                Refusal::FrameTooLarge { len, max },
             ));
         }
         Some(Err(_)) | None => {
-            return Err(Refusal::new(
-                None,
-                ErrorCode::NotAuthenticated,
-                "connection closed",
-            ));
+            return Err(SignInRefused::new(None, Refusal::ClosedBeforeHello));
         }
     };
     let (rid, version, user, token, device) = match decode_client(&frame) {
@@ -262,63 +253,34 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, Refusal> {
             ..
         }) => (rid, version, user, token, device),
         Err(e @ DecodeError::BadFrame { .. }) if e.type_name() == Some("hello") => {
-            return Err(Refusal::new(
-                e.rid(),
-                ErrorCode::BadFrame,
-                "malformed hello",
-            ));
+            return Err(SignInRefused::new(e.rid(), Refusal::MalformedHello));
         }
         Ok(other) => {
-            return Err(Refusal::new(
-                other.rid(),
-                ErrorCode::NotAuthenticated,
-                "the first frame must be hello",
-            ));
+            return Err(SignInRefused::new(other.rid(), Refusal::HelloFirst));
         }
         Err(e) => {
-            return Err(Refusal::new(
-                e.rid(),
-                ErrorCode::NotAuthenticated,
-                "the first frame must be hello",
-            ));
+            return Err(SignInRefused::new(e.rid(), Refusal::HelloFirst));
         }
     };
     if version != PROTOCOL_VERSION {
-        return Err(Refusal::new(
-            rid,
-            ErrorCode::UnsupportedVersion,
-            format!("this node speaks version {PROTOCOL_VERSION}"),
-        ));
+        return Err(SignInRefused::new(rid, Refusal::UnsupportedVersion));
     }
     if device.is_empty() || device.len() > MAX_DEVICE_LEN {
-        return Err(Refusal::new(
-            rid,
-            ErrorCode::BadFrame,
-            "device must be 1-128 bytes",
-        ));
+        return Err(SignInRefused::new(rid, Refusal::BadDevice));
     }
     let Ok(user) = normalize_user_uri(&user) else {
-        return Err(Refusal::new(
-            rid,
-            ErrorCode::Unauthorized,
-            "user is not a SIP URI",
-        ));
+        return Err(SignInRefused::new(rid, Refusal::UserNotSipUri));
     };
     if let Err(why) = ctx.verifier.verify(&token, &user) {
         tracing::debug!(%user, %why, "token refused");
         metrics::counter!(m::TOKENS_REFUSED, "check" => why.label()).increment(1);
-        return Err(Refusal::new(
+        return Err(SignInRefused::new(
             rid,
-            ErrorCode::Unauthorized,
-            format!("invalid token: {why}"),
+            Refusal::InvalidToken(why.to_string()),
         ));
     }
     if ctx.is_draining() {
-        return Err(Refusal::new(
-            rid,
-            ErrorCode::Overloaded,
-            "the node is shutting down",
-        ));
+        return Err(SignInRefused::new(rid, Refusal::ShuttingDown));
     }
     Ok(Hello { rid, user, device })
 }
@@ -338,11 +300,7 @@ async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) 
     {
         tracing::info!(user = %hello.user, error = %e, "sign-in refused");
         metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user").increment(1);
-        outbox.push(ServerMsg::error(
-            hello.rid,
-            ErrorCode::Forbidden,
-            e.to_string(),
-        ));
+        outbox.push(Refusal::Directory(e).reply(hello.rid));
         outbox.close();
         return;
     }
@@ -350,11 +308,7 @@ async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) 
     // one registered: refuse it, or it would never hear `shutdown`.
     if ctx.is_draining() {
         ctx.directory.unregister(&hello.user, &id);
-        outbox.push(ServerMsg::error(
-            hello.rid,
-            ErrorCode::Overloaded,
-            "the node is shutting down",
-        ));
+        outbox.push(Refusal::ShuttingDown.reply(hello.rid));
         outbox.close();
         return;
     }
@@ -365,11 +319,7 @@ async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) 
         metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "directory_unavailable")
             .increment(1);
         ctx.directory.unregister(&hello.user, &id);
-        outbox.push(ServerMsg::error(
-            hello.rid,
-            ErrorCode::Overloaded,
-            e.to_string(),
-        ));
+        outbox.push(Refusal::Directory(e).reply(hello.rid));
         outbox.close();
         return;
     }

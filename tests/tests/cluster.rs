@@ -3,7 +3,7 @@
 //! sit on different nodes and the contract must hold exactly as on one node: forking, first
 //! click wins, toast timeout to the most active device, declines, the flow, presence.
 
-use confab_actors::{RunningNode, route};
+use confab_actors::RunningNode;
 use confab_cluster::Lose;
 use confab_protocol::*;
 use confab_tests::*;
@@ -1155,7 +1155,7 @@ async fn during_a_nats_outage_messages_beyond_the_queue_limit_fail_at_once_and_a
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
     let refused = answers.values().filter(|a| a[0].0 == 503).count();
     for a in answers.values().filter(|a| a[0].0 == 503) {
-        assert_eq!(a[0].1, route::REQUESTS_WAITING_FOR_NODE);
+        assert_eq!(a[0].1, confab_actors::refusal::REQUESTS_WAITING_FOR_NODE);
     }
     let dropped = metric_value(&http_get(ops[1], "/metrics").await.2, DROPPED) - dropped_before;
     assert!(refused > 0);
@@ -1597,7 +1597,7 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
     match bob.request(hang_up.clone()).await {
         ServerMsg::Error { code, message, .. } => {
             assert_eq!(code, ErrorCode::Overloaded);
-            assert_eq!(message, route::REQUESTS_WAITING_FOR_NODE);
+            assert_eq!(message, confab_actors::refusal::REQUESTS_WAITING_FOR_NODE);
         }
         other => panic!("{other:?}"),
     }
@@ -1610,7 +1610,7 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
             rid: r, code, text, ..
         } => {
             assert_eq!((r, code), (rid, 503));
-            assert_eq!(text, route::REQUESTS_WAITING_FOR_NODE);
+            assert_eq!(text, confab_actors::refusal::REQUESTS_WAITING_FOR_NODE);
         }
         other => panic!("{other:?}"),
     }

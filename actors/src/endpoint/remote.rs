@@ -3,7 +3,20 @@
 //! messages waiting for an answer from that node (each answered here if the answer never
 //! comes), and ending those calls for the client when their node dies.
 
-use super::*;
+use actix::prelude::*;
+use confab_protocol::{Direction, Reason, ServerMsg, Toast};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+use super::{EndState, Endpoint};
+use crate::call::leg::{LegMsg, TerminateCause};
+use crate::link::Link;
+use crate::metrics as m;
+use crate::reasons;
+use crate::refusal::Refusal;
+use crate::route::LegRef;
 
 /// How long an endpoint gathers the state events it passes on before acknowledging them to
 /// their leg's node: far below the resend interval (half the node timeout, at least 50 ms).
@@ -130,12 +143,8 @@ impl Endpoint {
         for r in requests {
             match r.kind {
                 RequestKind::Terminate => self.push(ServerMsg::Ok { rid: r.rid }),
-                RequestKind::Accept if elsewhere => self.error(
-                    r.rid,
-                    ErrorCode::AnsweredElsewhere,
-                    "another endpoint answered",
-                ),
-                _ => self.error(r.rid, ErrorCode::InvalidState, "the call is over"),
+                RequestKind::Accept if elsewhere => self.refuse(r.rid, Refusal::AnsweredElsewhere),
+                _ => self.refuse(r.rid, Refusal::CallOver),
             }
         }
     }
@@ -422,7 +431,7 @@ impl Endpoint {
         for rid in expired_requests {
             // Lost between the nodes, the request or its answer: whether it was carried out
             // is unknown here, and the call's events will tell.
-            self.error(rid, ErrorCode::Internal, reasons::NO_ANSWER_FROM_NODE);
+            self.refuse(rid, Refusal::NoAnswerFromNode);
         }
         if let Some(oldest) = next {
             self.arm_answer_sweep((oldest + timeout).saturating_duration_since(now), ctx);

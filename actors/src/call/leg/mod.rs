@@ -15,9 +15,7 @@ use crate::call::offer::CallOffer;
 use crate::call::unacked::Unacked;
 use crate::ids::IdMap;
 use confab_protocol::state::transition;
-use confab_protocol::{
-    Body, CallEvent, CallState, Direction, ErrorCode, Reason, Remote, ServerMsg, Toast,
-};
+use confab_protocol::{Body, CallEvent, CallState, Direction, Reason, Remote, ServerMsg, Toast};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,6 +26,7 @@ use crate::arbiter::{ArbiterMsg, ForkArbiter, ForkTarget};
 use crate::context::Ctx;
 use crate::metrics as m;
 use crate::reasons;
+use crate::refusal::Refusal;
 use crate::route::{EventSink, LegOwner};
 
 /// Why an endpoint asks its leg to terminate.
@@ -293,8 +292,9 @@ impl CallLeg {
         self.push(ServerMsg::Ok { rid });
     }
 
-    fn reply_error(&self, rid: Option<u32>, code: ErrorCode, text: &str) {
-        self.push(ServerMsg::error(rid, code, text));
+    /// Answers the client's request `rid` with the error its refusal gets.
+    fn refuse(&self, rid: Option<u32>, why: Refusal) {
+        self.push(why.reply(rid));
     }
 
     /// Whether this leg counts its client's messages in `confab_messages_total`: a message is
@@ -399,13 +399,9 @@ impl CallLeg {
         }
         if let Some(rid) = self.pending_accept.take() {
             if elsewhere {
-                self.reply_error(
-                    rid,
-                    ErrorCode::AnsweredElsewhere,
-                    "another endpoint answered",
-                );
+                self.refuse(rid, Refusal::AnsweredElsewhere);
             } else {
-                self.reply_error(rid, ErrorCode::InvalidState, "the call is over");
+                self.refuse(rid, Refusal::CallOver);
             }
         }
         if let Some(Transfer::Transferee { arbiter, .. }) = self.transfer.take() {

@@ -133,23 +133,19 @@ impl CallLeg {
     /// The client's `call_accept`: asks the arbiter, which answers `Won` or `AcceptRefused`.
     pub(super) fn on_accept(&mut self, rid: Option<u32>, sdp: String) {
         if self.ended_elsewhere {
-            return self.reply_error(
-                rid,
-                ErrorCode::AnsweredElsewhere,
-                "another endpoint answered",
-            );
+            return self.refuse(rid, Refusal::AnsweredElsewhere);
         }
         if self.state != CallState::Incoming || self.pending_accept.is_some() {
-            return self.reply_error(rid, ErrorCode::InvalidState, "the call is not ringing");
+            return self.refuse(rid, Refusal::NotRinging);
         }
         let negotiated = match self.init.offer.negotiate(&sdp) {
             Ok(n) => n,
             Err(e) => {
-                return self.reply_error(rid, ErrorCode::NotAcceptable, &e.to_string());
+                return self.refuse(rid, Refusal::SdpNotAcceptable(e.to_string()));
             }
         };
         let Some(arbiter) = self.arbiter.clone() else {
-            return self.reply_error(rid, ErrorCode::InvalidState, "the call is not ringing");
+            return self.refuse(rid, Refusal::NotRinging);
         };
         self.pending_accept = Some(rid);
         self.awaiting_decision = true;
@@ -165,7 +161,7 @@ impl CallLeg {
     /// The client's `call_decline` of a ringing call.
     pub(super) fn on_decline(&mut self, rid: Option<u32>, code: u16, ctx: &mut Context<Self>) {
         if self.state != CallState::Incoming {
-            return self.reply_error(rid, ErrorCode::InvalidState, "the call is not ringing");
+            return self.refuse(rid, Refusal::NotRinging);
         }
         self.reply_ok(rid);
         self.decline(code, reasons::declined(code), ctx);
@@ -174,7 +170,7 @@ impl CallLeg {
     /// The client's `call_forward` of a ringing call: the arbiter rings the new target.
     pub(super) fn on_forward(&mut self, rid: Option<u32>, to: String, ctx: &mut Context<Self>) {
         if self.state != CallState::Incoming || self.pending_accept.is_some() {
-            return self.reply_error(rid, ErrorCode::InvalidState, "the call is not ringing");
+            return self.refuse(rid, Refusal::NotRinging);
         }
         self.reply_ok(rid);
         if let Some(a) = self.arbiter.take() {
@@ -195,14 +191,10 @@ impl CallLeg {
     /// The client's `call_transfer`: the peer leg places the new call (`StartTransfer`).
     pub(super) fn on_transfer(&mut self, rid: Option<u32>, to: String, ctx: &mut Context<Self>) {
         if self.state != CallState::Established || self.transfer.is_some() {
-            return self.reply_error(
-                rid,
-                ErrorCode::InvalidState,
-                "the call cannot be transferred now",
-            );
+            return self.refuse(rid, Refusal::CannotTransferNow);
         }
         let Some(peer) = self.peer.as_ref() else {
-            return self.reply_error(rid, ErrorCode::InvalidState, "the call has no remote party");
+            return self.refuse(rid, Refusal::NoRemoteParty);
         };
         peer.addr.do_send(LegMsg::StartTransfer {
             to,

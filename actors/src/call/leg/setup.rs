@@ -114,11 +114,7 @@ impl CallLeg {
     pub(super) fn on_accept_refused(&mut self) {
         self.awaiting_decision = false;
         if let Some(rid) = self.pending_accept.take() {
-            self.reply_error(
-                rid,
-                ErrorCode::AnsweredElsewhere,
-                "another endpoint answered",
-            );
+            self.refuse(rid, Refusal::AnsweredElsewhere);
         }
     }
 

@@ -1,0 +1,141 @@
+//! An endpoint's reading of its client's frames: each decoded, held to
+//! `limits.requests_per_second`, and dispatched to the job it concerns; a frame that cannot be
+//! read, or a request that arrives while the endpoint ends, gets the answer its refusal gets.
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use confab_protocol::{ClientMsg, DecodeError, FrameError, ServerMsg, decode_client};
+use tokio::time::Instant;
+
+use super::{Endpoint, request_rate};
+use crate::call::leg::{LegMsg, TerminateCause};
+use crate::metrics as m;
+use crate::refusal::Refusal;
+
+/// The client's frames after the `hello`, read by this actor.
+pub type Frames =
+    tokio_util::codec::FramedRead<crate::transport::ClientReader, confab_protocol::FrameCodec>;
+
+impl Endpoint {
+    fn handle_frame(&mut self, msg: ClientMsg, ctx: &mut Context<Self>) {
+        match msg {
+            ClientMsg::Hello { rid, .. } => self.refuse(rid, Refusal::AlreadySignedIn),
+            ClientMsg::Ping { rid } => self.push(ServerMsg::Pong { rid }),
+            ClientMsg::Bye { rid } => {
+                self.push(ServerMsg::Ok { rid });
+                self.end_cleanly(ctx, TerminateCause::Bye);
+            }
+            ClientMsg::DeviceState {
+                rid,
+                activity,
+                idle_ms,
+            } => self.device_state(rid, activity, idle_ms),
+            ClientMsg::SetStatus { rid, status } => self.set_status(rid, status, ctx),
+            ClientMsg::Subscribe { rid, users } => self.subscribe(rid, users),
+            ClientMsg::Unsubscribe { rid, users } => self.unsubscribe(rid, users),
+            ClientMsg::CallEstablish {
+                rid,
+                to,
+                conversation,
+                toast,
+                sdp,
+            } => self.establish(rid, to, conversation, toast, sdp, ctx),
+            ClientMsg::CallAccept { rid, call, sdp } => self.accept(rid, call, sdp, ctx),
+            ClientMsg::CallDecline { rid, call, code } => self.decline(rid, call, code, ctx),
+            ClientMsg::CallForward { rid, call, to } => {
+                self.redirect(rid, call, to, |rid, to| LegMsg::Forward { rid, to }, ctx)
+            }
+            ClientMsg::CallTransfer { rid, call, to } => {
+                self.redirect(rid, call, to, |rid, to| LegMsg::Transfer { rid, to }, ctx)
+            }
+            ClientMsg::CallTerminate { rid, call } => self.terminate(rid, call, ctx),
+            ClientMsg::ConversationTerminate { rid, conversation } => {
+                self.terminate_conversation(rid, conversation)
+            }
+            ClientMsg::Message {
+                rid,
+                call,
+                content_type,
+                body,
+            } => self.send_message(rid, call, content_type, body, ctx),
+            ClientMsg::MessageAck { call, msg } => self.ack(&call, msg),
+            ClientMsg::Composing { call, active } => self.composing(&call, active),
+        }
+    }
+
+    /// A request refused unread, answered in the form its type is answered in: a `message`
+    /// gets its `message_failed`, an ack or composing nothing (they have no answer), any other
+    /// request its `error`. Requests that arrive after `bye` or a shutdown began are refused
+    /// as `SigningOut`; those over the connection's rate as `TooManyRequests`.
+    fn refuse_unread(&mut self, msg: ClientMsg, why: Refusal) {
+        match msg {
+            ClientMsg::Message { rid, call, .. } => self.fail_message_for(rid, call, &why),
+            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
+            other => self.refuse(other.rid(), why),
+        }
+    }
+
+    fn reject_frame(&mut self, e: &DecodeError) {
+        let reason = match e {
+            DecodeError::UnknownType { .. } => "unknown_type",
+            DecodeError::BadFrame { .. } => "bad_frame",
+        };
+        metrics::counter!(m::FRAMES_REJECTED, "reason" => reason).increment(1);
+        self.refuse(e.rid(), Refusal::frame(e));
+    }
+}
+
+impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
+    fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
+        if self.ending() {
+            // Still answered while the socket is open: a `message` always gets its one answer,
+            // a malformed frame its error. (A framing error needs no answer now: the socket is
+            // closing anyway.)
+            if let Ok(frame) = item {
+                match decode_client(&frame) {
+                    Ok(msg) => self.refuse_unread(msg, Refusal::SigningOut),
+                    Err(e) => self.reject_frame(&e),
+                }
+            }
+            return;
+        }
+        self.last_rx = Instant::now();
+        match item {
+            Ok(frame) => match decode_client(&frame) {
+                // Acks answer the node's own events; refusing them would only fail the sender.
+                Ok(msg @ ClientMsg::MessageAck { .. }) => self.handle_frame(msg, ctx),
+                Ok(msg) if !self.bucket.try_take(request_rate(&self.ctx), self.last_rx) => {
+                    metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
+                    self.refuse_unread(msg, Refusal::TooManyRequests)
+                }
+                Ok(msg) => self.handle_frame(msg, ctx),
+                // Malformed frames cost a token too, or garbage would be a way past the limit.
+                Err(e) if !self.bucket.try_take(request_rate(&self.ctx), self.last_rx) => {
+                    metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
+                    self.refuse(e.rid(), Refusal::TooManyRequests);
+                }
+                Err(e) => self.reject_frame(&e),
+            },
+            Err(FrameError::Empty) => {
+                metrics::counter!(m::FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
+                self.refuse(None, Refusal::ZeroLengthFrame);
+                self.lost(ctx);
+            }
+            Err(FrameError::TooLarge { len, max }) => {
+                metrics::counter!(m::FRAMES_REJECTED, "reason" => "frame_too_large").increment(1);
+                self.refuse(None, Refusal::FrameTooLarge { len, max });
+                self.lost(ctx);
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %self.id, error = %e, "connection read failed");
+                self.lost(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        if !self.ending() {
+            self.lost(ctx);
+        }
+    }
+}

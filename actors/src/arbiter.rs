@@ -113,11 +113,15 @@ pub struct ForkArbiter {
     auto_current: Option<String>,
     /// Cluster: this arbiter's id in the node's registry, once it forked to another node.
     registered: Option<String>,
+    /// The fork settings as they were when the call came: a reload applies to new calls only.
+    settings: crate::settings::Fork,
 }
 
 impl ForkArbiter {
     pub fn new(t: ForkTarget) -> Self {
+        let settings = t.ctx.live().fork.clone();
         ForkArbiter {
+            settings,
             t,
             forks: Vec::new(),
             immediate: false,
@@ -133,7 +137,7 @@ impl ForkArbiter {
     }
 
     fn settings(&self) -> &crate::settings::Fork {
-        &self.t.ctx.settings.fork
+        &self.settings
     }
 
     /// Offers the call to every endpoint of `self.t.to` except the calling one.

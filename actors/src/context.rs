@@ -2,7 +2,7 @@
 //! token verifier. Built once at start-up and handed around behind an `Arc`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::address_limits::AddressLimits;
 use crate::auth::Verifier;
@@ -29,6 +29,15 @@ pub struct NodeCtx {
     /// `server.proxy_trusted_from`, parsed (validated with the settings).
     pub proxy_trusted_from: Vec<ipnet::IpNet>,
     draining: AtomicBool,
+    /// What a reload changes: the live settings and the files the settings name (the TLS
+    /// certificate, the token keys, the admin token).
+    pub reloadables: Arc<crate::reload::Reloadables>,
+    /// Cancelled to stop the node from within (the end of an admin drain).
+    stop_requested: tokio_util::sync::CancellationToken,
+    /// When the node started (the admin API's uptime).
+    pub started: std::time::Instant,
+    /// Call legs on this node now (the admin API's status).
+    legs: AtomicUsize,
 }
 
 pub type Ctx = Arc<NodeCtx>;
@@ -39,9 +48,10 @@ impl NodeCtx {
         directory: Arc<dyn Directory>,
         presence: PresenceShards,
         link: Option<Arc<dyn Link>>,
-        tls: Option<Arc<ServerTls>>,
-        verifier: Arc<Verifier>,
+        reloadables: Arc<crate::reload::Reloadables>,
     ) -> Self {
+        let tls = reloadables.tls.clone();
+        let verifier = reloadables.verifier.clone();
         let node_id = link.as_ref().map_or_else(
             || settings.server.node_id.clone(),
             |l| l.node_id().to_owned(),
@@ -62,7 +72,11 @@ impl NodeCtx {
                 .filter_map(|n| n.parse().ok())
                 .collect(),
             settings,
+            reloadables,
+            stop_requested: tokio_util::sync::CancellationToken::new(),
             draining: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+            legs: AtomicUsize::new(0),
         }
     }
 
@@ -71,7 +85,42 @@ impl NodeCtx {
         self.draining.load(Ordering::SeqCst)
     }
 
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+    /// Starts draining; false if it had started already.
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::SeqCst)
+    }
+
+    /// The settings that change on reload (limits, fork timers), as they are now.
+    pub fn live(&self) -> arc_swap::Guard<Arc<crate::reload::Live>> {
+        self.reloadables.live.load()
+    }
+
+    /// The admin token now, if the admin API is on.
+    pub fn admin_token(&self) -> Option<String> {
+        self.reloadables.admin_token.as_ref().map(|t| t.get())
+    }
+
+    /// Stops the node as a SIGTERM would (after an admin drain).
+    pub fn request_stop(&self) {
+        self.stop_requested.cancel();
+    }
+
+    /// Resolves once [`NodeCtx::request_stop`] was called.
+    pub fn stop_requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stop_requested.cancelled()
+    }
+
+    /// A call leg started (`true`) or stopped here.
+    pub fn count_leg(&self, started: bool) {
+        if started {
+            self.legs.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.legs.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Call legs on this node now.
+    pub fn legs(&self) -> usize {
+        self.legs.load(Ordering::Relaxed)
     }
 }

@@ -4,6 +4,7 @@
 //! Entry point: [`node::spawn_node`] with [`settings::Settings`].
 
 pub mod address_limits;
+pub mod admin;
 pub mod arbiter;
 pub mod auth;
 pub mod call;
@@ -20,6 +21,7 @@ pub mod presence;
 pub mod ratelimit;
 pub mod reasons;
 pub mod refusal;
+pub mod reload;
 pub mod route;
 pub mod session;
 pub mod settings;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use crate::admin;
 use crate::arbiter::ForkArbiter;
 use crate::call::leg::{CallLeg, LegMsg};
 use crate::directory::Directory;
@@ -59,6 +60,18 @@ pub trait Join: Send + Sync + 'static {
 pub trait Reserved: Send {
     fn send(self: Box<Self>);
 }
+
+/// The other nodes' answers to an admin query, and the nodes that did not answer in time.
+#[derive(Debug, Default)]
+pub struct NodeAnswers {
+    pub answers: Vec<admin::Answer>,
+    pub missing: Vec<String>,
+}
+
+/// How this node answers an admin query from another node (`admin::answer_here`); None once
+/// the node has stopped (the asker then counts it as not answering).
+pub type AdminAnswerer =
+    Arc<dyn Fn(admin::Query) -> LinkFuture<'static, Option<admin::Answer>> + Send + Sync>;
 
 /// An endpoint on another node, as a leg here addresses it.
 #[derive(Clone, Debug)]
@@ -137,6 +150,18 @@ pub trait Link: Send + Sync + 'static {
         endpoint: &str,
         fork: RemoteFork,
     ) -> Option<Box<dyn Reserved + '_>>;
+
+    // The admin API.
+
+    /// Asks every other node it knows of `query`; resolves with their answers once all have
+    /// answered, or at `timeout` with the silent ones named.
+    fn ask_other_nodes(
+        &self,
+        query: &admin::Query,
+        timeout: Duration,
+    ) -> LinkFuture<'_, NodeAnswers>;
+    /// Other nodes' admin queries are answered through `answerer` (set once the node runs).
+    fn answer_admin_with(&self, answerer: AdminAnswerer);
 
     // The node.
 

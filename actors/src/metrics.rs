@@ -39,6 +39,11 @@ pub const TLS_RELOADS: &str = "confab_tls_reloads_total";
 pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
 pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
+pub const ADMIN_REQUESTS: &str = "confab_admin_requests_total";
+pub const SESSIONS_KICKED: &str = "confab_sessions_kicked_total";
+
+/// Label values of `result` in [`ADMIN_REQUESTS`].
+pub const ADMIN_RESULTS: &[&str] = &["ok", "unauthorized", "bad_request", "not_found", "conflict"];
 
 /// Label values of [`LIMITS_TRIPPED`].
 pub const LIMITS: &[&str] = &[
@@ -130,6 +135,20 @@ pub fn describe_all() {
         "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); 0 \
          without [tls]"
     );
+    describe_counter!(
+        ADMIN_REQUESTS,
+        "Requests to the admin API (/admin/…), by result (ok, unauthorized: a missing or wrong \
+         token, bad_request, not_found: nothing matched, conflict: a drain while draining); 0 \
+         without [admin] token_file"
+    );
+    describe_counter!(
+        SESSIONS_KICKED,
+        "Sessions an operator ended through the admin API (the client hears `kicked`)"
+    );
+    for result in ADMIN_RESULTS {
+        metrics::counter!(ADMIN_REQUESTS, "result" => *result).absolute(0);
+    }
+    metrics::counter!(SESSIONS_KICKED).absolute(0);
     process().describe();
     process().collect();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

@@ -18,6 +18,7 @@ use crate::link::{Join, JoinError, Joined, Link};
 use crate::metrics as m;
 use crate::presence::PresenceShards;
 use crate::presence::rank::Thresholds;
+use crate::reload::Reloadables;
 use crate::settings::Settings;
 use crate::tls::ServerTls;
 
@@ -40,6 +41,8 @@ pub enum NodeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot load the token keys: {0}")]
     Keys(#[from] crate::auth::KeysError),
+    #[error("{0}")]
+    AdminToken(#[from] crate::admin::TokenError),
 }
 
 /// What the node thread reports once started: its id and directory, or why it could not join
@@ -54,8 +57,11 @@ pub struct RunningNode {
     pub node_id: String,
     directory: Arc<dyn Directory>,
     link: Option<Arc<dyn Link>>,
-    tls: Option<Arc<ServerTls>>,
-    verifier: Arc<Verifier>,
+    reloadables: Arc<Reloadables>,
+    /// Cancelled once the node thread has stopped (a signal, or the end of an admin drain).
+    ended: CancellationToken,
+    /// The node thread's own runtime (for [`RunningNode::responsive`]).
+    main: actix::dev::ArbiterHandle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -93,7 +99,7 @@ impl RunningNode {
     /// the new pair, connections already open are untouched; a pair that does not load leaves
     /// the old one in place and says why. `Ok(false)` when the port has no TLS.
     pub fn reload_tls(&self) -> Result<bool, crate::tls::TlsError> {
-        match &self.tls {
+        match &self.reloadables.tls {
             Some(tls) => tls.reload().map(|()| true),
             None => Ok(false),
         }
@@ -103,7 +109,36 @@ impl RunningNode {
     /// the new set; signed-in endpoints and their calls are untouched. A file that does not
     /// load leaves the old keys. `Ok(false)` when there is no key file.
     pub fn reload_token_keys(&self) -> Result<bool, crate::auth::KeysError> {
-        self.verifier.reload()
+        self.reloadables.verifier.reload()
+    }
+
+    /// Reloads (SIGHUP, or `POST /admin/reload`): the settings, through the reloader the
+    /// binary set, each changed key applied or reported as needing a restart; and the files
+    /// the settings name. `Err` (nothing changed) when the settings do not load.
+    pub fn reload(&self) -> Result<crate::reload::ReloadReport, String> {
+        self.reloadables.reload()
+    }
+
+    /// How the binary reads the settings again; set once, after the node started.
+    pub fn set_reloader(&self, reloader: crate::reload::Reloader) {
+        let _ = self.reloadables.reloader.set(reloader);
+    }
+
+    /// Resolves once the node has stopped by itself (an admin drain ended) or was stopped.
+    pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.ended.clone().cancelled_owned()
+    }
+
+    /// Whether the node's main runtime runs a task within `within` (the systemd watchdog pings
+    /// only while it does, so a node that hangs is restarted).
+    pub async fn responsive(&self, within: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if !self.main.spawn(async move {
+            let _ = tx.send(());
+        }) {
+            return false;
+        }
+        matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
     }
 
     /// A handle that can start the graceful shutdown from another thread.
@@ -280,9 +315,13 @@ pub fn spawn_node_with(
             "the client port listens beyond this machine without TLS: tokens and messages cross the network in clear text; set [tls] (docs/security.md)"
         );
     }
-    let node_tls = tls.clone();
     let verifier = Arc::new(Verifier::from_settings(&settings.auth)?);
-    let node_verifier = verifier.clone();
+    let admin_token = match settings.admin.token_file.as_str() {
+        "" => None,
+        path => Some(Arc::new(crate::admin::AdminToken::load(path)?)),
+    };
+    let reloadables = Arc::new(Reloadables::new(&settings, tls, verifier, admin_token));
+    let node_reloadables = reloadables.clone();
     let (listeners, port_claim) = bind_listeners(
         settings.server.listen,
         settings.server.listen_backlog,
@@ -301,16 +340,20 @@ pub fn spawn_node_with(
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (stop_tx, stop_rx) = oneshot::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ended = CancellationToken::new();
+    let thread_ended = ended.clone();
+    let (main_tx, main_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("confab-node".into())
         .spawn(move || {
             // Held until the node has stopped listening.
             let _port_claim = port_claim;
             let system = actix::System::new();
+            let _ =
+                main_tx.send(system.block_on(async { actix::System::current().arbiter().clone() }));
             system.block_on(run(
                 settings,
-                node_tls,
-                node_verifier,
+                node_reloadables,
                 Bound {
                     clients: listeners,
                     metrics: metrics_listener,
@@ -318,6 +361,7 @@ pub fn spawn_node_with(
                 (stop_rx, ready_tx),
                 join,
             ));
+            thread_ended.cancel();
         })
         .map_err(NodeError::Thread)?;
     // The node is ready once it has joined its cluster (at once without one).
@@ -332,6 +376,7 @@ pub fn spawn_node_with(
             return Err(NodeError::Start);
         }
     };
+    let main = main_rx.recv().map_err(|_| NodeError::Start)?;
     tracing::info!(%addr, ?metrics_addr, "confab node listening");
     Ok(RunningNode {
         addr,
@@ -339,8 +384,9 @@ pub fn spawn_node_with(
         node_id,
         directory,
         link,
-        tls,
-        verifier,
+        reloadables,
+        ended,
+        main,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
@@ -354,8 +400,7 @@ struct Bound {
 
 async fn run(
     settings: Settings,
-    tls: Option<Arc<ServerTls>>,
-    verifier: Arc<Verifier>,
+    reloadables: Arc<Reloadables>,
     bound: Bound,
     (stop, ready): (oneshot::Receiver<()>, std::sync::mpsc::Sender<Ready>),
     join: Option<Arc<dyn Join>>,
@@ -364,6 +409,7 @@ async fn run(
         clients: listeners,
         metrics: metrics_listener,
     } = bound;
+
     let workers: Vec<Arbiter> = (0..worker_count(&settings))
         .map(|_| Arbiter::new())
         .collect();
@@ -416,8 +462,25 @@ async fn run(
         }
     };
     let ctx = Arc::new(NodeCtx::new(
-        settings, directory, presence, link, tls, verifier,
+        settings,
+        directory,
+        presence,
+        link,
+        reloadables,
     ));
+    if let Some(link) = &ctx.link {
+        // Weak: the link lives in the context, and must not keep it alive.
+        let weak = Arc::downgrade(&ctx);
+        link.answer_admin_with(Arc::new(move |q| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(ctx) => Some(crate::admin::answer_here(&ctx, q).await),
+                    None => None,
+                }
+            })
+        }));
+    }
     let _ = ready.send(Ok((
         ctx.node_id.clone(),
         ctx.directory.clone(),
@@ -462,7 +525,12 @@ async fn run(
         loops.push(done_rx);
     }
     // Until told to stop; a dropped stopper (the node's owner gone) stops it too.
-    let _ = stop.await;
+    // Until told to stop, or an admin drain has ended; a dropped stopper (the node's owner
+    // gone) stops it too.
+    tokio::select! {
+        _ = stop => {}
+        _ = ctx.stop_requested() => {}
+    }
     accepting.cancel();
     // The listeners close as their loops end, before the endpoints are told to go.
     let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(loops)).await;

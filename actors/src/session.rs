@@ -151,8 +151,10 @@ pub async fn run(
             }
         },
     };
-    let limits = &ctx.settings.limits;
-    let (outbox, rx) = outbox(limits.outbound_queue, limits.outbound_queue_bytes);
+    let (outbox, rx) = {
+        let live = ctx.live();
+        outbox(live.limits.outbound_queue, live.limits.outbound_queue_bytes)
+    };
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     actix_rt::spawn(async move {
         write_loop(rx, wr).await;
@@ -191,7 +193,7 @@ pub async fn run(
     if frames.read_buffer().is_empty() {
         *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
     }
-    start_endpoint(ctx, hello, outbox, frames).await;
+    start_endpoint(ctx, hello, outbox, frames, peer).await;
 }
 
 /// Counts (and logs at debug) a connection refused for its address's limits.
@@ -285,7 +287,13 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefuse
     Ok(Hello { rid, user, device })
 }
 
-async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) {
+async fn start_endpoint(
+    ctx: Ctx,
+    hello: Hello,
+    outbox: Outbox,
+    frames: Frames,
+    peer: std::net::SocketAddr,
+) {
     let id = ctx.ids.mint('e');
     let actor_ctx = Context::<Endpoint>::new();
     let entry = EndpointEntry {
@@ -340,5 +348,5 @@ async fn start_endpoint(ctx: Ctx, hello: Hello, outbox: Outbox, frames: Frames) 
     });
     let mut actor_ctx = actor_ctx;
     actor_ctx.add_stream(frames);
-    actor_ctx.run(Endpoint::new(ctx, id, hello.user, outbox));
+    actor_ctx.run(Endpoint::new(ctx, id, hello.user, outbox, peer));
 }

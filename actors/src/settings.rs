@@ -26,6 +26,7 @@ pub struct Settings {
     pub flow: Flow,
     pub limits: Limits,
     pub metrics: Metrics,
+    pub admin: Admin,
     pub log: Log,
     pub cluster: Option<Cluster>,
     /// TLS on the client port (`[tls]`); absent = plain TCP.
@@ -163,6 +164,29 @@ pub struct Metrics {
     pub max_connections: usize,
     /// How long one connection may take to send its request and read the answer.
     pub request_timeout_ms: u64,
+}
+
+/// The admin API on the operations port (docs/operations.md, "The admin API").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// A file holding the bearer token the admin API asks for (its first line); empty = no
+    /// admin API. Read at start and on SIGHUP.
+    pub token_file: String,
+    /// How long a cluster-wide admin query waits for the other nodes' answers.
+    pub cluster_timeout_ms: u64,
+    /// How long a drain waits for the clients to leave before the node stops anyway.
+    pub drain_deadline_ms: u64,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            token_file: String::new(),
+            cluster_timeout_ms: 2_000,
+            drain_deadline_ms: 60_000,
+        }
+    }
 }
 
 /// The most `metrics.max_connections` may be: far more than any monitoring needs, and within
@@ -454,6 +478,15 @@ impl Settings {
                 reason: reason.to_owned(),
             })
         };
+        if !self.admin.token_file.is_empty() && self.metrics.listen.is_empty() {
+            return invalid(
+                "admin.token_file",
+                "the admin API is served on the operations port: set metrics.listen",
+            );
+        }
+        if !(1..=60_000).contains(&self.admin.cluster_timeout_ms) {
+            return invalid("admin.cluster_timeout_ms", "must be 1-60000");
+        }
         if self.server.max_frame < 64 {
             return invalid("server.max_frame", "must be at least 64 bytes");
         }
@@ -661,7 +694,8 @@ fn typed_defaults() -> toml::Table {
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "log", "cluster", "tls",
+    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "admin", "log", "cluster",
+    "tls",
 ];
 
 /// An environment value as TOML: integers and booleans keep their type, anything else is text.

@@ -147,6 +147,10 @@ fn dispatch(ctx: &Arc<Ctx>, event: ServerMsg) {
                 },
             );
         }
+        ServerMsg::Kicked { reason } => {
+            tracing::info!(%reason, "an operator ended this session");
+            push_endpoint_event(ctx, EndpointEvent::Kicked { reason });
+        }
         ServerMsg::Error { code, message, .. } => {
             tracing::warn!(code = code.as_str(), %message, "error from the node, for no request");
             push_endpoint_event(ctx, EndpointEvent::Error { code, message });

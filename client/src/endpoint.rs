@@ -78,6 +78,12 @@ pub enum EndpointEvent {
         /// When to try another connection.
         reconnect_after_ms: u64,
     },
+    /// An operator ended this session (`kicked`): its calls end as on `bye`, then the node
+    /// closes the connection. Signing in again is allowed.
+    Kicked {
+        /// The operator's reason.
+        reason: String,
+    },
     /// An `error` that answers no request (e.g. to a malformed `message_ack`).
     Error {
         /// The contract's code.

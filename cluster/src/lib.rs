@@ -16,6 +16,7 @@
 //!
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
+mod admin;
 mod bucket;
 pub mod directory;
 mod events;
@@ -221,6 +222,8 @@ pub struct Cluster {
     next_sync: AtomicU64,
     /// `cluster.sign_in_sync_timeout_ms`.
     sign_in_timeout: Duration,
+    /// The admin API's questions to the other nodes (`admin.rs`).
+    admin: admin::AdminState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -397,6 +400,7 @@ impl Cluster {
             sign_in_syncs: Mutex::new(HashMap::new()),
             next_sync: AtomicU64::new(1),
             sign_in_timeout: Duration::from_millis(cfg.sign_in_sync_timeout_ms),
+            admin: admin::AdminState::default(),
         });
         let url = shown_url(&cfg.nats_url);
         tracing::info!(node = %cluster.node_id, epoch, %url, "joined the cluster");

@@ -8,12 +8,14 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use actix::Addr;
+use confab_actors::admin;
 use confab_actors::arbiter::ForkArbiter;
 use confab_actors::call::leg::{CallLeg, LegMsg, TerminateCause};
 use confab_actors::directory::Directory;
 use confab_actors::endpoint::RemoteFork;
 use confab_actors::link::{
-    EndpointElsewhere, Join, JoinError, Joined, LegEnd, Link, LinkFuture, Reserved,
+    AdminAnswerer, EndpointElsewhere, Join, JoinError, Joined, LegEnd, Link, LinkFuture,
+    NodeAnswers, Reserved,
 };
 use confab_actors::presence::PresenceShards;
 use confab_actors::settings::Settings;
@@ -201,6 +203,19 @@ impl Link for Cluster {
         };
         let reserved = self.reserve_bounded(node, &adopt)?;
         Some(Box::new(reserved))
+    }
+
+    fn ask_other_nodes(
+        &self,
+        query: &admin::Query,
+        timeout: Duration,
+    ) -> LinkFuture<'_, NodeAnswers> {
+        let query = query.clone();
+        Box::pin(async move { Cluster::ask_other_nodes(self, &query, timeout).await })
+    }
+
+    fn answer_admin_with(&self, answerer: AdminAnswerer) {
+        self.set_admin_answerer(answerer);
     }
 
     fn healthy(&self) -> bool {

@@ -272,6 +272,16 @@ impl Cluster {
                     self.rejoin(above);
                 }
             }
+            Envelope::AdminQuery {
+                from_node,
+                token,
+                query,
+            } => self.answer_admin_query(from_node, token, &query),
+            Envelope::AdminAnswer {
+                from_node,
+                token,
+                answer,
+            } => self.admin_answered(from_node, token, &answer),
         }
     }
 

@@ -96,6 +96,21 @@ pub enum Envelope {
         from_node: String,
         token: u64,
     },
+    /// An admin API query (the engine's `admin::Query`, MessagePack) from `from_node`, which
+    /// waits for the `AdminAnswer` with the same `token`.
+    AdminQuery {
+        from_node: String,
+        token: u64,
+        #[serde(with = "serde_bytes")]
+        query: Vec<u8>,
+    },
+    /// The answer (`admin::Answer`, MessagePack) to `AdminQuery` `token`.
+    AdminAnswer {
+        from_node: String,
+        token: u64,
+        #[serde(with = "serde_bytes")]
+        answer: Vec<u8>,
+    },
     /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
     Rejoin {
         epoch: u64,

@@ -3,7 +3,7 @@
 //! fields), compared with the bytes this build was released with. A change here is a change
 //! of the protocol between nodes: nodes of the old and the new build in one cluster (a rolling
 //! upgrade) would misread each other. If it is meant, update the bytes with
-//! `CONFAB_BLESS=1 cargo test -p confab-actors --test wire_golden -- --nocapture` and say so in
+//! `CONFAB_BLESS=1 cargo test -p confab-cluster --test wire_golden -- --nocapture` and say so in
 //! docs/architecture.md section 12.
 
 #![allow(clippy::print_stdout)] // `CONFAB_BLESS=1` prints the table to paste.
@@ -125,6 +125,22 @@ fn samples() -> Vec<(&'static str, String)> {
                 token: 3,
             },
         ),
+        (
+            "admin_query",
+            Envelope::AdminQuery {
+                from_node: "a".into(),
+                token: 4,
+                query: vec![0x93, 0x01],
+            },
+        ),
+        (
+            "admin_answer",
+            Envelope::AdminAnswer {
+                from_node: "b".into(),
+                token: 4,
+                answer: vec![0xc0],
+            },
+        ),
     ];
     let mut out: Vec<(&'static str, String)> = envelopes
         .iter()
@@ -202,6 +218,14 @@ const GOLDEN: &[(&str, &str)] = &[
     (
         "directory_synced",
         "81af4469726563746f727953796e63656482a966726f6d5f6e6f6465a161a5746f6b656e03",
+    ),
+    (
+        "admin_query",
+        "81aa41646d696e517565727983a966726f6d5f6e6f6465a161a5746f6b656e04a57175657279c4029301",
+    ),
+    (
+        "admin_answer",
+        "81ab41646d696e416e7377657283a966726f6d5f6e6f6465a162a5746f6b656e04a6616e73776572c401c0",
     ),
     (
         "heartbeat",

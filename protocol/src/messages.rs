@@ -487,6 +487,11 @@ pub enum ServerMsg {
         reason: String,
         reconnect_after_ms: u64,
     },
+    /// An operator ended this endpoint's session (the admin API's kick): its calls end as on
+    /// `bye`, then the node closes the connection.
+    Kicked {
+        reason: String,
+    },
     Presence {
         user: String,
         availability: Availability,
@@ -588,6 +593,7 @@ impl ServerMsg {
             | MessageDelivered { rid, .. }
             | MessageFailed { rid, .. } => *rid,
             Shutdown { .. }
+            | Kicked { .. }
             | Presence { .. }
             | CallState { .. }
             | CallIncoming { .. }

@@ -928,11 +928,20 @@ pub async fn try_http_get(
     addr: std::net::SocketAddr,
     target: &str,
 ) -> std::io::Result<(u16, String, String)> {
+    let request = format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    http_exchange(addr, request).await
+}
+
+/// Sends `request` on a new connection and reads the answer to its end: (status, head, body),
+/// or the error when it cannot be made or takes more than 5 s.
+async fn http_exchange(
+    addr: std::net::SocketAddr,
+    request: String,
+) -> std::io::Result<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(request.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
@@ -1009,4 +1018,48 @@ pub fn seed_from_env(var: &str) -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
         })
+}
+
+/// A one-shot HTTP/1.1 request with `Connection: close` (the operations port's admin API):
+/// `method target`, the extra `headers`, and `body` (sent with its `Content-Length`) if any.
+/// (status, head, body), or the error when it cannot be made or takes more than 5 s.
+pub async fn try_http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or(""));
+    http_exchange(addr, request).await
+}
+
+/// [`try_http_request`] of a server that must answer: (status, head, body).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String, String) {
+    try_http_request(addr, method, target, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {target} to {addr}: {e}"))
+}
+
+impl Raw {
+    /// The client's own address on its connection to the node (what the node sees as the
+    /// peer's address).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.framed.get_ref().local_addr().unwrap()
+    }
 }

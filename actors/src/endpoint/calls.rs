@@ -265,7 +265,7 @@ impl Endpoint {
         {
             return self.refuse(rid, Refusal::BadContent(why));
         }
-        if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+        if self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             m::limit_tripped("calls_per_endpoint");
             return self.refuse(rid, Refusal::TooManyCalls);
         }
@@ -316,7 +316,7 @@ impl Endpoint {
             }
             return;
         }
-        if self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+        if self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             m::limit_tripped("calls_per_endpoint");
             return;
         }

@@ -82,6 +82,17 @@ impl Endpoint {
         });
     }
 
+    /// An operator ended the session (admin API): the client hears why, then it ends as on
+    /// `bye`. An endpoint already ending just ends.
+    pub(super) fn kicked(&mut self, reason: String, ctx: &mut Context<Self>) {
+        if self.ending() {
+            return;
+        }
+        metrics::counter!(m::SESSIONS_KICKED).increment(1);
+        self.push(ServerMsg::Kicked { reason });
+        self.end_cleanly(ctx, TerminateCause::Bye);
+    }
+
     /// Cluster: this endpoint ranks beyond `endpoints_per_user` across the nodes: the client
     /// is told, then it ends as on `bye`. Sent again for each later record of the user until
     /// this endpoint is gone.

@@ -72,6 +72,31 @@ pub enum EndpointMsg {
     /// sign-ins raced on two nodes) and this one ranks beyond the limit: tell the client, end
     /// its calls as `bye` would, then close.
     OverLimit,
+    /// An operator ended the session (admin API): tell the client `reason`, end its calls as
+    /// `bye` would, then close.
+    Kick {
+        reason: String,
+    },
+    /// The node is draining (admin API): tell the client to reconnect elsewhere; its calls go
+    /// on until it leaves or the drain's deadline.
+    DrainNotice {
+        reason: String,
+    },
+}
+
+/// What the admin API lists of an endpoint's session.
+#[derive(Message)]
+#[rtype(result = "Described")]
+pub struct Describe;
+
+/// An endpoint's answer to [`Describe`].
+pub struct Described {
+    pub remote_addr: std::net::SocketAddr,
+    pub since_unix_ms: u64,
+    /// Calls it holds now.
+    pub calls: usize,
+    /// Signing out, lost or shutting down.
+    pub ending: bool,
 }
 
 /// What a finished call id still answers to, so a late request gets the right error.
@@ -100,6 +125,10 @@ pub struct Endpoint {
     bucket: TokenBucket,
     /// `limits.presence_updates_per_second`: presence changes fan out to every watcher.
     presence_bucket: TokenBucket,
+    /// The client's address (after a trusted PROXY header) and when it signed in, for the
+    /// admin API's session list.
+    peer: std::net::SocketAddr,
+    since_unix_ms: u64,
 }
 
 /// Whether, and why, an endpoint is ending.
@@ -115,18 +144,27 @@ enum EndState {
 
 /// `limits.requests_per_second` and `request_burst`.
 fn request_rate(ctx: &Ctx) -> Rate {
-    let l = &ctx.settings.limits;
-    Rate::new(l.requests_per_second, l.request_burst)
+    let live = ctx.live();
+    Rate::new(live.limits.requests_per_second, live.limits.request_burst)
 }
 
 /// `limits.presence_updates_per_second` and `presence_update_burst`.
 fn presence_rate(ctx: &Ctx) -> Rate {
-    let l = &ctx.settings.limits;
-    Rate::new(l.presence_updates_per_second, l.presence_update_burst)
+    let live = ctx.live();
+    Rate::new(
+        live.limits.presence_updates_per_second,
+        live.limits.presence_update_burst,
+    )
 }
 
 impl Endpoint {
-    pub fn new(ctx: Ctx, id: String, user: String, outbox: Outbox) -> Self {
+    pub fn new(
+        ctx: Ctx,
+        id: String,
+        user: String,
+        outbox: Outbox,
+        peer: std::net::SocketAddr,
+    ) -> Self {
         let now = Instant::now();
         let bucket = TokenBucket::full(request_rate(&ctx), now);
         let presence_bucket = TokenBucket::full(presence_rate(&ctx), now);
@@ -147,6 +185,8 @@ impl Endpoint {
             events_seen_armed: false,
             bucket,
             presence_bucket,
+            peer,
+            since_unix_ms: crate::presence::stamp::unix_ms(),
         }
     }
 
@@ -251,6 +291,24 @@ impl Handler<EndpointMsg> for Endpoint {
             EndpointMsg::ShutdownNotice => self.shutdown_notice(),
             EndpointMsg::Shutdown => self.end_cleanly(ctx, TerminateCause::Shutdown),
             EndpointMsg::OverLimit => self.over_limit(ctx),
+            EndpointMsg::Kick { reason } => self.kicked(reason, ctx),
+            EndpointMsg::DrainNotice { reason } => self.push(ServerMsg::Shutdown {
+                reason,
+                reconnect_after_ms: self.ctx.settings.server.reconnect_after_ms,
+            }),
         }
+    }
+}
+
+impl Handler<Describe> for Endpoint {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(Described {
+            remote_addr: self.peer,
+            since_unix_ms: self.since_unix_ms,
+            calls: self.calls.len(),
+            ending: self.ending(),
+        })
     }
 }

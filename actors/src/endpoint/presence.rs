@@ -112,7 +112,7 @@ impl Endpoint {
         let Some(users) = self.normalize_all(rid, &users) else {
             return;
         };
-        let limit = self.ctx.settings.limits.subscriptions_per_endpoint;
+        let limit = self.ctx.live().limits.subscriptions_per_endpoint;
         let new = users
             .iter()
             .filter(|u| !self.subscriptions.contains(*u))

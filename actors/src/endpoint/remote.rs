@@ -183,7 +183,7 @@ impl Endpoint {
             );
             return;
         }
-        if self.ending() || self.calls.len() >= self.ctx.settings.limits.calls_per_endpoint {
+        if self.ending() || self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             link.fork_lost(&fork.leg_node, fork.arbiter, fork.call);
             return;
         }

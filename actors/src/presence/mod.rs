@@ -131,6 +131,15 @@ pub struct RankEndpoints {
     pub user: String,
 }
 
+/// The user's full presence view (the one the user's own devices get: every endpoint with its
+/// effective activity, idle time and rank, as the arbiter ranks them), at the moment the
+/// message is handled; None for a user with no endpoint. For the admin API.
+#[derive(Message)]
+#[rtype(result = "Option<ServerMsg>")]
+pub struct UserView {
+    pub user: String,
+}
+
 struct EndpointState {
     device: String,
     publication: Option<Publication>,
@@ -455,6 +464,18 @@ impl Handler<PresenceMsg> for PresenceShard {
         }
         self.notify(&user, ctx);
         self.forget_if_idle(&user, ctx);
+    }
+}
+
+impl Handler<UserView> for PresenceShard {
+    type Result = Option<ServerMsg>;
+
+    fn handle(&mut self, msg: UserView, _: &mut Context<Self>) -> Option<ServerMsg> {
+        let state = self.users.get(&msg.user)?;
+        if state.endpoints.is_empty() {
+            return None;
+        }
+        Some(self.views(&msg.user, state, Instant::now()).0)
     }
 }
 

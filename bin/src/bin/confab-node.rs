@@ -50,6 +50,9 @@ fn main() -> anyhow::Result<()> {
             confab_actors::tls::ServerTls::load(tls)?;
         }
         confab_actors::auth::Verifier::from_settings(&settings.auth)?;
+        if !settings.admin.token_file.is_empty() {
+            confab_actors::admin::AdminToken::load(&settings.admin.token_file)?;
+        }
         let source = args
             .config
             .as_ref()
@@ -62,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
-    init_logs(&settings)?;
+    let logs = init_logs(&settings)?;
     raise_file_limit(settings.server.max_connections);
     if settings.auth.jwt_secret == "change-me" {
         tracing::warn!("auth.jwt_secret is the default; set CONFAB_AUTH_JWT_SECRET in production");
@@ -77,11 +80,20 @@ fn main() -> anyhow::Result<()> {
         Signals::install()
     };
     let mut node = spawn_node(settings)?;
+    node.set_reloader(reloader(args.config.clone(), logs));
     let stop = node.stopper();
+    systemd::ready();
     runtime.block_on(async {
-        wait_for_signal(signals, &node).await;
-        tracing::info!("signal received; shutting down gracefully");
+        // The node also stops by itself at the end of an admin drain.
+        tokio::select! {
+            _ = wait_for_signal(signals, &node) => {
+                tracing::info!("signal received; shutting down gracefully");
+            }
+            _ = node.ended() => tracing::info!("the node stopped (drained)"),
+            _ = systemd::watchdog(&node) => {}
+        }
     });
+    systemd::stopping();
     if let Some(stop) = stop {
         let _ = stop.send(());
     }
@@ -100,17 +112,35 @@ fn log_filter(settings: &Settings) -> anyhow::Result<EnvFilter> {
 
 /// `RUST_LOG` wins when set; otherwise `log.level`, which must parse: a filter with a typo would
 /// otherwise be skipped in silence and the node would log less than the operator asked for.
-fn init_logs(settings: &Settings) -> anyhow::Result<()> {
+/// Returns how a reload sets a new `log.level`.
+fn init_logs(settings: &Settings) -> anyhow::Result<LogHandle> {
     let filter = log_filter(settings)?;
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let set = move |level: &str, apply: &dyn Fn(EnvFilter) -> Result<(), String>| {
+        if from_env {
+            return Err("RUST_LOG is set and wins over log.level".to_owned());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log.level: {e}"))?;
+        apply(filter)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());
     if settings.log.format == "json" {
-        builder.json().init();
-    } else {
+        let builder = builder.json().with_filter_reloading();
+        let handle = builder.reload_handle();
         builder.init();
+        Ok(Box::new(move |level| {
+            set(level, &|f| handle.reload(f).map_err(|e| e.to_string()))
+        }))
+    } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.init();
+        Ok(Box::new(move |level| {
+            set(level, &|f| handle.reload(f).map_err(|e| e.to_string()))
+        }))
     }
-    Ok(())
 }
 
 /// Raises the open-file limit to the hard limit; warns when it cannot hold `max_connections`.
@@ -126,21 +156,50 @@ fn raise_file_limit(max_connections: usize) {
     }
 }
 
-/// SIGHUP: reloads what can be reloaded in place, each on its own (one that does not load is
-/// logged and keeps its old value): the client port's TLS certificate and the token keys.
+/// SIGHUP: reloads the settings (each changed key applied, or reported as needing a restart)
+/// and the files they name (the TLS certificate, the token keys, the admin token), each on its
+/// own; a settings file that does not load changes nothing. `POST /admin/reload` does the same.
 fn reload(node: &RunningNode) {
-    match node.reload_tls() {
-        Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-        Ok(false) => {}
-        // Logged where it failed; the node goes on with the old certificate.
-        Err(_) => {}
-    }
-    match node.reload_token_keys() {
-        Ok(true) => tracing::info!("SIGHUP: token keys reloaded"),
-        Ok(false) => {}
-        Err(e) => tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the old ones stay"),
+    match node.reload() {
+        Ok(report) => {
+            for what in &report.reloaded {
+                match what.as_str() {
+                    "tls" => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    "token_keys" => tracing::info!("SIGHUP: token keys reloaded"),
+                    other => tracing::info!("SIGHUP: {other} reloaded"),
+                }
+            }
+            for f in &report.failed {
+                tracing::error!(what = %f.what, error = %f.error, "SIGHUP: not reloaded; the old value stays");
+            }
+            tracing::info!(
+                applied = ?report.applied,
+                restart_needed = ?report.restart_needed,
+                "SIGHUP: settings reloaded"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: the settings do not load; nothing changed"),
     }
 }
+
+/// How the node reads its settings again on reload: the same file (or none) and the
+/// environment as at start, and the log filter through `logs`.
+fn reloader(config: Option<PathBuf>, logs: LogHandle) -> confab_actors::reload::Reloader {
+    confab_actors::reload::Reloader {
+        load: Box::new(move || {
+            let text = match &config {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                None => String::new(),
+            };
+            Settings::load(&text, std::env::vars()).map_err(|e| e.to_string())
+        }),
+        log_level: Box::new(move |level| logs(level)),
+    }
+}
+
+/// Sets the log filter to `log.level`'s new value.
+type LogHandle = confab_actors::reload::SetLogLevel;
 
 /// The signals the node handles, registered once.
 struct Signals {
@@ -186,5 +245,62 @@ async fn wait_for_signal(signals: Signals, node: &RunningNode) {
     {
         let _ = (signals, node);
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// systemd's `Type=notify` protocol (config/confab-node.service): `READY=1` once the node
+/// listens (and has joined its cluster), `WATCHDOG=1` while it is responsive, `STOPPING=1`
+/// when it begins to stop. Outside systemd (no `NOTIFY_SOCKET`) each is nothing.
+mod systemd {
+    use confab_actors::RunningNode;
+    use std::time::Duration;
+
+    pub fn ready() {
+        #[cfg(unix)]
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot tell systemd the node is ready");
+        }
+    }
+
+    pub fn stopping() {
+        #[cfg(unix)]
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    }
+
+    /// Pings the watchdog at half its interval for as long as the node's runtime answers
+    /// within that half; never resolves. Without `WatchdogSec` it only waits.
+    pub async fn watchdog(node: &RunningNode) {
+        #[cfg(unix)]
+        {
+            if let Some(usec) = watchdog_usec() {
+                let half = Duration::from_micros(usec) / 2;
+                let mut tick = tokio::time::interval(half);
+                loop {
+                    tick.tick().await;
+                    if node.responsive(half).await {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::error!(
+                            "the node's runtime did not answer; not pinging the watchdog"
+                        );
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = node;
+        std::future::pending::<()>().await
+    }
+
+    /// `WATCHDOG_USEC`, when systemd asks for pings and they are this process's to send (its
+    /// `WATCHDOG_PID`, when set, is this process; sd_notify's own check insists on it being
+    /// set, which a test harness cannot do before the process exists).
+    #[cfg(unix)]
+    fn watchdog_usec() -> Option<u64> {
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        let ours = std::env::var("WATCHDOG_PID")
+            .ok()
+            .is_none_or(|pid| pid.parse() == Ok(std::process::id()));
+        (usec > 0 && ours).then_some(usec)
     }
 }

@@ -117,6 +117,8 @@ enum Command {
     /// Publish or watch presence.
     #[command(subcommand)]
     Presence(PresenceCommand),
+    /// The operator's commands over a node's admin API (status, sessions, user, kick, drain).
+    Admin(cli::admin::AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -205,6 +207,12 @@ fn run(mut args: Args, out: &Arc<Output>) -> anyhow::Result<ExitCode> {
         out.raw_line(&token);
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Admin(admin) = args.command {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(cli::admin::run(admin, out));
+    }
     let Some(user) = args.user.clone() else {
         anyhow::bail!("--user (or CONFAB_USER) is required: who to sign in as");
     };
@@ -229,7 +237,7 @@ fn run(mut args: Args, out: &Arc<Output>) -> anyhow::Result<ExitCode> {
     let out = Arc::clone(out);
     let result = runtime.block_on(async move {
         match args.command {
-            Command::Token { .. } => Ok(ExitCode::SUCCESS),
+            Command::Token { .. } | Command::Admin(_) => Ok(ExitCode::SUCCESS),
             Command::Send { to, text, toast } => {
                 cli::send::run(&session, &out, &to, &text, toast).await
             }

@@ -1,6 +1,7 @@
 //! The `confab` command-line client, one module per subcommand; `out` prints, `session` signs in
 //! and holds what every subcommand shares (call printing, stdin lines).
 
+pub mod admin;
 pub mod chat;
 pub mod listen;
 pub mod out;

@@ -246,7 +246,7 @@ impl CallLeg {
         let own_sdp = init.offer.sdp().to_owned();
         let arbiter = init.arbiter.clone();
         let unacked = Unacked::new(
-            init.ctx.settings.limits.unacked_per_call,
+            init.ctx.live().limits.unacked_per_call,
             Duration::from_millis(init.ctx.settings.flow.ack_timeout_ms),
         );
         CallLeg {
@@ -654,6 +654,7 @@ impl Actor for CallLeg {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         m::hot().calls.increment(1.0);
+        self.init.ctx.count_leg(true);
         if let (Some(node), Some(link)) = (self.init.endpoint.remote_node(), &self.init.ctx.link) {
             link.register_leg(&self.init.id, node, ctx.address());
         }
@@ -682,6 +683,7 @@ impl Actor for CallLeg {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().calls.decrement(1.0);
+        self.init.ctx.count_leg(false);
         if self.init.endpoint.remote_node().is_some()
             && let Some(link) = &self.init.ctx.link
         {

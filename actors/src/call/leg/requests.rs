@@ -98,7 +98,7 @@ impl CallLeg {
         if body.len() > max {
             return self.message_failed(rid, None, 413, "Request Entity Too Large");
         }
-        if self.pending.len() >= self.init.ctx.settings.limits.unacked_per_call {
+        if self.pending.len() >= self.init.ctx.live().limits.unacked_per_call {
             m::limit_tripped("unacked_per_call");
             return self.message_failed(rid, None, 503, "Too many unacknowledged messages");
         }

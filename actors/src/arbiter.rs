@@ -15,11 +15,10 @@ use crate::call::leg::{CallLeg, LegInit, LegMsg};
 use crate::call::offer::CallOffer;
 use crate::context::Ctx;
 use crate::endpoint::{EndpointMsg, ForkOffer, RemoteFork};
-use crate::ids::IdSet;
+use crate::fork::{Action, ForkDecision, ForkState, Timers};
 use crate::link::EndpointElsewhere;
 use crate::metrics as m;
 use crate::presence::RankEndpoints;
-use crate::reasons;
 use crate::route::{EndpointRef, EventSink, LegOwner};
 
 /// What a call is and where its outcome goes.
@@ -59,8 +58,7 @@ pub enum ArbiterMsg {
     },
     Declined {
         call: String,
-        code: u16,
-        /// The fork's own reason (503 "Server shutting down" when its endpoint's node stops):
+        /// The fork's own reason (its code is the decline's) (503 "Server shutting down" when its endpoint's node stops):
         /// the caller gets it when this decline is the final answer.
         reason: Reason,
     },
@@ -75,92 +73,63 @@ pub enum ArbiterMsg {
     },
 }
 
-#[derive(PartialEq, Eq)]
-enum ForkState {
-    /// Offered; the endpoint has not created its leg yet.
-    Offered,
-    Ringing,
-    /// Gone with a final code (a decline's, or 480 for a lost fork).
-    Gone(u16),
-}
-
-struct Fork {
-    endpoint: String,
+/// A fork's leg as the arbiter holds it: the decision ([`ForkDecision`]) knows where each fork
+/// stands; this knows where to send what it decides.
+struct ForkLeg {
     call: String,
     leg: Option<Addr<CallLeg>>,
     /// Cluster: the leg this arbiter created for an endpoint on another node, until adopted.
     created: Option<Addr<CallLeg>>,
-    state: ForkState,
     /// Set when the call was decided before this fork's leg existed.
     cancel_when_ready: Option<(Reason, bool)>,
-    /// Why it declined, when it did.
-    declined: Option<Reason>,
-    /// The target this fork rang (the arbiter's `hops` when it was offered): after a forward,
-    /// the old target's forks no longer count towards the caller's final answer.
-    generation: u32,
 }
 
 pub struct ForkArbiter {
     t: ForkTarget,
-    forks: Vec<Fork>,
-    immediate: bool,
-    decided: bool,
-    hops: u32,
+    decision: ForkDecision,
+    legs: Vec<ForkLeg>,
     timer: Option<SpawnHandle>,
-    auto_phase: bool,
-    tried: IdSet<String>,
-    ranking: Vec<String>,
-    auto_current: Option<String>,
     /// Cluster: this arbiter's id in the node's registry, once it forked to another node.
     registered: Option<String>,
-    /// The fork settings as they were when the call came: a reload applies to new calls only.
-    settings: crate::settings::Fork,
 }
 
 impl ForkArbiter {
     pub fn new(t: ForkTarget) -> Self {
-        let settings = t.ctx.live().fork.clone();
+        // The fork settings as they are when the call comes: a reload applies to new calls.
+        let timers = Timers::from(&t.ctx.live().fork);
         ForkArbiter {
-            settings,
             t,
-            forks: Vec::new(),
-            immediate: false,
-            decided: false,
-            hops: 0,
+            decision: ForkDecision::new(timers),
+            legs: Vec::new(),
             timer: None,
-            auto_phase: false,
-            tried: IdSet::default(),
-            ranking: Vec::new(),
-            auto_current: None,
             registered: None,
         }
     }
 
-    fn settings(&self) -> &crate::settings::Fork {
-        &self.settings
-    }
-
     /// Offers the call to every endpoint of `self.t.to` except the calling one.
     fn fork(&mut self, ctx: &mut Context<Self>) {
-        let entries: Vec<_> = self
+        let mut entries: Vec<_> = self
             .t
             .ctx
             .directory
             .endpoints_of(&self.t.to)
             .into_iter()
             .filter(|e| e.id != self.t.from.endpoint)
+            .map(|e| (self.t.ctx.ids.mint('c'), e))
             .collect();
-        if entries.is_empty() {
-            self.decide("no_endpoints");
-            self.t.caller.do_send(LegMsg::Failed {
-                reason: reasons::temporarily_unavailable(),
-            });
-            self.maybe_stop(ctx);
-            return;
-        }
-        self.immediate = entries.len() == 1;
-        for entry in entries {
-            let call = self.t.ctx.ids.mint('c');
+        let offers = entries
+            .iter()
+            .map(|(call, e)| (e.id.clone(), call.clone()))
+            .collect();
+        for action in self.decision.offer(offers) {
+            let Action::Offer { call, immediate } = action else {
+                self.carry_out(vec![action], None, ctx);
+                continue;
+            };
+            let Some(at) = entries.iter().position(|(c, _)| *c == call) else {
+                continue;
+            };
+            let (call, entry) = entries.swap_remove(at);
             let created = match &entry.addr {
                 EndpointRef::Local(addr) => {
                     addr.do_send(EndpointMsg::Fork(ForkOffer::new(
@@ -170,40 +139,23 @@ impl ForkArbiter {
                         self.t.from.user.clone(),
                         self.t.offer.clone(),
                         self.t.toast.clone(),
-                        self.immediate,
+                        immediate,
                         self.t.counter.clone(),
                     )));
                     None
                 }
                 EndpointRef::Remote { node, id } => {
-                    self.fork_remote(ctx, &call, node, id, &entry.user)
+                    self.fork_remote(ctx, &call, node, id, &entry.user, immediate)
                 }
             };
-            self.forks.push(Fork {
-                endpoint: entry.id.clone(),
+            self.legs.push(ForkLeg {
                 call,
                 leg: None,
                 created,
-                state: ForkState::Offered,
                 cancel_when_ready: None,
-                declined: None,
-                generation: self.hops,
             });
         }
-        self.t.caller.do_send(LegMsg::Ringing);
-        let toast = Duration::from_millis(self.settings().toast_timeout_ms);
-        let grace = Duration::from_millis(self.settings().auto_accept_grace_ms);
-        self.set_timer(
-            ctx,
-            if self.immediate { toast + grace } else { toast },
-            |act, ctx| {
-                if act.immediate {
-                    act.give_up(ctx);
-                } else {
-                    act.start_auto_accept(ctx);
-                }
-            },
-        );
+        self.maybe_stop(ctx);
     }
 
     /// Cluster: the call stays on this node, so the fork's leg is created here, with its events
@@ -216,6 +168,7 @@ impl ForkArbiter {
         node: &str,
         endpoint: &str,
         user: &str,
+        immediate: bool,
     ) -> Option<Addr<CallLeg>> {
         let link = self.t.ctx.link.clone()?;
         let me = match &self.registered {
@@ -236,7 +189,7 @@ impl ForkArbiter {
             from: self.t.from.user.clone(),
             offer: self.t.offer.sdp().to_owned(),
             toast: self.t.toast.clone(),
-            immediate: self.immediate,
+            immediate,
             leg_epoch: Some(link.epoch()),
         };
         // A caller's calls drive these, so they share the bound on what waits for other nodes.
@@ -292,7 +245,7 @@ impl ForkArbiter {
         // find no call there.)
         let call = call.to_owned();
         ctx.run_later(2 * link.node_timeout(), move |act, ctx| {
-            if act.fork_mut(&call).is_some_and(|f| f.created.is_some()) {
+            if act.leg_mut(&call).is_some_and(|f| f.created.is_some()) {
                 tracing::info!(%call, "no word of a fork's adoption from its node; counting it adopted");
                 Handler::handle(act, ArbiterMsg::ForkAdopted { call }, ctx);
             }
@@ -300,160 +253,136 @@ impl ForkArbiter {
         Some(leg)
     }
 
-    fn set_timer(
-        &mut self,
-        ctx: &mut Context<Self>,
-        after: Duration,
-        f: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
-    ) {
+    fn set_timer(&mut self, ctx: &mut Context<Self>, after: Duration) {
         if let Some(h) = self.timer.take() {
             ctx.cancel_future(h);
         }
         self.timer = Some(ctx.run_later(after, move |act, ctx| {
             act.timer = None;
-            if !act.decided {
-                f(act, ctx);
-            }
+            let actions = act.decision.timer();
+            act.carry_out(actions, None, ctx);
+            act.maybe_stop(ctx);
         }));
     }
 
-    fn decide(&mut self, cause: &'static str) {
-        self.decided = true;
-        metrics::counter!(m::FORK_DECISIONS, "cause" => cause).increment(1);
+    fn leg_mut(&mut self, call: &str) -> Option<&mut ForkLeg> {
+        self.legs.iter_mut().find(|f| f.call == call)
     }
 
-    fn fork_mut(&mut self, call: &str) -> Option<&mut Fork> {
-        self.forks.iter_mut().find(|f| f.call == call)
+    fn leg_of(&self, call: &str) -> Option<Addr<CallLeg>> {
+        self.legs
+            .iter()
+            .find(|f| f.call == call)
+            .and_then(|f| f.leg.clone())
     }
 
-    /// Ends every fork still alive with `reason`.
-    fn cancel_others(&mut self, except: Option<&str>, reason: Reason, elsewhere: bool) {
-        for f in &mut self.forks {
-            if Some(f.call.as_str()) == except || matches!(f.state, ForkState::Gone(_)) {
-                continue;
-            }
-            // Cluster: a leg made here for an endpoint on another node whose adoption has not
-            // been heard of (its `ForkAdopted` may have been lost on the way) is cancelled now,
-            // not when it counts as adopted (2 x node_timeout): had the endpoint adopted it,
-            // its device's toast comes down at once; had it not, the leg's events find no call
-            // there, and its end is released all the same (`Cluster::release_leg`).
-            if f.leg.is_none() {
-                f.leg = f.created.take();
-            }
-            match &f.leg {
-                Some(leg) => leg.do_send(LegMsg::Cancel {
-                    reason: reason.clone(),
+    /// Carries out the decision's answer, in order. `answer` is the winning accept's SDP, for
+    /// a `Connect`.
+    fn carry_out(
+        &mut self,
+        actions: Vec<Action>,
+        mut answer: Option<(String, Negotiated)>,
+        ctx: &mut Context<Self>,
+    ) {
+        for action in actions {
+            match action {
+                // Only a new round offers, and `fork` carries those out itself.
+                Action::Offer { .. } => {}
+                Action::Ringing => self.t.caller.do_send(LegMsg::Ringing),
+                Action::StartTimer(after) => self.set_timer(ctx, after),
+                Action::Rank { round } => self.rank(round, ctx),
+                Action::AskToAccept { call } => {
+                    if let Some(leg) = self.leg_of(&call) {
+                        leg.do_send(LegMsg::AutoAcceptNeeded);
+                    }
+                }
+                Action::Connect { call, endpoint } => {
+                    let (Some(leg), Some((sdp, negotiated))) = (self.leg_of(&call), answer.take())
+                    else {
+                        continue;
+                    };
+                    // The winner first: a message the caller sends once established must find
+                    // the winner's leg established too.
+                    leg.do_send(LegMsg::Won {
+                        peer: self.t.caller.clone(),
+                        remote: self.t.from.clone(),
+                    });
+                    self.t.caller.do_send(LegMsg::Answered {
+                        peer: leg,
+                        remote: Remote {
+                            user: self.t.to.clone(),
+                            endpoint,
+                        },
+                        sdp,
+                        negotiated,
+                    });
+                }
+                Action::RefuseAccept { call } => {
+                    if let Some(leg) = self.leg_of(&call) {
+                        leg.do_send(LegMsg::AcceptRefused);
+                    }
+                }
+                Action::Cancel {
+                    call,
+                    reason,
                     elsewhere,
-                }),
-                None => f.cancel_when_ready = Some((reason.clone(), elsewhere)),
+                } => self.cancel(&call, reason, elsewhere),
+                Action::FailCaller(reason) => self.t.caller.do_send(LegMsg::Failed { reason }),
+                Action::Forward { to } => {
+                    self.t.caller.do_send(LegMsg::Forwarded { to: to.clone() });
+                    self.t.to = to;
+                    self.fork(ctx);
+                }
+                Action::Decided(cause) => {
+                    metrics::counter!(m::FORK_DECISIONS, "cause" => cause.label()).increment(1);
+                }
             }
-            f.state = ForkState::Gone(reason.code);
         }
     }
 
-    /// Stops once decided and every offered fork has reported (so none rings forever).
-    fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
-        if self.decided
-            && self.forks.iter().all(|f| {
-                f.leg.is_some() || f.cancel_when_ready.is_none() && f.state != ForkState::Offered
-            })
-        {
-            ctx.stop();
+    /// Ends a fork's leg, or keeps the cancel for when its leg is ready.
+    fn cancel(&mut self, call: &str, reason: Reason, elsewhere: bool) {
+        let Some(f) = self.leg_mut(call) else { return };
+        // Cluster: a leg made here for an endpoint on another node whose adoption has not been
+        // heard of (its `ForkAdopted` may have been lost on the way) is cancelled now, not when
+        // it counts as adopted (2 x node_timeout): had the endpoint adopted it, its device's
+        // toast comes down at once; had it not, the leg's events find no call there, and its
+        // end is released all the same (the link's `release_leg`).
+        if f.leg.is_none() {
+            f.leg = f.created.take();
+        }
+        match &f.leg {
+            Some(leg) => leg.do_send(LegMsg::Cancel { reason, elsewhere }),
+            None => f.cancel_when_ready = Some((reason, elsewhere)),
         }
     }
 
-    /// No accept and nobody left to ask: 480 to the caller and to every fork.
-    fn give_up(&mut self, ctx: &mut Context<Self>) {
-        self.decide("unanswered");
-        self.cancel_others(None, reasons::temporarily_unavailable(), false);
-        self.t.caller.do_send(LegMsg::Failed {
-            reason: reasons::temporarily_unavailable(),
-        });
-        self.maybe_stop(ctx);
-    }
-
-    /// After a fork left: when none is left, the caller gets the best final answer.
-    fn after_fork_gone(&mut self, call: &str, ctx: &mut Context<Self>) {
-        let current = self.hops;
-        if self
-            .forks
-            .iter()
-            .filter(|f| f.generation == current)
-            .all(|f| matches!(f.state, ForkState::Gone(_)))
-        {
-            let codes: Vec<u16> = self
-                .forks
-                .iter()
-                .filter(|f| f.generation == current)
-                .filter_map(|f| match f.state {
-                    ForkState::Gone(c) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            // The best code, with the reason of a fork that declined with it (a shutdown's 503
-            // says so), else the code's usual text.
-            let best = reasons::best_final(&codes);
-            let reason = self
-                .forks
-                .iter()
-                .filter(|f| f.generation == current)
-                .find_map(|f| f.declined.as_ref().filter(|r| r.code == best.code))
-                .cloned()
-                .unwrap_or(best);
-            self.decide("declined");
-            self.t.caller.do_send(LegMsg::Failed { reason });
-            self.maybe_stop(ctx);
-            return;
-        }
-        let was_current = self
-            .forks
-            .iter()
-            .any(|f| f.call == call && self.auto_current.as_deref() == Some(f.endpoint.as_str()));
-        if self.auto_phase && was_current {
-            self.auto_accept_next(ctx);
-        }
-    }
-
-    fn start_auto_accept(&mut self, ctx: &mut Context<Self>) {
-        self.auto_phase = true;
+    /// Rule 5's ranking, of the user the call rings now, fed back to the decision.
+    fn rank(&mut self, round: u32, ctx: &mut Context<Self>) {
         let shard = self.t.ctx.presence.for_user(&self.t.to).clone();
         let user = self.t.to.clone();
-        // A forward handled while the ranking is on its way retargets the call and restarts
-        // its toast timer: this ranking (of the old target) then no longer applies.
-        let hops = self.hops;
         ctx.spawn(
             async move { shard.send(RankEndpoints { user }).await.unwrap_or_default() }
                 .into_actor(self)
                 .map(move |ranking, act, ctx| {
-                    if act.decided || act.hops != hops || !act.auto_phase {
-                        return;
-                    }
-                    act.ranking = ranking;
-                    act.auto_accept_next(ctx);
+                    let actions = act.decision.ranked(ranking, round);
+                    act.carry_out(actions, None, ctx);
+                    act.maybe_stop(ctx);
                 }),
         );
     }
 
-    /// Sends `auto_accept_needed` to the most active endpoint not yet asked that still rings.
-    fn auto_accept_next(&mut self, ctx: &mut Context<Self>) {
-        let next = self.ranking.iter().find_map(|ep| {
-            if self.tried.contains(ep) {
-                return None;
-            }
-            self.forks
-                .iter()
-                .find(|f| &f.endpoint == ep && f.state == ForkState::Ringing)
-                .and_then(|f| f.leg.clone().map(|leg| (ep.clone(), leg)))
-        });
-        let Some((endpoint, leg)) = next else {
-            self.auto_current = None;
-            return self.give_up(ctx);
-        };
-        self.tried.insert(endpoint.clone());
-        self.auto_current = Some(endpoint);
-        leg.do_send(LegMsg::AutoAcceptNeeded);
-        let grace = Duration::from_millis(self.settings().auto_accept_grace_ms);
-        self.set_timer(ctx, grace, |act, ctx| act.auto_accept_next(ctx));
+    /// Stops once decided and every offered fork has reported (so none rings forever).
+    fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.decision.decided().is_some()
+            && self.legs.iter().all(|f| {
+                f.leg.is_some()
+                    || f.cancel_when_ready.is_none()
+                        && self.decision.state(&f.call) != Some(&ForkState::Offered)
+            })
+        {
+            ctx.stop();
+        }
     }
 }
 
@@ -479,25 +408,23 @@ impl Handler<ArbiterMsg> for ForkArbiter {
     fn handle(&mut self, msg: ArbiterMsg, ctx: &mut Context<Self>) {
         match msg {
             ArbiterMsg::ForkReady { call, leg } => {
-                let Some(f) = self.fork_mut(&call) else {
+                let Some(f) = self.leg_mut(&call) else {
                     return;
                 };
                 f.leg = Some(leg.clone());
                 if let Some((reason, elsewhere)) = f.cancel_when_ready.take() {
                     leg.do_send(LegMsg::Cancel { reason, elsewhere });
-                } else if f.state == ForkState::Offered {
-                    f.state = ForkState::Ringing;
                 }
-                self.maybe_stop(ctx);
+                self.decision.ready(&call);
             }
             ArbiterMsg::ForkAdopted { call } => {
-                let leg = self.fork_mut(&call).and_then(|f| f.created.take());
+                let leg = self.leg_mut(&call).and_then(|f| f.created.take());
                 if let Some(leg) = leg {
                     Handler::handle(self, ArbiterMsg::ForkReady { call, leg }, ctx);
                 }
             }
             ArbiterMsg::ForkLost { call } => {
-                let Some(f) = self.fork_mut(&call) else {
+                let Some(f) = self.leg_mut(&call) else {
                     return;
                 };
                 // Nobody adopted the leg made for this fork: whether it was still waiting for
@@ -507,16 +434,8 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                     leg.do_send(LegMsg::EndpointLost);
                 }
                 f.cancel_when_ready = None;
-                if matches!(f.state, ForkState::Gone(_)) {
-                    // Already cancelled; it only had to report.
-                    f.state = ForkState::Gone(480);
-                    return self.maybe_stop(ctx);
-                }
-                f.state = ForkState::Gone(480);
-                if !self.decided {
-                    self.after_fork_gone(&call, ctx);
-                }
-                self.maybe_stop(ctx);
+                let actions = self.decision.lost(&call);
+                self.carry_out(actions, None, ctx);
             }
             ArbiterMsg::AcceptRequest {
                 call,
@@ -526,7 +445,7 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 // Cluster: an accept comes from the fork's own leg, so its endpoint has adopted
                 // it even if the `ForkAdopted` envelope was lost on the way (core NATS delivers
                 // at most once). Without this the accept would wait for an answer forever.
-                if let Some(leg) = self.fork_mut(&call).and_then(|f| f.created.take()) {
+                if let Some(leg) = self.leg_mut(&call).and_then(|f| f.created.take()) {
                     Handler::handle(
                         self,
                         ArbiterMsg::ForkReady {
@@ -536,103 +455,25 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                         ctx,
                     );
                 }
-                let Some(f) = self.forks.iter().find(|f| f.call == call) else {
-                    return;
-                };
-                let Some(leg) = f.leg.clone() else { return };
-                if self.decided || f.state != ForkState::Ringing {
-                    leg.do_send(LegMsg::AcceptRefused);
+                if self.leg_of(&call).is_none() {
                     return;
                 }
-                let endpoint = f.endpoint.clone();
-                self.decide(if self.immediate {
-                    "immediate"
-                } else if self.auto_phase {
-                    "timeout"
-                } else {
-                    "click"
-                });
-                if let Some(fm) = self.fork_mut(&call) {
-                    fm.state = ForkState::Gone(200);
-                }
-                // The winner first: a message the caller sends once established must find the
-                // winner's leg established too.
-                leg.do_send(LegMsg::Won {
-                    peer: self.t.caller.clone(),
-                    remote: self.t.from.clone(),
-                });
-                self.t.caller.do_send(LegMsg::Answered {
-                    peer: leg,
-                    remote: Remote {
-                        user: self.t.to.clone(),
-                        endpoint,
-                    },
-                    sdp,
-                    negotiated,
-                });
-                self.cancel_others(Some(&call), reasons::completed_elsewhere(), true);
-                self.maybe_stop(ctx);
+                let actions = self.decision.accept(&call);
+                self.carry_out(actions, Some((sdp, negotiated)), ctx);
             }
-            ArbiterMsg::Declined { call, code, reason } => {
-                let decided = self.decided;
-                let Some(f) = self.fork_mut(&call) else {
-                    return;
-                };
-                if matches!(f.state, ForkState::Gone(_)) || decided {
-                    return;
-                }
-                f.state = ForkState::Gone(code);
-                f.declined = Some(reason.clone());
-                if code >= 600 {
-                    self.decide("declined");
-                    self.cancel_others(Some(&call), reasons::declined_elsewhere(), false);
-                    self.t.caller.do_send(LegMsg::Failed { reason });
-                    self.maybe_stop(ctx);
-                } else {
-                    self.after_fork_gone(&call, ctx);
-                }
+            ArbiterMsg::Declined { call, reason } => {
+                let actions = self.decision.decline(&call, reason);
+                self.carry_out(actions, None, ctx);
             }
             ArbiterMsg::ForwardRequest { call, to } => {
-                let decided = self.decided;
-                let Some(f) = self.fork_mut(&call) else {
-                    return;
-                };
-                if matches!(f.state, ForkState::Gone(_)) || decided {
-                    return;
-                }
-                f.state = ForkState::Gone(302);
-                self.cancel_others(Some(&call), reasons::moved_temporarily(), false);
-                self.hops += 1;
-                if self.hops > self.settings().max_forwards {
-                    self.decide("declined");
-                    self.t.caller.do_send(LegMsg::Failed {
-                        reason: reasons::too_many_hops(),
-                    });
-                    return self.maybe_stop(ctx);
-                }
-                self.t.caller.do_send(LegMsg::Forwarded { to: to.clone() });
-                // Forks of the old target that are not ready yet keep their cancel; they still
-                // report to this arbiter, which now rings the new target.
-                self.forks
-                    .retain(|f| f.state == ForkState::Offered || f.cancel_when_ready.is_some());
-                self.t.to = to;
-                self.auto_phase = false;
-                self.tried.clear();
-                self.auto_current = None;
-                self.fork(ctx);
+                let actions = self.decision.forward(&call, &to);
+                self.carry_out(actions, None, ctx);
             }
             ArbiterMsg::CallerCancel { reason } => {
-                if self.decided {
-                    return;
-                }
-                self.decide("cancelled");
-                self.cancel_others(None, reason, false);
-                // The caller's leg waits for our last word before it goes away.
-                self.t.caller.do_send(LegMsg::Failed {
-                    reason: reasons::request_terminated(),
-                });
-                self.maybe_stop(ctx);
+                let actions = self.decision.caller_cancelled(reason);
+                self.carry_out(actions, None, ctx);
             }
         }
+        self.maybe_stop(ctx);
     }
 }

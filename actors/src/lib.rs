@@ -11,6 +11,7 @@ pub mod call;
 pub mod context;
 pub mod directory;
 pub mod endpoint;
+pub mod fork;
 pub mod http;
 pub mod ids;
 pub mod link;

@@ -310,7 +310,6 @@ impl Endpoint {
                 offer.handled = true;
                 offer.arbiter.do_send(ArbiterMsg::Declined {
                     call: offer.call.clone(),
-                    code: 503,
                     reason: reasons::shutting_down(),
                 });
             }

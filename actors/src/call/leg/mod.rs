@@ -192,6 +192,36 @@ enum Transfer {
     },
 }
 
+/// How a leg stands with its endpoint; it only ever moves down this list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Attachment {
+    /// The endpoint holds the leg.
+    Held,
+    /// The endpoint forgot the leg: nothing more can be addressed to it.
+    Released,
+    /// The endpoint's connection was lost: it hears nothing more (and released the leg).
+    Lost,
+    /// Cluster: the endpoint's node died (the other side sees 503 "Node lost").
+    NodeLost,
+}
+
+/// What a fork arbiter still owes a leg: the leg lives until it has had it, so that the
+/// arbiter's last word (a win for a leg that ended meanwhile must hang up the other side) is
+/// always handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArbiterOwes {
+    Nothing,
+    /// The leg that placed the call (or a transferee): `Answered` or `Failed`.
+    Outcome,
+    /// A fork whose client's `call_accept` (this `rid`) waits for `Won`, `AcceptRefused` or
+    /// `Cancel`; the accept is answered then.
+    Accept {
+        rid: Option<u32>,
+    },
+    /// The same, once the accept was answered already (the leg ended meanwhile).
+    Decision,
+}
+
 pub struct CallLeg {
     init: LegInit,
     state: CallState,
@@ -210,19 +240,12 @@ pub struct CallLeg {
     /// Our own address, made at the first message we send (see [`SharedLegAddr`]) and dropped
     /// when the leg ends, so that it never keeps an ended leg's mailbox open.
     own_addr: Option<SharedLegAddr>,
-    pending_accept: Option<Option<u32>>,
     transfer: Option<Transfer>,
     ringing_seen: bool,
-    /// The endpoint forgot this leg (or is gone): nothing more can be addressed to it.
-    released: bool,
-    /// The endpoint's connection was lost.
-    lost: bool,
-    /// Cluster: the endpoint's node died (the other side sees 503 "Node lost").
-    node_lost: bool,
-    /// A fork arbiter owes this leg its outcome (`Answered` or `Failed`).
-    awaiting_outcome: bool,
-    /// This fork asked its arbiter to accept and waits for `Won`, `AcceptRefused` or `Cancel`.
-    awaiting_decision: bool,
+    /// How the leg stands with its endpoint.
+    attachment: Attachment,
+    /// What a fork arbiter still owes this leg.
+    owed: ArbiterOwes,
     /// Ended because another fork won: a late accept is `answered_elsewhere`.
     ended_elsewhere: bool,
     remote_composing: bool,
@@ -261,14 +284,10 @@ impl CallLeg {
             sent_order: VecDeque::new(),
             unacked,
             own_addr: None,
-            pending_accept: None,
             transfer: None,
             ringing_seen: false,
-            released: false,
-            lost: false,
-            node_lost: false,
-            awaiting_outcome: false,
-            awaiting_decision: false,
+            attachment: Attachment::Held,
+            owed: ArbiterOwes::Nothing,
             ended_elsewhere: false,
             remote_composing: false,
             composing_timer: None,
@@ -282,7 +301,7 @@ impl CallLeg {
     fn push(&self, msg: ServerMsg) -> bool {
         // A lost endpoint hears nothing more (locally its outbox is closed anyway; a remote one
         // may never have adopted this leg, and must not learn its id).
-        if self.lost {
+        if self.attachment >= Attachment::Lost {
             return false;
         }
         self.init.outbox.push(msg)
@@ -393,11 +412,12 @@ impl CallLeg {
         self.own_addr = None;
         // After a node loss the peer fails these itself, with 503, when it hears of the loss.
         for (msg, sender) in self.unacked.take_all() {
-            if !self.node_lost {
+            if self.attachment != Attachment::NodeLost {
                 sender.do_send(LegMsg::Refused { msg });
             }
         }
-        if let Some(rid) = self.pending_accept.take() {
+        if let ArbiterOwes::Accept { rid } = self.owed {
+            self.owed = ArbiterOwes::Decision;
             if elsewhere {
                 self.refuse(rid, Refusal::AnsweredElsewhere);
             } else {
@@ -418,14 +438,14 @@ impl CallLeg {
         self.ended_elsewhere = elsewhere;
         // The leg stays until its endpoint has forgotten it (`Release`), so requests already on
         // their way to it are still answered; with no endpoint left, nobody can address it.
-        if !self.node_lost && self.init.endpoint.connected() {
+        if self.attachment != Attachment::NodeLost && self.init.endpoint.connected() {
             if let Some(every) = self.init.endpoint.resend_interval() {
                 self.end_reason = Some(reason);
                 self.report_end_again(every, 1, ctx);
             }
             self.report_end();
         } else {
-            self.released = true;
+            self.release();
         }
     }
 
@@ -444,7 +464,7 @@ impl CallLeg {
     /// node is declared dead (which releases the leg), at most `RESEND_ATTEMPTS` times.
     fn report_end_again(&mut self, every: Duration, attempt: u32, ctx: &mut Context<Self>) {
         ctx.run_later(every, move |act, ctx| {
-            if act.released {
+            if act.attachment != Attachment::Held {
                 return;
             }
             if act
@@ -455,7 +475,7 @@ impl CallLeg {
                 .is_none_or(|l| attempt > l.resend_attempts())
             {
                 tracing::warn!(call = %act.init.id, "the endpoint never released its ended leg; giving up");
-                act.released = true;
+                act.release();
                 act.maybe_stop(ctx);
                 return;
             }
@@ -471,23 +491,33 @@ impl CallLeg {
     /// that is gone must hang up the other side).
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
         if self.state.is_final()
-            && self.released
-            && !self.awaiting_outcome
-            && !self.awaiting_decision
+            && self.attachment != Attachment::Held
+            && self.owed == ArbiterOwes::Nothing
         {
             ctx.stop();
         }
     }
 
+    /// Whether the client's `call_accept` still waits for the arbiter's word.
+    fn accept_pending(&self) -> bool {
+        matches!(
+            self.owed,
+            ArbiterOwes::Accept { .. } | ArbiterOwes::Decision
+        )
+    }
+
+    /// The endpoint forgot this leg (or nobody is left to).
+    fn release(&mut self) {
+        self.attachment = self.attachment.max(Attachment::Released);
+    }
+
     /// Refuses a late answer from `peer` (this side cancelled or ended meanwhile): the winner
     /// must not wait for it, so it is hung up, with the reason this leg ended for.
     fn refuse_late_answer(&self, peer: Addr<CallLeg>, ctx: &mut Context<Self>) {
-        let reason = if self.node_lost {
-            reasons::node_lost()
-        } else if self.lost {
-            reasons::endpoint_lost()
-        } else {
-            reasons::terminated_remotely()
+        let reason = match self.attachment {
+            Attachment::NodeLost => reasons::node_lost(),
+            Attachment::Lost => reasons::endpoint_lost(),
+            Attachment::Held | Attachment::Released => reasons::terminated_remotely(),
         };
         peer.do_send(LegMsg::RemoteTerminate {
             reason,
@@ -522,7 +552,7 @@ impl CallLeg {
         };
         let addr = ForkArbiter::new(target).start();
         self.arbiter = Some(addr);
-        self.awaiting_outcome = true;
+        self.owed = ArbiterOwes::Outcome;
     }
 
     fn set_negotiated(&mut self, negotiated: Negotiated) {
@@ -599,7 +629,7 @@ impl CallLeg {
     /// The endpoint's connection is gone: a ringing fork is lost to its arbiter, a caller's
     /// pending call is cancelled, an established call's peer sees 408.
     fn endpoint_lost(&mut self, ctx: &mut Context<Self>) {
-        let lost = if self.node_lost {
+        let lost = if self.attachment == Attachment::NodeLost {
             reasons::node_lost()
         } else {
             reasons::endpoint_lost()
@@ -720,7 +750,7 @@ impl CallLeg {
             LegMsg::Ack { msg } => self.on_ack(msg),
             LegMsg::Composing { active } => self.on_composing(active),
             LegMsg::EndpointLost => self.on_endpoint_lost(ctx),
-            LegMsg::Release => self.released = true,
+            LegMsg::Release => self.release(),
             LegMsg::NodeLost => self.on_node_lost(ctx),
 
             LegMsg::Ringing => self.on_ringing(),

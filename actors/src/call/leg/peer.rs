@@ -123,7 +123,7 @@ impl CallLeg {
             counter: self.init.counter.clone(),
         };
         let arbiter = ForkArbiter::new(target).start();
-        self.awaiting_outcome = true;
+        self.owed = ArbiterOwes::Outcome;
         self.transfer = Some(Transfer::Transferee {
             arbiter,
             transferor,

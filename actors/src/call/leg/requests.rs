@@ -35,9 +35,9 @@ impl CallLeg {
             CallState::Incoming => {
                 // Terminating a ringing fork is a 486 decline of this endpoint only.
                 if cause == TerminateCause::Shutdown {
-                    self.decline(503, reasons::shutting_down(), ctx);
+                    self.decline(reasons::shutting_down(), ctx);
                 } else {
-                    self.decline(486, reasons::declined(486), ctx);
+                    self.decline(reasons::declined(486), ctx);
                 }
             }
             CallState::Idle | CallState::Establishing
@@ -61,11 +61,10 @@ impl CallLeg {
     }
 
     /// Ends a ringing fork declined (by its client, or by the endpoint for it).
-    pub(super) fn decline(&mut self, code: u16, reason: Reason, ctx: &mut Context<Self>) {
+    pub(super) fn decline(&mut self, reason: Reason, ctx: &mut Context<Self>) {
         if let Some(a) = self.arbiter.take() {
             a.do_send(ArbiterMsg::Declined {
                 call: self.init.id.clone(),
-                code,
                 reason: reason.clone(),
             });
         }
@@ -135,7 +134,7 @@ impl CallLeg {
         if self.ended_elsewhere {
             return self.refuse(rid, Refusal::AnsweredElsewhere);
         }
-        if self.state != CallState::Incoming || self.pending_accept.is_some() {
+        if self.state != CallState::Incoming || self.accept_pending() {
             return self.refuse(rid, Refusal::NotRinging);
         }
         let negotiated = match self.init.offer.negotiate(&sdp) {
@@ -147,8 +146,7 @@ impl CallLeg {
         let Some(arbiter) = self.arbiter.clone() else {
             return self.refuse(rid, Refusal::NotRinging);
         };
-        self.pending_accept = Some(rid);
-        self.awaiting_decision = true;
+        self.owed = ArbiterOwes::Accept { rid };
         self.own_sdp = sdp.clone();
         self.set_negotiated(negotiated.clone());
         arbiter.do_send(ArbiterMsg::AcceptRequest {
@@ -164,12 +162,12 @@ impl CallLeg {
             return self.refuse(rid, Refusal::NotRinging);
         }
         self.reply_ok(rid);
-        self.decline(code, reasons::declined(code), ctx);
+        self.decline(reasons::declined(code), ctx);
     }
 
     /// The client's `call_forward` of a ringing call: the arbiter rings the new target.
     pub(super) fn on_forward(&mut self, rid: Option<u32>, to: String, ctx: &mut Context<Self>) {
-        if self.state != CallState::Incoming || self.pending_accept.is_some() {
+        if self.state != CallState::Incoming || self.accept_pending() {
             return self.refuse(rid, Refusal::NotRinging);
         }
         self.reply_ok(rid);
@@ -226,17 +224,14 @@ impl CallLeg {
             // to answer its `EndpointLost` (see `cluster/src/resend.rs`).
             self.report_end();
         }
-        self.lost = true;
-        self.endpoint_lost(ctx);
         // Nobody is left to release this leg.
-        self.released = true;
+        self.attachment = self.attachment.max(Attachment::Lost);
+        self.endpoint_lost(ctx);
     }
 
     /// Cluster: the node of this leg's endpoint died.
     pub(super) fn on_node_lost(&mut self, ctx: &mut Context<Self>) {
-        self.lost = true;
-        self.node_lost = true;
+        self.attachment = Attachment::NodeLost;
         self.endpoint_lost(ctx);
-        self.released = true;
     }
 }

@@ -37,7 +37,7 @@ impl CallLeg {
         negotiated: Negotiated,
         ctx: &mut Context<Self>,
     ) {
-        self.awaiting_outcome = false;
+        self.owed = ArbiterOwes::Nothing;
         if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
             // The transfer target answered: talk to it from now on; the transferor's
             // leg ends with 202 and must not see a remote terminate.
@@ -70,7 +70,7 @@ impl CallLeg {
 
     /// No fork answered (or the transfer's new call failed).
     pub(super) fn on_failed(&mut self, reason: Reason, ctx: &mut Context<Self>) {
-        self.awaiting_outcome = false;
+        self.owed = ArbiterOwes::Nothing;
         if let Some(Transfer::Transferee { transferor, .. }) = self.transfer.take() {
             transferor.do_send(LegMsg::TransferOutcome {
                 result: Err(reason),
@@ -84,11 +84,14 @@ impl CallLeg {
     /// This fork's accept won the call.
     pub(super) fn on_won(&mut self, peer: Addr<CallLeg>, remote: Remote, ctx: &mut Context<Self>) {
         self.arbiter = None;
-        self.awaiting_decision = false;
+        let owed = std::mem::replace(&mut self.owed, ArbiterOwes::Nothing);
         if self.state != CallState::Incoming {
             return self.refuse_late_answer(peer, ctx);
         }
-        let rid = self.pending_accept.take().flatten();
+        let rid = match owed {
+            ArbiterOwes::Accept { rid } => rid,
+            _ => None,
+        };
         self.reply_ok(rid);
         self.step(CallEvent::Accept, None);
         self.established_with(peer);
@@ -112,8 +115,8 @@ impl CallLeg {
 
     /// This fork's accept lost to another fork.
     pub(super) fn on_accept_refused(&mut self) {
-        self.awaiting_decision = false;
-        if let Some(rid) = self.pending_accept.take() {
+        if let ArbiterOwes::Accept { rid } = std::mem::replace(&mut self.owed, ArbiterOwes::Nothing)
+        {
             self.refuse(rid, Refusal::AnsweredElsewhere);
         }
     }
@@ -121,8 +124,14 @@ impl CallLeg {
     /// The call was decided without this fork, or its caller cancelled.
     pub(super) fn on_cancel(&mut self, reason: Reason, elsewhere: bool, ctx: &mut Context<Self>) {
         self.arbiter = None;
-        self.awaiting_decision = false;
+        // Its accept, if any, is answered as the leg ends: the cancel was the arbiter's word.
         self.end(ctx, CallEvent::RemoteCancel, reason, None, elsewhere);
+        if matches!(
+            self.owed,
+            ArbiterOwes::Accept { .. } | ArbiterOwes::Decision
+        ) {
+            self.owed = ArbiterOwes::Nothing;
+        }
     }
 
     /// The toast timeout chose this fork: its client is asked to accept.

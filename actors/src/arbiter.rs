@@ -108,28 +108,24 @@ impl ForkArbiter {
 
     /// Offers the call to every endpoint of `self.t.to` except the calling one.
     fn fork(&mut self, ctx: &mut Context<Self>) {
-        let mut entries: Vec<_> = self
+        let entries: Vec<_> = self
             .t
             .ctx
             .directory
             .endpoints_of(&self.t.to)
             .into_iter()
             .filter(|e| e.id != self.t.from.endpoint)
-            .map(|e| (self.t.ctx.ids.mint('c'), e))
             .collect();
-        let offers = entries
-            .iter()
-            .map(|(call, e)| (e.id.clone(), call.clone()))
-            .collect();
-        for action in self.decision.offer(offers) {
-            let Action::Offer { call, immediate } = action else {
-                self.carry_out(vec![action], None, ctx);
+        let actions = self.decision.offer(entries.iter().map(|e| e.id.clone()));
+        let mut entries = entries.into_iter();
+        for action in &actions {
+            let Action::Offer { fork, immediate } = *action else {
                 continue;
             };
-            let Some(at) = entries.iter().position(|(c, _)| *c == call) else {
-                continue;
-            };
-            let (call, entry) = entries.swap_remove(at);
+            let Some(entry) = entries.next() else { break };
+            // The decision's forks and `self.legs` share their indices.
+            debug_assert_eq!(fork, self.legs.len());
+            let call = self.t.ctx.ids.mint('c');
             let created = match &entry.addr {
                 EndpointRef::Local(addr) => {
                     addr.do_send(EndpointMsg::Fork(ForkOffer::new(
@@ -155,6 +151,7 @@ impl ForkArbiter {
                 cancel_when_ready: None,
             });
         }
+        self.carry_out(actions, None, ctx);
         self.maybe_stop(ctx);
     }
 
@@ -265,15 +262,17 @@ impl ForkArbiter {
         }));
     }
 
+    /// The index of the fork whose leg is `call` (the decision's name for it).
+    fn fork_of(&self, call: &str) -> Option<usize> {
+        self.legs.iter().position(|f| f.call == call)
+    }
+
     fn leg_mut(&mut self, call: &str) -> Option<&mut ForkLeg> {
         self.legs.iter_mut().find(|f| f.call == call)
     }
 
-    fn leg_of(&self, call: &str) -> Option<Addr<CallLeg>> {
-        self.legs
-            .iter()
-            .find(|f| f.call == call)
-            .and_then(|f| f.leg.clone())
+    fn leg_of(&self, fork: usize) -> Option<Addr<CallLeg>> {
+        self.legs.get(fork).and_then(|f| f.leg.clone())
     }
 
     /// Carries out the decision's answer, in order. `answer` is the winning accept's SDP, for
@@ -284,21 +283,25 @@ impl ForkArbiter {
         mut answer: Option<(String, Negotiated)>,
         ctx: &mut Context<Self>,
     ) {
-        for action in actions {
+        let mut actions = actions;
+        for action in actions.drain(..) {
             match action {
-                // Only a new round offers, and `fork` carries those out itself.
+                // Only a new round offers, and `fork` has made those.
                 Action::Offer { .. } => {}
                 Action::Ringing => self.t.caller.do_send(LegMsg::Ringing),
                 Action::StartTimer(after) => self.set_timer(ctx, after),
                 Action::Rank { round } => self.rank(round, ctx),
-                Action::AskToAccept { call } => {
-                    if let Some(leg) = self.leg_of(&call) {
+                Action::AskToAccept { fork } => {
+                    if let Some(leg) = self.leg_of(fork) {
                         leg.do_send(LegMsg::AutoAcceptNeeded);
                     }
                 }
-                Action::Connect { call, endpoint } => {
-                    let (Some(leg), Some((sdp, negotiated))) = (self.leg_of(&call), answer.take())
-                    else {
+                Action::Connect { fork } => {
+                    let (Some(leg), Some(endpoint), Some((sdp, negotiated))) = (
+                        self.leg_of(fork),
+                        self.decision.endpoint(fork).map(str::to_owned),
+                        answer.take(),
+                    ) else {
                         continue;
                     };
                     // The winner first: a message the caller sends once established must find
@@ -317,16 +320,16 @@ impl ForkArbiter {
                         negotiated,
                     });
                 }
-                Action::RefuseAccept { call } => {
-                    if let Some(leg) = self.leg_of(&call) {
+                Action::RefuseAccept { fork } => {
+                    if let Some(leg) = self.leg_of(fork) {
                         leg.do_send(LegMsg::AcceptRefused);
                     }
                 }
                 Action::Cancel {
-                    call,
+                    fork,
                     reason,
                     elsewhere,
-                } => self.cancel(&call, reason, elsewhere),
+                } => self.cancel(fork, reason, elsewhere),
                 Action::FailCaller(reason) => self.t.caller.do_send(LegMsg::Failed { reason }),
                 Action::Forward { to } => {
                     self.t.caller.do_send(LegMsg::Forwarded { to: to.clone() });
@@ -338,11 +341,14 @@ impl ForkArbiter {
                 }
             }
         }
+        self.decision.recycle(actions);
     }
 
     /// Ends a fork's leg, or keeps the cancel for when its leg is ready.
-    fn cancel(&mut self, call: &str, reason: Reason, elsewhere: bool) {
-        let Some(f) = self.leg_mut(call) else { return };
+    fn cancel(&mut self, fork: usize, reason: Reason, elsewhere: bool) {
+        let Some(f) = self.legs.get_mut(fork) else {
+            return;
+        };
         // Cluster: a leg made here for an endpoint on another node whose adoption has not been
         // heard of (its `ForkAdopted` may have been lost on the way) is cancelled now, not when
         // it counts as adopted (2 x node_timeout): had the endpoint adopted it, its device's
@@ -375,10 +381,10 @@ impl ForkArbiter {
     /// Stops once decided and every offered fork has reported (so none rings forever).
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
         if self.decision.decided().is_some()
-            && self.legs.iter().all(|f| {
+            && self.legs.iter().enumerate().all(|(fork, f)| {
                 f.leg.is_some()
                     || f.cancel_when_ready.is_none()
-                        && self.decision.state(&f.call) != Some(&ForkState::Offered)
+                        && self.decision.state(fork) != Some(&ForkState::Offered)
             })
         {
             ctx.stop();
@@ -415,7 +421,9 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                 if let Some((reason, elsewhere)) = f.cancel_when_ready.take() {
                     leg.do_send(LegMsg::Cancel { reason, elsewhere });
                 }
-                self.decision.ready(&call);
+                if let Some(fork) = self.fork_of(&call) {
+                    self.decision.ready(fork);
+                }
             }
             ArbiterMsg::ForkAdopted { call } => {
                 let leg = self.leg_mut(&call).and_then(|f| f.created.take());
@@ -434,8 +442,10 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                     leg.do_send(LegMsg::EndpointLost);
                 }
                 f.cancel_when_ready = None;
-                let actions = self.decision.lost(&call);
-                self.carry_out(actions, None, ctx);
+                if let Some(fork) = self.fork_of(&call) {
+                    let actions = self.decision.lost(fork);
+                    self.carry_out(actions, None, ctx);
+                }
             }
             ArbiterMsg::AcceptRequest {
                 call,
@@ -455,19 +465,23 @@ impl Handler<ArbiterMsg> for ForkArbiter {
                         ctx,
                     );
                 }
-                if self.leg_of(&call).is_none() {
+                let Some(fork) = self.fork_of(&call).filter(|&f| self.leg_of(f).is_some()) else {
                     return;
-                }
-                let actions = self.decision.accept(&call);
+                };
+                let actions = self.decision.accept(fork);
                 self.carry_out(actions, Some((sdp, negotiated)), ctx);
             }
             ArbiterMsg::Declined { call, reason } => {
-                let actions = self.decision.decline(&call, reason);
-                self.carry_out(actions, None, ctx);
+                if let Some(fork) = self.fork_of(&call) {
+                    let actions = self.decision.decline(fork, reason);
+                    self.carry_out(actions, None, ctx);
+                }
             }
             ArbiterMsg::ForwardRequest { call, to } => {
-                let actions = self.decision.forward(&call, &to);
-                self.carry_out(actions, None, ctx);
+                if let Some(fork) = self.fork_of(&call) {
+                    let actions = self.decision.forward(fork, &to);
+                    self.carry_out(actions, None, ctx);
+                }
             }
             ArbiterMsg::CallerCancel { reason } => {
                 let actions = self.decision.caller_cancelled(reason);

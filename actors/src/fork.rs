@@ -5,6 +5,10 @@
 //! caller cancelling, the timer, a ranking) and answers each with the [`Action`]s to carry out,
 //! in order. The fork arbiter (`arbiter.rs`) feeds it and carries out its answers; the rules
 //! and their tests live here, one test per rule.
+//!
+//! Forks are named by their index, in the order they were offered (the arbiter keeps its legs in
+//! the same order), and the answers are handed back for reuse ([`ForkDecision::recycle`]): a
+//! forked call is the node's hot path, and names and fresh vectors cost allocations on it.
 
 use confab_protocol::Reason;
 use std::collections::HashSet;
@@ -66,8 +70,9 @@ impl Cause {
 /// What the arbiter does, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Offer the call to this fork's endpoint (`immediate`: it is the only one).
-    Offer { call: String, immediate: bool },
+    /// Offer the call to the endpoint of this fork, the `fork`th offered (`immediate`: it is
+    /// the only one).
+    Offer { fork: usize, immediate: bool },
     /// Tell the caller the call rings.
     Ringing,
     /// (Re)arm the call's one timer; when it fires, feed [`ForkDecision::timer`].
@@ -76,14 +81,14 @@ pub enum Action {
     /// this round.
     Rank { round: u32 },
     /// Send `auto_accept_needed` to this fork.
-    AskToAccept { call: String },
+    AskToAccept { fork: usize },
     /// This fork won: connect its leg with the caller's (the winner first).
-    Connect { call: String, endpoint: String },
+    Connect { fork: usize },
     /// This fork's accept lost (the call was decided, or the fork is gone).
-    RefuseAccept { call: String },
+    RefuseAccept { fork: usize },
     /// End this fork with `reason`; `elsewhere` when another fork won.
     Cancel {
-        call: String,
+        fork: usize,
         reason: Reason,
         elsewhere: bool,
     },
@@ -109,7 +114,6 @@ pub enum ForkState {
 #[derive(Debug)]
 struct Entry {
     endpoint: String,
-    call: String,
     state: ForkState,
     /// Why it declined, when it did: the caller gets this reason if its code is the best.
     declined: Option<Reason>,
@@ -141,6 +145,8 @@ pub struct ForkDecision {
     phase: Phase,
     ranking: Vec<String>,
     tried: HashSet<String>,
+    /// The answer being built, and its buffer once handed back.
+    out: Vec<Action>,
 }
 
 impl ForkDecision {
@@ -154,7 +160,26 @@ impl ForkDecision {
             phase: Phase::Toast,
             ranking: Vec::new(),
             tried: HashSet::new(),
+            out: Vec::new(),
         }
+    }
+
+    /// Hands an answer's vector back, so that the next answer needs no allocation.
+    pub fn recycle(&mut self, mut actions: Vec<Action>) {
+        actions.clear();
+        if actions.capacity() > self.out.capacity() {
+            self.out = actions;
+        }
+    }
+
+    /// A fresh answer, in the recycled buffer.
+    fn answer(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The endpoint of the `fork`th fork.
+    pub fn endpoint(&self, fork: usize) -> Option<&str> {
+        self.forks.get(fork).map(|e| e.endpoint.as_str())
     }
 
     pub fn decided(&self) -> Option<Cause> {
@@ -166,25 +191,18 @@ impl ForkDecision {
         self.immediate
     }
 
-    pub fn state(&self, call: &str) -> Option<&ForkState> {
-        self.entry(call).map(|e| &e.state)
-    }
-
-    fn entry(&self, call: &str) -> Option<&Entry> {
-        self.forks.iter().find(|e| e.call == call)
-    }
-
-    fn entry_mut(&mut self, call: &str) -> Option<&mut Entry> {
-        self.forks.iter_mut().find(|e| e.call == call)
+    pub fn state(&self, fork: usize) -> Option<&ForkState> {
+        self.forks.get(fork).map(|e| &e.state)
     }
 
     /// The fork `call` while the call is undecided and the fork not gone: only such a fork's
     /// decline or forward counts.
-    fn live_fork(&mut self, call: &str) -> Option<&mut Entry> {
+    fn live_fork(&mut self, fork: usize) -> Option<&mut Entry> {
         if self.decided.is_some() {
             return None;
         }
-        self.entry_mut(call)
+        self.forks
+            .get_mut(fork)
             .filter(|e| !matches!(e.state, ForkState::Gone(_)))
     }
 
@@ -193,30 +211,29 @@ impl ForkDecision {
         out.push(Action::Decided(cause));
     }
 
-    /// Rule 2: the call goes to every endpoint of the target the arbiter found, `(endpoint,
-    /// call)` each (the calling endpoint already left out). None: the caller ends with 480 and
+    /// Rule 2: the call goes to every endpoint of the target the arbiter found (the calling
+    /// endpoint already left out); they become the next forks, in this order. None: the caller ends with 480 and
     /// hears no ringing. One: it is offered with `immediate_auto_accept` and the timer is the
     /// toast plus the grace. More: each rings with a toast for `toast` (rule 3: the caller
     /// hears `ringing` after the offers).
-    pub fn offer(&mut self, endpoints: Vec<(String, String)>) -> Vec<Action> {
-        let mut out = Vec::new();
+    pub fn offer(&mut self, endpoints: impl ExactSizeIterator<Item = String>) -> Vec<Action> {
+        let mut out = self.answer();
         if self.decided.is_some() {
             return out;
         }
-        if endpoints.is_empty() {
+        if endpoints.len() == 0 {
             self.decide(Cause::NoEndpoints, &mut out);
             out.push(Action::FailCaller(reasons::temporarily_unavailable()));
             return out;
         }
         self.immediate = endpoints.len() == 1;
-        for (endpoint, call) in endpoints {
+        for endpoint in endpoints {
             out.push(Action::Offer {
-                call: call.clone(),
+                fork: self.forks.len(),
                 immediate: self.immediate,
             });
             self.forks.push(Entry {
                 endpoint,
-                call,
                 state: ForkState::Offered,
                 declined: None,
                 round: self.round,
@@ -234,8 +251,8 @@ impl ForkDecision {
 
     /// A fork's leg exists: an offered fork now rings. (One already cancelled stays gone; the
     /// arbiter hands its leg the cancel it kept.)
-    pub fn ready(&mut self, call: &str) {
-        if let Some(e) = self.entry_mut(call)
+    pub fn ready(&mut self, fork: usize) {
+        if let Some(e) = self.forks.get_mut(fork)
             && e.state == ForkState::Offered
         {
             e.state = ForkState::Ringing;
@@ -244,18 +261,15 @@ impl ForkDecision {
 
     /// Rule 4: the first accept of a ringing fork wins; every other fork ends with 200 "Call
     /// completed elsewhere". An accept after the decision, or on a fork that is gone, loses.
-    pub fn accept(&mut self, call: &str) -> Vec<Action> {
-        let mut out = Vec::new();
-        let Some(e) = self.entry(call) else {
+    pub fn accept(&mut self, fork: usize) -> Vec<Action> {
+        let mut out = self.answer();
+        let Some(e) = self.forks.get(fork) else {
             return out;
         };
         if self.decided.is_some() || e.state != ForkState::Ringing {
-            out.push(Action::RefuseAccept {
-                call: call.to_owned(),
-            });
+            out.push(Action::RefuseAccept { fork });
             return out;
         }
-        let endpoint = e.endpoint.clone();
         let cause = if self.immediate {
             Cause::Immediate
         } else if self.phase == Phase::Toast {
@@ -264,49 +278,46 @@ impl ForkDecision {
             Cause::Timeout
         };
         self.decide(cause, &mut out);
-        if let Some(e) = self.entry_mut(call) {
+        if let Some(e) = self.forks.get_mut(fork) {
             e.state = ForkState::Gone(200);
         }
-        out.push(Action::Connect {
-            call: call.to_owned(),
-            endpoint,
-        });
-        self.cancel_all(Some(call), reasons::completed_elsewhere(), true, &mut out);
+        out.push(Action::Connect { fork });
+        self.cancel_all(Some(fork), reasons::completed_elsewhere(), true, &mut out);
         out
     }
 
     /// Rule 7: a 4xx/5xx decline removes only that fork; a 6xx ends the call (the other forks
     /// end with 603 "Declined elsewhere", the caller with the 6xx). A decline after the
     /// decision, or of a fork that is gone, changes nothing.
-    pub fn decline(&mut self, call: &str, reason: Reason) -> Vec<Action> {
-        let mut out = Vec::new();
-        let Some(e) = self.live_fork(call) else {
+    pub fn decline(&mut self, fork: usize, reason: Reason) -> Vec<Action> {
+        let mut out = self.answer();
+        let Some(e) = self.live_fork(fork) else {
             return out;
         };
         e.state = ForkState::Gone(reason.code);
         e.declined = Some(reason.clone());
         if reason.code >= 600 {
             self.decide(Cause::Declined, &mut out);
-            self.cancel_all(Some(call), reasons::declined_elsewhere(), false, &mut out);
+            self.cancel_all(Some(fork), reasons::declined_elsewhere(), false, &mut out);
             out.push(Action::FailCaller(reason));
         } else {
-            self.after_fork_gone(call, &mut out);
+            self.after_fork_gone(fork, &mut out);
         }
         out
     }
 
     /// Rule 7: a lost fork (its endpoint went, or it could not be offered) counts as a 480
     /// decline.
-    pub fn lost(&mut self, call: &str) -> Vec<Action> {
-        let mut out = Vec::new();
+    pub fn lost(&mut self, fork: usize) -> Vec<Action> {
+        let mut out = self.answer();
         let decided = self.decided.is_some();
-        let Some(e) = self.entry_mut(call) else {
+        let Some(e) = self.forks.get_mut(fork) else {
             return out;
         };
         let was_gone = matches!(e.state, ForkState::Gone(_));
         e.state = ForkState::Gone(480);
         if !was_gone && !decided {
-            self.after_fork_gone(call, &mut out);
+            self.after_fork_gone(fork, &mut out);
         }
         out
     }
@@ -314,13 +325,13 @@ impl ForkDecision {
     /// Rule 9 and "Forward": every fork ends with 302, the caller hears of the move, and the
     /// call is offered to the new target in a new round (its toast timer starts again). More
     /// than `max_forwards` forwards end the call with 483 for the caller.
-    pub fn forward(&mut self, call: &str, to: &str) -> Vec<Action> {
-        let mut out = Vec::new();
-        let Some(e) = self.live_fork(call) else {
+    pub fn forward(&mut self, fork: usize, to: &str) -> Vec<Action> {
+        let mut out = self.answer();
+        let Some(e) = self.live_fork(fork) else {
             return out;
         };
         e.state = ForkState::Gone(302);
-        self.cancel_all(Some(call), reasons::moved_temporarily(), false, &mut out);
+        self.cancel_all(Some(fork), reasons::moved_temporarily(), false, &mut out);
         self.round += 1;
         if self.round > self.timers.max_forwards {
             self.decide(Cause::Declined, &mut out);
@@ -337,7 +348,7 @@ impl ForkDecision {
     /// Rule 8: the caller cancelled (or was lost): every fork ends with `reason` (487, or 408
     /// / 503 for a lost caller), and the caller's leg gets 487 as its last word.
     pub fn caller_cancelled(&mut self, reason: Reason) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = self.answer();
         if self.decided.is_some() {
             return out;
         }
@@ -351,7 +362,7 @@ impl ForkDecision {
     /// grace: 480 for everyone. Rule 5: with several, the toast ran out: rank the endpoints
     /// now. While asking: the asked endpoint's grace ran out: ask the next.
     pub fn timer(&mut self) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = self.answer();
         if self.decided.is_some() {
             return out;
         }
@@ -370,7 +381,7 @@ impl ForkDecision {
     /// Rule 5: the ranking of the target's endpoints at the moment the toast ran out, most
     /// active first. One of an earlier round (the call was forwarded meanwhile) is ignored.
     pub fn ranked(&mut self, ranking: Vec<String>, round: u32) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = self.answer();
         if self.decided.is_some() || round != self.round || self.phase != Phase::Ranking {
             return out;
         }
@@ -388,16 +399,16 @@ impl ForkDecision {
             }
             self.forks
                 .iter()
-                .find(|f| &f.endpoint == ep && f.state == ForkState::Ringing)
-                .map(|f| (ep.clone(), f.call.clone()))
+                .position(|f| &f.endpoint == ep && f.state == ForkState::Ringing)
+                .map(|fork| (ep.clone(), fork))
         });
-        let Some((endpoint, call)) = next else {
+        let Some((endpoint, fork)) = next else {
             self.phase = Phase::Asking(None);
             return self.give_up(out);
         };
         self.tried.insert(endpoint.clone());
         self.phase = Phase::Asking(Some(endpoint));
-        out.push(Action::AskToAccept { call });
+        out.push(Action::AskToAccept { fork });
         out.push(Action::StartTimer(self.timers.grace));
     }
 
@@ -411,7 +422,7 @@ impl ForkDecision {
     /// Rule 7's end: when the round's last fork is gone, the caller gets the best final answer
     /// (RFC 3261 §16.7; a fork's own reason when it declined with that code). Rule 5: when the
     /// endpoint asked to auto-accept declined or was lost, the next one is asked at once.
-    fn after_fork_gone(&mut self, call: &str, out: &mut Vec<Action>) {
+    fn after_fork_gone(&mut self, fork: usize, out: &mut Vec<Action>) {
         let round: Vec<&Entry> = self
             .forks
             .iter()
@@ -436,9 +447,10 @@ impl ForkDecision {
             return;
         }
         let asked = match &self.phase {
-            Phase::Asking(Some(endpoint)) => {
-                self.entry(call).is_some_and(|f| &f.endpoint == endpoint)
-            }
+            Phase::Asking(Some(endpoint)) => self
+                .forks
+                .get(fork)
+                .is_some_and(|f| &f.endpoint == endpoint),
             _ => false,
         };
         if asked {
@@ -449,18 +461,18 @@ impl ForkDecision {
     /// Ends every fork still alive (but `except`) with `reason`.
     fn cancel_all(
         &mut self,
-        except: Option<&str>,
+        except: Option<usize>,
         reason: Reason,
         elsewhere: bool,
         out: &mut Vec<Action>,
     ) {
-        for f in &mut self.forks {
-            if Some(f.call.as_str()) == except || matches!(f.state, ForkState::Gone(_)) {
+        for (fork, f) in self.forks.iter_mut().enumerate() {
+            if Some(fork) == except || matches!(f.state, ForkState::Gone(_)) {
                 continue;
             }
             f.state = ForkState::Gone(reason.code);
             out.push(Action::Cancel {
-                call: f.call.clone(),
+                fork,
                 reason: reason.clone(),
                 elsewhere,
             });
@@ -478,35 +490,40 @@ mod tests {
         max_forwards: 2,
     };
 
-    fn offers(endpoints: &[&str]) -> Vec<(String, String)> {
+    /// Forks are named by letter in the order offered: `a` is fork 0, `b` fork 1, ...
+    const A: usize = 0;
+    const B: usize = 1;
+    const C: usize = 2;
+    const D: usize = 3;
+
+    fn offers(endpoints: &[&str]) -> std::vec::IntoIter<String> {
         endpoints
             .iter()
-            .map(|e| (e.to_string(), format!("call-{e}")))
-            .collect()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// A call ringing on `endpoints`, every leg ready.
     fn ringing(endpoints: &[&str]) -> ForkDecision {
         let mut d = ForkDecision::new(TIMERS);
         d.offer(offers(endpoints));
-        for e in endpoints {
-            d.ready(&format!("call-{e}"));
+        for fork in 0..endpoints.len() {
+            d.ready(fork);
         }
         d
     }
 
-    fn cancel(call: &str, reason: Reason, elsewhere: bool) -> Action {
+    fn cancel(fork: usize, reason: Reason, elsewhere: bool) -> Action {
         Action::Cancel {
-            call: call.to_owned(),
+            fork,
             reason,
             elsewhere,
         }
     }
 
-    fn ask(call: &str) -> Action {
-        Action::AskToAccept {
-            call: call.to_owned(),
-        }
+    fn ask(fork: usize) -> Action {
+        Action::AskToAccept { fork }
     }
 
     /// Rule 2, none: the caller ends with 480 and hears no ringing.
@@ -514,7 +531,7 @@ mod tests {
     fn no_endpoint_fails_the_caller_with_480_without_ringing() {
         let mut d = ForkDecision::new(TIMERS);
         assert_eq!(
-            d.offer(vec![]),
+            d.offer(Vec::new().into_iter()),
             [
                 Action::Decided(Cause::NoEndpoints),
                 Action::FailCaller(reasons::temporarily_unavailable())
@@ -530,7 +547,7 @@ mod tests {
             d.offer(offers(&["a"])),
             [
                 Action::Offer {
-                    call: "call-a".into(),
+                    fork: A,
                     immediate: true
                 },
                 Action::Ringing,
@@ -549,11 +566,11 @@ mod tests {
             out,
             [
                 Action::Offer {
-                    call: "call-a".into(),
+                    fork: A,
                     immediate: false
                 },
                 Action::Offer {
-                    call: "call-b".into(),
+                    fork: B,
                     immediate: false
                 },
                 Action::Ringing,
@@ -568,23 +585,15 @@ mod tests {
     fn first_accept_wins_and_the_others_end_completed_elsewhere() {
         let mut d = ringing(&["a", "b", "c"]);
         assert_eq!(
-            d.accept("call-b"),
+            d.accept(B),
             [
                 Action::Decided(Cause::Click),
-                Action::Connect {
-                    call: "call-b".into(),
-                    endpoint: "b".into()
-                },
-                cancel("call-a", reasons::completed_elsewhere(), true),
-                cancel("call-c", reasons::completed_elsewhere(), true),
+                Action::Connect { fork: B },
+                cancel(A, reasons::completed_elsewhere(), true),
+                cancel(C, reasons::completed_elsewhere(), true),
             ]
         );
-        assert_eq!(
-            d.accept("call-a"),
-            [Action::RefuseAccept {
-                call: "call-a".into()
-            }]
-        );
+        assert_eq!(d.accept(A), [Action::RefuseAccept { fork: A }]);
     }
 
     /// Rule 4: a fork whose leg is not ready yet cannot win; its accept loses.
@@ -592,12 +601,7 @@ mod tests {
     fn an_accept_of_a_fork_not_ringing_loses() {
         let mut d = ForkDecision::new(TIMERS);
         d.offer(offers(&["a", "b"]));
-        assert_eq!(
-            d.accept("call-a"),
-            [Action::RefuseAccept {
-                call: "call-a".into()
-            }]
-        );
+        assert_eq!(d.accept(A), [Action::RefuseAccept { fork: A }]);
         assert_eq!(d.decided(), None);
     }
 
@@ -606,11 +610,11 @@ mod tests {
     #[test]
     fn toast_timeout_asks_the_most_active_ringing_endpoint() {
         let mut d = ringing(&["a", "b", "c"]);
-        d.decline("call-c", reasons::declined(486));
+        d.decline(C, reasons::declined(486));
         assert_eq!(d.timer(), [Action::Rank { round: 0 }]);
         assert_eq!(
             d.ranked(vec!["c".into(), "b".into(), "a".into()], 0),
-            [ask("call-b"), Action::StartTimer(TIMERS.grace)],
+            [ask(B), Action::StartTimer(TIMERS.grace)],
             "c declined, so b, the next most active, is asked"
         );
     }
@@ -621,7 +625,7 @@ mod tests {
         let mut d = ringing(&["a", "b"]);
         d.timer();
         d.ranked(vec!["b".into(), "a".into()], 0);
-        assert_eq!(d.timer(), [ask("call-a"), Action::StartTimer(TIMERS.grace)]);
+        assert_eq!(d.timer(), [ask(A), Action::StartTimer(TIMERS.grace)]);
     }
 
     /// Rule 5: the asked endpoint declines or is lost: the next is asked at once.
@@ -631,13 +635,10 @@ mod tests {
         d.timer();
         d.ranked(vec!["a".into(), "b".into(), "c".into()], 0);
         assert_eq!(
-            d.decline("call-a", reasons::declined(486)),
-            [ask("call-b"), Action::StartTimer(TIMERS.grace)]
+            d.decline(A, reasons::declined(486)),
+            [ask(B), Action::StartTimer(TIMERS.grace)]
         );
-        assert_eq!(
-            d.lost("call-b"),
-            [ask("call-c"), Action::StartTimer(TIMERS.grace)]
-        );
+        assert_eq!(d.lost(B), [ask(C), Action::StartTimer(TIMERS.grace)]);
     }
 
     /// Rule 5: a fork that was not asked leaving does not move the asking on.
@@ -646,7 +647,7 @@ mod tests {
         let mut d = ringing(&["a", "b", "c"]);
         d.timer();
         d.ranked(vec!["a".into(), "b".into(), "c".into()], 0);
-        assert_eq!(d.decline("call-c", reasons::declined(486)), []);
+        assert_eq!(d.decline(C, reasons::declined(486)), []);
     }
 
     /// Rule 5: every fork may still be clicked while others are asked; it wins as a timeout.
@@ -655,9 +656,9 @@ mod tests {
         let mut d = ringing(&["a", "b"]);
         d.timer();
         d.ranked(vec!["a".into(), "b".into()], 0);
-        let out = d.accept("call-b");
+        let out = d.accept(B);
         assert_eq!(out[0], Action::Decided(Cause::Timeout));
-        assert!(out.contains(&cancel("call-a", reasons::completed_elsewhere(), true)));
+        assert!(out.contains(&cancel(A, reasons::completed_elsewhere(), true)));
     }
 
     /// Rule 5: nobody left to ask: the caller and every fork end with 480.
@@ -670,8 +671,8 @@ mod tests {
             d.timer(),
             [
                 Action::Decided(Cause::Unanswered),
-                cancel("call-a", reasons::temporarily_unavailable(), false),
-                cancel("call-b", reasons::temporarily_unavailable(), false),
+                cancel(A, reasons::temporarily_unavailable(), false),
+                cancel(B, reasons::temporarily_unavailable(), false),
                 Action::FailCaller(reasons::temporarily_unavailable()),
             ],
             "b is not in the ranking (it signed out and in again): it is not asked"
@@ -687,7 +688,7 @@ mod tests {
             d.timer(),
             [
                 Action::Decided(Cause::Unanswered),
-                cancel("call-a", reasons::temporarily_unavailable(), false),
+                cancel(A, reasons::temporarily_unavailable(), false),
                 Action::FailCaller(reasons::temporarily_unavailable()),
             ]
         );
@@ -697,16 +698,16 @@ mod tests {
     #[test]
     fn the_only_endpoint_accepting_wins_as_immediate() {
         let mut d = ringing(&["a"]);
-        assert_eq!(d.accept("call-a")[0], Action::Decided(Cause::Immediate));
+        assert_eq!(d.accept(A)[0], Action::Decided(Cause::Immediate));
     }
 
     /// Rule 7: a 4xx/5xx decline removes only that fork.
     #[test]
     fn a_4xx_decline_removes_only_that_fork() {
         let mut d = ringing(&["a", "b"]);
-        assert_eq!(d.decline("call-a", reasons::declined(486)), []);
+        assert_eq!(d.decline(A, reasons::declined(486)), []);
         assert_eq!(d.decided(), None);
-        assert_eq!(d.state("call-b"), Some(&ForkState::Ringing));
+        assert_eq!(d.state(B), Some(&ForkState::Ringing));
     }
 
     /// Rule 7: a 6xx ends the call: the other forks end with 603 "Declined elsewhere", the
@@ -716,11 +717,11 @@ mod tests {
         let mut d = ringing(&["a", "b", "c"]);
         let six = reasons::declined(603);
         assert_eq!(
-            d.decline("call-a", six.clone()),
+            d.decline(A, six.clone()),
             [
                 Action::Decided(Cause::Declined),
-                cancel("call-b", reasons::declined_elsewhere(), false),
-                cancel("call-c", reasons::declined_elsewhere(), false),
+                cancel(B, reasons::declined_elsewhere(), false),
+                cancel(C, reasons::declined_elsewhere(), false),
                 Action::FailCaller(six),
             ]
         );
@@ -735,19 +736,19 @@ mod tests {
             code: 503,
             text: "Server shutting down".into(),
         };
-        assert_eq!(d.lost("call-a"), []);
-        assert_eq!(d.decline("call-b", shutdown.clone()), []);
+        assert_eq!(d.lost(A), []);
+        assert_eq!(d.decline(B, shutdown.clone()), []);
         assert_eq!(
-            d.decline("call-c", reasons::declined(486)),
+            d.decline(C, reasons::declined(486)),
             [
                 Action::Decided(Cause::Declined),
                 Action::FailCaller(reasons::declined(486))
             ]
         );
         let mut d = ringing(&["a", "b"]);
-        d.lost("call-a");
+        d.lost(A);
         assert_eq!(
-            d.decline("call-b", shutdown.clone()),
+            d.decline(B, shutdown.clone()),
             [
                 Action::Decided(Cause::Declined),
                 Action::FailCaller(reasons::temporarily_unavailable())
@@ -755,9 +756,9 @@ mod tests {
             "480 and 503: the lowest class wins"
         );
         let mut d = ringing(&["a", "b"]);
-        d.decline("call-a", shutdown.clone());
+        d.decline(A, shutdown.clone());
         assert_eq!(
-            d.decline("call-b", shutdown.clone()),
+            d.decline(B, shutdown.clone()),
             [
                 Action::Decided(Cause::Declined),
                 Action::FailCaller(shutdown)
@@ -779,17 +780,12 @@ mod tests {
             d.caller_cancelled(lost.clone()),
             [
                 Action::Decided(Cause::Cancelled),
-                cancel("call-a", lost.clone(), false),
-                cancel("call-b", lost, false),
+                cancel(A, lost.clone(), false),
+                cancel(B, lost, false),
                 Action::FailCaller(reasons::request_terminated()),
             ]
         );
-        assert_eq!(
-            d.accept("call-a"),
-            [Action::RefuseAccept {
-                call: "call-a".into()
-            }]
-        );
+        assert_eq!(d.accept(A), [Action::RefuseAccept { fork: A }]);
     }
 
     /// Rule 9: a forward ends every fork with 302 and starts a new round for the new target,
@@ -798,9 +794,9 @@ mod tests {
     fn a_forward_ends_the_forks_with_302_and_rings_the_new_target() {
         let mut d = ringing(&["a", "b"]);
         assert_eq!(
-            d.forward("call-a", "sip:carol@example.com"),
+            d.forward(A, "sip:carol@example.com"),
             [
-                cancel("call-b", reasons::moved_temporarily(), false),
+                cancel(B, reasons::moved_temporarily(), false),
                 Action::Forward {
                     to: "sip:carol@example.com".into()
                 },
@@ -811,11 +807,11 @@ mod tests {
             Some(&Action::StartTimer(TIMERS.toast))
         );
         // The old round's forks no longer count: the new ones decide the caller's answer.
-        d.ready("call-c");
-        d.ready("call-d");
-        assert_eq!(d.decline("call-c", reasons::declined(486)), []);
+        d.ready(C);
+        d.ready(D);
+        assert_eq!(d.decline(C, reasons::declined(486)), []);
         assert_eq!(
-            d.decline("call-d", reasons::declined(486)),
+            d.decline(D, reasons::declined(486)),
             [
                 Action::Decided(Cause::Declined),
                 Action::FailCaller(reasons::declined(486))
@@ -827,14 +823,14 @@ mod tests {
     #[test]
     fn too_many_forwards_end_with_483() {
         let mut d = ringing(&["a"]);
-        d.forward("call-a", "sip:b@example.com");
+        d.forward(A, "sip:b@example.com");
         d.offer(offers(&["b"]));
-        d.ready("call-b");
-        d.forward("call-b", "sip:c@example.com");
+        d.ready(B);
+        d.forward(B, "sip:c@example.com");
         d.offer(offers(&["c"]));
-        d.ready("call-c");
+        d.ready(C);
         assert_eq!(
-            d.forward("call-c", "sip:d@example.com"),
+            d.forward(C, "sip:d@example.com"),
             [
                 Action::Decided(Cause::Declined),
                 Action::FailCaller(reasons::too_many_hops())
@@ -847,9 +843,9 @@ mod tests {
     fn a_ranking_of_the_old_target_is_ignored_after_a_forward() {
         let mut d = ringing(&["a", "b"]);
         assert_eq!(d.timer(), [Action::Rank { round: 0 }]);
-        d.forward("call-a", "sip:carol@example.com");
+        d.forward(A, "sip:carol@example.com");
         d.offer(offers(&["c", "d"]));
-        d.ready("call-c");
+        d.ready(C);
         assert_eq!(d.ranked(vec!["c".into()], 0), []);
     }
 
@@ -858,10 +854,10 @@ mod tests {
     #[test]
     fn nothing_changes_a_decided_call() {
         let mut d = ringing(&["a", "b", "c"]);
-        d.accept("call-a");
-        assert_eq!(d.decline("call-b", reasons::declined(603)), []);
-        assert_eq!(d.lost("call-c"), []);
-        assert_eq!(d.forward("call-b", "sip:x@example.com"), []);
+        d.accept(A);
+        assert_eq!(d.decline(B, reasons::declined(603)), []);
+        assert_eq!(d.lost(C), []);
+        assert_eq!(d.forward(B, "sip:x@example.com"), []);
         assert_eq!(d.timer(), []);
         assert_eq!(d.caller_cancelled(reasons::request_terminated()), []);
         assert_eq!(d.decided(), Some(Cause::Click));

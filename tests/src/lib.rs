@@ -890,7 +890,9 @@ pub fn start_cluster_node(
 ) -> RunningNode {
     let mut s = cluster_settings(nats, node_id);
     tweak(&mut s);
-    spawn_node(s).expect("cluster node starts")
+    // Lossy: the tests of envelopes lost on the way arm it (`confab_cluster::lossy`).
+    confab_cluster::spawn_node_with(s, confab_cluster::ClusterJoin::nats().lossy())
+        .expect("cluster node starts")
 }
 
 /// Polls `check` every 10 ms until it passes (`Ok`); panics with its last complaint after

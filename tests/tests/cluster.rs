@@ -786,9 +786,9 @@ async fn a_fork_offered_to_an_endpoint_already_shutting_down_is_declined_with_50
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (_alice, mut bob, _call, incoming) = alice_calls_bob(&a, &b).await;
     let mut carol = Raw::sign_in(a.addr, CAROL, "phone").await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
+    let lossy = confab_cluster::lossy(&a).expect("a lossy transport");
     for _ in 0..3 {
-        cluster.lose_next(Lose::LegEnded);
+        lossy.lose_next(Lose::LegEnded);
     }
     let stopping = tokio::task::spawn_blocking(move || b.shutdown());
     // Bob's call has ended (its events came), and his endpoint waits for the leg's end.
@@ -1236,8 +1236,8 @@ async fn losing_bobs_next_envelope(
     let a = start_cluster_node(&nats, "node-a", tune);
     let b = start_cluster_node(&nats, "node-b", tune);
     let (alice, bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     (nats, a, b, alice, bob, call, incoming)
 }
@@ -1278,8 +1278,8 @@ async fn alice_on_a_bob_on_b() -> (NatsServer, RunningNode, RunningNode, Raw, Ra
 async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
 {
     let (nats, a, b, alice, bob) = alice_on_a_bob_on_b().await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::ForkAdopted);
     (nats, a, b, alice, bob)
 }
@@ -1331,8 +1331,8 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
     let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
     wait_for_endpoints(&a, BOB, 2).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::ForkAdopted);
     let (call, _) = alice.establish(BOB, None).await;
     let (on_desk, _) = desk.incoming().await;
@@ -1344,8 +1344,8 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     alice.state(&call, CallState::Established).await;
     expect_reason(&mut desk, &on_desk, 200, "Call completed elsewhere").await;
     assert_eq!(
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_pending(),
         0,
         "the adoption was not lost"
@@ -1360,7 +1360,9 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
 async fn a_fork_whose_offer_was_lost_leaves_no_leg_behind() {
     let (nats, a, b, mut alice, _bob) = alice_on_a_bob_on_b().await;
     let cluster = confab_cluster::of(&a).expect("a cluster node");
-    cluster.lose_bounded_envelopes(1);
+    confab_cluster::lossy(&a)
+        .expect("a lossy transport")
+        .lose_bounded_envelopes(1);
     let (call, _) = alice.establish(BOB, None).await;
     expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1390,8 +1392,8 @@ async fn an_accept_still_waiting_when_another_device_wins_gets_answered_elsewher
     let (on_desk, _) = desk.incoming().await;
     let (on_phone, _) = phone.incoming().await;
 
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     let lost = desk.rid();
     desk.send(&ClientMsg::CallAccept {
@@ -1508,8 +1510,8 @@ async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_ow
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, first, first_incoming) = alice_calls_bob(&a, &b).await;
     let (second, second_incoming) = answered_call(&mut alice, &mut bob, BOB).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     let rid = bob.rid();
     // Lost on the way (the next envelope Bob's node sends).
@@ -1685,8 +1687,8 @@ async fn a_leg_end_lost_between_nodes_is_reported_again_until_released() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&a)
-        .expect("a cluster node")
+    confab_cluster::lossy(&a)
+        .expect("a lossy transport")
         .lose_next(Lose::LegEnded);
     alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
@@ -1701,8 +1703,8 @@ async fn a_release_lost_between_nodes_is_sent_again_when_the_end_is() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::Release);
     alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
@@ -1719,7 +1721,9 @@ async fn an_endpoint_loss_lost_between_nodes_is_sent_again_until_the_leg_ends() 
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, bob, call, _incoming) = alice_calls_bob(&a, &b).await;
     let b_cluster = confab_cluster::of(&b).expect("a cluster node");
-    b_cluster.lose_next(Lose::EndpointLost);
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
+        .lose_next(Lose::EndpointLost);
     drop(bob);
     let reason = alice.state(&call, CallState::Terminated).await;
     assert_eq!(
@@ -1748,9 +1752,13 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
-    cluster.lose_next(Lose::CallState);
-    cluster.lose_next(Lose::CallState);
+    // The set-up's events have all arrived, and none is waiting to be sent again: the next
+    // two `call_state` events A publishes for Bob are his leg's last.
+    bob.state(&incoming, CallState::Established).await;
+    wait_for_state_events_acknowledged(&a).await;
+    let lossy = confab_cluster::lossy(&a).expect("a lossy transport");
+    lossy.lose_next(Lose::CallState);
+    lossy.lose_next(Lose::CallState);
     let reply = alice
         .request(ClientMsg::CallTerminate {
             rid: None,
@@ -1820,13 +1828,13 @@ async fn bob_accepts_losing(
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
     for kind in on_a {
-        confab_cluster::of(&a)
-            .expect("a cluster node")
+        confab_cluster::lossy(&a)
+            .expect("a lossy transport")
             .lose_next(*kind);
     }
     for kind in on_b {
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_next(*kind);
     }
     assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
@@ -1867,7 +1875,13 @@ async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
         "{frames:?}"
     );
     let cluster = confab_cluster::of(&a).expect("a cluster node");
-    assert_eq!(cluster.lose_pending(), 0, "the event was not lost");
+    assert_eq!(
+        confab_cluster::lossy(&a)
+            .expect("a lossy transport")
+            .lose_pending(),
+        0,
+        "the event was not lost"
+    );
     assert!(cluster.events_resent() > 0, "nothing was sent again");
     // Then `call_established` (it came after the gap too), once.
     let m = bob.recv().await;
@@ -1906,8 +1920,8 @@ async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     let cluster = confab_cluster::of(&a).expect("a cluster node");
     wait_for_state_events_acknowledged(&a).await;
     assert_eq!(
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_pending(),
         0,
         "the acknowledgements were not lost"

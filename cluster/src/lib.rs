@@ -13,6 +13,11 @@
 //!   unheard for `node_timeout` is dead: every survivor drops its records and ends what
 //!   referenced it, and the living node with the smallest id deletes its records from the KV.
 //!   In `membership.rs`.
+//! - **Transports**: routing and liveness send only through a [`transport::Transport`]
+//!   (core NATS in production; a [`memory::MemoryNetwork`] for tests without NATS), and the
+//!   directory lives behind a bucket seam (`kv.rs`: the JetStream KV bucket, or the memory
+//!   network's). Tests that lose envelopes wrap the transport in a
+//!   [`transport::LossyTransport`] ([`ClusterJoin::lossy`]); production code has no loss hook.
 //!
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
@@ -20,8 +25,10 @@ mod admin;
 mod bucket;
 pub mod directory;
 mod events;
+mod kv;
 mod link;
 mod membership;
+pub mod memory;
 mod quota;
 mod records;
 mod resend;
@@ -32,11 +39,11 @@ pub mod wire;
 mod writes;
 
 use actix::Addr;
-use async_nats::jetstream::kv;
 use bytes::Bytes;
 use confab_protocol::{ServerMsg, decode_server};
 use dashmap::DashMap;
 use futures::StreamExt;
+use kv::{Bucket, NatsBucket};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,7 +127,8 @@ pub struct Cluster {
     /// This run's epoch (its start time in unix ms); a rejoin takes a new one.
     epoch: AtomicU64,
     pub timeout: Duration,
-    kv: kv::Store,
+    /// The directory's bucket (`kv.rs`).
+    kv: Arc<dyn Bucket>,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
     /// Bounds the envelopes clients' requests drive, waiting in `publish_tx`, by count and bytes
     /// (`cluster.max_queued_envelopes`, `cluster.max_queued_bytes`).
@@ -272,10 +280,19 @@ impl Cluster {
         rt: tokio::runtime::Handle,
         stop: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let (client, connected) = connect_nats(&cfg, &node_id).await?;
-        let js = async_nats::jetstream::new(client.clone());
-        let kv = bucket::open(&js, cfg.kv_replicas, bucket::servers(&client)).await?;
-        let mut transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client, connected));
+        let (mut transport, kv): (Arc<dyn Transport>, Arc<dyn Bucket>) = match join.memory_network()
+        {
+            Some(network) => (Arc::new(network.transport()), network.bucket()),
+            None => {
+                let (client, connected) = connect_nats(&cfg, &node_id).await?;
+                let js = async_nats::jetstream::new(client.clone());
+                let kv = bucket::open(&js, cfg.kv_replicas, bucket::servers(&client)).await?;
+                (
+                    Arc::new(NatsTransport::new(client, connected)),
+                    Arc::new(NatsBucket(kv)),
+                )
+            }
+        };
         if join.is_lossy() {
             transport = Arc::new(LossyTransport::new(transport));
         }
@@ -291,7 +308,7 @@ impl Cluster {
         // Changes from now on; the values already there are read below, before any change is
         // applied (a value read twice is applied twice, which is harmless).
         let watch = kv
-            .watch_all()
+            .watch()
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
@@ -350,7 +367,10 @@ impl Cluster {
             sign_in_timeout: Duration::from_millis(cfg.sign_in_sync_timeout_ms),
             admin: admin::AdminState::default(),
         });
-        let url = shown_url(&cfg.nats_url);
+        let url = match join.memory_network() {
+            Some(_) => "memory".to_owned(),
+            None => shown_url(&cfg.nats_url),
+        };
         tracing::info!(node = %cluster.node_id, epoch, %url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
         let read_upto = cluster.load().await?;

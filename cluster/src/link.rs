@@ -22,15 +22,19 @@ use confab_actors::settings::Settings;
 use confab_protocol::ServerMsg;
 
 use crate::directory::NatsDirectory;
+use crate::memory::MemoryNetwork;
 use crate::routing::BoundedEnvelope;
 use crate::transport::LossyTransport;
 use crate::wire::{Envelope, WireLegMsg};
 use crate::{Cluster, RESEND_ATTEMPTS};
 
-/// Joins the cluster of the settings' `[cluster]` section over NATS; tests may have the
-/// transport lose envelopes ([`ClusterJoin::lossy`]).
+/// Joins the cluster of the settings' `[cluster]` section over NATS, or (tests) over a
+/// [`MemoryNetwork`]; tests may also have the transport lose envelopes
+/// ([`ClusterJoin::lossy`]).
 #[derive(Debug, Clone, Default)]
 pub struct ClusterJoin {
+    /// None: NATS, at the settings' `cluster.nats_url`.
+    memory: Option<MemoryNetwork>,
     lossy: bool,
 }
 
@@ -38,6 +42,19 @@ impl ClusterJoin {
     /// Over NATS, as in production.
     pub fn nats() -> Self {
         ClusterJoin::default()
+    }
+
+    /// Tests: over `network`, with the nodes of this process that joined it; no NATS (the
+    /// settings' `cluster.nats_url` is not used).
+    pub fn memory(network: &MemoryNetwork) -> Self {
+        ClusterJoin {
+            memory: Some(network.clone()),
+            lossy: false,
+        }
+    }
+
+    pub(crate) fn memory_network(&self) -> Option<&MemoryNetwork> {
+        self.memory.as_ref()
     }
 
     /// Tests: the transport is wrapped in a [`LossyTransport`], which [`lossy`] finds.

@@ -1187,18 +1187,6 @@ async fn alice_calls_bob(a: &RunningNode, b: &RunningNode) -> (Raw, Raw, String,
     (alice, bob, call, incoming)
 }
 
-/// Alice terminates her leg `call`; Bob's leg `incoming` ends "Terminated remotely".
-async fn alice_hangs_up(alice: &mut Raw, call: &str, bob: &mut Raw, incoming: &str) {
-    let reply = alice
-        .request(ClientMsg::CallTerminate {
-            rid: None,
-            call: call.to_owned(),
-        })
-        .await;
-    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
-    expect_reason(bob, incoming, 200, "Terminated remotely").await;
-}
-
 /// Bob's message on his leg `incoming` reaches Alice on her leg `call`, and her ack comes back
 /// to Bob as `message_delivered`: the call still carries messages.
 async fn a_message_still_flows(bob: &mut Raw, incoming: &str, alice: &mut Raw, call: &str) {
@@ -1476,7 +1464,7 @@ async fn a_call_request_lost_between_nodes_before_the_call_ends_is_answered_once
     .await;
     // Bob's node has handled the request (and lost it) once it answers a ping sent after it.
     bob.ping().await;
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
         .await;
@@ -1533,7 +1521,7 @@ async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_ow
     assert!(matches!(&m, ServerMsg::Ok { rid: r } if *r == rid), "{m:?}");
     expect_reason(&mut alice, &second, 200, "Terminated remotely").await;
 
-    alice_hangs_up(&mut alice, &first, &mut bob, &first_incoming).await;
+    hang_up(&mut alice, &first, &mut bob, &first_incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
         .await;
@@ -1563,7 +1551,7 @@ async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
     let lost = send_message(&mut bob, &incoming, "lost").await;
     // Bob's node has handled the message (and lost it) once it answers a request sent after it.
     bob.ping().await;
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
         .await;
@@ -1664,20 +1652,6 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
     drop((a, b, nats));
 }
 
-/// Waits until no leg on `node` serves an endpoint on another node: each ended leg has been
-/// released by its endpoint.
-async fn wait_for_no_remote_legs(node: &RunningNode) {
-    let cluster = confab_cluster::of(node).expect("a cluster node");
-    wait_until(|| match cluster.legs.len() {
-        0 => Ok(()),
-        n => Err(format!(
-            "{n} ended legs on {} are never released",
-            cluster.node_id
-        )),
-    })
-    .await;
-}
-
 /// Alice on node A hangs up a call with Bob on node B, and the leg's end that Bob's leg (on
 /// A, the arbiter's node) reports to his endpoint is lost on the way. The leg reports it again
 /// until his endpoint releases it, so it does not stay on A for good.
@@ -1690,7 +1664,7 @@ async fn a_leg_end_lost_between_nodes_is_reported_again_until_released() {
     confab_cluster::lossy(&a)
         .expect("a lossy transport")
         .lose_next(Lose::LegEnded);
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }
@@ -1706,7 +1680,7 @@ async fn a_release_lost_between_nodes_is_sent_again_when_the_end_is() {
     confab_cluster::lossy(&b)
         .expect("a lossy transport")
         .lose_next(Lose::Release);
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }
@@ -1787,16 +1761,6 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     drop((a, b, nats));
 }
 
-/// Waits until no leg on `node` holds state events another node has not acknowledged.
-async fn wait_for_state_events_acknowledged(node: &RunningNode) {
-    let cluster = confab_cluster::of(node).expect("a cluster node");
-    wait_until(|| match cluster.unseen_events_len() {
-        0 => Ok(()),
-        n => Err(format!("{n} legs' state events never acknowledged")),
-    })
-    .await;
-}
-
 /// Alice on node A calls Bob on node B (his leg lives on A); from the moment Bob accepts, A
 /// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's
 /// frames from his accept's `ok` up to his leg's `established`, that one included, with the
@@ -1819,12 +1783,7 @@ async fn bob_accepts_losing(
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
-    wait_until(|| match cluster.acks_events("node-b") {
-        true => Ok(()),
-        false => Err("node-a never heard that node-b acknowledges state events".into()),
-    })
-    .await;
+    wait_for_acks_events(&a, "node-b").await;
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
     for kind in on_a {
@@ -1846,19 +1805,6 @@ async fn bob_accepts_losing(
     (nats, a, b, alice, bob, incoming, frames)
 }
 
-/// The `call_state` events among `frames`, as (previous, state).
-fn states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
-    frames
-        .iter()
-        .filter_map(|m| match m {
-            ServerMsg::CallState {
-                previous, state, ..
-            } => Some((*previous, *state)),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A call's state event lost between the nodes reaches the client anyway, and in order: Bob's
 /// leg (on A) sends `establishing`, then `established`; A loses the first. B drops the second
 /// (it comes after a gap), and A sends both again since B has not acknowledged them.
@@ -1866,14 +1812,7 @@ fn states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
 async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
     let (nats, a, b, _alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[Lose::CallState], &[]).await;
-    assert_eq!(
-        states(&frames),
-        vec![
-            (CallState::Incoming, CallState::Establishing),
-            (CallState::Establishing, CallState::Established),
-        ],
-        "{frames:?}"
-    );
+    assert_set_up_in_order(&frames);
     let cluster = confab_cluster::of(&a).expect("a cluster node");
     assert_eq!(
         confab_cluster::lossy(&a)
@@ -1902,14 +1841,7 @@ async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
 async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     let (nats, a, b, _alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[], &[Lose::EventsSeen, Lose::EventsSeen]).await;
-    assert_eq!(
-        states(&frames),
-        vec![
-            (CallState::Incoming, CallState::Establishing),
-            (CallState::Establishing, CallState::Established),
-        ],
-        "{frames:?}"
-    );
+    assert_set_up_in_order(&frames);
     let m = bob.recv().await;
     assert!(
         matches!(&m, ServerMsg::CallEstablished { call, .. } if *call == incoming),
@@ -1941,7 +1873,7 @@ async fn state_events_never_acknowledged_end_the_call_on_both_sides() {
     let (nats, a, b, mut alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[], &[Lose::EventsSeen; 20]).await;
     assert_eq!(
-        states(&frames).last(),
+        call_states(&frames).last(),
         Some(&(CallState::Establishing, CallState::Established))
     );
     // 8 resends about every two thirds of the node timeout (2 s): some 11 s.

@@ -85,9 +85,6 @@ impl Cluster {
             return;
         }
         entry.events.push_back((seq, payload.clone()));
-        if self.lose_armed.load(Ordering::Relaxed) && self.lose_this(env) {
-            return;
-        }
         self.publish(Outgoing::Publish(node_subject(node), payload));
     }
 

@@ -13,6 +13,11 @@
 //!   unheard for `node_timeout` is dead: every survivor drops its records and ends what
 //!   referenced it, and the living node with the smallest id deletes its records from the KV.
 //!   In `membership.rs`.
+//! - **Transports**: routing and liveness send only through a [`transport::Transport`]
+//!   (core NATS in production; a [`memory::MemoryNetwork`] for tests without NATS), and the
+//!   directory lives behind a bucket seam (`kv.rs`: the JetStream KV bucket, or the memory
+//!   network's). Tests that lose envelopes wrap the transport in a
+//!   [`transport::LossyTransport`] ([`ClusterJoin::lossy`]); production code has no loss hook.
 //!
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
@@ -20,22 +25,25 @@ mod admin;
 mod bucket;
 pub mod directory;
 mod events;
+mod kv;
 mod link;
 mod membership;
+pub mod memory;
 mod quota;
 mod records;
 mod resend;
 mod routing;
 mod signin;
+pub mod transport;
 pub mod wire;
 mod writes;
 
 use actix::Addr;
-use async_nats::jetstream::kv;
 use bytes::Bytes;
 use confab_protocol::{ServerMsg, decode_server};
 use dashmap::DashMap;
 use futures::StreamExt;
+use kv::{Bucket, NatsBucket};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,13 +59,15 @@ use confab_actors::metrics as m;
 use confab_actors::presence::rank::Publication;
 use confab_actors::presence::{PresenceMsg, PresenceShards};
 use confab_actors::settings;
-pub use link::{NatsJoin, of, spawn_node};
+pub use link::{ClusterJoin, lossy, of, spawn_node, spawn_node_with};
 use membership::{heartbeat_loop, liveness_loop};
 use quota::EnvelopeQuota;
 use records::{record_put, watch_loop};
 pub use resend::RESEND_ATTEMPTS;
 pub use routing::BoundedEnvelope;
 use routing::{inbox_loop, node_subject, publish_loop};
+pub use transport::Lose;
+use transport::{LossyTransport, NatsTransport, Transport, TransportError};
 use wire::{Envelope, Heartbeat, Record, WireLegMsg};
 use writes::KvOp;
 
@@ -91,25 +101,6 @@ pub struct RemoteEndpoint {
     pub revision: u64,
 }
 
-/// For tests: kinds of envelope [`Cluster::lose_next`] can lose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lose {
-    /// A fork's word to its arbiter that its endpoint took it.
-    ForkAdopted,
-    /// A leg's word to its endpoint that the call ended.
-    LegEnded,
-    /// An endpoint's word to its leg that it is gone.
-    EndpointLost,
-    /// An endpoint's word to its ended leg that it has forgotten it.
-    Release,
-    /// A leg's answer to its client's `message` (`message_delivered` or `message_failed`).
-    MessageAnswer,
-    /// A leg's `call_state` event for its client.
-    CallState,
-    /// An endpoint's node's word to a leg's node that it passed the leg's state events on.
-    EventsSeen,
-}
-
 /// What the publisher task sends, in order.
 enum Outgoing {
     Publish(String, Bytes),
@@ -136,7 +127,8 @@ pub struct Cluster {
     /// This run's epoch (its start time in unix ms); a rejoin takes a new one.
     epoch: AtomicU64,
     pub timeout: Duration,
-    kv: kv::Store,
+    /// The directory's bucket (`kv.rs`).
+    kv: Arc<dyn Bucket>,
     publish_tx: mpsc::UnboundedSender<Outgoing>,
     /// Bounds the envelopes clients' requests drive, waiting in `publish_tx`, by count and bytes
     /// (`cluster.max_queued_envelopes`, `cluster.max_queued_bytes`).
@@ -158,8 +150,8 @@ pub struct Cluster {
     remote: DashMap<String, Vec<RemoteEndpoint>>,
     /// Endpoints in `remote` (all users).
     remote_len: AtomicUsize,
-    /// The NATS client's connection state, from its events.
-    nats_connected: Arc<AtomicBool>,
+    /// How envelopes and heartbeats reach the other nodes (`transport/`).
+    transport: Arc<dyn Transport>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
     /// The latest run of each node declared dead: its records and those of earlier runs are
     /// ignored. One entry per node id, so it stays small however often nodes come and go.
@@ -181,13 +173,6 @@ pub struct Cluster {
     /// Tests: how far this node's wall clock is set back (see
     /// [`Cluster::restart_with_clock_set_back`]).
     clock_set_back_ms: AtomicU64,
-    /// Tests: this many bounded envelopes are still to be lost (see
-    /// [`Cluster::lose_bounded_envelopes`]).
-    lose_bounded: AtomicUsize,
-    /// Tests: envelopes still to be lost, one of each kind listed (see [`Cluster::lose_next`]).
-    lose_next: Mutex<Vec<Lose>>,
-    /// Tests: whether `lose_next` holds anything (read on every send, so the lock is not).
-    lose_armed: AtomicBool,
     /// Tests: while true the watch holds back other nodes' changes (see
     /// [`Cluster::hold_watch`]).
     watch_held: tokio::sync::watch::Sender<bool>,
@@ -242,6 +227,7 @@ impl Cluster {
         node_id: String,
         presence: PresenceShards,
         endpoints_per_user: usize,
+        join: ClusterJoin,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -277,6 +263,7 @@ impl Cluster {
             node_id,
             presence,
             endpoints_per_user,
+            join,
             rt.clone(),
             stop_tx,
         ))
@@ -289,58 +276,39 @@ impl Cluster {
         node_id: String,
         presence: PresenceShards,
         endpoints_per_user: usize,
+        join: ClusterJoin,
         rt: tokio::runtime::Handle,
         stop: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let urls: Vec<async_nats::ServerAddr> = cfg
-            .nats_url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse()
-                    .map_err(|e: std::io::Error| ClusterError::Connect {
-                        url: shown_url(s),
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        let connect_err = |reason: String| ClusterError::Connect {
-            url: shown_url(&cfg.nats_url),
-            reason,
+        let (mut transport, kv): (Arc<dyn Transport>, Arc<dyn Bucket>) = match join.memory_network()
+        {
+            Some(network) => (Arc::new(network.transport()), network.bucket()),
+            None => {
+                let (client, connected) = connect_nats(&cfg, &node_id).await?;
+                let js = async_nats::jetstream::new(client.clone());
+                let kv = bucket::open(&js, cfg.kv_replicas, bucket::servers(&client)).await?;
+                (
+                    Arc::new(NatsTransport::new(client, connected)),
+                    Arc::new(NatsBucket(kv)),
+                )
+            }
         };
-        let nats_connected = Arc::new(AtomicBool::new(false));
-        let events = nats_connected.clone();
-        let client = tokio::time::timeout(
-            Duration::from_millis(cfg.connect_timeout_ms),
-            async_nats::ConnectOptions::new()
-                .name(format!("confab-{node_id}"))
-                .reconnect_delay_callback(reconnect_delay)
-                .event_callback(move |event| {
-                    let events = events.clone();
-                    async move { nats_event(&events, event) }
-                })
-                .connect(urls),
-        )
-        .await
-        .map_err(|_| connect_err("timed out".to_owned()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        // Connected now (the event may come later than this).
-        set_nats_connected(&nats_connected, true);
-        let js = async_nats::jetstream::new(client.clone());
-        let kv = bucket::open(&js, cfg.kv_replicas, bucket::servers(&client)).await?;
-        let inbox = client
+        if join.is_lossy() {
+            transport = Arc::new(LossyTransport::new(transport));
+        }
+        let subscribe_err = |e: TransportError| ClusterError::Subscribe(e.to_string());
+        let inbox = transport
             .subscribe(node_subject(&node_id))
             .await
-            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
-        let beats = client
-            .subscribe(HEARTBEAT_SUBJECT)
+            .map_err(subscribe_err)?;
+        let beats = transport
+            .subscribe(HEARTBEAT_SUBJECT.to_owned())
             .await
-            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
+            .map_err(subscribe_err)?;
         // Changes from now on; the values already there are read below, before any change is
         // applied (a value read twice is applied twice, which is harmless).
         let watch = kv
-            .watch_all()
+            .watch()
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
@@ -372,7 +340,7 @@ impl Cluster {
             endpoints_per_user,
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),
-            nats_connected,
+            transport: transport.clone(),
             nodes: Mutex::new(HashMap::new()),
             dead: Mutex::new(HashMap::new()),
             presence,
@@ -382,9 +350,6 @@ impl Cluster {
             reload: Mutex::new(None),
             muted_until: Mutex::new(None),
             clock_set_back_ms: AtomicU64::new(0),
-            lose_bounded: AtomicUsize::new(0),
-            lose_next: Mutex::new(Vec::new()),
-            lose_armed: AtomicBool::new(false),
             watch_held: tokio::sync::watch::Sender::new(false),
             unanswered_lost: Mutex::new(HashMap::new()),
             unseen_events: Mutex::new(HashMap::new()),
@@ -402,12 +367,15 @@ impl Cluster {
             sign_in_timeout: Duration::from_millis(cfg.sign_in_sync_timeout_ms),
             admin: admin::AdminState::default(),
         });
-        let url = shown_url(&cfg.nats_url);
+        let url = match join.memory_network() {
+            Some(_) => "memory".to_owned(),
+            None => shown_url(&cfg.nats_url),
+        };
         tracing::info!(node = %cluster.node_id, epoch, %url, "joined the cluster");
         // The values already there are applied before the node accepts anyone.
         let read_upto = cluster.load().await?;
         cluster.watch_read_upto.store(read_upto, Ordering::Relaxed);
-        rt.spawn(publish_loop(client.clone(), publish_rx, quota));
+        rt.spawn(publish_loop(transport, publish_rx, quota));
         rt.spawn(writes::write_loop(
             kv.clone(),
             kv_rx,
@@ -457,10 +425,15 @@ impl Cluster {
         .await;
     }
 
-    /// True while the NATS client is connected; a node that lost NATS is degraded (its
-    /// `/health` answers 503).
+    /// True while the transport reaches the others (the NATS client is connected); a node
+    /// that lost NATS is degraded (its `/health` answers 503).
     pub fn nats_connected(&self) -> bool {
-        self.nats_connected.load(Ordering::Relaxed)
+        self.transport.connected()
+    }
+
+    /// For tests' hooks: the transport this node sends through.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.transport.clone()
     }
 
     /// True while the directory works for this node: its writes land and its watch receives.
@@ -515,26 +488,6 @@ impl Cluster {
         self.quota.free(n);
     }
 
-    /// For tests: the next `n` bounded envelopes (see [`quota`]) are lost on the way, as core
-    /// NATS may lose them, though the sender believes them sent.
-    pub fn lose_bounded_envelopes(&self, n: usize) {
-        self.lose_bounded.store(n, Ordering::SeqCst);
-    }
-
-    /// For tests: how many of the envelopes [`Cluster::lose_next`] was asked to lose have not
-    /// been sent yet (0: all were lost).
-    pub fn lose_pending(&self) -> usize {
-        lock(&self.lose_next).len()
-    }
-
-    /// For tests: the next envelope of kind `kind` this node sends is lost on the way, as core
-    /// NATS may lose it (called twice, the next two are lost).
-    pub fn lose_next(&self, kind: Lose) {
-        let mut next = lock(&self.lose_next);
-        next.push(kind);
-        self.lose_armed.store(true, Ordering::SeqCst);
-    }
-
     /// For tests: this node's wall clock is set back by `d`, and it starts a new run as a
     /// restarted process would, taking the clock's time as its epoch (below its last run's, so
     /// the others count it as stale, or as dead once they have declared the last run dead).
@@ -546,6 +499,50 @@ impl Cluster {
         self.start_run(epoch);
         epoch
     }
+}
+
+/// Connects to the NATS servers of `cfg.nats_url`; the flag follows the connection's state
+/// from the client's events.
+async fn connect_nats(
+    cfg: &settings::Cluster,
+    node_id: &str,
+) -> Result<(async_nats::Client, Arc<AtomicBool>), ClusterError> {
+    let urls: Vec<async_nats::ServerAddr> = cfg
+        .nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|e: std::io::Error| ClusterError::Connect {
+                    url: shown_url(s),
+                    reason: e.to_string(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let connect_err = |reason: String| ClusterError::Connect {
+        url: shown_url(&cfg.nats_url),
+        reason,
+    };
+    let connected = Arc::new(AtomicBool::new(false));
+    let events = connected.clone();
+    let client = tokio::time::timeout(
+        Duration::from_millis(cfg.connect_timeout_ms),
+        async_nats::ConnectOptions::new()
+            .name(format!("confab-{node_id}"))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move { nats_event(&events, event) }
+            })
+            .connect(urls),
+    )
+    .await
+    .map_err(|_| connect_err("timed out".to_owned()))?
+    .map_err(|e| connect_err(e.to_string()))?;
+    // Connected now (the event may come later than this).
+    set_nats_connected(&connected, true);
+    Ok((client, connected))
 }
 
 /// `nats_url` as logs and errors show it: passwords and tokens redacted.

@@ -1,4 +1,4 @@
-//! The engine's [`Link`] and [`Join`], carried out over NATS: each request of the engine
+//! The engine's [`Link`] and [`Join`], carried out over the cluster's transport: each request of the engine
 //! becomes the envelope that carries it (`wire.rs`), bounded or not, and the registries the
 //! inbox (`routing.rs`) delivers through.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix::Addr;
 use confab_actors::admin;
 use confab_actors::arbiter::ForkArbiter;
-use confab_actors::call::leg::{CallLeg, LegMsg, TerminateCause};
+use confab_actors::call::leg::{CallLeg, LegMsg};
 use confab_actors::directory::Directory;
 use confab_actors::endpoint::RemoteFork;
 use confab_actors::link::{
@@ -22,14 +22,53 @@ use confab_actors::settings::Settings;
 use confab_protocol::ServerMsg;
 
 use crate::directory::NatsDirectory;
+use crate::memory::MemoryNetwork;
 use crate::routing::BoundedEnvelope;
+use crate::transport::LossyTransport;
 use crate::wire::{Envelope, WireLegMsg};
 use crate::{Cluster, RESEND_ATTEMPTS};
 
-/// Joins the cluster of the settings' `[cluster]` section over NATS.
-pub struct NatsJoin;
+/// Joins the cluster of the settings' `[cluster]` section over NATS, or (tests) over a
+/// [`MemoryNetwork`]; tests may also have the transport lose envelopes
+/// ([`ClusterJoin::lossy`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterJoin {
+    /// None: NATS, at the settings' `cluster.nats_url`.
+    memory: Option<MemoryNetwork>,
+    lossy: bool,
+}
 
-impl Join for NatsJoin {
+impl ClusterJoin {
+    /// Over NATS, as in production.
+    pub fn nats() -> Self {
+        ClusterJoin::default()
+    }
+
+    /// Tests: over `network`, with the nodes of this process that joined it; no NATS (the
+    /// settings' `cluster.nats_url` is not used).
+    pub fn memory(network: &MemoryNetwork) -> Self {
+        ClusterJoin {
+            memory: Some(network.clone()),
+            lossy: false,
+        }
+    }
+
+    pub(crate) fn memory_network(&self) -> Option<&MemoryNetwork> {
+        self.memory.as_ref()
+    }
+
+    /// Tests: the transport is wrapped in a [`LossyTransport`], which [`lossy`] finds.
+    pub fn lossy(mut self) -> Self {
+        self.lossy = true;
+        self
+    }
+
+    pub(crate) fn is_lossy(&self) -> bool {
+        self.lossy
+    }
+}
+
+impl Join for ClusterJoin {
     fn join(
         &self,
         settings: &Settings,
@@ -38,9 +77,10 @@ impl Join for NatsJoin {
     ) -> LinkFuture<'static, Result<Joined, JoinError>> {
         let cfg = settings.cluster.clone();
         let endpoints_per_user = settings.limits.endpoints_per_user;
+        let join = self.clone();
         Box::pin(async move {
             let cfg = cfg.ok_or("the settings have no [cluster] section")?;
-            let cluster = Cluster::start(&cfg, node_id, presence, endpoints_per_user).await?;
+            let cluster = Cluster::start(&cfg, node_id, presence, endpoints_per_user, join).await?;
             Ok(Joined {
                 node_id: cluster.node_id.clone(),
                 directory: Arc::new(NatsDirectory::new(cluster.clone())) as Arc<dyn Directory>,
@@ -123,22 +163,7 @@ impl Link for Cluster {
             tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
             return true;
         };
-        // What a client's requests drive is bounded; what the node sends on its own (a
-        // sign-out's hang-up, a lost endpoint, a release) must not be lost.
-        let bounded = matches!(
-            wire,
-            WireLegMsg::Message { .. }
-                | WireLegMsg::Ack { .. }
-                | WireLegMsg::Composing { .. }
-                | WireLegMsg::Accept { .. }
-                | WireLegMsg::Decline { .. }
-                | WireLegMsg::Forward { .. }
-                | WireLegMsg::Transfer { .. }
-                | WireLegMsg::Terminate {
-                    cause: TerminateCause::Call,
-                    ..
-                }
-        );
+        let bounded = wire.is_bounded();
         let env = Envelope::Leg {
             call: call.to_owned(),
             reply_node: self.node_id.clone(),
@@ -244,13 +269,31 @@ pub fn of(node: &confab_actors::RunningNode) -> Option<Arc<Cluster>> {
     node.link()?.clone().as_any().downcast::<Cluster>().ok()
 }
 
+/// For tests' hooks: the [`LossyTransport`] of a node started with [`ClusterJoin::lossy`].
+pub fn lossy(node: &confab_actors::RunningNode) -> Option<Arc<LossyTransport>> {
+    of(node)?
+        .transport()
+        .as_any()
+        .downcast::<LossyTransport>()
+        .ok()
+}
+
 /// Starts a node, joining the cluster of its `[cluster]` section over NATS when it has one.
 pub fn spawn_node(
     settings: Settings,
 ) -> Result<confab_actors::RunningNode, confab_actors::NodeError> {
+    spawn_node_with(settings, ClusterJoin::nats())
+}
+
+/// Starts a node, joining the cluster of its `[cluster]` section (if it has one) as `join`
+/// says.
+pub fn spawn_node_with(
+    settings: Settings,
+    join: ClusterJoin,
+) -> Result<confab_actors::RunningNode, confab_actors::NodeError> {
     let join = settings
         .cluster
         .is_some()
-        .then(|| Arc::new(NatsJoin) as Arc<dyn Join>);
+        .then(|| Arc::new(join) as Arc<dyn Join>);
     confab_actors::node::spawn_node_with(settings, join)
 }

@@ -312,9 +312,9 @@ pub(super) fn next_epoch(now_ms: u64, old: u64, above: u64) -> u64 {
         .max(above.saturating_add(1))
 }
 
-pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
-    while let Some(msg) = sub.next().await {
-        let Ok(hb) = rmp_serde::from_slice::<Heartbeat>(&msg.payload) else {
+pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut beats: transport::Messages) {
+    while let Some(payload) = beats.next().await {
+        let Ok(hb) = rmp_serde::from_slice::<Heartbeat>(&payload) else {
             continue;
         };
         if hb.node == cluster.node_id {

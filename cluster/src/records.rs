@@ -3,6 +3,7 @@
 //! presence), and the cluster-wide `endpoints_per_user` checked against both.
 
 use super::*;
+use crate::kv::{Change, ChangeOp, Changes};
 
 impl Cluster {
     /// Reads every record of the bucket into the cache. During a rejoin the watch runs
@@ -26,16 +27,14 @@ impl Cluster {
     pub(super) async fn load_keys(&self, stall: Duration) -> Result<u64, ClusterError> {
         let kv_err = |e: &dyn std::fmt::Display| ClusterError::Kv(e.to_string());
         let stalled = || ClusterError::Kv(format!("no answer within {stall:?}"));
-        let last = tokio::time::timeout(stall, self.kv.stream.get_info())
+        let last = tokio::time::timeout(stall, self.kv.last_revision())
             .await
             .map_err(|_| stalled())?
-            .map_err(|e| kv_err(&e))?
-            .state
-            .last_sequence;
+            .map_err(|e| kv_err(&e))?;
         if last == 0 {
             return Ok(0);
         }
-        let mut records = tokio::time::timeout(stall, self.kv.watch_with_history(">"))
+        let mut records = tokio::time::timeout(stall, self.kv.read_all())
             .await
             .map_err(|_| stalled())?
             .map_err(|e| kv_err(&e))?;
@@ -53,7 +52,7 @@ impl Cluster {
                 .and_then(|d| d.get(&e.key).copied())
                 .is_some_and(|deleted| deleted > e.revision);
             if !deleted_since {
-                self.apply(&e.key, e.operation, &e.value, e.revision);
+                self.apply(&e.key, e.op, &e.value, e.revision);
             }
             self.applied(e.revision);
             if e.revision >= last || e.delta == 0 {
@@ -125,12 +124,12 @@ impl Cluster {
     }
 
     /// Applies one KV change (the entry at `revision`) to the cache and to presence.
-    pub(super) fn apply(&self, key: &str, op: kv::Operation, value: &[u8], revision: u64) {
+    pub(super) fn apply(&self, key: &str, op: ChangeOp, value: &[u8], revision: u64) {
         let Some((user, endpoint)) = wire::parse_key(key) else {
             return;
         };
         match op {
-            kv::Operation::Put => {
+            ChangeOp::Put => {
                 let record: Record = match rmp_serde::from_slice(value) {
                     Ok(r) => r,
                     Err(e) => {
@@ -198,7 +197,7 @@ impl Cluster {
                     self.enforce_limit(&user_key);
                 }
             }
-            kv::Operation::Delete | kv::Operation::Purge => {
+            ChangeOp::Delete => {
                 if let Some(deleted) = lock(&self.loading).as_mut() {
                     deleted.insert(key.to_owned(), revision);
                 }
@@ -312,9 +311,9 @@ pub(super) fn to_publication(p: &wire::PublicationRecord) -> Publication {
 /// consumer lived on a NATS server that went away: "missed idle heartbeat"), ends, or stalls
 /// (see [`watch_guard_loop`]) is made again, and the records are read afresh so that nothing
 /// changed meanwhile is missed; until then the directory counts as degraded.
-pub(super) async fn watch_loop(cluster: Arc<Cluster>, mut watch: kv::Watch) {
+pub(super) async fn watch_loop(cluster: Arc<Cluster>, mut watch: Changes) {
     // Tests only (`Cluster::hold_watch`): other nodes' changes held back, in order.
-    let mut held_back: VecDeque<kv::Entry> = VecDeque::new();
+    let mut held_back: VecDeque<Change> = VecDeque::new();
     let mut held = cluster.watch_held.subscribe();
     loop {
         if !*held.borrow() {
@@ -381,11 +380,10 @@ pub(super) async fn watch_guard_loop(cluster: Arc<Cluster>) {
             last_seen = None;
             continue;
         }
-        last_seen = tokio::time::timeout(cluster.timeout / 3, cluster.kv.stream.get_info())
+        last_seen = tokio::time::timeout(cluster.timeout / 3, cluster.kv.last_revision())
             .await
             .ok()
-            .and_then(Result::ok)
-            .map(|info| info.state.last_sequence);
+            .and_then(Result::ok);
         // The watch gets a whole round from the read on.
         tick.reset();
     }
@@ -393,8 +391,8 @@ pub(super) async fn watch_guard_loop(cluster: Arc<Cluster>) {
 
 impl Cluster {
     /// Applies one change the watch delivered and notes its revision applied.
-    fn apply_entry(&self, e: &kv::Entry) {
-        self.apply(&e.key, e.operation, &e.value, e.revision);
+    fn apply_entry(&self, e: &Change) {
+        self.apply(&e.key, e.op, &e.value, e.revision);
         self.applied(e.revision);
     }
 
@@ -411,14 +409,14 @@ impl Cluster {
     /// work. The new watch's changes wait (in order) while the records are read; those the
     /// read covered are skipped (`watch_read_upto`), so a record the read saw deleted cannot
     /// come back from an older change the watch delivers late.
-    async fn renew_watch(&self, watch: &mut kv::Watch) {
+    async fn renew_watch(&self, watch: &mut Changes) {
         self.watch_failing.store(true, Ordering::Relaxed);
         let mut failures = 0u32;
         loop {
             // Each step bounded by a second: JetStream may place the new consumer on the
             // server that died until it counts that server out, and then never answers; the
             // next attempt may be placed elsewhere.
-            let renewed = match tokio::time::timeout(RENEW_STALL, self.kv.watch_all()).await {
+            let renewed = match tokio::time::timeout(RENEW_STALL, self.kv.watch()).await {
                 Ok(Ok(w)) => self.load_keys(RENEW_STALL).await.map(|last| (w, last)),
                 Ok(Err(e)) => Err(ClusterError::Kv(e.to_string())),
                 Err(_) => Err(ClusterError::Kv(format!("no watch within {RENEW_STALL:?}"))),

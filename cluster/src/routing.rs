@@ -1,15 +1,13 @@
-//! Envelopes between nodes: publishing them (one task and one NATS connection, so envelopes
-//! from this node to another arrive in the order sent), the bound on those clients' requests
+//! Envelopes between nodes: publishing them (one task and one transport, so envelopes from
+//! this node to another arrive in the order sent; see `transport/`), the bound on those clients' requests
 //! drive ([`super::quota`]), and delivering received ones to the actors they address.
 
 use super::*;
+use crate::transport::Messages;
 
 impl Cluster {
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
-        if self.lose_armed.load(Ordering::Relaxed) && self.lose_this(env) {
-            return;
-        }
         if let Some(payload) = encode(env) {
             self.publish(Outgoing::Publish(node_subject(node), payload));
         }
@@ -21,53 +19,6 @@ impl Cluster {
     pub fn send_bounded(&self, node: &str, env: &Envelope) -> bool {
         self.reserve_bounded(node, env)
             .is_some_and(BoundedEnvelope::send)
-    }
-
-    /// Tests ([`Cluster::lose_next`]): whether `env` is to be lost on the way.
-    pub(super) fn lose_this(&self, env: &Envelope) -> bool {
-        let kind = match env {
-            Envelope::ForkAdopted { .. } => Lose::ForkAdopted,
-            Envelope::LegEnded { .. } => Lose::LegEnded,
-            Envelope::Leg {
-                msg: WireLegMsg::EndpointLost,
-                ..
-            } => Lose::EndpointLost,
-            Envelope::Leg {
-                msg: WireLegMsg::Release,
-                ..
-            } => Lose::Release,
-            Envelope::EventsSeen { .. } => Lose::EventsSeen,
-            Envelope::Event { frame, .. }
-                if matches!(
-                    decode_server(frame),
-                    Ok(ServerMsg::MessageDelivered { .. } | ServerMsg::MessageFailed { .. })
-                ) =>
-            {
-                Lose::MessageAnswer
-            }
-            Envelope::Event { frame, .. }
-                if matches!(decode_server(frame), Ok(ServerMsg::CallState { .. })) =>
-            {
-                Lose::CallState
-            }
-            _ => return false,
-        };
-        let mut next = lock(&self.lose_next);
-        let Some(i) = next.iter().position(|k| *k == kind) else {
-            return false;
-        };
-        next.remove(i);
-        self.lose_armed.store(!next.is_empty(), Ordering::SeqCst);
-        true
-    }
-
-    /// Tests ([`Cluster::lose_bounded_envelopes`]): whether the envelope about to go is lost.
-    pub(super) fn lose_this_bounded(&self) -> bool {
-        self.lose_bounded.load(Ordering::Relaxed) > 0
-            && self
-                .lose_bounded
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
     }
 
     /// Takes the place of a bounded envelope without sending it yet, for a sender that must
@@ -135,11 +86,7 @@ impl Cluster {
         if let Some(seq) = seq {
             self.send_state_event(node, call, seq, &env);
             true
-        } else if matches!(
-            msg,
-            ServerMsg::MessageReceived { toast: None, .. }
-                | ServerMsg::RemoteComposing { active: true, .. }
-        ) {
+        } else if is_bounded_event(msg) {
             self.send_bounded(node, &env)
         } else {
             self.send(node, &env);
@@ -367,11 +314,6 @@ impl BoundedEnvelope<'_> {
             return false;
         };
         let len = payload.len();
-        if self.cluster.lose_this_bounded() {
-            // Lost on the way, as core NATS may lose it: the sender believes it sent.
-            self.cluster.quota.release(len);
-            return true;
-        }
         let sent = self.cluster.publish(Outgoing::Bounded(
             std::mem::take(&mut self.subject),
             payload,
@@ -391,8 +333,21 @@ impl Drop for BoundedEnvelope<'_> {
     }
 }
 
+/// What every node's inbox subject starts with.
+pub(crate) const NODE_SUBJECT_PREFIX: &str = "confab.node.";
+
 pub(super) fn node_subject(node: &str) -> String {
-    format!("confab.node.{node}")
+    format!("{NODE_SUBJECT_PREFIX}{node}")
+}
+
+/// Whether a leg's event for a client is driven by the other client's flow, and so bounded
+/// (see [`Cluster::send_event`]).
+pub(crate) fn is_bounded_event(msg: &ServerMsg) -> bool {
+    matches!(
+        msg,
+        ServerMsg::MessageReceived { toast: None, .. }
+            | ServerMsg::RemoteComposing { active: true, .. }
+    )
 }
 
 pub(super) fn encode(env: &Envelope) -> Option<Bytes> {
@@ -406,38 +361,38 @@ pub(super) fn encode(env: &Envelope) -> Option<Bytes> {
 }
 
 pub(super) async fn publish_loop(
-    client: async_nats::Client,
+    transport: Arc<dyn Transport>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     quota: Arc<EnvelopeQuota>,
 ) {
     while let Some(out) = rx.recv().await {
         match out {
             Outgoing::Publish(subject, payload) => {
-                if let Err(e) = client.publish(subject, payload).await {
-                    tracing::warn!(error = %e, "cannot publish to NATS");
+                if let Err(e) = transport.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to the other nodes");
                 }
             }
             Outgoing::Bounded(subject, payload) => {
                 let len = payload.len();
-                if let Err(e) = client.publish(subject, payload).await {
-                    tracing::warn!(error = %e, "cannot publish to NATS");
+                if let Err(e) = transport.publish(subject, payload).await {
+                    tracing::warn!(error = %e, "cannot publish to the other nodes");
                 }
                 quota.release(len);
             }
             Outgoing::Flush(done) => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), transport.flush()).await;
                 let _ = done.send(());
             }
         }
     }
 }
 
-pub(super) async fn inbox_loop(cluster: Arc<Cluster>, mut sub: async_nats::Subscriber) {
-    while let Some(msg) = sub.next().await {
-        match rmp_serde::from_slice::<Envelope>(&msg.payload) {
+pub(super) async fn inbox_loop(cluster: Arc<Cluster>, mut inbox: Messages) {
+    while let Some(payload) = inbox.next().await {
+        match rmp_serde::from_slice::<Envelope>(&payload) {
             Ok(env) => cluster.route(env),
             Err(e) => tracing::warn!(error = %e, "dropping an unreadable envelope"),
         }
     }
-    tracing::error!("the NATS inbox subscription ended");
+    tracing::error!("the inbox subscription ended");
 }

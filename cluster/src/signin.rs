@@ -138,7 +138,7 @@ impl Cluster {
             return;
         }
         let caught_up = async {
-            let last = self.kv.stream.get_info().await.ok()?.state.last_sequence;
+            let last = self.kv.last_revision().await.ok()?;
             let mut applied = self.applied_revision.subscribe();
             applied.wait_for(|r| *r >= last).await.ok().map(|_| ())
         };

@@ -161,6 +161,26 @@ pub enum WireLegMsg {
 }
 
 impl WireLegMsg {
+    /// Whether a client's requests drive it: such a leg message is bounded (see
+    /// `quota.rs`); what the node sends on its own (a sign-out's hang-up, a lost endpoint, a
+    /// release) must not be lost.
+    pub fn is_bounded(&self) -> bool {
+        matches!(
+            self,
+            WireLegMsg::Message { .. }
+                | WireLegMsg::Ack { .. }
+                | WireLegMsg::Composing { .. }
+                | WireLegMsg::Accept { .. }
+                | WireLegMsg::Decline { .. }
+                | WireLegMsg::Forward { .. }
+                | WireLegMsg::Transfer { .. }
+                | WireLegMsg::Terminate {
+                    cause: TerminateCause::Call,
+                    ..
+                }
+        )
+    }
+
     pub fn from_leg_msg(m: LegMsg) -> Option<Self> {
         Some(match m {
             LegMsg::Accept { rid, sdp } => WireLegMsg::Accept { rid, sdp },

@@ -6,7 +6,7 @@
 //! every key ends at its last write and the book holds at most one write per key, whatever the
 //! length of the outage.
 
-use async_nats::jetstream::kv;
+use crate::kv::Bucket;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub(super) enum KvOp {
 
 /// Why a write did not land.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum WriteError {
+pub(crate) enum WriteError {
     /// NATS away, JetStream not answering, a timeout: worth another attempt.
     #[error("{0}")]
     Transient(String),
@@ -39,7 +39,7 @@ pub(super) enum WriteError {
     Permanent(String),
 }
 
-/// Where the writes go: the KV bucket, or a stand-in in the tests.
+/// Where the writes go: the directory's [`Bucket`], or a stand-in in the tests.
 pub(super) trait DirectoryStore: Send + Sync + 'static {
     /// Puts `value` at `key`; the revision it landed at.
     fn put(&self, key: &str, value: Bytes) -> impl Future<Output = Result<u64, WriteError>> + Send;
@@ -52,26 +52,13 @@ pub(super) trait DirectoryStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), WriteError>> + Send;
 }
 
-impl DirectoryStore for kv::Store {
+impl DirectoryStore for Arc<dyn Bucket> {
     async fn put(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
-        match kv::Store::put(self, key, value).await {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == kv::PutErrorKind::InvalidKey => {
-                Err(WriteError::Permanent(e.to_string()))
-            }
-            Err(e) => Err(WriteError::Transient(e.to_string())),
-        }
+        Bucket::put(&**self, key, value).await
     }
 
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), WriteError> {
-        match self.delete_expect_revision(key, revision).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
-            Err(e) if e.kind() == kv::UpdateErrorKind::InvalidKey => {
-                Err(WriteError::Permanent(e.to_string()))
-            }
-            Err(e) => Err(WriteError::Transient(e.to_string())),
-        }
+        Bucket::delete(&**self, key, revision).await
     }
 }
 

@@ -890,7 +890,23 @@ pub fn start_cluster_node(
 ) -> RunningNode {
     let mut s = cluster_settings(nats, node_id);
     tweak(&mut s);
-    spawn_node(s).expect("cluster node starts")
+    // Lossy: the tests of envelopes lost on the way arm it (`confab_cluster::lossy`).
+    confab_cluster::spawn_node_with(s, confab_cluster::ClusterJoin::nats().lossy())
+        .expect("cluster node starts")
+}
+
+/// Starts a cluster node named `node_id` on the in-memory `network`, with the nodes of this
+/// process that joined it: no NATS. Its transport is lossy, as [`start_cluster_node`]'s is.
+pub fn start_memory_node(
+    network: &confab_cluster::memory::MemoryNetwork,
+    node_id: &str,
+    tweak: impl FnOnce(&mut Settings),
+) -> RunningNode {
+    // The URL is not used: the node joins `network`.
+    let mut s = cluster_settings_on("memory".to_owned(), node_id);
+    tweak(&mut s);
+    confab_cluster::spawn_node_with(s, confab_cluster::ClusterJoin::memory(network).lossy())
+        .expect("in-memory cluster node starts")
 }
 
 /// Polls `check` every 10 ms until it passes (`Ok`); panics with its last complaint after
@@ -920,6 +936,88 @@ pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
         }
     })
     .await;
+}
+
+/// Waits until no leg on `node` serves an endpoint on another node: each ended leg has been
+/// released by its endpoint.
+pub async fn wait_for_no_remote_legs(node: &RunningNode) {
+    let cluster = confab_cluster::of(node).expect("a cluster node");
+    wait_until(|| match cluster.legs.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} ended legs on {} are never released",
+            cluster.node_id
+        )),
+    })
+    .await;
+}
+
+/// Waits until no leg on `node` holds state events another node has not acknowledged.
+pub async fn wait_for_state_events_acknowledged(node: &RunningNode) {
+    let cluster = confab_cluster::of(node).expect("a cluster node");
+    wait_until(|| match cluster.unseen_events_len() {
+        0 => Ok(()),
+        n => Err(format!("{n} legs' state events never acknowledged")),
+    })
+    .await;
+}
+
+/// The `call_state` events among `frames`, as (previous, state).
+pub fn call_states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
+    frames
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::CallState {
+                previous, state, ..
+            } => Some((*previous, *state)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The callee's `call_state` events among `frames` are its accepted call's set-up, in
+/// order, each once: `establishing`, then `established`.
+pub fn assert_set_up_in_order(frames: &[ServerMsg]) {
+    assert_eq!(
+        call_states(frames),
+        vec![
+            (CallState::Incoming, CallState::Establishing),
+            (CallState::Establishing, CallState::Established),
+        ],
+        "{frames:?}"
+    );
+}
+
+/// Waits until `node` has heard from `peer`'s heartbeats that it acknowledges numbered state
+/// events (so `node` numbers and resends the ones it sends there).
+pub async fn wait_for_acks_events(node: &RunningNode, peer: &str) {
+    let cluster = confab_cluster::of(node).expect("a cluster node");
+    wait_until(|| match cluster.acks_events(peer) {
+        true => Ok(()),
+        false => Err(format!(
+            "{} never heard that {peer} acknowledges state events",
+            cluster.node_id
+        )),
+    })
+    .await;
+}
+
+/// `caller` terminates its leg `call`; the callee's leg `incoming` ends "Terminated remotely".
+pub async fn hang_up(caller: &mut Raw, call: &str, callee: &mut Raw, incoming: &str) {
+    let reply = caller
+        .request(ClientMsg::CallTerminate {
+            rid: None,
+            call: call.to_owned(),
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    assert_eq!(
+        callee.state(incoming, CallState::Terminated).await,
+        Some(Reason::new(200, "Terminated remotely")),
+        "{} {}",
+        callee.user,
+        callee.endpoint
+    );
 }
 
 /// A one-shot HTTP/1.0 GET (the operations port, Prometheus): (status, head, body), or the

@@ -786,9 +786,9 @@ async fn a_fork_offered_to_an_endpoint_already_shutting_down_is_declined_with_50
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (_alice, mut bob, _call, incoming) = alice_calls_bob(&a, &b).await;
     let mut carol = Raw::sign_in(a.addr, CAROL, "phone").await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
+    let lossy = confab_cluster::lossy(&a).expect("a lossy transport");
     for _ in 0..3 {
-        cluster.lose_next(Lose::LegEnded);
+        lossy.lose_next(Lose::LegEnded);
     }
     let stopping = tokio::task::spawn_blocking(move || b.shutdown());
     // Bob's call has ended (its events came), and his endpoint waits for the leg's end.
@@ -1187,18 +1187,6 @@ async fn alice_calls_bob(a: &RunningNode, b: &RunningNode) -> (Raw, Raw, String,
     (alice, bob, call, incoming)
 }
 
-/// Alice terminates her leg `call`; Bob's leg `incoming` ends "Terminated remotely".
-async fn alice_hangs_up(alice: &mut Raw, call: &str, bob: &mut Raw, incoming: &str) {
-    let reply = alice
-        .request(ClientMsg::CallTerminate {
-            rid: None,
-            call: call.to_owned(),
-        })
-        .await;
-    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
-    expect_reason(bob, incoming, 200, "Terminated remotely").await;
-}
-
 /// Bob's message on his leg `incoming` reaches Alice on her leg `call`, and her ack comes back
 /// to Bob as `message_delivered`: the call still carries messages.
 async fn a_message_still_flows(bob: &mut Raw, incoming: &str, alice: &mut Raw, call: &str) {
@@ -1236,8 +1224,8 @@ async fn losing_bobs_next_envelope(
     let a = start_cluster_node(&nats, "node-a", tune);
     let b = start_cluster_node(&nats, "node-b", tune);
     let (alice, bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     (nats, a, b, alice, bob, call, incoming)
 }
@@ -1278,8 +1266,8 @@ async fn alice_on_a_bob_on_b() -> (NatsServer, RunningNode, RunningNode, Raw, Ra
 async fn forks_to_bob_losing_the_next_adoption() -> (NatsServer, RunningNode, RunningNode, Raw, Raw)
 {
     let (nats, a, b, alice, bob) = alice_on_a_bob_on_b().await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::ForkAdopted);
     (nats, a, b, alice, bob)
 }
@@ -1331,8 +1319,8 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     let mut desk = Raw::sign_in(b.addr, BOB, "desk").await;
     let mut phone = Raw::sign_in(a.addr, BOB, "phone").await;
     wait_for_endpoints(&a, BOB, 2).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::ForkAdopted);
     let (call, _) = alice.establish(BOB, None).await;
     let (on_desk, _) = desk.incoming().await;
@@ -1344,8 +1332,8 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
     alice.state(&call, CallState::Established).await;
     expect_reason(&mut desk, &on_desk, 200, "Call completed elsewhere").await;
     assert_eq!(
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_pending(),
         0,
         "the adoption was not lost"
@@ -1360,7 +1348,9 @@ async fn a_fork_whose_adoption_was_lost_is_taken_down_when_another_device_answer
 async fn a_fork_whose_offer_was_lost_leaves_no_leg_behind() {
     let (nats, a, b, mut alice, _bob) = alice_on_a_bob_on_b().await;
     let cluster = confab_cluster::of(&a).expect("a cluster node");
-    cluster.lose_bounded_envelopes(1);
+    confab_cluster::lossy(&a)
+        .expect("a lossy transport")
+        .lose_bounded_envelopes(1);
     let (call, _) = alice.establish(BOB, None).await;
     expect_reason(&mut alice, &call, 480, "Temporarily Unavailable").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1390,8 +1380,8 @@ async fn an_accept_still_waiting_when_another_device_wins_gets_answered_elsewher
     let (on_desk, _) = desk.incoming().await;
     let (on_phone, _) = phone.incoming().await;
 
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     let lost = desk.rid();
     desk.send(&ClientMsg::CallAccept {
@@ -1474,7 +1464,7 @@ async fn a_call_request_lost_between_nodes_before_the_call_ends_is_answered_once
     .await;
     // Bob's node has handled the request (and lost it) once it answers a ping sent after it.
     bob.ping().await;
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
         .await;
@@ -1508,8 +1498,8 @@ async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_ow
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, first, first_incoming) = alice_calls_bob(&a, &b).await;
     let (second, second_incoming) = answered_call(&mut alice, &mut bob, BOB).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_bounded_envelopes(1);
     let rid = bob.rid();
     // Lost on the way (the next envelope Bob's node sends).
@@ -1531,7 +1521,7 @@ async fn answers_to_requests_with_one_rid_on_two_remote_calls_settle_each_its_ow
     assert!(matches!(&m, ServerMsg::Ok { rid: r } if *r == rid), "{m:?}");
     expect_reason(&mut alice, &second, 200, "Terminated remotely").await;
 
-    alice_hangs_up(&mut alice, &first, &mut bob, &first_incoming).await;
+    hang_up(&mut alice, &first, &mut bob, &first_incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::Error { .. } | ServerMsg::Ok { .. }))
         .await;
@@ -1561,7 +1551,7 @@ async fn a_message_lost_between_nodes_before_the_call_ends_gets_481() {
     let lost = send_message(&mut bob, &incoming, "lost").await;
     // Bob's node has handled the message (and lost it) once it answers a request sent after it.
     bob.ping().await;
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     let (m, _) = bob
         .recv_until(|m| matches!(m, ServerMsg::MessageFailed { .. }))
         .await;
@@ -1662,20 +1652,6 @@ async fn requests_for_another_node_over_the_queue_limit_are_refused_at_once() {
     drop((a, b, nats));
 }
 
-/// Waits until no leg on `node` serves an endpoint on another node: each ended leg has been
-/// released by its endpoint.
-async fn wait_for_no_remote_legs(node: &RunningNode) {
-    let cluster = confab_cluster::of(node).expect("a cluster node");
-    wait_until(|| match cluster.legs.len() {
-        0 => Ok(()),
-        n => Err(format!(
-            "{n} ended legs on {} are never released",
-            cluster.node_id
-        )),
-    })
-    .await;
-}
-
 /// Alice on node A hangs up a call with Bob on node B, and the leg's end that Bob's leg (on
 /// A, the arbiter's node) reports to his endpoint is lost on the way. The leg reports it again
 /// until his endpoint releases it, so it does not stay on A for good.
@@ -1685,10 +1661,10 @@ async fn a_leg_end_lost_between_nodes_is_reported_again_until_released() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&a)
-        .expect("a cluster node")
+    confab_cluster::lossy(&a)
+        .expect("a lossy transport")
         .lose_next(Lose::LegEnded);
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }
@@ -1701,10 +1677,10 @@ async fn a_release_lost_between_nodes_is_sent_again_when_the_end_is() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    confab_cluster::of(&b)
-        .expect("a cluster node")
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
         .lose_next(Lose::Release);
-    alice_hangs_up(&mut alice, &call, &mut bob, &incoming).await;
+    hang_up(&mut alice, &call, &mut bob, &incoming).await;
     wait_for_no_remote_legs(&a).await;
     drop((a, b, nats));
 }
@@ -1719,7 +1695,9 @@ async fn an_endpoint_loss_lost_between_nodes_is_sent_again_until_the_leg_ends() 
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, bob, call, _incoming) = alice_calls_bob(&a, &b).await;
     let b_cluster = confab_cluster::of(&b).expect("a cluster node");
-    b_cluster.lose_next(Lose::EndpointLost);
+    confab_cluster::lossy(&b)
+        .expect("a lossy transport")
+        .lose_next(Lose::EndpointLost);
     drop(bob);
     let reason = alice.state(&call, CallState::Terminated).await;
     assert_eq!(
@@ -1748,9 +1726,13 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     let a = start_cluster_node(&nats, "node-a", |_| {});
     let b = start_cluster_node(&nats, "node-b", |_| {});
     let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
-    cluster.lose_next(Lose::CallState);
-    cluster.lose_next(Lose::CallState);
+    // The set-up's events have all arrived, and none is waiting to be sent again: the next
+    // two `call_state` events A publishes for Bob are his leg's last.
+    bob.state(&incoming, CallState::Established).await;
+    wait_for_state_events_acknowledged(&a).await;
+    let lossy = confab_cluster::lossy(&a).expect("a lossy transport");
+    lossy.lose_next(Lose::CallState);
+    lossy.lose_next(Lose::CallState);
     let reply = alice
         .request(ClientMsg::CallTerminate {
             rid: None,
@@ -1779,16 +1761,6 @@ async fn a_calls_last_events_lost_between_nodes_still_reach_the_client() {
     drop((a, b, nats));
 }
 
-/// Waits until no leg on `node` holds state events another node has not acknowledged.
-async fn wait_for_state_events_acknowledged(node: &RunningNode) {
-    let cluster = confab_cluster::of(node).expect("a cluster node");
-    wait_until(|| match cluster.unseen_events_len() {
-        0 => Ok(()),
-        n => Err(format!("{n} legs' state events never acknowledged")),
-    })
-    .await;
-}
-
 /// Alice on node A calls Bob on node B (his leg lives on A); from the moment Bob accepts, A
 /// loses the next envelopes of the kinds in `on_a`, and B those in `on_b`. Returns Bob's
 /// frames from his accept's `ok` up to his leg's `established`, that one included, with the
@@ -1811,22 +1783,17 @@ async fn bob_accepts_losing(
     let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
     let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
     wait_for_endpoints(&a, BOB, 1).await;
-    let cluster = confab_cluster::of(&a).expect("a cluster node");
-    wait_until(|| match cluster.acks_events("node-b") {
-        true => Ok(()),
-        false => Err("node-a never heard that node-b acknowledges state events".into()),
-    })
-    .await;
+    wait_for_acks_events(&a, "node-b").await;
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
     for kind in on_a {
-        confab_cluster::of(&a)
-            .expect("a cluster node")
+        confab_cluster::lossy(&a)
+            .expect("a lossy transport")
             .lose_next(*kind);
     }
     for kind in on_b {
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_next(*kind);
     }
     assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
@@ -1838,19 +1805,6 @@ async fn bob_accepts_losing(
     (nats, a, b, alice, bob, incoming, frames)
 }
 
-/// The `call_state` events among `frames`, as (previous, state).
-fn states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
-    frames
-        .iter()
-        .filter_map(|m| match m {
-            ServerMsg::CallState {
-                previous, state, ..
-            } => Some((*previous, *state)),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A call's state event lost between the nodes reaches the client anyway, and in order: Bob's
 /// leg (on A) sends `establishing`, then `established`; A loses the first. B drops the second
 /// (it comes after a gap), and A sends both again since B has not acknowledged them.
@@ -1858,16 +1812,15 @@ fn states(frames: &[ServerMsg]) -> Vec<(CallState, CallState)> {
 async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
     let (nats, a, b, _alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[Lose::CallState], &[]).await;
-    assert_eq!(
-        states(&frames),
-        vec![
-            (CallState::Incoming, CallState::Establishing),
-            (CallState::Establishing, CallState::Established),
-        ],
-        "{frames:?}"
-    );
+    assert_set_up_in_order(&frames);
     let cluster = confab_cluster::of(&a).expect("a cluster node");
-    assert_eq!(cluster.lose_pending(), 0, "the event was not lost");
+    assert_eq!(
+        confab_cluster::lossy(&a)
+            .expect("a lossy transport")
+            .lose_pending(),
+        0,
+        "the event was not lost"
+    );
     assert!(cluster.events_resent() > 0, "nothing was sent again");
     // Then `call_established` (it came after the gap too), once.
     let m = bob.recv().await;
@@ -1888,14 +1841,7 @@ async fn a_calls_state_event_lost_between_nodes_is_sent_again_in_order() {
 async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     let (nats, a, b, _alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[], &[Lose::EventsSeen, Lose::EventsSeen]).await;
-    assert_eq!(
-        states(&frames),
-        vec![
-            (CallState::Incoming, CallState::Establishing),
-            (CallState::Establishing, CallState::Established),
-        ],
-        "{frames:?}"
-    );
+    assert_set_up_in_order(&frames);
     let m = bob.recv().await;
     assert!(
         matches!(&m, ServerMsg::CallEstablished { call, .. } if *call == incoming),
@@ -1906,8 +1852,8 @@ async fn a_lost_acknowledgement_of_state_events_passes_nothing_on_twice() {
     let cluster = confab_cluster::of(&a).expect("a cluster node");
     wait_for_state_events_acknowledged(&a).await;
     assert_eq!(
-        confab_cluster::of(&b)
-            .expect("a cluster node")
+        confab_cluster::lossy(&b)
+            .expect("a lossy transport")
             .lose_pending(),
         0,
         "the acknowledgements were not lost"
@@ -1927,7 +1873,7 @@ async fn state_events_never_acknowledged_end_the_call_on_both_sides() {
     let (nats, a, b, mut alice, mut bob, incoming, frames) =
         bob_accepts_losing(&[], &[Lose::EventsSeen; 20]).await;
     assert_eq!(
-        states(&frames).last(),
+        call_states(&frames).last(),
         Some(&(CallState::Establishing, CallState::Established))
     );
     // 8 resends about every two thirds of the node timeout (2 s): some 11 s.

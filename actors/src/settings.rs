@@ -679,6 +679,11 @@ const COMPOSING_REFRESH_MS: u64 = 5_000;
 /// busy NATS server's ordinary delays would declare live nodes dead.
 pub const MIN_NODE_TIMEOUT_MS: u64 = 100;
 
+/// `cluster.node_timeout_ms` when unset: a killed node is declared dead 0.8 to 1.6 s after its
+/// last heartbeat (one every 400 ms), and a heartbeat must be 800 ms late before a live one is.
+/// Under the cluster benchmark's full load no live node was declared dead (BENCHMARKS.md).
+pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 1200;
+
 /// The defaults as TOML, with a `[cluster]` section whose every key is present, so that an
 /// environment value for any key takes that key's type (the real defaults have no cluster).
 fn typed_defaults() -> toml::Table {

@@ -325,7 +325,7 @@ impl Cluster {
             epoch: AtomicU64::new(epoch),
             timeout: Duration::from_millis(
                 cfg.node_timeout_ms
-                    .unwrap_or(3000)
+                    .unwrap_or(confab_actors::settings::DEFAULT_NODE_TIMEOUT_MS)
                     .max(confab_actors::settings::MIN_NODE_TIMEOUT_MS),
             ),
             kv: kv.clone(),

@@ -670,9 +670,14 @@ async fn accept_loop(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; refusing a connection");
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
-            if kind == Listener::Clients {
-                actix_rt::spawn(refuse_overloaded(stream));
-            }
+            match kind {
+                Listener::Clients => actix_rt::spawn(refuse_overloaded(stream)),
+                Listener::WebSocket if ctx.tls.is_none() => {
+                    actix_rt::spawn(crate::websocket::refuse_overloaded(stream))
+                }
+                // Nothing can be said before a TLS handshake: the connection just closes.
+                Listener::WebSocket => continue,
+            };
             continue;
         };
         actix_rt::spawn(crate::session::run(

@@ -252,6 +252,17 @@ async fn each_bad_upgrade_gets_its_http_status_and_is_counted() {
 }
 
 #[tokio::test]
+async fn an_upgrade_over_max_connections_gets_503() {
+    let node = ws_node(&[], |s| s.server.max_connections = 1);
+    let mut bob = Raw::sign_in_ws(ws_addr(&node), BOB, "browser").await;
+    bob.ping().await;
+    let (status, head, _) = http_request(ws_addr(&node), "GET", "/confab", &[], None).await;
+    assert_eq!(status, 503, "{head}");
+    // The connection that holds the slot is untouched.
+    bob.ping().await;
+}
+
+#[tokio::test]
 async fn a_text_message_is_closed_with_1003_and_counted() {
     let node = ws_node(&[], |_| {});
     let before = rejections(&node, "text_message").await;

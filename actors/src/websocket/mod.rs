@@ -9,4 +9,4 @@ mod pages;
 mod upgrade;
 
 pub use messages::{WsFrames, WsWriter, close};
-pub use upgrade::{SUBPROTOCOL, accept, rejection_labels};
+pub use upgrade::{SUBPROTOCOL, accept, refuse_overloaded, rejection_labels};

@@ -252,6 +252,37 @@ async fn each_bad_upgrade_gets_its_http_status_and_is_counted() {
 }
 
 #[tokio::test]
+async fn a_silent_websocket_client_is_dropped_after_three_heartbeats_like_tcp() {
+    let node = ws_node(&[], |s| s.server.heartbeat_ms = 200);
+    let mut alice = Raw::sign_in(node.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in_ws(ws_addr(&node), BOB, "browser").await;
+    let (call, _) = alice.establish(BOB, None).await;
+    let (incoming, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
+    // Bob's last frame was his accept: from here he is silent, Alice keeps pinging.
+    let silent_since = std::time::Instant::now();
+    let ended = loop {
+        assert!(
+            silent_since.elapsed() < EVENT_TIMEOUT,
+            "Bob was never dropped"
+        );
+        alice.send(&ClientMsg::Ping { rid: None }).await;
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+        let terminated = |m: &ServerMsg| matches!(m, ServerMsg::CallState { call: c, state: CallState::Terminated, .. } if *c == call);
+        if let Ok(m) = alice.try_recv_until(soon, terminated).await {
+            break m;
+        }
+    };
+    assert!(silent_since.elapsed() >= std::time::Duration::from_millis(600));
+    assert!(
+        matches!(&ended, ServerMsg::CallState { reason: Some(r), .. } if r.code == 408),
+        "{ended:?}"
+    );
+    bob.expect_closed().await;
+    assert_eq!(bob.closed_with(), Some(1000));
+}
+
+#[tokio::test]
 async fn an_upgrade_over_max_connections_gets_503() {
     let node = ws_node(&[], |s| s.server.max_connections = 1);
     let mut bob = Raw::sign_in_ws(ws_addr(&node), BOB, "browser").await;

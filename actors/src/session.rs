@@ -174,9 +174,11 @@ pub async fn run(
             conn.serve(frames, wr, permit).await;
         }
         Listener::WebSocket => {
+            // Boxed: the upgrade's state (its read buffer) would otherwise be part of every
+            // TCP sign-in's future too.
             let upgraded = tokio::time::timeout_at(
                 deadline,
-                crate::websocket::accept(stream, &conn.ctx, peer),
+                Box::pin(crate::websocket::accept(stream, &conn.ctx, peer)),
             )
             .await;
             match upgraded {

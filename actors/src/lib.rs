@@ -28,6 +28,7 @@ pub mod session;
 pub mod settings;
 pub mod tls;
 pub mod transport;
+pub mod websocket;
 
 pub use node::{NodeError, RunningNode, spawn_node};
 pub use settings::Settings;

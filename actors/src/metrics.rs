@@ -41,6 +41,8 @@ pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded"
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
 pub const ADMIN_REQUESTS: &str = "confab_admin_requests_total";
 pub const SESSIONS_KICKED: &str = "confab_sessions_kicked_total";
+pub const WEBSOCKET_UPGRADES: &str = "confab_websocket_upgrades_total";
+pub const WEBSOCKET_REJECTIONS: &str = "confab_websocket_rejections_total";
 
 /// Label values of `result` in [`ADMIN_REQUESTS`].
 pub const ADMIN_RESULTS: &[&str] = &["ok", "unauthorized", "bad_request", "not_found", "conflict"];
@@ -149,10 +151,27 @@ pub fn describe_all() {
         metrics::counter!(ADMIN_REQUESTS, "result" => *result).absolute(0);
     }
     metrics::counter!(SESSIONS_KICKED).absolute(0);
+    describe_counter!(
+        WEBSOCKET_UPGRADES,
+        "Connections upgraded to a WebSocket on the [server.websocket] listener"
+    );
+    describe_counter!(
+        WEBSOCKET_REJECTIONS,
+        "WebSocket requests and connections refused, by reason (origin: 403; bad_request: 400; \
+         upgrade_required, version: 426; not_found: 404; method: 405; text_message: close \
+         1003; too_large: close 1009; empty: close 1007; protocol: close 1002)"
+    );
+    metrics::counter!(WEBSOCKET_UPGRADES).absolute(0);
+    for reason in crate::websocket::rejection_labels() {
+        metrics::counter!(WEBSOCKET_REJECTIONS, "reason" => reason).absolute(0);
+    }
     process().describe();
     process().collect();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(CONNECTIONS, "Open client TCP connections");
+    describe_gauge!(
+        CONNECTIONS,
+        "Open client connections (TCP, TLS and WebSocket)"
+    );
     describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted");
     describe_counter!(CONNECTIONS_REJECTED, "Connections refused, by reason");
     describe_gauge!(ENDPOINTS, "Signed-in endpoints");

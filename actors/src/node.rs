@@ -19,6 +19,7 @@ use crate::metrics as m;
 use crate::presence::PresenceShards;
 use crate::presence::rank::Thresholds;
 use crate::reload::Reloadables;
+use crate::session::Listener;
 use crate::settings::Settings;
 use crate::tls::ServerTls;
 
@@ -52,6 +53,8 @@ type Ready = Result<(String, Arc<dyn Directory>, Option<Arc<dyn Link>>), JoinErr
 /// A node running on its own threads. Dropping it shuts it down gracefully.
 pub struct RunningNode {
     pub addr: SocketAddr,
+    /// The WebSocket listener's address, when `[server.websocket]` is set.
+    pub websocket_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     /// The node's id (the cluster node id in a cluster).
     pub node_id: String,
@@ -333,6 +336,21 @@ pub fn spawn_node_with(
             addr: settings.server.listen,
             source,
         })?;
+    let (websocket, websocket_claim) = match &settings.server.websocket {
+        None => (Vec::new(), None),
+        Some(ws) => bind_listeners(
+            ws.listen,
+            settings.server.listen_backlog,
+            worker_count(&settings),
+        )?,
+    };
+    let websocket_addr = match websocket.first() {
+        None => None,
+        Some(l) => Some(l.local_addr().map_err(|source| NodeError::Bind {
+            addr: settings.server.listen,
+            source,
+        })?),
+    };
     let metrics_listener = settings
         .metrics_addr()
         .map(|a| bind(a, 128, false))
@@ -347,7 +365,7 @@ pub fn spawn_node_with(
         .name("confab-node".into())
         .spawn(move || {
             // Held until the node has stopped listening.
-            let _port_claim = port_claim;
+            let _port_claims = (port_claim, websocket_claim);
             let system = actix::System::new();
             let _ =
                 main_tx.send(system.block_on(async { actix::System::current().arbiter().clone() }));
@@ -356,6 +374,7 @@ pub fn spawn_node_with(
                 node_reloadables,
                 Bound {
                     clients: listeners,
+                    websocket,
                     metrics: metrics_listener,
                 },
                 (stop_rx, ready_tx),
@@ -377,9 +396,10 @@ pub fn spawn_node_with(
         }
     };
     let main = main_rx.recv().map_err(|_| NodeError::Start)?;
-    tracing::info!(%addr, ?metrics_addr, "confab node listening");
+    tracing::info!(%addr, ?websocket_addr, ?metrics_addr, "confab node listening");
     Ok(RunningNode {
         addr,
+        websocket_addr,
         metrics_addr,
         node_id,
         directory,
@@ -395,6 +415,8 @@ pub fn spawn_node_with(
 /// The sockets [`spawn_node`] bound for the node thread.
 struct Bound {
     clients: Vec<std::net::TcpListener>,
+    /// The WebSocket listener's sockets (none without `[server.websocket]`).
+    websocket: Vec<std::net::TcpListener>,
     metrics: Option<std::net::TcpListener>,
 }
 
@@ -407,6 +429,7 @@ async fn run(
 ) {
     let Bound {
         clients: listeners,
+        websocket: websocket_listeners,
         metrics: metrics_listener,
     } = bound;
 
@@ -515,11 +538,19 @@ async fn run(
         }
     });
     let mut loops = Vec::new();
-    for (listener, worker) in listeners.into_iter().zip(handles.iter().cycle()) {
+    let every_listener = (listeners.into_iter().map(|l| (l, Listener::Clients)))
+        .zip(handles.iter().cycle())
+        .chain(
+            (websocket_listeners
+                .into_iter()
+                .map(|l| (l, Listener::WebSocket)))
+            .zip(handles.iter().cycle()),
+        );
+    for ((listener, kind), worker) in every_listener {
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let (ctx, slots, accepting) = (ctx.clone(), slots.clone(), accepting.clone());
         worker.spawn(async move {
-            accept_loop(listener, ctx, slots, accepting).await;
+            accept_loop(listener, kind, ctx, slots, accepting).await;
             drop(done_tx);
         });
         loops.push(done_rx);
@@ -585,9 +616,12 @@ async fn drain(ctx: &Arc<NodeCtx>) {
 }
 
 /// Accepts connections on one worker thread's listener and serves each on that thread, until
-/// `accepting` is cancelled. `slots` (shared by every worker) holds `server.max_connections`.
+/// `accepting` is cancelled. `slots` (shared by every worker and both listeners) holds
+/// `server.max_connections`. PROXY headers (`server.proxy_protocol`) are for the client port
+/// only.
 async fn accept_loop(
     listener: std::net::TcpListener,
+    kind: Listener,
     ctx: Arc<NodeCtx>,
     slots: Arc<Semaphore>,
     accepting: CancellationToken,
@@ -618,7 +652,7 @@ async fn accept_loop(
         metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
         // Before anything else: a refused address costs the node no handshake and no slot.
         // Behind a PROXY header the address is the client's, which the session reads first.
-        let address_slot = if ctx.settings.server.proxy_protocol {
+        let address_slot = if ctx.settings.server.proxy_protocol && kind == Listener::Clients {
             None
         } else {
             match ctx
@@ -636,7 +670,14 @@ async fn accept_loop(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; refusing a connection");
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
-            actix_rt::spawn(refuse_overloaded(stream));
+            match kind {
+                Listener::Clients => actix_rt::spawn(refuse_overloaded(stream)),
+                Listener::WebSocket if ctx.tls.is_none() => {
+                    actix_rt::spawn(crate::websocket::refuse_overloaded(stream))
+                }
+                // Nothing can be said before a TLS handshake: the connection just closes.
+                Listener::WebSocket => continue,
+            };
             continue;
         };
         actix_rt::spawn(crate::session::run(
@@ -644,6 +685,7 @@ async fn accept_loop(
             peer,
             ctx.clone(),
             (permit, address_slot),
+            kind,
         ));
     }
 }

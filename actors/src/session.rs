@@ -1,5 +1,5 @@
 //! One client connection: the socket (with its TLS handshake when the port has `[tls]`), the
-//! codec, the writer task and the `hello` handshake.
+//! codec or the WebSocket upgrade, the writer task and the `hello` handshake.
 //! It knows nothing of calls: once the client is signed in, its frames go to a new
 //! [`Endpoint`] actor on this worker thread.
 
@@ -10,9 +10,11 @@ use confab_protocol::{
 };
 use futures::StreamExt;
 use std::time::Duration;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
+use tokio_util::either::Either;
 
 use crate::address_limits::{AddressRefusal, AddressSlot};
 use crate::context::Ctx;
@@ -66,6 +68,7 @@ pub async fn run(
     peer: std::net::SocketAddr,
     ctx: Ctx,
     permit: (OwnedSemaphorePermit, Option<AddressSlot>),
+    listener: Listener,
 ) {
     if crate::node::LISTENER_NODELAY_INHERITED {
         // Set on the listener by `node::bind`, where every accepted stream comes from.
@@ -124,8 +127,8 @@ pub async fn run(
         }
     };
     let permit = (permit, address_slot);
-    let (rd, wr) = match &ctx.tls {
-        None => transport::split_tcp(stream),
+    let stream: transport::ClientStream = match &ctx.tls {
+        None => Either::Left(stream),
         Some(tls) => match tokio::time::timeout_at(
             deadline.min(
                 tokio::time::Instant::now()
@@ -137,7 +140,7 @@ pub async fn run(
         {
             Ok(Ok(stream)) => {
                 metrics::counter!(m::TLS_HANDSHAKES, "result" => "ok").increment(1);
-                transport::split_tls(stream)
+                Either::Right(stream)
             }
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "TLS handshake failed; closing");
@@ -151,49 +154,108 @@ pub async fn run(
             }
         },
     };
-    let (outbox, rx) = {
-        let live = ctx.live();
-        outbox(live.limits.outbound_queue, live.limits.outbound_queue_bytes)
+    let conn = Conn {
+        ctx,
+        peer,
+        deadline,
     };
-    metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    actix_rt::spawn(async move {
-        write_loop(rx, wr).await;
-        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-        drop(permit);
-    });
-    let codec = FrameCodec::new(
-        ctx.settings
-            .server
-            .max_hello_frame
-            .min(ctx.settings.server.max_frame) as usize,
-    )
-    .with_adaptive_buffer(READ_BUFFER, BUSY_READ_BUFFER);
-    let mut frames = FramedRead::with_capacity(rd, codec, HELLO_BUFFER);
-    let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(refusal)) => {
-            let code = refusal.why.code();
-            tracing::info!(%peer, code = code.as_str(), reason = %refusal.why.text(), "connection refused at sign-in");
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => code.as_str()).increment(1);
-            outbox.push(refusal.why.reply(refusal.rid));
-            outbox.close();
-            return;
+    match listener {
+        Listener::Clients => {
+            let (rd, wr) = transport::split(stream);
+            let codec = FrameCodec::new(
+                conn.ctx
+                    .settings
+                    .server
+                    .max_hello_frame
+                    .min(conn.ctx.settings.server.max_frame) as usize,
+            )
+            .with_adaptive_buffer(READ_BUFFER, BUSY_READ_BUFFER);
+            let frames = Frames::Stream(FramedRead::with_capacity(rd, codec, HELLO_BUFFER));
+            conn.serve(frames, wr, permit).await;
         }
-        Err(_) => {
-            tracing::info!(%peer, "no hello in time; closing");
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout").increment(1);
-            outbox.close();
-            return;
+        Listener::WebSocket => {
+            // Boxed: the upgrade's state (its read buffer) would otherwise be part of every
+            // TCP sign-in's future too.
+            let upgraded = tokio::time::timeout_at(
+                deadline,
+                Box::pin(crate::websocket::accept(stream, &conn.ctx, peer)),
+            )
+            .await;
+            match upgraded {
+                Ok(Some((frames, wr))) => conn.serve(Frames::WebSocket(frames), wr, permit).await,
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::info!(%peer, "no WebSocket upgrade in time; closing");
+                    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout")
+                        .increment(1);
+                }
+            }
         }
-    };
-    frames
-        .decoder_mut()
-        .set_max_frame(ctx.settings.server.max_frame as usize);
-    // A client that sent more than the hello keeps its bytes (and the larger buffer).
-    if frames.read_buffer().is_empty() {
-        *frames.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
     }
-    start_endpoint(ctx, hello, outbox, frames, peer).await;
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The client port: length-prefixed frames on TCP or TLS.
+    Clients,
+    /// `[server.websocket]`: an HTTP upgrade, then one frame per binary message.
+    WebSocket,
+}
+
+/// A connection ready for its `hello`, whichever listener it came from.
+struct Conn {
+    ctx: Ctx,
+    peer: std::net::SocketAddr,
+    /// When the hello must have arrived.
+    deadline: tokio::time::Instant,
+}
+
+impl Conn {
+    /// Starts the writer task on `wr`, reads the `hello` from `frames`, and hands a signed-in
+    /// client to its endpoint.
+    async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
+    where
+        W: AsyncWrite + Unpin + 'static,
+    {
+        let Conn {
+            ctx,
+            peer,
+            deadline,
+        } = self;
+        let (outbox, rx) = {
+            let live = ctx.live();
+            outbox(live.limits.outbound_queue, live.limits.outbound_queue_bytes)
+        };
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        actix_rt::spawn(async move {
+            write_loop(rx, wr).await;
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            drop(permit);
+        });
+        let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(refusal)) => {
+                let code = refusal.why.code();
+                tracing::info!(%peer, code = code.as_str(), reason = %refusal.why.text(), "connection refused at sign-in");
+                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => code.as_str()).increment(1);
+                outbox.push(refusal.why.reply(refusal.rid));
+                outbox.close();
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "no hello in time; closing");
+                metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout")
+                    .increment(1);
+                outbox.close();
+                return;
+            }
+        };
+        frames.set_max_frame(ctx.settings.server.max_frame as usize);
+        // A client that sent more than the hello keeps its bytes (and the larger buffer).
+        frames.shrink_read_buffer(READ_BUFFER);
+        start_endpoint(ctx, hello, outbox, frames, peer).await;
+    }
 }
 
 /// Counts (and logs at debug) a connection refused for its address's limits.

@@ -76,6 +76,47 @@ pub struct Server {
     /// Most a TLS handshake may take (within `hello_timeout_ms`, which also covers the hello):
     /// a client that starts one and stalls is closed this early.
     pub tls_handshake_timeout_ms: u64,
+    /// The WebSocket listener for browsers (`[server.websocket]`); absent = none. Last, as a
+    /// table must follow the plain keys in TOML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocket>,
+}
+
+/// The WebSocket listener (`[server.websocket]`, docs/protocol.md §1 "WebSocket"): the same
+/// frames as the client port, one per binary message, for browsers. It speaks TLS (`wss://`)
+/// when the node has `[tls]`, with the same certificate.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocket {
+    pub listen: SocketAddr,
+    /// The request path the upgrade must ask for.
+    #[serde(default = "default_websocket_path")]
+    pub path: String,
+    /// Origins (`scheme://host[:port]`) whose pages may connect, or `"*"` for any. A request
+    /// without `Origin` (not a browser) and a page this listener served itself (same origin)
+    /// are always let in; any other origin is refused with 403.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// A folder whose files the listener serves on GET for any other path (the web client,
+    /// `web/`); empty = no pages (404).
+    #[serde(default)]
+    pub static_dir: String,
+}
+
+fn default_websocket_path() -> String {
+    "/confab".to_owned()
+}
+
+impl WebSocket {
+    /// A listener on `listen` with the default path, no other origin and no pages.
+    pub fn new(listen: SocketAddr) -> Self {
+        WebSocket {
+            listen,
+            path: default_websocket_path(),
+            allowed_origins: Vec::new(),
+            static_dir: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -302,6 +343,7 @@ impl Default for Server {
             proxy_protocol: false,
             proxy_trusted_from: Vec::new(),
             tls_handshake_timeout_ms: 5_000,
+            websocket: None,
         }
     }
 }
@@ -514,6 +556,9 @@ impl Settings {
         if self.server.tls_handshake_timeout_ms == 0 {
             return invalid("server.tls_handshake_timeout_ms", "must be positive");
         }
+        if let Some(ws) = &self.server.websocket {
+            ws.validate(self.server.listen)?;
+        }
         if self.server.hello_timeout_ms == 0 {
             return invalid("server.hello_timeout_ms", "must be positive");
         }
@@ -658,6 +703,52 @@ impl Settings {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.listen.parse().ok()
     }
+}
+
+impl WebSocket {
+    fn validate(&self, client_port: SocketAddr) -> Result<(), SettingsError> {
+        let invalid = |key: &str, reason: String| {
+            Err(SettingsError::Invalid {
+                key: format!("server.websocket.{key}"),
+                reason,
+            })
+        };
+        if self.listen.port() != 0 && self.listen == client_port {
+            return invalid("listen", "must differ from server.listen".to_owned());
+        }
+        if !self.path.starts_with('/')
+            || self
+                .path
+                .contains(|c: char| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return invalid(
+                "path",
+                format!("{:?} must start with / and hold no query", self.path),
+            );
+        }
+        if let Some(bad) = self.allowed_origins.iter().find(|o| !is_origin(o)) {
+            return invalid(
+                "allowed_origins",
+                format!("{bad:?} is not \"*\" or scheme://host[:port] (no path, no trailing /)"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `*`, or an origin as browsers send it: `http://` or `https://`, a host, maybe a port.
+fn is_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let rest = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"));
+    rest.is_some_and(|host| {
+        !host.is_empty()
+            && !host.contains(['/', '?', '#', '@'])
+            && !host.contains(char::is_whitespace)
+    })
 }
 
 /// The first directive of a `log.level` filter that is a bare word but not a level. The filter
@@ -938,5 +1029,46 @@ mod tests {
         assert!(e.to_string().contains("heartbeat_ms"), "{e}");
         let e = Settings::load("[presence]\naway_after_ms = 1\n", []).expect_err("order");
         assert!(e.to_string().contains("presence.away_after_ms"), "{e}");
+    }
+
+    #[test]
+    fn the_websocket_listener_is_off_unless_configured_and_its_keys_are_checked() {
+        assert!(
+            Settings::load("", [])
+                .expect("defaults")
+                .server
+                .websocket
+                .is_none()
+        );
+        let s = Settings::load(
+            "[server.websocket]\nlisten = \"127.0.0.1:5080\"\nallowed_origins = [\"https://chat.example.com\", \"http://localhost:8080\"]\n",
+            [],
+        )
+        .expect("a listener");
+        let ws = s.server.websocket.expect("configured");
+        assert_eq!(ws.path, "/confab");
+        assert_eq!(ws.allowed_origins.len(), 2);
+        for (toml, key) in [
+            ("listen = \"127.0.0.1:5070\"", "server.websocket.listen"),
+            (
+                "listen = \"127.0.0.1:5080\"\npath = \"confab\"",
+                "server.websocket.path",
+            ),
+            (
+                "listen = \"127.0.0.1:5080\"\nallowed_origins = [\"chat.example.com\"]",
+                "server.websocket.allowed_origins",
+            ),
+            (
+                "listen = \"127.0.0.1:5080\"\nallowed_origins = [\"https://a.example/\"]",
+                "server.websocket.allowed_origins",
+            ),
+        ] {
+            let e =
+                Settings::load(&format!("[server.websocket]\n{toml}\n"), []).expect_err("refused");
+            assert!(
+                matches!(&e, SettingsError::Invalid { key: k, .. } if k == key),
+                "{toml}: {e}"
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod legs;
 pub mod pki;
+pub mod wire;
 
 use bytes::BytesMut;
 use confab_actors::{RunningNode, Settings};
@@ -13,12 +14,9 @@ use confab_cluster::spawn_node;
 use confab_protocol::codec::encode_frame;
 use confab_protocol::sdp::build_offer;
 use confab_protocol::*;
-use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 
 pub const SECRET: &str = "test-secret";
 /// Upper bound on waiting for any single event; a safety net, never a pacing device.
@@ -73,7 +71,7 @@ pub fn answer() -> String {
 
 /// A raw protocol client.
 pub struct Raw {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: wire::Wire,
     pub endpoint: String,
     pub user: String,
     next_rid: u32,
@@ -81,13 +79,44 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).await.unwrap();
+        Raw::on(wire::Wire::tcp(addr).await)
+    }
+
+    /// A client on `wire`, not signed in.
+    pub fn on(wire: wire::Wire) -> Raw {
         Raw {
-            framed: Framed::new(stream, FrameCodec::new(1 << 20)),
+            framed: wire,
             endpoint: String::new(),
             user: String::new(),
             next_rid: 1000,
         }
+    }
+
+    /// Connects to the WebSocket listener at `addr` (path `/confab`), without an `Origin`.
+    pub async fn connect_ws(addr: SocketAddr) -> Raw {
+        Raw::on(
+            wire::Wire::websocket(addr, "/confab", None)
+                .await
+                .expect("WebSocket upgrade"),
+        )
+    }
+
+    /// Connects over WebSocket and signs in as `user` on `device`.
+    pub async fn sign_in_ws(addr: SocketAddr, user: &str, device: &str) -> Raw {
+        match Raw::connect_ws(addr).await.hello(user, device).await {
+            Ok(c) => c,
+            Err(other) => panic!("expected welcome over WebSocket, got {other:?}"),
+        }
+    }
+
+    /// The WebSocket close code the node sent, once it has closed.
+    pub fn closed_with(&self) -> Option<u16> {
+        self.framed.closed_with()
+    }
+
+    /// Sends one WebSocket message as it is.
+    pub async fn send_ws_message(&mut self, msg: tokio_tungstenite::tungstenite::Message) {
+        self.framed.send_message(msg).await;
     }
 
     /// Connects and signs in as `user` on `device`.
@@ -101,7 +130,12 @@ impl Raw {
     /// [`Raw::sign_in`] that may be refused: the client on `welcome`, else the node's answer
     /// to the `hello` (an `error`, after which the node closes the connection).
     pub async fn try_sign_in(addr: SocketAddr, user: &str, device: &str) -> Result<Raw, ServerMsg> {
-        let mut c = Raw::connect(addr).await;
+        Raw::connect(addr).await.hello(user, device).await
+    }
+
+    /// Sends the `hello` for `user` on `device`: the client on `welcome`, else the answer.
+    pub async fn hello(mut self, user: &str, device: &str) -> Result<Raw, ServerMsg> {
+        let c = &mut self;
         c.user = confab_protocol::uri::normalize_user_uri(user).unwrap();
         c.send(&ClientMsg::Hello {
             rid: Some(1),
@@ -115,7 +149,7 @@ impl Raw {
         match c.recv().await {
             ServerMsg::Welcome { endpoint, .. } => {
                 c.endpoint = endpoint;
-                Ok(c)
+                Ok(self)
             }
             other => Err(other),
         }
@@ -131,7 +165,7 @@ impl Raw {
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
-        self.framed.get_mut().write_all(bytes).await.unwrap();
+        self.framed.tcp_stream().write_all(bytes).await.unwrap();
     }
 
     /// Sends a frame whose body is `body` verbatim.
@@ -376,6 +410,19 @@ pub async fn expect_error(raw: &mut Raw, rid: Option<u32>, code: ErrorCode) {
             raw.user
         ),
     }
+}
+
+/// Publishes `raw`'s device state (`device_state`) and asserts its `ok`.
+pub async fn publish(raw: &mut Raw, activity: Activity, idle_ms: Option<u64>) {
+    request_ok(
+        raw,
+        ClientMsg::DeviceState {
+            rid: None,
+            activity,
+            idle_ms,
+        },
+    )
+    .await;
 }
 
 /// Sends `msg` and asserts the next frame is `ok` for it.
@@ -1158,6 +1205,6 @@ impl Raw {
     /// The client's own address on its connection to the node (what the node sees as the
     /// peer's address).
     pub fn local_addr(&self) -> SocketAddr {
-        self.framed.get_ref().local_addr().unwrap()
+        self.framed.local_addr()
     }
 }

@@ -29,18 +29,6 @@ fn node_with(toast_ms: u64, grace_ms: u64) -> confab_actors::RunningNode {
     })
 }
 
-async fn publish(raw: &mut Raw, activity: Activity, idle_ms: Option<u64>) {
-    request_ok(
-        raw,
-        ClientMsg::DeviceState {
-            rid: None,
-            activity,
-            idle_ms,
-        },
-    )
-    .await;
-}
-
 /// `call_establish` with the test offer: the reply first, then idle → establishing.
 async fn place_call(caller: &mut Raw, to: &str, toast_text: Option<&str>) -> Leg {
     place_call_with(caller, to, None, toast_text, offer()).await

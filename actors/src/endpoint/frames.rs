@@ -12,9 +12,8 @@ use crate::call::leg::{LegMsg, TerminateCause};
 use crate::metrics as m;
 use crate::refusal::Refusal;
 
-/// The client's frames after the `hello`, read by this actor.
-pub type Frames =
-    tokio_util::codec::FramedRead<crate::transport::ClientReader, confab_protocol::FrameCodec>;
+/// The client's frames after the `hello`, read by this actor (from either listener).
+pub use crate::transport::Frames;
 
 impl Endpoint {
     fn handle_frame(&mut self, msg: ClientMsg, ctx: &mut Context<Self>) {

@@ -1,5 +1,6 @@
-//! A bench connection: raw frames over TCP (or TLS), signed in, with reads and batched writes under the
-//! bench's control (no client-library machinery between the load and the socket).
+//! A bench connection: raw frames over TCP (or TLS), or over the WebSocket listener, signed
+//! in, with reads and batched writes under the bench's control (no client-library machinery
+//! between the load and the socket).
 
 use anyhow::{Context as _, bail};
 use bytes::BytesMut;
@@ -11,13 +12,31 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::{Framed, FramedParts};
 
 use super::stream::{BenchStream, connect_tls};
+use super::ws::WsWire;
 
 /// First size of a connection's read and write buffers.
 const CONN_BUFFER: usize = 512;
 
 pub struct Conn {
-    framed: Framed<BenchStream, FrameCodec>,
+    wire: Wire,
     pub endpoint: String,
+}
+
+/// What the frames travel on.
+enum Wire {
+    /// Length-prefixed frames on the client port.
+    Stream(Framed<BenchStream, FrameCodec>),
+    /// One frame per binary message on the WebSocket listener.
+    WebSocket(Box<WsWire>),
+}
+
+impl Wire {
+    async fn next(&mut self) -> Option<anyhow::Result<BytesMut>> {
+        match self {
+            Wire::Stream(f) => f.next().await.map(|r| r.map_err(Into::into)),
+            Wire::WebSocket(w) => w.next().await,
+        }
+    }
 }
 
 /// Where and how to sign in.
@@ -27,6 +46,8 @@ pub struct Target {
     pub secret: String,
     /// TLS to a node with `[tls]` (`--ca`); `None`: plain TCP.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// `server` is a WebSocket listener: upgrade on this path first (`--websocket`).
+    pub websocket: Option<String>,
 }
 
 impl Conn {
@@ -67,13 +88,20 @@ impl Conn {
             None => tokio_util::either::Either::Left(stream),
             Some(config) => connect_tls(config, stream, t.server.ip()).await?,
         };
-        // Small buffers that grow on demand: tokio-util's 8 KiB defaults, times 19,000 idle
-        // connections, made page faults a tenth of the bench's time in the `idle` scenario.
-        let mut parts = FramedParts::new::<&ClientMsg>(stream, FrameCodec::new(1 << 20));
-        parts.read_buf = BytesMut::with_capacity(CONN_BUFFER);
-        parts.write_buf = BytesMut::with_capacity(CONN_BUFFER);
+        let wire = match &t.websocket {
+            Some(path) => Wire::WebSocket(Box::new(WsWire::upgrade(stream, t.server, path).await?)),
+            None => {
+                // Small buffers that grow on demand: tokio-util's 8 KiB defaults, times 19,000
+                // idle connections, made page faults a tenth of the bench's time in the `idle`
+                // scenario.
+                let mut parts = FramedParts::new::<&ClientMsg>(stream, FrameCodec::new(1 << 20));
+                parts.read_buf = BytesMut::with_capacity(CONN_BUFFER);
+                parts.write_buf = BytesMut::with_capacity(CONN_BUFFER);
+                Wire::Stream(Framed::from_parts(parts))
+            }
+        };
         let mut conn = Conn {
-            framed: Framed::from_parts(parts),
+            wire,
             endpoint: String::new(),
         };
         conn.send(&ClientMsg::Hello {
@@ -102,21 +130,25 @@ impl Conn {
     /// write buffer by the protocol's hand-written path for `message` and `message_ack` (serde
     /// for the rest); every scenario flushes after each batch, so the buffer stays small.
     pub async fn feed(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
-        confab_protocol::hot::encode_client_frame(msg, self.framed.write_buffer_mut())
-            .context("encode")
+        let buf = match &mut self.wire {
+            Wire::Stream(f) => f.write_buffer_mut(),
+            Wire::WebSocket(w) => w.write_buffer_mut(),
+        };
+        confab_protocol::hot::encode_client_frame(msg, buf).context("encode")
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        SinkExt::<&ClientMsg>::flush(&mut self.framed)
-            .await
-            .context("flush")
+        match &mut self.wire {
+            Wire::Stream(f) => SinkExt::<&ClientMsg>::flush(f).await.context("flush"),
+            Wire::WebSocket(w) => w.flush().await,
+        }
     }
 
     /// The next message from the node.
     pub async fn recv(&mut self) -> anyhow::Result<ServerMsg> {
-        match self.framed.next().await {
+        match self.wire.next().await {
             Some(Ok(frame)) => Ok(decode_server(&frame)?),
-            Some(Err(e)) => Err(e.into()),
+            Some(Err(e)) => Err(e),
             None => bail!("connection closed by the node"),
         }
     }
@@ -126,9 +158,9 @@ impl Conn {
     /// decoding frames it ignores).
     pub async fn recv_only(&mut self, types: &[&str]) -> anyhow::Result<ServerMsg> {
         loop {
-            let frame = match self.framed.next().await {
+            let frame = match self.wire.next().await {
                 Some(Ok(frame)) => frame,
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) => return Err(e),
                 None => bail!("connection closed by the node"),
             };
             if confab_protocol::peek::peek_type(&frame).is_some_and(|t| types.contains(&t)) {
@@ -139,9 +171,9 @@ impl Conn {
 
     /// A message that is already buffered or readable without waiting, if any.
     pub fn try_recv(&mut self) -> Option<anyhow::Result<ServerMsg>> {
-        match self.framed.next().now_or_never() {
+        match self.wire.next().now_or_never() {
             Some(Some(Ok(frame))) => Some(decode_server(&frame).map_err(Into::into)),
-            Some(Some(Err(e))) => Some(Err(e.into())),
+            Some(Some(Err(e))) => Some(Err(e)),
             Some(None) => Some(Err(anyhow::anyhow!("connection closed by the node"))),
             None => None,
         }

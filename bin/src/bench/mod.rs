@@ -9,6 +9,7 @@ pub mod messages;
 pub mod presence;
 pub mod report;
 pub mod stream;
+pub mod ws;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;

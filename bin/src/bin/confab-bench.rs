@@ -1,4 +1,5 @@
-//! `confab-bench`: load against a running node, end to end over TCP. Prints a summary table, or
+//! `confab-bench`: load against a running node, end to end over TCP (or its WebSocket
+//! listener, `--websocket`). Prints a summary table, or
 //! one JSON object with `--json`. See BENCHMARKS.md for the figures and how they were made.
 
 #[path = "../bench/mod.rs"]
@@ -37,6 +38,13 @@ struct Args {
     /// With --ca: a full TLS handshake on every connection (no session resumption).
     #[arg(long, global = true, requires = "ca")]
     tls_full_handshakes: bool,
+    /// --server is the node's WebSocket listener ([server.websocket]): every connection
+    /// upgrades (on --websocket-path) and sends one frame per binary message.
+    #[arg(long, global = true)]
+    websocket: bool,
+    /// With --websocket: the listener's upgrade path.
+    #[arg(long, global = true, default_value = "/confab")]
+    websocket_path: String,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -146,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         server: args.server,
         secret: args.secret.clone(),
         tls,
+        websocket: args.websocket.then(|| args.websocket_path.clone()),
     };
     let progress = Progress::new(args.json);
     let secs = |s: f64| Duration::from_secs_f64(s.max(0.1));

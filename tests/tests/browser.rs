@@ -117,6 +117,16 @@ async fn answered_by(alice: &mut Raw, call: &str) -> String {
     }
 }
 
+/// Waits until Alice sees Bob's availability as `want`.
+async fn bob_becomes(alice: &mut Raw, want: Availability) {
+    alice
+        .recv_until_within(STEP, |m| {
+            matches!(m, ServerMsg::Presence { user, availability, .. }
+                if user == BOB && *availability == want)
+        })
+        .await;
+}
+
 #[tokio::test]
 async fn bob_on_two_browser_tabs_answers_by_click_then_by_the_toast_timeout() {
     let chromium = require_tools();
@@ -208,6 +218,23 @@ async fn bob_on_two_browser_tabs_answers_by_click_then_by_the_toast_timeout() {
     expect_step(&mut lines, "timeout-picked-2").await;
     assert_eq!(answered_by(&mut alice, &call).await, tab2);
 
+    // Where Bob is: his two tabs hidden make him away for Alice; a third tab of his, left
+    // alone past its idle time, makes him inactive (the most active of the three).
+    request_ok(
+        &mut alice,
+        ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.into()],
+        },
+    )
+    .await;
+    to_browser.write_all(b"hide\n").await.unwrap();
+    expect_step(&mut lines, "hidden").await;
+    bob_becomes(&mut alice, Availability::Away).await;
+    to_browser.write_all(b"idle\n").await.unwrap();
+    expect_step(&mut lines, "inactive").await;
+    bob_becomes(&mut alice, Availability::Inactive).await;
+
     let status = tokio::time::timeout(STEP, browser.wait())
         .await
         .expect("the browser script ends")
@@ -215,7 +242,7 @@ async fn bob_on_two_browser_tabs_answers_by_click_then_by_the_toast_timeout() {
     assert!(status.success(), "the browser script failed: {status}");
     let saved = std::fs::read_dir(&shots).unwrap().count();
     assert!(
-        saved >= 11,
+        saved >= 13,
         "only {saved} screenshots in {}",
         shots.display()
     );

@@ -13,6 +13,11 @@
  *   → input-on-2                                      input on tab 2 published `active`
  *   ← called                                          Alice called again; nobody clicks
  *   → timeout-picked-2                                the timeout gave the call to tab 2
+ *   ← hide                                            Alice watches Bob's presence
+ *   → hidden                                          both tabs hidden: each published `away`
+ *   ← idle
+ *   → inactive                                        a third tab, left alone past its idle
+ *                                                     time, published `inactive`
  *
  * Environment: CONFAB_PAGE_URL (the node's page), CONFAB_TOKEN_BOB, CONFAB_SCREENSHOTS (a
  * folder), CHROMIUM (default /usr/bin/chromium). Each step saves screenshots there.
@@ -43,13 +48,37 @@ async function screenshot(page, name) {
   await page.screenshot({ path: join(SHOTS, `${String(shot).padStart(2, "0")}-${name}.png`), fullPage: true });
 }
 
-async function signIn(page, device) {
-  await page.goto(`${PAGE}?user=${encodeURIComponent(BOB)}&device=${device}&contact=${encodeURIComponent(ALICE)}&idle=600000`);
+async function signIn(page, device, idleMs = 600_000) {
+  await page.goto(`${PAGE}?user=${encodeURIComponent(BOB)}&device=${device}&contact=${encodeURIComponent(ALICE)}&idle=${idleMs}`);
   await page.getByTestId("signin").locator('input[name="token"]').fill(TOKEN);
   await page.getByTestId("signin-button").click();
   await page.getByTestId("connection").filter({ hasText: "online" }).waitFor({ timeout: STEP });
   await page.getByTestId("presence").filter({ hasText: "available" }).waitFor({ timeout: STEP });
   return page.getByTestId("me").getAttribute("data-endpoint");
+}
+
+/** Waits until the page's last publication the node accepted is `what` (and a new one). */
+async function published(page, what, before) {
+  await page.waitForFunction(
+    ([w, b]) => {
+      const p = document.body.dataset.published ?? "";
+      return p !== b && p.startsWith(`${w}:`);
+    },
+    [what, before],
+    { timeout: STEP },
+  );
+}
+
+/**
+ * Hides the tab as the browser does when the person switches away. Headless Chromium keeps
+ * every tab visible, so the page's view of its visibility is set and the event fired.
+ */
+async function hide(page) {
+  await page.evaluate(() => {
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
 }
 
 /** The toast for the call from Alice, visible with its text. */
@@ -126,6 +155,23 @@ async function main() {
     await screenshot(tab2, "tab2-picked-by-timeout");
     await screenshot(tab1, "tab1-completed-elsewhere");
     say("timeout-picked-2");
+
+    // Where the person is: hidden tabs publish `away`, a tab left alone `inactive`.
+    await expectLine("hide");
+    for (const tab of [tab1, tab2]) {
+      const before = await tab.evaluate(() => document.body.dataset.published ?? "");
+      await hide(tab);
+      await published(tab, "away", before);
+    }
+    await screenshot(tab2, "tab2-hidden-away");
+    say("hidden");
+    await expectLine("idle");
+    const tab3 = await context.newPage();
+    tab3.on("pageerror", (e) => process.stderr.write(`tab 3 page error: ${e}\n`));
+    await signIn(tab3, "tab-3", 1_000);
+    await published(tab3, "inactive", "");
+    await screenshot(tab3, "tab3-idle-inactive");
+    say("inactive");
   } finally {
     await browser.close();
   }

@@ -10,7 +10,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use confab_protocol::{Activity, ClientMsg, ServerMsg};
-use confab_tests::{Raw, request_ok, start_node};
+use confab_tests::{NodeLog, Raw, log_line_with, request_ok, start_node};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
@@ -162,7 +162,7 @@ async fn node_process(
     vars: &[(&str, &str)],
 ) -> (
     tokio::process::Child,
-    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    NodeLog,
     SocketAddr,
     Option<SocketAddr>,
 ) {
@@ -175,7 +175,7 @@ async fn node_process_with(
     vars: &[(&str, &str)],
 ) -> (
     tokio::process::Child,
-    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    NodeLog,
     SocketAddr,
     Option<SocketAddr>,
 ) {
@@ -192,16 +192,7 @@ async fn node_process_with(
         .spawn()
         .unwrap();
     let mut log = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, async {
-        while let Some(line) = log.next_line().await.unwrap() {
-            if line.contains("confab node listening") {
-                return line;
-            }
-        }
-        panic!("the node's log ended before it listened");
-    })
-    .await
-    .expect("the node listens");
+    let line = log_line_with(&mut log, "confab node listening", WAIT).await;
     let field = |name: &str| {
         line.split(name)
             .nth(1)
@@ -248,23 +239,6 @@ async fn a_drain_from_the_cli_ends_the_node_process_once_its_client_leaves() {
         .expect("the node exits once drained")
         .unwrap();
     assert!(status.success(), "{status:?}");
-}
-
-/// Waits for a log line containing `what`.
-async fn log_line(
-    log: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-    what: &str,
-) -> String {
-    tokio::time::timeout(WAIT, async {
-        while let Some(line) = log.next_line().await.unwrap() {
-            if line.contains(what) {
-                return line;
-            }
-        }
-        panic!("the node's log ended before {what:?}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no log line with {what:?}"))
 }
 
 #[tokio::test]
@@ -343,7 +317,7 @@ async fn reload_applies_live_keys_names_the_rest_and_a_bad_file_changes_nothing(
         .args(["-HUP", &pid])
         .status();
     assert!(hup.unwrap().success());
-    let line = log_line(&mut log, "SIGHUP: settings reloaded").await;
+    let line = log_line_with(&mut log, "SIGHUP: settings reloaded", WAIT).await;
     assert!(line.contains("log.level"), "{line}");
     assert!(matches!(
         ann.request(sub("sip:dan@example.com")).await,

@@ -147,23 +147,7 @@ async fn sighup_reloads_the_tls_certificate_of_a_running_node() {
         .spawn()
         .unwrap();
     let mut log = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    // Reads the log until a line containing `want`; returns it.
-    async fn line_with(
-        log: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-        want: &str,
-    ) -> String {
-        tokio::time::timeout(WAIT, async {
-            while let Some(line) = log.next_line().await.unwrap() {
-                if line.contains(want) {
-                    return line;
-                }
-            }
-            panic!("the node's log ended before {want:?}");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {want:?} in the node's log"))
-    }
-    let listening = line_with(&mut log, "confab node listening").await;
+    let listening = confab_tests::log_line_with(&mut log, "confab node listening", WAIT).await;
     let addr: std::net::SocketAddr = listening
         .split("addr=")
         .nth(1)
@@ -185,7 +169,7 @@ async fn sighup_reloads_the_tls_certificate_of_a_running_node() {
         .args(["-HUP", &pid])
         .status();
     assert!(hup.unwrap().success());
-    line_with(&mut log, "SIGHUP: TLS certificate reloaded").await;
+    confab_tests::log_line_with(&mut log, "SIGHUP: TLS certificate reloaded", WAIT).await;
     assert!(
         sign_in(old.ca.clone()).await.is_err(),
         "the old CA no longer fits"

@@ -1208,3 +1208,21 @@ impl Raw {
         self.framed.local_addr()
     }
 }
+
+/// A node process's log (its stdout), line by line.
+pub type NodeLog = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Reads a node process's log until a line containing `want` and returns it; panics when the
+/// log ends first or nothing comes within `limit` (a safety net, never a pacing device).
+pub async fn log_line_with(log: &mut NodeLog, want: &str, limit: Duration) -> String {
+    tokio::time::timeout(limit, async {
+        while let Ok(Some(line)) = log.next_line().await {
+            if line.contains(want) {
+                return line;
+            }
+        }
+        panic!("the node's log ended before {want:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {want:?} in the node's log"))
+}

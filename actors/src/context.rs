@@ -38,6 +38,8 @@ pub struct NodeCtx {
     pub started: std::time::Instant,
     /// Call legs on this node now (the admin API's status).
     legs: AtomicUsize,
+    /// Resumable sessions whose window ended lately (to word a late resume's refusal).
+    pub expired_sessions: crate::endpoint::ExpiredSessions,
 }
 
 pub type Ctx = Arc<NodeCtx>;
@@ -77,6 +79,7 @@ impl NodeCtx {
             draining: AtomicBool::new(false),
             started: std::time::Instant::now(),
             legs: AtomicUsize::new(0),
+            expired_sessions: Default::default(),
         }
     }
 

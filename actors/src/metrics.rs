@@ -43,6 +43,24 @@ pub const ADMIN_REQUESTS: &str = "confab_admin_requests_total";
 pub const SESSIONS_KICKED: &str = "confab_sessions_kicked_total";
 pub const WEBSOCKET_UPGRADES: &str = "confab_websocket_upgrades_total";
 pub const WEBSOCKET_REJECTIONS: &str = "confab_websocket_rejections_total";
+pub const RESUMES: &str = "confab_resumes_total";
+pub const SESSIONS_HELD: &str = "confab_sessions_held";
+pub const SESSION_HOLDS: &str = "confab_session_holds_total";
+
+/// Label values of `result` in [`RESUMES`]: `ok`, then each refusal's.
+pub const RESUME_RESULTS: &[&str] = &[
+    "ok",
+    "unknown",
+    "already_resumed",
+    "window_over",
+    "seen_ahead",
+    "seen_behind",
+    "sent_behind",
+    "node_gone",
+];
+
+/// Label values of `end` in [`SESSION_HOLDS`].
+pub const HOLD_ENDS: &[&str] = &["resumed", "expired", "ended"];
 
 /// Label values of `result` in [`ADMIN_REQUESTS`].
 pub const ADMIN_RESULTS: &[&str] = &["ok", "unauthorized", "bad_request", "not_found", "conflict"];
@@ -57,6 +75,7 @@ pub const LIMITS: &[&str] = &[
     "presence_updates_per_second",
     "connections_per_address",
     "new_connections_per_address",
+    "max_unseen_frames",
 ];
 
 /// Counts one refusal by `limit` (one of [`LIMITS`]).
@@ -162,6 +181,27 @@ pub fn describe_all() {
          1003; too_large: close 1009; empty: close 1007; protocol: close 1002)"
     );
     metrics::counter!(WEBSOCKET_UPGRADES).absolute(0);
+    describe_counter!(
+        RESUMES,
+        "Resumes of a held session (hello with resume.endpoint), by result (ok, or the refusal: \
+         unknown, already_resumed, window_over, seen_ahead, seen_behind, sent_behind, node_gone)"
+    );
+    describe_gauge!(
+        SESSIONS_HELD,
+        "Resumable sessions whose connection dropped, held for session.resume_window_ms"
+    );
+    describe_counter!(
+        SESSION_HOLDS,
+        "Holds of a resumable session that ended, by how (resumed; expired: the window passed \
+         and the endpoint ended as lost; ended: the endpoint ended otherwise while held)"
+    );
+    for result in RESUME_RESULTS {
+        metrics::counter!(RESUMES, "result" => *result).absolute(0);
+    }
+    for end in HOLD_ENDS {
+        metrics::counter!(SESSION_HOLDS, "end" => *end).absolute(0);
+    }
+    metrics::gauge!(SESSIONS_HELD).set(0.0);
     for reason in crate::websocket::rejection_labels() {
         metrics::counter!(WEBSOCKET_REJECTIONS, "reason" => reason).absolute(0);
     }

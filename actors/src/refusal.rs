@@ -39,6 +39,8 @@ pub enum Refusal {
     /// The directory refused the endpoint (`endpoints_per_user`, or a cluster directory that
     /// cannot be written now).
     Directory(DirectoryError),
+    /// A `hello` that resumes a session could not take it back (its reason).
+    Resume(ResumeRefusal),
 
     // Frames.
     ZeroLengthFrame,
@@ -88,6 +90,59 @@ pub enum Refusal {
     RequestsWaitingForNode,
     /// Cluster: the request or its answer was lost between the nodes.
     NoAnswerFromNode,
+    /// A `seen` on a session that is not resumable.
+    NotResumable,
+    /// A `seen` past the last frame the node sent.
+    SeenAhead,
+}
+
+/// Why a resume was refused (docs/protocol.md §3 "Resuming"). None of them tells a client
+/// whether an endpoint it does not own exists: a wrong user, a wrong token, an endpoint that
+/// is not resumable and one that never existed are all `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefusal {
+    Unknown,
+    /// The token was already used: a resume took the session with it.
+    AlreadyResumed,
+    /// The resume window ended before the client came back.
+    WindowOver,
+    /// The client says it read frames the node never sent.
+    SeenAhead,
+    /// The client says it read less than it acknowledged: what it missed is forgotten.
+    SeenBehind,
+    /// The client says it sent fewer frames than the node read.
+    SentBehind,
+    /// Cluster: the node that held the session is gone (or did not answer).
+    NodeGone,
+}
+
+impl ResumeRefusal {
+    /// The label of `confab_resumes_total{result}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ResumeRefusal::Unknown => "unknown",
+            ResumeRefusal::AlreadyResumed => "already_resumed",
+            ResumeRefusal::WindowOver => "window_over",
+            ResumeRefusal::SeenAhead => "seen_ahead",
+            ResumeRefusal::SeenBehind => "seen_behind",
+            ResumeRefusal::SentBehind => "sent_behind",
+            ResumeRefusal::NodeGone => "node_gone",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            ResumeRefusal::Unknown => "unknown or expired session",
+            ResumeRefusal::AlreadyResumed => "the session was already resumed with this token",
+            ResumeRefusal::WindowOver => "the resume window is over",
+            ResumeRefusal::SeenAhead => "seen is ahead of the frames the node sent",
+            ResumeRefusal::SeenBehind => {
+                "seen is behind what the client acknowledged; those frames are gone"
+            }
+            ResumeRefusal::SentBehind => "sent is behind the frames the node read",
+            ResumeRefusal::NodeGone => "the node holding the session is gone",
+        }
+    }
 }
 
 impl Refusal {
@@ -129,6 +184,9 @@ impl Refusal {
             AnsweredElsewhere => ErrorCode::AnsweredElsewhere,
             SdpNotAcceptable(_) => ErrorCode::NotAcceptable,
             NoAnswerFromNode => ErrorCode::Internal,
+            Resume(_) => ErrorCode::ResumeRefused,
+            NotResumable => ErrorCode::InvalidState,
+            SeenAhead => ErrorCode::BadFrame,
         }
     }
 
@@ -174,6 +232,9 @@ impl Refusal {
             NoRemoteParty => "the call has no remote party".into(),
             RequestsWaitingForNode => REQUESTS_WAITING_FOR_NODE.into(),
             NoAnswerFromNode => "no answer from the call's node; the outcome is unknown".into(),
+            Resume(why) => why.text().into(),
+            NotResumable => "the session is not resumable".into(),
+            SeenAhead => "seen is ahead of the frames the node sent".into(),
         }
     }
 

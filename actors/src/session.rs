@@ -6,7 +6,8 @@
 use actix::prelude::*;
 use confab_protocol::uri::normalize_user_uri;
 use confab_protocol::{
-    ClientMsg, DecodeError, FrameCodec, FrameError, PROTOCOL_VERSION, ServerMsg, decode_client,
+    ClientMsg, DecodeError, FrameCodec, FrameError, PROTOCOL_VERSION, ResumeAsk, ServerMsg,
+    decode_client,
 };
 use futures::StreamExt;
 use std::time::Duration;
@@ -19,11 +20,13 @@ use tokio_util::either::Either;
 use crate::address_limits::{AddressRefusal, AddressSlot};
 use crate::context::Ctx;
 use crate::directory::EndpointEntry;
-use crate::endpoint::{Endpoint, Frames};
+use crate::endpoint::{Endpoint, Frames, Resume, ResumeState, grant, new_token};
 use crate::metrics as m;
-use crate::outbox::{Outbox, outbox, write_loop};
+use crate::outbox::{Outbox, OutboxReceiver, outbox, write_loop};
 use crate::presence::PresenceMsg;
 use crate::refusal::Refusal;
+use crate::refusal::ResumeRefusal;
+use crate::route::EndpointRef;
 use crate::transport;
 use confab_protocol::proxy::ProxyHeader;
 
@@ -46,6 +49,7 @@ struct Hello {
     rid: Option<u32>,
     user: String,
     device: String,
+    resume: Option<Box<ResumeAsk>>,
 }
 
 /// Why the handshake failed: what to tell the client before closing.
@@ -212,8 +216,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Starts the writer task on `wr`, reads the `hello` from `frames`, and hands a signed-in
-    /// client to its endpoint.
+    /// Reads the `hello` from `frames`, then starts the writer task on `wr` and hands a
+    /// signed-in client to its endpoint (a new one, or the held one a resume takes back).
     async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
     where
         W: AsyncWrite + Unpin + 'static,
@@ -223,16 +227,12 @@ impl Conn {
             peer,
             deadline,
         } = self;
-        let (outbox, rx) = {
+        let (outbox, mut rx) = {
             let live = ctx.live();
             outbox(live.limits.outbound_queue, live.limits.outbound_queue_bytes)
         };
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
-        actix_rt::spawn(async move {
-            write_loop(rx, wr).await;
-            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-            drop(permit);
-        });
+        let writer = Writer { wr, permit };
         let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
             Ok(Ok(hello)) => hello,
             Ok(Err(refusal)) => {
@@ -241,6 +241,7 @@ impl Conn {
                 metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => code.as_str()).increment(1);
                 outbox.push(refusal.why.reply(refusal.rid));
                 outbox.close();
+                writer.start(rx);
                 return;
             }
             Err(_) => {
@@ -248,13 +249,95 @@ impl Conn {
                 metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "hello_timeout")
                     .increment(1);
                 outbox.close();
+                writer.start(rx);
                 return;
             }
         };
         frames.set_max_frame(ctx.settings.server.max_frame as usize);
         // A client that sent more than the hello keeps its bytes (and the larger buffer).
         frames.shrink_read_buffer(READ_BUFFER);
-        start_endpoint(ctx, hello, outbox, frames, peer).await;
+        let mut hello = hello;
+        let ask = hello.resume.take();
+        if let Some(ask) = ask.as_deref()
+            && let Some(endpoint) = &ask.endpoint
+        {
+            let resume = Resume {
+                rid: hello.rid,
+                token: ask.token.clone().unwrap_or_default(),
+                seen: ask.seen,
+                sent: ask.sent,
+                frames,
+                peer,
+            };
+            match take_back(&ctx, &hello.user, endpoint, resume).await {
+                Ok(resumed) => {
+                    metrics::counter!(m::RESUMES, "result" => "ok").increment(1);
+                    writer.start(resumed);
+                }
+                Err(why) => {
+                    tracing::info!(%peer, user = %hello.user, %endpoint, result = why.label(), "resume refused");
+                    metrics::counter!(m::RESUMES, "result" => why.label()).increment(1);
+                    outbox.push(Refusal::Resume(why).reply(hello.rid));
+                    outbox.close();
+                    writer.start(rx);
+                }
+            }
+            return;
+        }
+        let window = ctx.settings.session.resume_window_ms;
+        let resumable = (ask.is_some() && window > 0).then(|| {
+            let (token, hash) = new_token();
+            let s = &ctx.settings.session;
+            let link = outbox.make_resumable(&mut rx, s.max_unseen_frames, s.max_unseen_bytes);
+            (token, ResumeState::new(hash, link))
+        });
+        writer.start(rx);
+        start_endpoint(ctx, hello, outbox, frames, peer, resumable).await;
+    }
+}
+
+/// A connection's sending side, until its writer task starts.
+struct Writer<W> {
+    wr: W,
+    /// The connection's slot under `server.max_connections` (and its address's), held until
+    /// the socket is closed.
+    permit: (OwnedSemaphorePermit, AddressSlot),
+}
+
+impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
+    /// Starts the task that writes what `rx`'s outbox queues.
+    fn start(self, rx: OutboxReceiver) {
+        let Writer { wr, permit } = self;
+        actix_rt::spawn(async move {
+            write_loop(rx, wr).await;
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            drop(permit);
+        });
+    }
+}
+
+/// Finds the user's endpoint `endpoint` and asks it to take `resume`'s connection.
+async fn take_back(
+    ctx: &Ctx,
+    user: &str,
+    endpoint: &str,
+    resume: Resume,
+) -> Result<OutboxReceiver, ResumeRefusal> {
+    let token = resume.token.clone();
+    let entry = ctx
+        .directory
+        .endpoints_of(user)
+        .into_iter()
+        .find(|e| e.id == endpoint);
+    match entry.map(|e| e.addr) {
+        Some(EndpointRef::Local(addr)) => addr
+            .send(resume)
+            .await
+            .unwrap_or(Err(ResumeRefusal::Unknown)),
+        // Held on another node: relayed resumes are not built yet.
+        Some(EndpointRef::Remote { .. }) => Err(ResumeRefusal::NodeGone),
+        None if ctx.expired_sessions.expired(endpoint, &token) => Err(ResumeRefusal::WindowOver),
+        None => Err(ResumeRefusal::Unknown),
     }
 }
 
@@ -307,15 +390,16 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefuse
             return Err(SignInRefused::new(None, Refusal::ClosedBeforeHello));
         }
     };
-    let (rid, version, user, token, device) = match decode_client(&frame) {
+    let (rid, version, user, token, device, resume) = match decode_client(&frame) {
         Ok(ClientMsg::Hello {
             rid,
             version,
             user,
             token,
             device,
+            resume,
             ..
-        }) => (rid, version, user, token, device),
+        }) => (rid, version, user, token, device, resume),
         Err(e @ DecodeError::BadFrame { .. }) if e.type_name() == Some("hello") => {
             return Err(SignInRefused::new(e.rid(), Refusal::MalformedHello));
         }
@@ -346,7 +430,12 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefuse
     if ctx.is_draining() {
         return Err(SignInRefused::new(rid, Refusal::ShuttingDown));
     }
-    Ok(Hello { rid, user, device })
+    Ok(Hello {
+        rid,
+        user,
+        device,
+        resume,
+    })
 }
 
 async fn start_endpoint(
@@ -355,6 +444,7 @@ async fn start_endpoint(
     outbox: Outbox,
     frames: Frames,
     peer: std::net::SocketAddr,
+    resumable: Option<(String, ResumeState)>,
 ) {
     let id = ctx.ids.mint('e');
     let actor_ctx = Context::<Endpoint>::new();
@@ -401,14 +491,20 @@ async fn start_endpoint(
         endpoint: id.clone(),
         device: hello.device.clone(),
     });
+    let (token, state) = resumable.unzip();
     outbox.push(ServerMsg::Welcome {
         rid: hello.rid,
         endpoint: id.clone(),
         node: ctx.node_id.clone(),
         heartbeat_ms: ctx.settings.server.heartbeat_ms,
         max_frame: ctx.settings.server.max_frame,
+        resume: token.map(|t| grant(&ctx, t, None)),
     });
     let mut actor_ctx = actor_ctx;
-    actor_ctx.add_stream(frames);
-    actor_ctx.run(Endpoint::new(ctx, id, hello.user, outbox, peer));
+    let stream = actor_ctx.add_stream(crate::endpoint::tagged(frames, 0));
+    let mut endpoint = Endpoint::new(ctx, id, hello.user, outbox, peer);
+    if let Some(state) = state {
+        endpoint.resumable(state, stream);
+    }
+    actor_ctx.run(endpoint);
 }

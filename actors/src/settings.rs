@@ -24,6 +24,7 @@ pub struct Settings {
     pub fork: Fork,
     pub presence: Presence,
     pub flow: Flow,
+    pub session: Session,
     pub limits: Limits,
     pub metrics: Metrics,
     pub admin: Admin,
@@ -160,6 +161,19 @@ pub struct Flow {
     /// Longest `content_type` of a message or a toast (`bad_frame` above it): it is passed on
     /// to the receiver with the body, but not counted in `max_message_bytes`.
     pub max_content_type_bytes: usize,
+}
+
+/// Resumable sessions (docs/protocol.md §3 "Resuming"): how long a dropped connection's
+/// endpoint is held for its client to come back, and how much the node keeps for it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Session {
+    /// How long an endpoint whose connection dropped is held; 0 turns resuming off.
+    pub resume_window_ms: u64,
+    /// Frames sent on a resumable session and not yet acknowledged with `seen`, at most.
+    pub max_unseen_frames: usize,
+    /// Bytes of those frames, at most.
+    pub max_unseen_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -390,6 +404,16 @@ impl Default for Flow {
     }
 }
 
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            resume_window_ms: 30_000,
+            max_unseen_frames: 1024,
+            max_unseen_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -604,6 +628,15 @@ impl Settings {
                 "must be positive and less than server.max_frame",
             );
         }
+        if self.session.max_unseen_frames < 2 {
+            return invalid("session.max_unseen_frames", "must be at least 2");
+        }
+        if self.session.max_unseen_bytes < 2 * self.flow.max_message_bytes {
+            return invalid(
+                "session.max_unseen_bytes",
+                "must hold at least two messages of flow.max_message_bytes",
+            );
+        }
         if self.flow.max_content_type_bytes == 0 {
             return invalid("flow.max_content_type_bytes", "must be positive");
         }
@@ -790,8 +823,8 @@ fn typed_defaults() -> toml::Table {
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "auth", "fork", "presence", "flow", "limits", "metrics", "admin", "log", "cluster",
-    "tls",
+    "server", "auth", "fork", "presence", "flow", "session", "limits", "metrics", "admin", "log",
+    "cluster", "tls",
 ];
 
 /// An environment value as TOML: integers and booleans keep their type, anything else is text.

@@ -116,6 +116,8 @@ fn dispatch(ctx: &Arc<Ctx>, event: ServerMsg) {
                 toast: toast.unwrap_or(false),
             },
         ),
+        // The connection's reader consumes it on a resumable session.
+        ServerMsg::Seen { .. } => {}
         ServerMsg::RemoteComposing { call, active } => {
             if let Some(inner) = find(ctx, &call, "remote_composing") {
                 inner.on_remote_composing(active);

@@ -159,12 +159,14 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             ServerMsg::Ok { rid } => {
                 tagged(dst, "ok", *rid, 0);
             }
+            // A resumable session's welcome (rare) takes serde's path.
             ServerMsg::Welcome {
                 rid,
                 endpoint,
                 node,
                 heartbeat_ms,
                 max_frame,
+                resume: None,
             } => {
                 tagged(dst, "welcome", *rid, 4);
                 str(dst, "endpoint");
@@ -838,6 +840,7 @@ mod tests {
             }
             for (heartbeat_ms, max_frame) in [(0, 0), (15_000, 1 << 20), (u64::MAX, u32::MAX)] {
                 frames.push(ServerMsg::Welcome {
+                    resume: None,
                     rid,
                     endpoint: "n1.0badf00d.e1".into(),
                     node: long.clone(),

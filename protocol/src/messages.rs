@@ -101,6 +101,7 @@ pub enum ErrorCode {
     RateLimited,
     Overloaded,
     Internal,
+    ResumeRefused,
 }
 
 impl ErrorCode {
@@ -121,6 +122,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
+            Self::ResumeRefused => "resume_refused",
         }
     }
 }
@@ -267,6 +269,10 @@ pub enum ClientMsg {
         device: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<String>,
+        /// Asks for a resumable session (an empty map) or takes a held one back (section 3,
+        /// "Resuming"). Boxed: almost every hello leaves it out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Box<ResumeAsk>>,
     },
     Ping {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -361,6 +367,39 @@ pub enum ClientMsg {
         call: String,
         active: bool,
     },
+    /// On a resumable session: the client has read the node's frames up to `upto` (counted
+    /// from the `welcome`, which is frame 0). No reply.
+    Seen {
+        upto: u64,
+    },
+}
+
+/// `hello.resume`: `{}` asks for a resumable session; with `endpoint` and `token` it takes a
+/// held session back, saying how many of the node's frames the client read (`seen`) and how
+/// many of its own it sent (`sent`), each counted from its `welcome`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeAsk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub seen: u64,
+    #[serde(default)]
+    pub sent: u64,
+}
+
+/// `welcome.resume`: the session is resumable, with this token and these bounds; `seen` is
+/// present when this welcome took a held session back, and says how many of the client's
+/// frames the node had read (the client sends its frames after that number again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeGrant {
+    pub token: String,
+    pub window_ms: u64,
+    pub max_unseen_frames: u32,
+    pub max_unseen_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<u64>,
 }
 
 /// Every `type` a client may send, in contract order.
@@ -382,6 +421,7 @@ pub const CLIENT_TYPES: &[&str] = &[
     "message",
     "message_ack",
     "composing",
+    "seen",
 ];
 
 impl ClientMsg {
@@ -404,7 +444,7 @@ impl ClientMsg {
             | CallTerminate { rid, .. }
             | ConversationTerminate { rid, .. }
             | Message { rid, .. } => *rid,
-            MessageAck { .. } | Composing { .. } => None,
+            MessageAck { .. } | Composing { .. } | Seen { .. } => None,
         }
     }
 
@@ -428,7 +468,7 @@ impl ClientMsg {
             | CallTerminate { rid, .. }
             | ConversationTerminate { rid, .. }
             | Message { rid, .. } => Some(rid),
-            MessageAck { .. } | Composing { .. } => None,
+            MessageAck { .. } | Composing { .. } | Seen { .. } => None,
         }
     }
 
@@ -453,6 +493,7 @@ impl ClientMsg {
             Message { .. } => "message",
             MessageAck { .. } => "message_ack",
             Composing { .. } => "composing",
+            Seen { .. } => "seen",
         }
     }
 }
@@ -468,6 +509,9 @@ pub enum ServerMsg {
         node: String,
         heartbeat_ms: u64,
         max_frame: u32,
+        /// Present on a resumable session. Boxed: most sessions are not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Box<ResumeGrant>>,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -578,6 +622,11 @@ pub enum ServerMsg {
         call: String,
         active: bool,
     },
+    /// On a resumable session, after each `pong`: the node has read the client's frames up to
+    /// `upto` (counted from the `hello`, which is frame 0).
+    Seen {
+        upto: u64,
+    },
 }
 
 impl ServerMsg {
@@ -603,7 +652,8 @@ impl ServerMsg {
             | CallForwarded { .. }
             | CallTransferred { .. }
             | MessageReceived { .. }
-            | RemoteComposing { .. } => None,
+            | RemoteComposing { .. }
+            | Seen { .. } => None,
         }
     }
 
@@ -761,6 +811,7 @@ pub const SERVER_TYPES: &[&str] = &[
     "message_failed",
     "message_received",
     "remote_composing",
+    "seen",
 ];
 
 fn decode_tagged<T: DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, DecodeError> {

@@ -134,6 +134,7 @@ fn every_client_msg() -> Vec<ClientMsg> {
     let call = || "call-1".to_string();
     vec![
         Hello {
+            resume: None,
             rid: Some(1),
             version: 1,
             user: "sip:a@b.c".into(),
@@ -216,6 +217,30 @@ fn every_client_msg() -> Vec<ClientMsg> {
             call: call(),
             active: false,
         },
+        Hello {
+            resume: Some(Box::default()),
+            rid: Some(1),
+            version: 1,
+            user: "sip:a@b.c".into(),
+            token: "x.y.z".into(),
+            device: "pc".into(),
+            agent: None,
+        },
+        Hello {
+            resume: Some(Box::new(ResumeAsk {
+                endpoint: Some("ep-1".into()),
+                token: Some("r-token".into()),
+                seen: 12,
+                sent: 7,
+            })),
+            rid: Some(1),
+            version: 1,
+            user: "sip:a@b.c".into(),
+            token: "x.y.z".into(),
+            device: "pc".into(),
+            agent: None,
+        },
+        Seen { upto: 300 },
     ]
 }
 
@@ -228,6 +253,7 @@ fn every_server_msg() -> Vec<ServerMsg> {
     };
     vec![
         Welcome {
+            resume: None,
             rid: Some(1),
             endpoint: "ep-1".into(),
             node: "node-a".into(),
@@ -321,6 +347,21 @@ fn every_server_msg() -> Vec<ServerMsg> {
             call: call(),
             active: true,
         },
+        Welcome {
+            resume: Some(Box::new(ResumeGrant {
+                token: "r-token".into(),
+                window_ms: 30_000,
+                max_unseen_frames: 1024,
+                max_unseen_bytes: 4_194_304,
+                seen: Some(7),
+            })),
+            rid: Some(1),
+            endpoint: "ep-1".into(),
+            node: "node-a".into(),
+            heartbeat_ms: 15000,
+            max_frame: 65536,
+        },
+        Seen { upto: 70_000 },
     ]
 }
 
@@ -550,6 +591,7 @@ fn frames_built_by_python_msgpack_decode() {
     assert_eq!(
         got[0],
         ClientMsg::Hello {
+            resume: None,
             rid: Some(1),
             version: 1,
             user: "sip:alice@example.com".into(),

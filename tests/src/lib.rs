@@ -4,8 +4,10 @@
 //! test files share.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+pub mod cut;
 pub mod legs;
 pub mod pki;
+pub mod resumable;
 pub mod wire;
 
 use bytes::BytesMut;
@@ -36,6 +38,7 @@ pub fn test_settings() -> Settings {
 }
 
 pub fn start_node(tweak: impl FnOnce(&mut Settings)) -> RunningNode {
+    init_logging();
     let mut s = test_settings();
     tweak(&mut s);
     spawn_node(s).expect("node starts")
@@ -138,6 +141,7 @@ impl Raw {
         let c = &mut self;
         c.user = confab_protocol::uri::normalize_user_uri(user).unwrap();
         c.send(&ClientMsg::Hello {
+            resume: None,
             rid: Some(1),
             version: 1,
             user: user.to_owned(),
@@ -1225,4 +1229,31 @@ pub async fn log_line_with(log: &mut NodeLog, want: &str, limit: Duration) -> St
     })
     .await
     .unwrap_or_else(|_| panic!("no {want:?} in the node's log"))
+}
+
+/// The admin token of a test: a file the node reads (`admin.token_file`), and its text.
+pub struct AdminToken {
+    pub file: tempfile::NamedTempFile,
+    pub token: String,
+}
+
+impl AdminToken {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> AdminToken {
+        use std::io::Write;
+        let token = format!("admin-token-{}", seed_from_env("CONFAB_ADMIN_TEST_TOKEN"));
+        let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+        writeln!(file, "{token}").unwrap();
+        file.flush().unwrap();
+        AdminToken { file, token }
+    }
+
+    pub fn path(&self) -> String {
+        self.file.path().to_str().unwrap().to_owned()
+    }
+
+    /// Turns the admin API on in `s`.
+    pub fn configure(&self, s: &mut Settings) {
+        s.admin.token_file = self.path();
+    }
 }

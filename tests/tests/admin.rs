@@ -16,32 +16,6 @@ const ALICE: &str = "sip:alice@example.com";
 const BOB: &str = "sip:bob@example.com";
 const CAROL: &str = "sip:carol@example.com";
 
-/// The admin token of a test: a file the node reads (`admin.token_file`), and its text.
-struct AdminToken {
-    file: tempfile::NamedTempFile,
-    token: String,
-}
-
-impl AdminToken {
-    fn new() -> AdminToken {
-        use std::io::Write;
-        let token = format!("admin-token-{}", seed_from_env("CONFAB_ADMIN_TEST_TOKEN"));
-        let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
-        writeln!(file, "{token}").unwrap();
-        file.flush().unwrap();
-        AdminToken { file, token }
-    }
-
-    fn path(&self) -> String {
-        self.file.path().to_str().unwrap().to_owned()
-    }
-
-    /// Turns the admin API on in `s`.
-    fn configure(&self, s: &mut Settings) {
-        s.admin.token_file = self.path();
-    }
-}
-
 /// A node with the admin API on; (node, its operations port, the token).
 fn admin_node(tweak: impl FnOnce(&mut Settings)) -> (RunningNode, SocketAddr, AdminToken) {
     let token = AdminToken::new();

@@ -250,6 +250,7 @@ async fn traffic(addr: SocketAddr, tag: &str) {
     let mut intruder = Raw::connect(addr).await;
     intruder
         .send(&ClientMsg::Hello {
+            resume: None,
             rid: Some(1),
             version: PROTOCOL_VERSION,
             user: user("mallet"),

@@ -40,6 +40,7 @@ async fn assert_open(c: &mut Raw) {
 
 fn hello(user: &str, device: &str) -> ClientMsg {
     ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: user.to_owned(),
@@ -783,6 +784,7 @@ async fn a_source_address_over_its_limits_is_refused_before_a_hello() {
     for _ in 0..100 {
         let mut raw = Raw::connect(node.addr).await;
         raw.send(&ClientMsg::Hello {
+            resume: None,
             rid: Some(1),
             version: 1,
             user: "sip:alice-addr@example.com".to_owned(),

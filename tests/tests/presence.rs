@@ -31,6 +31,7 @@ impl ValueClient {
             framed: Framed::new(stream, FrameCodec::new(1 << 20)),
         };
         c.send(&ClientMsg::Hello {
+            resume: None,
             rid: Some(1),
             version: 1,
             user: user.to_owned(),

@@ -22,6 +22,7 @@ async fn hello_from(
         raw.send_bytes(&proxy::encode(client, node)).await;
     }
     raw.send(&ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: USER.to_owned(),

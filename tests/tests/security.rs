@@ -565,6 +565,7 @@ fn hs256(c: &Claims) -> String {
 async fn try_token(addr: std::net::SocketAddr, token: String) -> ServerMsg {
     let mut c = Raw::connect(addr).await;
     c.send(&ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: ALICE.to_owned(),
@@ -896,6 +897,7 @@ async fn error_texts_carry_no_internals() {
     assert_code(&reply, ErrorCode::InvalidState);
     let reply = bob
         .request(ClientMsg::Hello {
+            resume: None,
             rid: None,
             version: 1,
             user: BOB.into(),
@@ -914,6 +916,7 @@ async fn error_texts_carry_no_internals() {
         ),
         (
             frame(&ClientMsg::Hello {
+                resume: None,
                 rid: Some(1),
                 version: 2,
                 user: ALICE.into(),
@@ -925,6 +928,7 @@ async fn error_texts_carry_no_internals() {
         ),
         (
             frame(&ClientMsg::Hello {
+                resume: None,
                 rid: Some(1),
                 version: 1,
                 user: "alice".into(),
@@ -936,6 +940,7 @@ async fn error_texts_carry_no_internals() {
         ),
         (
             frame(&ClientMsg::Hello {
+                resume: None,
                 rid: Some(1),
                 version: 1,
                 user: ALICE.into(),

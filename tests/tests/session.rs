@@ -25,6 +25,7 @@ fn map_body(entries: &[(&str, Value)]) -> Vec<u8> {
 
 fn hello(rid: u32, user: &str, token: String) -> ClientMsg {
     ClientMsg::Hello {
+        resume: None,
         rid: Some(rid),
         version: 1,
         user: user.to_owned(),
@@ -178,7 +179,9 @@ async fn hello_is_answered_with_welcome_echoing_rid() {
             node,
             heartbeat_ms,
             max_frame,
+            resume,
         } => {
+            assert_eq!(resume, None, "not asked for: not resumable");
             assert_eq!(rid, Some(77));
             assert!(!endpoint.is_empty());
             assert_eq!(node, "node-t");

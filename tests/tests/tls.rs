@@ -112,6 +112,7 @@ async fn a_client_that_does_not_trust_the_node_or_does_not_speak_tls_gets_nothin
     // Plain TCP on the TLS port: the hello is not TLS, so the node closes without a frame.
     let mut raw = Raw::connect(node.addr).await;
     raw.send(&ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: ALICE.to_owned(),
@@ -219,6 +220,7 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
         .unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hello = ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: ALICE.to_owned(),

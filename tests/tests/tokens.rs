@@ -107,6 +107,7 @@ fn idp_token(key: &IdpKey, sub: &str, claims: Value) -> String {
 async fn hello(addr: SocketAddr, user: &str, token: String) -> (Raw, ServerMsg) {
     let mut raw = Raw::connect(addr).await;
     raw.send(&ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: user.to_owned(),

@@ -258,9 +258,10 @@ async fn a_silent_websocket_client_is_dropped_after_three_heartbeats_like_tcp() 
     let mut bob = Raw::sign_in_ws(ws_addr(&node), BOB, "browser").await;
     let (call, _) = alice.establish(BOB, None).await;
     let (incoming, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
-    // Bob's last frame was his accept: from here he is silent, Alice keeps pinging.
+    // Bob's last frame is his accept: from its sending he is silent, Alice keeps pinging. (Taken
+    // before the accept is sent, so that the node's last sign of life from him is later.)
     let silent_since = std::time::Instant::now();
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
     let ended = loop {
         assert!(
             silent_since.elapsed() < EVENT_TIMEOUT,
@@ -388,6 +389,7 @@ async fn wss_speaks_tls_with_the_client_ports_certificate() {
         .unwrap();
     let (mut socket, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
     let hello = ClientMsg::Hello {
+        resume: None,
         rid: Some(1),
         version: 1,
         user: BOB.to_owned(),

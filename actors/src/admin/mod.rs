@@ -85,7 +85,8 @@ pub struct Session {
     pub since_unix_ms: u64,
     /// Calls it holds now.
     pub calls: usize,
-    /// `active`, or `ending` once it is signing out.
+    /// `active`; `held` while its connection is gone and the session waits for a resume;
+    /// `ending` once it is signing out.
     pub state: String,
 }
 
@@ -198,7 +199,14 @@ async fn sessions_here(
             remote_addr: d.remote_addr.to_string(),
             since_unix_ms: d.since_unix_ms,
             calls: d.calls,
-            state: if d.ending { "ending" } else { "active" }.to_owned(),
+            state: if d.ending {
+                "ending"
+            } else if d.held {
+                "held"
+            } else {
+                "active"
+            }
+            .to_owned(),
         });
     }
     out

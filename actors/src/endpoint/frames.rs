@@ -5,6 +5,7 @@
 use actix::prelude::*;
 use bytes::BytesMut;
 use confab_protocol::{ClientMsg, DecodeError, FrameError, ServerMsg, decode_client};
+use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::{Endpoint, request_rate};
@@ -19,7 +20,10 @@ impl Endpoint {
     fn handle_frame(&mut self, msg: ClientMsg, ctx: &mut Context<Self>) {
         match msg {
             ClientMsg::Hello { rid, .. } => self.refuse(rid, Refusal::AlreadySignedIn),
-            ClientMsg::Ping { rid } => self.push(ServerMsg::Pong { rid }),
+            ClientMsg::Ping { rid } => {
+                self.push(ServerMsg::Pong { rid });
+                self.push_seen();
+            }
             ClientMsg::Bye { rid } => {
                 self.push(ServerMsg::Ok { rid });
                 self.end_cleanly(ctx, TerminateCause::Bye);
@@ -59,6 +63,7 @@ impl Endpoint {
             } => self.send_message(rid, call, content_type, body, ctx),
             ClientMsg::MessageAck { call, msg } => self.ack(&call, msg),
             ClientMsg::Composing { call, active } => self.composing(&call, active),
+            ClientMsg::Seen { upto } => self.client_saw(upto),
         }
     }
 
@@ -69,7 +74,8 @@ impl Endpoint {
     fn refuse_unread(&mut self, msg: ClientMsg, why: Refusal) {
         match msg {
             ClientMsg::Message { rid, call, .. } => self.fail_message_for(rid, call, &why),
-            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } => {}
+            ClientMsg::MessageAck { .. } | ClientMsg::Composing { .. } | ClientMsg::Seen { .. } => {
+            }
             other => self.refuse(other.rid(), why),
         }
     }
@@ -84,8 +90,40 @@ impl Endpoint {
     }
 }
 
-impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
-    fn handle(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
+/// One item of a connection's frames: the connection's number within its endpoint (a resume
+/// starts a new one), and a frame, or `None` once the connection has ended.
+pub type Tagged = (u32, Option<Result<BytesMut, FrameError>>);
+
+/// `frames`, tagged as connection `conn`, with its end as a last item. actix may still poll a
+/// stream once after it was cancelled (a resume cancels the old connection's): the tag lets
+/// the endpoint drop what the old connection still yields, its end included, rather than take
+/// it for the new one's.
+pub fn tagged(frames: Frames, conn: u32) -> impl Stream<Item = Tagged> + 'static {
+    frames
+        .map(move |item| (conn, Some(item)))
+        .chain(futures::stream::once(std::future::ready((conn, None))))
+}
+
+impl StreamHandler<Tagged> for Endpoint {
+    fn handle(&mut self, (conn, item): Tagged, ctx: &mut Context<Self>) {
+        if !self.is_current_connection(conn) {
+            return;
+        }
+        match item {
+            Some(item) => self.frame_read(item, ctx),
+            None => self.connection_lost("closed by the client", ctx),
+        }
+    }
+
+    /// The end of a connection arrives as its last item (see [`tagged`]).
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl Endpoint {
+    fn frame_read(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
+        if item.is_ok() {
+            self.count_received();
+        }
         if self.ending() {
             // Still answered while the socket is open: a `message` always gets its one answer,
             // a malformed frame its error. (A framing error needs no answer now: the socket is
@@ -101,8 +139,11 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
         self.last_rx = Instant::now();
         match item {
             Ok(frame) => match decode_client(&frame) {
-                // Acks answer the node's own events; refusing them would only fail the sender.
-                Ok(msg @ ClientMsg::MessageAck { .. }) => self.handle_frame(msg, ctx),
+                // Acks answer the node's own frames; refusing them would only fail the sender
+                // (or, for `seen`, keep frames the client has).
+                Ok(msg @ (ClientMsg::MessageAck { .. } | ClientMsg::Seen { .. })) => {
+                    self.handle_frame(msg, ctx)
+                }
                 Ok(msg) if !self.bucket.try_take(request_rate(&self.ctx), self.last_rx) => {
                     metrics::counter!(m::FRAMES_REJECTED, "reason" => "rate_limited").increment(1);
                     self.refuse_unread(msg, Refusal::TooManyRequests)
@@ -127,14 +168,8 @@ impl StreamHandler<Result<BytesMut, FrameError>> for Endpoint {
             }
             Err(e) => {
                 tracing::debug!(endpoint = %self.id, error = %e, "connection read failed");
-                self.lost(ctx);
+                self.connection_lost("read failed", ctx);
             }
-        }
-    }
-
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        if !self.ending() {
-            self.lost(ctx);
         }
     }
 }

@@ -32,10 +32,12 @@ mod frames;
 mod lifecycle;
 mod presence;
 mod remote;
+mod resume;
 pub use calls::ForkOffer;
-pub use frames::Frames;
+pub use frames::{Frames, tagged};
 use remote::RemoteCall;
 pub use remote::{RemoteFork, RemoteForkGuard};
+pub use resume::{ExpiredSessions, Resume, ResumeState, grant, new_token};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -97,6 +99,8 @@ pub struct Described {
     pub calls: usize,
     /// Signing out, lost or shutting down.
     pub ending: bool,
+    /// Its connection is gone and the session is held for a resume.
+    pub held: bool,
 }
 
 /// What a finished call id still answers to, so a late request gets the right error.
@@ -130,6 +134,8 @@ pub struct Endpoint {
     /// moved every endpoint's task into the allocator's next size class (~200 B more per idle
     /// endpoint, BENCHMARKS.md).
     session: Box<(std::net::SocketAddr, u64)>,
+    /// A resumable session's state (`resume.rs`). Boxed: most sessions are not resumable.
+    resume: Option<Box<ResumeState>>,
 }
 
 /// Whether, and why, an endpoint is ending.
@@ -187,6 +193,7 @@ impl Endpoint {
             bucket,
             presence_bucket,
             session: Box::new((peer, crate::presence::stamp::unix_ms())),
+            resume: None,
         }
     }
 
@@ -222,11 +229,11 @@ impl Actor for Endpoint {
         let hb = self.ctx.settings.heartbeat();
         ctx.run_interval(hb, move |act, ctx| {
             // An ending endpoint has its own deadline; dropping it as lost would drop the final
-            // events of its calls on other nodes.
-            if !act.ending() && act.last_rx.elapsed() > hb * 3 {
-                tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the endpoint");
+            // events of its calls on other nodes. A held one has its resume window.
+            if !act.ending() && !act.held() && act.last_rx.elapsed() > hb * 3 {
+                tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the connection");
                 m::limit_tripped("heartbeat_timeout");
-                act.lost(ctx);
+                act.connection_lost("no heartbeat", ctx);
             }
         });
         // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
@@ -240,10 +247,12 @@ impl Actor for Endpoint {
                     }
                 }),
         );
+        self.watch_writer(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().endpoints.decrement(1.0);
+        self.end_hold();
         for (leg, _) in self.calls.values() {
             leg.do_send(LegMsg::EndpointLost);
         }
@@ -309,6 +318,7 @@ impl Handler<Describe> for Endpoint {
             since_unix_ms: self.session.1,
             calls: self.calls.len(),
             ending: self.ending(),
+            held: self.held(),
         })
     }
 }

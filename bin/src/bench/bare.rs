@@ -132,6 +132,7 @@ async fn route(stream: TcpStream, welcome: Bytes, router: Arc<Router>) {
 /// of the hello's `rid` are the bench's fixed 0.
 fn welcome_frame() -> anyhow::Result<Bytes> {
     let msg = ServerMsg::Welcome {
+        resume: None,
         rid: Some(0),
         endpoint: "bare.0".into(),
         node: "bare".into(),

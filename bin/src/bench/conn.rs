@@ -105,6 +105,7 @@ impl Conn {
             endpoint: String::new(),
         };
         conn.send(&ClientMsg::Hello {
+            resume: None,
             rid: Some(0),
             version: 1,
             user: user.to_owned(),

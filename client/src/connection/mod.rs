@@ -397,6 +397,7 @@ impl Shared {
 
 fn hello_msg(hello: Hello) -> ClientMsg {
     ClientMsg::Hello {
+        resume: None,
         rid: None,
         version: PROTOCOL_VERSION,
         user: hello.user,

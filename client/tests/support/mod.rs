@@ -129,6 +129,7 @@ impl Peer {
             panic!("expected hello, got {hello:?}");
         };
         self.send(ServerMsg::Welcome {
+            resume: None,
             rid: *rid,
             endpoint: endpoint.to_owned(),
             node: "node-test".to_owned(),

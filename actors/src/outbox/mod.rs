@@ -8,8 +8,17 @@
 //! The queue is a `VecDeque` behind a mutex rather than a channel because a channel allocates
 //! its first block of slots up front, which for an idle endpoint is most of its memory; the
 //! deque allocates only when something is queued.
+//!
+//! A resumable session's outbox (docs/protocol.md §3 "Resuming") outlives its connection: the
+//! writer numbers and keeps what it sends ([`kept`]), a lost connection only detaches the
+//! writer (the endpoint is held, and what is pushed meanwhile waits in the queue), and a resume
+//! attaches a new writer that first sends the new `welcome` and the frames the client missed.
 
-use bytes::BytesMut;
+mod kept;
+pub use kept::CountError;
+use kept::Kept;
+
+use bytes::{Bytes, BytesMut};
 use confab_protocol::ServerMsg;
 use confab_protocol::hot::encode_server_frame;
 use std::collections::VecDeque;
@@ -20,6 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -30,6 +40,21 @@ struct Queue {
     bytes: usize,
     /// The writer has taken its last batch: nothing pushed now would ever be written.
     sealed: bool,
+    /// A resumable session's numbering, kept frames and writer. Boxed: most sessions are not.
+    resumable: Option<Box<Resumable>>,
+}
+
+/// The writer side of a resumable session.
+struct Resumable {
+    kept: Kept,
+    /// Which writer may take frames now (each attach takes the next number; a detach too, so
+    /// that no writer matches while the endpoint is held).
+    writer: u64,
+    /// Cancelled when that writer is detached, or by the writer when its socket fails.
+    link: CancellationToken,
+    /// What the attached writer sends before anything queued: a resume's `welcome` and the
+    /// frames the client missed.
+    preface: Option<Bytes>,
 }
 
 struct Shared {
@@ -64,6 +89,26 @@ impl std::fmt::Debug for Outbox {
 /// Receiving side, owned by the writer task.
 pub struct OutboxReceiver {
     shared: Arc<Shared>,
+    /// On a resumable session: which writer this is, and its link (see [`Resumable`]).
+    link: Option<(u64, CancellationToken)>,
+}
+
+/// The attached writer of a resumable session, as its endpoint watches it.
+#[derive(Clone)]
+pub struct WriterLink {
+    pub writer: u64,
+    /// Cancelled when the writer's socket fails (or the writer is detached).
+    pub lost: CancellationToken,
+}
+
+/// What the writer takes from the queue.
+enum Taken {
+    Nothing,
+    Frames(BytesMut),
+    /// A resumable session's frames, encoded (and numbered) under the queue's lock.
+    Encoded(Bytes),
+    /// This writer is no longer the session's (detached, or the session overflowed).
+    Detached,
 }
 
 /// A queue of at most `capacity` frames and about `max_bytes` bytes.
@@ -73,6 +118,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             frames: VecDeque::new(),
             bytes: 0,
             sealed: false,
+            resumable: None,
         }),
         ready: Notify::new(),
         closed: CancellationToken::new(),
@@ -85,28 +131,74 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         Outbox {
             shared: shared.clone(),
         },
-        OutboxReceiver { shared },
+        OutboxReceiver { shared, link: None },
     )
 }
 
 impl Shared {
-    /// Empties the queue: its frames and about how many bytes they take encoded.
-    fn take(&self) -> (VecDeque<ServerMsg>, usize) {
-        let mut q = match self.queue.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        match self.queue.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The writer's next batch. A resumable session's frames are encoded under the lock, so
+    /// that their numbers and the bytes a resume replays always agree.
+    fn take_batch(&self, link: Option<u64>) -> Taken {
+        let mut q = self.lock();
+        let Queue {
+            frames,
+            bytes,
+            resumable,
+            ..
+        } = &mut *q;
+        let Some(r) = resumable.as_deref_mut() else {
+            if frames.is_empty() {
+                return Taken::Nothing;
+            }
+            let (batch, approx) = (std::mem::take(frames), std::mem::take(bytes));
+            drop(q);
+            return Taken::Frames(encode_all(batch, approx));
         };
-        (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
+        if link != Some(r.writer) {
+            return Taken::Detached;
+        }
+        if let Some(preface) = r.preface.take() {
+            return Taken::Encoded(preface);
+        }
+        if frames.is_empty() {
+            return Taken::Nothing;
+        }
+        let approx = std::mem::take(bytes);
+        let mut buf = BytesMut::with_capacity(approx);
+        let mut ends = Vec::with_capacity(frames.len());
+        for msg in frames.drain(..) {
+            if let Err(e) = encode_server_frame(&msg, &mut buf) {
+                tracing::error!(error = %e, "could not encode a frame for a client");
+            }
+            ends.push(buf.len());
+        }
+        let buf = buf.freeze();
+        if r.kept.keep(&buf, &ends).is_err() {
+            drop(q);
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+            m::limit_tripped("max_unseen_frames");
+            tracing::warn!(
+                "client left too many frames unacknowledged; disconnecting it as a slow consumer"
+            );
+            self.aborted.store(true, Ordering::SeqCst);
+            self.close();
+            return Taken::Detached;
+        }
+        Taken::Encoded(buf)
     }
 
     /// The writer's last take: what is still queued, and no push is accepted after it (a push
     /// that passed the `closing` check just before the close would otherwise be lost while
     /// reporting success).
     fn seal(&self) -> (VecDeque<ServerMsg>, usize) {
-        let mut q = match self.queue.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut q = self.lock();
         q.sealed = true;
         (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
     }
@@ -166,6 +258,107 @@ impl Outbox {
     pub fn closed(&self) -> CancellationToken {
         self.shared.closed.clone()
     }
+
+    /// Makes the session resumable, before its writer starts and its `welcome` is queued (the
+    /// welcome is frame 0). Returns the first writer's receiver side and its link.
+    pub fn make_resumable(
+        &self,
+        rx: &mut OutboxReceiver,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> WriterLink {
+        let link = CancellationToken::new();
+        self.shared.lock().resumable = Some(Box::new(Resumable {
+            kept: Kept::new(max_frames, max_bytes),
+            writer: 1,
+            link: link.clone(),
+            preface: None,
+        }));
+        rx.link = Some((1, link.clone()));
+        WriterLink {
+            writer: 1,
+            lost: link,
+        }
+    }
+
+    /// Whether `link` is still the session's writer (not detached nor replaced; it may have
+    /// failed).
+    pub fn is_current(&self, link: &WriterLink) -> bool {
+        self.shared
+            .lock()
+            .resumable
+            .as_ref()
+            .is_some_and(|r| r.writer == link.writer)
+    }
+
+    /// The connection is gone: the writer stops (its socket is dropped), what is pushed from
+    /// now on waits in the queue for a resume.
+    pub fn detach(&self) {
+        let mut q = self.shared.lock();
+        if let Some(r) = q.resumable.as_deref_mut() {
+            r.writer += 1;
+            r.link.cancel();
+            r.preface = None;
+        }
+    }
+
+    /// The client acknowledged the frames up to `upto`.
+    pub fn client_saw(&self, upto: u64) -> Result<(), CountError> {
+        match self.shared.lock().resumable.as_deref_mut() {
+            Some(r) => r.kept.saw(upto),
+            None => Ok(()),
+        }
+    }
+
+    /// A resume where the client read the frames up to `seen`: detaches the writer in place
+    /// and attaches a new one that sends `welcome`, then every kept frame after `seen`, then
+    /// what is queued. `None` when the session is not resumable.
+    pub fn resume(
+        &self,
+        seen: u64,
+        welcome: &ServerMsg,
+    ) -> Option<Result<(OutboxReceiver, WriterLink), CountError>> {
+        let mut q = self.shared.lock();
+        let r = q.resumable.as_deref_mut()?;
+        let replay = match r.kept.replay_after(seen) {
+            Ok(replay) => replay,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut preface = BytesMut::new();
+        if let Err(e) = encode_server_frame(welcome, &mut preface) {
+            tracing::error!(error = %e, "could not encode a welcome");
+        }
+        for frame in &replay {
+            preface.extend_from_slice(frame);
+        }
+        r.link.cancel();
+        r.writer += 1;
+        r.link = CancellationToken::new();
+        r.preface = Some(preface.freeze());
+        let link = WriterLink {
+            writer: r.writer,
+            lost: r.link.clone(),
+        };
+        drop(q);
+        // Wakes the new writer at once for its preface.
+        self.shared.ready.notify_one();
+        Some(Ok((
+            OutboxReceiver {
+                shared: self.shared.clone(),
+                link: Some((link.writer, link.lost.clone())),
+            },
+            link,
+        )))
+    }
+
+    /// Frames sent and kept for a resume now (0 when the session is not resumable).
+    pub fn kept_frames(&self) -> usize {
+        self.shared
+            .lock()
+            .resumable
+            .as_ref()
+            .map_or(0, |r| r.kept.len())
+    }
 }
 
 /// How long a closing connection may take to flush its last frames.
@@ -179,22 +372,41 @@ async fn expired(timer: &mut Option<Pin<Box<Sleep>>>) {
     }
 }
 
+/// Completes when `link` is cancelled; never without one.
+async fn unlinked(link: &Option<(u64, CancellationToken)>) {
+    match link {
+        Some((_, l)) => l.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
+/// A resumable session's writer instead just stops when it is detached, and when its socket
+/// fails it says so through its link (the endpoint is then held) rather than closing.
 pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
     let s = &*out.shared;
+    let writer = out.link.as_ref().map(|(w, _)| *w);
     loop {
-        let (batch, bytes) = s.take();
-        if batch.is_empty() {
-            tokio::select! {
-                biased;
-                () = s.ready.notified() => {
-                    coalesce().await;
-                    continue;
+        let buf = match s.take_batch(writer) {
+            Taken::Detached => return,
+            Taken::Frames(buf) => Either::Left(buf),
+            Taken::Encoded(buf) => Either::Right(buf),
+            Taken::Nothing => {
+                tokio::select! {
+                    biased;
+                    () = s.ready.notified() => {
+                        coalesce().await;
+                        continue;
+                    }
+                    () = s.closed.cancelled() => break,
+                    () = unlinked(&out.link) => return,
                 }
-                () = s.closed.cancelled() => break,
             }
-        }
-        let buf = encode_all(batch, bytes);
+        };
+        let buf: &[u8] = match &buf {
+            Either::Left(b) => b,
+            Either::Right(b) => b,
+        };
         // A client that stopped reading blocks this write for good: the abort (slow consumer)
         // ends it, and dropping the socket frees the connection's slot.
         let written = {
@@ -202,7 +414,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
             // ciphertext there when the socket would block, until something flushes it. On
             // plain TCP it does nothing.
             let mut write = std::pin::pin!(async {
-                sock.write_all(&buf).await?;
+                sock.write_all(buf).await?;
                 sock.flush().await
             });
             // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish,
@@ -222,10 +434,18 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
                         flush_by = Some(Box::pin(tokio::time::sleep(FLUSH_DEADLINE)));
                     }
                     () = expired(&mut flush_by), if closing => break false,
+                    () = unlinked(&out.link), if !closing => return,
                 }
             }
         };
         if !written {
+            if let Some((_, link)) = &out.link
+                && !s.closing.load(Ordering::Acquire)
+            {
+                // The socket failed: the endpoint holds the session for a resume.
+                link.cancel();
+                return;
+            }
             s.close();
             s.seal();
             return;

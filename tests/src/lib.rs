@@ -5,8 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 pub mod cut;
+pub mod faults;
 pub mod legs;
+pub mod netns;
 pub mod pki;
+pub mod relay;
 pub mod resumable;
 pub mod wire;
 
@@ -273,6 +276,26 @@ impl Raw {
             ));
         }
         self.try_recv_until(deadline, |m| reply_rid(m) == rid).await
+    }
+
+    /// Sends a frame; the error (the connection is gone) instead of panicking, for clients
+    /// that live through faults.
+    pub async fn try_send(&mut self, msg: &ClientMsg) -> Result<(), String> {
+        self.framed.send(msg).await
+    }
+
+    /// The next frame, `Ok(None)` when none came by `deadline`, or `Err` once the connection
+    /// has ended (closed, reset or undecodable): for clients that live through faults.
+    pub async fn try_next(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<ServerMsg>, String> {
+        match tokio::time::timeout_at(deadline, self.framed.next()).await {
+            Ok(Some(Ok(frame))) => decode_server(&frame).map(Some).map_err(|e| e.to_string()),
+            Ok(Some(Err(e))) => Err(e.to_string()),
+            Ok(None) => Err("closed".to_owned()),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Asserts the node closes the connection (after any frames, which are returned).

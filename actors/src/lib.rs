@@ -22,6 +22,7 @@ pub mod presence;
 pub mod ratelimit;
 pub mod reasons;
 pub mod refusal;
+pub mod relay;
 pub mod reload;
 pub mod route;
 pub mod session;

@@ -80,6 +80,31 @@ pub struct EndpointElsewhere {
     pub endpoint: String,
 }
 
+/// A resume that reached this node for a session held on another (docs/protocol.md §3
+/// "Resuming"): the holding node checks it as its own resume and, if it takes the session back,
+/// carries on through this node (`relay.rs`).
+#[derive(Clone, Debug)]
+pub struct RelayAsk {
+    pub endpoint: String,
+    pub user: String,
+    pub rid: Option<u32>,
+    pub token: String,
+    pub seen: u64,
+    pub sent: u64,
+}
+
+/// What the holding node sends a relayed session's client.
+#[derive(Debug)]
+pub enum RelayDown {
+    /// Frames, as the writer writes them to a socket (length-prefixed).
+    Bytes(bytes::Bytes),
+    /// The holding node detached the session (or is gone): close the client's connection.
+    End,
+}
+
+/// The receiving end of a relay: what comes for its client from the holding node.
+pub type RelayDownRx = tokio::sync::mpsc::UnboundedReceiver<RelayDown>;
+
 /// What a leg tells its endpoint on another node when the call ends.
 #[derive(Clone, Debug)]
 pub struct LegEnd {
@@ -150,6 +175,36 @@ pub trait Link: Send + Sync + 'static {
         endpoint: &str,
         fork: RemoteFork,
     ) -> Option<Box<dyn Reserved + '_>>;
+
+    // Sessions resumed through another node (`relay.rs`). On the client's node:
+
+    /// Asks `node` to take the session `ask` back through this node: the relay's id here, and
+    /// what that node sends the client. None when the cluster is stopping.
+    fn open_relay(&self, node: &str, ask: RelayAsk) -> Option<(u64, RelayDownRx)>;
+    /// The client's frames (MessagePack bodies), batch `seq` (from 1) of relay `relay`, for
+    /// `endpoint` on `node`; false when not sent (over the bound of what waits for `node`).
+    fn relay_up(
+        &self,
+        node: &str,
+        endpoint: &str,
+        relay: u64,
+        seq: u64,
+        frames: Vec<bytes::Bytes>,
+    ) -> bool;
+    /// The relayed client's connection has ended.
+    fn relay_up_end(&self, node: &str, endpoint: &str, relay: u64);
+    /// The relay has ended here: forget it.
+    fn close_relay(&self, relay: u64);
+    /// Whether `node` is alive as far as this node knows (a resume for a session held on a
+    /// node that is gone is refused as such).
+    fn node_alive(&self, node: &str) -> bool;
+
+    // On the node that holds the session:
+
+    /// Bytes `seq` (from 1) for the client of relay `relay` on `node`; false when not sent.
+    fn relay_down(&self, node: &str, relay: u64, seq: u64, bytes: bytes::Bytes) -> bool;
+    /// The session left relay `relay` on `node` (detached, resumed elsewhere, or over).
+    fn relay_down_end(&self, node: &str, relay: u64);
 
     // The admin API.
 

@@ -20,7 +20,8 @@ use tokio_util::either::Either;
 use crate::address_limits::{AddressRefusal, AddressSlot};
 use crate::context::Ctx;
 use crate::directory::EndpointEntry;
-use crate::endpoint::{Endpoint, Frames, Resume, ResumeState, grant, new_token};
+use crate::endpoint::{Attach, Endpoint, Frames, Resume, ResumeState, grant, new_token};
+use crate::link::{Link, RelayAsk};
 use crate::metrics as m;
 use crate::outbox::{Outbox, OutboxReceiver, outbox, write_loop};
 use crate::presence::PresenceMsg;
@@ -29,6 +30,7 @@ use crate::refusal::ResumeRefusal;
 use crate::route::EndpointRef;
 use crate::transport;
 use confab_protocol::proxy::ProxyHeader;
+use std::sync::Arc;
 
 /// Read buffer of a signed-in connection: most frames are small and an idle endpoint should
 /// cost little; the codec grows it for a larger frame.
@@ -261,15 +263,32 @@ impl Conn {
         if let Some(ask) = ask.as_deref()
             && let Some(endpoint) = &ask.endpoint
         {
+            let where_held = find_held(&ctx, &hello.user, endpoint);
+            if let Held::Elsewhere(node) = &where_held
+                && let Some(link) = ctx.link.clone()
+            {
+                let node = node.clone();
+                // Held on another node: carried there through this one (`relay.rs`).
+                let ask = RelayAsk {
+                    endpoint: endpoint.clone(),
+                    user: hello.user.clone(),
+                    rid: hello.rid,
+                    token: ask.token.clone().unwrap_or_default(),
+                    seen: ask.seen,
+                    sent: ask.sent,
+                };
+                writer.relay(link, node, ask, frames);
+                return;
+            }
             let resume = Resume {
                 rid: hello.rid,
+                user: hello.user.clone(),
                 token: ask.token.clone().unwrap_or_default(),
                 seen: ask.seen,
                 sent: ask.sent,
-                frames,
-                peer,
+                conn: Attach::Socket { frames, peer },
             };
-            match take_back(&ctx, &hello.user, endpoint, resume).await {
+            match take_back(&ctx, where_held, endpoint, resume).await {
                 Ok(resumed) => {
                     metrics::counter!(m::RESUMES, "result" => "ok").increment(1);
                     writer.start(resumed);
@@ -305,6 +324,16 @@ struct Writer<W> {
 }
 
 impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
+    /// Carries a session resumed through this node to `node`, which holds it (`relay.rs`).
+    fn relay(self, link: Arc<dyn Link>, node: String, ask: RelayAsk, frames: Frames) {
+        let Writer { wr, permit } = self;
+        actix_rt::spawn(async move {
+            crate::relay::relay_session(link, node, ask, frames, wr).await;
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            drop(permit);
+        });
+    }
+
     /// Starts the task that writes what `rx`'s outbox queues.
     fn start(self, rx: OutboxReceiver) {
         let Writer { wr, permit } = self;
@@ -316,28 +345,61 @@ impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
     }
 }
 
-/// Finds the user's endpoint `endpoint` and asks it to take `resume`'s connection.
-async fn take_back(
-    ctx: &Ctx,
-    user: &str,
-    endpoint: &str,
-    resume: Resume,
-) -> Result<OutboxReceiver, ResumeRefusal> {
-    let token = resume.token.clone();
+/// Where a session a `hello` resumes is held.
+enum Held {
+    Here(actix::Addr<Endpoint>),
+    /// On that node of the cluster.
+    Elsewhere(String),
+    /// Not in the directory: the session ended (or never was the user's); `Some(node)` when
+    /// its id names another node, which this node does not know alive.
+    Nowhere {
+        gone_node: bool,
+    },
+}
+
+/// Finds the user's endpoint `endpoint`. Only the user's own endpoints are looked at: another
+/// user's is "nowhere", as one that never existed.
+fn find_held(ctx: &Ctx, user: &str, endpoint: &str) -> Held {
     let entry = ctx
         .directory
         .endpoints_of(user)
         .into_iter()
         .find(|e| e.id == endpoint);
+    tracing::debug!(%user, %endpoint, found = ?entry.as_ref().map(|e| &e.addr), "looking up a session to resume");
     match entry.map(|e| e.addr) {
-        Some(EndpointRef::Local(addr)) => addr
+        Some(EndpointRef::Local(addr)) => Held::Here(addr),
+        Some(EndpointRef::Remote { node, .. }) => Held::Elsewhere(node),
+        None => {
+            // An endpoint id is `<node>.<run>.e<n>` (`ids.rs`).
+            let node = endpoint.rsplitn(3, '.').nth(2);
+            let gone_node = match (&ctx.link, node) {
+                (Some(link), Some(node)) => node != ctx.node_id && !link.node_alive(node),
+                _ => false,
+            };
+            Held::Nowhere { gone_node }
+        }
+    }
+}
+
+/// Asks the endpoint holding the session here to take `resume`'s connection.
+async fn take_back(
+    ctx: &Ctx,
+    held: Held,
+    endpoint: &str,
+    resume: Resume,
+) -> Result<OutboxReceiver, ResumeRefusal> {
+    match held {
+        Held::Here(addr) => addr
             .send(resume)
             .await
             .unwrap_or(Err(ResumeRefusal::Unknown)),
-        // Held on another node: relayed resumes are not built yet.
-        Some(EndpointRef::Remote { .. }) => Err(ResumeRefusal::NodeGone),
-        None if ctx.expired_sessions.expired(endpoint, &token) => Err(ResumeRefusal::WindowOver),
-        None => Err(ResumeRefusal::Unknown),
+        // Only without a cluster link, which cannot happen for a remote entry.
+        Held::Elsewhere(_) => Err(ResumeRefusal::NodeGone),
+        Held::Nowhere { gone_node: true } => Err(ResumeRefusal::NodeGone),
+        Held::Nowhere { .. } if ctx.expired_sessions.expired(endpoint, &resume.token) => {
+            Err(ResumeRefusal::WindowOver)
+        }
+        Held::Nowhere { .. } => Err(ResumeRefusal::Unknown),
     }
 }
 

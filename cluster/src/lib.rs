@@ -31,6 +31,7 @@ mod membership;
 pub mod memory;
 mod quota;
 mod records;
+mod relay;
 mod resend;
 mod routing;
 mod signin;
@@ -136,6 +137,9 @@ pub struct Cluster {
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
     pub endpoints: DashMap<String, Addr<Endpoint>>,
+    /// Sessions resumed through this node and held on another (`relay.rs`), by relay id.
+    relays: DashMap<u64, relay::Relay>,
+    next_relay: AtomicU64,
     /// Legs on this node whose endpoint is on another node: call id → (that node, leg).
     pub legs: DashMap<String, (String, Addr<CallLeg>)>,
     /// Arbiters on this node with forks on other nodes.
@@ -333,6 +337,8 @@ impl Cluster {
             quota: quota.clone(),
             kv_tx,
             endpoints: DashMap::new(),
+            relays: DashMap::new(),
+            next_relay: AtomicU64::new(1),
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),

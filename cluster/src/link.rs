@@ -2,6 +2,8 @@
 //! becomes the envelope that carries it (`wire.rs`), bounded or not, and the registries the
 //! inbox (`routing.rs`) delivers through.
 
+use bytes::Bytes;
+use confab_actors::link::{RelayAsk, RelayDownRx};
 use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -99,6 +101,48 @@ impl Reserved for BoundedEnvelope<'_> {
 impl Link for Cluster {
     fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    fn open_relay(&self, node: &str, ask: RelayAsk) -> Option<(u64, RelayDownRx)> {
+        Cluster::open_relay(self, node, ask)
+    }
+
+    fn relay_up(
+        &self,
+        node: &str,
+        endpoint: &str,
+        relay: u64,
+        seq: u64,
+        frames: Vec<Bytes>,
+    ) -> bool {
+        Cluster::relay_up(self, node, endpoint, relay, seq, frames)
+    }
+
+    fn relay_up_end(&self, node: &str, endpoint: &str, relay: u64) {
+        Cluster::relay_up_end(self, node, endpoint, relay);
+    }
+
+    fn close_relay(&self, relay: u64) {
+        Cluster::close_relay(self, relay);
+    }
+
+    fn node_alive(&self, node: &str) -> bool {
+        Cluster::node_alive(self, node)
+    }
+
+    fn relay_down(&self, node: &str, relay: u64, seq: u64, bytes: Bytes) -> bool {
+        self.send_bounded(
+            node,
+            &Envelope::RelayOut {
+                relay,
+                seq,
+                bytes: bytes.to_vec(),
+            },
+        )
+    }
+
+    fn relay_down_end(&self, node: &str, relay: u64) {
+        self.send(node, &Envelope::RelayOutEnd { relay });
     }
 
     fn epoch(&self) -> u64 {

@@ -32,6 +32,7 @@ impl Cluster {
         }
         self.forget_unanswered(None);
         self.forget_events_to(None);
+        self.end_relays_to(None);
         let cached: Vec<(String, String)> = self
             .remote
             .iter()
@@ -207,6 +208,7 @@ impl Cluster {
         }
         self.forget_unanswered(Some(node));
         self.forget_events_to(Some(node));
+        self.end_relays_to(Some(node));
         // Endpoints here whose calls live there.
         for entry in self.endpoints.iter() {
             entry.value().do_send(EndpointMsg::NodeLost {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::transport::Messages;
+use confab_actors::link::RelayAsk;
 
 impl Cluster {
     /// Publishes an envelope to `node`.
@@ -229,6 +230,60 @@ impl Cluster {
                 token,
                 answer,
             } => self.admin_answered(from_node, token, &answer),
+            Envelope::ResumeRelay {
+                from_node,
+                relay,
+                endpoint,
+                user,
+                rid,
+                token,
+                seen,
+                sent,
+            } => self.resume_relayed(
+                from_node,
+                relay,
+                RelayAsk {
+                    endpoint,
+                    user,
+                    rid,
+                    token,
+                    seen,
+                    sent,
+                },
+            ),
+            Envelope::RelayOut { relay, seq, bytes } => self.relayed_out(relay, seq, bytes),
+            Envelope::RelayOutEnd { relay } => self.relayed_out_end(relay),
+            Envelope::RelayIn {
+                endpoint,
+                from_node,
+                relay,
+                seq,
+                frames,
+            } => {
+                if let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    ep.do_send(EndpointMsg::Relayed {
+                        from: from_node,
+                        relay,
+                        seq,
+                        frames: frames
+                            .into_iter()
+                            .map(|f| Bytes::from(f.into_vec()))
+                            .collect(),
+                    });
+                }
+            }
+            Envelope::RelayInEnd {
+                endpoint,
+                from_node,
+                relay,
+            } => {
+                if let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                    ep.do_send(EndpointMsg::RelayEnded {
+                        from: from_node,
+                        relay,
+                    });
+                }
+            }
         }
     }
 

@@ -111,6 +111,45 @@ pub enum Envelope {
         #[serde(with = "serde_bytes")]
         answer: Vec<u8>,
     },
+    /// A client resumed, on `from_node`, the session of `endpoint` held here: take it back
+    /// through that node's relay `relay` (`confab_actors::relay`). The answer is `RelayOut`
+    /// (the welcome and what follows, or the refusal), then `RelayOutEnd`.
+    ResumeRelay {
+        from_node: String,
+        relay: u64,
+        endpoint: String,
+        user: String,
+        rid: Option<u32>,
+        token: String,
+        seen: u64,
+        sent: u64,
+    },
+    /// Bytes for the client of relay `relay` here, numbered from 1 (a gap ends the relay).
+    RelayOut {
+        relay: u64,
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The session left relay `relay` here: close its client's connection.
+    RelayOutEnd {
+        relay: u64,
+    },
+    /// The client's frames (MessagePack bodies) for `endpoint` here, batch `seq` of relay
+    /// `relay` of `from_node`.
+    RelayIn {
+        endpoint: String,
+        from_node: String,
+        relay: u64,
+        seq: u64,
+        frames: Vec<serde_bytes::ByteBuf>,
+    },
+    /// The client's connection of that relay ended.
+    RelayInEnd {
+        endpoint: String,
+        from_node: String,
+        relay: u64,
+    },
     /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
     Rejoin {
         epoch: u64,

@@ -141,6 +141,46 @@ fn samples() -> Vec<(&'static str, String)> {
                 answer: vec![0xc0],
             },
         ),
+        (
+            "resume_relay",
+            Envelope::ResumeRelay {
+                from_node: "b".into(),
+                relay: 3,
+                endpoint: "a.1.e1".into(),
+                user: "sip:u@h".into(),
+                rid: Some(1),
+                token: "t".into(),
+                seen: 5,
+                sent: 2,
+            },
+        ),
+        (
+            "relay_out",
+            Envelope::RelayOut {
+                relay: 3,
+                seq: 1,
+                bytes: vec![0, 0, 0, 1, 0x80],
+            },
+        ),
+        ("relay_out_end", Envelope::RelayOutEnd { relay: 3 }),
+        (
+            "relay_in",
+            Envelope::RelayIn {
+                endpoint: "a.1.e1".into(),
+                from_node: "b".into(),
+                relay: 3,
+                seq: 1,
+                frames: vec![serde_bytes::ByteBuf::from(vec![0x80])],
+            },
+        ),
+        (
+            "relay_in_end",
+            Envelope::RelayInEnd {
+                endpoint: "a.1.e1".into(),
+                from_node: "b".into(),
+                relay: 3,
+            },
+        ),
     ];
     let mut out: Vec<(&'static str, String)> = envelopes
         .iter()
@@ -226,6 +266,26 @@ const GOLDEN: &[(&str, &str)] = &[
     (
         "admin_answer",
         "81ab41646d696e416e7377657283a966726f6d5f6e6f6465a162a5746f6b656e04a6616e73776572c401c0",
+    ),
+    (
+        "resume_relay",
+        "81ab526573756d6552656c617988a966726f6d5f6e6f6465a162a572656c617903a8656e64706f696e74a6612e312e6531a475736572a77369703a754068a372696401a5746f6b656ea174a47365656e05a473656e7402",
+    ),
+    (
+        "relay_out",
+        "81a852656c61794f757483a572656c617903a373657101a56279746573c4050000000180",
+    ),
+    (
+        "relay_out_end",
+        "81ab52656c61794f7574456e6481a572656c617903",
+    ),
+    (
+        "relay_in",
+        "81a752656c6179496e85a8656e64706f696e74a6612e312e6531a966726f6d5f6e6f6465a162a572656c617903a373657101a66672616d657391c40180",
+    ),
+    (
+        "relay_in_end",
+        "81aa52656c6179496e456e6483a8656e64706f696e74a6612e312e6531a966726f6d5f6e6f6465a162a572656c617903",
     ),
     (
         "heartbeat",

@@ -4,12 +4,12 @@
 //! it to check that each frame arrives exactly once across real link failures.
 
 use confab_protocol::*;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::wire::Wire;
-use crate::{EVENT_TIMEOUT, token};
+use crate::{EVENT_TIMEOUT, Raw, seed_from_env, token};
 
 pub struct Resumable {
     wire: Wire,
@@ -205,4 +205,114 @@ async fn next(wire: &mut Wire) -> Option<ServerMsg> {
         Ok(frame) => Some(decode_server(&frame).expect("a frame the contract knows")),
         Err(_) => None,
     }
+}
+
+/// A text message `m<n>` on `call`, with rid `n`.
+pub fn text(call: &str, n: u32) -> ClientMsg {
+    ClientMsg::Message {
+        rid: Some(n),
+        call: call.to_owned(),
+        content_type: "text/plain".to_owned(),
+        body: Body::Text(format!("m{n}")),
+    }
+}
+
+/// A body as text (a binary one as its bytes' debug form).
+pub fn body_text(b: &Body) -> String {
+    match b {
+        Body::Text(t) => t.clone(),
+        Body::Binary(b) => format!("{b:?}"),
+    }
+}
+
+/// Each side of an established call sends `n` messages (Bob `m1`..., Alice `m10001`...), at
+/// most 8 unanswered at a time, acking what it receives, while Alice's link is cut at random
+/// (`cut`, about once in `one_in` of her turns, seeded by `CONFAB_RESUME_SEED`) and she resumes
+/// at `resume_at()` each time her link ends. Asserts that each side received every message
+/// exactly once and in order, and that every message got exactly one answer, `delivered`.
+/// Returns how many cuts were made.
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange_through_cuts(
+    alice: &mut Resumable,
+    alice_call: &str,
+    mut bob: Raw,
+    bob_call: &str,
+    n: u32,
+    one_in: u64,
+    mut cut: impl FnMut(),
+    mut resume_at: impl FnMut() -> SocketAddr,
+) -> u32 {
+    let mut rng = seed_from_env("CONFAB_RESUME_SEED").max(1);
+    let bob_call = bob_call.to_owned();
+    let bob_task = tokio::spawn(async move {
+        let (mut answers, mut got, mut sent) = (HashMap::new(), Vec::new(), 0);
+        while answers.len() < n as usize || got.len() < n as usize {
+            if sent < n && sent < answers.len() as u32 + 8 {
+                sent += 1;
+                bob.send(&text(&bob_call, sent)).await;
+                continue;
+            }
+            match bob.recv().await {
+                ServerMsg::MessageDelivered { rid: Some(r), .. } => {
+                    assert!(answers.insert(r, ()).is_none(), "Bob's {r} answered twice");
+                }
+                ServerMsg::MessageFailed {
+                    rid, code, text, ..
+                } => panic!("Bob's {rid:?} failed {code} {text}"),
+                ServerMsg::MessageReceived {
+                    msg, body, call, ..
+                } => {
+                    got.push(body_text(&body));
+                    bob.send(&ClientMsg::MessageAck { call, msg }).await;
+                }
+                _ => {}
+            }
+        }
+        got
+    });
+    let (mut got, mut answers, mut sent, mut cuts) = (Vec::new(), HashMap::new(), 0u32, 0);
+    while got.len() < n as usize || answers.len() < n as usize {
+        if sent < n && sent < answers.len() as u32 + 8 {
+            sent += 1;
+            alice.send(text(alice_call, 10_000 + sent)).await;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        if rng.is_multiple_of(one_in) {
+            cut();
+            cuts += 1;
+        }
+        match alice.recv().await {
+            None => {
+                let Resumed::Ok(_) = alice.resume(resume_at()).await else {
+                    panic!("resume refused after {cuts} cuts")
+                };
+            }
+            Some(ServerMsg::MessageReceived { msg, body, .. }) => {
+                got.push(body_text(&body));
+                let call = alice_call.to_owned();
+                alice.send(ClientMsg::MessageAck { call, msg }).await;
+            }
+            Some(ServerMsg::MessageDelivered { rid: Some(r), .. }) => {
+                assert!(
+                    answers.insert(r, ()).is_none(),
+                    "Alice's {r} answered twice"
+                );
+            }
+            Some(ServerMsg::MessageFailed {
+                rid, code, text, ..
+            }) => panic!("Alice's {rid:?} failed {code} {text}"),
+            Some(_) => {}
+        }
+    }
+    let want: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "Alice got every message once, in order");
+    let want: Vec<String> = (1..=n).map(|i| format!("m{}", 10_000 + i)).collect();
+    assert_eq!(
+        bob_task.await.expect("Bob's side"),
+        want,
+        "Bob got every message once, in order"
+    );
+    cuts
 }

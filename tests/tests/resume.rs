@@ -5,7 +5,7 @@
 
 use confab_protocol::*;
 use confab_tests::cut::CutProxy;
-use confab_tests::resumable::{Resumable, Resumed};
+use confab_tests::resumable::{Resumable, Resumed, body_text, exchange_through_cuts, text};
 use confab_tests::*;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,24 +34,6 @@ async fn call_to_resumable(
     (alice, a, bob, b)
 }
 
-fn text(n: u32) -> ClientMsg {
-    ClientMsg::Message {
-        rid: Some(n),
-        call: String::new(),
-        content_type: "text/plain".to_owned(),
-        body: Body::Text(format!("m{n}")),
-    }
-}
-
-/// Bob's message `n` on `call`, with rid `n`.
-fn bob_says(call: &str, n: u32) -> ClientMsg {
-    let mut m = text(n);
-    if let ClientMsg::Message { call: c, .. } = &mut m {
-        c.clone_from(&call.to_owned());
-    }
-    m
-}
-
 /// Reads Alice's frames until the link ends, acking each message; returns the bodies.
 async fn read_until_cut(alice: &mut Resumable, call: &str) -> Vec<String> {
     let mut got = Vec::new();
@@ -67,13 +49,6 @@ async fn read_until_cut(alice: &mut Resumable, call: &str) -> Vec<String> {
         }
     }
     got
-}
-
-fn body_text(b: &Body) -> String {
-    match b {
-        Body::Text(t) => t.clone(),
-        Body::Binary(b) => format!("{b:?}"),
-    }
 }
 
 /// Reads Alice's messages until she has `n` in all, acking each.
@@ -114,7 +89,7 @@ async fn a_cut_link_resumes_with_every_message_once_and_every_send_answered() {
     let proxy = CutProxy::start(node.addr).await;
     let (mut alice, a, mut bob, b) = call_to_resumable(&node, &proxy).await;
     for n in 1..=3 {
-        bob.send(&bob_says(&b, n)).await;
+        bob.send(&text(&b, n)).await;
     }
     // Alice reads the first message, then the link fails with the rest in flight.
     let mut got = Vec::new();
@@ -123,7 +98,7 @@ async fn a_cut_link_resumes_with_every_message_once_and_every_send_answered() {
     got.extend(read_until_cut(&mut alice, &a).await);
     // While she is away, more messages come for her.
     for n in 4..=6 {
-        bob.send(&bob_says(&b, n)).await;
+        bob.send(&text(&b, n)).await;
     }
     assert!(matches!(alice.resume(proxy.addr).await, Resumed::Ok(_)));
     read_messages(&mut alice, &a, &mut got, 6).await;
@@ -150,11 +125,7 @@ async fn frames_sent_into_a_dead_link_are_sent_again_and_carried_out_once() {
     let (mut alice, a, mut bob, _b) = call_to_resumable(&node, &proxy).await;
     proxy.cut();
     for n in 1..=5 {
-        let mut m = text(n);
-        if let ClientMsg::Message { call, .. } = &mut m {
-            call.clone_from(&a);
-        }
-        alice.send(m).await;
+        alice.send(text(&a, n)).await;
     }
     assert!(alice.recv().await.is_none(), "the link is cut");
     let Resumed::Ok(node_read) = alice.resume(proxy.addr).await else {
@@ -202,7 +173,7 @@ async fn a_black_holed_link_is_held_after_the_heartbeat_and_resumes() {
     while !has_state(&node, &admin, &alice.endpoint, "held").await {
         bob.ping().await;
     }
-    bob.send(&bob_says(&b, 1)).await;
+    bob.send(&text(&b, 1)).await;
     assert!(matches!(alice.resume(node.addr).await, Resumed::Ok(_)));
     let mut got = Vec::new();
     read_messages(&mut alice, &a, &mut got, 1).await;
@@ -293,11 +264,7 @@ async fn a_transfer_made_while_the_link_is_down_reaches_the_resumed_device() {
         }
     }
     // Alice now talks to Carol on the same call.
-    let mut m = text(7);
-    if let ClientMsg::Message { call, .. } = &mut m {
-        call.clone_from(&a);
-    }
-    alice.send(m).await;
+    alice.send(text(&a, 7)).await;
     let (r, _) = carol
         .recv_until(|m| matches!(m, ServerMsg::MessageReceived { .. }))
         .await;
@@ -321,7 +288,7 @@ async fn a_resume_while_the_old_connection_is_open_takes_over_from_it() {
         r
     };
     for n in 1..=3 {
-        bob.send(&bob_says(&b, n)).await;
+        bob.send(&text(&b, n)).await;
     }
     assert!(matches!(alice.resume(node.addr).await, Resumed::Ok(_)));
     let mut got = Vec::new();
@@ -354,7 +321,7 @@ async fn bad_resumes_are_refused_with_their_reason_and_harm_nothing() {
     let node = start_node(|_| {});
     let proxy = CutProxy::start(node.addr).await;
     let (mut alice, a, mut bob, b) = call_to_resumable(&node, &proxy).await;
-    bob.send(&bob_says(&b, 1)).await;
+    bob.send(&text(&b, 1)).await;
     let mut got = Vec::new();
     read_messages(&mut alice, &a, &mut got, 1).await;
     proxy.cut();
@@ -396,7 +363,7 @@ async fn bad_resumes_are_refused_with_their_reason_and_harm_nothing() {
     alice.endpoint = endpoint;
 
     // The right resume still works, and takes what came meanwhile.
-    bob.send(&bob_says(&b, 2)).await;
+    bob.send(&text(&b, 2)).await;
     assert!(matches!(alice.resume(node.addr).await, Resumed::Ok(_)));
     read_messages(&mut alice, &a, &mut got, 2).await;
     assert_eq!(got, ["m1", "m2"]);
@@ -418,7 +385,7 @@ async fn a_window_that_passes_ends_the_session_as_lost() {
     let (mut alice, _a, mut bob, b) = call_to_resumable(&node, &proxy).await;
     proxy.cut();
     assert!(alice.recv().await.is_none());
-    bob.send(&bob_says(&b, 1)).await;
+    bob.send(&text(&b, 1)).await;
     let (mut ended, mut failed) = (None, 0);
     while ended.is_none() || failed == 0 {
         match bob.recv().await {
@@ -480,91 +447,17 @@ async fn hundreds_of_random_drops_lose_and_repeat_nothing() {
     const MESSAGES: u32 = 400;
     let node = start_node(|_| {});
     let proxy = CutProxy::start(node.addr).await;
-    let (mut alice, a, mut bob, b) = call_to_resumable(&node, &proxy).await;
-    let mut rng = seed_from_env("CONFAB_RESUME_SEED");
-    let mut next_random = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let bob_task = tokio::spawn(async move {
-        let mut answers = HashMap::new();
-        let mut got = Vec::new();
-        let mut sent = 0;
-        while answers.len() < MESSAGES as usize || got.len() < MESSAGES as usize {
-            if sent < MESSAGES && sent < answers.len() as u32 + 8 {
-                sent += 1;
-                bob.send(&bob_says(&b, sent)).await;
-                continue;
-            }
-            match bob.recv().await {
-                ServerMsg::MessageDelivered { rid: Some(r), .. } => {
-                    assert!(answers.insert(r, true).is_none(), "answered twice");
-                }
-                ServerMsg::MessageFailed {
-                    rid, code, text, ..
-                } => {
-                    panic!("{rid:?} failed {code} {text}")
-                }
-                ServerMsg::MessageReceived {
-                    msg, body, call, ..
-                } => {
-                    got.push(body_text(&body));
-                    bob.send(&ClientMsg::MessageAck { call, msg }).await;
-                }
-                _ => {}
-            }
-        }
-        got
-    });
-    let mut got = Vec::new();
-    let mut my_answers = HashMap::new();
-    let mut my_sent = 0u32;
-    let mut drops = 0;
-    while got.len() < MESSAGES as usize || my_answers.len() < MESSAGES as usize {
-        if my_sent < MESSAGES && my_sent < my_answers.len() as u32 + 8 {
-            my_sent += 1;
-            let mut m = text(10_000 + my_sent);
-            if let ClientMsg::Message { call, .. } = &mut m {
-                call.clone_from(&a);
-            }
-            alice.send(m).await;
-        }
-        if next_random() % 23 == 0 {
-            proxy.cut();
-            drops += 1;
-        }
-        match alice.recv().await {
-            None => {
-                let Resumed::Ok(_) = alice.resume(proxy.addr).await else {
-                    panic!("resume refused after {drops} drops")
-                };
-            }
-            Some(ServerMsg::MessageReceived { msg, body, .. }) => {
-                got.push(body_text(&body));
-                alice
-                    .send(ClientMsg::MessageAck {
-                        call: a.clone(),
-                        msg,
-                    })
-                    .await;
-            }
-            Some(ServerMsg::MessageDelivered { rid: Some(r), .. }) => {
-                assert!(my_answers.insert(r, true).is_none(), "answered twice");
-            }
-            Some(ServerMsg::MessageFailed {
-                rid, code, text, ..
-            }) => {
-                panic!("{rid:?} failed {code} {text}")
-            }
-            Some(_) => {}
-        }
-    }
-    let want: Vec<String> = (1..=MESSAGES).map(|n| format!("m{n}")).collect();
-    assert_eq!(got, want, "Alice got every message once, in order");
-    let bob_got = bob_task.await.expect("bob");
-    let want: Vec<String> = (1..=MESSAGES).map(|n| format!("m{}", 10_000 + n)).collect();
-    assert_eq!(bob_got, want, "Bob got every message once, in order");
-    assert!(drops >= 10, "only {drops} drops");
+    let (mut alice, a, bob, b) = call_to_resumable(&node, &proxy).await;
+    let cuts = exchange_through_cuts(
+        &mut alice,
+        &a,
+        bob,
+        &b,
+        MESSAGES,
+        23,
+        || proxy.cut(),
+        || proxy.addr,
+    )
+    .await;
+    assert!(cuts >= 10, "only {cuts} cuts");
 }

@@ -120,7 +120,11 @@ impl StreamHandler<Tagged> for Endpoint {
 }
 
 impl Endpoint {
-    fn frame_read(&mut self, item: Result<BytesMut, FrameError>, ctx: &mut Context<Self>) {
+    pub(super) fn frame_read(
+        &mut self,
+        item: Result<BytesMut, FrameError>,
+        ctx: &mut Context<Self>,
+    ) {
         if item.is_ok() {
             self.count_received();
         }

@@ -37,7 +37,7 @@ pub use calls::ForkOffer;
 pub use frames::{Frames, tagged};
 use remote::RemoteCall;
 pub use remote::{RemoteFork, RemoteForkGuard};
-pub use resume::{ExpiredSessions, Resume, ResumeState, grant, new_token};
+pub use resume::{Attach, ExpiredSessions, Resume, ResumeState, grant, new_token};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -83,6 +83,19 @@ pub enum EndpointMsg {
     /// on until it leaves or the drain's deadline.
     DrainNotice {
         reason: String,
+    },
+    /// Cluster: the client's frames, from the node a resumed session is relayed through
+    /// (`relay.rs`): batch `seq` of relay `relay` of node `from`.
+    Relayed {
+        from: String,
+        relay: u64,
+        seq: u64,
+        frames: Vec<bytes::Bytes>,
+    },
+    /// Cluster: that relayed connection ended.
+    RelayEnded {
+        from: String,
+        relay: u64,
     },
 }
 
@@ -284,7 +297,18 @@ impl Handler<EndpointMsg> for Endpoint {
             }
             EndpointMsg::RemoteEvent { msg, call, seq } => self.remote_event(msg, call, seq, ctx),
             EndpointMsg::NodeLost { node } => {
+                let lost = node.as_ref().map(|(n, _)| n.as_str());
+                self.relay_ended(lost, None, ctx);
                 self.node_lost(node.as_ref().map(|(n, e)| (n.as_str(), *e)), ctx)
+            }
+            EndpointMsg::Relayed {
+                from,
+                relay,
+                seq,
+                frames,
+            } => self.relayed(&from, relay, seq, frames, ctx),
+            EndpointMsg::RelayEnded { from, relay } => {
+                self.relay_ended(Some(&from), Some(relay), ctx)
             }
             EndpointMsg::LegEnded {
                 call,

@@ -48,14 +48,18 @@ pub fn grant(ctx: &crate::context::Ctx, token: String, seen: Option<u64>) -> Box
 /// An endpoint's resumable session.
 pub struct ResumeState {
     token: TokenHash,
-    /// The token the last resume replaced, to word a second resume with it.
+    /// The token the last resume spent: a second resume with it is refused as such, unless
+    /// nothing was read from the connection that spent it (its `welcome` may never have reached
+    /// the client, which then knows only this token).
     previous: Option<TokenHash>,
+    /// `received` when the last resume took the session back.
+    received_at_resume: u64,
     /// The client's frames read since its `hello` (the next one read is `received + 1`).
     pub(super) received: u64,
     /// The attached writer (the connection's sending side).
     link: WriterLink,
     /// The connection's receiving side, while there is one.
-    stream: Option<SpawnHandle>,
+    attached: Option<Attached>,
     /// The number of the connection now (the first is 0; each resume takes the next).
     connection: u32,
     /// The number of the hold under way, if the connection is gone.
@@ -68,9 +72,10 @@ impl ResumeState {
         ResumeState {
             token,
             previous: None,
+            received_at_resume: 0,
             received: 0,
             link,
-            stream: None,
+            attached: None,
             connection: 0,
             held: None,
             holds: 0,
@@ -106,24 +111,49 @@ impl ExpiredSessions {
     }
 }
 
+/// Where an endpoint reads its client's frames from.
+enum Attached {
+    /// A connection to this node.
+    Stream(SpawnHandle),
+    /// A connection to another node, relayed (`relay.rs`): frames come as
+    /// [`super::EndpointMsg::Relayed`], batch `next_seq` next.
+    Relay {
+        node: String,
+        relay: u64,
+        next_seq: u64,
+    },
+}
+
+/// The connection a resume comes on.
+pub enum Attach {
+    /// A connection to this node: its frames.
+    Socket {
+        frames: Frames,
+        peer: std::net::SocketAddr,
+    },
+    /// A connection to node `node`, relayed as its relay `relay`.
+    Relay { node: String, relay: u64 },
+}
+
 /// A new connection takes a held (or still attached) session back.
 #[derive(Message)]
 #[rtype(result = "Result<OutboxReceiver, ResumeRefusal>")]
 pub struct Resume {
     pub rid: Option<u32>,
+    /// The user the `hello`'s token was checked for.
+    pub user: String,
     pub token: String,
     /// The node's frames the client read.
     pub seen: u64,
     /// The frames the client sent.
     pub sent: u64,
-    pub frames: Frames,
-    pub peer: std::net::SocketAddr,
+    pub conn: Attach,
 }
 
 impl Endpoint {
     /// Makes this endpoint's session resumable; `stream` is its connection's frames.
     pub fn resumable(&mut self, mut state: ResumeState, stream: SpawnHandle) {
-        state.stream = Some(stream);
+        state.attached = Some(Attached::Stream(stream));
         self.resume = Some(Box::new(state));
     }
 
@@ -162,7 +192,7 @@ impl Endpoint {
         if r.held.is_some() {
             return;
         }
-        if let Some(stream) = r.stream.take() {
+        if let Some(Attached::Stream(stream)) = r.attached.take() {
             ctx.cancel_future(stream);
         }
         self.outbox.detach();
@@ -202,7 +232,7 @@ impl Endpoint {
     pub(super) fn is_current_connection(&self, conn: u32) -> bool {
         self.resume
             .as_deref()
-            .is_none_or(|r| r.connection == conn && r.stream.is_some())
+            .is_none_or(|r| r.connection == conn && matches!(r.attached, Some(Attached::Stream(_))))
     }
 
     /// Whether the connection is gone and the session held.
@@ -240,16 +270,20 @@ impl Endpoint {
         msg: Resume,
         ctx: &mut Context<Self>,
     ) -> Result<OutboxReceiver, ResumeRefusal> {
-        if self.ending() {
+        if self.ending() || msg.user != self.user {
             return Err(ResumeRefusal::Unknown);
         }
         let Some(r) = self.resume.as_deref() else {
             return Err(ResumeRefusal::Unknown);
         };
         let hash = hash_token(&msg.token);
-        if !bool::from(hash.ct_eq(&r.token)) {
-            let used = r.previous.is_some_and(|p| bool::from(p.ct_eq(&hash)));
-            return Err(if used {
+        let current = bool::from(hash.ct_eq(&r.token));
+        let spent = !current && r.previous.is_some_and(|p| bool::from(p.ct_eq(&hash)));
+        // A spent token still works while the connection that spent it has read nothing:
+        // that resume's welcome may have been lost with its connection.
+        let retried = spent && r.received == r.received_at_resume;
+        if !current && !retried {
+            return Err(if spent {
                 ResumeRefusal::AlreadyResumed
             } else {
                 ResumeRefusal::Unknown
@@ -278,24 +312,102 @@ impl Endpoint {
         let Some(r) = self.resume.as_deref_mut() else {
             return Err(ResumeRefusal::Unknown);
         };
-        if let Some(stream) = r.stream.take() {
+        if let Some(Attached::Stream(stream)) = r.attached.take() {
             ctx.cancel_future(stream);
         }
-        r.previous = Some(r.token);
+        if current {
+            r.previous = Some(r.token);
+        }
         r.token = new_hash;
+        r.received_at_resume = r.received;
         r.link = link;
         if r.held.take().is_some() {
             metrics::gauge!(m::SESSIONS_HELD).decrement(1.0);
             metrics::counter!(m::SESSION_HOLDS, "end" => "resumed").increment(1);
         }
         r.connection += 1;
-        let stream = ctx.add_stream(super::frames::tagged(msg.frames, r.connection));
-        r.stream = Some(stream);
+        let relayed = match msg.conn {
+            Attach::Socket { frames, peer } => {
+                let stream = ctx.add_stream(super::frames::tagged(frames, r.connection));
+                r.attached = Some(Attached::Stream(stream));
+                self.session.0 = peer;
+                None
+            }
+            Attach::Relay { node, relay } => {
+                r.attached = Some(Attached::Relay {
+                    node: node.clone(),
+                    relay,
+                    next_seq: 1,
+                });
+                Some(node)
+            }
+        };
         self.watch_writer(ctx);
         self.last_rx = Instant::now();
-        self.session.0 = msg.peer;
-        tracing::info!(endpoint = %self.id, seen = msg.seen, "session resumed");
+        tracing::info!(endpoint = %self.id, seen = msg.seen, through = ?relayed, "session resumed");
         Ok(rx)
+    }
+}
+
+impl Endpoint {
+    /// Client frames relayed from another node: read as if from a socket, if they come from
+    /// the relay the session is attached to, in order (a batch missing means frames were lost
+    /// between the nodes: the connection is treated as lost, and the client resumes again).
+    pub(super) fn relayed(
+        &mut self,
+        from: &str,
+        relay: u64,
+        seq: u64,
+        frames: Vec<bytes::Bytes>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(r) = self.resume.as_deref_mut() else {
+            return;
+        };
+        let Some(Attached::Relay {
+            node,
+            relay: current,
+            next_seq,
+        }) = &mut r.attached
+        else {
+            return;
+        };
+        if node != from || *current != relay {
+            return;
+        }
+        if *next_seq != seq {
+            tracing::warn!(endpoint = %self.id, relay, seq, expected = *next_seq, "relayed frames lost between the nodes");
+            return self.connection_lost("relayed frames lost", ctx);
+        }
+        *next_seq += 1;
+        for frame in frames {
+            self.frame_read(Ok(bytes::BytesMut::from(frame)), ctx);
+            if self.held() {
+                return;
+            }
+        }
+    }
+
+    /// The relayed connection ended on its node, or that node is gone (`node: None`: this
+    /// node is cut off from every other).
+    pub(super) fn relay_ended(
+        &mut self,
+        from: Option<&str>,
+        relay: Option<u64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let current = self.resume.as_deref().and_then(|r| match &r.attached {
+            Some(Attached::Relay {
+                node, relay: id, ..
+            }) => Some((node.clone(), *id)),
+            _ => None,
+        });
+        let Some((node, id)) = current else {
+            return;
+        };
+        if from.is_none_or(|f| f == node) && relay.is_none_or(|r| r == id) {
+            self.connection_lost("relayed connection ended", ctx);
+        }
     }
 }
 

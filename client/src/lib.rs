@@ -76,7 +76,9 @@ pub use call::{
     CallEstablishOptions, CallSnapshot, InstantMessagingCall, ReceivedMessage, StateChange,
     StateChanges,
 };
-pub use connection::{ClientTls, Connection, ConnectionOptions, Events, Hello, Welcome};
+pub use connection::{
+    ClientTls, Connection, ConnectionOptions, Events, Hello, Inbound, LinkEvent, Reconnect, Welcome,
+};
 pub use conversation::Conversation;
 pub use endpoint::{
     AutoAcceptPolicy, Endpoint, EndpointEvent, EndpointEvents, EndpointOptions, IncomingCalls,

@@ -1,7 +1,10 @@
-//! The low-level connection to a node: one TCP stream, framed with [`FrameCodec`], driven by a
-//! reader task, a writer task and a heartbeat task. It matches replies to requests by `rid` and
-//! hands every event (a frame without `rid`) to an [`Events`] stream, in arrival order. It knows
-//! nothing of calls or presence; [`crate::Endpoint`] builds those on top.
+//! The low-level connection to a node: links (TCP or TLS, framed with
+//! [`confab_protocol::FrameCodec`]), each driven by a reader, a writer and a heartbeat task,
+//! and a supervisor that ends the connection when its link ends, or on a resumable session
+//! reconnects and resumes it (docs/protocol.md §3 "Resuming"). It matches replies to requests
+//! by `rid` and hands every event (a frame without `rid`) to an [`Events`] stream, in arrival
+//! order, with the link's own news ([`LinkEvent`]) in that order too. It knows nothing of
+//! calls or presence; [`crate::Endpoint`] builds those on top.
 //!
 //! Frames are encoded by the caller, not the writer: a message that cannot be encoded, or that
 //! exceeds the node's `max_frame` (which would make the node drop the whole connection), is

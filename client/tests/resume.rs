@@ -1,7 +1,8 @@
 //! The counting rules of a resumable session (docs/protocol.md §3 "Resuming") checked frame
 //! by frame against a scripted fake node: what the resuming `hello` says it saw and sent
-//! (every frame counts, one the library cannot decode and the node's `seen` included), which
-//! frames go again, the token carried from one resume to the next, and a refusal ending it.
+//! (every frame counts: one the library cannot decode, the node's `seen`, our `seen` sent with
+//! each ping), which frames go again, the token carried from one resume to the next, and a
+//! refusal ending it.
 
 mod support;
 
@@ -91,7 +92,8 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
     );
     assert_eq!(welcome_seen.resume_window_ms, Some(10_000));
 
-    // Ours: composing is 1, the ping request 2. The node reads both, acknowledges only 1.
+    // Ours: composing is 1, the seen that goes with every ping 2, the ping request 3. The
+    // node reads them all, acknowledges only 1.
     connection
         .send(ClientMsg::Composing {
             call: "c-1".to_owned(),
@@ -103,6 +105,7 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
         tokio::spawn(async move { connection.request(ClientMsg::Ping { rid: None }).await })
     };
     assert!(matches!(peer.recv().await, ClientMsg::Composing { .. }));
+    assert_eq!(peer.recv().await, ClientMsg::Seen { upto: 0 });
     let ClientMsg::Ping { rid } = peer.recv().await else {
         panic!("expected the ping")
     };
@@ -119,7 +122,7 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
         }
     }
 
-    // The link drops; the client comes back saying it read 4 and sent 2.
+    // The link drops; the client comes back saying it read 4 and sent 3.
     peer.close();
     let (mut peer, ask) = resuming_hello(&node).await;
     assert_eq!(
@@ -128,21 +131,23 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
             endpoint: Some("ep-1".to_owned()),
             token: Some("t1".to_owned()),
             seen: 4,
-            sent: 2,
+            sent: 3,
         }
     );
     assert!(matches!(
         next_link_event(&mut events).await,
         LinkEvent::Reconnecting { .. }
     ));
-    // The node had read up to 1: the ping goes again, with its rid, and is answered.
+    // The node had read up to 1: the seen and the ping go again, the ping with its rid, and
+    // the ping is answered.
     peer.send(welcome(grant("t2", Some(1)))).await;
+    assert_eq!(peer.recv().await, ClientMsg::Seen { upto: 0 });
     assert_eq!(peer.recv().await, ClientMsg::Ping { rid });
     assert_eq!(
         next_link_event(&mut events).await,
         LinkEvent::Resumed {
             attempts: 1,
-            resent: 1
+            resent: 2
         }
     );
     peer.send(ServerMsg::Pong { rid }).await;
@@ -150,8 +155,8 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
     assert!(matches!(reply, Ok(ServerMsg::Pong { .. })), "{reply:?}");
     assert_eq!(
         connection.unacknowledged(),
-        1,
-        "the ping is not acknowledged yet"
+        2,
+        "the seen and the ping are not acknowledged yet"
     );
 
     // Again: the new token, the pong counted (5), nothing more sent. A refusal ends it.
@@ -159,7 +164,7 @@ async fn resumes_count_every_frame_both_ways_and_send_again_what_the_node_did_no
     let (mut peer, ask) = resuming_hello(&node).await;
     assert_eq!(
         (ask.token.as_deref(), ask.seen, ask.sent),
-        (Some("t2"), 5, 2)
+        (Some("t2"), 5, 3)
     );
     peer.send(ServerMsg::error(
         Some(0),

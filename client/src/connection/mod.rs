@@ -439,6 +439,14 @@ impl Shared {
         if self.cancel.is_cancelled() {
             return Err(ClientError::Closed);
         }
+        if matches!(msg, ClientMsg::Ping { .. }) && self.outbound.counting() {
+            // The contract asks for a `seen` with every ping, the application's too.
+            self.received.seen_sent();
+            self.send(&ClientMsg::Seen {
+                upto: self.received.last(),
+            })?;
+            self.outbound.pinged();
+        }
         let mut buf = BytesMut::with_capacity(128);
         encode_client_frame(msg, &mut buf)?;
         let len = buf.len() - LEN_PREFIX;
@@ -457,16 +465,9 @@ impl Shared {
         Ok(())
     }
 
-    /// The heartbeat's `ping` (no rid: only its arrival counts), after a `seen` for every node
-    /// frame read on a resumable session, as the contract asks.
+    /// The heartbeat's `ping` (no rid: only its arrival counts); on a resumable session `send`
+    /// puts a `seen` for every node frame read before it.
     fn ping(&self) -> Result<(), ClientError> {
-        if self.outbound.counting() {
-            self.received.seen_sent();
-            self.send(&ClientMsg::Seen {
-                upto: self.received.last(),
-            })?;
-        }
-        self.outbound.pinged();
         self.send(&ClientMsg::Ping { rid: None })
     }
 

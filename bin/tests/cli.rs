@@ -519,3 +519,46 @@ async fn the_cli_speaks_tls_with_a_ca_and_reads_its_secret_from_a_file() {
         done.stderr
     );
 }
+
+#[tokio::test]
+async fn listen_rides_out_a_cut_link_and_keeps_printing_messages_both_ways() {
+    use confab_client::{Conversation, InstantMessagingCall};
+    let node = quiet_node();
+    let proxy = confab_tests::cut::CutProxy::start(node.addr).await;
+    // Bob listens through the relay; Alice calls him and sends from the library.
+    let mut bob = listener(proxy.addr, BOB, &["--json", "--count", "2"], false).await;
+    let alice = Endpoint::connect_with(
+        node.addr,
+        Hello::new(ALICE, confab_tests::token(ALICE), "laptop"),
+        EndpointOptions::default(),
+    )
+    .await
+    .unwrap();
+    let call = tokio::time::timeout(
+        WAIT,
+        InstantMessagingCall::establish(&Conversation::new(&alice), BOB, None, Default::default()),
+    )
+    .await
+    .expect("established in time")
+    .unwrap();
+    call.flow().send_text("before").await.unwrap();
+    bob.line(|l| l.contains(r#""text":"before""#)).await;
+
+    proxy.cut();
+    let reconnecting = bob.line(|l| l.contains(r#""event":"reconnecting""#)).await;
+    let resumed = bob.line(|l| l.contains(r#""event":"resumed""#)).await;
+    call.flow().send_text("after").await.unwrap();
+    bob.line(|l| l.contains(r#""text":"after""#)).await;
+
+    let (status, lines, stderr) = bob.finish().await;
+    assert!(status.success(), "listen failed: {stderr}");
+    let resumed: Value = serde_json::from_str(&resumed).unwrap();
+    assert!(resumed["attempts"].as_u64() >= Some(1), "{resumed}");
+    let reconnecting: Value = serde_json::from_str(&reconnecting).unwrap();
+    assert!(reconnecting["error"].is_string(), "{reconnecting}");
+    let messages = lines
+        .iter()
+        .filter(|l| l.contains(r#""event":"message""#))
+        .count();
+    assert_eq!(messages, 2, "each message printed once: {lines:#?}");
+}

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use confab_protocol::{CallState, ClientMsg, Direction, ServerMsg};
+use confab_protocol::{CallState, ClientMsg, Direction, Reason, ServerMsg};
 
 use crate::call::{self, CallInner, NewCall, ReceivedMessage};
-use crate::connection::Events;
+use crate::connection::{Events, Inbound, LinkEvent};
 use crate::endpoint::{AutoAcceptPolicy, Ctx, EndpointEvent};
 use crate::presence::PresenceUpdate;
 use crate::queue::PushError;
@@ -17,9 +17,15 @@ use crate::queue::PushError;
 /// SIP "Busy Here": what an endpoint that cannot take one more call answers.
 const BUSY_HERE: u16 = 486;
 
+/// What a call lost with its session ends with, here as on the node (section 3, "Resuming").
+const LOST_CODE: u16 = 408;
+
 pub(crate) async fn run(ctx: Arc<Ctx>, mut events: Events) {
-    while let Some(event) = events.recv().await {
-        dispatch(&ctx, event);
+    while let Some(item) = events.recv_inbound().await {
+        match item {
+            Inbound::Frame(event) => dispatch(&ctx, event),
+            Inbound::Link(link) => on_link(&ctx, link),
+        }
     }
     // The connection is gone: wake everything that waits on it.
     for call in ctx.registry.drain() {
@@ -167,6 +173,18 @@ fn dispatch(ctx: &Arc<Ctx>, event: ServerMsg) {
             tracing::warn!(?other, "reply without rid; dropped");
         }
     }
+}
+
+/// News of the link, surfaced as an endpoint event; a lost session also ends every call here,
+/// as the node ends them (408) for their remote parties when its window passes.
+fn on_link(ctx: &Ctx, event: LinkEvent) {
+    if let LinkEvent::Lost { .. } = event {
+        let why = Reason::new(LOST_CODE, "Connection to the node lost");
+        for call in ctx.registry.drain() {
+            call.end_locally(why.clone());
+        }
+    }
+    push_endpoint_event(ctx, EndpointEvent::Link(event));
 }
 
 /// The call an event names; a miss is logged, since the node should only name our calls.

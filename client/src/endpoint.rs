@@ -12,7 +12,7 @@ use tokio::net::ToSocketAddrs;
 use tokio_util::sync::CancellationToken;
 
 use crate::call::{CallInner, InstantMessagingCall};
-use crate::connection::{Connection, ConnectionOptions, Hello, Welcome};
+use crate::connection::{Connection, ConnectionOptions, Hello, LinkEvent, Welcome};
 use crate::conversation::Conversation;
 use crate::dispatch;
 use crate::error::ClientError;
@@ -84,6 +84,11 @@ pub enum EndpointEvent {
         /// The operator's reason.
         reason: String,
     },
+    /// On a resumable session (see [`crate::ConnectionOptions::resume`]), news of its link:
+    /// reconnecting, resumed, or lost. When lost, requests still waiting failed with
+    /// [`ClientError::SessionLost`] and every call ended here with 408, as the node ends them
+    /// for their remote parties; the endpoint is closed, sign in again for a new one.
+    Link(LinkEvent),
     /// An `error` that answers no request (e.g. to a malformed `message_ack`).
     Error {
         /// The contract's code.
@@ -304,7 +309,8 @@ impl Endpoint {
         IncomingCalls::new(futures::StreamExt::boxed(stream))
     }
 
-    /// Endpoint-wide events (`shutdown`, stray `error`s).
+    /// Endpoint-wide events (`shutdown`, `kicked`, stray `error`s, and on a resumable session
+    /// news of the link: [`EndpointEvent::Link`]).
     pub fn events(&self) -> EndpointEvents {
         EndpointEvents::new(self.inner.ctx.events.stream())
     }

@@ -20,6 +20,10 @@ pub enum ClientError {
     /// The connection is gone (closed by either side, or lost); nothing more can be sent.
     #[error("the connection to the node is closed")]
     Closed,
+    /// A resumable session could not be resumed after its link dropped (the node refused, or
+    /// its window passed); the text says why. Nothing more can be sent.
+    #[error("the session with the node was lost: {0}")]
+    SessionLost(String),
     /// The socket failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

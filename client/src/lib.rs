@@ -13,6 +13,14 @@
 //!   received messages are acked for you, composing state is refreshed for you.
 //! - [`Connection`]: the layer below, for tools that speak the protocol directly: requests
 //!   matched to replies by `rid`, events as a stream, heartbeat.
+//! - Resumable sessions, opt-in with [`ConnectionOptions::resume`] (a [`Reconnect`] policy):
+//!   when the link drops (closed, failed, or the node silent for three heartbeats) the library
+//!   reconnects with backoff within the node's window and resumes the session
+//!   (docs/protocol.md §3 "Resuming"). Requests, calls and messages carry on across the drop,
+//!   each frame of both sides delivered exactly once; [`EndpointEvent::Link`] says
+//!   [`LinkEvent::Reconnecting`], [`LinkEvent::Resumed`] or, when the node refuses or the
+//!   window passes, [`LinkEvent::Lost`] (pending requests then fail with
+//!   [`ClientError::SessionLost`] and calls end locally with 408).
 //! - [`token::mint`]: HS256 tokens for `hello`, for tests, the CLI and the bench.
 //!
 //! ```no_run
@@ -76,7 +84,9 @@ pub use call::{
     CallEstablishOptions, CallSnapshot, InstantMessagingCall, ReceivedMessage, StateChange,
     StateChanges,
 };
-pub use connection::{ClientTls, Connection, ConnectionOptions, Events, Hello, Welcome};
+pub use connection::{
+    ClientTls, Connection, ConnectionOptions, Events, Hello, Inbound, LinkEvent, Reconnect, Welcome,
+};
 pub use conversation::Conversation;
 pub use endpoint::{
     AutoAcceptPolicy, Endpoint, EndpointEvent, EndpointEvents, EndpointOptions, IncomingCalls,

@@ -45,7 +45,8 @@ pub async fn run(
     to: Option<String>,
     toast: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let endpoint = session.sign_in(AutoAcceptPolicy::Notify).await?;
+    let endpoint = session.sign_in_resumable(AutoAcceptPolicy::Notify).await?;
+    let link_events = session::print_link_events(&endpoint, Arc::clone(out));
     let call = match open_call(&endpoint, out, to.as_deref(), toast).await {
         Ok(call) => call,
         Err(e) => {
@@ -136,8 +137,10 @@ pub async fn run(
     if let Err(e) = endpoint.bye().await {
         tracing::debug!(error = %e, "bye failed");
     }
-    // bye closed the connection, so the follower has seen the call's last state.
+    // bye closed the connection, so the follower has seen the call's last state, and every
+    // link event is printed.
     let _ = follower.await;
+    let _ = link_events.await;
     terminal.finish(out, ending).await;
     Ok(ExitCode::SUCCESS)
 }

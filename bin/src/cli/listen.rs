@@ -49,7 +49,8 @@ pub async fn run(
     } else {
         AutoAcceptPolicy::Notify
     };
-    let endpoint = session.sign_in(policy).await?;
+    let endpoint = session.sign_in_resumable(policy).await?;
+    let mut link_events = session::print_link_events(&endpoint, Arc::clone(out));
     if let Some(activity) = args.activity {
         endpoint
             .publish_device_state(activity.into(), args.idle_ms)
@@ -93,7 +94,11 @@ pub async fn run(
         tokio::select! {
             call = incoming.recv() => {
                 let Some(call) = call else {
-                    break Err(anyhow!("the connection to the node closed"));
+                    // The endpoint is over: its link events are all printed, the last says why.
+                    break Err(match (&mut link_events).await.ok().flatten() {
+                        Some(reason) => anyhow!("the session with the node was lost: {reason}"),
+                        None => anyhow!("the connection to the node closed"),
+                    });
                 };
                 session::print_incoming(out, &call);
                 tokio::spawn(follow_call(call.clone(), Arc::clone(out), received_tx.clone(), args.auto_accept));

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use confab_client::protocol::Body;
 use confab_client::{
-    AutoAcceptPolicy, ClientError, DeliveryError, Endpoint, EndpointOptions, Hello,
-    InstantMessagingCall, Reason, ReceivedMessage, StateChange, token,
+    AutoAcceptPolicy, ClientError, DeliveryError, Endpoint, EndpointEvent, EndpointOptions, Hello,
+    InstantMessagingCall, LinkEvent, Reason, ReceivedMessage, Reconnect, StateChange, token,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -36,6 +36,21 @@ pub struct Session {
 impl Session {
     /// Signs in; `policy` is what the library does when the node asks this endpoint to accept.
     pub async fn sign_in(&self, policy: AutoAcceptPolicy) -> anyhow::Result<Endpoint> {
+        self.sign_in_with(policy, None).await
+    }
+
+    /// [`Session::sign_in`] on a resumable session: a dropped link is reconnected and the
+    /// session resumed by the library, for the commands that stay signed in (`listen`,
+    /// `chat`); see [`print_link_events`].
+    pub async fn sign_in_resumable(&self, policy: AutoAcceptPolicy) -> anyhow::Result<Endpoint> {
+        self.sign_in_with(policy, Some(Reconnect::default())).await
+    }
+
+    async fn sign_in_with(
+        &self,
+        policy: AutoAcceptPolicy,
+        resume: Option<Reconnect>,
+    ) -> anyhow::Result<Endpoint> {
         let token = match &self.auth {
             Auth::Token(token) => token.clone(),
             Auth::Secret(secret) => token::mint(&self.user, secret, MINTED_TOKEN_TTL),
@@ -47,6 +62,7 @@ impl Session {
             ..EndpointOptions::default()
         };
         options.connection.tls = self.tls.clone();
+        options.connection.resume = resume;
         Endpoint::connect_with(self.server.as_str(), hello, options)
             .await
             .map_err(|e| match e {
@@ -66,6 +82,48 @@ impl Session {
                 other => anyhow!("sign-in as {} failed: {other}", self.user),
             })
     }
+}
+
+/// Prints the news of a resumable session's link as it comes: reconnecting, resumed, lost.
+/// The task ends with the endpoint and returns why the session was lost, if it was, so that a
+/// command can say so rather than only "closed".
+pub fn print_link_events(
+    endpoint: &Endpoint,
+    out: std::sync::Arc<Output>,
+) -> tokio::task::JoinHandle<Option<String>> {
+    let mut events = endpoint.events();
+    tokio::spawn(async move {
+        let mut lost = None;
+        while let Some(event) = events.recv().await {
+            let EndpointEvent::Link(link) = event else {
+                continue;
+            };
+            match link {
+                LinkEvent::Reconnecting { error } => out.event(
+                    || {
+                        out.paint(
+                            Tone::Bad,
+                            &format!("connection to the node lost ({error}); reconnecting…"),
+                        )
+                    },
+                    || json!({"event": "reconnecting", "error": error}),
+                ),
+                LinkEvent::Resumed { attempts, resent } => out.event(
+                    || out.paint(Tone::Good, "reconnected; the session resumed, nothing lost"),
+                    || json!({"event": "resumed", "attempts": attempts, "resent": resent}),
+                ),
+                LinkEvent::Lost { reason } => {
+                    out.event(
+                        || out.paint(Tone::Bad, &format!("session lost: {reason}")),
+                        || json!({"event": "lost", "reason": reason}),
+                    );
+                    lost = Some(reason);
+                }
+                other => tracing::debug!(?other, "link event"),
+            }
+        }
+        lost
+    })
 }
 
 /// Who answered an established call. `established()` resolves on the `call_state`, and the

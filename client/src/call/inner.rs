@@ -211,6 +211,32 @@ impl CallInner {
         self.messages.push(message)
     }
 
+    /// The session is lost: the call ends here as the node ends it (through `terminating`,
+    /// with `reason`), so that waiters see an ended call rather than a vanished one.
+    pub(crate) fn end_locally(&self, reason: Reason) {
+        let mut state = self.state();
+        if state.is_final() {
+            return;
+        }
+        tracing::info!(call = %self.id, ?state, "session lost; ending the call here");
+        for next in [CallState::Terminating, CallState::Terminated] {
+            if state == next {
+                continue;
+            }
+            self.snapshot.send_modify(|s| {
+                s.state = next;
+                s.reason = Some(reason.clone());
+            });
+            self.changes.push(StateChange {
+                previous: state,
+                state: next,
+                reason: Some(reason.clone()),
+            });
+            state = next;
+        }
+        self.detach();
+    }
+
     /// The connection ended: nothing will change any more, so every waiter must wake up.
     pub(crate) fn detach(&self) {
         self.snapshot.send_modify(|s| s.connection_lost = true);

@@ -1,38 +1,43 @@
-//! The heartbeat task: pings every `heartbeat_ms` as the contract asks, and closes the
-//! connection when the node has been silent for three periods (the rule the node applies to
-//! clients, mirrored), since the node answers each ping with a pong.
+//! The heartbeat task of one link: pings every `heartbeat_ms` as the contract asks (with a
+//! `seen` before it on a resumable session), and gives up the link when the node has been
+//! silent for three periods (the rule the node applies to clients, mirrored), since the node
+//! answers each ping with a pong. A black-holed link is noticed only here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_protocol::ClientMsg;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 
 /// Periods of silence after which the node is presumed gone.
 const SILENT_PERIODS: u32 = 3;
 
-pub(super) async fn run(shared: Arc<Shared>, period: Duration) {
+pub(super) async fn run(shared: Arc<Shared>, period: Duration, link: CancellationToken) {
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
-            () = shared.cancel.cancelled() => return,
+            () = link.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let silence = shared.silence();
         if silence > period * SILENT_PERIODS {
             tracing::warn!(
                 silent_ms = silence.as_millis(),
-                "the node stopped answering; closing"
+                "the node stopped answering; giving up the link"
             );
-            shared.cancel.cancel();
+            shared.link_failed(format!(
+                "the node was silent for {} ms (heartbeat {} ms)",
+                silence.as_millis(),
+                period.as_millis()
+            ));
+            link.cancel();
             return;
         }
-        // No rid: the pong needs no matching, only its arrival counts.
-        if shared.send(&ClientMsg::Ping { rid: None }).is_err() {
+        if shared.ping().is_err() {
             return;
         }
     }

@@ -63,15 +63,15 @@ impl Pending {
         lock(&self.inner).waiting.remove(&rid);
     }
 
-    /// Fails every outstanding request with [`ClientError::Closed`] and refuses new ones.
-    pub(super) fn close(&self) {
+    /// Fails every outstanding request with `error()` and refuses new ones.
+    pub(super) fn close(&self, error: impl Fn() -> ClientError) {
         let drained: Vec<Completion> = {
             let mut inner = lock(&self.inner);
             inner.closed = true;
             inner.waiting.drain().map(|(_, c)| c).collect()
         };
         for completion in drained {
-            completion(Err(ClientError::Closed));
+            completion(Err(error()));
         }
     }
 }
@@ -106,7 +106,7 @@ mod tests {
         let pending = Pending::default();
         let hits = Arc::new(AtomicUsize::new(0));
         pending.register(counting(&hits)).expect("open");
-        pending.close();
+        pending.close(|| ClientError::Closed);
         assert_eq!(hits.load(Ordering::SeqCst), 1);
         assert!(pending.register(counting(&hits)).is_none());
     }

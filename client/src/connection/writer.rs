@@ -1,6 +1,6 @@
-//! The writer task: the only place that writes to the socket. It drains the queue of encoded
-//! frames and flushes once per burst, so a busy endpoint costs one syscall per burst instead of
-//! one per frame.
+//! The writer task of one link: the only place that writes to its socket. It drains the
+//! link's queue of encoded frames and flushes once per burst, so a busy endpoint costs one
+//! syscall per burst instead of one per frame.
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -8,18 +8,24 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{BytesCodec, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use super::Shared;
+use super::dial::WriteHalf;
+
 /// Most frames written before a flush, so one producer cannot delay the flush indefinitely.
 const MAX_BURST: usize = 256;
 
-pub(super) async fn run<W: tokio::io::AsyncWrite + Unpin>(
-    mut sink: FramedWrite<W, BytesCodec>,
+pub(super) async fn run(
+    mut sink: FramedWrite<WriteHalf, BytesCodec>,
     mut queue: mpsc::UnboundedReceiver<Bytes>,
-    cancel: CancellationToken,
+    link: CancellationToken,
+    shared: Arc<Shared>,
 ) {
     loop {
         let first = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
+            () = link.cancelled() => break,
             frame = queue.recv() => match frame {
                 Some(frame) => frame,
                 None => break,
@@ -39,14 +45,16 @@ pub(super) async fn run<W: tokio::io::AsyncWrite + Unpin>(
         // A node that stops reading must not keep this task (and the socket) alive after close.
         let written = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
+            () = link.cancelled() => break,
             written = burst => written,
         };
         if let Err(e) = written {
             tracing::warn!(error = %e, "connection failed while writing");
+            shared.link_failed(format!("writing failed: {e}"));
             break;
         }
     }
-    // Either way the connection cannot send any more, so the whole of it ends.
-    cancel.cancel();
+    // Either way the link cannot send any more, so the whole of it ends (and, on a resumable
+    // session, is resumed: what was queued here is kept and goes out again).
+    link.cancel();
 }

@@ -1,7 +1,6 @@
-//! What the client library's tests found on the node's side of resumable sessions, kept as
-//! minimal failing tests for the node's owner (ignored until settled; run with `--ignored`):
-//! a node race, and a contract question about a resume whose welcome is lost. Written with
-//! the raw resumable client of `confab_tests::resumable`, not the library.
+//! What the client library's tests found on the node's side of resumable sessions, each now a
+//! rule of the node: a resume racing the old connection's end, and a resume whose welcome is
+//! lost. Written with the raw resumable client of `confab_tests::resumable`, not the library.
 
 use confab_protocol::*;
 use confab_tests::resumable::{Resumable, Resumed};
@@ -12,7 +11,6 @@ use confab_tests::*;
 /// the welcome). The node must take that close as the end of a connection it already
 /// dropped, not as the loss of the resumed one: the new connection must stay up.
 #[tokio::test]
-#[ignore = "node bug: the old connection's end, noticed after a resume, holds the session again and closes the new connection"]
 async fn the_old_connection_closing_after_a_resume_leaves_the_new_one_up() {
     let node = start_node(|_| {});
     let mut alice = Resumable::sign_in(node.addr, "sip:alice@example.com", "phone").await;
@@ -30,16 +28,12 @@ async fn the_old_connection_closing_after_a_resume_leaves_the_new_one_up() {
     }
 }
 
-/// A contract question more than a race: a resume the node takes back spends the client's
-/// token and sends a new one in the `welcome`. When the link fails again before that welcome
-/// reaches the client (a second drop during the reconnect, common on a flaky mobile link),
-/// the client holds only the spent token, and its next resume is refused ("the session was
-/// already resumed with this token"): the session is lost although the node still holds it.
-/// One way out: accept the previous token again while nothing has been read from the
-/// connection that spent it (the client cannot have seen the new token). This test asserts
-/// that reading; it fails today by design of §3.
+/// A resume the node takes back spends the client's token and sends a new one in the
+/// `welcome`. When the link fails again before that welcome reaches the client (a second drop
+/// during the reconnect, common on a flaky mobile link), the client holds only the spent
+/// token: the node takes it again while nothing has been read from the connection that spent
+/// it (docs/protocol.md §3, the refusals table).
 #[tokio::test]
-#[ignore = "contract: a welcome lost in transit makes the session unresumable (see the doc comment)"]
 async fn a_resume_whose_welcome_was_lost_can_be_made_again_with_the_same_token() {
     let node = start_node(|_| {});
     let mut alice = Resumable::sign_in(node.addr, "sip:alice@example.com", "phone").await;

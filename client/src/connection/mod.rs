@@ -310,7 +310,9 @@ impl Connection {
             (Some(policy), Some(grant)) => {
                 // The hello was frame 0 of ours and the welcome frame 0 of the node's.
                 shared.outbound.start_counting();
-                shared.received.acknowledge_every(grant.max_unseen_frames);
+                shared
+                    .received
+                    .acknowledge_every(grant.max_unseen_frames, grant.max_unseen_bytes);
                 Some(supervisor::Resumable {
                     policy,
                     dialer,

@@ -46,7 +46,7 @@ pub(super) async fn run(
             Some(Ok(body)) => {
                 shared.heard();
                 // Every frame counts, even one this library cannot read: the node numbered it.
-                shared.received.read_one();
+                shared.received.read_one(body.len());
                 match decode_server(&body) {
                     Ok(msg) => route(&shared, &events, msg),
                     Err(e) => undecodable(&shared, &e),

@@ -27,6 +27,7 @@ pub const SLOW_CONSUMERS: &str = "confab_slow_consumers_total";
 pub const LIMITS_TRIPPED: &str = "confab_limits_tripped_total";
 pub const CLUSTER_NODES: &str = "confab_cluster_nodes";
 pub const CLUSTER_ENVELOPES: &str = "confab_cluster_envelopes_total";
+pub const CLUSTER_BATCHED_ENVELOPES: &str = "confab_cluster_batched_envelopes_total";
 pub const CLUSTER_DIRECTORY_ENDPOINTS: &str = "confab_cluster_directory_endpoints";
 pub const CLUSTER_NATS_CONNECTED: &str = "confab_cluster_nats_connected";
 pub const CLUSTER_DIRECTORY_WRITES_PENDING: &str = "confab_cluster_directory_writes_pending";
@@ -251,6 +252,11 @@ pub fn describe_all() {
     describe_counter!(
         CLUSTER_ENVELOPES,
         "Envelopes exchanged with other cluster nodes, by direction (cluster mode only)"
+    );
+    describe_counter!(
+        CLUSTER_BATCHED_ENVELOPES,
+        "Envelopes published to other nodes inside a batch, several for one node in one NATS \
+         message (cluster mode only)"
     );
     describe_gauge!(
         CLUSTER_DIRECTORY_ENDPOINTS,

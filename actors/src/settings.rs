@@ -285,6 +285,14 @@ pub struct Cluster {
     /// sign-in (`overloaded`), a node that has not answered is logged and counted.
     #[serde(default = "default_sign_in_sync_timeout_ms")]
     pub sign_in_sync_timeout_ms: u64,
+    /// Envelopes queued together for one node go as one NATS message (`cluster/src/batch.rs`);
+    /// false sends each alone (and tells the other nodes to send this one each alone).
+    #[serde(default = "default_batch_envelopes")]
+    pub batch_envelopes: bool,
+}
+
+fn default_batch_envelopes() -> bool {
+    true
 }
 
 /// `[scheme://]user:password@host` → `[scheme://]user:<redacted>@host`, a bare token
@@ -336,6 +344,7 @@ impl Cluster {
             connect_timeout_ms: default_connect_timeout_ms(),
             kv_replicas: default_kv_replicas(),
             sign_in_sync_timeout_ms: default_sign_in_sync_timeout_ms(),
+            batch_envelopes: default_batch_envelopes(),
         }
     }
 }

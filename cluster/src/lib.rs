@@ -22,6 +22,7 @@
 //! This file holds the [`Cluster`] itself: its state, joining, and the hooks the tests use.
 
 mod admin;
+mod batch;
 mod bucket;
 pub mod directory;
 mod events;
@@ -112,6 +113,41 @@ enum Outgoing {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// The nodes (by inbox subject) whose heartbeats say they read batches (`batch.rs`), shared
+/// with the publisher.
+pub(crate) struct BatchingNodes {
+    subjects: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// `cluster.batch_envelopes`: this node batches at all.
+    enabled: bool,
+}
+
+impl BatchingNodes {
+    fn new(enabled: bool) -> Self {
+        BatchingNodes {
+            subjects: Default::default(),
+            enabled,
+        }
+    }
+
+    pub(crate) fn takes(&self, subject: &str) -> bool {
+        self.enabled && self.subjects.read().is_ok_and(|s| s.contains(subject))
+    }
+
+    fn note(&self, node: &str, batches: bool) {
+        let subject = routing::node_subject(node);
+        if !self.enabled || self.takes(&subject) == batches {
+            return;
+        }
+        if let Ok(mut s) = self.subjects.write() {
+            if batches {
+                s.insert(subject);
+            } else {
+                s.remove(&subject);
+            }
+        }
+    }
+}
+
 struct NodeSeen {
     epoch: u64,
     last: Instant,
@@ -140,6 +176,8 @@ pub struct Cluster {
     /// Sessions resumed through this node and held on another (`relay.rs`), by relay id.
     relays: DashMap<u64, relay::Relay>,
     next_relay: AtomicU64,
+    /// Which nodes take batched envelopes (`batch.rs`).
+    batching: Arc<BatchingNodes>,
     /// Legs on this node whose endpoint is on another node: call id → (that node, leg).
     pub legs: DashMap<String, (String, Addr<CallLeg>)>,
     /// Arbiters on this node with forks on other nodes.
@@ -316,6 +354,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let batching = Arc::new(BatchingNodes::new(cfg.batch_envelopes));
         let quota = Arc::new(EnvelopeQuota::new(
             cfg.max_queued_envelopes,
             cfg.max_queued_bytes,
@@ -339,6 +378,7 @@ impl Cluster {
             endpoints: DashMap::new(),
             relays: DashMap::new(),
             next_relay: AtomicU64::new(1),
+            batching: batching.clone(),
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),
@@ -381,7 +421,7 @@ impl Cluster {
         // The values already there are applied before the node accepts anyone.
         let read_upto = cluster.load().await?;
         cluster.watch_read_upto.store(read_upto, Ordering::Relaxed);
-        rt.spawn(publish_loop(transport, publish_rx, quota));
+        rt.spawn(publish_loop(transport, publish_rx, quota, batching));
         rt.spawn(writes::write_loop(
             kv.clone(),
             kv_rx,
@@ -398,6 +438,7 @@ impl Cluster {
             metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => direction).increment(0);
         }
         metrics::counter!(m::CLUSTER_ENVELOPES_DROPPED).increment(0);
+        metrics::counter!(m::CLUSTER_BATCHED_ENVELOPES).increment(0);
         metrics::gauge!(m::CLUSTER_DIRECTORY_DEGRADED).set(0.0);
         for why in ["directory", "node"] {
             metrics::counter!(m::CLUSTER_SIGN_IN_SYNC_FAILURES, "why" => why).increment(0);

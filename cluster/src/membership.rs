@@ -257,6 +257,7 @@ impl Cluster {
             leaving,
             acks_events: true,
             syncs_directory: true,
+            batches: self.batching.enabled,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
             let _ = self.publish_tx.send(Outgoing::Publish(
@@ -334,6 +335,7 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut beats: transport::
         if known {
             cluster.note_acks_events(&hb.node, hb.acks_events);
             cluster.note_syncs_directory(&hb.node, hb.syncs_directory);
+            cluster.batching.note(&hb.node, hb.batches);
         }
         if !known && cluster.first_ask_in_a_while(&hb.node) {
             // A run we declared dead is alive after all (it was cut off), or a run older than

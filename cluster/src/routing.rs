@@ -96,8 +96,18 @@ impl Cluster {
     }
 
     pub(super) fn route(self: &Arc<Self>, env: Envelope) {
+        if let Envelope::Batch { envelopes } = env {
+            for one in envelopes {
+                match rmp_serde::from_slice::<Envelope>(&one) {
+                    Ok(env) => self.route(env),
+                    Err(e) => tracing::warn!(error = %e, "dropping an unreadable envelope"),
+                }
+            }
+            return;
+        }
         metrics::counter!(m::CLUSTER_ENVELOPES, "direction" => "in").increment(1);
         match env {
+            Envelope::Batch { .. } => {}
             Envelope::Event {
                 endpoint,
                 frame,
@@ -415,29 +425,60 @@ pub(super) fn encode(env: &Envelope) -> Option<Bytes> {
     }
 }
 
+/// Most envelopes taken from the queue before publishing what was taken.
+const MAX_TAKEN: usize = 1024;
+
 pub(super) async fn publish_loop(
     transport: Arc<dyn Transport>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     quota: Arc<EnvelopeQuota>,
+    batching: Arc<BatchingNodes>,
 ) {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Outgoing::Publish(subject, payload) => {
-                if let Err(e) = transport.publish(subject, payload).await {
-                    tracing::warn!(error = %e, "cannot publish to the other nodes");
+    let mut taken: Vec<(String, Bytes, bool)> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        // Everything already queued goes in this round (see `batch.rs`); nothing waits.
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Outgoing::Publish(subject, payload) => taken.push((subject, payload, false)),
+                Outgoing::Bounded(subject, payload) => taken.push((subject, payload, true)),
+                Outgoing::Flush(done) => {
+                    publish_taken(&*transport, &quota, &batching, &mut taken).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), transport.flush()).await;
+                    let _ = done.send(());
                 }
             }
-            Outgoing::Bounded(subject, payload) => {
-                let len = payload.len();
-                if let Err(e) = transport.publish(subject, payload).await {
-                    tracing::warn!(error = %e, "cannot publish to the other nodes");
-                }
-                quota.release(len);
+            if taken.len() < MAX_TAKEN {
+                next = rx.try_recv().ok();
             }
-            Outgoing::Flush(done) => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), transport.flush()).await;
-                let _ = done.send(());
+        }
+        publish_taken(&*transport, &quota, &batching, &mut taken).await;
+    }
+}
+
+/// Publishes `taken`, one node's envelopes batched where that node takes batches.
+async fn publish_taken(
+    transport: &dyn Transport,
+    quota: &EnvelopeQuota,
+    batching: &BatchingNodes,
+    taken: &mut Vec<(String, Bytes, bool)>,
+) {
+    if taken.is_empty() {
+        return;
+    }
+    for m in batch::group(std::mem::take(taken), |s| batching.takes(s)) {
+        let payload = match m.payload {
+            batch::Payload::One(p) => p,
+            batch::Payload::Many(list) => {
+                metrics::counter!(m::CLUSTER_BATCHED_ENVELOPES).increment(list.len() as u64);
+                wire::encode_batch(&list)
             }
+        };
+        if let Err(e) = transport.publish(m.subject, payload).await {
+            tracing::warn!(error = %e, "cannot publish to the other nodes");
+        }
+        if m.bounded_bytes > 0 {
+            quota.release(m.bounded_bytes);
         }
     }
 }

@@ -150,6 +150,11 @@ pub enum Envelope {
         from_node: String,
         relay: u64,
     },
+    /// Several envelopes for this node, each encoded as it would go alone, in the order they
+    /// were sent (`batch.rs`). Sent only to a node whose heartbeat says `batches`.
+    Batch {
+        envelopes: Vec<serde_bytes::ByteBuf>,
+    },
     /// "You were declared dead in run `epoch`": the receiver rejoins as a new run.
     Rejoin {
         epoch: u64,
@@ -286,6 +291,28 @@ pub struct Heartbeat {
     /// it does wait for a node not heard from yet.
     #[serde(default)]
     pub syncs_directory: bool,
+    /// The node reads `Envelope::Batch` (`batch.rs`): envelopes for it may go together. An
+    /// older node, which does not say, gets each alone.
+    #[serde(default)]
+    pub batches: bool,
+}
+
+/// `Envelope::Batch` of `envelopes` (each already encoded), written directly: the same bytes
+/// as serde's encoding of the enum (a test compares them), without copying each envelope into
+/// a buffer of its own first.
+pub fn encode_batch(envelopes: &[bytes::Bytes]) -> bytes::Bytes {
+    let total: usize = envelopes.iter().map(|e| e.len() + 5).sum();
+    let mut out = Vec::with_capacity(total + 24);
+    // {"Batch": {"envelopes": [bin, ...]}}
+    let _ = rmp::encode::write_map_len(&mut out, 1);
+    let _ = rmp::encode::write_str(&mut out, "Batch");
+    let _ = rmp::encode::write_map_len(&mut out, 1);
+    let _ = rmp::encode::write_str(&mut out, "envelopes");
+    let _ = rmp::encode::write_array_len(&mut out, envelopes.len() as u32);
+    for e in envelopes {
+        let _ = rmp::encode::write_bin(&mut out, e);
+    }
+    bytes::Bytes::from(out)
 }
 
 /// A device-state publication with the owning node's wall-clock stamp.

@@ -1906,3 +1906,90 @@ async fn state_events_never_acknowledged_end_the_call_on_both_sides() {
     assert_eq!(cluster.unseen_events_len(), 0);
     drop((a, b, nats));
 }
+
+/// Envelopes for one node go out batched when several are queued (`cluster/src/batch.rs`);
+/// a batch must keep each call's events in order. Ten cross-node calls at once, each caller
+/// sending 100 messages without waiting: every callee gets its messages once and in order,
+/// every message is delivered, and the call's end comes after its last message.
+#[tokio::test]
+async fn batched_envelopes_keep_every_calls_events_in_order() {
+    const CALLS: usize = 10;
+    const MESSAGES: u32 = 100;
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let b = start_cluster_node(&nats, "node-b", |_| {});
+    let mut pairs = Vec::new();
+    for i in 0..CALLS {
+        let caller = format!("sip:caller{i}@example.com");
+        let callee = format!("sip:callee{i}@example.com");
+        let mut from = Raw::sign_in(a.addr, &caller, "desk").await;
+        let mut to = Raw::sign_in(b.addr, &callee, "desk").await;
+        wait_for_endpoints(&a, &callee, 1).await;
+        let (call, incoming) = answered_call(&mut from, &mut to, &callee).await;
+        to.state(&incoming, CallState::Established).await;
+        pairs.push((from, call, to, incoming));
+    }
+    let mut tasks = Vec::new();
+    for (mut from, call, mut to, incoming) in pairs {
+        tasks.push(tokio::spawn(async move {
+            let receiver = tokio::spawn(async move {
+                let mut next = 1;
+                loop {
+                    match to.recv().await {
+                        ServerMsg::MessageReceived { msg, body, .. } => {
+                            assert_eq!(body, Body::Text(format!("n{next}")), "out of order");
+                            next += 1;
+                            to.send(&ClientMsg::MessageAck {
+                                call: incoming.clone(),
+                                msg,
+                            })
+                            .await;
+                        }
+                        ServerMsg::CallState {
+                            state: CallState::Terminated,
+                            ..
+                        } => {
+                            assert_eq!(next, MESSAGES + 1, "the end came before a message");
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            for n in 1..=MESSAGES {
+                from.send(&ClientMsg::Message {
+                    rid: Some(n),
+                    call: call.clone(),
+                    content_type: "text/plain".into(),
+                    body: Body::Text(format!("n{n}")),
+                })
+                .await;
+            }
+            let mut delivered = std::collections::HashSet::new();
+            while delivered.len() < MESSAGES as usize {
+                match from.recv().await {
+                    ServerMsg::MessageDelivered { rid: Some(r), .. } => {
+                        assert!(delivered.insert(r), "{r} answered twice");
+                    }
+                    ServerMsg::MessageFailed { rid, code, .. } => panic!("{rid:?} failed {code}"),
+                    _ => {}
+                }
+            }
+            let reply = from
+                .request(ClientMsg::CallTerminate {
+                    rid: None,
+                    call: call.clone(),
+                })
+                .await;
+            assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+            receiver.await.expect("the callee's side");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a call");
+    }
+    let ops = a.metrics_addr.expect("an operations port");
+    let (_, _, text) = http_get(ops, "/metrics").await;
+    let batched = metric(&text, "confab_cluster_batched_envelopes_total");
+    assert!(batched > 0.0, "no envelope went in a batch");
+}

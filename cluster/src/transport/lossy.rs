@@ -156,16 +156,41 @@ fn kind_of(env: &Envelope) -> Option<Lose> {
     })
 }
 
+impl LossyTransport {
+    /// A batch (`batch.rs`) loses the envelopes in it that are armed, one by one, as if each
+    /// had gone alone: what is left goes on as a batch, in order.
+    fn batch_without_lost(&self, subject: &str, payload: &Bytes) -> Option<Option<Bytes>> {
+        if !self.any_armed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let Ok(Envelope::Batch { envelopes }) = rmp_serde::from_slice::<Envelope>(payload) else {
+            return None;
+        };
+        let kept: Vec<Bytes> = envelopes
+            .into_iter()
+            .map(|e| Bytes::from(e.into_vec()))
+            .filter(|e| !self.loses(subject, e))
+            .collect();
+        Some((!kept.is_empty()).then(|| crate::wire::encode_batch(&kept)))
+    }
+}
+
 impl Transport for LossyTransport {
     fn publish(
         &self,
         subject: String,
         payload: Bytes,
     ) -> TransportFuture<'_, Result<(), TransportError>> {
-        if self.loses(&subject, &payload) {
-            // Lost on the way: the sender believes it sent.
-            return Box::pin(std::future::ready(Ok(())));
-        }
+        let payload = match self.batch_without_lost(&subject, &payload) {
+            Some(Some(rest)) => rest,
+            // Every envelope of the batch lost.
+            Some(None) => return Box::pin(std::future::ready(Ok(()))),
+            None if self.loses(&subject, &payload) => {
+                // Lost on the way: the sender believes it sent.
+                return Box::pin(std::future::ready(Ok(())));
+            }
+            None => payload,
+        };
         self.inner.publish(subject, payload)
     }
 

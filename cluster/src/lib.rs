@@ -195,6 +195,9 @@ pub struct Cluster {
     /// How envelopes and heartbeats reach the other nodes (`transport/`).
     transport: Arc<dyn Transport>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
+    /// What this node hears from NATS, its own heartbeat included (`membership.rs`): while it
+    /// hears nothing it is the one cut off, and declares nobody dead.
+    hearing: Mutex<membership::Hearing>,
     /// The latest run of each node declared dead: its records and those of earlier runs are
     /// ignored. One entry per node id, so it stays small however often nodes come and go.
     dead: Mutex<HashMap<String, u64>>,
@@ -388,6 +391,7 @@ impl Cluster {
             remote_len: AtomicUsize::new(0),
             transport: transport.clone(),
             nodes: Mutex::new(HashMap::new()),
+            hearing: Mutex::new(membership::Hearing::new(Instant::now())),
             dead: Mutex::new(HashMap::new()),
             presence,
             rt: rt.clone(),

@@ -1,6 +1,7 @@
-//! Which nodes are alive, and in which run: heartbeats, the node timeout, ending what a dead
-//! node's run was part of (and purging its records), rejoining as a new run after being
-//! declared dead or stale, and the graceful leave.
+//! Which nodes are alive, and in which run: heartbeats, the node timeout (held back while this
+//! node hears nothing from NATS, not even its own heartbeat: then it is the one cut off),
+//! ending what a dead node's run was part of (and purging its records), rejoining as a new run
+//! after being declared dead or stale, and the graceful leave.
 
 use super::*;
 
@@ -219,19 +220,35 @@ impl Cluster {
 
     pub(super) fn check_liveness(&self) {
         let now = Instant::now();
-        let dead: Vec<(String, u64)> = {
+        let hearing = *lock(&self.hearing);
+        let (dead, cut_off): (Vec<(String, u64)>, Option<usize>) = {
             let mut nodes = lock(&self.nodes);
-            let dead: Vec<_> = nodes
-                .iter()
-                .filter(|(_, s)| now.duration_since(s.last) > self.timeout)
-                .map(|(n, s)| (n.clone(), s.epoch))
+            let (dead, cut_off) = match unheard_too_long(
+                now,
+                self.timeout,
+                &hearing,
+                nodes.iter().map(|(n, s)| (n.as_str(), s.last)),
+            ) {
+                Unheard::Dead(dead) => (dead.into_iter().map(str::to_owned).collect(), None),
+                Unheard::CutOff { overdue } => (Vec::new(), Some(overdue)),
+            };
+            let dead: Vec<(String, u64)> = dead
+                .into_iter()
+                .filter_map(|n: String| nodes.remove(&n).map(|s| (n, s.epoch)))
                 .collect();
-            for (n, _) in &dead {
-                nodes.remove(n);
-            }
             metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
-            dead
+            (dead, cut_off)
         };
+        if let Some(overdue) = cut_off
+            && overdue > 0
+            && lock(&self.hearing).first_warning()
+        {
+            tracing::warn!(
+                unheard_ms = now.saturating_duration_since(hearing.last).as_millis() as u64,
+                overdue,
+                "this node hears nothing from NATS, not even its own heartbeat: it is the one cut off, so it declares nobody dead"
+            );
+        }
         for (node, epoch) in dead {
             tracing::warn!(%node, timeout_ms = self.timeout.as_millis() as u64, "node unheard for node_timeout; declaring it dead");
             self.node_lost(&node, epoch, true);
@@ -307,6 +324,97 @@ impl Cluster {
     }
 }
 
+/// What this node has heard from NATS lately: any heartbeat, its own included (core NATS sends
+/// a client what it publishes on a subject it subscribes to). A node that hears nothing at
+/// all, not even itself, is the one cut off (or NATS is away): the others' silence then says
+/// nothing about them, and declaring them dead would end their calls with it and, once this
+/// node is back, make each of them rejoin (architecture §13).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Hearing {
+    /// When the last heartbeat came.
+    last: Instant,
+    /// When hearing came back after the last lapse (or the node started): another node's
+    /// silence before then is not held against it, since this node could not have heard it.
+    since: Instant,
+    /// Whether the current lapse has been logged.
+    warned: bool,
+}
+
+impl Hearing {
+    pub(super) fn new(now: Instant) -> Self {
+        Hearing {
+            last: now,
+            since: now,
+            warned: false,
+        }
+    }
+
+    /// A heartbeat came at `now`. After a lapse the others' timers start again from `now`;
+    /// returns how long nothing came, then.
+    pub(super) fn heard(&mut self, now: Instant, timeout: Duration) -> Option<Duration> {
+        let lapse = self.lapsed(now, timeout).then(|| now - self.last);
+        if lapse.is_some() {
+            self.since = now;
+            self.warned = false;
+        }
+        self.last = now;
+        lapse
+    }
+
+    /// Whether nothing has come for longer than [`lapse`]`(timeout)`.
+    pub(super) fn lapsed(&self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.last) > lapse(timeout)
+    }
+
+    /// True the first time it is asked in a lapse (to log the lapse once).
+    fn first_warning(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned, true)
+    }
+}
+
+/// How long a node may hear nothing at all (its own heartbeat included) before it counts itself
+/// cut off: half `node_timeout`. Heartbeats go out every third of it, so a node that hears
+/// only itself (every other node dead) has its echo late by a sixth of `node_timeout` before
+/// it does; with any other node alive, every heartbeat of that one would have to be late too.
+/// A false lapse (an echo that late under load) only delays this node's verdict on a node
+/// that died: its silence counts again from the moment hearing came back, so such a death is
+/// declared at most `node_timeout` after the lapse ends, and the others declare it on time.
+pub(super) fn lapse(timeout: Duration) -> Duration {
+    timeout / 2
+}
+
+/// The verdict of one liveness check.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Unheard<'a> {
+    /// This node hears NATS: these nodes were silent longer than `node_timeout` while it did.
+    Dead(Vec<&'a str>),
+    /// This node hears nothing: nobody is declared dead; `overdue` nodes would have been.
+    CutOff { overdue: usize },
+}
+
+/// Who this node declares dead at `now`, given when it last heard each other node and what it
+/// heard from NATS at all: a node unheard for `node_timeout` while this one heard NATS, its
+/// silence counted from when this node's hearing last came back; nobody while this node hears
+/// nothing (it is the one cut off).
+pub(super) fn unheard_too_long<'a>(
+    now: Instant,
+    timeout: Duration,
+    hearing: &Hearing,
+    nodes: impl IntoIterator<Item = (&'a str, Instant)>,
+) -> Unheard<'a> {
+    let overdue = nodes
+        .into_iter()
+        .filter(|(_, last)| now.saturating_duration_since((*last).max(hearing.since)) > timeout)
+        .map(|(node, _)| node);
+    if hearing.lapsed(now, timeout) {
+        Unheard::CutOff {
+            overdue: overdue.count(),
+        }
+    } else {
+        Unheard::Dead(overdue.collect())
+    }
+}
+
 /// A new run's epoch: the wall clock's time, but above the run it replaces and above `above`,
 /// the latest run of this id another node knows (the clock may have been set back).
 pub(super) fn next_epoch(now_ms: u64, old: u64, above: u64) -> u64 {
@@ -320,6 +428,15 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut beats: transport::
         let Ok(hb) = rmp_serde::from_slice::<Heartbeat>(&payload) else {
             continue;
         };
+        // Any heartbeat, this node's own echo included, shows that it hears NATS; its own is
+        // what shows it when every other node is really gone.
+        let lapse = lock(&cluster.hearing).heard(Instant::now(), cluster.timeout);
+        if let Some(lapse) = lapse {
+            tracing::info!(
+                unheard_ms = lapse.as_millis() as u64,
+                "this node hears NATS again; the other nodes' liveness timers start again"
+            );
+        }
         if hb.node == cluster.node_id {
             continue;
         }
@@ -388,6 +505,125 @@ mod tests {
             next_epoch(1_000, 1_000, 9_000),
             9_001,
             "a clock set back below a run the others know"
+        );
+    }
+
+    const T: Duration = Duration::from_millis(3000);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A node that has heard a heartbeat every third of the timeout since `start`, up to
+    /// `until`.
+    fn hearing_until(start: Instant, until: Instant) -> Hearing {
+        let mut hearing = Hearing::new(start);
+        keep_hearing(&mut hearing, start, until);
+        hearing
+    }
+
+    /// Heartbeats every third of the timeout after `from`, up to `until`.
+    fn keep_hearing(hearing: &mut Hearing, from: Instant, until: Instant) {
+        let mut at = from;
+        while at + T / 3 <= until {
+            at += T / 3;
+            assert_eq!(hearing.heard(at, T), None, "no lapse while heartbeats come");
+        }
+    }
+
+    #[test]
+    fn a_node_unheard_for_the_timeout_while_this_one_hears_nats_is_dead() {
+        let start = Instant::now();
+        let now = start + ms(10_000);
+        let hearing = hearing_until(start, now);
+        let nodes = [("b", now - T - ms(1)), ("c", now - T + ms(1))];
+        assert_eq!(
+            unheard_too_long(now, T, &hearing, nodes),
+            Unheard::Dead(vec!["b"])
+        );
+    }
+
+    #[test]
+    fn a_node_that_hears_nothing_not_even_itself_declares_nobody_dead() {
+        let start = Instant::now();
+        let cut = start + ms(10_000);
+        let hearing = hearing_until(start, cut);
+        let now = cut + 4 * T;
+        let nodes = [("b", cut - ms(100)), ("c", cut - ms(900))];
+        assert_eq!(
+            unheard_too_long(now, T, &hearing, nodes),
+            Unheard::CutOff { overdue: 2 },
+            "every other node unheard for longer than the timeout, and none declared dead"
+        );
+    }
+
+    #[test]
+    fn once_this_node_hears_nats_again_the_others_timers_start_again() {
+        let start = Instant::now();
+        let cut = start + ms(10_000);
+        let mut hearing = hearing_until(start, cut);
+        let back = cut + 2 * T;
+        // Its own heartbeat (or any other) comes back first: the lapse ends.
+        let unheard = back - hearing.last;
+        assert_eq!(hearing.heard(back, T), Some(unheard));
+        keep_hearing(&mut hearing, back, back + 2 * T);
+        let nodes = [("b", cut - ms(100)), ("c", cut - ms(900))];
+        assert_eq!(
+            unheard_too_long(back + T - ms(1), T, &hearing, nodes),
+            Unheard::Dead(vec![]),
+            "their silence during the cut is not held against them"
+        );
+        // b beat again after the heal; c died meanwhile: its silence counts from the heal.
+        let nodes = [("b", back + T / 3), ("c", cut - ms(900))];
+        assert_eq!(
+            unheard_too_long(back + T + ms(1), T, &hearing, nodes),
+            Unheard::Dead(vec!["c"])
+        );
+    }
+
+    #[test]
+    fn an_echo_late_by_less_than_the_lapse_hides_no_death() {
+        let start = Instant::now();
+        let last = start + ms(10_000);
+        let mut hearing = hearing_until(start, last);
+        // Under load its own heartbeat, the only one left to hear (b died), comes back half
+        // a heartbeat late: no lapse, so b's silence is counted whole.
+        let late = last + T / 3 + T / 6;
+        assert_eq!(hearing.heard(late, T), None);
+        let b_died = last - ms(500);
+        let now = b_died + T + ms(1);
+        assert_eq!(
+            unheard_too_long(now, T, &hearing, [("b", b_died)]),
+            Unheard::Dead(vec!["b"])
+        );
+    }
+
+    #[test]
+    fn an_echo_late_beyond_the_lapse_delays_a_death_by_at_most_the_timeout_after_it() {
+        let start = Instant::now();
+        let last = start + ms(10_000);
+        let mut hearing = hearing_until(start, last);
+        let b_died = last - ms(500);
+        // Its own heartbeat, the only one left to hear, is late by more than the lapse: b is
+        // not declared dead while this node hears nothing...
+        let b_overdue = b_died + T + ms(1);
+        assert!(b_overdue - last > lapse(T));
+        assert_eq!(
+            unheard_too_long(b_overdue, T, &hearing, [("b", b_died)]),
+            Unheard::CutOff { overdue: 1 }
+        );
+        // ... and one timeout after hearing came back, it is.
+        let back = b_overdue + ms(100);
+        assert!(hearing.heard(back, T).is_some());
+        keep_hearing(&mut hearing, back, back + 2 * T);
+        let b = [("b", b_died)];
+        assert_eq!(
+            unheard_too_long(back + T, T, &hearing, b),
+            Unheard::Dead(vec![])
+        );
+        assert_eq!(
+            unheard_too_long(back + T + ms(1), T, &hearing, b),
+            Unheard::Dead(vec!["b"])
         );
     }
 }

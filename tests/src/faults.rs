@@ -614,6 +614,16 @@ impl Worker {
 
     /// Counts a frame the caller read: the answers to its messages.
     fn caller_saw(&mut self, m: &ServerMsg) {
+        Self::note_answer(&mut self.pending, &mut self.answered, &self.tally, m);
+    }
+
+    /// [`Worker::caller_saw`] on the worker's parts, so that it can run beside the devices.
+    fn note_answer(
+        pending: &mut HashMap<u32, Instant>,
+        answered: &mut HashSet<u32>,
+        tally: &Mutex<Tally>,
+        m: &ServerMsg,
+    ) {
         let (rid, answer) = match m {
             ServerMsg::MessageDelivered { rid: Some(r), .. } => (*r, None),
             ServerMsg::MessageFailed {
@@ -624,16 +634,16 @@ impl Worker {
             } => (*r, Some(format!("{code} {text}"))),
             _ => return,
         };
-        if self.pending.remove(&rid).is_some() {
-            self.answered.insert(rid);
-            let mut t = self.tally();
+        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.remove(&rid).is_some() {
+            answered.insert(rid);
             t.msgs_answered_once += 1;
             match answer {
                 None => t.msgs_delivered += 1,
                 Some(why) => *t.msgs_failed.entry(why).or_default() += 1,
             }
-        } else if self.answered.contains(&rid) {
-            self.tally().msgs_answered_twice += 1;
+        } else if answered.contains(&rid) {
+            t.msgs_answered_twice += 1;
         }
     }
 
@@ -763,17 +773,66 @@ impl Worker {
                 _ => None,
             })
             .await?;
-        // Both devices ring; each clicks accept the moment it does.
-        let (r0, r1) = {
+        // Both devices ring; each clicks accept the moment it does. Meanwhile the caller
+        // watches its call: once it has ended before it was established (its forks lost), a
+        // device that has not rung stops waiting, and once it is established, one that has not
+        // rung within another second (its fork lost; a real device never knew of it) stops
+        // too, so the round ends then, not at the devices' deadline. A device that has rung
+        // still gets its accept's answer: a double accept would still be seen.
+        let (given_up, give_up) = tokio::sync::watch::channel(None);
+        let (rings, rec1, established) = {
             let (received, tally) = (&mut self.received, &self.tally);
+            let (pending, answered) = (&mut self.pending, &mut self.answered);
             let mut rec1 = received.clone();
-            let rings = tokio::join!(
-                ring(d0, &tag, set_up, received, tally),
-                ring(d1, &tag, set_up, &mut rec1, tally)
-            );
-            received.extend(rec1);
-            rings
+            let rings = async {
+                tokio::join!(
+                    ring(d0, &tag, set_up, give_up.clone(), received, tally),
+                    ring(d1, &tag, set_up, give_up.clone(), &mut rec1, tally)
+                )
+            };
+            let outcome = async {
+                let outcome = loop {
+                    let m = match c.try_next(set_up).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break Err("caller: no established in time".to_owned()),
+                        Err(_) => {
+                            break Err("caller: connection ended awaiting established".to_owned());
+                        }
+                    };
+                    Self::note_answer(pending, answered, tally, &m);
+                    match m {
+                        ServerMsg::CallState {
+                            call: cl,
+                            state: CallState::Established,
+                            ..
+                        } if cl == call => break Ok(()),
+                        ServerMsg::CallState {
+                            call: cl,
+                            state: CallState::Terminated,
+                            reason,
+                            ..
+                        } if cl == call => {
+                            break Err(format!(
+                                "call ended before established: {}",
+                                reason.map_or(String::new(), |r| format!("{} {}", r.code, r.text))
+                            ));
+                        }
+                        _ => {}
+                    }
+                };
+                let grace = if outcome.is_ok() {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::ZERO
+                };
+                given_up.send_replace(Some(Instant::now() + grace));
+                outcome
+            };
+            let (rings, established) = tokio::join!(rings, outcome);
+            (rings, rec1, established)
         };
+        let (r0, r1) = rings;
+        self.received.extend(rec1);
         let wins: Vec<String> = [&r0, &r1]
             .iter()
             .filter_map(|r| match r {
@@ -790,27 +849,6 @@ impl Worker {
                 t.calls_double_accepted += 1;
             }
         }
-        let established = self
-            .caller_until(c, set_up, "established", |m| match m {
-                ServerMsg::CallState {
-                    call: cl,
-                    state: CallState::Established,
-                    ..
-                } if *cl == call => Some(Ok(String::new())),
-                ServerMsg::CallState {
-                    call: cl,
-                    state: CallState::Terminated,
-                    reason,
-                    ..
-                } if *cl == call => Some(Err(format!(
-                    "call ended before established: {}",
-                    reason
-                        .as_ref()
-                        .map_or(String::new(), |r| format!("{} {}", r.code, r.text))
-                ))),
-                _ => None,
-            })
-            .await;
         let why_not = |r: &Ring| match r {
             Ring::Other(w) => w.clone(),
             Ring::Lost => "lost".to_owned(),
@@ -928,11 +966,23 @@ async fn ring(
     d: &mut Raw,
     tag: &str,
     deadline: Instant,
+    mut give_up: tokio::sync::watch::Receiver<Option<Instant>>,
     received: &mut HashSet<String>,
     tally: &Mutex<Tally>,
 ) -> Ring {
     let leg = loop {
-        match d.try_next(deadline).await {
+        let stop_waiting = async {
+            let at = match give_up.wait_for(Option::is_some).await {
+                Ok(at) => at.unwrap_or(deadline),
+                Err(_) => deadline,
+            };
+            tokio::time::sleep_until(at.min(deadline)).await;
+        };
+        let next = tokio::select! {
+            next = d.try_next(deadline) => next,
+            () = stop_waiting => return Ring::Other("stopped waiting".to_owned()),
+        };
+        match next {
             Ok(Some(ServerMsg::CallIncoming {
                 call,
                 toast:

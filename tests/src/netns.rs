@@ -327,7 +327,13 @@ impl Net {
                 kill_and_delete_netns(name);
             }
         }
-        // Deleting a namespace deletes its veth ends, and so their peers; the bridge is left.
+        // Deleting a namespace deletes its veth ends, and so their peers, but only once the
+        // namespace is gone, after its processes have exited: the next test of this process
+        // could find a root end of the same name still there ("File exists"). Deleting the
+        // root ends deletes each pair at once.
+        for name in self.hosts.keys() {
+            let _ = run("ip", &["link", "del", &format!("{}{name}", self.prefix)]);
+        }
         let _ = run("ip", &["link", "del", &self.bridge]);
     }
 

@@ -913,43 +913,86 @@ fn short_sign_in_sync(s: &mut confab_actors::Settings) {
     }
 }
 
-/// NATS away for longer than the node timeout: each node declares the other dead and purges
-/// its records, and once NATS is back both rejoin and write theirs again. A purge retried after
-/// that rewrite must not delete it (it names the revision it saw), so the directory ends with
-/// exactly the live endpoints, on both nodes and in the bucket, and calls work.
+/// NATS away for longer than the node timeout: every node hears nothing, not even its own
+/// heartbeat, so each knows that it is cut off, not the others, and nobody is declared dead.
+/// No call ends, no record is purged, no node rejoins; what changed meanwhile (a status, a
+/// sign-out) lands once NATS is back, and a node that went away during the outage is declared
+/// dead one node timeout after it and its records purged. So the directory ends with exactly
+/// the live endpoints, on both nodes and in the bucket, and calls work.
 #[tokio::test]
-async fn a_nats_outage_longer_than_the_node_timeout_ends_in_one_consistent_directory() {
+async fn a_nats_outage_longer_than_the_node_timeout_ends_no_call_and_leaves_one_consistent_directory()
+ {
+    const DAVE: &str = "sip:dave@example.com";
     let mut nats = NatsServer::start();
-    // Twice the tests' 1 s: once NATS is back, a heartbeat late by a second on a loaded
-    // machine must not start another round of deaths and rejoins (and the deaths during the
-    // outage still come within the 5 s a wait allows).
-    let timeout = |s: &mut confab_actors::Settings| {
+    // Longer than the tests' 2 s: once NATS is back, a node that reconnects a second after
+    // another (its reconnect pause is up to 1 s) and beats a third of the timeout later must
+    // still be heard in time on a loaded machine.
+    let timeout_ms = 3_000;
+    let timeout = move |s: &mut confab_actors::Settings| {
         if let Some(c) = s.cluster.as_mut() {
-            c.node_timeout_ms = Some(2000);
+            c.node_timeout_ms = Some(timeout_ms);
         }
     };
     let a = start_cluster_node(&nats, "node-a", timeout);
     let b = start_cluster_node(&nats, "node-b", timeout);
-    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
-    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    let c = start_cluster_node(&nats, "node-c", timeout);
+    let (mut alice, mut bob, call, incoming) = alice_calls_bob(&a, &b).await;
+    let alice_phone = Raw::sign_in(a.addr, ALICE, "phone").await;
+    let _dave = Raw::sign_in(c.addr, DAVE, "desk").await;
+    let reply = alice
+        .request(ClientMsg::Subscribe {
+            rid: None,
+            users: vec![BOB.to_owned()],
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    while next_presence(&mut alice, BOB).await != Availability::Available {}
+    wait_for_endpoints(&b, ALICE, 2).await;
+    wait_for_endpoints(&a, DAVE, 1).await;
+    wait_for_endpoints(&b, DAVE, 1).await;
+    let runs = [&a, &b].map(|n| confab_cluster::of(n).expect("a cluster node").epoch());
 
     nats.kill();
-    // Past the node timeout each node has declared the other dead.
-    wait_for_endpoints(&a, BOB, 0).await;
-    wait_for_endpoints(&b, ALICE, 0).await;
-    // Bob's status changes meanwhile: B's record of him waits for NATS.
-    request_ok(
-        &mut bob,
-        ClientMsg::SetStatus {
+    let killed = tokio::time::Instant::now();
+    // Meanwhile Bob's status changes and Alice's phone signs out (their records wait for
+    // NATS), and node C stops (its leave cannot reach NATS: its record stays in the bucket).
+    let reply = bob
+        .request(ClientMsg::SetStatus {
             rid: None,
             status: Some(Status::Away),
-        },
-    )
-    .await;
+        })
+        .await;
+    assert!(matches!(reply, ServerMsg::Ok { .. }), "{reply:?}");
+    let mut alice_phone = alice_phone;
+    request_ok(&mut alice_phone, ClientMsg::Bye { rid: None }).await;
+    tokio::task::spawn_blocking(move || drop(c))
+        .await
+        .expect("node C stops");
+    // The outage lasts twice the node timeout: past it, nobody was declared dead.
+    tokio::time::sleep_until(killed + Duration::from_millis(2 * timeout_ms)).await;
+    assert_eq!(a.endpoints_of(BOB).len(), 1, "B declared dead by A");
+    assert_eq!(b.endpoints_of(ALICE).len(), 2, "A declared dead by B");
+    assert_eq!(
+        a.endpoints_of(DAVE).len(),
+        1,
+        "C declared dead by A in the outage"
+    );
     nats.restart();
 
-    wait_for_endpoints(&a, BOB, 1).await;
+    // C, gone, is declared dead a node timeout after NATS is back, and purged; the sign-out
+    // and the status reach the other node.
+    wait_for_endpoints(&a, DAVE, 0).await;
+    wait_for_endpoints(&b, DAVE, 0).await;
     wait_for_endpoints(&b, ALICE, 1).await;
+    while next_presence(&mut alice, BOB).await != Availability::Away {}
+    nats.wait_for_directory_keys(2).await;
+    // The call went on through the outage, and neither node started a new run.
+    a_message_still_flows(&mut bob, &incoming, &mut alice, &call).await;
+    assert_eq!(
+        [&a, &b].map(|n| confab_cluster::of(n).expect("a cluster node").epoch()),
+        runs,
+        "a node rejoined"
+    );
     let mut carol = Raw::sign_in(b.addr, CAROL, "phone").await;
     wait_for_endpoints(&a, CAROL, 1).await;
     nats.wait_for_directory_keys(3).await;

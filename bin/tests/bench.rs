@@ -452,3 +452,75 @@ async fn the_bench_speaks_tls_with_ca() {
         assert_eq!(num(&r, "endpoints"), 50.0, "{r}");
     }
 }
+
+/// Asserts a `resume` report: every round resumed and its message arrived exactly once.
+fn assert_resumed_exactly_once(r: &Value, rounds: f64) {
+    assert_common(r, "resume");
+    assert_eq!(num(r, "resumed"), rounds, "{r}");
+    assert_eq!(num(r, "samples"), rounds, "one latency per round: {r}");
+    for key in ["missing", "duplicates", "failed", "pairs_stopped"] {
+        assert_eq!(num(r, key), 0.0, "{key}: {r}");
+    }
+    assert_eq!(r["first_error"], Value::Null, "{r}");
+}
+
+/// `resume` on one node: each round drops a resumable session's socket, a message goes to
+/// it, and it resumes and gets that message once; `messages --resumable` runs beside it.
+#[tokio::test]
+async fn resume_rounds_get_each_message_once_and_messages_run_resumable() {
+    // A small bound, so that the bench's `seen` every quarter of it is exercised: a late one
+    // would drop the connection as a slow consumer and the run would fail.
+    let node = start_node(|s| s.session.max_unseen_frames = 16);
+    let r = bench(node.addr, &["resume", "--pairs", "2", "--rounds", "10"]).await;
+    assert_resumed_exactly_once(&r, 20.0);
+    assert_eq!(r["cross_node"], false);
+    let r = bench(
+        node.addr,
+        &[
+            "messages",
+            "--resumable",
+            "--pairs",
+            "2",
+            "--window",
+            "8",
+            "--duration",
+            "0.5",
+        ],
+    )
+    .await;
+    assert_common(&r, "messages");
+    assert_eq!(r["resumable"], true);
+    assert!(num(&r, "delivered") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert_eq!(num(&r, "unanswered"), 0.0, "{r}");
+}
+
+/// `resume --resume-on`: sessions held on node A are resumed on node B of a cluster (a real
+/// nats-server), relayed; the session stays on A.
+#[tokio::test]
+async fn resume_rounds_cross_nodes_with_resume_on() {
+    let nats = confab_tests::NatsServer::start();
+    let a = confab_tests::start_cluster_node(&nats, "node-a", |_| {});
+    let b = confab_tests::start_cluster_node(&nats, "node-b", |_| {});
+    let r = bench(
+        a.addr,
+        &[
+            "resume",
+            "--pairs",
+            "2",
+            "--rounds",
+            "5",
+            "--resume-on",
+            &b.addr.to_string(),
+        ],
+    )
+    .await;
+    assert_resumed_exactly_once(&r, 10.0);
+    assert_eq!(r["cross_node"], true, "{r}");
+    assert_eq!(
+        num(&r, "holding_node_changed"),
+        0.0,
+        "relayed, not moved: {r}"
+    );
+    drop((a, b, nats));
+}

@@ -1,6 +1,8 @@
 //! `messages`: P caller/callee pairs in established calls; each caller keeps at most W messages
 //! unacknowledged; each callee acks every message at once. Reports acked messages per second and
-//! the send → `message_delivered` latency.
+//! the send → `message_delivered` latency. With `resumable`, both sides ask for resumable
+//! sessions and count, acknowledge and keep frames as docs/protocol.md §3 asks, so the rate can
+//! be compared with plain sessions (issue 21).
 
 use anyhow::{Context as _, bail};
 use confab_protocol::sdp::build_offer;
@@ -22,6 +24,8 @@ pub struct Params {
     pub rate: Option<f64>,
     pub size: usize,
     pub duration: Duration,
+    /// Both sides on resumable sessions (`hello.resume:{}`).
+    pub resumable: bool,
 }
 
 struct PairResult {
@@ -43,7 +47,7 @@ pub async fn run(
     let mut pairs = Vec::with_capacity(p.pairs);
     for i in 0..p.pairs {
         pairs.push(
-            setup_pair(t, callee, &run, i)
+            setup_pair(t, callee, &run, i, p.resumable)
                 .await
                 .with_context(|| format!("setting up pair {i}"))?,
         );
@@ -84,6 +88,7 @@ pub async fn run(
         Report::new("messages", total.delivered as f64 / secs, total.latency)
             .with("pairs", p.pairs)
             .with("cross_node", t.server != callee.server)
+            .with("resumable", p.resumable)
             .with("window", p.window)
             .with(
                 "offered_rate",
@@ -103,11 +108,21 @@ async fn setup_pair(
     callee_t: &Target,
     run: &str,
     i: usize,
+    resumable: bool,
 ) -> anyhow::Result<(Conn, String, Conn)> {
     let a = format!("sip:a{i}-{run}@bench.invalid");
     let b = format!("sip:b{i}-{run}@bench.invalid");
-    let mut caller = Conn::sign_in(t, &a, "bench", None).await?;
-    let mut callee = Conn::sign_in(callee_t, &b, "bench", None).await?;
+    let (mut caller, mut callee) = if resumable {
+        (
+            Conn::sign_in_resumable(t, &a, "bench").await?,
+            Conn::sign_in_resumable(callee_t, &b, "bench").await?,
+        )
+    } else {
+        (
+            Conn::sign_in(t, &a, "bench", None).await?,
+            Conn::sign_in(callee_t, &b, "bench", None).await?,
+        )
+    };
     // On another node the callee reaches the caller's node through the cluster directory a
     // moment later: until then the call ends 480 at once, and is tried again.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -8,6 +8,7 @@ pub mod idle;
 pub mod messages;
 pub mod presence;
 pub mod report;
+pub mod resume;
 pub mod stream;
 pub mod ws;
 

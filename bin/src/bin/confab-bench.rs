@@ -71,6 +71,28 @@ enum Scenario {
         /// nodes); default: --server.
         #[arg(long)]
         callee_server: Option<SocketAddr>,
+        /// Both sides on resumable sessions (hello.resume:{}): frames counted, acknowledged
+        /// with `seen` every quarter of the node's bounds, and kept until the node's `seen`.
+        #[arg(long)]
+        resumable: bool,
+    },
+    /// Resume latency: pairs in calls; each round the resumable side (Alice) closes her socket,
+    /// the other (Bob) sends a message, and Alice reconnects and resumes at once. Measures the
+    /// drop → that message on the new connection, and checks it arrives exactly once.
+    Resume {
+        /// Pairs running their rounds concurrently.
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        /// Drops and resumes per pair.
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Milliseconds between a pair's rounds.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        /// Resume on this node (another node of the cluster: the resume is relayed to the
+        /// node that holds the session, --server); default: --server.
+        #[arg(long)]
+        resume_on: Option<SocketAddr>,
     },
     /// Forked call setup to users with several devices.
     Calls {
@@ -167,6 +189,7 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 duration,
                 callee_server,
+                resumable,
             } => {
                 let callee = Target {
                     server: callee_server.unwrap_or(target.server),
@@ -178,8 +201,26 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     size,
                     duration: secs(duration),
+                    resumable,
                 };
                 bench::messages::run(&target, &callee, &p, &progress).await
+            }
+            Scenario::Resume {
+                pairs,
+                rounds,
+                pause_ms,
+                resume_on,
+            } => {
+                let resume_on = Target {
+                    server: resume_on.unwrap_or(target.server),
+                    ..target.clone()
+                };
+                let p = bench::resume::Params {
+                    pairs,
+                    rounds,
+                    pause: Duration::from_millis(pause_ms),
+                };
+                bench::resume::run(&target, &resume_on, &p, &progress).await
             }
             Scenario::Calls {
                 callers,

@@ -482,6 +482,12 @@ impl Cluster {
         self.transport.connected()
     }
 
+    /// For tests: the envelopes (and their bytes) that hold a place in the bound of what waits
+    /// for other nodes now (`quota.rs`); 0 once everything queued was handed to NATS.
+    pub fn envelopes_waiting(&self) -> (usize, usize) {
+        self.quota.waiting()
+    }
+
     /// For tests' hooks: the transport this node sends through.
     pub fn transport(&self) -> Arc<dyn Transport> {
         self.transport.clone()

@@ -95,8 +95,8 @@ impl EnvelopeQuota {
         }
     }
 
-    #[cfg(test)]
-    fn waiting(&self) -> (usize, usize) {
+    /// The places held now: envelopes, bytes.
+    pub(super) fn waiting(&self) -> (usize, usize) {
         (
             self.waiting.load(Ordering::Acquire),
             self.waiting_bytes.load(Ordering::Acquire),

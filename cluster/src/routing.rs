@@ -477,8 +477,8 @@ async fn publish_taken(
         if let Err(e) = transport.publish(m.subject, payload).await {
             tracing::warn!(error = %e, "cannot publish to the other nodes");
         }
-        if m.bounded_bytes > 0 {
-            quota.release(m.bounded_bytes);
+        for len in m.bounded {
+            quota.release(len);
         }
     }
 }

@@ -2035,4 +2035,13 @@ async fn batched_envelopes_keep_every_calls_events_in_order() {
     let (_, _, text) = http_get(ops, "/metrics").await;
     let batched = metric(&text, "confab_cluster_batched_envelopes_total");
     assert!(batched > 0.0, "no envelope went in a batch");
+    // Each envelope of a batch gives its place in the bound back.
+    for node in [&a, &b] {
+        let cluster = confab_cluster::of(node).expect("a cluster node");
+        wait_until(|| match cluster.envelopes_waiting() {
+            (0, 0) => Ok(()),
+            held => Err(format!("places still held: {held:?}")),
+        })
+        .await;
+    }
 }

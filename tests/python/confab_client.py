@@ -17,6 +17,10 @@ What it implements, section by section:
   requests) is buffered, in arrival order, for :meth:`Client.next_event`.
 * Helpers for ``device_state`` (section 3), ``call_establish`` / ``call_accept`` (section 4) and
   ``message`` / ``message_ack`` (section 5).
+* Resumable sessions (section 3, "Resuming"): ``hello(..., resumable=True)`` asks with
+  ``resume: {}``; from the ``welcome`` on, the client counts the node's frames it decodes and its
+  own frames, keeps its own until the node's ``seen`` covers them, and :meth:`Client.resume`
+  takes the session back on a new connection, sending again what the node had not read.
 
 The client is synchronous and deliberately small. It does not judge the node: it returns what
 the node sent and leaves assertions to its caller (see ``scenarios.py``). Timeouts are safety
@@ -115,11 +119,26 @@ class Client:
         self.user: Optional[str] = None
         self.endpoint: Optional[str] = None
         self.welcome: Optional[Frame] = None
+        self.host, self.port, self.tls_ca = host, port, tls_ca
+        #: Resumable sessions: counting starts at the welcome (frame 0 of each side).
+        self.counting = False
+        self.seen = 0  # the number of the last node frame decoded
+        self.sent = 0  # the number of the last frame sent
+        self.kept: Deque[tuple] = deque()  # (number, frame) not yet covered by the node's seen
+        self.resume_token: Optional[str] = None
 
     # ----- framing -----------------------------------------------------------------------
 
     def send(self, msg: Frame) -> None:
-        self.sock.sendall(encode_frame(msg))
+        if self.counting:
+            self.sent += 1
+            self.kept.append((self.sent, msg))
+        try:
+            self.sock.sendall(encode_frame(msg))
+        except OSError:
+            if not self.counting:
+                raise
+            # A dead link: the frame is kept and goes again on the resume.
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
         while len(self._rx) < n:
@@ -152,6 +171,11 @@ class Client:
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ProtocolError(f"{self.name}: frame is not a map with a string 'type': {frame!r}")
         self.log.append(frame)
+        if self.counting:
+            self.seen += 1
+            if frame["type"] == "seen":
+                while self.kept and self.kept[0][0] <= frame["upto"]:
+                    self.kept.popleft()
         return frame
 
     # ----- requests and events --------------------------------------------------------------
@@ -197,21 +221,66 @@ class Client:
     # ----- session ------------------------------------------------------------------------
 
     def hello(self, user: str, secret: str, device: str,
-              agent: str = "confab-python/1") -> Frame:
-        """Signs in as ``user`` on ``device``; returns ``welcome`` or raises with the error."""
-        reply = self.request({
+              agent: str = "confab-python/1", resumable: bool = False) -> Frame:
+        """Signs in as ``user`` on ``device``; returns ``welcome`` or raises with the error.
+        With ``resumable``, asks for a resumable session and starts counting."""
+        hello: Frame = {
             "type": "hello",
             "version": 1,
             "user": user,
             "token": mint_token(user, secret),
             "device": device,
             "agent": agent,
-        })
+        }
+        if resumable:
+            hello["resume"] = {}
+        reply = self.request(hello)
         if reply.get("type") != "welcome":
             raise ProtocolError(f"{self.name}: hello answered {reply!r}")
         self.user = user
         self.endpoint = reply.get("endpoint")
         self.welcome = reply
+        self.secret = secret
+        if resumable and isinstance(reply.get("resume"), dict):
+            self.resume_token = reply["resume"]["token"]
+            self.counting = True
+        return reply
+
+    def drop(self) -> None:
+        """The link fails: the socket closes without a ``bye``."""
+        self.close()
+
+    def acknowledge(self) -> None:
+        """``seen`` for every node frame decoded so far (no reply)."""
+        self.send({"type": "seen", "upto": self.seen})
+
+    def resume(self, token: Optional[str] = None) -> Frame:
+        """Takes the session back on a new connection (with ``token``, or the one held). On
+        ``welcome`` sends again, in order, its frames the node had not read; returns the
+        ``welcome``, or the ``error`` the node answered (the new connection is then closed)."""
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls_ca is not None:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            sock = context.wrap_socket(sock, server_hostname=self.host)
+        self.close()
+        self.sock, self._rx = sock, bytearray()
+        counting, self.counting = self.counting, False  # the hello and welcome are not counted
+        self.send({
+            "type": "hello", "rid": self.new_rid(), "version": 1, "user": self.user,
+            "token": mint_token(self.user, self.secret), "device": "resumed",
+            "resume": {"endpoint": self.endpoint, "token": token or self.resume_token,
+                       "seen": self.seen, "sent": self.sent},
+        })
+        reply = self.recv_frame()
+        self.counting = counting
+        if reply.get("type") != "welcome":
+            return reply
+        self.resume_token = reply["resume"]["token"]
+        while self.kept and self.kept[0][0] <= reply["resume"]["seen"]:
+            self.kept.popleft()
+        for _, frame in list(self.kept):
+            self.sock.sendall(encode_frame(frame))
         return reply
 
     def ping(self) -> Frame:

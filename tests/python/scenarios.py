@@ -316,7 +316,74 @@ def timeout_most_active(s: Scenario) -> None:
     s.finish()
 
 
-SCENARIOS = {"fork_click": fork_click, "timeout_most_active": timeout_most_active}
+def resume(s: Scenario) -> None:
+    """Section 3, "Resuming": alice asks for a resumable session, is in a call from bob, drops
+    her connection while bob's messages come, resumes: every message arrives once, in order,
+    each is delivered once; forged and spent tokens are refused with their reasons."""
+    alice = Client(s.host, s.port, name="alice", tls_ca=s.tls_ca)
+    s.clients.append(alice)
+    welcome = alice.hello(ALICE, s.secret, "phone", resumable=True)
+    grant = welcome.get("resume")
+    expect(isinstance(grant, dict), f"alice: a resumable welcome has `resume`: {welcome!r}")
+    for key in ("window_ms", "max_unseen_frames", "max_unseen_bytes"):
+        expect(isinstance(grant.get(key), int) and grant[key] > 0,
+               f"alice: welcome.resume.{key} should be a positive integer: {grant!r}")
+    expect(isinstance(grant.get("token"), str) and grant["token"], f"alice: no token: {grant!r}")
+    bob = s.sign_in("bob", BOB, "desk")
+    created = bob.call_establish(ALICE)
+    bob_call = expect_str(created, "call", "bob call_created")
+    inc = wait(alice, "call_incoming", of_type("call_incoming"))
+    call = expect_str(inc, "call", "alice")
+    expect_frame(alice.call_accept(call), "ok", "alice call_accept")
+    wait(alice, "call_established", of_type("call_established", call))
+    wait(bob, "call_established", of_type("call_established", bob_call))
+
+    def receive(n: int) -> List[str]:
+        got = []
+        while len(got) < n:
+            f = wait(alice, "message_received", of_type("message_received", call))
+            got.append(f["body"])
+            alice.message_ack(call, f["msg"])
+        return got
+
+    rids = [bob.message(bob_call, "m1")]
+    got = receive(1)
+    alice.drop()
+    rids += [bob.message(bob_call, f"m{n}") for n in (2, 3)]
+    resumed = alice.resume()
+    expect_frame(resumed, "welcome", "alice resume", endpoint=alice.endpoint)
+    expect(isinstance(resumed["resume"].get("seen"), int),
+           f"alice: a resumed welcome says what the node read: {resumed!r}")
+    got += receive(2)
+    expect(got == ["m1", "m2", "m3"], f"alice got {got!r}, not m1, m2, m3 once each")
+    for rid in rids:
+        expect_frame(bob.wait_reply(rid), "message_delivered", f"bob's message {rid}")
+    # After a pong on a resumable session, the node says what it has read.
+    expect_frame(alice.ping(), "pong", "alice ping")
+    seen = wait(alice, "seen after pong", of_type("seen"))
+    expect(isinstance(seen.get("upto"), int) and seen["upto"] <= alice.sent,
+           f"alice: the node's seen {seen!r} is past the {alice.sent} frames she sent")
+    # Nothing came twice.
+    expect(not any(f.get("type") == "message_received" for f in alice.pending),
+           f"alice: a message came twice: {list(alice.pending)!r}")
+    # A forged token, and the spent one, are refused with their reasons.
+    spent = welcome["resume"]["token"]
+    for token, reason in (("Zm9yZ2Vk", "unknown or expired session"),
+                          (spent, "the session was already resumed with this token")):
+        probe = Client(s.host, s.port, name="probe", tls_ca=s.tls_ca)
+        s.clients.append(probe)
+        probe.user, probe.secret, probe.endpoint = ALICE, s.secret, alice.endpoint
+        probe.seen, probe.sent = alice.seen, alice.sent
+        answer = probe.resume(token)
+        expect_frame(answer, "error", f"a resume with {token!r}", code="resume_refused",
+                     message=reason)
+
+
+SCENARIOS = {
+    "fork_click": fork_click,
+    "timeout_most_active": timeout_most_active,
+    "resume": resume,
+}
 
 
 def dump(clients: List[Client]) -> None:

@@ -104,3 +104,10 @@ fn python_client_timeout_most_active() {
         s.fork.auto_accept_grace_ms = 3_000
     });
 }
+
+/// Section 3 "Resuming" from another language: a resumable session dropped while messages
+/// come, resumed, every message once and delivered once; forged and spent tokens refused.
+#[test]
+fn python_client_resume() {
+    run_scenario("resume", |_| {});
+}

@@ -383,6 +383,10 @@ pub struct Hot {
     pub endpoints: Gauge,
     pub messages_delivered: Counter,
     pub message_delivery: Histogram,
+    /// Cluster: envelopes published to and received from other nodes (one of each per
+    /// cross-node message at least, so the registry's look-up per increment showed in profiles).
+    pub envelopes_out: Counter,
+    pub envelopes_in: Counter,
     pub call_setup: Histogram,
     by_state: [Gauge; CallState::ALL.len()],
     transitions: [Counter; CallState::ALL.len()],
@@ -427,6 +431,8 @@ pub fn hot() -> &'static Hot {
         endpoints: metrics::gauge!(ENDPOINTS),
         messages_delivered: metrics::counter!(MESSAGES, "result" => "delivered"),
         message_delivery: metrics::histogram!(MESSAGE_DELIVERY_SECONDS),
+        envelopes_out: metrics::counter!(CLUSTER_ENVELOPES, "direction" => "out"),
+        envelopes_in: metrics::counter!(CLUSTER_ENVELOPES, "direction" => "in"),
         call_setup: metrics::histogram!(CALL_SETUP_SECONDS),
         by_state: CallState::ALL.map(|s| metrics::gauge!(CALLS_BY_STATE, "state" => s.as_str())),
         transitions: CallState::ALL

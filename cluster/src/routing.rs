@@ -270,31 +270,37 @@ impl Cluster {
                 relay,
                 seq,
                 frames,
-            } => {
-                if let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) {
-                    ep.do_send(EndpointMsg::Relayed {
-                        from: from_node,
-                        relay,
-                        seq,
-                        frames: frames
-                            .into_iter()
-                            .map(|f| Bytes::from(f.into_vec()))
-                            .collect(),
-                    });
-                }
-            }
+            } => self.tell_endpoint(
+                &endpoint,
+                EndpointMsg::Relayed {
+                    from: from_node,
+                    relay,
+                    seq,
+                    frames: frames
+                        .into_iter()
+                        .map(|f| Bytes::from(f.into_vec()))
+                        .collect(),
+                },
+            ),
             Envelope::RelayInEnd {
                 endpoint,
                 from_node,
                 relay,
-            } => {
-                if let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) {
-                    ep.do_send(EndpointMsg::RelayEnded {
-                        from: from_node,
-                        relay,
-                    });
-                }
-            }
+            } => self.tell_endpoint(
+                &endpoint,
+                EndpointMsg::RelayEnded {
+                    from: from_node,
+                    relay,
+                },
+            ),
+        }
+    }
+
+    /// Hands `msg` to the endpoint `endpoint` here, if it is still here (a relayed session's
+    /// frames or end for an endpoint gone since are dropped: nobody waits for them).
+    fn tell_endpoint(&self, endpoint: &str, msg: EndpointMsg) {
+        if let Some(ep) = self.endpoints.get(endpoint).map(|e| e.clone()) {
+            ep.do_send(msg);
         }
     }
 

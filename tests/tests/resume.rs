@@ -34,37 +34,32 @@ async fn call_to_resumable(
     (alice, a, bob, b)
 }
 
+/// Reads Alice's frames, acking each message and adding its body to `got`, until she has `n`
+/// in all, or (`n` None) until her link ends.
+async fn take_messages(alice: &mut Resumable, call: &str, got: &mut Vec<String>, n: Option<usize>) {
+    while n.is_none_or(|n| got.len() < n) {
+        let Some(msg) = alice.recv().await else {
+            assert!(n.is_none(), "the resumed link ended");
+            return;
+        };
+        if let ServerMsg::MessageReceived { msg, body, .. } = msg {
+            got.push(body_text(&body));
+            let call = call.to_owned();
+            alice.send(ClientMsg::MessageAck { call, msg }).await;
+        }
+    }
+}
+
 /// Reads Alice's frames until the link ends, acking each message; returns the bodies.
 async fn read_until_cut(alice: &mut Resumable, call: &str) -> Vec<String> {
     let mut got = Vec::new();
-    while let Some(msg) = alice.recv().await {
-        if let ServerMsg::MessageReceived { msg, body, .. } = msg {
-            got.push(body_text(&body));
-            alice
-                .send(ClientMsg::MessageAck {
-                    call: call.to_owned(),
-                    msg,
-                })
-                .await;
-        }
-    }
+    take_messages(alice, call, &mut got, None).await;
     got
 }
 
 /// Reads Alice's messages until she has `n` in all, acking each.
 async fn read_messages(alice: &mut Resumable, call: &str, got: &mut Vec<String>, n: usize) {
-    while got.len() < n {
-        let msg = alice.recv().await.expect("the resumed link stays up");
-        if let ServerMsg::MessageReceived { msg, body, .. } = msg {
-            got.push(body_text(&body));
-            alice
-                .send(ClientMsg::MessageAck {
-                    call: call.to_owned(),
-                    msg,
-                })
-                .await;
-        }
-    }
+    take_messages(alice, call, got, Some(n)).await;
 }
 
 /// Bob's answers, by rid, until each of `rids` has one; panics on a second answer.

@@ -743,6 +743,10 @@ pub fn decode_client(body: &[u8]) -> Result<ClientMsg, DecodeError> {
     if let Some(msg) = crate::hot::decode_hot_client(body) {
         return Ok(msg);
     }
+    // The same for a call's three requests (placing, accepting and ending it).
+    if let Some(msg) = crate::hot::decode_hot_call_request(body) {
+        return Ok(msg);
+    }
     decode_tagged(body, CLIENT_TYPES)
 }
 

@@ -293,7 +293,7 @@ impl Endpoint {
             outbox: EventSink::Local(self.outbox.clone()),
             endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
-            offer: CallOffer::unparsed(sdp),
+            offer: CallOffer::new(sdp),
             toast,
             to,
             arbiter: None,

@@ -36,26 +36,26 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             } => {
                 tagged(
                     dst,
-                    "call_state",
+                    fixstr!("call_state"),
                     None,
                     if reason.is_some() { 6 } else { 5 },
                 );
-                str(dst, "call");
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "conversation");
+                key!(dst, "conversation");
                 str(dst, conversation);
-                str(dst, "direction");
+                key!(dst, "direction");
                 str(dst, direction.as_str());
-                str(dst, "state");
+                key!(dst, "state");
                 str(dst, state.as_str());
-                str(dst, "previous");
+                key!(dst, "previous");
                 str(dst, previous.as_str());
                 if let Some(reason) = reason {
-                    str(dst, "reason");
+                    key!(dst, "reason");
                     map_len(dst, 2);
-                    str(dst, "code");
+                    key!(dst, "code");
                     uint(dst, u64::from(reason.code));
-                    str(dst, "text");
+                    key!(dst, "text");
                     str(dst, &reason.text);
                 }
             }
@@ -69,30 +69,30 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             } => {
                 tagged(
                     dst,
-                    "message_received",
+                    fixstr!("message_received"),
                     None,
                     if toast.is_some() { 6 } else { 5 },
                 );
-                str(dst, "call");
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "msg");
+                key!(dst, "msg");
                 uint(dst, u64::from(*msg));
-                str(dst, "from");
+                key!(dst, "from");
                 str(dst, from);
-                str(dst, "content_type");
+                key!(dst, "content_type");
                 str(dst, content_type);
-                str(dst, "body");
+                key!(dst, "body");
                 self::body(dst, body);
                 if let Some(toast) = toast {
-                    str(dst, "toast");
+                    key!(dst, "toast");
                     boolean(dst, *toast);
                 }
             }
             ServerMsg::MessageDelivered { rid, call, msg } => {
-                tagged(dst, "message_delivered", *rid, 2);
-                str(dst, "call");
+                tagged(dst, fixstr!("message_delivered"), *rid, 2);
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "msg");
+                key!(dst, "msg");
                 uint(dst, u64::from(*msg));
             }
             ServerMsg::CallCreated {
@@ -100,10 +100,10 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 call,
                 conversation,
             } => {
-                tagged(dst, "call_created", *rid, 2);
-                str(dst, "call");
+                tagged(dst, fixstr!("call_created"), *rid, 2);
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "conversation");
+                key!(dst, "conversation");
                 str(dst, conversation);
             }
             ServerMsg::CallIncoming {
@@ -116,49 +116,49 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
             } => {
                 tagged(
                     dst,
-                    "call_incoming",
+                    fixstr!("call_incoming"),
                     None,
                     if toast.is_some() { 6 } else { 5 },
                 );
-                str(dst, "call");
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "conversation");
+                key!(dst, "conversation");
                 str(dst, conversation);
-                str(dst, "from");
+                key!(dst, "from");
                 str(dst, from);
                 if let Some(toast) = toast {
-                    str(dst, "toast");
+                    key!(dst, "toast");
                     map_len(dst, 2);
-                    str(dst, "content_type");
+                    key!(dst, "content_type");
                     str(dst, &toast.content_type);
-                    str(dst, "body");
+                    key!(dst, "body");
                     body(dst, &toast.body);
                 }
-                str(dst, "sdp");
+                key!(dst, "sdp");
                 str(dst, sdp);
-                str(dst, "immediate_auto_accept");
+                key!(dst, "immediate_auto_accept");
                 boolean(dst, *immediate_auto_accept);
             }
             ServerMsg::CallRinging { call } => {
-                tagged(dst, "call_ringing", None, 1);
-                str(dst, "call");
+                tagged(dst, fixstr!("call_ringing"), None, 1);
+                key!(dst, "call");
                 str(dst, call);
             }
             ServerMsg::CallEstablished { call, sdp, remote } => {
-                tagged(dst, "call_established", None, 3);
-                str(dst, "call");
+                tagged(dst, fixstr!("call_established"), None, 3);
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "sdp");
+                key!(dst, "sdp");
                 str(dst, sdp);
-                str(dst, "remote");
+                key!(dst, "remote");
                 map_len(dst, 2);
-                str(dst, "user");
+                key!(dst, "user");
                 str(dst, &remote.user);
-                str(dst, "endpoint");
+                key!(dst, "endpoint");
                 str(dst, &remote.endpoint);
             }
             ServerMsg::Ok { rid } => {
-                tagged(dst, "ok", *rid, 0);
+                tagged(dst, fixstr!("ok"), *rid, 0);
             }
             // A resumable session's welcome (rare) takes serde's path.
             ServerMsg::Welcome {
@@ -169,14 +169,14 @@ pub fn encode_server_frame(msg: &ServerMsg, dst: &mut BytesMut) -> Result<(), Fr
                 max_frame,
                 resume: None,
             } => {
-                tagged(dst, "welcome", *rid, 4);
-                str(dst, "endpoint");
+                tagged(dst, fixstr!("welcome"), *rid, 4);
+                key!(dst, "endpoint");
                 str(dst, endpoint);
-                str(dst, "node");
+                key!(dst, "node");
                 str(dst, node);
-                str(dst, "heartbeat_ms");
+                key!(dst, "heartbeat_ms");
                 uint(dst, *heartbeat_ms);
-                str(dst, "max_frame");
+                key!(dst, "max_frame");
                 uint(dst, u64::from(*max_frame));
             }
             _ => return false,
@@ -196,19 +196,19 @@ pub fn encode_client_frame(msg: &ClientMsg, dst: &mut BytesMut) -> Result<(), Fr
                 content_type,
                 body,
             } => {
-                tagged(dst, "message", *rid, 3);
-                str(dst, "call");
+                tagged(dst, fixstr!("message"), *rid, 3);
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "content_type");
+                key!(dst, "content_type");
                 str(dst, content_type);
-                str(dst, "body");
+                key!(dst, "body");
                 self::body(dst, body);
             }
             ClientMsg::MessageAck { call, msg } => {
-                tagged(dst, "message_ack", None, 2);
-                str(dst, "call");
+                tagged(dst, fixstr!("message_ack"), None, 2);
+                key!(dst, "call");
                 str(dst, call);
-                str(dst, "msg");
+                key!(dst, "msg");
                 uint(dst, u64::from(*msg));
             }
             _ => return false,
@@ -431,6 +431,39 @@ fn body_value(rd: &mut &[u8]) -> Option<Body> {
     Some(Body::Binary(value.get(header..)?.to_vec()))
 }
 
+/// A string known when compiling, shorter than 32 bytes, as rmp writes it (a fixstr: its
+/// marker, then its bytes), made when compiling: the frames' keys and type names.
+macro_rules! fixstr {
+    ($s:literal) => {{
+        const BYTES: [u8; $s.len() + 1] = fixstr_bytes::<{ $s.len() + 1 }>($s);
+        &BYTES
+    }};
+}
+use fixstr;
+
+/// A map key by [`fixstr!`], copied in one go: [`str`] works out each key's marker at every
+/// frame, and the keys are about half of what the node writes per call.
+macro_rules! key {
+    ($dst:expr, $s:literal) => {
+        $dst.put_slice(fixstr!($s))
+    };
+}
+use key;
+
+/// [`fixstr!`]'s bytes; `N` is the length of `s` plus the marker's byte.
+const fn fixstr_bytes<const N: usize>(s: &str) -> [u8; N] {
+    let bytes = s.as_bytes();
+    assert!(bytes.len() < 32 && bytes.len() + 1 == N);
+    let mut out = [0u8; N];
+    out[0] = 0xa0 | bytes.len() as u8;
+    let mut i = 0;
+    while i < bytes.len() {
+        out[i + 1] = bytes[i];
+        i += 1;
+    }
+    out
+}
+
 /// A map header (the messages here have fewer than 16 fields: fixmap).
 fn map_len(dst: &mut BytesMut, n: u8) {
     debug_assert!(n < 16);
@@ -475,17 +508,17 @@ fn frame_by_hand_or_serde<T: serde::Serialize>(
 
 /// The start of a tagged message's map: its size (`fields` after `type` and the `rid`, plus
 /// those two), `type`, and `rid` when there is one (serde skips a `None` rid).
-fn tagged(dst: &mut BytesMut, ty: &str, rid: Option<u32>, fields: u8) {
+fn tagged(dst: &mut BytesMut, ty: &[u8], rid: Option<u32>, fields: u8) {
     map_len(dst, fields + 1 + u8::from(rid.is_some()));
-    str(dst, "type");
-    str(dst, ty);
+    key!(dst, "type");
+    dst.put_slice(ty);
     opt_rid(dst, rid);
 }
 
 /// `rid` and its value when there is one (serde skips a `None` rid).
 fn opt_rid(dst: &mut BytesMut, rid: Option<u32>) {
     if let Some(rid) = rid {
-        str(dst, "rid");
+        key!(dst, "rid");
         uint(dst, u64::from(rid));
     }
 }

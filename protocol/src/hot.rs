@@ -254,6 +254,8 @@ pub fn decode_hot_client(body: &[u8]) -> Option<ClientMsg> {
 /// frame).
 pub fn decode_hot_call_request(body: &[u8]) -> Option<ClientMsg> {
     let mut rd = body;
+    // The strings are borrowed until the frame is known to be one of these, so that a frame
+    // left to serde costs no allocation here.
     let (mut ty, mut rid, mut call, mut to, mut sdp) = (None, None, None, None, None);
     for _ in 0..peek::map_len(&mut rd)? {
         if !is_str(rd) {
@@ -262,9 +264,9 @@ pub fn decode_hot_call_request(body: &[u8]) -> Option<ClientMsg> {
         let fresh = match read_str(&mut rd)? {
             b"type" => ty.replace(str_bytes(&mut rd)?).is_none(),
             b"rid" => rid.replace(nil_or_u32(&mut rd)?).is_none(),
-            b"call" => call.replace(string(&mut rd)?).is_none(),
-            b"to" => to.replace(string(&mut rd)?).is_none(),
-            b"sdp" => sdp.replace(string(&mut rd)?).is_none(),
+            b"call" => call.replace(text(&mut rd)?).is_none(),
+            b"to" => to.replace(text(&mut rd)?).is_none(),
+            b"sdp" => sdp.replace(text(&mut rd)?).is_none(),
             _ => return None,
         };
         if !fresh {
@@ -275,6 +277,11 @@ pub fn decode_hot_call_request(body: &[u8]) -> Option<ClientMsg> {
         return None;
     }
     let rid = rid.flatten();
+    let (call, to, sdp) = (
+        call.map(str::to_owned),
+        to.map(str::to_owned),
+        sdp.map(str::to_owned),
+    );
     match (ty?, call, to, sdp) {
         (b"call_establish", None, Some(to), Some(sdp)) => Some(ClientMsg::CallEstablish {
             rid,
@@ -399,7 +406,23 @@ fn str_bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
 }
 
 fn string(rd: &mut &[u8]) -> Option<String> {
-    std::str::from_utf8(str_bytes(rd)?).ok().map(str::to_owned)
+    text(rd).map(str::to_owned)
+}
+
+/// A `str` that is valid UTF-8, borrowed from the frame.
+fn text<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
+    std::str::from_utf8(str_bytes(rd)?).ok()
+}
+
+/// The frame's `type` when it is its first field (as every client library writes it), read
+/// without looking further: which hand-written reader to try.
+pub(crate) fn first_type(body: &[u8]) -> Option<&[u8]> {
+    let mut rd = body;
+    peek::map_len(&mut rd)?;
+    if !is_str(rd) || read_str(&mut rd)? != b"type" {
+        return None;
+    }
+    str_bytes(&mut rd)
 }
 
 fn u32_value(rd: &mut &[u8]) -> Option<u32> {

@@ -259,16 +259,11 @@ impl Actor for Endpoint {
             }
         });
         // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
-        let closed = self.outbox.closed();
-        ctx.spawn(
-            async move { closed.cancelled().await }
-                .into_actor(self)
-                .map(|(), act, ctx| {
-                    if !act.ending() {
-                        act.lost(ctx);
-                    }
-                }),
-        );
+        ctx.spawn(self.outbox.closed().into_actor(self).map(|(), act, ctx| {
+            if !act.ending() {
+                act.lost(ctx);
+            }
+        }));
         self.watch_writer(ctx);
     }
 

@@ -336,9 +336,7 @@ impl ForkArbiter {
                     self.t.to = to;
                     self.fork(ctx);
                 }
-                Action::Decided(cause) => {
-                    metrics::counter!(m::FORK_DECISIONS, "cause" => cause.label()).increment(1);
-                }
+                Action::Decided(cause) => m::hot().decided(cause),
             }
         }
         self.decision.recycle(actions);

@@ -54,6 +54,17 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, in declaration order (for the metrics' cached handles).
+    pub const ALL: [Cause; 7] = [
+        Cause::NoEndpoints,
+        Cause::Immediate,
+        Cause::Click,
+        Cause::Timeout,
+        Cause::Declined,
+        Cause::Unanswered,
+        Cause::Cancelled,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Cause::NoEndpoints => "no_endpoints",

@@ -1,6 +1,7 @@
 //! Metric names (design §5) and the Prometheus recorder. Names are `confab_<area>_<what>`;
 //! labels never carry a user or endpoint id, so cardinality stays fixed.
 
+use crate::fork::Cause;
 use confab_protocol::CallState;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -388,6 +389,8 @@ pub struct Hot {
     pub envelopes_out: Counter,
     pub envelopes_in: Counter,
     pub call_setup: Histogram,
+    /// `confab_fork_decisions_total`, one per [`Cause`] (every forked call counts one).
+    decisions: [Counter; Cause::ALL.len()],
     by_state: [Gauge; CallState::ALL.len()],
     transitions: [Counter; CallState::ALL.len()],
     outcomes: [Counter; OUTCOME_CODES.len()],
@@ -402,6 +405,14 @@ impl Hot {
     /// Counts one transition into `state`.
     pub fn transition(&self, state: CallState) {
         self.transitions[state_index(state)].increment(1);
+    }
+
+    /// Counts one call decided, for `cause`.
+    pub fn decided(&self, cause: Cause) {
+        let i = Cause::ALL.iter().position(|c| *c == cause);
+        if let Some(counter) = i.and_then(|i| self.decisions.get(i)) {
+            counter.increment(1);
+        }
     }
 
     /// Counts one leg ended with `code`.
@@ -434,6 +445,7 @@ pub fn hot() -> &'static Hot {
         envelopes_out: metrics::counter!(CLUSTER_ENVELOPES, "direction" => "out"),
         envelopes_in: metrics::counter!(CLUSTER_ENVELOPES, "direction" => "in"),
         call_setup: metrics::histogram!(CALL_SETUP_SECONDS),
+        decisions: Cause::ALL.map(|c| metrics::counter!(FORK_DECISIONS, "cause" => c.label())),
         by_state: CallState::ALL.map(|s| metrics::gauge!(CALLS_BY_STATE, "state" => s.as_str())),
         transitions: CallState::ALL
             .map(|s| metrics::counter!(CALL_TRANSITIONS, "state" => s.as_str())),

@@ -270,6 +270,27 @@ async fn calls_run_against_the_bare_server() {
     small_calls(addr).await;
 }
 
+/// The bare server with `--calls` also routes the `messages` scenario (the yardstick for the
+/// message rate and its p99): every message delivered and acked, none left unanswered.
+#[tokio::test]
+async fn messages_run_against_the_bare_server() {
+    let (_server, addr) = start_bare_server(&["--calls"]).await;
+    let args = [
+        "messages",
+        "--pairs",
+        "4",
+        "--window",
+        "8",
+        "--duration",
+        "0.5",
+    ];
+    let r = bench(addr, &args).await;
+    assert_common(&r, "messages");
+    assert!(num(&r, "delivered") > 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 0.0, "{r}");
+    assert_eq!(num(&r, "unanswered"), 0.0, "{r}");
+}
+
 /// A yardstick is fair only if the clients see the same thing: for one forked call (a caller,
 /// a callee on two devices, the first accepting, then the caller hanging up), each client gets
 /// the same frames from the bare server as from the node, in the same order.

@@ -16,7 +16,6 @@
 //!   the lost one comes again with everything after it.
 
 use super::resend::RESEND_ATTEMPTS;
-use super::routing::encode;
 use super::*;
 use std::collections::VecDeque;
 
@@ -64,10 +63,7 @@ impl Cluster {
     /// Sends the state event `env` (numbered `seq`) of the leg `call` to `node`, and keeps it
     /// until seen. Published under the lock, as resends are: a resend must not overtake a
     /// newer event, which the endpoint would then drop as coming after a gap.
-    pub(super) fn send_state_event(&self, node: &str, call: &str, seq: u64, env: &Envelope) {
-        let Some(payload) = encode(env) else {
-            return;
-        };
+    pub(super) fn send_state_event(&self, node: &str, call: &str, seq: u64, payload: Bytes) {
         let mut unseen = lock(&self.unseen_events);
         let entry = unseen
             .entry(call.to_owned())

@@ -26,6 +26,7 @@ mod batch;
 mod bucket;
 pub mod directory;
 mod events;
+mod hot;
 mod kv;
 mod link;
 mod membership;

@@ -30,6 +30,9 @@ use crate::transport::LossyTransport;
 use crate::wire::{Envelope, WireLegMsg};
 use crate::{Cluster, RESEND_ATTEMPTS};
 
+/// Room for a `Leg` envelope's ids, keys and request besides a message's body (bytes).
+const LEG_HINT: usize = 160;
+
 /// Joins the cluster of the settings' `[cluster]` section over NATS, or (tests) over a
 /// [`MemoryNetwork`]; tests may also have the transport lose envelopes
 /// ([`ClusterJoin::lossy`]).
@@ -207,17 +210,16 @@ impl Link for Cluster {
             tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
             return true;
         };
-        let bounded = wire.is_bounded();
-        let env = Envelope::Leg {
-            call: call.to_owned(),
-            reply_node: self.node_id.clone(),
-            reply_endpoint: endpoint.to_owned(),
-            msg: wire,
-        };
-        if bounded {
-            self.send_bounded(node, &env)
+        let mut payload = Vec::with_capacity(LEG_HINT + wire.body_len());
+        if !crate::hot::write_leg(&mut payload, call, &self.node_id, endpoint, &wire) {
+            tracing::error!(%call, "cannot encode a leg message");
+            return true;
+        }
+        let payload = Bytes::from(payload);
+        if wire.is_bounded() {
+            self.send_bounded_payload(node, payload)
         } else {
-            self.send(node, &env);
+            self.send_payload(node, payload);
             true
         }
     }

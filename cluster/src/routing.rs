@@ -3,6 +3,7 @@
 //! drive ([`super::quota`]), and delivering received ones to the actors they address.
 
 use super::*;
+use crate::hot::{self, EventRef, HotEnvelope};
 use crate::transport::Messages;
 use confab_actors::link::RelayAsk;
 
@@ -10,8 +11,19 @@ impl Cluster {
     /// Publishes an envelope to `node`.
     pub fn send(&self, node: &str, env: &Envelope) {
         if let Some(payload) = encode(env) {
-            self.publish(Outgoing::Publish(node_subject(node), payload));
+            self.send_payload(node, payload);
         }
+    }
+
+    /// Publishes an envelope encoded already to `node`.
+    pub(crate) fn send_payload(&self, node: &str, payload: Bytes) {
+        self.publish(Outgoing::Publish(node_subject(node), payload));
+    }
+
+    /// [`Cluster::send_bounded`] for an envelope encoded already.
+    pub(crate) fn send_bounded_payload(&self, node: &str, payload: Bytes) -> bool {
+        self.reserve_bounded_payload(node, payload)
+            .is_some_and(BoundedEnvelope::send)
     }
 
     /// Publishes an envelope a client's requests drive (see [`quota`]) to `node`, unless
@@ -26,7 +38,10 @@ impl Cluster {
     /// set things up only once it knows the envelope will go (a fork's leg); None when the
     /// bound is reached. Dropped unsent, it gives its place back.
     pub fn reserve_bounded(&self, node: &str, env: &Envelope) -> Option<BoundedEnvelope<'_>> {
-        let payload = encode(env)?;
+        self.reserve_bounded_payload(node, encode(env)?)
+    }
+
+    fn reserve_bounded_payload(&self, node: &str, payload: Bytes) -> Option<BoundedEnvelope<'_>> {
         if !self.quota.take(payload.len()) {
             return None;
         }
@@ -75,27 +90,28 @@ impl Cluster {
             tracing::error!(error = %e, "cannot encode an event");
             return false;
         }
-        let frame = framed
-            .split_off(confab_protocol::codec::LEN_PREFIX)
-            .to_vec();
+        let frame = &framed[confab_protocol::codec::LEN_PREFIX..];
         let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
         let seq = (events::is_state_event(msg) && self.acks_events(node))
             .then(|| numbered.fetch_add(1, Ordering::Relaxed) + 1);
-        let env = Envelope::Event {
-            endpoint: endpoint.to_owned(),
+        let ev = EventRef {
+            endpoint,
             frame,
-            call: answers_request.then(|| call.to_owned()),
-            from_node: self.node_id.clone(),
+            call: answers_request.then_some(call),
+            from_node: &self.node_id,
             from_epoch: self.epoch(),
             seq,
         };
+        let mut payload = Vec::with_capacity(ENVELOPE_HINT + frame.len());
+        hot::write_event(&mut payload, &ev);
+        let payload = Bytes::from(payload);
         if let Some(seq) = seq {
-            self.send_state_event(node, call, seq, &env);
+            self.send_state_event(node, call, seq, payload);
             true
         } else if is_bounded_event(msg) {
-            self.send_bounded(node, &env)
+            self.send_bounded_payload(node, payload)
         } else {
-            self.send(node, &env);
+            self.send_payload(node, payload);
             true
         }
     }
@@ -116,19 +132,14 @@ impl Cluster {
                 from_node,
                 from_epoch,
                 seq,
-            } => {
-                if self.is_dead(&from_node, from_epoch) {
-                    tracing::debug!(node = %from_node, "dropping an event from a run declared dead");
-                    return;
-                }
-                let Some(ep) = self.endpoints.get(&endpoint).map(|e| e.clone()) else {
-                    return;
-                };
-                match decode_server(&frame) {
-                    Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent { msg, call, seq }),
-                    Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
-                }
-            }
+            } => self.route_event(EventRef {
+                endpoint: &endpoint,
+                frame: &frame,
+                call: call.as_deref(),
+                from_node: &from_node,
+                from_epoch,
+                seq,
+            }),
             Envelope::LegEnded {
                 endpoint,
                 call,
@@ -203,10 +214,7 @@ impl Cluster {
                 reply_node,
                 reply_endpoint,
                 msg,
-            } => match self.legs.get(&call).map(|e| e.value().1.clone()) {
-                Some(leg) => leg.do_send(msg.into_leg_msg()),
-                None => self.leg_missing(&call, &reply_node, &reply_endpoint, msg),
-            },
+            } => self.route_leg(&call, &reply_node, &reply_endpoint, msg),
             Envelope::EventsSeen { call, upto } => self.events_seen(&call, upto),
             Envelope::ForkAdopted { arbiter, call } => {
                 if let Some(a) = self.arbiters.get(&arbiter).map(|a| a.clone()) {
@@ -320,6 +328,44 @@ impl Cluster {
         }
     }
 
+    /// A leg's event for an endpoint here. A `message_received` (never numbered: it is not a
+    /// state event) goes to the endpoint as the leg's node encoded it, for its client as it
+    /// is; anything else is decoded for the endpoint to act on.
+    fn route_event(&self, ev: EventRef<'_>) {
+        if self.is_dead(ev.from_node, ev.from_epoch) {
+            tracing::debug!(node = %ev.from_node, "dropping an event from a run declared dead");
+            return;
+        }
+        let Some(ep) = self.endpoints.get(ev.endpoint).map(|e| e.clone()) else {
+            return;
+        };
+        if ev.seq.is_none()
+            && let Some(call) = confab_protocol::peek::message_received_call(ev.frame)
+        {
+            ep.do_send(EndpointMsg::RemoteFrame {
+                call: call.to_owned(),
+                frame: Bytes::copy_from_slice(ev.frame),
+            });
+            return;
+        }
+        match decode_server(ev.frame) {
+            Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent {
+                msg,
+                call: ev.call.map(str::to_owned),
+                seq: ev.seq,
+            }),
+            Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
+        }
+    }
+
+    /// An endpoint's request for a leg here (or, gone, the one answer it is owed).
+    fn route_leg(&self, call: &str, reply_node: &str, reply_endpoint: &str, msg: WireLegMsg) {
+        match self.legs.get(call).map(|e| e.value().1.clone()) {
+            Some(leg) => leg.do_send(msg.into_leg_msg()),
+            None => self.leg_missing(call, reply_node, reply_endpoint, msg),
+        }
+    }
+
     /// The node of a leg, from its id (ids start with their node's id).
     pub(super) fn leg_node_hint(&self, call: &str) -> Option<String> {
         call.split_once('.').map(|(n, _)| n.to_owned())
@@ -427,15 +473,19 @@ const FRAME_HINT: usize = 256;
 
 /// About how many bytes `env` takes encoded: its buffer is made that large at once (growing a
 /// buffer while encoding, and copying it each time, was a tenth of a node's time across nodes).
+/// Room for an envelope's fields besides its largest (bytes): ids, node, epoch, keys.
+const ENVELOPE_HINT: usize = 160;
+
 fn size_hint(env: &Envelope) -> usize {
-    160 + match env {
-        Envelope::Event { frame, .. } => frame.len(),
-        Envelope::RelayOut { bytes, .. } => bytes.len(),
-        Envelope::RelayIn { frames, .. } => frames.iter().map(|f| f.len() + 5).sum(),
-        Envelope::AdminQuery { query, .. } => query.len(),
-        Envelope::AdminAnswer { answer, .. } => answer.len(),
-        _ => 0,
-    }
+    ENVELOPE_HINT
+        + match env {
+            Envelope::Event { frame, .. } => frame.len(),
+            Envelope::RelayOut { bytes, .. } => bytes.len(),
+            Envelope::RelayIn { frames, .. } => frames.iter().map(|f| f.len() + 5).sum(),
+            Envelope::AdminQuery { query, .. } => query.len(),
+            Envelope::AdminAnswer { answer, .. } => answer.len(),
+            _ => 0,
+        }
 }
 
 pub(super) fn encode(env: &Envelope) -> Option<Bytes> {
@@ -527,6 +577,20 @@ fn route_payload(cluster: &Arc<Cluster>, payload: &[u8]) {
             route_payload(cluster, one);
         }
         return;
+    }
+    // The envelopes of a cross-node message, read in place; anything else through serde.
+    match hot::read(payload) {
+        Some(HotEnvelope::Event(ev)) => {
+            m::hot().envelopes_in.increment(1);
+            cluster.route_event(ev);
+            return;
+        }
+        Some(HotEnvelope::Leg(leg)) => {
+            m::hot().envelopes_in.increment(1);
+            cluster.route_leg(leg.call, leg.reply_node, leg.reply_endpoint, leg.msg);
+            return;
+        }
+        None => {}
     }
     match rmp_serde::from_slice::<Envelope>(payload) {
         // A batch inside a batch is never sent; one that came anyway is read as a whole.

@@ -740,7 +740,15 @@ pub fn decode_client(body: &[u8]) -> Result<ClientMsg, DecodeError> {
     // The two messages of the flow's hot path are read straight from the frame; anything
     // unusual about them (an error to report, trailing bytes) takes the general path, so the
     // answer is the same either way.
-    if let Some(msg) = crate::hot::decode_hot_client(body) {
+    // The same for a call's three requests (placing, accepting and ending it); the frame's
+    // first field, its type as clients write it, says which reader to try.
+    let hot = match crate::hot::first_type(body) {
+        Some(b"call_establish" | b"call_accept" | b"call_terminate") => {
+            crate::hot::decode_hot_call_request(body)
+        }
+        _ => crate::hot::decode_hot_client(body),
+    };
+    if let Some(msg) = hot {
         return Ok(msg);
     }
     decode_tagged(body, CLIENT_TYPES)

@@ -59,6 +59,29 @@ fn scan(body: &[u8], want_rid: bool) -> Probe<'_> {
     p
 }
 
+/// The `call` of a `message_received` frame: `Some` only if `body` is exactly one well-formed
+/// MessagePack map whose `type` is `message_received` and whose `call` is a string. What a
+/// cluster node needs to pass another node's frame on to its client without decoding it.
+pub fn message_received_call(body: &[u8]) -> Option<&str> {
+    if value_len(body)? != body.len() {
+        return None;
+    }
+    let mut rd = body;
+    let len = map_len(&mut rd)?;
+    let (mut ty, mut call) = (None, None);
+    for _ in 0..len {
+        match read_str(&mut rd)? {
+            b"type" => ty = Some(read_str(&mut rd)?),
+            b"call" => call = Some(std::str::from_utf8(read_str(&mut rd)?).ok()?),
+            _ => skip(&mut rd)?,
+        }
+        if ty.is_some() && call.is_some() {
+            break;
+        }
+    }
+    (ty? == b"message_received").then_some(call?)
+}
+
 pub(crate) fn peek_marker(rd: &[u8]) -> Option<Marker> {
     rd.first().map(|b| Marker::from_u8(*b))
 }
@@ -183,6 +206,46 @@ mod tests {
             0xff, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'p', b'i', b'n', b'g',
         ];
         assert_eq!(peek_type(&body), Some("ping"));
+    }
+
+    #[test]
+    fn a_message_received_frame_gives_its_call_and_nothing_else_does() {
+        let msg = crate::ServerMsg::MessageReceived {
+            call: "n.1.c2".into(),
+            msg: 7,
+            from: "sip:a@example.com".into(),
+            content_type: "text/plain".into(),
+            body: crate::Body::Text("hi".into()),
+            toast: None,
+        };
+        let mut framed = bytes::BytesMut::new();
+        crate::hot::encode_server_frame(&msg, &mut framed).expect("encodes");
+        let body = &framed[crate::codec::LEN_PREFIX..];
+        assert_eq!(message_received_call(body), Some("n.1.c2"));
+        // Truncated, or with a byte after it: not one whole value.
+        assert_eq!(message_received_call(&body[..body.len() - 1]), None);
+        let mut longer = body.to_vec();
+        longer.push(0xc0);
+        assert_eq!(message_received_call(&longer), None);
+        // Another type, or a call that is not a string.
+        let ringing = crate::ServerMsg::CallRinging {
+            call: "n.1.c2".into(),
+        };
+        let mut framed = bytes::BytesMut::new();
+        crate::hot::encode_server_frame(&ringing, &mut framed).expect("encodes");
+        assert_eq!(
+            message_received_call(&framed[crate::codec::LEN_PREFIX..]),
+            None
+        );
+        // {"type": "message_received", "call": 5}
+        let mut odd = vec![0x82, 0xa4];
+        odd.extend_from_slice(b"type");
+        odd.push(0xb0);
+        odd.extend_from_slice(b"message_received");
+        odd.push(0xa4);
+        odd.extend_from_slice(b"call");
+        odd.push(0x05);
+        assert_eq!(message_received_call(&odd), None);
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl Endpoint {
             outbox: EventSink::Local(self.outbox.clone()),
             endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
-            offer: CallOffer::unparsed(sdp),
+            offer: CallOffer::new(sdp),
             toast,
             to,
             arbiter: None,
@@ -320,38 +320,38 @@ impl Endpoint {
             return;
         }
         offer.handled = true;
+        // Handled: the offer's own strings move out (its drop no longer reads them).
+        let call = std::mem::take(&mut offer.call);
+        let conversation = std::mem::take(&mut offer.conversation);
+        let toast = offer.toast.take();
         let leg = CallLeg::new(LegInit {
             ctx: self.ctx.clone(),
-            id: offer.call.clone(),
-            conversation: offer.conversation.clone(),
+            id: call.clone(),
+            conversation: conversation.clone(),
             direction: Direction::Inbound,
             outbox: EventSink::Local(self.outbox.clone()),
             endpoint: LegOwner::Local(ctx.address()),
             local: self.local(),
             offer: offer.offer.clone(),
-            toast: offer.toast.clone(),
+            toast: toast.clone(),
             to: String::new(),
             arbiter: Some(offer.arbiter.clone()),
             counter: offer.counter.clone(),
         })
         .start();
         self.push(ServerMsg::CallIncoming {
-            call: offer.call.clone(),
-            conversation: offer.conversation.clone(),
-            from: offer.from.clone(),
-            toast: offer.toast.clone(),
+            call: call.clone(),
+            conversation: conversation.clone(),
+            from: std::mem::take(&mut offer.from),
+            toast,
             sdp: offer.offer.sdp().to_owned(),
             immediate_auto_accept: offer.immediate,
         });
         offer.arbiter.do_send(ArbiterMsg::ForkReady {
-            call: offer.call.clone(),
+            call: call.clone(),
             leg: leg.clone(),
         });
-        self.add_call(
-            offer.call.clone(),
-            LegRef::Local(leg),
-            offer.conversation.clone(),
-        );
+        self.add_call(call, LegRef::Local(leg), conversation);
     }
 
     /// Forgets an ended leg (and releases it), remembering its id for late requests.

@@ -53,6 +53,13 @@ pub enum EndpointMsg {
         /// A state event's number within its leg's (`cluster/src/events.rs`).
         seq: Option<u64>,
     },
+    /// Cluster: a `message_received` of a leg on another node, as that node encoded it (the
+    /// frame's body): passed on to the client byte for byte, as [`EndpointMsg::RemoteEvent`]
+    /// would pass on the decoded message.
+    RemoteFrame {
+        call: String,
+        frame: bytes::Bytes,
+    },
     /// Cluster: run `.1` of node `.0` died, with every earlier run (`None`: this node was cut
     /// off from every other); calls whose legs lived there end.
     NodeLost {
@@ -300,6 +307,7 @@ impl Handler<EndpointMsg> for Endpoint {
                 self.adopt_remote(fork);
             }
             EndpointMsg::RemoteEvent { msg, call, seq } => self.remote_event(msg, call, seq, ctx),
+            EndpointMsg::RemoteFrame { call, frame } => self.remote_frame(&call, frame),
             EndpointMsg::NodeLost { node } => {
                 let lost = node.as_ref().map(|(n, _)| n.as_str());
                 self.relay_ended(lost, None, ctx);

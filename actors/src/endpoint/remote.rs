@@ -242,8 +242,7 @@ impl Endpoint {
             _ => None,
         };
         if let Some(call) = event_call
-            && !self.calls.contains_key(call)
-            && !self.ended.iter().any(|(c, _)| c == call)
+            && !self.holds_or_held(call)
         {
             tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
             return;
@@ -321,6 +320,23 @@ impl Endpoint {
             _ => {}
         }
         self.push(msg);
+    }
+
+    /// Cluster: another node's `message_received` for the call `call`, encoded there: queued
+    /// as it came, under the same rule as [`Endpoint::remote_event`] (dropped for a call this
+    /// endpoint never held), without decoding it and encoding it again.
+    pub(super) fn remote_frame(&mut self, call: &str, frame: bytes::Bytes) {
+        if !self.holds_or_held(call) {
+            tracing::debug!(endpoint = %self.id, %call, "dropping an event of a call not held here");
+            return;
+        }
+        self.outbox.push_encoded(frame);
+    }
+
+    /// Whether this endpoint holds the call `call`, or ended it not long ago (its late events
+    /// still reach the client; those of a call never held here are dropped: ids never leak).
+    fn holds_or_held(&self, call: &str) -> bool {
+        self.calls.contains_key(call) || self.ended.iter().any(|(c, _)| c == call)
     }
 
     /// Cluster: whether the state event numbered `seq` of the leg of `call` is the next one to

@@ -34,8 +34,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 
+/// A frame waiting in the queue: a message the writer encodes, or (cluster) a frame another
+/// node encoded already, passed on byte for byte instead of decoded and encoded again.
+enum Queued {
+    Msg(ServerMsg),
+    /// A frame's body, without its length prefix.
+    Encoded(Bytes),
+}
+
 struct Queue {
-    frames: VecDeque<ServerMsg>,
+    frames: VecDeque<Queued>,
     /// Approximate bytes of `frames` (see [`approx_size`]).
     bytes: usize,
     /// The writer has taken its last batch: nothing pushed now would ever be written.
@@ -176,10 +184,8 @@ impl Shared {
         let approx = std::mem::take(bytes);
         let mut buf = BytesMut::with_capacity(approx);
         let mut ends = Vec::with_capacity(frames.len());
-        for msg in frames.drain(..) {
-            if let Err(e) = encode_server_frame(&msg, &mut buf) {
-                tracing::error!(error = %e, "could not encode a frame for a client");
-            }
+        for frame in frames.drain(..) {
+            encode_queued(&frame, &mut buf);
             ends.push(buf.len());
         }
         let buf = buf.freeze();
@@ -200,7 +206,7 @@ impl Shared {
     /// The writer's last take: what is still queued, and no push is accepted after it (a push
     /// that passed the `closing` check just before the close would otherwise be lost while
     /// reporting success).
-    fn seal(&self) -> (VecDeque<ServerMsg>, usize) {
+    fn seal(&self) -> (VecDeque<Queued>, usize) {
         let mut q = self.lock();
         q.sealed = true;
         (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
@@ -231,6 +237,20 @@ impl Outbox {
     /// Queues `msg`. A full queue closes the connection (slow consumer) and returns false; so
     /// does a connection that is already closing.
     pub fn push(&self, msg: ServerMsg) -> bool {
+        let size = approx_size(&msg);
+        self.enqueue(Queued::Msg(msg), size)
+    }
+
+    /// Queues a frame encoded elsewhere (its body, without the length prefix), as [`push`]
+    /// queues a message: a cluster node passes on another node's `message_received` this way.
+    ///
+    /// [`push`]: Outbox::push
+    pub fn push_encoded(&self, body: Bytes) -> bool {
+        let size = body.len() + confab_protocol::codec::LEN_PREFIX;
+        self.enqueue(Queued::Encoded(body), size)
+    }
+
+    fn enqueue(&self, frame: Queued, size: usize) -> bool {
         let s = &*self.shared;
         if s.closing.load(Ordering::Acquire) {
             return false;
@@ -242,7 +262,6 @@ impl Outbox {
             if q.sealed {
                 return false;
             }
-            let size = approx_size(&msg);
             let capacity = s.capacity as usize;
             if q.frames.len() >= capacity || q.bytes + size > s.max_bytes {
                 let by_bytes = q.frames.len() < capacity;
@@ -257,7 +276,7 @@ impl Outbox {
                 return false;
             }
             q.bytes += size;
-            q.frames.push_back(msg);
+            q.frames.push_back(frame);
             q.frames.len() == 1
         };
         // The writer empties the whole queue each time it wakes, so only the first frame of a
@@ -603,15 +622,35 @@ fn approx_size(msg: &ServerMsg) -> usize {
 
 /// Encodes `batch` into one buffer, sized from the queue's estimate (`approx_size` errs high)
 /// so it is not reallocated and copied as it fills.
-fn encode_all(batch: VecDeque<ServerMsg>, approx_bytes: usize) -> BytesMut {
+fn encode_all(batch: VecDeque<Queued>, approx_bytes: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(approx_bytes);
-    for msg in &batch {
-        if let Err(e) = encode_server_frame(msg, &mut buf) {
-            // Our own messages always encode; if one ever does not, say so instead of dying.
-            tracing::error!(error = %e, "could not encode a frame for a client");
-        }
+    for frame in &batch {
+        encode_queued(frame, &mut buf);
     }
     buf
+}
+
+/// Appends one queued frame, with its length prefix, to `buf`.
+fn encode_queued(frame: &Queued, buf: &mut BytesMut) {
+    match frame {
+        Queued::Msg(msg) => {
+            if let Err(e) = encode_server_frame(msg, buf) {
+                // Our own messages always encode; if one ever does not, say so instead of dying.
+                tracing::error!(error = %e, "could not encode a frame for a client");
+            }
+        }
+        Queued::Encoded(body) => {
+            // The other node's frame passed the codec's size limit there; a body over
+            // u32::MAX cannot have come through an envelope.
+            let Ok(len) = u32::try_from(body.len()) else {
+                tracing::error!("dropping a passed-on frame too long to send");
+                return;
+            };
+            buf.reserve(confab_protocol::codec::LEN_PREFIX + body.len());
+            buf.extend_from_slice(&len.to_be_bytes());
+            buf.extend_from_slice(body);
+        }
+    }
 }
 
 #[cfg(test)]

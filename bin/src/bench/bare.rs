@@ -10,7 +10,7 @@
 //! does not move with the machine's speed the way either rate alone does (BENCHMARKS.md).
 //!
 //! With `--calls` each connection also routes the `calls` scenario's requests, as the least a
-//! server can do for a forked call ([`super::bare_calls`]).
+//! server can do for a forked call, and the `messages` scenario's ([`super::bare_calls`]).
 
 use anyhow::Context as _;
 use bytes::Bytes;

@@ -11,10 +11,14 @@
 //! shared by the worker threads and held only for the map operations. It
 //! knows nothing beyond the scenario's happy path: any other request is ignored, and a call
 //! whose client leaves stays in the map (the server lives for one run).
+//!
+//! It also routes the `messages` scenario's flow, as the yardstick for its rate and latency:
+//! a `message` becomes the accepting device's `message_received`, its `message_ack` the
+//! caller's `message_delivered`, each one write (the node's outbox may coalesce more).
 
 use bytes::{Bytes, BytesMut};
 use confab_protocol::{
-    CallState, ClientMsg, Direction, FrameCodec, Reason, Remote, ServerMsg, decode_client,
+    Body, CallState, ClientMsg, Direction, FrameCodec, Reason, Remote, ServerMsg, decode_client,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -116,6 +120,13 @@ pub async fn serve_connection(
             }
             Ok(ClientMsg::CallAccept { rid, call, sdp }) => router.accept(rid, &call, sdp).await,
             Ok(ClientMsg::CallTerminate { rid, call }) => router.terminate(rid, &call),
+            Ok(ClientMsg::Message {
+                rid,
+                call,
+                content_type,
+                body,
+            }) => router.message(rid, &call, content_type, body),
+            Ok(ClientMsg::MessageAck { call, msg }) => router.message_ack(&call, msg),
             _ => {}
         }
     }
@@ -292,6 +303,50 @@ impl Router {
             let _ = device.send(toast);
         }
         set_up.store(true, Ordering::Release);
+    }
+
+    /// The caller's `message`: a `message_received` to the device that accepted, numbered
+    /// with the caller's `rid` (the node numbers them per call; here the `rid` is the number,
+    /// so the ack needs no map). A message before the accept, or without a `rid`, is dropped.
+    fn message(&self, rid: Option<u32>, call: &str, content_type: String, body: Body) {
+        let Some(msg) = rid else { return };
+        let (leg, device, from) = {
+            let state = self.state();
+            let Some(c) = state.calls.get(call) else {
+                return;
+            };
+            let Some((leg, _, device)) = c.accepted.and_then(|i| c.legs.get(i)) else {
+                return;
+            };
+            (leg.clone(), device.out.clone(), c.caller_user.clone())
+        };
+        let _ = device.send(group(&[ServerMsg::MessageReceived {
+            call: leg,
+            msg,
+            from,
+            content_type,
+            body,
+            toast: None,
+        }]));
+    }
+
+    /// The device's `message_ack`: the caller's `message_delivered`.
+    fn message_ack(&self, leg: &str, msg: u32) {
+        let (call, caller) = {
+            let state = self.state();
+            let Some(call) = state.legs.get(leg) else {
+                return;
+            };
+            let Some(c) = state.calls.get(call) else {
+                return;
+            };
+            (call.clone(), c.caller.out.clone())
+        };
+        let _ = caller.send(group(&[ServerMsg::MessageDelivered {
+            rid: Some(msg),
+            call,
+            msg,
+        }]));
     }
 
     /// The first accept wins: the other devices' toasts come down, the device is established,

@@ -137,7 +137,8 @@ enum Scenario {
     },
     /// Not a scenario but a yardstick: a server that only accepts, reads the hello, answers a
     /// fixed welcome and holds the connection, listening as the node does. Run `idle` against
-    /// it for the machine's own sign-in rate (and, with `--calls`, `calls` for its call rate).
+    /// it for the machine's own sign-in rate (and, with `--calls`, `calls` for its call rate and
+    /// `messages` for its message rate and latency).
     /// Prints its address, then serves until killed.
     BareServer {
         #[arg(long, default_value = "127.0.0.1:5071")]
@@ -145,8 +146,8 @@ enum Scenario {
         /// Threads, one listener each; default: one per core, like the node's workers.
         #[arg(long)]
         workers: Option<usize>,
-        /// Also route the `calls` scenario's requests with the node's frames and nothing else:
-        /// the yardstick for forked calls.
+        /// Also route the `calls` and `messages` scenarios' requests with the node's frames
+        /// and nothing else: the yardstick for forked calls and for messages.
         #[arg(long)]
         calls: bool,
     },

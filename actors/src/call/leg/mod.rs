@@ -9,7 +9,7 @@ mod requests;
 mod setup;
 
 use actix::prelude::*;
-use confab_protocol::sdp::{self, Negotiated};
+use confab_protocol::sdp::Negotiated;
 
 use crate::call::offer::CallOffer;
 use crate::call::unacked::Unacked;
@@ -226,8 +226,9 @@ pub struct CallLeg {
     init: LegInit,
     state: CallState,
     peer: Option<Peer>,
-    /// Our own SDP: the offer for an outbound leg, the answer for an inbound one.
-    own_sdp: String,
+    /// Our own SDP once it differs from the call's offer: the answer, for an inbound leg that
+    /// accepted (until then, and for an outbound leg, it is the offer, which is not copied).
+    own_sdp: Option<String>,
     negotiated: Option<Negotiated>,
     /// Content types already found allowed by `negotiated` (a call usually carries one or two):
     /// checking a media range costs more than the rest of a message's handling in the leg.
@@ -266,7 +267,6 @@ pub struct CallLeg {
 impl CallLeg {
     pub fn new(init: LegInit) -> Self {
         let state = init.direction.initial_state();
-        let own_sdp = init.offer.sdp().to_owned();
         let arbiter = init.arbiter.clone();
         let unacked = Unacked::new(
             init.ctx.live().limits.unacked_per_call,
@@ -276,7 +276,7 @@ impl CallLeg {
             init,
             state,
             peer: None,
-            own_sdp,
+            own_sdp: None,
             negotiated: None,
             allowed_types: Vec::new(),
             arbiter,
@@ -555,6 +555,15 @@ impl CallLeg {
         self.owed = ArbiterOwes::Outcome;
     }
 
+    /// Our own SDP as an offer (a transferee's new call offers it to the target): the call's
+    /// offer itself, shared, unless this leg answered with its own.
+    fn own_offer(&self) -> CallOffer {
+        match &self.own_sdp {
+            Some(sdp) => CallOffer::new(sdp.clone()),
+            None => self.init.offer.clone(),
+        }
+    }
+
     fn set_negotiated(&mut self, negotiated: Negotiated) {
         self.negotiated = Some(negotiated);
         self.allowed_types.clear();
@@ -693,12 +702,12 @@ impl Actor for CallLeg {
             return;
         }
         self.step(CallEvent::Establish, None);
-        match sdp::offer_media(&self.own_sdp) {
-            Ok(media) => {
+        // Parsed once here; every fork's accept reuses it.
+        match self.init.offer.media() {
+            Ok(_) => {
                 let to = self.init.to.clone();
                 let toast = self.init.toast.clone();
-                // Parsed once here; every fork's accept reuses it.
-                let offer = CallOffer::parsed(self.own_sdp.clone(), media);
+                let offer = self.init.offer.clone();
                 self.start_arbiter(ctx, to, toast, offer);
             }
             Err(_) => self.end(

@@ -118,7 +118,7 @@ impl CallLeg {
             caller: ctx.address(),
             from: self.init.local.clone(),
             to,
-            offer: CallOffer::unparsed(self.own_sdp.clone()),
+            offer: self.own_offer(),
             toast: None,
             counter: self.init.counter.clone(),
         };

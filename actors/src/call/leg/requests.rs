@@ -147,7 +147,7 @@ impl CallLeg {
             return self.refuse(rid, Refusal::NotRinging);
         };
         self.owed = ArbiterOwes::Accept { rid };
-        self.own_sdp = sdp.clone();
+        self.own_sdp = Some(sdp.clone());
         self.set_negotiated(negotiated.clone());
         arbiter.do_send(ArbiterMsg::AcceptRequest {
             call: self.init.id.clone(),

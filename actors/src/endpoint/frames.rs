@@ -5,7 +5,7 @@
 use actix::prelude::*;
 use bytes::BytesMut;
 use confab_protocol::{ClientMsg, DecodeError, FrameError, ServerMsg, decode_client};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::time::Instant;
 
 use super::{Endpoint, request_rate};
@@ -98,10 +98,48 @@ pub type Tagged = (u32, Option<Result<BytesMut, FrameError>>);
 /// stream once after it was cancelled (a resume cancels the old connection's): the tag lets
 /// the endpoint drop what the old connection still yields, its end included, rather than take
 /// it for the new one's.
-pub fn tagged(frames: Frames, conn: u32) -> impl Stream<Item = Tagged> + 'static {
-    frames
-        .map(move |item| (conn, Some(item)))
-        .chain(futures::stream::once(std::future::ready((conn, None))))
+pub fn tagged(frames: Frames, conn: u32) -> TaggedFrames {
+    TaggedFrames {
+        frames: Some(frames),
+        conn,
+        ended: false,
+    }
+}
+
+/// What [`tagged`] returns. A struct of its own rather than `map` and `chain(once(..))`: the
+/// chained stream kept room for its last item (an `Option<Result<BytesMut, FrameError>>`)
+/// beside the frames, which moved every connection's boxed stream into the allocator's next
+/// size class.
+pub struct TaggedFrames {
+    /// Dropped (and the socket's read half with it) once it has ended, as `chain` did.
+    frames: Option<Frames>,
+    conn: u32,
+    /// The end has been yielded: nothing more comes.
+    ended: bool,
+}
+
+impl Stream for TaggedFrames {
+    type Item = Tagged;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Tagged>> {
+        use std::task::Poll;
+        let conn = self.conn;
+        if let Some(frames) = self.frames.as_mut() {
+            match std::pin::Pin::new(frames).poll_next(cx) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some((conn, Some(item)))),
+                Poll::Ready(None) => self.frames = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        self.ended = true;
+        Poll::Ready(Some((conn, None)))
+    }
 }
 
 impl StreamHandler<Tagged> for Endpoint {

@@ -53,7 +53,7 @@ impl Endpoint {
         };
         self.push(ServerMsg::Ok { rid });
         for user in users {
-            if self.subscriptions.remove(&user) {
+            if self.subscriptions.as_mut().is_some_and(|s| s.remove(&user)) {
                 self.ctx.presence.send(PresenceMsg::Unsubscribe {
                     user,
                     subscriber: self.id.clone(),
@@ -113,18 +113,21 @@ impl Endpoint {
             return;
         };
         let limit = self.ctx.live().limits.subscriptions_per_endpoint;
+        let watched = self.subscriptions.as_deref();
         let new = users
             .iter()
-            .filter(|u| !self.subscriptions.contains(*u))
+            .filter(|u| !watched.is_some_and(|s| s.contains(*u)))
             .collect::<HashSet<_>>()
             .len();
-        if self.subscriptions.len() + new > limit {
+        if watched.map_or(0, HashSet::len) + new > limit {
             m::limit_tripped("subscriptions_per_endpoint");
             return self.refuse(rid, Refusal::SubscriptionLimit);
         }
         self.push(ServerMsg::Ok { rid });
         for user in users {
-            self.subscriptions.insert(user.clone());
+            self.subscriptions
+                .get_or_insert_default()
+                .insert(user.clone());
             let same_user = user == self.user;
             self.ctx.presence.send(PresenceMsg::Subscribe {
                 user,

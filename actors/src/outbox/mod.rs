@@ -68,15 +68,18 @@ struct Resumable {
 struct Shared {
     queue: Mutex<Queue>,
     ready: Notify,
-    /// Closing: flush what is queued, then close.
-    closed: CancellationToken,
-    /// Mirrors `closed` for `push`, which checks it for every frame: the token's own check
-    /// takes a lock.
+    /// Wakes whoever waits for the close (the endpoint, a writer in the middle of a write):
+    /// see [`Shared::wait_closed`]. A `Notify` beside the flag rather than a cancellation
+    /// token: a token is an allocation of its own, 112 bytes per connection.
+    closed: Notify,
+    /// Closing: flush what is queued, then close. Set once, never cleared.
     closing: AtomicBool,
     /// Dropped as a slow consumer: stop writing at once, even in the middle of a write.
     /// (A flag, not a second token: a token costs an allocation per connection.)
     aborted: AtomicBool,
-    capacity: usize,
+    /// In frames; a `u32` (saturated) so that the shared state fits the allocator's smaller
+    /// size class.
+    capacity: u32,
     max_bytes: usize,
 }
 
@@ -89,7 +92,7 @@ pub struct Outbox {
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
-            .field("closed", &self.shared.closed.is_cancelled())
+            .field("closed", &self.shared.closing.load(Ordering::Acquire))
             .finish()
     }
 }
@@ -129,10 +132,10 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             resumable: None,
         }),
         ready: Notify::new(),
-        closed: CancellationToken::new(),
+        closed: Notify::new(),
         closing: AtomicBool::new(false),
         aborted: AtomicBool::new(false),
-        capacity,
+        capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
         max_bytes,
     });
     (
@@ -209,9 +212,24 @@ impl Shared {
         (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
     }
 
+    /// Completes once the outbox is closing.
+    async fn wait_closed(&self) {
+        loop {
+            // A `Notified` hears `notify_waiters` from its creation on, so a close just after
+            // the flag is read still ends this wait.
+            let notified = self.closed.notified();
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        self.closed.cancel();
+        self.closed.notify_waiters();
+        // Wakes an idle writer, which waits on `ready` alone.
+        self.ready.notify_one();
     }
 }
 
@@ -244,8 +262,9 @@ impl Outbox {
             if q.sealed {
                 return false;
             }
-            if q.frames.len() >= s.capacity || q.bytes + size > s.max_bytes {
-                let by_bytes = q.frames.len() < s.capacity;
+            let capacity = s.capacity as usize;
+            if q.frames.len() >= capacity || q.bytes + size > s.max_bytes {
+                let by_bytes = q.frames.len() < capacity;
                 drop(q);
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
                 if by_bytes {
@@ -274,8 +293,21 @@ impl Outbox {
     }
 
     /// Completes once the connection is closing, for whatever reason.
-    pub fn closed(&self) -> CancellationToken {
-        self.shared.closed.clone()
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        // `Shared::wait_closed` written out here rather than awaited: the endpoint holds this
+        // future for its whole life, and the nested one made it a size class larger.
+        async move {
+            loop {
+                // A `Notified` hears `notify_waiters` from its creation on, so a close just
+                // after the flag is read still ends this wait.
+                let notified = shared.closed.notified();
+                if shared.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        }
     }
 
     /// Makes the session resumable, before its writer starts and its `welcome` is queued (the
@@ -319,6 +351,9 @@ impl Outbox {
             r.link.cancel();
             r.preface = None;
         }
+        drop(q);
+        // An idle writer waits on `ready` alone: woken, it finds itself detached and stops.
+        self.shared.ready.notify_one();
     }
 
     /// The client acknowledged the frames up to `upto`.
@@ -359,7 +394,8 @@ impl Outbox {
             lost: r.link.clone(),
         };
         drop(q);
-        // Wakes the new writer at once for its preface.
+        // Wakes the old writer if it is idle, so it finds itself detached and stops (a new
+        // writer looks at the queue before it first waits, so it needs no wake-up).
         self.shared.ready.notify_one();
         Some(Ok((
             OutboxReceiver {
@@ -402,72 +438,52 @@ async fn unlinked(link: &Option<(u64, CancellationToken)>) {
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
 /// A resumable session's writer instead just stops when it is detached, and when its socket
 /// fails it says so through its link (the endpoint is then held) rather than closing.
+///
+/// This future lives as long as its connection, so its size is paid by every idle one: a
+/// batch's write and the final flush, each with timers and several futures in flight, run in
+/// futures of their own, boxed while they run, and only the waiting for work is held here
+/// (one allocation per batch written, against 256 bytes less per connection).
 pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
     let s = &*out.shared;
-    let writer = out.link.as_ref().map(|(w, _)| *w);
     loop {
-        let buf = match s.take_batch(writer) {
+        // Read from `out` each time rather than kept in a local: every byte this future
+        // keeps across its wait is paid by every idle connection.
+        let buf = match s.take_batch(out.link.as_ref().map(|(w, _)| *w)) {
             Taken::Detached => return,
             Taken::Frames(buf) => Either::Left(buf),
             Taken::Encoded(buf) => Either::Right(buf),
             Taken::Nothing => {
-                tokio::select! {
-                    biased;
-                    () = s.ready.notified() => {
-                        coalesce().await;
-                        continue;
-                    }
-                    () = s.closed.cancelled() => break,
-                    () = unlinked(&out.link) => return,
+                // One wait for every reason to wake: a push, the close and a detach each
+                // notify `ready` (a detached writer learns it from `take_batch`). Waiting on
+                // the close's token and the link's as well kept two more futures in this one,
+                // which every idle connection pays for. A notification given before the wait
+                // begins is kept for it, so checking the flag first loses none.
+                if s.closing.load(Ordering::Acquire) {
+                    break;
                 }
+                s.ready.notified().await;
+                if s.closing.load(Ordering::Acquire) {
+                    break;
+                }
+                coalesce().await;
+                continue;
             }
         };
-        let buf: &[u8] = match &buf {
-            Either::Left(b) => b,
-            Either::Right(b) => b,
-        };
-        // A client that stopped reading blocks this write for good: the abort (slow consumer)
-        // ends it, and dropping the socket frees the connection's slot.
-        let written = {
-            // The flush matters for TLS: rustls takes the bytes into its buffer and may leave
-            // ciphertext there when the socket would block, until something flushes it. On
-            // plain TCP it does nothing.
-            let mut write = std::pin::pin!(async {
-                sock.write_all(buf).await?;
-                sock.flush().await
-            });
-            // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish,
-            // like the final flush, so a client that stopped reading cannot hold the socket.
-            // Boxed and made only then: a timer held in this future would be part of every
-            // idle connection's writer task (about 110 bytes each).
-            let mut flush_by: Option<Pin<Box<Sleep>>> = None;
-            loop {
-                let closing = flush_by.is_some();
-                tokio::select! {
-                    r = &mut write => break r.is_ok(),
-                    () = s.closed.cancelled(), if !closing => {
-                        if s.aborted.load(Ordering::SeqCst) {
-                            break false;
-                        }
-                        // A graceful close: finish this write, then flush the rest below.
-                        flush_by = Some(Box::pin(tokio::time::sleep(FLUSH_DEADLINE)));
-                    }
-                    () = expired(&mut flush_by), if closing => break false,
-                    () = unlinked(&out.link), if !closing => return,
+        match Box::pin(write_batch(s, &out.link, &mut sock, buf)).await {
+            Written::Done => {}
+            Written::Unlinked => return,
+            Written::Failed => {
+                if let Some((_, link)) = &out.link
+                    && !s.closing.load(Ordering::Acquire)
+                {
+                    // The socket failed: the endpoint holds the session for a resume.
+                    link.cancel();
+                    return;
                 }
-            }
-        };
-        if !written {
-            if let Some((_, link)) = &out.link
-                && !s.closing.load(Ordering::Acquire)
-            {
-                // The socket failed: the endpoint holds the session for a resume.
-                link.cancel();
+                s.close();
+                s.seal();
                 return;
             }
-            s.close();
-            s.seal();
-            return;
         }
     }
     if s.aborted.load(Ordering::SeqCst) {
@@ -478,11 +494,68 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
     // still goes out, within a deadline so a client that stopped reading cannot hold us.
     let (batch, bytes) = s.seal();
     let buf = encode_all(batch, bytes);
-    let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
-        let _ = sock.write_all(&buf).await;
-        let _ = sock.shutdown().await;
+    Box::pin(async {
+        let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
+            let _ = sock.write_all(&buf).await;
+            let _ = sock.shutdown().await;
+        })
+        .await;
     })
     .await;
+}
+
+/// How a batch's write ended.
+enum Written {
+    Done,
+    /// The socket failed, the write was aborted (slow consumer), or a graceful close's
+    /// deadline passed before the write finished.
+    Failed,
+    /// The writer was detached from its resumable session: it stops at once.
+    Unlinked,
+}
+
+/// Writes one batch (see [`write_loop`]).
+async fn write_batch<W: AsyncWrite + Unpin>(
+    s: &Shared,
+    link: &Option<(u64, CancellationToken)>,
+    sock: &mut W,
+    buf: Either<BytesMut, Bytes>,
+) -> Written {
+    let buf: &[u8] = match &buf {
+        Either::Left(b) => b,
+        Either::Right(b) => b,
+    };
+    // A client that stopped reading blocks this write for good: the abort (slow consumer)
+    // ends it, and dropping the socket frees the connection's slot.
+    //
+    // The flush matters for TLS: rustls takes the bytes into its buffer and may leave
+    // ciphertext there when the socket would block, until something flushes it. On plain TCP
+    // it does nothing.
+    let mut write = std::pin::pin!(async {
+        sock.write_all(buf).await?;
+        sock.flush().await
+    });
+    // Armed by a graceful close: the write in progress gets FLUSH_DEADLINE to finish, like the
+    // final flush, so a client that stopped reading cannot hold the socket. Boxed and made only
+    // then: most writes are never interrupted.
+    let mut flush_by: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        let closing = flush_by.is_some();
+        tokio::select! {
+            r = &mut write => {
+                return if r.is_ok() { Written::Done } else { Written::Failed };
+            }
+            () = s.wait_closed(), if !closing => {
+                if s.aborted.load(Ordering::SeqCst) {
+                    return Written::Failed;
+                }
+                // A graceful close: finish this write, then flush the rest below.
+                flush_by = Some(Box::pin(tokio::time::sleep(FLUSH_DEADLINE)));
+            }
+            () = expired(&mut flush_by), if closing => return Written::Failed,
+            () = unlinked(link), if !closing => return Written::Unlinked,
+        }
+    }
 }
 
 /// Scheduler rounds the writer waits, once woken, before it takes the queue.

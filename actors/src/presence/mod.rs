@@ -194,6 +194,17 @@ struct UserState {
     /// When and by which endpoint the manual status was set: a change applies only if its
     /// stamp supersedes this one (see [`stamp`]).
     status_at: StatusStamp,
+    /// Who watches the user, if anyone. Boxed and made on the first subscription: most users
+    /// have no watcher, and this shard's table holds a slot per signed-in user (with the
+    /// table's spare room, about 1.7 slots each), so every byte here costs nearly two per
+    /// endpoint.
+    watchers: Option<Box<Watchers>>,
+}
+
+/// A user's watchers and the timer that tells them of threshold crossings (which exists only
+/// while there is someone to tell).
+#[derive(Default)]
+struct Watchers {
     subscribers: HashMap<String, Subscriber>,
     timer: Option<SpawnHandle>,
 }
@@ -285,8 +296,12 @@ impl PresenceShard {
         // Nobody to tell: no views to build, and no threshold timer (it exists only to tell
         // subscribers of a crossing; a new subscription comes through here and arms it). Most
         // users have no watcher, and every sign-in and sign-out passes here.
-        if state.subscribers.is_empty() {
-            if let Some(h) = state.timer.take() {
+        if state
+            .watchers
+            .as_ref()
+            .is_none_or(|w| w.subscribers.is_empty())
+        {
+            if let Some(h) = state.watchers.take().and_then(|w| w.timer) {
                 ctx.cancel_future(h);
             }
             return;
@@ -301,7 +316,11 @@ impl PresenceShard {
             .filter_map(|e| e.publication.as_ref())
             .filter_map(|p| rank::next_crossing(p, now, self.thresholds))
             .min();
-        let Some(state) = self.users.get_mut(user) else {
+        let Some(state) = self
+            .users
+            .get_mut(user)
+            .and_then(|s| s.watchers.as_deref_mut())
+        else {
             return;
         };
         for sub in state.subscribers.values_mut() {
@@ -321,8 +340,12 @@ impl PresenceShard {
             // A millisecond of slack so the crossing has happened when the timer fires.
             let delay = at.saturating_duration_since(now) + Duration::from_millis(1);
             state.timer = Some(ctx.run_later(delay, move |act, ctx| {
-                if let Some(s) = act.users.get_mut(&user) {
-                    s.timer = None;
+                if let Some(w) = act
+                    .users
+                    .get_mut(&user)
+                    .and_then(|s| s.watchers.as_deref_mut())
+                {
+                    w.timer = None;
                 }
                 act.notify(&user, ctx);
             }));
@@ -332,9 +355,12 @@ impl PresenceShard {
     fn forget_if_idle(&mut self, user: &str, ctx: &mut Context<Self>) {
         if let Some(state) = self.users.get(user)
             && state.endpoints.is_empty()
-            && state.subscribers.is_empty()
-            && let Some(mut state) = self.users.remove(user)
-            && let Some(h) = state.timer.take()
+            && state
+                .watchers
+                .as_ref()
+                .is_none_or(|w| w.subscribers.is_empty())
+            && let Some(state) = self.users.remove(user)
+            && let Some(h) = state.watchers.and_then(|w| w.timer)
         {
             ctx.cancel_future(h);
         }
@@ -446,6 +472,8 @@ impl Handler<PresenceMsg> for PresenceShard {
                 self.users
                     .entry(user.clone())
                     .or_default()
+                    .watchers
+                    .get_or_insert_default()
                     .subscribers
                     .insert(
                         subscriber,
@@ -457,8 +485,12 @@ impl Handler<PresenceMsg> for PresenceShard {
                     );
             }
             PresenceMsg::Unsubscribe { subscriber, .. } => {
-                if let Some(state) = self.users.get_mut(&user) {
-                    state.subscribers.remove(&subscriber);
+                if let Some(w) = self
+                    .users
+                    .get_mut(&user)
+                    .and_then(|s| s.watchers.as_deref_mut())
+                {
+                    w.subscribers.remove(&subscriber);
                 }
             }
         }

@@ -213,7 +213,8 @@ impl Link for Cluster {
         let mut payload = Vec::with_capacity(LEG_HINT + wire.body_len());
         if !crate::hot::write_leg(&mut payload, call, &self.node_id, endpoint, &wire) {
             tracing::error!(%call, "cannot encode a leg message");
-            return true;
+            // As when it could not be queued: a client's request gets its answer here.
+            return !wire.is_bounded();
         }
         let payload = Bytes::from(payload);
         if wire.is_bounded() {

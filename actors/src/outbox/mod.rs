@@ -449,7 +449,14 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
         // Read from `out` each time rather than kept in a local: every byte this future
         // keeps across its wait is paid by every idle connection.
         let buf = match s.take_batch(out.link.as_ref().map(|(w, _)| *w)) {
-            Taken::Detached => return,
+            Taken::Detached => {
+                // The wake-up that brought this replaced writer here may have been meant for
+                // the writer that replaced it (`notify_one` wakes the oldest waiter, and a
+                // replaced writer on another thread can still be waiting ahead of the new
+                // one): pass it on, or the new writer could sleep on a queued frame or a close.
+                s.ready.notify_one();
+                return;
+            }
             Taken::Frames(buf) => Either::Left(buf),
             Taken::Encoded(buf) => Either::Right(buf),
             Taken::Nothing => {
@@ -462,10 +469,12 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W)
                     break;
                 }
                 s.ready.notified().await;
-                if s.closing.load(Ordering::Acquire) {
-                    break;
+                // No break on the close here: a writer replaced by a resume learns it only
+                // from `take_batch`, and breaking would have it flush the queue to its old
+                // socket. The current writer drains the queue, then breaks above.
+                if !s.closing.load(Ordering::Acquire) {
+                    coalesce().await;
                 }
-                coalesce().await;
                 continue;
             }
         };

@@ -10,8 +10,7 @@
 //! unexpected kind, a repeated key) returns `None`, and the caller falls back to serde, which
 //! keeps deciding what is well-formed.
 
-use confab_protocol::peek::value_len;
-use rmp::Marker;
+use confab_protocol::peek::{self, value_len};
 
 use crate::wire::WireLegMsg;
 
@@ -45,7 +44,7 @@ pub(crate) enum HotEnvelope<'a> {
 /// Reads an `Event` or a `Leg` envelope; `None` for anything else (serde reads it).
 pub(crate) fn read(payload: &[u8]) -> Option<HotEnvelope<'_>> {
     let mut rd = payload;
-    if map_len(&mut rd)? != 1 {
+    if peek::map_len(&mut rd)? != 1 {
         return None;
     }
     match str(&mut rd)? {
@@ -58,7 +57,7 @@ pub(crate) fn read(payload: &[u8]) -> Option<HotEnvelope<'_>> {
 fn read_event<'a>(rd: &mut &'a [u8]) -> Option<EventRef<'a>> {
     let (mut endpoint, mut frame, mut call, mut from_node, mut from_epoch, mut seq) =
         (None, None, None, None, None, None);
-    for _ in 0..map_len(rd)? {
+    for _ in 0..peek::map_len(rd)? {
         match str(rd)? {
             "endpoint" => once(&mut endpoint, str(rd)?)?,
             "frame" => once(&mut frame, bin(rd)?)?,
@@ -66,7 +65,7 @@ fn read_event<'a>(rd: &mut &'a [u8]) -> Option<EventRef<'a>> {
             "from_node" => once(&mut from_node, str(rd)?)?,
             "from_epoch" => once(&mut from_epoch, uint(rd)?)?,
             "seq" => once(&mut seq, optional(rd, uint)?)?,
-            _ => skip(rd)?,
+            _ => peek::skip(rd)?,
         }
     }
     Some(EventRef {
@@ -81,7 +80,7 @@ fn read_event<'a>(rd: &mut &'a [u8]) -> Option<EventRef<'a>> {
 
 fn read_leg<'a>(rd: &mut &'a [u8]) -> Option<LegRef<'a>> {
     let (mut call, mut reply_node, mut reply_endpoint, mut msg) = (None, None, None, None);
-    for _ in 0..map_len(rd)? {
+    for _ in 0..peek::map_len(rd)? {
         match str(rd)? {
             "call" => once(&mut call, str(rd)?)?,
             "reply_node" => once(&mut reply_node, str(rd)?)?,
@@ -93,7 +92,7 @@ fn read_leg<'a>(rd: &mut &'a [u8]) -> Option<LegRef<'a>> {
                 *rd = rest;
                 once(&mut msg, rmp_serde::from_slice::<WireLegMsg>(value).ok()?)?;
             }
-            _ => skip(rd)?,
+            _ => peek::skip(rd)?,
         }
     }
     Some(LegRef {
@@ -171,14 +170,8 @@ fn optional<'a, T>(
     read(rd).map(Some)
 }
 
-fn map_len(rd: &mut &[u8]) -> Option<u32> {
-    rmp::decode::read_map_len(rd).ok()
-}
-
 fn str<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
-    let (s, rest) = rmp::decode::read_str_from_slice(*rd).ok()?;
-    *rd = rest;
-    Some(s)
+    std::str::from_utf8(peek::read_str(rd)?).ok()
 }
 
 fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
@@ -191,19 +184,9 @@ fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(b)
 }
 
+/// An unsigned integer; anything else is `None`.
 fn uint(rd: &mut &[u8]) -> Option<u64> {
-    match Marker::from_u8(*rd.first()?) {
-        Marker::FixPos(_) | Marker::U8 | Marker::U16 | Marker::U32 | Marker::U64 => {
-            rmp::decode::read_int(rd).ok()
-        }
-        _ => None,
-    }
-}
-
-fn skip(rd: &mut &[u8]) -> Option<()> {
-    let len = value_len(rd)?;
-    *rd = &rd[len..];
-    Some(())
+    peek::read_uint(rd)?
 }
 
 #[cfg(test)]

@@ -579,18 +579,15 @@ fn route_payload(cluster: &Arc<Cluster>, payload: &[u8]) {
         return;
     }
     // The envelopes of a cross-node message, read in place; anything else through serde.
-    match hot::read(payload) {
-        Some(HotEnvelope::Event(ev)) => {
-            m::hot().envelopes_in.increment(1);
-            cluster.route_event(ev);
-            return;
+    if let Some(env) = hot::read(payload) {
+        m::hot().envelopes_in.increment(1);
+        match env {
+            HotEnvelope::Event(ev) => cluster.route_event(ev),
+            HotEnvelope::Leg(leg) => {
+                cluster.route_leg(leg.call, leg.reply_node, leg.reply_endpoint, leg.msg)
+            }
         }
-        Some(HotEnvelope::Leg(leg)) => {
-            m::hot().envelopes_in.increment(1);
-            cluster.route_leg(leg.call, leg.reply_node, leg.reply_endpoint, leg.msg);
-            return;
-        }
-        None => {}
+        return;
     }
     match rmp_serde::from_slice::<Envelope>(payload) {
         // A batch inside a batch is never sent; one that came anyway is read as a whole.

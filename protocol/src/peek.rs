@@ -87,7 +87,7 @@ pub(crate) fn peek_marker(rd: &[u8]) -> Option<Marker> {
 }
 
 /// An unsigned integer (`Some(Some(n))`), or any other value skipped (`Some(None)`).
-pub(crate) fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
+pub fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
     let be = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
     match peek_marker(rd)? {
         Marker::FixPos(n) => {
@@ -107,7 +107,8 @@ pub(crate) fn read_uint(rd: &mut &[u8]) -> Option<Option<u64>> {
     }
 }
 
-pub(crate) fn map_len(rd: &mut &[u8]) -> Option<u32> {
+/// A map's length, the reader moved past its marker; `None` for anything but a map.
+pub fn map_len(rd: &mut &[u8]) -> Option<u32> {
     match take_marker(rd)? {
         Marker::FixMap(n) => Some(u32::from(n)),
         Marker::Map16 => Some(u32::from(u16::from_be_bytes(take_array(rd)?))),
@@ -116,7 +117,8 @@ pub(crate) fn map_len(rd: &mut &[u8]) -> Option<u32> {
     }
 }
 
-pub(crate) fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+/// A string's bytes (not checked as UTF-8), the reader moved past it; `None` for anything else.
+pub fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = match take_marker(rd)? {
         Marker::FixStr(n) => usize::from(n),
         Marker::Str8 => usize::from(take(rd, 1)?[0]),
@@ -137,7 +139,7 @@ pub fn value_len(body: &[u8]) -> Option<usize> {
 
 /// Skips one value, however deeply nested, without recursion: `pending` counts the values
 /// still to skip, and a container adds its items to it.
-pub(crate) fn skip(rd: &mut &[u8]) -> Option<()> {
+pub fn skip(rd: &mut &[u8]) -> Option<()> {
     let be = |b: &[u8]| b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
     let mut pending: usize = 1;
     while pending > 0 {

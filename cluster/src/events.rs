@@ -81,7 +81,7 @@ impl Cluster {
             return;
         }
         entry.events.push_back((seq, payload.clone()));
-        self.publish(Outgoing::Publish(node_subject(node), payload));
+        self.publish(&node_subject(node), &payload, false);
     }
 
     /// Ends the leg `call`, whose endpoint's node has not acknowledged its state events: that
@@ -149,7 +149,7 @@ impl Cluster {
             tracing::debug!(%call, node = %u.node, events = u.events.len(), "sending unseen state events again");
             let subject = node_subject(&u.node);
             for (_, payload) in &u.events {
-                self.publish(Outgoing::Publish(subject.clone(), payload.clone()));
+                self.publish(&subject, payload, false);
                 resent += 1;
             }
             true

@@ -104,16 +104,6 @@ pub struct RemoteEndpoint {
     pub revision: u64,
 }
 
-/// What the publisher task sends, in order.
-enum Outgoing {
-    Publish(String, Bytes),
-    /// An envelope a client's requests drove: it holds a place in [`Cluster::quota`] until the
-    /// client has taken it.
-    Bounded(String, Bytes),
-    /// Answered once everything queued before it was handed to the client.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// The nodes (by inbox subject) whose heartbeats say they read batches (`batch.rs`), shared
 /// with the publisher.
 pub(crate) struct BatchingNodes {
@@ -167,8 +157,8 @@ pub struct Cluster {
     pub timeout: Duration,
     /// The directory's bucket (`kv.rs`).
     kv: Arc<dyn Bucket>,
-    publish_tx: mpsc::UnboundedSender<Outgoing>,
-    /// Bounds the envelopes clients' requests drive, waiting in `publish_tx`, by count and bytes
+    outbound: Arc<batch::Outbound>,
+    /// Bounds the envelopes clients' requests drive, waiting in `outbound`, by count and bytes
     /// (`cluster.max_queued_envelopes`, `cluster.max_queued_bytes`).
     quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
@@ -357,7 +347,7 @@ impl Cluster {
             .watch()
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
-        let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let outbound = Arc::new(batch::Outbound::default());
         let batching = Arc::new(BatchingNodes::new(cfg.batch_envelopes));
         let quota = Arc::new(EnvelopeQuota::new(
             cfg.max_queued_envelopes,
@@ -376,7 +366,7 @@ impl Cluster {
                     .max(confab_actors::settings::MIN_NODE_TIMEOUT_MS),
             ),
             kv: kv.clone(),
-            publish_tx,
+            outbound: outbound.clone(),
             quota: quota.clone(),
             kv_tx,
             endpoints: DashMap::new(),
@@ -426,7 +416,7 @@ impl Cluster {
         // The values already there are applied before the node accepts anyone.
         let read_upto = cluster.load().await?;
         cluster.watch_read_upto.store(read_upto, Ordering::Relaxed);
-        rt.spawn(publish_loop(transport, publish_rx, quota, batching));
+        rt.spawn(publish_loop(transport, outbound, quota));
         rt.spawn(writes::write_loop(
             kv.clone(),
             kv_rx,

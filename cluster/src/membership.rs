@@ -277,10 +277,7 @@ impl Cluster {
             batches: self.batching.enabled,
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
-            let _ = self.publish_tx.send(Outgoing::Publish(
-                HEARTBEAT_SUBJECT.to_owned(),
-                Bytes::from(bytes),
-            ));
+            let _ = self.outbound.push(HEARTBEAT_SUBJECT, &bytes, false, false);
         }
     }
 
@@ -318,7 +315,7 @@ impl Cluster {
         self.heartbeat(true);
         // Everything queued goes out before the runtime stops.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        if self.publish_tx.send(Outgoing::Flush(done_tx)).is_ok() {
+        if self.outbound.push_flush(done_tx) {
             let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
         }
     }

@@ -73,9 +73,14 @@ impl EnvelopeQuota {
 
     /// Gives back the place of an envelope of `bytes` the NATS client has taken.
     pub(super) fn release(&self, bytes: usize) {
-        let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.release_many(1, bytes);
+    }
+
+    /// Gives back the places of `envelopes` envelopes of `bytes` in all (a batch's).
+    pub(super) fn release_many(&self, envelopes: usize, bytes: usize) {
+        let before = self.waiting.fetch_sub(envelopes, Ordering::AcqRel);
         let before_bytes = self.waiting_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        if before <= self.limit / 2 + 1
+        if before <= self.limit / 2 + envelopes
             && before_bytes <= self.byte_limit / 2 + bytes
             && self.dropping.swap(false, Ordering::Relaxed)
         {

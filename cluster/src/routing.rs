@@ -338,7 +338,9 @@ impl Cluster {
             tracing::debug!(node = %ev.from_node, "dropping an event from a run declared dead");
             return;
         }
-        let Some(ep) = self.endpoints.get(ev.endpoint).map(|e| e.clone()) else {
+        // Sent to under the map's read guard: cloning the address out and dropping it (two
+        // shared counters each way) was 3% of the receiving node's work.
+        let Some(ep) = self.endpoints.get(ev.endpoint) else {
             return;
         };
         if ev.seq.is_none()
@@ -362,10 +364,12 @@ impl Cluster {
 
     /// An endpoint's request for a leg here (or, gone, the one answer it is owed).
     fn route_leg(&self, call: &str, reply_node: &str, reply_endpoint: &str, msg: WireLegMsg) {
-        match self.legs.get(call).map(|e| e.value().1.clone()) {
-            Some(leg) => leg.do_send(msg.into_leg_msg()),
-            None => self.leg_missing(call, reply_node, reply_endpoint, msg),
+        // Sent to under the map's read guard, as in `route_event`.
+        if let Some(leg) = self.legs.get(call) {
+            leg.value().1.do_send(msg.into_leg_msg());
+            return;
         }
+        self.leg_missing(call, reply_node, reply_endpoint, msg);
     }
 
     /// The node of a leg, from its id (ids start with their node's id).

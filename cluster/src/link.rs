@@ -30,9 +30,6 @@ use crate::transport::LossyTransport;
 use crate::wire::{Envelope, WireLegMsg};
 use crate::{Cluster, RESEND_ATTEMPTS};
 
-/// Room for a `Leg` envelope's ids, keys and request besides a message's body (bytes).
-const LEG_HINT: usize = 160;
-
 /// Joins the cluster of the settings' `[cluster]` section over NATS, or (tests) over a
 /// [`MemoryNetwork`]; tests may also have the transport lose envelopes
 /// ([`ClusterJoin::lossy`]).
@@ -210,19 +207,16 @@ impl Link for Cluster {
             tracing::error!(%call, "a leg message that cannot cross nodes was dropped");
             return true;
         };
-        let mut payload = Vec::with_capacity(LEG_HINT + wire.body_len());
-        if !crate::hot::write_leg(&mut payload, call, &self.node_id, endpoint, &wire) {
-            tracing::error!(%call, "cannot encode a leg message");
-            // As when it could not be queued: a client's request gets its answer here.
-            return !wire.is_bounded();
-        }
-        let payload = Bytes::from(payload);
-        if wire.is_bounded() {
-            self.send_bounded_payload(node, payload)
-        } else {
-            self.send_payload(node, payload);
-            true
-        }
+        crate::routing::SCRATCH.with_borrow_mut(|scratch| {
+            let payload = &mut scratch.payload;
+            payload.clear();
+            if !crate::hot::write_leg(payload, call, &self.node_id, endpoint, &wire) {
+                tracing::error!(%call, "cannot encode a leg message");
+                // As when it could not be queued: a client's request gets its answer here.
+                return !wire.is_bounded();
+            }
+            self.send_encoded(node, payload, wire.is_bounded()) || !wire.is_bounded()
+        })
     }
 
     fn release_leg(&self, call: String, endpoint: String) {

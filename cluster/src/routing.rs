@@ -17,13 +17,23 @@ impl Cluster {
 
     /// Publishes an envelope encoded already to `node`.
     pub(crate) fn send_payload(&self, node: &str, payload: Bytes) {
-        self.publish(&node_subject(node), &payload, false);
+        self.send_encoded(node, &payload, false);
     }
 
-    /// [`Cluster::send_bounded`] for an envelope encoded already.
-    pub(crate) fn send_bounded_payload(&self, node: &str, payload: Bytes) -> bool {
-        self.reserve_bounded_payload(node, payload)
-            .is_some_and(BoundedEnvelope::send)
+    /// Publishes an envelope encoded already to `node`; `bounded`: one a client's requests
+    /// drive (see [`quota`]), not sent when `cluster.max_queued_envelopes` (or
+    /// `max_queued_bytes`) already wait. False when it was not sent, and the caller answers
+    /// for it. It is copied into the node's batch (`batch.rs`), so `payload` may be a buffer
+    /// the caller reuses.
+    pub(crate) fn send_encoded(&self, node: &str, payload: &[u8], bounded: bool) -> bool {
+        if bounded && !self.quota.take(payload.len()) {
+            return false;
+        }
+        let sent = self.publish(&node_subject(node), payload, bounded);
+        if !sent && bounded {
+            self.quota.release(payload.len());
+        }
+        sent
     }
 
     /// Publishes an envelope a client's requests drive (see [`quota`]) to `node`, unless
@@ -87,35 +97,36 @@ impl Cluster {
         // node's frequent frames (`protocol/src/hot.rs`), not serde's (about ten times the
         // instructions for a `message_received`); the envelope carries the body, without the
         // length prefix.
-        let mut framed = bytes::BytesMut::with_capacity(FRAME_HINT);
-        if let Err(e) = confab_protocol::hot::encode_server_frame(msg, &mut framed) {
-            tracing::error!(error = %e, "cannot encode an event");
-            return false;
-        }
-        let frame = &framed[confab_protocol::codec::LEN_PREFIX..];
-        let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
-        let seq = (events::is_state_event(msg) && self.acks_events(node))
-            .then(|| numbered.fetch_add(1, Ordering::Relaxed) + 1);
-        let ev = EventRef {
-            endpoint,
-            frame,
-            call: answers_request.then_some(call),
-            from_node: &self.node_id,
-            from_epoch: self.epoch(),
-            seq,
-        };
-        let mut payload = Vec::with_capacity(ENVELOPE_HINT + frame.len());
-        hot::write_event(&mut payload, &ev);
-        let payload = Bytes::from(payload);
-        if let Some(seq) = seq {
-            self.send_state_event(node, call, seq, payload);
-            true
-        } else if is_bounded_event(msg) {
-            self.send_bounded_payload(node, payload)
-        } else {
-            self.send_payload(node, payload);
-            true
-        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch { framed, payload } = scratch;
+            framed.clear();
+            if let Err(e) = confab_protocol::hot::encode_server_frame(msg, framed) {
+                tracing::error!(error = %e, "cannot encode an event");
+                return false;
+            }
+            let frame = &framed[confab_protocol::codec::LEN_PREFIX..];
+            let answers_request = matches!(msg, ServerMsg::Ok { .. } | ServerMsg::Error { .. });
+            let seq = (events::is_state_event(msg) && self.acks_events(node))
+                .then(|| numbered.fetch_add(1, Ordering::Relaxed) + 1);
+            let ev = EventRef {
+                endpoint,
+                frame,
+                call: answers_request.then_some(call),
+                from_node: &self.node_id,
+                from_epoch: self.epoch(),
+                seq,
+            };
+            payload.clear();
+            hot::write_event(payload, &ev);
+            if let Some(seq) = seq {
+                // Kept to be sent again until seen: its own copy.
+                self.send_state_event(node, call, seq, Bytes::copy_from_slice(payload));
+                true
+            } else {
+                let bounded = is_bounded_event(msg);
+                self.send_encoded(node, payload, bounded) || !bounded
+            }
+        })
     }
 
     pub(super) fn route(self: &Arc<Self>, env: Envelope) {
@@ -472,8 +483,20 @@ pub(crate) fn is_bounded_event(msg: &ServerMsg) -> bool {
     )
 }
 
-/// Room for a typical frame, so that encoding one does not grow its buffer.
-const FRAME_HINT: usize = 256;
+/// Buffers each thread encodes its hot envelopes in before they are copied into their batch
+/// (`batch.rs`), so that an envelope costs no allocation of its own: an event's frame and its
+/// envelope, or a leg message's envelope.
+pub(crate) struct Scratch {
+    pub framed: bytes::BytesMut,
+    pub payload: Vec<u8>,
+}
+
+thread_local! {
+    pub(crate) static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
+        framed: bytes::BytesMut::with_capacity(1024),
+        payload: Vec::with_capacity(1024),
+    });
+}
 
 /// About how many bytes `env` takes encoded: its buffer is made that large at once (growing a
 /// buffer while encoding, and copying it each time, was a tenth of a node's time across nodes).

@@ -205,14 +205,6 @@ pub enum WireLegMsg {
 }
 
 impl WireLegMsg {
-    /// The bytes of a message's body (0 for anything else): what sizes its envelope's buffer.
-    pub fn body_len(&self) -> usize {
-        match self {
-            WireLegMsg::Message { body, .. } => body.len(),
-            _ => 0,
-        }
-    }
-
     /// Whether a client's requests drive it: such a leg message is bounded (see
     /// `quota.rs`); what the node sends on its own (a sign-out's hang-up, a lost endpoint, a
     /// release) must not be lost.

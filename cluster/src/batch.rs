@@ -15,10 +15,11 @@
 //! envelope costs one copy into its batch under a short lock, and the publisher takes whole
 //! batches.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::{Notify, oneshot};
+
+use crate::quota::EnvelopeQuota;
 
 /// Most bytes of envelopes in one batch (far below NATS's default 1 MB payload limit).
 pub(crate) const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -30,8 +31,9 @@ const BATCH_HEAD: &[u8] = b"\x81\xa5Batch\x81\xa9envelopes";
 /// that closing a batch writes in place instead of copying the envelopes.
 const HEAD_ROOM: usize = BATCH_HEAD.len() + 5;
 
-/// What a batch's buffer starts with: under load batches hold tens of envelopes, and growing
-/// the buffer from one envelope's size, copying it each time, was 3% of a node's work.
+/// What a batch's buffer grows to at its second envelope: under load batches hold tens of
+/// envelopes, and growing the buffer from one envelope's size, copying it each time, was 3% of
+/// a node's work.
 const BATCH_CAPACITY: usize = 16 * 1024;
 
 /// One thing to publish, in queue order.
@@ -90,7 +92,7 @@ pub(crate) struct Batch {
 
 impl Batch {
     fn new(subject: &str, payload: &[u8], bounded: Places) -> Batch {
-        let mut buf = BytesMut::with_capacity(BATCH_CAPACITY.max(HEAD_ROOM + payload.len() + 5));
+        let mut buf = BytesMut::with_capacity(HEAD_ROOM + payload.len() + 5);
         buf.put_bytes(0, HEAD_ROOM);
         let mut batch = Batch {
             subject: subject.to_owned(),
@@ -106,6 +108,9 @@ impl Batch {
     }
 
     fn append(&mut self, payload: &[u8], bounded: Places) {
+        if self.count == 1 {
+            self.buf.reserve(BATCH_CAPACITY.max(payload.len() + 5));
+        }
         let mut w = (&mut self.buf).writer();
         // Writing to memory cannot fail.
         let _ = rmp::encode::write_bin_len(&mut w, payload.len() as u32);
@@ -122,16 +127,27 @@ impl Batch {
 
     /// The message to publish: the lone envelope as it is, or the whole batch, byte for byte
     /// what [`crate::wire::encode_batch`] writes for the same envelopes.
+    ///
+    /// The transport may hold a payload a while (the NATS client keeps up to 2,048 while NATS
+    /// is away), and the quota counts only its bytes, so a payload never keeps much more memory
+    /// alive than its length: a lone envelope is copied out, and so is a batch whose buffer grew
+    /// far past what it holds.
     pub fn into_payload(mut self) -> Bytes {
         if self.count == 1 {
-            return self.buf.split_off(self.first).freeze();
+            return Bytes::copy_from_slice(&self.buf[self.first..]);
         }
-        let mut head = Vec::with_capacity(HEAD_ROOM);
-        head.extend_from_slice(BATCH_HEAD);
-        let _ = rmp::encode::write_array_len(&mut head, self.count as u32);
-        let start = HEAD_ROOM - head.len();
-        self.buf[start..HEAD_ROOM].copy_from_slice(&head);
-        self.buf.split_off(start).freeze()
+        let mut head = [0u8; HEAD_ROOM];
+        let mut w = &mut head[..];
+        w.put_slice(BATCH_HEAD);
+        let _ = rmp::encode::write_array_len(&mut w, self.count as u32);
+        let head_len = HEAD_ROOM - w.len();
+        let start = HEAD_ROOM - head_len;
+        self.buf[start..HEAD_ROOM].copy_from_slice(&head[..head_len]);
+        self.buf.advance(start);
+        if self.buf.capacity() > 2 * self.buf.len() + 1024 {
+            return Bytes::copy_from_slice(&self.buf);
+        }
+        self.buf.freeze()
     }
 }
 
@@ -144,18 +160,22 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// Queues `payload` for `subject`: into that subject's open batch when `batches` and it
-    /// fits, else alone, or as a new batch, after everything queued so far.
-    pub fn push(&mut self, subject: &str, payload: &[u8], batches: bool, bounded: bool) {
+    /// Queues `payload` to go alone, after everything queued so far. It closes its subject's
+    /// open batch: whatever comes after it goes after it (a node whose heartbeat stops and
+    /// starts again saying `batches` may get both kinds in a row).
+    pub fn push_one(&mut self, subject: String, payload: Bytes, bounded: bool) {
+        self.open.retain(|(s, _)| *s != subject);
+        self.items.push(Item::One {
+            bounded: Places::of(payload.len(), bounded),
+            subject,
+            payload,
+        });
+    }
+
+    /// Queues `payload` for `subject` in that subject's open batch if it fits, else as a new
+    /// batch after everything queued so far.
+    pub fn push_batched(&mut self, subject: &str, payload: &[u8], bounded: bool) {
         let places = Places::of(payload.len(), bounded);
-        if !batches {
-            self.items.push(Item::One {
-                subject: subject.to_owned(),
-                payload: Bytes::copy_from_slice(payload),
-                bounded: places,
-            });
-            return;
-        }
         if let Some(pos) = self.open.iter().position(|(s, _)| s == subject) {
             let at = self.open[pos].1;
             if let Some(Item::Batch(batch)) = self.items.get_mut(at)
@@ -191,18 +211,39 @@ impl Queue {
 }
 
 /// The queue shared by every thread that sends and the publisher that takes from it.
-#[derive(Default)]
 pub(crate) struct Outbound {
-    queue: Mutex<Queue>,
+    queue: Mutex<Shared>,
     ready: Notify,
+    quota: Arc<EnvelopeQuota>,
+}
+
+struct Shared {
+    queue: Queue,
     /// Set once the publisher has stopped (its runtime is shutting down): nothing is queued.
-    closed: AtomicBool,
+    closed: bool,
 }
 
 impl Outbound {
-    /// Queues a payload (see [`Queue::push`]); false once the publisher has stopped.
+    pub fn new(quota: Arc<EnvelopeQuota>) -> Self {
+        Outbound {
+            queue: Mutex::new(Shared {
+                queue: Queue::default(),
+                closed: false,
+            }),
+            ready: Notify::new(),
+            quota,
+        }
+    }
+
+    /// Queues a payload in `subject`'s batch (see [`Queue::push_batched`]), or alone when
+    /// `subject` does not take batches; false once the publisher has stopped.
     pub fn push(&self, subject: &str, payload: &[u8], batches: bool, bounded: bool) -> bool {
-        self.with_queue(|q| q.push(subject, payload, batches, bounded))
+        if batches {
+            self.with_queue(|q| q.push_batched(subject, payload, bounded))
+        } else {
+            let (subject, payload) = (subject.to_owned(), Bytes::copy_from_slice(payload));
+            self.with_queue(|q| q.push_one(subject, payload, bounded))
+        }
     }
 
     /// Queues a flush; false once the publisher has stopped.
@@ -210,16 +251,20 @@ impl Outbound {
         self.with_queue(|q| q.push_flush(done))
     }
 
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A push or a take cannot leave the queue half changed, so a panic elsewhere while
+        // it was held leaves nothing to repair.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn with_queue(&self, f: impl FnOnce(&mut Queue)) -> bool {
-        if self.closed.load(Ordering::Acquire) {
+        let mut shared = self.lock();
+        if shared.closed {
             return false;
         }
-        let Ok(mut q) = self.queue.lock() else {
-            return false;
-        };
-        let was_empty = q.is_empty();
-        f(&mut q);
-        drop(q);
+        let was_empty = shared.queue.is_empty();
+        f(&mut shared.queue);
+        drop(shared);
         // The publisher takes everything each time, so it needs waking only when the queue
         // was empty; a wake-up while it works is kept for its next wait (a `Notify` permit).
         if was_empty {
@@ -228,23 +273,63 @@ impl Outbound {
         true
     }
 
-    /// The publisher's side: waits until something is queued and takes all of it.
-    pub async fn next(&self) -> Vec<Item> {
+    /// The publisher's side: waits until something is queued and takes all of it. What it
+    /// has not handed over when it is dropped gives its quota places back.
+    pub async fn next(&self) -> Taken<'_> {
         loop {
-            let items = match self.queue.lock() {
-                Ok(mut q) => q.take(),
-                Err(_) => Vec::new(),
-            };
+            let items = self.lock().queue.take();
             if !items.is_empty() {
-                return items;
+                return Taken {
+                    items: items.into_iter(),
+                    quota: &self.quota,
+                };
             }
             self.ready.notified().await;
         }
     }
 
-    /// The publisher has stopped; later pushes are refused (and their senders answer for them).
+    /// The publisher has stopped: what is queued will not go (its places are given back, its
+    /// flushes answered by their senders' timeouts), and later pushes are refused, so that
+    /// their senders answer for them.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        let items = {
+            let mut shared = self.lock();
+            shared.closed = true;
+            shared.queue.take()
+        };
+        drop(Taken {
+            items: items.into_iter(),
+            quota: &self.quota,
+        });
+    }
+}
+
+/// Items taken by the publisher, handed over one by one.
+pub(crate) struct Taken<'a> {
+    items: std::vec::IntoIter<Item>,
+    quota: &'a EnvelopeQuota,
+}
+
+impl Iterator for Taken<'_> {
+    type Item = Item;
+
+    fn next(&mut self) -> Option<Item> {
+        self.items.next()
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        for item in self.items.by_ref() {
+            let places = match item {
+                Item::One { bounded, .. } => bounded,
+                Item::Batch(b) => b.bounded,
+                Item::Flush(_) => continue,
+            };
+            if places.envelopes > 0 {
+                self.quota.release_many(places.envelopes, places.bytes);
+            }
+        }
     }
 }
 
@@ -252,7 +337,20 @@ impl Outbound {
 mod tests {
     use super::*;
 
-    fn payloads(items: Vec<Item>) -> Vec<(String, Bytes)> {
+    fn push(q: &mut Queue, subject: &str, payload: &[u8], batches: bool, bounded: bool) {
+        if batches {
+            q.push_batched(subject, payload, bounded);
+        } else {
+            q.push_one(subject.into(), Bytes::copy_from_slice(payload), bounded);
+        }
+    }
+
+    fn outbound(limit: usize) -> (Outbound, Arc<EnvelopeQuota>) {
+        let quota = Arc::new(EnvelopeQuota::new(limit, 1 << 20));
+        (Outbound::new(quota.clone()), quota)
+    }
+
+    fn payloads(items: impl IntoIterator<Item = Item>) -> Vec<(String, Bytes)> {
         items
             .into_iter()
             .filter_map(|i| match i {
@@ -273,7 +371,7 @@ mod tests {
     #[test]
     fn a_lone_envelope_goes_alone() {
         let mut q = Queue::default();
-        q.push("a", b"1", true, false);
+        push(&mut q, "a", b"1", true, false);
         assert_eq!(payloads(q.take()), [("a".into(), Bytes::from_static(b"1"))]);
     }
 
@@ -281,7 +379,7 @@ mod tests {
     fn one_nodes_envelopes_go_together_in_queue_order() {
         let mut q = Queue::default();
         for (s, b) in [("a", b"1"), ("b", b"x"), ("a", b"2"), ("a", b"3")] {
-            q.push(s, b, true, false);
+            push(&mut q, s, b, true, false);
         }
         assert_eq!(
             payloads(q.take()),
@@ -299,7 +397,7 @@ mod tests {
             let bodies: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; i % 3 * 200]).collect();
             let mut q = Queue::default();
             for b in &bodies {
-                q.push("a", b, true, false);
+                push(&mut q, "a", b, true, false);
             }
             let refs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
             let want = batch_of(&refs);
@@ -319,8 +417,8 @@ mod tests {
     #[test]
     fn a_node_that_does_not_batch_gets_each_envelope_alone_in_order() {
         let mut q = Queue::default();
-        q.push("old", b"1", false, false);
-        q.push("old", b"2", false, false);
+        push(&mut q, "old", b"1", false, false);
+        push(&mut q, "old", b"2", false, false);
         assert_eq!(
             payloads(q.take()),
             [
@@ -333,9 +431,9 @@ mod tests {
     #[test]
     fn a_full_batch_starts_another_after_it() {
         let mut q = Queue::default();
-        q.push("a", &vec![0u8; MAX_BATCH_BYTES - 1], true, false);
-        q.push("a", b"12", true, false);
-        q.push("a", b"3", true, false);
+        push(&mut q, "a", &vec![0u8; MAX_BATCH_BYTES - 1], true, false);
+        push(&mut q, "a", b"12", true, false);
+        push(&mut q, "a", b"3", true, false);
         let out = payloads(q.take());
         assert_eq!(
             out.len(),
@@ -348,9 +446,9 @@ mod tests {
     #[test]
     fn nothing_after_a_flush_joins_a_batch_before_it() {
         let mut q = Queue::default();
-        q.push("a", b"1", true, false);
+        push(&mut q, "a", b"1", true, false);
         q.push_flush(oneshot::channel().0);
-        q.push("a", b"2", true, false);
+        push(&mut q, "a", b"2", true, false);
         let items = q.take();
         assert_eq!(items.len(), 3);
         assert!(matches!(items[1], Item::Flush(_)));
@@ -369,10 +467,10 @@ mod tests {
     #[test]
     fn a_batch_holds_the_places_of_its_bounded_envelopes() {
         let mut q = Queue::default();
-        q.push("a", b"123", true, true);
-        q.push("a", b"45", true, false);
-        q.push("a", b"6", true, true);
-        q.push("old", b"78", false, true);
+        push(&mut q, "a", b"123", true, true);
+        push(&mut q, "a", b"45", true, false);
+        push(&mut q, "a", b"6", true, true);
+        push(&mut q, "old", b"78", false, true);
         let items = q.take();
         let Item::Batch(b) = &items[0] else {
             panic!("a batch first")
@@ -396,18 +494,63 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_envelope_that_goes_alone_closes_its_subjects_batch() {
+        // The node stopped saying `batches` and started again while these waited.
+        let mut q = Queue::default();
+        push(&mut q, "a", b"1", true, false);
+        push(&mut q, "a", b"2", false, false);
+        push(&mut q, "a", b"3", true, false);
+        assert_eq!(
+            payloads(q.take()),
+            [
+                ("a".into(), Bytes::from_static(b"1")),
+                ("a".into(), Bytes::from_static(b"2")),
+                ("a".into(), Bytes::from_static(b"3")),
+            ],
+            "3 does not overtake 2 in 1's batch"
+        );
+    }
+
     #[tokio::test]
     async fn the_publisher_is_woken_for_what_is_queued_while_it_works() {
-        let out = Outbound::default();
+        let (out, _) = outbound(10);
         assert!(out.push("a", b"1", true, false));
-        assert_eq!(out.next().await.len(), 1);
+        assert_eq!(out.next().await.count(), 1);
         // Queued after the take, before the publisher waits again: not lost.
         assert!(out.push("a", b"2", true, false));
         assert_eq!(
             payloads(out.next().await),
             [("a".into(), Bytes::from_static(b"2"))]
         );
+    }
+
+    #[tokio::test]
+    async fn places_come_back_when_the_publisher_stops_with_envelopes_taken_or_queued() {
+        let (out, quota) = outbound(10);
+        for _ in 0..3 {
+            assert!(quota.take(5));
+            assert!(out.push("a", b"12345", false, true));
+        }
+        let mut taken = out.next().await;
+        assert!(
+            taken.next().is_some(),
+            "one handed over (its place is the caller's to give back)"
+        );
+        drop(taken);
+        assert_eq!(
+            quota.waiting(),
+            (1, 5),
+            "the two not handed over gave their places back"
+        );
+        assert!(quota.take(5));
+        assert!(out.push("b", b"67890", true, true));
         out.close();
+        assert_eq!(
+            quota.waiting(),
+            (1, 5),
+            "what was queued gave its place back"
+        );
         assert!(!out.push("a", b"3", true, false), "refused once stopped");
     }
 }

@@ -104,8 +104,8 @@ pub struct RemoteEndpoint {
     pub revision: u64,
 }
 
-/// The nodes (by inbox subject) whose heartbeats say they read batches (`batch.rs`), shared
-/// with the publisher.
+/// The nodes (by inbox subject) whose heartbeats say they read batches (`batch.rs`): read by
+/// every sender as it queues an envelope.
 pub(crate) struct BatchingNodes {
     subjects: std::sync::RwLock<std::collections::HashSet<String>>,
     /// `cluster.batch_envelopes`: this node batches at all.
@@ -168,7 +168,7 @@ pub struct Cluster {
     relays: DashMap<u64, relay::Relay>,
     next_relay: AtomicU64,
     /// Which nodes take batched envelopes (`batch.rs`).
-    batching: Arc<BatchingNodes>,
+    batching: BatchingNodes,
     /// Legs on this node whose endpoint is on another node: call id → (that node, leg).
     pub legs: DashMap<String, (String, Addr<CallLeg>)>,
     /// Arbiters on this node with forks on other nodes.
@@ -347,12 +347,12 @@ impl Cluster {
             .watch()
             .await
             .map_err(|e| ClusterError::Kv(e.to_string()))?;
-        let outbound = Arc::new(batch::Outbound::default());
-        let batching = Arc::new(BatchingNodes::new(cfg.batch_envelopes));
         let quota = Arc::new(EnvelopeQuota::new(
             cfg.max_queued_envelopes,
             cfg.max_queued_bytes,
         ));
+        let outbound = Arc::new(batch::Outbound::new(quota.clone()));
+        let batching = BatchingNodes::new(cfg.batch_envelopes);
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
         // The start time: a later run of a node has a larger epoch, so a record of an earlier
         // run is recognised as stale whatever order things arrive in.
@@ -372,7 +372,7 @@ impl Cluster {
             endpoints: DashMap::new(),
             relays: DashMap::new(),
             next_relay: AtomicU64::new(1),
-            batching: batching.clone(),
+            batching,
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),

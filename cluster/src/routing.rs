@@ -349,27 +349,31 @@ impl Cluster {
             tracing::debug!(node = %ev.from_node, "dropping an event from a run declared dead");
             return;
         }
-        // Sent to under the map's read guard: cloning the address out and dropping it (two
-        // shared counters each way) was 3% of the receiving node's work.
-        let Some(ep) = self.endpoints.get(ev.endpoint) else {
-            return;
-        };
-        if ev.seq.is_none()
+        // Read before the map is: its shard stays locked only while the message is queued.
+        let msg = if ev.seq.is_none()
             && let Some(call) = confab_protocol::peek::message_received_call(ev.frame)
         {
-            ep.do_send(EndpointMsg::RemoteFrame {
+            EndpointMsg::RemoteFrame {
                 call: call.to_owned(),
                 frame: Bytes::copy_from_slice(ev.frame),
-            });
-            return;
-        }
-        match decode_server(ev.frame) {
-            Ok(msg) => ep.do_send(EndpointMsg::RemoteEvent {
-                msg,
-                call: ev.call.map(str::to_owned),
-                seq: ev.seq,
-            }),
-            Err(e) => tracing::warn!(error = %e, "dropping an unreadable remote event"),
+            }
+        } else {
+            match decode_server(ev.frame) {
+                Ok(msg) => EndpointMsg::RemoteEvent {
+                    msg,
+                    call: ev.call.map(str::to_owned),
+                    seq: ev.seq,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping an unreadable remote event");
+                    return;
+                }
+            }
+        };
+        // Sent to under the map's read guard: cloning the address out and dropping it (two
+        // shared counters each way) was 3% of the receiving node's work. `do_send` only queues.
+        if let Some(ep) = self.endpoints.get(ev.endpoint) {
+            ep.do_send(msg);
         }
     }
 
@@ -533,8 +537,8 @@ pub(super) async fn publish_loop(
     outbound: Arc<batch::Outbound>,
     quota: Arc<EnvelopeQuota>,
 ) {
-    // Dropped with the task when the runtime stops: later envelopes are refused, not queued
-    // for nobody.
+    // Dropped with the task when the runtime stops: what is queued gives its places back, and
+    // later envelopes are refused, not queued for nobody.
     struct Stopped(Arc<batch::Outbound>);
     impl Drop for Stopped {
         fn drop(&mut self) {
@@ -543,7 +547,10 @@ pub(super) async fn publish_loop(
     }
     let _stopped = Stopped(outbound.clone());
     loop {
-        for item in outbound.next().await {
+        // Dropped unfinished (the runtime stopping mid-publish), it gives back the places of
+        // what it had not handed over.
+        let mut taken = outbound.next().await;
+        for item in &mut taken {
             let (subject, payload, places) = match item {
                 batch::Item::One {
                     subject,
@@ -564,11 +571,13 @@ pub(super) async fn publish_loop(
                     continue;
                 }
             };
-            if let Err(e) = transport.publish(subject, payload).await {
-                tracing::warn!(error = %e, "cannot publish to the other nodes");
-            }
+            let published = transport.publish(subject, payload).await;
+            // Given back whether it went or not: it no longer waits.
             if places.envelopes > 0 {
                 quota.release_many(places.envelopes, places.bytes);
+            }
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "cannot publish to the other nodes");
             }
         }
     }

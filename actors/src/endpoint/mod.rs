@@ -163,6 +163,8 @@ pub struct Endpoint {
     session: Box<(std::net::SocketAddr, u64)>,
     /// A resumable session's state (`resume.rs`). Boxed: most sessions are not resumable.
     resume: Option<Box<ResumeState>>,
+    /// Its place in the node's heartbeat sweep (`heartbeat.rs`), once started.
+    heartbeat_slot: u32,
 }
 
 /// Whether, and why, an endpoint is ending.
@@ -221,6 +223,7 @@ impl Endpoint {
             presence_bucket,
             session: Box::new((peer, crate::presence::stamp::unix_ms())),
             resume: None,
+            heartbeat_slot: u32::MAX,
         }
     }
 
@@ -253,18 +256,9 @@ impl Actor for Endpoint {
         // Enough room for a burst of events without blocking the actor on its own mailbox.
         ctx.set_mailbox_capacity(256);
         m::hot().endpoints.increment(1.0);
-        // The closure captures nothing (it reads the heartbeat from the settings): a closure
-        // with state is boxed, one more allocation per endpoint.
-        ctx.run_interval(self.ctx.settings.heartbeat(), |act, ctx| {
-            // An ending endpoint has its own deadline; dropping it as lost would drop the final
-            // events of its calls on other nodes. A held one has its resume window.
-            let hb = act.ctx.settings.heartbeat();
-            if !act.ending() && !act.held() && act.last_rx.elapsed() > hb * 3 {
-                tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the connection");
-                m::limit_tripped("heartbeat_timeout");
-                act.connection_lost("no heartbeat", ctx);
-            }
-        });
+        // The node's sweep sends `HeartbeatDue` every heartbeat (a timer of the endpoint's own
+        // would cost each idle endpoint about 150 bytes).
+        self.heartbeat_slot = self.ctx.heartbeats.join(ctx.address().downgrade());
         // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
         ctx.spawn(self.outbox.closed().into_actor(self).map(|(), act, ctx| {
             if !act.ending() {
@@ -276,6 +270,7 @@ impl Actor for Endpoint {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().endpoints.decrement(1.0);
+        self.ctx.heartbeats.leave(self.heartbeat_slot);
         self.end_hold();
         for (leg, _) in self.calls.values() {
             leg.do_send(LegMsg::EndpointLost);
@@ -341,6 +336,26 @@ impl Handler<EndpointMsg> for Endpoint {
                 reason,
                 reconnect_after_ms: self.ctx.settings.server.reconnect_after_ms,
             }),
+        }
+    }
+}
+
+/// A heartbeat has passed (the node's sweep, `heartbeat.rs`): drop a client silent for three.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeartbeatDue;
+
+impl Handler<HeartbeatDue> for Endpoint {
+    type Result = ();
+
+    fn handle(&mut self, _: HeartbeatDue, ctx: &mut Context<Self>) {
+        // An ending endpoint has its own deadline; dropping it as lost would drop the final
+        // events of its calls on other nodes. A held one has its resume window.
+        let hb = self.ctx.settings.heartbeat();
+        if !self.ending() && !self.held() && self.last_rx.elapsed() > hb * 3 {
+            tracing::info!(endpoint = %self.id, "no frame for 3 heartbeats; dropping the connection");
+            m::limit_tripped("heartbeat_timeout");
+            self.connection_lost("no heartbeat", ctx);
         }
     }
 }

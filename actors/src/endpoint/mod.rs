@@ -12,20 +12,18 @@
 
 use actix::prelude::*;
 use confab_protocol::{Reason, Remote, ServerMsg};
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use tokio::time::Instant;
 
-use crate::call::conversation::Conversation;
 use crate::call::leg::{LegMsg, TerminateCause};
 use crate::context::Ctx;
-use crate::ids::IdMap;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
 use crate::ratelimit::{Rate, TokenBucket};
 use crate::refusal::Refusal;
-use crate::route::LegRef;
 
+mod book;
 mod calls;
 mod flow;
 mod frames;
@@ -33,9 +31,9 @@ mod lifecycle;
 mod presence;
 mod remote;
 mod resume;
+use book::LazyBook;
 pub use calls::ForkOffer;
 pub use frames::{Frames, TaggedFrames, tagged};
-use remote::RemoteCall;
 pub use remote::{RemoteFork, RemoteForkGuard};
 pub use resume::{Attach, ExpiredSessions, Resume, ResumeState, grant, new_token};
 
@@ -131,13 +129,10 @@ pub struct Endpoint {
     id: String,
     user: String,
     outbox: Outbox,
-    calls: IdMap<String, (LegRef, String)>,
-    /// Cluster: calls of this endpoint whose legs live on other nodes.
-    remote_calls: IdMap<String, RemoteCall>,
+    /// Its calls and conversations (`book.rs`), made on its first call.
+    book: LazyBook,
     /// Ending cleanly and waiting for remote legs to report their end.
     closing: bool,
-    ended: VecDeque<(String, bool)>,
-    conversations: IdMap<String, (Addr<Conversation>, usize)>,
     /// The users whose presence it watches. Boxed and made on the first `subscribe`: most
     /// endpoints watch nobody, and inline the set's 48 bytes put every endpoint's task into
     /// the allocator's next size class (128 bytes more per idle endpoint).
@@ -209,11 +204,8 @@ impl Endpoint {
             id,
             user,
             outbox,
-            calls: IdMap::default(),
-            remote_calls: IdMap::default(),
+            book: LazyBook::default(),
             closing: false,
-            ended: VecDeque::new(),
-            conversations: IdMap::default(),
             subscriptions: None,
             last_rx: Instant::now(),
             end_state: EndState::Running,
@@ -272,7 +264,7 @@ impl Actor for Endpoint {
         m::hot().endpoints.decrement(1.0);
         self.ctx.heartbeats.leave(self.heartbeat_slot);
         self.end_hold();
-        for (leg, _) in self.calls.values() {
+        for (leg, _) in self.book.calls.values() {
             leg.do_send(LegMsg::EndpointLost);
         }
         for user in self.subscriptions.take().into_iter().flat_map(|s| *s) {
@@ -367,7 +359,7 @@ impl Handler<Describe> for Endpoint {
         MessageResult(Described {
             remote_addr: self.session.0,
             since_unix_ms: self.session.1,
-            calls: self.calls.len(),
+            calls: self.book.calls.len(),
             ending: self.ending(),
             held: self.held(),
         })

@@ -224,7 +224,7 @@ impl Conn {
     /// signed-in client to its endpoint (a new one, or the held one a resume takes back).
     async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
     where
-        W: AsyncWrite + Unpin + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
             ctx,
@@ -328,7 +328,7 @@ struct Writer<W> {
     permit: (OwnedSemaphorePermit, AddressSlot),
 }
 
-impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
     /// Carries a session resumed through this node to `node`, which holds it (`relay.rs`).
     fn relay(self, link: Arc<dyn Link>, node: String, ask: RelayAsk, frames: Frames) {
         let Writer { wr, permit } = self;

@@ -40,6 +40,8 @@ pub struct NodeCtx {
     legs: AtomicUsize,
     /// Resumable sessions whose window ended lately (to word a late resume's refusal).
     pub expired_sessions: crate::endpoint::ExpiredSessions,
+    /// The endpoints' heartbeat check: one sweep for the node (`heartbeat.rs`).
+    pub heartbeats: Arc<crate::heartbeat::Heartbeats>,
 }
 
 pub type Ctx = Arc<NodeCtx>;
@@ -53,6 +55,7 @@ impl NodeCtx {
         reloadables: Arc<crate::reload::Reloadables>,
     ) -> Self {
         let tls = reloadables.tls.clone();
+        let heartbeats = crate::heartbeat::Heartbeats::new(settings.heartbeat());
         let verifier = reloadables.verifier.clone();
         let node_id = link.as_ref().map_or_else(
             || settings.server.node_id.clone(),
@@ -80,6 +83,7 @@ impl NodeCtx {
             started: std::time::Instant::now(),
             legs: AtomicUsize::new(0),
             expired_sessions: Default::default(),
+            heartbeats,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod context;
 pub mod directory;
 pub mod endpoint;
 pub mod fork;
+pub mod heartbeat;
 pub mod http;
 pub mod ids;
 pub mod link;

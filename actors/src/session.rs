@@ -32,8 +32,10 @@ use crate::transport;
 use confab_protocol::proxy::ProxyHeader;
 use std::sync::Arc;
 
-/// Read buffer of a signed-in connection: most frames are small and an idle endpoint should
-/// cost little; the codec grows it for a larger frame.
+/// Read buffer of a signed-in connection once it has read (the codec's adaptive buffer goes
+/// back to it when quiet): most frames are small and an idle endpoint should cost little; the
+/// codec grows it for a larger frame. A connection starts after its `hello` with no buffer at
+/// all (see [`Conn::serve`]).
 const READ_BUFFER: usize = 128;
 
 /// Most a busy connection's read buffer grows to (the codec's adaptive buffer), so one read
@@ -41,7 +43,7 @@ const READ_BUFFER: usize = 128;
 const BUSY_READ_BUFFER: usize = 8192;
 
 /// Read buffer for the `hello`, which carries a token and rarely fits in [`READ_BUFFER`]: one
-/// read instead of three per sign-in. Replaced by a [`READ_BUFFER`] once the hello is read.
+/// read instead of three per sign-in. Released once the hello is read.
 const HELLO_BUFFER: usize = 512;
 
 /// Longest `device` name accepted.
@@ -222,7 +224,7 @@ impl Conn {
     /// signed-in client to its endpoint (a new one, or the held one a resume takes back).
     async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
     where
-        W: AsyncWrite + Unpin + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
             ctx,
@@ -256,8 +258,11 @@ impl Conn {
             }
         };
         frames.set_max_frame(ctx.settings.server.max_frame as usize);
-        // A client that sent more than the hello keeps its bytes (and the larger buffer).
-        frames.shrink_read_buffer(READ_BUFFER);
+        // Released: many clients send nothing for a long while after signing in, and the
+        // reader's first read then takes the smallest buffer (8 bytes), which the codec grows
+        // to the first frame it reads (one read more for that frame). A client that sent more
+        // than the hello keeps its bytes (and the larger buffer).
+        frames.shrink_read_buffer(0);
         let mut hello = hello;
         let ask = hello.resume.take();
         if let Some(ask) = ask.as_deref()
@@ -323,7 +328,7 @@ struct Writer<W> {
     permit: (OwnedSemaphorePermit, AddressSlot),
 }
 
-impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
     /// Carries a session resumed through this node to `node`, which holds it (`relay.rs`).
     fn relay(self, link: Arc<dyn Link>, node: String, ask: RelayAsk, frames: Frames) {
         let Writer { wr, permit } = self;

@@ -60,8 +60,8 @@ impl Frames {
         }
     }
 
-    /// After the hello: a byte stream's read buffer goes back to `capacity` unless the client
-    /// already sent more (it keeps its bytes then).
+    /// After the hello: a byte stream's read buffer goes back to `capacity` (0: no buffer until
+    /// the next read) unless the client already sent more (it keeps its bytes then).
     pub fn shrink_read_buffer(&mut self, capacity: usize) {
         if let Frames::Stream(f) = self
             && f.read_buffer().is_empty()

@@ -120,8 +120,10 @@ impl Endpoint {
         entry: impl FnOnce() -> T,
         ctx: &mut Context<Self>,
     ) -> Option<bool> {
-        let (leg, _) = self.calls.get(call)?;
-        let remote = match self.remote_calls.get_mut(call) {
+        // No book, no call: `?` before a write, which would make one.
+        let book = self.book.written()?;
+        let (leg, _) = book.calls.get(call)?;
+        let remote = match book.remote_calls.get_mut(call) {
             Some(r) => {
                 waiting(r).push_back(entry());
                 true
@@ -129,7 +131,7 @@ impl Endpoint {
             None => false,
         };
         if !leg.do_send(msg) {
-            if let Some(r) = self.remote_calls.get_mut(call) {
+            if let Some(r) = self.book.remote_calls.get_mut(call) {
                 waiting(r).pop_back();
             }
             return Some(false);
@@ -142,10 +144,10 @@ impl Endpoint {
 
     /// The leg this endpoint holds under `call`, or the error reply for a call it does not hold.
     pub(super) fn leg(&self, rid: Option<u32>, call: &str) -> Option<LegRef> {
-        if let Some((leg, _)) = self.calls.get(call) {
+        if let Some((leg, _)) = self.book.calls.get(call) {
             return Some(leg.clone());
         }
-        if self.ended.iter().any(|(c, _)| c == call) {
+        if self.book.ended.iter().any(|(c, _)| c == call) {
             self.refuse(rid, Refusal::CallOver);
         } else {
             self.refuse(rid, Refusal::UnknownCall);
@@ -156,7 +158,7 @@ impl Endpoint {
     /// Holds `call` (its `leg`) in `conversation`: a new conversation's actor starts with the
     /// call already in it, so the common case (one call per conversation) sends it nothing.
     pub(super) fn add_call(&mut self, call: String, leg: LegRef, conversation: String) {
-        match self.conversations.get_mut(&conversation) {
+        match self.book.conversations.get_mut(&conversation) {
             Some((conv, count)) => {
                 *count += 1;
                 conv.do_send(ConversationMsg::Add {
@@ -166,10 +168,12 @@ impl Endpoint {
             }
             None => {
                 let conv = Conversation::with(call.clone(), leg.clone()).start();
-                self.conversations.insert(conversation.clone(), (conv, 1));
+                self.book
+                    .conversations
+                    .insert(conversation.clone(), (conv, 1));
             }
         }
-        self.calls.insert(call, (leg, conversation));
+        self.book.calls.insert(call, (leg, conversation));
     }
 
     /// `call_accept`: to the leg, or `answered_elsewhere` for a call another fork won.
@@ -180,9 +184,10 @@ impl Endpoint {
         sdp: String,
         ctx: &mut Context<Self>,
     ) {
-        if self.calls.contains_key(&call) {
+        if self.book.calls.contains_key(&call) {
             self.send_call_request(&call, rid, LegMsg::Accept { rid, sdp }, ctx);
         } else if self
+            .book
             .ended
             .iter()
             .any(|(c, elsewhere)| *c == call && *elsewhere)
@@ -224,13 +229,13 @@ impl Endpoint {
     }
 
     pub(super) fn terminate(&mut self, rid: Option<u32>, call: String, ctx: &mut Context<Self>) {
-        if self.calls.contains_key(&call) {
+        if self.book.calls.contains_key(&call) {
             let terminate = LegMsg::Terminate {
                 rid,
                 cause: TerminateCause::Call,
             };
             self.send_call_request(&call, rid, terminate, ctx);
-        } else if self.ended.iter().any(|(c, _)| *c == call) {
+        } else if self.book.ended.iter().any(|(c, _)| *c == call) {
             // Terminating a call that already ended is not an error.
             self.push(ServerMsg::Ok { rid });
         } else {
@@ -239,7 +244,7 @@ impl Endpoint {
     }
 
     pub(super) fn terminate_conversation(&mut self, rid: Option<u32>, conversation: String) {
-        match self.conversations.get(&conversation) {
+        match self.book.conversations.get(&conversation) {
             Some((conv, _)) => {
                 self.push(ServerMsg::Ok { rid });
                 conv.do_send(ConversationMsg::Terminate);
@@ -265,12 +270,12 @@ impl Endpoint {
         {
             return self.refuse(rid, Refusal::BadContent(why));
         }
-        if self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
+        if self.book.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             m::limit_tripped("calls_per_endpoint");
             return self.refuse(rid, Refusal::TooManyCalls);
         }
         let conversation = match conversation {
-            Some(c) if self.conversations.contains_key(&c) => c,
+            Some(c) if self.book.conversations.contains_key(&c) => c,
             Some(_) => {
                 return self.refuse(rid, Refusal::UnknownConversation);
             }
@@ -315,7 +320,7 @@ impl Endpoint {
             }
             return;
         }
-        if self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
+        if self.book.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             m::limit_tripped("calls_per_endpoint");
             return;
         }
@@ -362,11 +367,11 @@ impl Endpoint {
         elsewhere: bool,
         ctx: &mut Context<Self>,
     ) {
-        let held = self.calls.remove(&call);
+        let held = self.book.calls.remove(&call);
         let was_held = held.is_some();
         match held {
             Some((leg, _))
-                if leg.remote_node().is_none() || self.remote_calls.contains_key(&call) =>
+                if leg.remote_node().is_none() || self.book.remote_calls.contains_key(&call) =>
             {
                 leg.do_send(LegMsg::Release);
             }
@@ -379,7 +384,7 @@ impl Endpoint {
                 }
             }
         }
-        if let Some(r) = self.remote_calls.remove(&call) {
+        if let Some(r) = self.book.remote_calls.remove(&call) {
             // The leg answered every message and request it had before it reported its end (in
             // order, on one connection): one still waiting was lost on the way, or crossed the
             // end.
@@ -387,26 +392,32 @@ impl Endpoint {
         }
         // A leg on another node reports its end again until released (`cluster/src/resend.rs`):
         // one call is remembered once, or its repeats would push other calls out.
-        if was_held || !self.ended.iter().any(|(c, _)| *c == call) {
-            self.ended.push_back((call.clone(), elsewhere));
-            if self.ended.len() > REMEMBERED_ENDED_CALLS {
-                self.ended.pop_front();
+        if was_held || !self.book.ended.iter().any(|(c, _)| *c == call) {
+            self.book.ended.push_back((call.clone(), elsewhere));
+            if self.book.ended.len() > REMEMBERED_ENDED_CALLS {
+                self.book.ended.pop_front();
             }
         }
         // Only a call held until now leaves its conversation: a second report of the same end
         // (a node loss, then the leg's own late `LegEnded`) must not end a conversation that
         // still holds other calls.
-        if was_held && let Some((conv, count)) = self.conversations.get_mut(&conversation) {
+        if was_held && let Some((conv, count)) = self.book.conversations.get_mut(&conversation) {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 // Its last call: dropping the only address stops the actor (actix stops an
                 // actor whose addresses are all gone), so it needs no message.
-                self.conversations.remove(&conversation);
+                self.book.conversations.remove(&conversation);
             } else {
                 conv.do_send(ConversationMsg::Remove { call });
             }
         }
-        if self.closing && !self.calls.values().any(|(l, _)| l.remote_node().is_some()) {
+        if self.closing
+            && !self
+                .book
+                .calls
+                .values()
+                .any(|(l, _)| l.remote_node().is_some())
+        {
             self.closing = false;
             self.outbox.close();
             ctx.stop();

@@ -41,14 +41,14 @@ impl Endpoint {
 
     /// `message_ack`: the receiver's ack, to the leg that delivered the message.
     pub(super) fn ack(&self, call: &str, msg: u32) {
-        if let Some((leg, _)) = self.calls.get(call) {
+        if let Some((leg, _)) = self.book.calls.get(call) {
             leg.do_send(LegMsg::Ack { msg });
         }
     }
 
     /// `composing`: to the call's leg, which tells the other party.
     pub(super) fn composing(&self, call: &str, active: bool) {
-        if let Some((leg, _)) = self.calls.get(call) {
+        if let Some((leg, _)) = self.book.calls.get(call) {
             leg.do_send(LegMsg::Composing { active });
         }
     }

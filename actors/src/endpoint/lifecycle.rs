@@ -29,7 +29,7 @@ impl Endpoint {
             EndState::Ending
         };
         let mut local = Vec::new();
-        for (leg, _) in self.calls.values() {
+        for (leg, _) in self.book.calls.values() {
             match leg {
                 LegRef::Local(a) => local.push(a.clone()),
                 remote => {
@@ -46,14 +46,19 @@ impl Endpoint {
         // reading its client meanwhile, so a request sent after `bye` is still answered
         // (`refuse_while_ending`) until the socket closes.
         ctx.spawn(done.into_actor(self).map(|_, act, ctx| {
-            if act.calls.values().any(|(l, _)| l.remote_node().is_some()) {
+            if act
+                .book
+                .calls
+                .values()
+                .any(|(l, _)| l.remote_node().is_some())
+            {
                 // Legs on other nodes report their end through the network; wait for them
                 // (their events go out first), within a deadline.
                 act.closing = true;
                 ctx.run_later(REMOTE_END_WAIT, |act, ctx| {
                     // Messages and requests to legs that never reported their end still get
                     // their answer.
-                    for (call, r) in std::mem::take(&mut act.remote_calls) {
+                    for (call, r) in std::mem::take(&mut act.book.remote_calls) {
                         act.answer_all_waiting(&call, r, 481, reasons::CALL_DOES_NOT_EXIST, false);
                     }
                     act.outbox.close();

@@ -12,20 +12,18 @@
 
 use actix::prelude::*;
 use confab_protocol::{Reason, Remote, ServerMsg};
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use tokio::time::Instant;
 
-use crate::call::conversation::Conversation;
 use crate::call::leg::{LegMsg, TerminateCause};
 use crate::context::Ctx;
-use crate::ids::IdMap;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::presence::PresenceMsg;
 use crate::ratelimit::{Rate, TokenBucket};
 use crate::refusal::Refusal;
-use crate::route::LegRef;
 
+mod book;
 mod calls;
 mod flow;
 mod frames;
@@ -33,9 +31,9 @@ mod lifecycle;
 mod presence;
 mod remote;
 mod resume;
+use book::LazyBook;
 pub use calls::ForkOffer;
 pub use frames::{Frames, TaggedFrames, tagged};
-use remote::RemoteCall;
 pub use remote::{RemoteFork, RemoteForkGuard};
 pub use resume::{Attach, ExpiredSessions, Resume, ResumeState, grant, new_token};
 
@@ -131,13 +129,10 @@ pub struct Endpoint {
     id: String,
     user: String,
     outbox: Outbox,
-    calls: IdMap<String, (LegRef, String)>,
-    /// Cluster: calls of this endpoint whose legs live on other nodes.
-    remote_calls: IdMap<String, RemoteCall>,
+    /// Its calls and conversations (`book.rs`), made on its first call.
+    book: LazyBook,
     /// Ending cleanly and waiting for remote legs to report their end.
     closing: bool,
-    ended: VecDeque<(String, bool)>,
-    conversations: IdMap<String, (Addr<Conversation>, usize)>,
     /// The users whose presence it watches. Boxed and made on the first `subscribe`: most
     /// endpoints watch nobody, and inline the set's 48 bytes put every endpoint's task into
     /// the allocator's next size class (128 bytes more per idle endpoint).
@@ -163,6 +158,8 @@ pub struct Endpoint {
     session: Box<(std::net::SocketAddr, u64)>,
     /// A resumable session's state (`resume.rs`). Boxed: most sessions are not resumable.
     resume: Option<Box<ResumeState>>,
+    /// Its place in the node's heartbeat sweep (`heartbeat.rs`), once started.
+    heartbeat_slot: u32,
 }
 
 /// Whether, and why, an endpoint is ending.
@@ -207,11 +204,8 @@ impl Endpoint {
             id,
             user,
             outbox,
-            calls: IdMap::default(),
-            remote_calls: IdMap::default(),
+            book: LazyBook::default(),
             closing: false,
-            ended: VecDeque::new(),
-            conversations: IdMap::default(),
             subscriptions: None,
             last_rx: Instant::now(),
             end_state: EndState::Running,
@@ -221,6 +215,7 @@ impl Endpoint {
             presence_bucket,
             session: Box::new((peer, crate::presence::stamp::unix_ms())),
             resume: None,
+            heartbeat_slot: u32::MAX,
         }
     }
 
@@ -253,18 +248,9 @@ impl Actor for Endpoint {
         // Enough room for a burst of events without blocking the actor on its own mailbox.
         ctx.set_mailbox_capacity(256);
         m::hot().endpoints.increment(1.0);
-        // The closure captures nothing (it reads the heartbeat from the settings): a closure
-        // with state is boxed, one more allocation per endpoint.
-        ctx.run_interval(self.ctx.settings.heartbeat(), |act, ctx| {
-            // An ending endpoint has its own deadline; dropping it as lost would drop the final
-            // events of its calls on other nodes. A held one has its resume window.
-            let hb = act.ctx.settings.heartbeat();
-            if !act.ending() && !act.held() && act.last_rx.elapsed() > hb * 3 {
-                tracing::info!(endpoint = %act.id, "no frame for 3 heartbeats; dropping the connection");
-                m::limit_tripped("heartbeat_timeout");
-                act.connection_lost("no heartbeat", ctx);
-            }
-        });
+        // The node's sweep sends `HeartbeatDue` every heartbeat (a timer of the endpoint's own
+        // would cost each idle endpoint about 150 bytes).
+        self.heartbeat_slot = self.ctx.heartbeats.join(ctx.address().downgrade());
         // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
         ctx.spawn(self.outbox.closed().into_actor(self).map(|(), act, ctx| {
             if !act.ending() {
@@ -276,8 +262,9 @@ impl Actor for Endpoint {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         m::hot().endpoints.decrement(1.0);
+        self.ctx.heartbeats.leave(self.heartbeat_slot);
         self.end_hold();
-        for (leg, _) in self.calls.values() {
+        for (leg, _) in self.book.calls.values() {
             leg.do_send(LegMsg::EndpointLost);
         }
         for user in self.subscriptions.take().into_iter().flat_map(|s| *s) {
@@ -345,6 +332,26 @@ impl Handler<EndpointMsg> for Endpoint {
     }
 }
 
+/// A heartbeat has passed (the node's sweep, `heartbeat.rs`): drop a client silent for three.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeartbeatDue;
+
+impl Handler<HeartbeatDue> for Endpoint {
+    type Result = ();
+
+    fn handle(&mut self, _: HeartbeatDue, ctx: &mut Context<Self>) {
+        // An ending endpoint has its own deadline; dropping it as lost would drop the final
+        // events of its calls on other nodes. A held one has its resume window.
+        let hb = self.ctx.settings.heartbeat();
+        if !self.ending() && !self.held() && self.last_rx.elapsed() > hb * 3 {
+            tracing::info!(endpoint = %self.id, "no frame for 3 heartbeats; dropping the connection");
+            m::limit_tripped("heartbeat_timeout");
+            self.connection_lost("no heartbeat", ctx);
+        }
+    }
+}
+
 impl Handler<Describe> for Endpoint {
     type Result = MessageResult<Describe>;
 
@@ -352,7 +359,7 @@ impl Handler<Describe> for Endpoint {
         MessageResult(Described {
             remote_addr: self.session.0,
             since_unix_ms: self.session.1,
-            calls: self.calls.len(),
+            calls: self.book.calls.len(),
             ending: self.ending(),
             held: self.held(),
         })

@@ -183,7 +183,7 @@ impl Endpoint {
             );
             return;
         }
-        if self.ending() || self.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
+        if self.ending() || self.book.calls.len() >= self.ctx.live().limits.calls_per_endpoint {
             link.fork_lost(&fork.leg_node, fork.arbiter, fork.call);
             return;
         }
@@ -196,7 +196,7 @@ impl Endpoint {
             immediate_auto_accept: fork.immediate,
         });
         link.fork_adopted(&fork.leg_node, fork.arbiter, fork.call.clone());
-        self.remote_calls.insert(
+        self.book.remote_calls.insert(
             fork.call.clone(),
             RemoteCall {
                 node: fork.leg_node.clone(),
@@ -254,7 +254,7 @@ impl Endpoint {
         }
         match &msg {
             ServerMsg::CallState { call, state, .. } => {
-                if let Some(r) = self.remote_calls.get_mut(call) {
+                if let Some(r) = self.book.remote_calls.get_mut(call) {
                     r.state = *state;
                 }
             }
@@ -264,6 +264,7 @@ impl Endpoint {
                 // when its answer was late, or when its call ended or its node was lost)
                 // gets no second answer.
                 let waiting = self
+                    .book
                     .remote_calls
                     .get_mut(call)
                     .and_then(|r| {
@@ -294,11 +295,12 @@ impl Endpoint {
                     Some((r.requests[i].sent, i))
                 };
                 let oldest = match &answering {
-                    Some(call) => self.remote_calls.get_mut(call).and_then(|r| {
+                    Some(call) => self.book.remote_calls.get_mut(call).and_then(|r| {
                         let (sent, i) = position(r)?;
                         Some((sent, i, r))
                     }),
                     None => self
+                        .book
                         .remote_calls
                         .values_mut()
                         .filter_map(|r| {
@@ -336,7 +338,7 @@ impl Endpoint {
     /// Whether this endpoint holds the call `call`, or ended it not long ago (its late events
     /// still reach the client; those of a call never held here are dropped: ids never leak).
     fn holds_or_held(&self, call: &str) -> bool {
-        self.calls.contains_key(call) || self.ended.iter().any(|(c, _)| c == call)
+        self.book.calls.contains_key(call) || self.book.ended.iter().any(|(c, _)| c == call)
     }
 
     /// Cluster: whether the state event numbered `seq` of the leg of `call` is the next one to
@@ -345,7 +347,7 @@ impl Endpoint {
     /// with everything after it), nor one of a call no longer mirrored (it ended here, and its
     /// leg is released).
     fn take_in_order(&mut self, call: &str, seq: u64, ctx: &mut Context<Self>) -> bool {
-        let Some(r) = self.remote_calls.get_mut(call) else {
+        let Some(r) = self.book.remote_calls.get_mut(call) else {
             tracing::debug!(endpoint = %self.id, %call, seq, "dropping a state event of a call over here");
             return false;
         };
@@ -372,7 +374,7 @@ impl Endpoint {
         let Some(link) = &self.ctx.link else {
             return;
         };
-        for (call, r) in &mut self.remote_calls {
+        for (call, r) in &mut self.book.remote_calls {
             let upto = r.next_event - 1;
             if upto > r.acknowledged {
                 r.acknowledged = upto;
@@ -421,7 +423,7 @@ impl Endpoint {
             }
             young
         };
-        for (call, r) in &mut self.remote_calls {
+        for (call, r) in &mut self.book.remote_calls {
             while let Some(&(rid, sent)) = r.messages.front() {
                 if keep(sent) {
                     break;
@@ -460,6 +462,7 @@ impl Endpoint {
     /// call for good.
     pub(super) fn end_mirrored_call(&mut self, call: &str, reason: Reason) {
         let Some(r) = self
+            .book
             .remote_calls
             .get_mut(call)
             .filter(|r| !r.state.is_final())
@@ -510,6 +513,7 @@ impl Endpoint {
     /// waiting gets its `message_failed`.
     pub(super) fn node_lost(&mut self, node: Option<(&str, u64)>, ctx: &mut Context<Self>) {
         let lost: Vec<String> = self
+            .book
             .remote_calls
             .iter()
             .filter(|(_, r)| {
@@ -518,7 +522,7 @@ impl Endpoint {
             .map(|(c, _)| c.clone())
             .collect();
         for call in lost {
-            let Some(r) = self.remote_calls.remove(&call) else {
+            let Some(r) = self.book.remote_calls.remove(&call) else {
                 continue;
             };
             let reason = reasons::node_lost();

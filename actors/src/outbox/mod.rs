@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -50,6 +51,13 @@ struct Queue {
     sealed: bool,
     /// A resumable session's numbering, kept frames and writer. Boxed: most sessions are not.
     resumable: Option<Box<Resumable>>,
+    /// The idle writer, waiting for work (see [`Shared::poll_work`]). A waker kept under the
+    /// queue's lock rather than a `Notify`: the writer's wait on a `Notify` kept its 64-byte
+    /// `Notified` in the writer's task, which every idle connection paid for; and whoever
+    /// gives the writer work (a push, the close, a detach or a resume) holds this lock anyway.
+    /// Only one writer at a time can wait here: a replaced writer is woken by the resume that
+    /// replaces it (which takes its waker), and finds itself detached before it could wait again.
+    waiter: Option<Waker>,
 }
 
 /// The writer side of a resumable session.
@@ -67,7 +75,6 @@ struct Resumable {
 
 struct Shared {
     queue: Mutex<Queue>,
-    ready: Notify,
     /// Wakes whoever waits for the close (the endpoint, a writer in the middle of a write):
     /// see [`Shared::wait_closed`]. A `Notify` beside the flag rather than a cancellation
     /// token: a token is an allocation of its own, 112 bytes per connection.
@@ -130,8 +137,8 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             bytes: 0,
             sealed: false,
             resumable: None,
+            waiter: None,
         }),
-        ready: Notify::new(),
         closed: Notify::new(),
         closing: AtomicBool::new(false),
         aborted: AtomicBool::new(false),
@@ -228,8 +235,35 @@ impl Shared {
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.closed.notify_waiters();
-        // Wakes an idle writer, which waits on `ready` alone.
-        self.ready.notify_one();
+        // Wakes an idle writer. The flag is set before the lock is taken, so a writer that
+        // looks at the queue after this sees it, and one that looked before left its waker.
+        self.wake_writer();
+    }
+
+    /// Wakes the writer if it is waiting for work.
+    fn wake_writer(&self) {
+        let waiter = self.lock().waiter.take();
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+
+    /// Ready when the writer `link` has something to do: frames or a preface to write, the
+    /// close, or learning that it was detached. Otherwise its waker is left for whoever gives
+    /// it work, checked and left under the one lock so that no wake-up is lost.
+    fn poll_work(&self, link: Option<u64>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut q = self.lock();
+        let detached_or_preface = q
+            .resumable
+            .as_deref()
+            .is_some_and(|r| link != Some(r.writer) || r.preface.is_some());
+        if !q.frames.is_empty() || detached_or_preface || self.closing.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if !q.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waiter = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -255,7 +289,7 @@ impl Outbox {
         if s.closing.load(Ordering::Acquire) {
             return false;
         }
-        let was_empty = {
+        let waiter = {
             let Ok(mut q) = s.queue.lock() else {
                 return false;
             };
@@ -277,12 +311,12 @@ impl Outbox {
             }
             q.bytes += size;
             q.frames.push_back(frame);
-            q.frames.len() == 1
+            // The writer leaves its waker only while the queue is empty and it empties the
+            // whole queue each time it wakes, so only the first frame of a batch finds one.
+            q.waiter.take()
         };
-        // The writer empties the whole queue each time it wakes, so only the first frame of a
-        // batch needs to wake it.
-        if was_empty {
-            s.ready.notify_one();
+        if let Some(w) = waiter {
+            w.wake();
         }
         true
     }
@@ -351,9 +385,12 @@ impl Outbox {
             r.link.cancel();
             r.preface = None;
         }
+        // An idle writer waits for work alone: woken, it finds itself detached and stops.
+        let waiter = q.waiter.take();
         drop(q);
-        // An idle writer waits on `ready` alone: woken, it finds itself detached and stops.
-        self.shared.ready.notify_one();
+        if let Some(w) = waiter {
+            w.wake();
+        }
     }
 
     /// The client acknowledged the frames up to `upto`.
@@ -393,10 +430,14 @@ impl Outbox {
             writer: r.writer,
             lost: r.link.clone(),
         };
-        drop(q);
         // Wakes the old writer if it is idle, so it finds itself detached and stops (a new
-        // writer looks at the queue before it first waits, so it needs no wake-up).
-        self.shared.ready.notify_one();
+        // writer looks at the queue before it first waits, so it needs no wake-up). Its waker
+        // is taken here, under the lock that detaches it: the new writer's cannot be.
+        let waiter = q.waiter.take();
+        drop(q);
+        if let Some(w) = waiter {
+            w.wake();
+        }
         Some(Ok((
             OutboxReceiver {
                 shared: self.shared.clone(),
@@ -438,79 +479,180 @@ async fn unlinked(link: &Option<(u64, CancellationToken)>) {
 /// Writes queued frames until the outbox is closed, then flushes and shuts the socket down.
 /// A resumable session's writer instead just stops when it is detached, and when its socket
 /// fails it says so through its link (the endpoint is then held) rather than closing.
+pub fn write_loop<W>(out: OutboxReceiver, sock: W) -> WriteLoop<W>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    WriteLoop {
+        state: State::Idle {
+            out,
+            sock,
+            rounds: 0,
+        },
+    }
+}
+
+/// The writer task's future (see [`write_loop`]).
 ///
-/// This future lives as long as its connection, so its size is paid by every idle one: a
-/// batch's write and the final flush, each with timers and several futures in flight, run in
-/// futures of their own, boxed while they run, and only the waiting for work is held here
-/// (one allocation per batch written, against 256 bytes less per connection).
-pub async fn write_loop<W: AsyncWrite + Unpin>(out: OutboxReceiver, mut sock: W) {
-    let s = &*out.shared;
-    loop {
-        // Read from `out` each time rather than kept in a local: every byte this future
-        // keeps across its wait is paid by every idle connection.
-        let buf = match s.take_batch(out.link.as_ref().map(|(w, _)| *w)) {
-            Taken::Detached => {
-                // The wake-up that brought this replaced writer here may have been meant for
-                // the writer that replaced it (`notify_one` wakes the oldest waiter, and a
-                // replaced writer on another thread can still be waiting ahead of the new
-                // one): pass it on, or the new writer could sleep on a queued frame or a close.
-                s.ready.notify_one();
-                return;
-            }
-            Taken::Frames(buf) => Either::Left(buf),
-            Taken::Encoded(buf) => Either::Right(buf),
-            Taken::Nothing => {
-                // One wait for every reason to wake: a push, the close and a detach each
-                // notify `ready` (a detached writer learns it from `take_batch`). Waiting on
-                // the close's token and the link's as well kept two more futures in this one,
-                // which every idle connection pays for. A notification given before the wait
-                // begins is kept for it, so checking the flag first loses none.
-                if s.closing.load(Ordering::Acquire) {
-                    break;
+/// It lives as long as its connection, so its size is paid by every idle one: it is written
+/// by hand rather than as an `async fn`, whose state machine kept its arguments twice and its
+/// wait's future beside them (176 bytes, and the task a 128-byte class larger). Idle, it holds
+/// the receiver and the socket and nothing else; a batch's write and the final flush, each
+/// with timers and several futures in flight, run in a boxed future of their own that owns the
+/// two while it runs and hands them back (one allocation per batch written, as before).
+pub struct WriteLoop<W> {
+    state: State<W>,
+}
+
+/// What a batch's write or the final flush hands back: the receiver and the socket to go on
+/// with, or `None` when the writer is done.
+type Busy<W> = Pin<Box<dyn Future<Output = Option<(OutboxReceiver, W)>> + Send>>;
+
+enum State<W> {
+    /// Waiting for work; or, woken, letting the worker run its other tasks `rounds` more times
+    /// before taking the queue (see [`COALESCE_ROUNDS`]).
+    Idle {
+        out: OutboxReceiver,
+        sock: W,
+        rounds: u8,
+    },
+    Busy(Busy<W>),
+    Done,
+}
+
+impl<W> Future for WriteLoop<W>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let state = &mut self.get_mut().state;
+        loop {
+            match state {
+                State::Done => return Poll::Ready(()),
+                State::Busy(busy) => {
+                    let Poll::Ready(next) = busy.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    *state = match next {
+                        Some((out, sock)) => State::Idle {
+                            out,
+                            sock,
+                            rounds: 0,
+                        },
+                        None => State::Done,
+                    };
                 }
-                s.ready.notified().await;
-                // No break on the close here: a writer replaced by a resume learns it only
-                // from `take_batch`, and breaking would have it flush the queue to its old
-                // socket. The current writer drains the queue, then breaks above.
-                if !s.closing.load(Ordering::Acquire) {
-                    coalesce().await;
+                State::Idle { rounds, out, .. } if *rounds > 0 => {
+                    // A closing writer flushes at once.
+                    if out.shared.closing.load(Ordering::Acquire) {
+                        *rounds = 0;
+                        continue;
+                    }
+                    *rounds -= 1;
+                    // One round of `tokio::task::yield_now`: its first poll has the scheduler
+                    // wake this task after the others ready now (and after the I/O driver's
+                    // next turn), and returns pending; nothing of it needs keeping.
+                    let round = std::pin::pin!(tokio::task::yield_now());
+                    if round.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
                 }
-                continue;
-            }
-        };
-        match Box::pin(write_batch(s, &out.link, &mut sock, buf)).await {
-            Written::Done => {}
-            Written::Unlinked => return,
-            Written::Failed => {
-                if let Some((_, link)) = &out.link
-                    && !s.closing.load(Ordering::Acquire)
-                {
-                    // The socket failed: the endpoint holds the session for a resume.
-                    link.cancel();
-                    return;
+                State::Idle { out, .. } => {
+                    let s = &*out.shared;
+                    let link = out.link.as_ref().map(|(w, _)| *w);
+                    let buf = match s.take_batch(link) {
+                        Taken::Detached => {
+                            *state = State::Done;
+                            return Poll::Ready(());
+                        }
+                        Taken::Frames(buf) => Either::Left(buf),
+                        Taken::Encoded(buf) => Either::Right(buf),
+                        Taken::Nothing if s.closing.load(Ordering::Acquire) => {
+                            let State::Idle { out, sock, .. } =
+                                std::mem::replace(state, State::Done)
+                            else {
+                                unreachable!("matched as idle above");
+                            };
+                            if !out.shared.aborted.load(Ordering::SeqCst) {
+                                *state = State::Busy(Box::pin(finish(out, sock)));
+                            } else {
+                                out.shared.seal();
+                            }
+                            continue;
+                        }
+                        Taken::Nothing => {
+                            // One wait for every reason to wake: a push, the close, a detach
+                            // and a resume each wake the waker `poll_work` leaves (a detached
+                            // writer learns it from `take_batch`). No break on the close once
+                            // woken: a writer replaced by a resume learns it only from
+                            // `take_batch`, and breaking would have it flush the queue to its
+                            // old socket. The current writer drains the queue, then finishes
+                            // above.
+                            let ready = s.poll_work(link, cx).is_ready();
+                            // Woken (or work came in meanwhile), the writer coalesces before it
+                            // takes the queue: the rounds are set before the task sleeps, or the
+                            // poll after the wake would take the queue at once.
+                            if let State::Idle { rounds, .. } = state {
+                                *rounds = COALESCE_ROUNDS;
+                            }
+                            if !ready {
+                                return Poll::Pending;
+                            }
+                            continue;
+                        }
+                    };
+                    let State::Idle { out, sock, .. } = std::mem::replace(state, State::Done)
+                    else {
+                        unreachable!("matched as idle above");
+                    };
+                    *state = State::Busy(Box::pin(batch(out, sock, buf)));
                 }
-                s.close();
-                s.seal();
-                return;
             }
         }
     }
-    if s.aborted.load(Ordering::SeqCst) {
-        s.seal();
-        return;
+}
+
+/// Writes one batch; hands the receiver and the socket back unless the writer is done.
+async fn batch<W: AsyncWrite + Unpin>(
+    out: OutboxReceiver,
+    mut sock: W,
+    buf: Either<BytesMut, Bytes>,
+) -> Option<(OutboxReceiver, W)> {
+    let s = &*out.shared;
+    match write_batch(s, &out.link, &mut sock, buf).await {
+        Written::Done => Some((out, sock)),
+        Written::Unlinked => None,
+        Written::Failed => {
+            if let Some((_, link)) = &out.link
+                && !s.closing.load(Ordering::Acquire)
+            {
+                // The socket failed: the endpoint holds the session for a resume.
+                link.cancel();
+                return None;
+            }
+            s.close();
+            s.seal();
+            None
+        }
     }
-    // Closing: what was queued before the close (an error, a `shutdown`, the last call events)
-    // still goes out, within a deadline so a client that stopped reading cannot hold us.
-    let (batch, bytes) = s.seal();
+}
+
+/// Closing: what was queued before the close (an error, a `shutdown`, the last call events)
+/// still goes out, within a deadline so a client that stopped reading cannot hold us.
+async fn finish<W: AsyncWrite + Unpin>(
+    out: OutboxReceiver,
+    mut sock: W,
+) -> Option<(OutboxReceiver, W)> {
+    let (batch, bytes) = out.shared.seal();
     let buf = encode_all(batch, bytes);
-    Box::pin(async {
-        let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
-            let _ = sock.write_all(&buf).await;
-            let _ = sock.shutdown().await;
-        })
-        .await;
+    let _ = tokio::time::timeout(FLUSH_DEADLINE, async {
+        let _ = sock.write_all(&buf).await;
+        let _ = sock.shutdown().await;
     })
     .await;
+    None
 }
 
 /// How a batch's write ended.
@@ -567,19 +709,13 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Scheduler rounds the writer waits, once woken, before it takes the queue.
-const COALESCE_ROUNDS: usize = 3;
-
-/// Lets the worker run its other ready tasks a few times before writing, so that what they
-/// produce for this client in the meantime (the rest of a call's events: its `call_state`s,
-/// `call_ringing`, the answer to a request) shares one write. On an idle worker the run queue is
-/// empty and this returns at once. Measured with the `calls` scenario: 11.3 `sendto` per forked
-/// call without it, 8.5 with it, and calls per second up by about a tenth.
-async fn coalesce() {
-    for _ in 0..COALESCE_ROUNDS {
-        tokio::task::yield_now().await;
-    }
-}
+/// Scheduler rounds the writer waits, once woken, before it takes the queue: the worker runs
+/// its other ready tasks a few times before the write, so that what they produce for this
+/// client in the meantime (the rest of a call's events: its `call_state`s, `call_ringing`, the
+/// answer to a request) shares one write. On an idle worker the run queue is empty and the
+/// rounds pass at once. Measured with the `calls` scenario: 11.3 `sendto` per forked call
+/// without them, 8.5 with them, and calls per second up by about a tenth.
+const COALESCE_ROUNDS: u8 = 3;
 
 /// Roughly what a message costs queued: a fixed part (the tag, ids, numbers) plus every string
 /// whose length a client can choose (bodies, SDPs, content types, URIs, echoed text). Exact
@@ -748,6 +884,15 @@ mod tests {
                 buf.len()
             );
         }
+    }
+
+    /// The writer's future is paid by every idle connection: it holds the receiver and the
+    /// socket, nothing more (a regression here moves every connection's task into the
+    /// allocator's next 128-byte class).
+    #[test]
+    fn an_idle_writer_holds_little() {
+        let size = std::mem::size_of::<WriteLoop<crate::transport::ClientWriter>>();
+        assert!(size <= 64, "the writer's future takes {size} bytes");
     }
 
     #[tokio::test]

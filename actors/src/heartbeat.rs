@@ -74,24 +74,19 @@ impl Heartbeats {
             s.free.push(slot);
         }
     }
-
-    /// Endpoints in the sweep now.
-    pub fn len(&self) -> usize {
-        let s = self.lock();
-        s.endpoints.len() - s.free.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
+
+/// Heartbeat checks sent before the sweep lets its worker's other tasks run.
+const SENDS_PER_YIELD: usize = 1024;
 
 /// Every `period`, a [`HeartbeatDue`] to each endpoint, until the node's [`Heartbeats`] is
 /// gone.
 async fn sweep(heartbeats: Weak<Heartbeats>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is at once; an endpoint's first check is one period after it joined.
+    // The first tick is at once. Ticks are the node's, so an endpoint's first check comes
+    // within a period of its joining; dropping a client takes three silent periods, so the
+    // phase does not matter.
     tick.tick().await;
     loop {
         tick.tick().await;
@@ -108,8 +103,13 @@ async fn sweep(heartbeats: Weak<Heartbeats>, period: Duration) {
             .filter_map(WeakAddr::upgrade)
             .collect();
         drop(heartbeats);
-        for endpoint in due {
+        for (i, endpoint) in due.into_iter().enumerate() {
             endpoint.do_send(HeartbeatDue);
+            // Tens of thousands of sends in one poll would hold this worker's other tasks
+            // (its clients' frames) for milliseconds.
+            if i % SENDS_PER_YIELD == SENDS_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
         }
     }
 }

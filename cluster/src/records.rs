@@ -86,8 +86,12 @@ impl Cluster {
         if added {
             let mut ids = self.own_by_user.entry(user).or_default();
             // Most users have one device: a `push` on an empty list takes room for four ids
-            // (96 bytes per endpoint where one takes 24), as the local directory found.
-            ids.reserve_exact(1);
+            // (96 bytes per endpoint where one takes 24), as the local directory found. A full
+            // list doubles (1, 2, 4, …), so a user with many devices still grows amortised.
+            let len = ids.len();
+            if len == ids.capacity() {
+                ids.reserve_exact(len.max(1));
+            }
             ids.push(endpoint.to_owned());
             drop(ids);
             self.directory_gauge();
@@ -182,8 +186,12 @@ impl Cluster {
                             false
                         }
                         None => {
-                            // One at a time: a first `push` would take room for four records.
-                            list.reserve_exact(1);
+                            // A first `push` would take room for four records: one, then
+                            // doubling when full (amortised for a user with many devices).
+                            let len = list.len();
+                            if len == list.capacity() {
+                                list.reserve_exact(len.max(1));
+                            }
                             list.push(RemoteEndpoint {
                                 id: endpoint,
                                 record,

@@ -263,10 +263,11 @@ impl Endpoint {
                 // Only a message still waiting is answered: one answered here already (408
                 // when its answer was late, or when its call ended or its node was lost)
                 // gets no second answer.
+                // `written()`: an answer for a call this endpoint never held makes no book.
                 let waiting = self
                     .book
-                    .remote_calls
-                    .get_mut(call)
+                    .written()
+                    .and_then(|b| b.remote_calls.get_mut(call))
                     .and_then(|r| {
                         let i = r.messages.iter().position(|(x, _)| x == rid)?;
                         r.messages.remove(i)
@@ -294,13 +295,14 @@ impl Endpoint {
                     let i = r.requests.iter().position(|w| w.rid == *rid)?;
                     Some((r.requests[i].sent, i))
                 };
-                let oldest = match &answering {
-                    Some(call) => self.book.remote_calls.get_mut(call).and_then(|r| {
+                let book = self.book.written();
+                let oldest = match (&answering, book) {
+                    (_, None) => None,
+                    (Some(call), Some(book)) => book.remote_calls.get_mut(call).and_then(|r| {
                         let (sent, i) = position(r)?;
                         Some((sent, i, r))
                     }),
-                    None => self
-                        .book
+                    (None, Some(book)) => book
                         .remote_calls
                         .values_mut()
                         .filter_map(|r| {

@@ -905,6 +905,61 @@ mod tests {
         assert!(!outbox.push(ServerMsg::Ok { rid: Some(2) }));
     }
 
+    /// A socket that counts the writes it is asked for.
+    struct CountingSocket(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl AsyncWrite for CountingSocket {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer woken from its sleep lets the worker run a few rounds before it takes the
+    /// queue, so frames its other tasks queue meanwhile go in the same write (a forked call's
+    /// frames to one device: 9.6 writes per call with this, 11.6 without, when a first version
+    /// of the hand-written writer lost it).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_woken_writer_coalesces_what_comes_in_its_rounds() {
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (outbox, rx) = outbox(16, 1 << 20);
+        let writer = tokio::spawn(write_loop(rx, CountingSocket(writes.clone())));
+        // The writer runs and goes to sleep on the empty queue.
+        tokio::task::yield_now().await;
+        assert!(outbox.push(ServerMsg::Ok { rid: Some(1) }));
+        // One round later, another frame: the writer, woken by the first, is still waiting.
+        tokio::task::yield_now().await;
+        assert!(outbox.push(ServerMsg::Ok { rid: Some(2) }));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            writes.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "both frames went in one write"
+        );
+        outbox.close();
+        writer.await.expect("the writer ends");
+    }
+
     /// A client that stopped reading must not hold a closing connection (and its slot) for
     /// good: the write under way gets the flush deadline, like the final flush.
     #[tokio::test(start_paused = true)]

@@ -125,14 +125,19 @@ impl Batch {
         self.count
     }
 
-    /// The message to publish: the lone envelope as it is, or the whole batch, byte for byte
-    /// what [`crate::wire::encode_batch`] writes for the same envelopes.
+    /// Its subject and the message to publish: the lone envelope as it is, or the whole batch,
+    /// byte for byte what [`crate::wire::encode_batch`] writes for the same envelopes.
     ///
     /// The transport may hold a payload a while (the NATS client keeps up to 2,048 while NATS
     /// is away), and the quota counts only its bytes, so a payload never keeps much more memory
     /// alive than its length: a lone envelope is copied out, and so is a batch whose buffer grew
     /// far past what it holds.
-    pub fn into_payload(mut self) -> Bytes {
+    pub fn into_message(mut self) -> (String, Bytes) {
+        let subject = std::mem::take(&mut self.subject);
+        (subject, self.into_payload())
+    }
+
+    fn into_payload(mut self) -> Bytes {
         if self.count == 1 {
             return Bytes::copy_from_slice(&self.buf[self.first..]);
         }
@@ -357,7 +362,7 @@ mod tests {
                 Item::One {
                     subject, payload, ..
                 } => Some((subject, payload)),
-                Item::Batch(b) => Some((b.subject.clone(), b.into_payload())),
+                Item::Batch(b) => Some(b.into_message()),
                 Item::Flush(_) => None,
             })
             .collect()

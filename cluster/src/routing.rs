@@ -26,11 +26,20 @@ impl Cluster {
     /// for it. It is copied into the node's batch (`batch.rs`), so `payload` may be a buffer
     /// the caller reuses.
     pub(crate) fn send_encoded(&self, node: &str, payload: &[u8], bounded: bool) -> bool {
-        if bounded && !self.quota.take(payload.len()) {
+        if !bounded {
+            return self.publish(&node_subject(node), payload, false);
+        }
+        if !self.quota.take(payload.len()) {
             return false;
         }
-        let sent = self.publish(&node_subject(node), payload, bounded);
-        if !sent && bounded {
+        self.publish_bounded(&node_subject(node), payload)
+    }
+
+    /// Queues an envelope whose place in the quota is taken; gives the place back when it
+    /// cannot be queued.
+    fn publish_bounded(&self, subject: &str, payload: &[u8]) -> bool {
+        let sent = self.publish(subject, payload, true);
+        if !sent {
             self.quota.release(payload.len());
         }
         sent
@@ -452,11 +461,7 @@ impl BoundedEnvelope<'_> {
         let Some(payload) = self.payload.take() else {
             return false;
         };
-        let sent = self.cluster.publish(&self.subject, &payload, true);
-        if !sent {
-            self.cluster.quota.release(payload.len());
-        }
-        sent
+        self.cluster.publish_bounded(&self.subject, &payload)
     }
 }
 
@@ -562,8 +567,8 @@ pub(super) async fn publish_loop(
                         metrics::counter!(m::CLUSTER_BATCHED_ENVELOPES).increment(b.len() as u64);
                     }
                     let places = b.bounded;
-                    let subject = b.subject.clone();
-                    (subject, b.into_payload(), places)
+                    let (subject, payload) = b.into_message();
+                    (subject, payload, places)
                 }
                 batch::Item::Flush(done) => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), transport.flush()).await;

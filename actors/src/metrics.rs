@@ -41,6 +41,9 @@ pub const TLS_RELOADS: &str = "confab_tls_reloads_total";
 pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
 pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
+pub const CLUSTER_DIRECT_LINKS: &str = "confab_cluster_direct_links";
+pub const CLUSTER_DIRECT_PAYLOADS: &str = "confab_cluster_direct_payloads_total";
+pub const CLUSTER_DIRECT_LINK_EVENTS: &str = "confab_cluster_direct_link_events_total";
 pub const ADMIN_REQUESTS: &str = "confab_admin_requests_total";
 pub const SESSIONS_KICKED: &str = "confab_sessions_kicked_total";
 pub const WEBSOCKET_UPGRADES: &str = "confab_websocket_upgrades_total";
@@ -245,6 +248,23 @@ pub fn describe_all() {
     describe_counter!(
         LIMITS_TRIPPED,
         "Requests refused or endpoints dropped by a limit, by limit"
+    );
+    describe_gauge!(
+        CLUSTER_DIRECT_LINKS,
+        "Direct links to other nodes up now, by direction (out: dialed by this node, which \
+         sends over them; in: accepted) (cluster.link_listen only)"
+    );
+    describe_counter!(
+        CLUSTER_DIRECT_PAYLOADS,
+        "NATS-sized payloads (a batch of envelopes, or one) carried over direct links instead \
+         of NATS, by direction (cluster.link_listen only)"
+    );
+    describe_counter!(
+        CLUSTER_DIRECT_LINK_EVENTS,
+        "Direct links' events: up, down, dial_failed, refused (a handshake that failed: wrong \
+         secret, a dead run), overflow (envelopes waited too long for their marker over NATS), \
+         late_dropped (a payload read after its link's close was marked) \
+         (cluster.link_listen only)"
     );
     describe_gauge!(
         CLUSTER_NODES,

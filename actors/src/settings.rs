@@ -289,6 +289,18 @@ pub struct Cluster {
     /// false sends each alone (and tells the other nodes to send this one each alone).
     #[serde(default = "default_batch_envelopes")]
     pub batch_envelopes: bool,
+    /// Direct links (`cluster/src/direct/`): where this node listens for the other nodes'
+    /// links, `host:port`; empty: no links, every envelope over NATS.
+    #[serde(default)]
+    pub link_listen: String,
+    /// What the other nodes dial to reach `link_listen` (told in the heartbeat); empty: the
+    /// listen address, which must then name an interface (not 0.0.0.0).
+    #[serde(default)]
+    pub link_advertise: String,
+    /// The secret every node of the cluster holds: a link opens only between nodes that prove
+    /// they hold it (at least 16 bytes; set it through `CONFAB_CLUSTER_LINK_SECRET`).
+    #[serde(default)]
+    pub link_secret: String,
 }
 
 fn default_batch_envelopes() -> bool {
@@ -343,6 +355,9 @@ impl Cluster {
             max_queued_bytes: default_max_queued_bytes(),
             connect_timeout_ms: default_connect_timeout_ms(),
             kv_replicas: default_kv_replicas(),
+            link_listen: String::new(),
+            link_advertise: String::new(),
+            link_secret: String::new(),
             sign_in_sync_timeout_ms: default_sign_in_sync_timeout_ms(),
             batch_envelopes: default_batch_envelopes(),
         }
@@ -542,6 +557,9 @@ impl Settings {
                 .map(|url| redact_url_password(url, REDACTED))
                 .collect::<Vec<_>>()
                 .join(",");
+            if !c.link_secret.is_empty() {
+                c.link_secret = REDACTED.to_owned();
+            }
         }
         s
     }
@@ -716,6 +734,30 @@ impl Settings {
             }
             if c.connect_timeout_ms == 0 {
                 return invalid("cluster.connect_timeout_ms", "must be positive");
+            }
+            if !c.link_listen.is_empty() {
+                let Ok(listen) = c.link_listen.parse::<SocketAddr>() else {
+                    return invalid("cluster.link_listen", "must be IP:port or empty");
+                };
+                if c.link_secret.len() < 16 {
+                    return invalid(
+                        "cluster.link_secret",
+                        "must be at least 16 bytes when cluster.link_listen is set",
+                    );
+                }
+                if c.link_advertise.is_empty() && listen.ip().is_unspecified() {
+                    return invalid(
+                        "cluster.link_advertise",
+                        "must be set when cluster.link_listen listens on every interface",
+                    );
+                }
+                if !c.link_advertise.is_empty()
+                    && c.link_advertise
+                        .rsplit_once(':')
+                        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+                {
+                    return invalid("cluster.link_advertise", "must be host:port or empty");
+                }
             }
             if !(1..=5).contains(&c.kv_replicas) {
                 // JetStream's own bound on a stream's replicas.
@@ -985,6 +1027,55 @@ mod tests {
         let e = Settings::load("[cluster]\nnats_url = \"x\"\nmax_queued_bytes = 0\n", [])
             .expect_err("no byte may wait");
         assert!(e.to_string().contains("cluster.max_queued_bytes"), "{e}");
+    }
+
+    #[test]
+    fn direct_links_need_a_secret_and_an_address_others_can_dial() {
+        let load = |extra: &str| {
+            Settings::load(&format!("[cluster]\nnats_url = \"x\"\n{extra}"), [])
+                .map(|s| s.cluster.expect("cluster"))
+        };
+        let secret = "link_secret = \"0123456789abcdef\"\n";
+        let c = load(&format!("link_listen = \"10.0.0.5:5090\"\n{secret}")).expect("valid");
+        assert_eq!(c.link_listen, "10.0.0.5:5090");
+        for (extra, key) in [
+            (
+                "link_listen = \"10.0.0.5:5090\"\n".to_owned(),
+                "cluster.link_secret",
+            ),
+            (
+                "link_listen = \"10.0.0.5:5090\"\nlink_secret = \"short\"\n".to_owned(),
+                "cluster.link_secret",
+            ),
+            (
+                format!("link_listen = \"nowhere\"\n{secret}"),
+                "cluster.link_listen",
+            ),
+            (
+                format!("link_listen = \"0.0.0.0:5090\"\n{secret}"),
+                "cluster.link_advertise",
+            ),
+            (
+                format!("link_listen = \"0.0.0.0:5090\"\nlink_advertise = \"host\"\n{secret}"),
+                "cluster.link_advertise",
+            ),
+        ] {
+            let e = load(&extra).expect_err(&extra);
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
+        let c = load(&format!(
+            "link_listen = \"0.0.0.0:5090\"\nlink_advertise = \"node-a.internal:5090\"\n{secret}"
+        ))
+        .expect("advertised by name");
+        let shown = Settings {
+            cluster: Some(c),
+            ..Settings::default()
+        }
+        .redacted();
+        assert_eq!(
+            shown.cluster.map(|c| c.link_secret).as_deref(),
+            Some("<redacted>")
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@
 mod admin;
 mod batch;
 mod bucket;
+pub mod direct;
+pub use direct::DirectLinks;
 pub mod directory;
 mod events;
 mod hot;
@@ -92,6 +94,8 @@ pub enum ClusterError {
     Subscribe(String),
     #[error("cannot start the NATS runtime: {0}")]
     Runtime(String),
+    #[error("cannot listen for direct links on {listen}: {reason}")]
+    LinkListen { listen: String, reason: String },
 }
 
 /// A remote endpoint as the cache knows it.
@@ -185,6 +189,8 @@ pub struct Cluster {
     remote_len: AtomicUsize,
     /// How envelopes and heartbeats reach the other nodes (`transport/`).
     transport: Arc<dyn Transport>,
+    /// Direct links to the other nodes (`direct/`), when `cluster.link_listen` is set.
+    links: Option<Arc<direct::Links>>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
     /// What this node hears from NATS, its own heartbeat included (`membership.rs`): while it
     /// hears nothing it is the one cut off, and declares nobody dead.
@@ -329,6 +335,33 @@ impl Cluster {
                 )
             }
         };
+        // The start time: a later run of a node has a larger epoch, so a record of an earlier
+        // run is recognised as stale whatever order things arrive in.
+        let epoch = wire::unix_ms().max(1);
+        let timeout = Duration::from_millis(
+            cfg.node_timeout_ms
+                .unwrap_or(confab_actors::settings::DEFAULT_NODE_TIMEOUT_MS)
+                .max(confab_actors::settings::MIN_NODE_TIMEOUT_MS),
+        );
+        let links = if cfg.link_listen.is_empty() {
+            None
+        } else {
+            let settings = direct::LinkSettings {
+                listen: cfg.link_listen.clone(),
+                // Empty: the address bound (see `Links::start`).
+                advertise: cfg.link_advertise.clone(),
+                secret: cfg.link_secret.clone(),
+                write_timeout: timeout,
+            };
+            let links = direct::Links::start(node_id.clone(), epoch, settings)
+                .await
+                .map_err(|e| ClusterError::LinkListen {
+                    listen: cfg.link_listen.clone(),
+                    reason: e.to_string(),
+                })?;
+            transport = Arc::new(direct::LinkedTransport::new(transport, links.clone()));
+            Some(links)
+        };
         if join.is_lossy() {
             transport = Arc::new(LossyTransport::new(transport));
         }
@@ -354,17 +387,10 @@ impl Cluster {
         let outbound = Arc::new(batch::Outbound::new(quota.clone()));
         let batching = BatchingNodes::new(cfg.batch_envelopes);
         let (kv_tx, kv_rx) = mpsc::unbounded_channel();
-        // The start time: a later run of a node has a larger epoch, so a record of an earlier
-        // run is recognised as stale whatever order things arrive in.
-        let epoch = wire::unix_ms().max(1);
         let cluster = Arc::new(Cluster {
             node_id,
             epoch: AtomicU64::new(epoch),
-            timeout: Duration::from_millis(
-                cfg.node_timeout_ms
-                    .unwrap_or(confab_actors::settings::DEFAULT_NODE_TIMEOUT_MS)
-                    .max(confab_actors::settings::MIN_NODE_TIMEOUT_MS),
-            ),
+            timeout,
             kv: kv.clone(),
             outbound: outbound.clone(),
             quota: quota.clone(),
@@ -381,6 +407,7 @@ impl Cluster {
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),
             transport: transport.clone(),
+            links,
             nodes: Mutex::new(HashMap::new()),
             hearing: Mutex::new(membership::Hearing::new(Instant::now())),
             dead: Mutex::new(HashMap::new()),
@@ -477,6 +504,17 @@ impl Cluster {
     /// for other nodes now (`quota.rs`); 0 once everything queued was handed to NATS.
     pub fn envelopes_waiting(&self) -> (usize, usize) {
         self.quota.waiting()
+    }
+
+    /// This node's direct links now (all zero without `cluster.link_listen`).
+    pub fn direct_links(&self) -> DirectLinks {
+        self.links.as_ref().map(|l| l.stats()).unwrap_or_default()
+    }
+
+    /// Ends every direct link of this node, both ways, as a failing network would (tests);
+    /// the next heartbeats dial them again. How many there were.
+    pub fn cut_direct_links(&self) -> usize {
+        self.links.as_ref().map_or(0, |l| l.cut_all())
     }
 
     /// For tests' hooks: the transport this node sends through.

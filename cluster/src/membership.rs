@@ -25,6 +25,9 @@ impl Cluster {
     /// its records written again, the others' records read again.
     pub(super) fn start_run(self: &Arc<Self>, new: u64) {
         self.epoch.store(new, Ordering::Relaxed);
+        if let Some(links) = &self.links {
+            links.new_run(new);
+        }
         for entry in self.legs.iter() {
             entry.value().1.do_send(LegMsg::NodeLost);
         }
@@ -174,6 +177,9 @@ impl Cluster {
         let latest = dead.entry(node.to_owned()).or_insert(epoch);
         *latest = (*latest).max(epoch);
         drop(dead);
+        if let Some(links) = &self.links {
+            links.node_lost(node, epoch);
+        }
         // Drop its endpoints from the cache and presence at once.
         let mut gone: Vec<(String, String, u64)> = Vec::new();
         for entry in self.remote.iter() {
@@ -275,6 +281,7 @@ impl Cluster {
             acks_events: true,
             syncs_directory: true,
             batches: self.batching.enabled,
+            link: self.links.as_ref().map(|l| l.advertise().to_owned()),
         };
         if let Ok(bytes) = rmp_serde::to_vec_named(&hb) {
             let _ = self.outbound.push(HEARTBEAT_SUBJECT, &bytes, false, false);
@@ -450,6 +457,9 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut beats: transport::
             cluster.note_acks_events(&hb.node, hb.acks_events);
             cluster.note_syncs_directory(&hb.node, hb.syncs_directory);
             cluster.batching.note(&hb.node, hb.batches);
+            if let (Some(links), Some(addr)) = (&cluster.links, &hb.link) {
+                links.heard(&hb.node, hb.epoch, addr);
+            }
         }
         if !known && cluster.first_ask_in_a_while(&hb.node) {
             // A run we declared dead is alive after all (it was cut off), or a run older than

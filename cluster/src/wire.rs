@@ -295,6 +295,10 @@ pub struct Heartbeat {
     /// older node, which does not say, gets each alone.
     #[serde(default)]
     pub batches: bool,
+    /// Where the node takes direct links from the others (`direct/`); absent: it takes none,
+    /// and envelopes for it go over NATS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// `Envelope::Batch` of `envelopes` (each already encoded), written directly: the same bytes

@@ -16,7 +16,7 @@
 
 use crate::netns::Net;
 use crate::relay::Relay;
-use crate::{Raw, SECRET, answer, legs, offer, token};
+use crate::{LINK_SECRET, Raw, SECRET, answer, legs, offer, token};
 use confab_protocol::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -40,6 +40,8 @@ pub const NODES: [&str; 3] = ["a", "b", "c"];
 pub const NATS: [&str; 3] = ["n1", "n2", "n3"];
 const CLIENT_PORT: u16 = 5070;
 const OPS_PORT: u16 = 9464;
+/// Where each node takes the others' direct links (`cluster.link_listen`).
+const LINK_PORT: u16 = 5090;
 const NATS_PORT: u16 = 4222;
 
 /// The client host beside `node` (clients reach their node over the bridge).
@@ -266,7 +268,8 @@ impl FaultCluster {
              [auth]\njwt_secret = \"{SECRET}\"\n\n\
              [fork]\ntoast_timeout_ms = 60000\nauto_accept_grace_ms = 60000\n\n\
              [flow]\nack_timeout_ms = {ACK_TIMEOUT_MS}\n\n\
-             [cluster]\nnats_url = \"{urls}\"\nnode_id = \"{node}\"\nnode_timeout_ms = {NODE_TIMEOUT_MS}\n"
+             [cluster]\nnats_url = \"{urls}\"\nnode_id = \"{node}\"\nnode_timeout_ms = {NODE_TIMEOUT_MS}\n\
+             link_listen = \"{ip}:{LINK_PORT}\"\nlink_secret = \"{LINK_SECRET}\"\n"
         );
         let path = self.dir.path().join(format!("{node}.toml"));
         std::fs::write(&path, text).expect("a node config");

@@ -957,12 +957,34 @@ pub fn cluster_settings_on(nats_url: String, node_id: &str) -> Settings {
     s
 }
 
+/// The link secret of the test clusters' nodes.
+pub const LINK_SECRET: &str = "the test cluster's link secret";
+
+/// Turns on direct links between nodes (`cluster.link_listen`) on a port of the system's
+/// choosing, with [`LINK_SECRET`].
+pub fn with_direct_links(s: &mut Settings) {
+    if let Some(c) = s.cluster.as_mut() {
+        c.link_listen = "127.0.0.1:0".to_owned();
+        c.link_secret = LINK_SECRET.to_owned();
+    }
+}
+
+/// Envelopes over NATS only, as a node without `cluster.link_listen` sends them.
+pub fn without_direct_links(s: &mut Settings) {
+    if let Some(c) = s.cluster.as_mut() {
+        c.link_listen.clear();
+    }
+}
+
+/// Starts a cluster node on `nats`, with direct links to the others (as production runs
+/// them; [`without_direct_links`] in `tweak` for a node that sends everything over NATS).
 pub fn start_cluster_node(
     nats: &NatsServer,
     node_id: &str,
     tweak: impl FnOnce(&mut Settings),
 ) -> RunningNode {
     let mut s = cluster_settings(nats, node_id);
+    with_direct_links(&mut s);
     tweak(&mut s);
     // Lossy: the tests of envelopes lost on the way arm it (`confab_cluster::lossy`).
     confab_cluster::spawn_node_with(s, confab_cluster::ClusterJoin::nats().lossy())

@@ -87,6 +87,42 @@ async fn a_node_cut_from_nats_shorter_than_the_timeout_rides_it_out() {
     );
 }
 
+/// The nodes' direct links (`cluster.link_listen`) black-holed for twice the node timeout while
+/// NATS stays reachable: the links end (writes unacknowledged for the node timeout), the nodes
+/// go back to NATS for each other, nobody is declared dead and no call ends for it; once healed
+/// the links are dialed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_the_other_nodes_but_not_nats_goes_back_to_nats() {
+    needs_root!();
+    let cluster = FaultCluster::start().await;
+    let load = Load::start(&cluster).await;
+    tokio::time::sleep(STEADY).await;
+    let ups_before = cluster.log_lines("b", "direct link to node up").len();
+    assert!(ups_before >= 2, "b dialed a and c before the cut");
+    let cut = Instant::now();
+    cluster.net.cut("b", &["a", "c"]);
+    tokio::time::sleep(Duration::from_millis(2 * NODE_TIMEOUT_MS)).await;
+    cluster.net.heal("b");
+    let healed = Instant::now();
+    let back = all_working_after(&load, healed).await;
+    tokio::time::sleep(STEADY).await;
+    nobody_declared_dead(&load, cut);
+    let ended = cluster.log_lines("b", "direct link to node ended").len();
+    let ups = cluster.log_lines("b", "direct link to node up").len();
+    println!(
+        "links cut ({} ms): no node declared dead; {ended} of b's links ended; calls through every \
+         node again {back:?} after the heal; b dialed {} links again",
+        2 * NODE_TIMEOUT_MS,
+        ups - ups_before
+    );
+    assert!(ended >= 2, "b's links to a and c ended in the cut");
+    let tally = finish("links cut", &cluster, load).await;
+    assert!(
+        !tally.msgs_failed.keys().any(|k| k.contains("Node lost")),
+        "{tally:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_nats_longer_than_the_timeout_is_declared_dead_then_rejoins() {
     needs_root!();

@@ -1,0 +1,498 @@
+//! Direct links between nodes: envelopes for another node over one TCP connection of this
+//! node's own instead of through nats-server (`cluster.link_listen`, off by default).
+//! Heartbeats, the directory and the markers below still go over NATS; a node without a link to
+//! another, or whose link failed, sends over NATS as before. Why: nats-server spent about a
+//! fifth of the CPU a cross-node message costs, and every envelope took two more hops
+//! (docs/architecture.md §12).
+//!
+//! - **Discovery**: a node with links says in its heartbeat where it listens
+//!   (`cluster.link_advertise`); another node that hears it dials it, one link per direction
+//!   and pair of nodes (the dialer is the only one that sends), and dials again with back-off
+//!   after a failure.
+//! - **Who may connect**: both sides prove they hold `cluster.link_secret` (`handshake.rs`).
+//!   A link refuses a run of a node declared dead, and is closed when its node is declared
+//!   dead.
+//! - **Order**: one sender's envelopes for one node keep their order across the switch from
+//!   NATS to a link and back, by markers on NATS (`order.rs`). The switches are decided in
+//!   [`LinkedTransport::publish`], which only the publisher task calls, one envelope after
+//!   another.
+//! - **Faults**: a link that cannot write for `node_timeout` (TCP_USER_TIMEOUT), or whose other
+//!   end closed, ends; what it still held is lost, as NATS may lose envelopes, and answered the
+//!   same way (a message's 408).
+
+pub mod handshake;
+pub mod order;
+mod socket;
+mod transport;
+
+pub use transport::LinkedTransport;
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use confab_actors::metrics as m;
+use order::{HoldLimit, Marker};
+use socket::{accept_loop, dial};
+
+/// The largest frame a link carries: a batch is at most 16 KiB plus one envelope, and the
+/// largest single envelopes (a relayed session's frames, an admin answer) stay far below what
+/// NATS itself takes (1 MiB by default).
+const MAX_FRAME: usize = 8 * 1024 * 1024;
+/// Payloads waiting for a link's writer: past this the publisher waits, as it waits for the
+/// NATS client's buffer.
+const WRITER_QUEUE: usize = 256;
+/// What a link may hold for its `Open` marker (`order.rs`, rule 5).
+const HOLD: HoldLimit = HoldLimit {
+    payloads: 4096,
+    bytes: 16 * 1024 * 1024,
+};
+/// How long a handshake may take, each side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Back-off between dials of a node that could not be reached, doubling up to the most.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MOST_BACKOFF: Duration = Duration::from_secs(10);
+
+/// `cluster.link_*`, checked.
+#[derive(Clone)]
+pub struct LinkSettings {
+    pub listen: String,
+    /// What the heartbeat tells the others to dial.
+    pub advertise: String,
+    pub secret: String,
+    /// How long a write may go unacknowledged before the link ends (`node_timeout`).
+    pub write_timeout: Duration,
+}
+
+/// A node's direct links, as tests and operators see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectLinks {
+    /// Dialed by this node and up.
+    pub out: usize,
+    /// Accepted from other nodes and up.
+    pub accepted: usize,
+    /// Payloads (a batch of envelopes, or one) written to dialed links since the start.
+    pub written: u64,
+    /// Payloads read from accepted links since the start.
+    pub read: u64,
+    /// Dials of other nodes that did not make a link (unreachable, refused, a proof that failed).
+    pub failed_dials: u64,
+    /// Links other nodes dialed that this node refused.
+    pub refused: u64,
+}
+
+/// What a link's writer is given.
+enum Out {
+    Payload(Bytes),
+    /// Answered once everything before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A dialed, handshaken link.
+struct OutLink {
+    id: u64,
+    tx: mpsc::Sender<Out>,
+}
+
+enum PeerState {
+    /// No link; dial again from `retry_at`.
+    Idle {
+        retry_at: Instant,
+    },
+    Dialing,
+    /// Handshaken; its `Open` marker not sent yet.
+    Ready(OutLink),
+    /// Its `Open` marker sent: this node's envelopes for the peer go over it.
+    Open(OutLink),
+}
+
+/// Another node this one links to, as its heartbeat described it.
+struct Peer {
+    epoch: u64,
+    addr: String,
+    state: PeerState,
+    backoff: Duration,
+}
+
+/// What the readers of accepted links pass to the inbox.
+enum FromLink {
+    Payload {
+        from: String,
+        link: u64,
+        payload: Bytes,
+    },
+    /// A node was declared dead: its state in the inbox's order goes.
+    Forget(String),
+}
+
+/// This node's direct links: the ones it dialed (by node) and the ones it accepted.
+pub struct Links {
+    me: String,
+    epoch: AtomicU64,
+    key: ring::hmac::Key,
+    settings: LinkSettings,
+    peers: Mutex<HashMap<String, Peer>>,
+    /// Readers of accepted links, by (node, link).
+    accepted: Mutex<HashMap<(String, u64), AbortHandle>>,
+    /// The latest run of each node declared dead (its links are refused).
+    dead: Mutex<HashMap<String, u64>>,
+    received: mpsc::UnboundedSender<FromLink>,
+    /// Payloads written to dialed links, and read from accepted ones, since the start.
+    written: AtomicU64,
+    read: AtomicU64,
+    failed_dials: AtomicU64,
+    refused: AtomicU64,
+    /// Taken by the inbox's subscription.
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<FromLink>>>,
+    next_link: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the publisher does with one envelope for a node.
+enum Route {
+    Nats,
+    /// Over the link; first the `Open` marker on NATS when given.
+    Link {
+        id: u64,
+        tx: mpsc::Sender<Out>,
+        open: Option<Bytes>,
+    },
+    /// Over NATS after this `Closed` marker.
+    Closed(Bytes),
+}
+
+impl Links {
+    /// Listens on `settings.listen` and starts accepting links (on the current runtime).
+    pub async fn start(
+        me: String,
+        epoch: u64,
+        settings: LinkSettings,
+    ) -> Result<Arc<Links>, std::io::Error> {
+        let mut settings = settings;
+        let listener = TcpListener::bind(&settings.listen).await?;
+        // Port 0 (tests): the others dial the port the system chose.
+        if settings.advertise.is_empty() || settings.advertise.ends_with(":0") {
+            settings.advertise = listener.local_addr()?.to_string();
+        }
+        let (received, inbox) = mpsc::unbounded_channel();
+        let links = Arc::new(Links {
+            me,
+            epoch: AtomicU64::new(epoch),
+            key: handshake::key(&settings.secret),
+            settings,
+            peers: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashMap::new()),
+            received,
+            written: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            failed_dials: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            inbox: Mutex::new(Some(inbox)),
+            next_link: AtomicU64::new(rand::random::<u32>() as u64),
+        });
+        tracing::info!(listen = %links.settings.listen, advertise = %links.settings.advertise, "direct links to other nodes on");
+        for direction in ["in", "out"] {
+            metrics::gauge!(m::CLUSTER_DIRECT_LINKS, "direction" => direction).set(0.0);
+            metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => direction).increment(0);
+        }
+        for event in [
+            "up",
+            "down",
+            "dial_failed",
+            "refused",
+            "overflow",
+            "late_dropped",
+        ] {
+            metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => event).increment(0);
+        }
+        tokio::spawn(accept_loop(links.clone(), listener));
+        Ok(links)
+    }
+
+    /// What this node's heartbeat tells the others to dial.
+    pub fn advertise(&self) -> &str {
+        &self.settings.advertise
+    }
+
+    /// This node starts run `epoch` (a rejoin): its links, made for the run before, go; the
+    /// next heartbeats dial again.
+    pub fn new_run(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+        lock(&self.peers).clear();
+        self.gauge_out();
+    }
+
+    /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr`: dials it unless
+    /// a link is up, being made, or waiting out a back-off.
+    pub fn heard(self: &Arc<Self>, node: &str, epoch: u64, addr: &str) {
+        if node == self.me || self.is_dead(node, epoch) {
+            return;
+        }
+        let mut peers = lock(&self.peers);
+        let peer = peers.entry(node.to_owned()).or_insert_with(|| Peer {
+            epoch,
+            addr: addr.to_owned(),
+            state: PeerState::Idle {
+                retry_at: Instant::now(),
+            },
+            backoff: FIRST_BACKOFF,
+        });
+        if peer.epoch != epoch || peer.addr != addr {
+            // Another run, or it moved: whatever link there was is not to it.
+            *peer = Peer {
+                epoch,
+                addr: addr.to_owned(),
+                state: PeerState::Idle {
+                    retry_at: Instant::now(),
+                },
+                backoff: FIRST_BACKOFF,
+            };
+        }
+        let due = match &peer.state {
+            PeerState::Idle { retry_at } => Instant::now() >= *retry_at,
+            PeerState::Dialing => false,
+            // A link never used whose writer ended is dialed again; one in use waits for the
+            // publisher, who sends its `Closed` marker when it next sends to this node.
+            PeerState::Ready(l) => l.tx.is_closed(),
+            PeerState::Open(_) => false,
+        };
+        if !due {
+            return;
+        }
+        peer.state = PeerState::Dialing;
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        drop(peers);
+        tokio::spawn(dial(
+            self.clone(),
+            node.to_owned(),
+            epoch,
+            addr.to_owned(),
+            link,
+        ));
+    }
+
+    /// `node`'s run `epoch` (and every earlier run) was declared dead: its links close, and
+    /// later ones from it are refused.
+    pub fn node_lost(&self, node: &str, epoch: u64) {
+        {
+            let mut dead = lock(&self.dead);
+            let latest = dead.entry(node.to_owned()).or_insert(epoch);
+            *latest = (*latest).max(epoch);
+        }
+        {
+            let mut peers = lock(&self.peers);
+            if peers.get(node).is_some_and(|p| p.epoch <= epoch) {
+                peers.remove(node);
+            }
+        }
+        lock(&self.accepted).retain(|(from, _), reader| {
+            let keep = from != node;
+            if !keep {
+                reader.abort();
+            }
+            keep
+        });
+        let _ = self.received.send(FromLink::Forget(node.to_owned()));
+        self.gauge_out();
+        self.gauge_in();
+    }
+
+    fn is_dead(&self, node: &str, epoch: u64) -> bool {
+        lock(&self.dead).get(node).is_some_and(|e| *e >= epoch)
+    }
+
+    /// Ends every link, both ways (tests: a link failing under load).
+    pub fn cut_all(&self) -> usize {
+        let mut n = 0;
+        for peer in lock(&self.peers).values_mut() {
+            if let PeerState::Ready(_) | PeerState::Open(_) = peer.state {
+                n += 1;
+            }
+            // The writer ends with its last sender; the publisher then finds the link
+            // closed and sends the `Closed` marker.
+            if let PeerState::Ready(l) | PeerState::Open(l) = &mut peer.state {
+                let (tx, _) = mpsc::channel(1);
+                l.tx = tx;
+            }
+        }
+        for (_, reader) in lock(&self.accepted).drain() {
+            reader.abort();
+            n += 1;
+        }
+        self.gauge_in();
+        n
+    }
+
+    /// What the links carried so far, and how many are up now.
+    pub fn stats(&self) -> DirectLinks {
+        let (out, accepted) = self.count();
+        DirectLinks {
+            out,
+            accepted,
+            written: self.written.load(Ordering::Relaxed),
+            read: self.read.load(Ordering::Relaxed),
+            failed_dials: self.failed_dials.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Links up now, (dialed, accepted).
+    fn count(&self) -> (usize, usize) {
+        let out = lock(&self.peers)
+            .values()
+            .filter(|p| match &p.state {
+                PeerState::Ready(l) | PeerState::Open(l) => !l.tx.is_closed(),
+                _ => false,
+            })
+            .count();
+        (out, lock(&self.accepted).len())
+    }
+
+    fn gauge_out(&self) {
+        let (out, _) = self.count();
+        metrics::gauge!(m::CLUSTER_DIRECT_LINKS, "direction" => "out").set(out as f64);
+    }
+
+    fn gauge_in(&self) {
+        let n = lock(&self.accepted).len();
+        metrics::gauge!(m::CLUSTER_DIRECT_LINKS, "direction" => "in").set(n as f64);
+    }
+
+    /// Decides how the next envelope for `node` goes (see the module's doc).
+    fn route(&self, node: &str) -> Route {
+        let mut peers = lock(&self.peers);
+        let Some(peer) = peers.get_mut(node) else {
+            return Route::Nats;
+        };
+        match &peer.state {
+            PeerState::Open(l) if l.tx.is_closed() => {
+                let closed = self.marker_closed(l.id);
+                peer.state = PeerState::Idle {
+                    retry_at: Instant::now() + FIRST_BACKOFF,
+                };
+                Route::Closed(closed)
+            }
+            PeerState::Open(l) => Route::Link {
+                id: l.id,
+                tx: l.tx.clone(),
+                open: None,
+            },
+            PeerState::Ready(l) if l.tx.is_closed() => {
+                peer.state = PeerState::Idle {
+                    retry_at: Instant::now() + FIRST_BACKOFF,
+                };
+                Route::Nats
+            }
+            PeerState::Ready(_) => {
+                let PeerState::Ready(l) = std::mem::replace(&mut peer.state, PeerState::Dialing)
+                else {
+                    return Route::Nats;
+                };
+                let route = Route::Link {
+                    id: l.id,
+                    tx: l.tx.clone(),
+                    open: Some(
+                        Marker::Open {
+                            from: self.me.clone(),
+                            link: l.id,
+                        }
+                        .encode(),
+                    ),
+                };
+                peer.state = PeerState::Open(l);
+                route
+            }
+            PeerState::Idle { .. } | PeerState::Dialing => Route::Nats,
+        }
+    }
+
+    /// The link `id` to `node` failed under the publisher: back to NATS, after the marker
+    /// (None when the link was replaced meanwhile and the marker went already).
+    fn failed(&self, node: &str, id: u64) -> Option<Bytes> {
+        let mut peers = lock(&self.peers);
+        let peer = peers.get_mut(node)?;
+        match &peer.state {
+            PeerState::Open(l) if l.id == id => {
+                peer.state = PeerState::Idle {
+                    retry_at: Instant::now() + FIRST_BACKOFF,
+                };
+                Some(self.marker_closed(id))
+            }
+            _ => None,
+        }
+    }
+
+    /// The `Open` marker of link `id` could not be published: the link is not used yet.
+    fn unopen(&self, node: &str, id: u64) {
+        let mut peers = lock(&self.peers);
+        if let Some(peer) = peers.get_mut(node)
+            && let PeerState::Open(l) = &peer.state
+            && l.id == id
+        {
+            let PeerState::Open(l) = std::mem::replace(&mut peer.state, PeerState::Dialing) else {
+                return;
+            };
+            peer.state = PeerState::Ready(l);
+        }
+    }
+
+    fn marker_closed(&self, link: u64) -> Bytes {
+        Marker::Closed {
+            from: self.me.clone(),
+            link,
+        }
+        .encode()
+    }
+
+    /// A dial of `node` (run `epoch`) ended: with a link, or not.
+    fn dialed(&self, node: &str, epoch: u64, link: Option<OutLink>) {
+        let mut peers = lock(&self.peers);
+        let Some(peer) = peers.get_mut(node).filter(|p| p.epoch == epoch) else {
+            return;
+        };
+        if !matches!(peer.state, PeerState::Dialing) {
+            return;
+        }
+        match link {
+            Some(l) => {
+                peer.backoff = FIRST_BACKOFF;
+                peer.state = PeerState::Ready(l);
+            }
+            None => {
+                peer.state = PeerState::Idle {
+                    retry_at: Instant::now() + peer.backoff,
+                };
+                peer.backoff = (peer.backoff * 2).min(MOST_BACKOFF);
+            }
+        }
+        drop(peers);
+        self.gauge_out();
+    }
+
+    /// Everything given to the open links so far is written (or they failed).
+    async fn flush(&self) {
+        let txs: Vec<mpsc::Sender<Out>> = lock(&self.peers)
+            .values()
+            .filter_map(|p| match &p.state {
+                PeerState::Open(l) => Some(l.tx.clone()),
+                _ => None,
+            })
+            .collect();
+        for tx in txs {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Out::Flush(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The receiving node's rules that keep one sender's envelopes in order while they move
+//! between NATS and a direct link (pure: the inbox feeds them what arrives and delivers what
+//! they answer; see `mod.rs` for the whole design).
+//!
+//! A sender that switches node B's envelopes from NATS to link `L` first publishes
+//! [`Marker::Open`] for `L` on B's NATS inbox, then writes to `L`; when `L` fails it publishes
+//! [`Marker::Closed`] for `L` on NATS, then goes on over NATS. NATS keeps one publisher's order,
+//! so on B's NATS inbox everything sent before the switch comes before the `Open` marker. The
+//! rules:
+//!
+//! 1. A NATS payload that is not a marker is delivered at once.
+//! 2. A link's payload is delivered at once once its `Open` has been read on NATS.
+//! 3. Before that it is held; the `Open` delivers what is held, in order.
+//! 4. After its `Closed` has been read on NATS, whatever the link still delivers is dropped:
+//!    the sender has gone back to NATS, and a late envelope would overtake later ones. (Loss
+//!    between nodes is allowed and answered; reordering is not.)
+//! 5. What is held for a link is bounded: past the bound it is dropped and the link must be
+//!    closed, so that its sender goes back to NATS.
+//! 6. A node declared dead is forgotten whole.
+
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+
+/// What every marker starts with: 0xc1 is never used by MessagePack, so a marker can never be
+/// read as an envelope, nor an envelope as a marker.
+const MARKER_TAG: u8 = 0xc1;
+const OPEN: u8 = b'O';
+const CLOSED: u8 = b'C';
+
+/// A sender's switch between NATS and one of its links, published on the receiver's NATS inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// From here, `from`'s envelopes for this node go over link `link`.
+    Open { from: String, link: u64 },
+    /// From here, `from`'s envelopes for this node go over NATS again; link `link` is over.
+    Closed { from: String, link: u64 },
+}
+
+impl Marker {
+    /// `[0xc1, kind, link (8 bytes, big-endian), from (UTF-8)]`.
+    pub fn encode(&self) -> Bytes {
+        let (kind, from, link) = match self {
+            Marker::Open { from, link } => (OPEN, from, link),
+            Marker::Closed { from, link } => (CLOSED, from, link),
+        };
+        let mut out = Vec::with_capacity(10 + from.len());
+        out.push(MARKER_TAG);
+        out.push(kind);
+        out.extend_from_slice(&link.to_be_bytes());
+        out.extend_from_slice(from.as_bytes());
+        Bytes::from(out)
+    }
+
+    /// None when `payload` is not a marker (an envelope); a payload that starts like a marker
+    /// but is malformed is not one either, and the envelope reader drops it.
+    pub fn decode(payload: &[u8]) -> Option<Marker> {
+        let (&tag, rest) = payload.split_first()?;
+        if tag != MARKER_TAG {
+            return None;
+        }
+        let (&kind, rest) = rest.split_first()?;
+        let (link, from) = rest.split_at_checked(8)?;
+        let link = u64::from_be_bytes(link.try_into().ok()?);
+        let from = std::str::from_utf8(from).ok()?.to_owned();
+        match kind {
+            OPEN => Some(Marker::Open { from, link }),
+            CLOSED => Some(Marker::Closed { from, link }),
+            _ => None,
+        }
+    }
+}
+
+/// What happened to a link's payload.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkVerdict {
+    Delivered,
+    Held,
+    /// Its link was closed already (rule 4).
+    Dropped,
+    /// Over the bound (rule 5): what was held is dropped; the caller closes the link.
+    Overflow,
+}
+
+/// Links whose `Closed` was read, kept per sender so late payloads are recognised.
+const CLOSED_KEPT: usize = 8;
+
+/// The bounds on what is held for one link before its `Open` (rule 5).
+#[derive(Debug, Clone, Copy)]
+pub struct HoldLimit {
+    pub payloads: usize,
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct Sender {
+    open: Option<u64>,
+    held: HashMap<u64, Held>,
+    closed: VecDeque<u64>,
+}
+
+#[derive(Default)]
+struct Held {
+    payloads: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// The receiving side's state: per sending node, its open link, what is held, and the links
+/// closed lately.
+pub struct InboxOrder {
+    senders: HashMap<String, Sender>,
+    limit: HoldLimit,
+}
+
+impl InboxOrder {
+    pub fn new(limit: HoldLimit) -> Self {
+        InboxOrder {
+            senders: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// A payload read on NATS: an envelope is delivered into `out` (rule 1); a marker is
+    /// applied (rules 3 and 4), an `Open` delivering what its link had held.
+    pub fn nats(&mut self, payload: Bytes, out: &mut VecDeque<Bytes>) {
+        let Some(marker) = Marker::decode(&payload) else {
+            out.push_back(payload);
+            return;
+        };
+        match marker {
+            Marker::Open { from, link } => {
+                let sender = self.senders.entry(from).or_default();
+                sender.open = Some(link);
+                if let Some(held) = sender.held.remove(&link) {
+                    out.extend(held.payloads);
+                }
+            }
+            Marker::Closed { from, link } => {
+                let sender = self.senders.entry(from).or_default();
+                if sender.open == Some(link) {
+                    sender.open = None;
+                }
+                sender.held.remove(&link);
+                if !sender.closed.contains(&link) {
+                    if sender.closed.len() == CLOSED_KEPT {
+                        sender.closed.pop_front();
+                    }
+                    sender.closed.push_back(link);
+                }
+            }
+        }
+    }
+
+    /// A payload read on link `link` from `from` (rules 2 to 5).
+    pub fn link(
+        &mut self,
+        from: &str,
+        link: u64,
+        payload: Bytes,
+        out: &mut VecDeque<Bytes>,
+    ) -> LinkVerdict {
+        let sender = match self.senders.get_mut(from) {
+            Some(s) => s,
+            None => self.senders.entry(from.to_owned()).or_default(),
+        };
+        if sender.open == Some(link) {
+            out.push_back(payload);
+            return LinkVerdict::Delivered;
+        }
+        if sender.closed.contains(&link) {
+            return LinkVerdict::Dropped;
+        }
+        let held = sender.held.entry(link).or_default();
+        if held.payloads.len() >= self.limit.payloads
+            || held.bytes + payload.len() > self.limit.bytes
+        {
+            sender.held.remove(&link);
+            if sender.closed.len() == CLOSED_KEPT {
+                sender.closed.pop_front();
+            }
+            sender.closed.push_back(link);
+            return LinkVerdict::Overflow;
+        }
+        held.bytes += payload.len();
+        held.payloads.push_back(payload);
+        LinkVerdict::Held
+    }
+
+    /// `from` was declared dead (rule 6): its state goes; a later run starts afresh.
+    pub fn forget(&mut self, from: &str) {
+        self.senders.remove(from);
+    }
+
+    /// Payloads held now, all links together.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.senders
+            .values()
+            .flat_map(|s| s.held.values())
+            .map(|h| h.payloads.len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: HoldLimit = HoldLimit {
+        payloads: 4,
+        bytes: 1024,
+    };
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn open(link: u64) -> Bytes {
+        Marker::Open {
+            from: "a".into(),
+            link,
+        }
+        .encode()
+    }
+
+    fn closed(link: u64) -> Bytes {
+        Marker::Closed {
+            from: "a".into(),
+            link,
+        }
+        .encode()
+    }
+
+    fn drain(out: &mut VecDeque<Bytes>) -> Vec<Bytes> {
+        out.drain(..).collect()
+    }
+
+    #[test]
+    fn markers_read_back_and_never_pass_for_envelopes() {
+        for m in [
+            Marker::Open {
+                from: "node-a".into(),
+                link: 7,
+            },
+            Marker::Closed {
+                from: "b".into(),
+                link: u64::MAX,
+            },
+        ] {
+            assert_eq!(Marker::decode(&m.encode()), Some(m));
+        }
+        // Every envelope is a MessagePack map (0x8_ or 0xde/0xdf): never 0xc1.
+        assert_eq!(Marker::decode(b"\x81\xa5Batch"), None);
+        assert_eq!(Marker::decode(b"\xc1O\x00"), None, "too short");
+        assert_eq!(
+            Marker::decode(b"\xc1X\x00\x00\x00\x00\x00\x00\x00\x01a"),
+            None
+        );
+        assert_eq!(Marker::decode(b""), None);
+    }
+
+    #[test]
+    fn rule_1_a_nats_envelope_is_delivered_at_once() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        o.nats(b("e1"), &mut out);
+        assert_eq!(drain(&mut out), vec![b("e1")]);
+    }
+
+    #[test]
+    fn rule_2_a_link_payload_after_its_open_is_delivered_at_once() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        o.nats(open(1), &mut out);
+        assert!(out.is_empty(), "a marker is not delivered");
+        assert_eq!(o.link("a", 1, b("l1"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(drain(&mut out), vec![b("l1")]);
+    }
+
+    #[test]
+    fn rule_3_a_link_payload_before_its_open_waits_for_it_and_keeps_its_place() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        assert_eq!(o.link("a", 1, b("l1"), &mut out), LinkVerdict::Held);
+        assert_eq!(o.link("a", 1, b("l2"), &mut out), LinkVerdict::Held);
+        // Sent over NATS before the switch, read after the link's first payloads.
+        o.nats(b("n1"), &mut out);
+        o.nats(open(1), &mut out);
+        assert_eq!(o.link("a", 1, b("l3"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(drain(&mut out), vec![b("n1"), b("l1"), b("l2"), b("l3")]);
+        assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn rule_4_a_link_payload_after_its_closed_is_dropped() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        o.nats(open(1), &mut out);
+        o.nats(closed(1), &mut out);
+        o.nats(b("n2"), &mut out);
+        assert_eq!(o.link("a", 1, b("late"), &mut out), LinkVerdict::Dropped);
+        assert_eq!(drain(&mut out), vec![b("n2")]);
+        // Held ones go with the close too (their `Open` was lost).
+        assert_eq!(o.link("a", 2, b("x"), &mut out), LinkVerdict::Held);
+        o.nats(closed(2), &mut out);
+        assert_eq!(o.held(), 0);
+        assert!(out.is_empty());
+        // The next link is a link of its own.
+        o.nats(open(3), &mut out);
+        assert_eq!(o.link("a", 3, b("l"), &mut out), LinkVerdict::Delivered);
+    }
+
+    #[test]
+    fn rule_5_what_is_held_is_bounded_and_the_link_is_then_refused() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        for _ in 0..LIMIT.payloads {
+            assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Held);
+        }
+        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Overflow);
+        assert_eq!(o.held(), 0);
+        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Dropped);
+        // Its late `Open` delivers nothing: what it held is gone.
+        o.nats(open(1), &mut out);
+        assert!(out.is_empty());
+        // By bytes too.
+        let big = Bytes::from(vec![0u8; 600]);
+        assert_eq!(o.link("a", 2, big.clone(), &mut out), LinkVerdict::Held);
+        assert_eq!(o.link("a", 2, big, &mut out), LinkVerdict::Overflow);
+    }
+
+    #[test]
+    fn rule_6_a_dead_sender_is_forgotten() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        o.nats(open(1), &mut out);
+        assert_eq!(o.link("b", 9, b("x"), &mut out), LinkVerdict::Held);
+        o.forget("a");
+        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Held);
+        o.forget("b");
+        assert_eq!(o.held(), 1);
+    }
+
+    #[test]
+    fn senders_are_kept_apart() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        o.nats(open(1), &mut out);
+        assert_eq!(o.link("c", 1, b("c1"), &mut out), LinkVerdict::Held);
+        assert_eq!(o.link("a", 1, b("a1"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(drain(&mut out), vec![b("a1")]);
+    }
+}

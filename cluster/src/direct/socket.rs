@@ -1,0 +1,306 @@
+//! A direct link's socket: dialing another node and accepting its dial, each side's half of
+//! the handshake (`handshake.rs`), and the loops that then write (dialer) and read (acceptor)
+//! one envelope payload per length-prefixed frame.
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
+
+use super::handshake::{self, Hello, Proof, Ready, Reply, Role};
+use super::{FromLink, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink, WRITER_QUEUE, lock};
+use confab_actors::metrics as m;
+
+/// Dials `node` at `addr` and, handshaken, starts the link's writer.
+pub(super) async fn dial(links: Arc<Links>, node: String, epoch: u64, addr: String, id: u64) {
+    let made = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        dial_handshake(&links, &node, epoch, &addr, id),
+    )
+    .await
+    .unwrap_or_else(|_| Err("the handshake timed out".to_owned()));
+    match made {
+        Ok(stream) => {
+            tracing::info!(%node, %addr, link = id, "direct link to node up");
+            metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "up").increment(1);
+            let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+            links.dialed(&node, epoch, Some(OutLink { id, tx }));
+            write_loop(links, node, id, stream, rx).await;
+        }
+        Err(why) => {
+            tracing::warn!(%node, %addr, %why, "cannot open a direct link; envelopes go over NATS");
+            metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "dial_failed").increment(1);
+            links.failed_dials.fetch_add(1, Ordering::Relaxed);
+            links.dialed(&node, epoch, None);
+        }
+    }
+}
+
+type Framed = tokio_util::codec::Framed<TcpStream, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// A link's socket: no Nagle (a lone envelope is a message someone waits for), keep-alive
+/// probes (an idle link to a vanished node ends), and writes unacknowledged for
+/// `write_timeout` fail (a link into a black hole ends instead of stalling for minutes).
+fn tune(stream: &TcpStream, write_timeout: Duration) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = sock.set_tcp_user_timeout(Some(write_timeout));
+    #[cfg(not(target_os = "linux"))]
+    let _ = write_timeout;
+}
+
+async fn send_msg<T: serde::Serialize>(framed: &mut Framed, msg: &T) -> Result<(), String> {
+    let bytes = rmp_serde::to_vec_named(msg).map_err(|e| e.to_string())?;
+    framed
+        .send(Bytes::from(bytes))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn read_msg<T: serde::de::DeserializeOwned>(framed: &mut Framed) -> Result<T, String> {
+    let frame = framed
+        .next()
+        .await
+        .ok_or("the other node closed the link")?
+        .map_err(|e| e.to_string())?;
+    rmp_serde::from_slice(&frame).map_err(|e| format!("unreadable handshake: {e}"))
+}
+
+async fn dial_handshake(
+    links: &Links,
+    node: &str,
+    epoch: u64,
+    addr: &str,
+    id: u64,
+) -> Result<Framed, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tune(&stream, links.settings.write_timeout);
+    let mut framed = Framed::new(stream, codec());
+    let hello = Hello {
+        version: handshake::VERSION,
+        from: links.me.clone(),
+        from_epoch: links.epoch.load(Ordering::Relaxed),
+        to: node.to_owned(),
+        link: id,
+        nonce: handshake::nonce(),
+    };
+    send_msg(&mut framed, &hello).await?;
+    let (their_epoch, their_nonce) = match read_msg::<Reply>(&mut framed).await? {
+        Reply::Refused { why } => return Err(format!("refused: {why}")),
+        Reply::Welcome {
+            node: their,
+            epoch: their_epoch,
+            nonce,
+            proof,
+        } => {
+            if their != node || their_epoch != epoch {
+                return Err(format!(
+                    "the address answers as {their} run {their_epoch}, not {node} run {epoch}"
+                ));
+            }
+            if !handshake::verify(
+                &links.key,
+                Role::Acceptor,
+                &hello,
+                their_epoch,
+                &nonce,
+                &proof,
+            ) {
+                return Err("the other node does not hold cluster.link_secret".to_owned());
+            }
+            (their_epoch, nonce)
+        }
+    };
+    let proof = handshake::prove(&links.key, Role::Dialer, &hello, their_epoch, &their_nonce);
+    send_msg(&mut framed, &Proof { proof }).await?;
+    let ready: Ready = read_msg(&mut framed).await?;
+    if !ready.ready {
+        return Err("refused after the proof".to_owned());
+    }
+    Ok(framed)
+}
+
+/// Writes what the publisher gives link `id`, as it comes (what has piled up meanwhile in one
+/// write), until the socket fails or the other end closes it; then the link is over.
+async fn write_loop(
+    links: Arc<Links>,
+    node: String,
+    id: u64,
+    framed: Framed,
+    mut rx: mpsc::Receiver<Out>,
+) {
+    let parts = framed.into_parts();
+    let (mut rd, wr) = parts.io.into_split();
+    let mut wr = FramedWrite::new(wr, codec());
+    let mut probe = [0u8; 1];
+    let why = loop {
+        let first = tokio::select! {
+            out = rx.recv() => out,
+            // The acceptor sends nothing after `Ready`: a read that ends is the link's end.
+            _ = rd.read(&mut probe) => break "closed by the other node".to_owned(),
+        };
+        let Some(first) = first else {
+            break "no longer used".to_owned();
+        };
+        let mut next = Some(first);
+        let mut flushes = Vec::new();
+        let mut payloads = 0u64;
+        let mut failed = None;
+        while let Some(out) = next.take() {
+            match out {
+                Out::Payload(p) => {
+                    payloads += 1;
+                    if let Err(e) = wr.feed(p).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                Out::Flush(done) => flushes.push(done),
+            }
+            // Bounded, so that a busy link still reads the other end's close now and then.
+            if payloads < 64 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Some(why) = failed {
+            break why;
+        }
+        if let Err(e) = SinkExt::<Bytes>::flush(&mut wr).await {
+            break e.to_string();
+        }
+        metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => "out").increment(payloads);
+        links.written.fetch_add(payloads, Ordering::Relaxed);
+        for done in flushes {
+            let _ = done.send(());
+        }
+    };
+    drop(rx);
+    tracing::info!(%node, link = id, %why, "direct link to node ended; envelopes go over NATS");
+    metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "down").increment(1);
+    links.gauge_out();
+}
+
+pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tune(&stream, links.settings.write_timeout);
+                let links2 = links.clone();
+                tokio::spawn(async move {
+                    let made =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&links2, stream))
+                            .await
+                            .unwrap_or_else(|_| Err("the handshake timed out".to_owned()));
+                    match made {
+                        Ok((framed, from, link)) => read_link(links2, framed, from, link).await,
+                        Err(why) => {
+                            tracing::warn!(%peer, %why, "refused a direct link");
+                            metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "refused")
+                                .increment(1);
+                            links2.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: wait instead of spinning.
+                tracing::warn!(error = %e, "cannot accept a direct link");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn accept_handshake(
+    links: &Links,
+    stream: TcpStream,
+) -> Result<(Framed, String, u64), String> {
+    let mut framed = Framed::new(stream, codec());
+    let hello: Hello = read_msg(&mut framed).await?;
+    let refusal = if hello.version != handshake::VERSION {
+        Some(format!(
+            "link version {} (this node: {})",
+            hello.version,
+            handshake::VERSION
+        ))
+    } else if hello.to != links.me {
+        Some(format!("this is {}, not {}", links.me, hello.to))
+    } else if links.is_dead(&hello.from, hello.from_epoch) {
+        Some("that run was declared dead".to_owned())
+    } else if hello.nonce.len() != handshake::NONCE_LEN {
+        Some("bad nonce".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        let _ = send_msg(&mut framed, &Reply::Refused { why: why.clone() }).await;
+        return Err(format!("from {}: {why}", hello.from));
+    }
+    let epoch = links.epoch.load(Ordering::Relaxed);
+    let nonce = handshake::nonce();
+    let proof = handshake::prove(&links.key, Role::Acceptor, &hello, epoch, &nonce);
+    send_msg(
+        &mut framed,
+        &Reply::Welcome {
+            node: links.me.clone(),
+            epoch,
+            nonce: nonce.clone(),
+            proof,
+        },
+    )
+    .await?;
+    let Proof { proof } = read_msg(&mut framed).await?;
+    if !handshake::verify(&links.key, Role::Dialer, &hello, epoch, &nonce, &proof) {
+        let _ = send_msg(&mut framed, &Ready { ready: false }).await;
+        return Err(format!(
+            "from {}: it does not hold cluster.link_secret",
+            hello.from
+        ));
+    }
+    send_msg(&mut framed, &Ready { ready: true }).await?;
+    Ok((framed, hello.from, hello.link))
+}
+
+/// Reads link `link` from `from` until it ends, passing each payload to the inbox.
+async fn read_link(links: Arc<Links>, framed: Framed, from: String, link: u64) {
+    let key = (from.clone(), link);
+    let mut rd = framed;
+    let tx = links.received.clone();
+    let counts = links.clone();
+    let from2 = from.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(frame) = rd.next().await {
+            let Ok(frame) = frame else { break };
+            counts.read.fetch_add(1, Ordering::Relaxed);
+            let _ = tx.send(FromLink::Payload {
+                from: from2.clone(),
+                link,
+                payload: frame.freeze(),
+            });
+        }
+    });
+    lock(&links.accepted).insert(key.clone(), reader.abort_handle());
+    links.gauge_in();
+    tracing::info!(node = %from, link, "direct link from node up");
+    let _ = reader.await;
+    lock(&links.accepted).remove(&key);
+    links.gauge_in();
+    tracing::info!(node = %from, link, "direct link from node ended");
+}

@@ -1,0 +1,222 @@
+//! Direct links between nodes (`cluster.link_listen`, `cluster/src/direct/`): envelopes go over
+//! them instead of NATS, keep their order when links fail under load and come back, and a node
+//! that cannot prove the cluster's secret (or takes no links) is still reached over NATS. Real
+//! nats-server, real nodes, real sockets; clients act the moment a frame arrives.
+
+use confab_actors::{RunningNode, Settings};
+use confab_cluster::DirectLinks;
+use confab_protocol::*;
+use confab_tests::*;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const ALICE: &str = "sip:alice@example.com";
+const BOB: &str = "sip:bob@example.com";
+
+/// Rounds of the order test: each cuts every link once, in the middle of a burst.
+const ROUNDS: usize = 6;
+/// Messages of each round, all sent before any answer is read.
+const PER_ROUND: usize = 100;
+
+fn links(node: &RunningNode) -> DirectLinks {
+    confab_cluster::of(node)
+        .expect("a cluster node")
+        .direct_links()
+}
+
+/// Waits until `ready` holds of `node`'s links (the wait is what the caller is about: a link is
+/// dialed when the other node's heartbeat is heard).
+async fn wait_links(node: &RunningNode, what: &str, ready: impl Fn(&DirectLinks) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = links(node);
+        if ready(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn short_acks(s: &mut Settings) {
+    // A message whose envelope a cut link lost is answered 408 this soon.
+    s.flow.ack_timeout_ms = 1_000;
+}
+
+/// Alice calls Bob, who accepts; the call's id on each side (each leg has its own).
+async fn answered_call(alice: &mut Raw, bob: &mut Raw) -> (String, String) {
+    let (call, _) = alice.establish(&bob.user, None).await;
+    let (incoming, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    (call, incoming)
+}
+
+#[tokio::test]
+async fn messages_keep_their_order_while_direct_links_fail_under_load_and_come_back() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", short_acks);
+    let b = start_cluster_node(&nats, "node-b", short_acks);
+    for n in [&a, &b] {
+        wait_links(n, "a link each way", |l| l.out == 1 && l.accepted == 1).await;
+    }
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
+    wait_for_endpoints(&a, BOB, 1).await;
+    let (call, bobs_call) = answered_call(&mut alice, &mut bob).await;
+    let written_before = links(&a).written;
+
+    let mut next = 0usize;
+    let mut received: Vec<usize> = Vec::new();
+    let (mut delivered, mut failed) = (0, 0);
+    let mut cuts = 0;
+    for round in 0..ROUNDS {
+        if round > 0 {
+            // The links cut in the round before are dialed again at the next heartbeats.
+            for n in [&a, &b] {
+                wait_links(n, "the links made again", |l| l.out == 1 && l.accepted == 1).await;
+            }
+        }
+        let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = async {
+            let mut asked: HashMap<u32, usize> = HashMap::new();
+            let mut cut = Some(cut_rx);
+            for i in 0..PER_ROUND {
+                if i == PER_ROUND / 2
+                    && let Some(cut) = cut.take()
+                {
+                    // The second half goes after the cut: over NATS after the `Closed`
+                    // marker, or over a link made again after its `Open`.
+                    cut.await.expect("the receiver cuts the links");
+                }
+                let rid = alice.rid().expect("a rid");
+                alice
+                    .send(&ClientMsg::Message {
+                        rid: Some(rid),
+                        call: call.clone(),
+                        content_type: "text/plain".into(),
+                        body: Body::Text(next.to_string()),
+                    })
+                    .await;
+                asked.insert(rid, next);
+                next += 1;
+            }
+            // Exactly one answer each.
+            let mut answers: HashMap<u32, ServerMsg> = HashMap::new();
+            while answers.len() < PER_ROUND {
+                let m = alice.recv_within(Duration::from_secs(10)).await;
+                let rid = match &m {
+                    ServerMsg::MessageDelivered { rid, .. } => *rid,
+                    ServerMsg::MessageFailed { rid, code, .. } => {
+                        assert_eq!(*code, 408, "only a lost envelope fails: {m:?}");
+                        *rid
+                    }
+                    _ => continue,
+                };
+                let rid = rid.expect("answers carry the rid");
+                assert!(
+                    asked.contains_key(&rid),
+                    "an answer to a message not sent: {m:?}"
+                );
+                assert!(answers.insert(rid, m).is_none(), "rid {rid} answered twice");
+            }
+            let _ = done_tx.send(());
+            answers
+        };
+        let receiver = async {
+            let mut this_round = 0;
+            let mut cut = Some(cut_tx);
+            loop {
+                tokio::select! {
+                    m = bob.recv() => {
+                        if let ServerMsg::MessageReceived { msg, body: Body::Text(text), toast: None, .. } = m {
+                            received.push(text.parse().expect("a number"));
+                            bob.send(&ClientMsg::MessageAck { call: bobs_call.clone(), msg }).await;
+                            this_round += 1;
+                            if this_round == PER_ROUND / 4 && let Some(cut) = cut.take() {
+                                // Mid-stream, both ways, while the link carries the first
+                                // half: what is still queued for it is lost.
+                                cuts += confab_cluster::of(&a).expect("cluster").cut_direct_links();
+                                cuts += confab_cluster::of(&b).expect("cluster").cut_direct_links();
+                                let _ = cut.send(());
+                            }
+                        }
+                    }
+                    _ = &mut done_rx => break,
+                }
+            }
+        };
+        let (answers, ()) = tokio::join!(sender, receiver);
+        for m in answers.values() {
+            match m {
+                ServerMsg::MessageDelivered { .. } => delivered += 1,
+                _ => failed += 1,
+            }
+        }
+    }
+    // Never out of order, never twice (a message may be missing: its envelope was lost in a cut).
+    for pair in received.windows(2) {
+        assert!(
+            pair[0] < pair[1],
+            "received out of order or twice: {} then {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    eprintln!(
+        "{delivered} delivered, {failed} failed (408), {cuts} links cut; a {:?}, b {:?}",
+        links(&a),
+        links(&b)
+    );
+    assert_eq!(delivered + failed, ROUNDS * PER_ROUND);
+    assert!(cuts >= ROUNDS * 2, "every round cut links: {cuts}");
+    assert!(
+        delivered >= ROUNDS * PER_ROUND / 2,
+        "most messages get through: {delivered} delivered, {failed} failed"
+    );
+    assert!(
+        links(&a).written > written_before,
+        "the messages went over the link: {:?}",
+        links(&a)
+    );
+    assert!(links(&b).read > 0, "{:?}", links(&b));
+}
+
+#[tokio::test]
+async fn a_node_without_the_secret_or_without_links_is_still_reached_over_nats() {
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let c = start_cluster_node(&nats, "node-c", |s| {
+        if let Some(c) = s.cluster.as_mut() {
+            c.link_secret = "another cluster's secret".to_owned();
+        }
+    });
+    let d = start_cluster_node(&nats, "node-d", without_direct_links);
+    // a and c each dial the other and are refused; d is never dialed and dials nobody.
+    wait_links(&a, "a refused c's dial", |l| {
+        l.refused >= 1 && l.failed_dials >= 1
+    })
+    .await;
+    wait_links(&c, "c refused a's dial", |l| {
+        l.refused >= 1 && l.failed_dials >= 1
+    })
+    .await;
+    for n in [&a, &c] {
+        assert_eq!((links(n).out, links(n).accepted), (0, 0));
+    }
+    assert_eq!(links(&d), DirectLinks::default());
+
+    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
+    for (node, device) in [(&c, "on-c"), (&d, "on-d")] {
+        let mut bob = Raw::sign_in(node.addr, BOB, device).await;
+        wait_for_endpoints(&a, BOB, 1).await;
+        let (call, bobs_call) = answered_call(&mut alice, &mut bob).await;
+        send_and_ack(&mut alice, &call, &mut bob, &bobs_call, "over NATS").await;
+        send_and_ack(&mut bob, &bobs_call, &mut alice, &call, "and back").await;
+        bob.request(ClientMsg::Bye { rid: None }).await;
+        wait_for_endpoints(&a, BOB, 0).await;
+    }
+    assert_eq!(links(&a).written, 0, "nothing went over a link");
+}

@@ -511,6 +511,11 @@ impl Cluster {
         self.links.as_ref().map(|l| l.stats()).unwrap_or_default()
     }
 
+    /// Where this node takes direct links (its heartbeat's `link`), when it does.
+    pub fn direct_link_address(&self) -> Option<String> {
+        self.links.as_ref().map(|l| l.advertise().to_owned())
+    }
+
     /// Ends every direct link of this node, both ways, as a failing network would (tests);
     /// the next heartbeats dial them again. How many there were.
     pub fn cut_direct_links(&self) -> usize {

@@ -220,3 +220,56 @@ async fn a_node_without_the_secret_or_without_links_is_still_reached_over_nats()
     }
     assert_eq!(links(&a).written, 0, "nothing went over a link");
 }
+
+/// Someone without the secret on the link port: an oversized handshake frame closes the
+/// connection unread, at most 64 handshakes wait at once (the rest are closed at once), and
+/// each is counted as refused; the node's own links are untouched.
+#[tokio::test]
+async fn a_stranger_on_the_link_port_is_refused_cheaply() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = NatsServer::start();
+    let a = start_cluster_node(&nats, "node-a", |_| {});
+    let addr = confab_cluster::of(&a)
+        .expect("cluster")
+        .direct_link_address()
+        .expect("links on");
+    // A frame announced at 1 MiB, far past the handshake's bound: closed without reading it.
+    let mut s = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connects");
+    s.write_all(&(1u32 << 20).to_be_bytes())
+        .await
+        .expect("writes");
+    s.write_all(&[0u8; 1024]).await.expect("writes");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed within the handshake's time");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+    wait_links(&a, "the oversized frame refused", |l| l.refused >= 1).await;
+    // 80 connections that say nothing: 64 wait for their handshake, 16 are closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connects"),
+        );
+    }
+    wait_links(&a, "the handshakes over the bound closed", |l| {
+        l.refused >= 17
+    })
+    .await;
+    let mut closed = 0;
+    for s in &mut idle {
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 16,
+        "only the connections past the bound were closed at once"
+    );
+    assert_eq!((links(&a).out, links(&a).accepted), (0, 0));
+}

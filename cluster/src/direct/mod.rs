@@ -53,6 +53,13 @@ const HOLD: HoldLimit = HoldLimit {
     payloads: 4096,
     bytes: 16 * 1024 * 1024,
 };
+/// Payloads read from the links and not yet taken by the inbox; past this the readers wait.
+const INBOX_QUEUE: usize = 4096;
+/// Handshakes under way at once; a connection past this is closed at once (a node has one
+/// link from each other node, so only someone knocking reaches it).
+const MAX_HANDSHAKES: usize = 64;
+/// The largest handshake frame: nothing is read in quantity before the other side's proof.
+const HANDSHAKE_MAX_FRAME: usize = 4096;
 /// How long a handshake may take, each side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Back-off between dials of a node that could not be reached, doubling up to the most.
@@ -120,15 +127,11 @@ struct Peer {
     backoff: Duration,
 }
 
-/// What the readers of accepted links pass to the inbox.
-enum FromLink {
-    Payload {
-        from: String,
-        link: u64,
-        payload: Bytes,
-    },
-    /// A node was declared dead: its state in the inbox's order goes.
-    Forget(String),
+/// A payload read from an accepted link, for the inbox.
+struct FromLink {
+    from: String,
+    link: u64,
+    payload: Bytes,
 }
 
 /// This node's direct links: the ones it dialed (by node) and the ones it accepted.
@@ -142,14 +145,21 @@ pub struct Links {
     accepted: Mutex<HashMap<(String, u64), AbortHandle>>,
     /// The latest run of each node declared dead (its links are refused).
     dead: Mutex<HashMap<String, u64>>,
-    received: mpsc::UnboundedSender<FromLink>,
+    /// Payloads read from accepted links, for the inbox: bounded, so that a slow inbox holds
+    /// the links' readers back (and through TCP their senders) instead of growing memory.
+    received: mpsc::Sender<FromLink>,
+    /// Nodes declared dead, for the inbox to forget (apart, so that a full `received` never
+    /// holds up or loses one).
+    forgotten: mpsc::UnboundedSender<String>,
     /// Payloads written to dialed links, and read from accepted ones, since the start.
     written: AtomicU64,
     read: AtomicU64,
     failed_dials: AtomicU64,
     refused: AtomicU64,
     /// Taken by the inbox's subscription.
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<FromLink>>>,
+    inbox: Mutex<Option<(mpsc::Receiver<FromLink>, mpsc::UnboundedReceiver<String>)>>,
+    /// Handshakes under way, bounded by [`MAX_HANDSHAKES`].
+    handshakes: Arc<tokio::sync::Semaphore>,
     next_link: AtomicU64,
 }
 
@@ -183,7 +193,8 @@ impl Links {
         if settings.advertise.is_empty() || settings.advertise.ends_with(":0") {
             settings.advertise = listener.local_addr()?.to_string();
         }
-        let (received, inbox) = mpsc::unbounded_channel();
+        let (received, inbox) = mpsc::channel(INBOX_QUEUE);
+        let (forgotten, forget_rx) = mpsc::unbounded_channel();
         let links = Arc::new(Links {
             me,
             epoch: AtomicU64::new(epoch),
@@ -193,11 +204,13 @@ impl Links {
             accepted: Mutex::new(HashMap::new()),
             dead: Mutex::new(HashMap::new()),
             received,
+            forgotten,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
             failed_dials: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            inbox: Mutex::new(Some(inbox)),
+            inbox: Mutex::new(Some((inbox, forget_rx))),
             next_link: AtomicU64::new(rand::random::<u32>() as u64),
         });
         tracing::info!(listen = %links.settings.listen, advertise = %links.settings.advertise, "direct links to other nodes on");
@@ -302,7 +315,7 @@ impl Links {
             }
             keep
         });
-        let _ = self.received.send(FromLink::Forget(node.to_owned()));
+        let _ = self.forgotten.send(node.to_owned());
         self.gauge_out();
         self.gauge_in();
     }

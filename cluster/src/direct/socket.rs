@@ -13,7 +13,10 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
 
 use super::handshake::{self, Hello, Proof, Ready, Reply, Role};
-use super::{FromLink, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink, WRITER_QUEUE, lock};
+use super::{
+    FromLink, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink, WRITER_QUEUE,
+    lock,
+};
 use confab_actors::metrics as m;
 
 /// Dials `node` at `addr` and, handshaken, starts the link's writer.
@@ -43,9 +46,11 @@ pub(super) async fn dial(links: Arc<Links>, node: String, epoch: u64, addr: Stri
 
 type Framed = tokio_util::codec::Framed<TcpStream, LengthDelimitedCodec>;
 
+/// The handshake's codec: small frames only, until the other side has proved the secret
+/// (then [`MAX_FRAME`]).
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(HANDSHAKE_MAX_FRAME)
         .new_codec()
 }
 
@@ -148,7 +153,9 @@ async fn write_loop(
 ) {
     let parts = framed.into_parts();
     let (mut rd, wr) = parts.io.into_split();
-    let mut wr = FramedWrite::new(wr, codec());
+    let mut codec = codec();
+    codec.set_max_frame_length(MAX_FRAME);
+    let mut wr = FramedWrite::new(wr, codec);
     let mut probe = [0u8; 1];
     let why = loop {
         let first = tokio::select! {
@@ -201,6 +208,13 @@ pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Ok(slot) = links.handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many direct-link handshakes at once; closing this one");
+                    metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "refused")
+                        .increment(1);
+                    links.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 tune(&stream, links.settings.write_timeout);
                 let links2 = links.clone();
                 tokio::spawn(async move {
@@ -208,6 +222,7 @@ pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&links2, stream))
                             .await
                             .unwrap_or_else(|_| Err("the handshake timed out".to_owned()));
+                    drop(slot);
                     match made {
                         Ok((framed, from, link)) => read_link(links2, framed, from, link).await,
                         Err(why) => {
@@ -282,6 +297,7 @@ async fn accept_handshake(
 async fn read_link(links: Arc<Links>, framed: Framed, from: String, link: u64) {
     let key = (from.clone(), link);
     let mut rd = framed;
+    rd.codec_mut().set_max_frame_length(MAX_FRAME);
     let tx = links.received.clone();
     let counts = links.clone();
     let from2 = from.clone();
@@ -289,11 +305,14 @@ async fn read_link(links: Arc<Links>, framed: Framed, from: String, link: u64) {
         while let Some(frame) = rd.next().await {
             let Ok(frame) = frame else { break };
             counts.read.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.send(FromLink::Payload {
+            let item = FromLink {
                 from: from2.clone(),
                 link,
                 payload: frame.freeze(),
-            });
+            };
+            if tx.send(item).await.is_err() {
+                break;
+            }
         }
     });
     lock(&links.accepted).insert(key.clone(), reader.abort_handle());

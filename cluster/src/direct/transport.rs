@@ -101,7 +101,7 @@ impl Transport for LinkedTransport {
             if subject != self.inbox {
                 return Ok(nats);
             }
-            let Some(links) = lock(&self.links.inbox).take() else {
+            let Some((links, forgotten)) = lock(&self.links.inbox).take() else {
                 return Err(TransportError::Subscribe(
                     "the inbox is subscribed once".to_owned(),
                 ));
@@ -109,6 +109,7 @@ impl Transport for LinkedTransport {
             Ok(Box::pin(Inbox {
                 nats,
                 links,
+                forgotten,
                 owner: self.links.clone(),
                 order: InboxOrder::new(HOLD),
                 ready: VecDeque::new(),
@@ -128,7 +129,8 @@ impl Transport for LinkedTransport {
 /// This node's inbox: its NATS subscription and its accepted links, in order (`order.rs`).
 struct Inbox {
     nats: Messages,
-    links: mpsc::UnboundedReceiver<FromLink>,
+    links: mpsc::Receiver<FromLink>,
+    forgotten: mpsc::UnboundedReceiver<String>,
     owner: Arc<Links>,
     order: InboxOrder,
     ready: VecDeque<Bytes>,
@@ -136,30 +138,26 @@ struct Inbox {
 
 impl Inbox {
     fn take_link_item(&mut self, item: FromLink) {
-        match item {
-            FromLink::Payload {
-                from,
-                link,
-                payload,
-            } => {
-                metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => "in").increment(1);
-                match self.order.link(&from, link, payload, &mut self.ready) {
-                    LinkVerdict::Delivered | LinkVerdict::Held => {}
-                    LinkVerdict::Dropped => {
-                        metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "late_dropped")
-                            .increment(1);
-                    }
-                    LinkVerdict::Overflow => {
-                        tracing::warn!(node = %from, link, "a direct link's envelopes waited too long for its marker over NATS; closing it");
-                        metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "overflow")
-                            .increment(1);
-                        if let Some(reader) = lock(&self.owner.accepted).remove(&(from, link)) {
-                            reader.abort();
-                        }
-                    }
+        let FromLink {
+            from,
+            link,
+            payload,
+        } = item;
+        metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => "in").increment(1);
+        match self.order.link(&from, link, payload, &mut self.ready) {
+            LinkVerdict::Delivered | LinkVerdict::Held => {}
+            LinkVerdict::Dropped => {
+                metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "late_dropped")
+                    .increment(1);
+            }
+            LinkVerdict::Overflow => {
+                tracing::warn!(node = %from, link, "a direct link's envelopes waited too long for its marker over NATS; closing it");
+                metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "overflow")
+                    .increment(1);
+                if let Some(reader) = lock(&self.owner.accepted).remove(&(from, link)) {
+                    reader.abort();
                 }
             }
-            FromLink::Forget(node) => self.order.forget(&node),
         }
     }
 }
@@ -172,6 +170,10 @@ impl Stream for Inbox {
         loop {
             if let Some(p) = this.ready.pop_front() {
                 return Poll::Ready(Some(p));
+            }
+            // A node declared dead is forgotten before anything else is read.
+            while let Poll::Ready(Some(node)) = this.forgotten.poll_recv(cx) {
+                this.order.forget(&node);
             }
             let mut progressed = false;
             match this.nats.poll_next_unpin(cx) {

@@ -263,7 +263,8 @@ pub fn describe_all() {
         CLUSTER_DIRECT_LINK_EVENTS,
         "Direct links' events: up, down, dial_failed, refused (a handshake that failed: wrong \
          secret, a dead run), overflow (envelopes waited too long for their marker over NATS), \
-         late_dropped (a payload read after its link's close was marked) \
+         late_dropped (a payload read after its link's close was marked), stalled (a link \
+         whose writer fell behind a quarter of cluster.node_timeout_ms, given up for NATS) \
          (cluster.link_listen only)"
     );
     describe_gauge!(

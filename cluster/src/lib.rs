@@ -351,7 +351,7 @@ impl Cluster {
                 // Empty: the address bound (see `Links::start`).
                 advertise: cfg.link_advertise.clone(),
                 secret: cfg.link_secret.clone(),
-                write_timeout: timeout,
+                node_timeout: timeout,
             };
             let links = direct::Links::start(node_id.clone(), epoch, settings)
                 .await

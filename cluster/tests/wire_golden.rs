@@ -9,7 +9,7 @@
 #![allow(clippy::print_stdout)] // `CONFAB_BLESS=1` prints the table to paste.
 
 use confab_actors::call::leg::TerminateCause;
-use confab_cluster::direct::handshake::{Hello, Proof, Ready, Reply, Role, prove};
+use confab_cluster::direct::handshake::{Hello, Proof, Reply, Role, prove};
 use confab_cluster::direct::order::Marker;
 use confab_cluster::wire::{Envelope, Heartbeat, PublicationRecord, Record, WireLegMsg};
 use confab_protocol::{Activity, Body, Reason, Status, Toast};
@@ -228,18 +228,19 @@ fn samples() -> Vec<(&'static str, String)> {
         from: "a".into(),
         from_epoch: 7,
         to: "b".into(),
+        to_epoch: 8,
         link: 3,
         nonce: vec![1; 32],
     };
     out.push(("link_hello", encoded(&hello)));
     out.push((
+        "link_challenge",
+        encoded(&Reply::Challenge { nonce: vec![2; 32] }),
+    ));
+    out.push(("link_proof", encoded(&Proof { proof: vec![3; 32] })));
+    out.push((
         "link_welcome",
-        encoded(&Reply::Welcome {
-            node: "b".into(),
-            epoch: 8,
-            nonce: vec![2; 32],
-            proof: vec![3; 32],
-        }),
+        encoded(&Reply::Welcome { proof: vec![4; 32] }),
     ));
     out.push((
         "link_refused",
@@ -247,22 +248,21 @@ fn samples() -> Vec<(&'static str, String)> {
             why: "that run was declared dead".into(),
         }),
     ));
-    out.push(("link_proof", encoded(&Proof { proof: vec![4; 32] })));
-    out.push(("link_ready", encoded(&Ready { ready: true })));
     let key = confab_cluster::direct::handshake::key("a secret of sixteen bytes or more");
     out.push((
-        "link_acceptor_proof",
-        hex(&prove(&key, Role::Acceptor, &hello, 8, &[2; 32])),
+        "link_dialer_proof",
+        hex(&prove(&key, Role::Dialer, &hello, &[2; 32])),
     ));
     out.push((
-        "link_dialer_proof",
-        hex(&prove(&key, Role::Dialer, &hello, 8, &[2; 32])),
+        "link_acceptor_proof",
+        hex(&prove(&key, Role::Acceptor, &hello, &[2; 32])),
     ));
     for (name, marker) in [
         (
             "marker_open",
             Marker::Open {
                 from: "a".into(),
+                run: 7,
                 link: 3,
             },
         ),
@@ -270,6 +270,7 @@ fn samples() -> Vec<(&'static str, String)> {
             "marker_closed",
             Marker::Closed {
                 from: "a".into(),
+                run: 7,
                 link: 3,
             },
         ),
@@ -381,31 +382,34 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
     (
         "link_hello",
-        "86a776657273696f6e01a466726f6da161aa66726f6d5f65706f636807a2746fa162a46c696e6b03a56e6f6e6365c4200101010101010101010101010101010101010101010101010101010101010101",
+        "87a776657273696f6e01a466726f6da161aa66726f6d5f65706f636807a2746fa162a8746f5f65706f636808a46c696e6b03a56e6f6e6365c4200101010101010101010101010101010101010101010101010101010101010101",
+    ),
+    (
+        "link_challenge",
+        "81a94368616c6c656e676581a56e6f6e6365c4200202020202020202020202020202020202020202020202020202020202020202",
+    ),
+    (
+        "link_proof",
+        "81a570726f6f66c4200303030303030303030303030303030303030303030303030303030303030303",
     ),
     (
         "link_welcome",
-        "81a757656c636f6d6584a46e6f6465a162a565706f636808a56e6f6e6365c4200202020202020202020202020202020202020202020202020202020202020202a570726f6f66c4200303030303030303030303030303030303030303030303030303030303030303",
+        "81a757656c636f6d6581a570726f6f66c4200404040404040404040404040404040404040404040404040404040404040404",
     ),
     (
         "link_refused",
         "81a75265667573656481a3776879ba746861742072756e20776173206465636c617265642064656164",
     ),
     (
-        "link_proof",
-        "81a570726f6f66c4200404040404040404040404040404040404040404040404040404040404040404",
+        "link_dialer_proof",
+        "7141ec14e0f2626f12cb801add506a9fdc97b665f928ad9568278a979e5578fa",
     ),
-    ("link_ready", "81a57265616479c3"),
     (
         "link_acceptor_proof",
         "0dbc1d6b86a580f22cc520966dfcb60046283c185cccd94a993ab28fb9a46242",
     ),
-    (
-        "link_dialer_proof",
-        "7141ec14e0f2626f12cb801add506a9fdc97b665f928ad9568278a979e5578fa",
-    ),
-    ("marker_open", "c14f000000000000000361"),
-    ("marker_closed", "c143000000000000000361"),
+    ("marker_open", "c14f0000000000000003000000000000000761"),
+    ("marker_closed", "c1430000000000000003000000000000000761"),
     (
         "record",
         "88a46e6f6465a161a565706f636807a475736572b57369703a616c696365406578616d706c652e636f6da6646576696365a66c6170746f70ab7075626c69636174696f6e83a86163746976697479a6616374697665a769646c655f6d7300ad7374616d705f756e69785f6d73cf000001a24db46e00a6737461747573a462757379b27374617475735f7365745f756e69785f6d73cf000001a24db46e01b1636f6e6e65637465645f756e69785f6d73cf000001a24db46a18",

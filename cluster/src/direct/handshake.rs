@@ -2,16 +2,19 @@
 //! sending it, by a challenge answered with an HMAC-SHA256 over both sides' fresh nonces and the
 //! link's identity (which node dials which, in which runs, which link). A recorded handshake
 //! cannot be replayed (the other side's nonce is new each time), nor a proof moved to another
-//! link or role.
+//! link or role. The dialer proves first: the acceptor, which anyone may reach, says nothing
+//! that would let a stranger test guesses of the secret offline (the dialer dials only
+//! addresses it heard in heartbeats over NATS).
 //!
-//! Frames are length-prefixed (`LengthDelimitedCodec`, a 4-byte big-endian length); the
-//! handshake's are MessagePack maps:
+//! Frames are length-prefixed (`LengthDelimitedCodec`, a 4-byte big-endian length, at most
+//! 4 KiB until the end of the handshake); the handshake's are MessagePack maps:
 //!
 //! 1. dialer → acceptor: [`Hello`];
-//! 2. acceptor → dialer: [`Reply::Welcome`] with its proof, or [`Reply::Refused`];
+//! 2. acceptor → dialer: [`Reply::Challenge`], or [`Reply::Refused`] (a wrong version, node or
+//!    run, or a run declared dead);
 //! 3. dialer → acceptor: [`Proof`];
-//! 4. acceptor → dialer: [`Ready`]. From here only the dialer sends: one envelope payload per
-//!    frame.
+//! 4. acceptor → dialer: [`Reply::Welcome`] with its own proof, or [`Reply::Refused`]. From
+//!    here only the dialer sends: one envelope payload per frame.
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};
@@ -25,21 +28,23 @@ pub struct Hello {
     pub version: u32,
     pub from: String,
     pub from_epoch: u64,
-    /// The node the dialer means to reach (an address may have changed hands).
+    /// The node and run the dialer means to reach (from its heartbeat): an address may have
+    /// changed hands, and a run may have ended.
     pub to: String,
+    pub to_epoch: u64,
     pub link: u64,
     #[serde(with = "serde_bytes")]
     pub nonce: Vec<u8>,
 }
 
-/// Step 2.
+/// Steps 2 and 4.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Reply {
-    Welcome {
-        node: String,
-        epoch: u64,
+    Challenge {
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
+    },
+    Welcome {
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
@@ -53,12 +58,6 @@ pub enum Reply {
 pub struct Proof {
     #[serde(with = "serde_bytes")]
     pub proof: Vec<u8>,
-}
-
-/// Step 4.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ready {
-    pub ready: bool,
 }
 
 /// Bytes of each side's nonce.
@@ -84,9 +83,9 @@ pub fn nonce() -> Vec<u8> {
     n
 }
 
-/// What a proof signs: the role, the hello's facts, the acceptor's run, and both nonces, each
-/// with its length so that no two different sets of facts read the same.
-fn signed(role: Role, hello: &Hello, acceptor_epoch: u64, acceptor_nonce: &[u8]) -> Vec<u8> {
+/// What a proof signs: the role, the hello's facts and both nonces, each variable part with
+/// its length so that no two different sets of facts read the same.
+fn signed(role: Role, hello: &Hello, acceptor_nonce: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(160);
     m.extend_from_slice(b"confab-link/1\0");
     m.push(match role {
@@ -103,20 +102,14 @@ fn signed(role: Role, hello: &Hello, acceptor_epoch: u64, acceptor_nonce: &[u8])
         m.extend_from_slice(part);
     }
     m.extend_from_slice(&hello.from_epoch.to_be_bytes());
-    m.extend_from_slice(&acceptor_epoch.to_be_bytes());
+    m.extend_from_slice(&hello.to_epoch.to_be_bytes());
     m.extend_from_slice(&hello.link.to_be_bytes());
     m
 }
 
 /// The proof `role` gives for this handshake.
-pub fn prove(
-    key: &hmac::Key,
-    role: Role,
-    hello: &Hello,
-    acceptor_epoch: u64,
-    acceptor_nonce: &[u8],
-) -> Vec<u8> {
-    hmac::sign(key, &signed(role, hello, acceptor_epoch, acceptor_nonce))
+pub fn prove(key: &hmac::Key, role: Role, hello: &Hello, acceptor_nonce: &[u8]) -> Vec<u8> {
+    hmac::sign(key, &signed(role, hello, acceptor_nonce))
         .as_ref()
         .to_vec()
 }
@@ -126,18 +119,12 @@ pub fn verify(
     key: &hmac::Key,
     role: Role,
     hello: &Hello,
-    acceptor_epoch: u64,
     acceptor_nonce: &[u8],
     proof: &[u8],
 ) -> bool {
     hello.nonce.len() == NONCE_LEN
         && acceptor_nonce.len() == NONCE_LEN
-        && hmac::verify(
-            key,
-            &signed(role, hello, acceptor_epoch, acceptor_nonce),
-            proof,
-        )
-        .is_ok()
+        && hmac::verify(key, &signed(role, hello, acceptor_nonce), proof).is_ok()
 }
 
 #[cfg(test)]
@@ -150,6 +137,7 @@ mod tests {
             from: "a".into(),
             from_epoch: 10,
             to: "b".into(),
+            to_epoch: 20,
             link: 3,
             nonce: nonce(),
         }
@@ -160,35 +148,39 @@ mod tests {
         let k = key("a shared secret of the cluster");
         let h = hello();
         let an = nonce();
-        let p = prove(&k, Role::Acceptor, &h, 20, &an);
-        assert!(verify(&k, Role::Acceptor, &h, 20, &an, &p));
-        assert!(!verify(&k, Role::Dialer, &h, 20, &an, &p), "the other role");
+        let p = prove(&k, Role::Acceptor, &h, &an);
+        assert!(verify(&k, Role::Acceptor, &h, &an, &p));
+        assert!(!verify(&k, Role::Dialer, &h, &an, &p), "the other role");
         assert!(
-            !verify(&key("another secret"), Role::Acceptor, &h, 20, &an, &p),
+            !verify(&key("another secret"), Role::Acceptor, &h, &an, &p),
             "another secret"
         );
-        assert!(!verify(&k, Role::Acceptor, &h, 21, &an, &p), "another run");
+        let other_run = Hello {
+            to_epoch: 21,
+            ..h.clone()
+        };
         assert!(
-            !verify(&k, Role::Acceptor, &h, 20, &nonce(), &p),
-            "a replay"
+            !verify(&k, Role::Acceptor, &other_run, &an, &p),
+            "another run"
         );
+        assert!(!verify(&k, Role::Acceptor, &h, &nonce(), &p), "a replay");
         let other_link = Hello {
             link: 4,
             ..h.clone()
         };
-        assert!(!verify(&k, Role::Acceptor, &other_link, 20, &an, &p));
+        assert!(!verify(&k, Role::Acceptor, &other_link, &an, &p));
         let other_node = Hello {
             to: "c".into(),
             ..h.clone()
         };
-        assert!(!verify(&k, Role::Acceptor, &other_node, 20, &an, &p));
+        assert!(!verify(&k, Role::Acceptor, &other_node, &an, &p));
         let short = Hello {
             nonce: vec![0; 4],
             ..h
         };
-        let p = prove(&k, Role::Acceptor, &short, 20, &an);
+        let p = prove(&k, Role::Acceptor, &short, &an);
         assert!(
-            !verify(&k, Role::Acceptor, &short, 20, &an, &p),
+            !verify(&k, Role::Acceptor, &short, &an, &p),
             "a short nonce"
         );
     }
@@ -207,7 +199,7 @@ mod tests {
             to: "bc".into(),
             ..h.clone()
         };
-        let p = prove(&k, Role::Dialer, &h, 1, &an);
-        assert!(!verify(&k, Role::Dialer, &shifted, 1, &an, &p));
+        let p = prove(&k, Role::Dialer, &h, &an);
+        assert!(!verify(&k, Role::Dialer, &shifted, &an, &p));
     }
 }

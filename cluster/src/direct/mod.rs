@@ -16,9 +16,12 @@
 //!   NATS to a link and back, by markers on NATS (`order.rs`). The switches are decided in
 //!   [`LinkedTransport::publish`], which only the publisher task calls, one envelope after
 //!   another.
-//! - **Faults**: a link that cannot write for `node_timeout` (TCP_USER_TIMEOUT), or whose other
-//!   end closed, ends; what it still held is lost, as NATS may lose envelopes, and answered the
-//!   same way (a message's 408).
+//! - **Faults**: a link whose writer falls behind for a quarter of `node_timeout` (the
+//!   publisher never waits longer for it: heartbeats share the publisher), that cannot write
+//!   for `node_timeout` (TCP_USER_TIMEOUT), or whose other end closed, ends; what it still
+//!   held is lost, as NATS may lose envelopes, and answered the same way (a message's 408).
+//!   A link in use never ends without its `Closed` marker: the marker is owed, and goes before
+//!   anything else for that node.
 
 pub mod handshake;
 pub mod order;
@@ -38,21 +41,20 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use confab_actors::metrics as m;
-use order::{HoldLimit, Marker};
+use order::Marker;
 use socket::{accept_loop, dial};
 
-/// The largest frame a link carries: a batch is at most 16 KiB plus one envelope, and the
-/// largest single envelopes (a relayed session's frames, an admin answer) stay far below what
-/// NATS itself takes (1 MiB by default).
+/// The largest frame a link carries: a batch holds at most 256 KiB of envelopes plus one, and
+/// the largest single envelopes (a relayed session's frames, an admin answer) stay below what
+/// NATS itself takes (1 MiB by default). A link takes more than NATS would; nothing sends more.
 const MAX_FRAME: usize = 8 * 1024 * 1024;
-/// Payloads waiting for a link's writer: past this the publisher waits, as it waits for the
-/// NATS client's buffer.
+/// Payloads waiting for a link's writer: when full, the publisher waits a quarter of
+/// `node_timeout` at most, then gives the link up.
 const WRITER_QUEUE: usize = 256;
-/// What a link may hold for its `Open` marker (`order.rs`, rule 5).
-const HOLD: HoldLimit = HoldLimit {
-    payloads: 4096,
-    bytes: 16 * 1024 * 1024,
-};
+/// What a link may hold for its `Open` marker (`order.rs`, rule 5), besides the time
+/// (`node_timeout`).
+const HOLD_PAYLOADS: usize = 4096;
+const HOLD_BYTES: usize = 16 * 1024 * 1024;
 /// Payloads read from the links and not yet taken by the inbox; past this the readers wait.
 const INBOX_QUEUE: usize = 4096;
 /// Handshakes under way at once; a connection past this is closed at once (a node has one
@@ -62,9 +64,14 @@ const MAX_HANDSHAKES: usize = 64;
 const HANDSHAKE_MAX_FRAME: usize = 4096;
 /// How long a handshake may take, each side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Back-off between dials of a node that could not be reached, doubling up to the most.
+/// Back-off between dials of a node, doubling up to the most; back to the first only after a
+/// link lived [`STEADY_LINK`] (a link that keeps failing at once is not redialed at once).
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MOST_BACKOFF: Duration = Duration::from_secs(10);
+const STEADY_LINK: Duration = Duration::from_secs(10);
+/// A refused handshake or a failed dial is logged at `warn` at most this often (then `debug`):
+/// a misconfigured node, or someone knocking, must not fill the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// `cluster.link_*`, checked.
 #[derive(Clone)]
@@ -73,8 +80,9 @@ pub struct LinkSettings {
     /// What the heartbeat tells the others to dial.
     pub advertise: String,
     pub secret: String,
-    /// How long a write may go unacknowledged before the link ends (`node_timeout`).
-    pub write_timeout: Duration,
+    /// `cluster.node_timeout_ms`: how long a write may go unacknowledged before the link ends,
+    /// and how long a link's envelopes may wait for its `Open` marker.
+    pub node_timeout: Duration,
 }
 
 /// A node's direct links, as tests and operators see them.
@@ -104,6 +112,8 @@ enum Out {
 /// A dialed, handshaken link.
 struct OutLink {
     id: u64,
+    /// This node's run when it dialed (its markers name it).
+    run: u64,
     tx: mpsc::Sender<Out>,
 }
 
@@ -117,6 +127,28 @@ enum PeerState {
     Ready(OutLink),
     /// Its `Open` marker sent: this node's envelopes for the peer go over it.
     Open(OutLink),
+    /// Link `id` of run `run` was in use and is over; its `Closed` marker goes before anything
+    /// else for the peer, then the peer is idle until `retry_at`.
+    Owed {
+        id: u64,
+        run: u64,
+        retry_at: Instant,
+    },
+}
+
+impl PeerState {
+    /// The link (if any) goes; one in use leaves its `Closed` marker owed.
+    fn retire(&mut self, retry_at: Instant) {
+        *self = match std::mem::replace(self, PeerState::Dialing) {
+            PeerState::Open(l) => PeerState::Owed {
+                id: l.id,
+                run: l.run,
+                retry_at,
+            },
+            owed @ PeerState::Owed { .. } => owed,
+            _ => PeerState::Idle { retry_at },
+        };
+    }
 }
 
 /// Another node this one links to, as its heartbeat described it.
@@ -125,13 +157,32 @@ struct Peer {
     addr: String,
     state: PeerState,
     backoff: Duration,
+    /// Failed dials in a row (the first is logged at `warn`).
+    failures: u32,
 }
 
 /// A payload read from an accepted link, for the inbox.
 struct FromLink {
     from: String,
+    /// The dialer's run.
+    run: u64,
     link: u64,
     payload: Bytes,
+}
+
+/// What the inbox must forget.
+enum Forget {
+    /// Runs of a node up to this one, declared dead.
+    Node(String, u64),
+    /// Everything: this node starts a new run.
+    All,
+}
+
+/// A reader of an accepted link.
+struct Accepted {
+    /// The dialer's run.
+    run: u64,
+    reader: AbortHandle,
 }
 
 /// This node's direct links: the ones it dialed (by node) and the ones it accepted.
@@ -142,22 +193,23 @@ pub struct Links {
     settings: LinkSettings,
     peers: Mutex<HashMap<String, Peer>>,
     /// Readers of accepted links, by (node, link).
-    accepted: Mutex<HashMap<(String, u64), AbortHandle>>,
+    accepted: Mutex<HashMap<(String, u64), Accepted>>,
     /// The latest run of each node declared dead (its links are refused).
     dead: Mutex<HashMap<String, u64>>,
     /// Payloads read from accepted links, for the inbox: bounded, so that a slow inbox holds
     /// the links' readers back (and through TCP their senders) instead of growing memory.
     received: mpsc::Sender<FromLink>,
-    /// Nodes declared dead, for the inbox to forget (apart, so that a full `received` never
-    /// holds up or loses one).
-    forgotten: mpsc::UnboundedSender<String>,
+    /// What the inbox must forget (apart, so that a full `received` never holds one up).
+    forgotten: mpsc::UnboundedSender<Forget>,
     /// Payloads written to dialed links, and read from accepted ones, since the start.
     written: AtomicU64,
     read: AtomicU64,
     failed_dials: AtomicU64,
     refused: AtomicU64,
+    /// When a refusal was last logged at `warn`.
+    refusal_warned: Mutex<Option<Instant>>,
     /// Taken by the inbox's subscription.
-    inbox: Mutex<Option<(mpsc::Receiver<FromLink>, mpsc::UnboundedReceiver<String>)>>,
+    inbox: Mutex<Option<(mpsc::Receiver<FromLink>, mpsc::UnboundedReceiver<Forget>)>>,
     /// Handshakes under way, bounded by [`MAX_HANDSHAKES`].
     handshakes: Arc<tokio::sync::Semaphore>,
     next_link: AtomicU64,
@@ -176,8 +228,11 @@ enum Route {
         tx: mpsc::Sender<Out>,
         open: Option<Bytes>,
     },
-    /// Over NATS after this `Closed` marker.
-    Closed(Bytes),
+    /// Over NATS after link `id`'s `Closed` marker (owed until published).
+    Closed {
+        id: u64,
+        marker: Bytes,
+    },
 }
 
 impl Links {
@@ -205,12 +260,13 @@ impl Links {
             dead: Mutex::new(HashMap::new()),
             received,
             forgotten,
-            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
             failed_dials: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refusal_warned: Mutex::new(None),
             inbox: Mutex::new(Some((inbox, forget_rx))),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             next_link: AtomicU64::new(rand::random::<u32>() as u64),
         });
         tracing::info!(listen = %links.settings.listen, advertise = %links.settings.advertise, "direct links to other nodes on");
@@ -225,6 +281,7 @@ impl Links {
             "refused",
             "overflow",
             "late_dropped",
+            "stalled",
         ] {
             metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => event).increment(0);
         }
@@ -237,12 +294,34 @@ impl Links {
         &self.settings.advertise
     }
 
-    /// This node starts run `epoch` (a rejoin): its links, made for the run before, go; the
-    /// next heartbeats dial again.
+    /// The order rules' bounds on what a link holds for its `Open` marker.
+    fn hold_limit(&self) -> order::HoldLimit {
+        order::HoldLimit {
+            payloads: HOLD_PAYLOADS,
+            bytes: HOLD_BYTES,
+            time: self.settings.node_timeout,
+        }
+    }
+
+    /// How long the publisher waits for a link's full queue before giving the link up.
+    fn stall(&self) -> Duration {
+        self.settings.node_timeout / 4
+    }
+
+    /// This node starts run `epoch` (a rejoin): every link goes, both ways (the ones in use
+    /// owe their `Closed` marker), and the inbox forgets every sender; the next heartbeats
+    /// dial again.
     pub fn new_run(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
-        lock(&self.peers).clear();
+        for peer in lock(&self.peers).values_mut() {
+            peer.state.retire(Instant::now());
+        }
+        for (_, a) in lock(&self.accepted).drain() {
+            a.reader.abort();
+        }
+        let _ = self.forgotten.send(Forget::All);
         self.gauge_out();
+        self.gauge_in();
     }
 
     /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr`: dials it unless
@@ -251,31 +330,28 @@ impl Links {
         if node == self.me || self.is_dead(node, epoch) {
             return;
         }
+        let now = Instant::now();
         let mut peers = lock(&self.peers);
         let peer = peers.entry(node.to_owned()).or_insert_with(|| Peer {
             epoch,
             addr: addr.to_owned(),
-            state: PeerState::Idle {
-                retry_at: Instant::now(),
-            },
+            state: PeerState::Idle { retry_at: now },
             backoff: FIRST_BACKOFF,
+            failures: 0,
         });
         if peer.epoch != epoch || peer.addr != addr {
-            // Another run, or it moved: whatever link there was is not to it.
-            *peer = Peer {
-                epoch,
-                addr: addr.to_owned(),
-                state: PeerState::Idle {
-                    retry_at: Instant::now(),
-                },
-                backoff: FIRST_BACKOFF,
-            };
+            // Another run, or it moved: whatever link there was is not to it (one in use owes
+            // its `Closed`, which the new run takes as a link it never knew).
+            peer.epoch = epoch;
+            peer.addr = addr.to_owned();
+            peer.backoff = FIRST_BACKOFF;
+            peer.state.retire(now);
         }
         let due = match &peer.state {
-            PeerState::Idle { retry_at } => Instant::now() >= *retry_at,
-            PeerState::Dialing => false,
+            PeerState::Idle { retry_at } => now >= *retry_at,
+            PeerState::Dialing | PeerState::Owed { .. } => false,
             // A link never used whose writer ended is dialed again; one in use waits for the
-            // publisher, who sends its `Closed` marker when it next sends to this node.
+            // publisher, who owes its `Closed` marker and sends it when it next sends there.
             PeerState::Ready(l) => l.tx.is_closed(),
             PeerState::Open(_) => false,
         };
@@ -294,28 +370,28 @@ impl Links {
         ));
     }
 
-    /// `node`'s run `epoch` (and every earlier run) was declared dead: its links close, and
-    /// later ones from it are refused.
+    /// `node`'s run `epoch` (and every earlier run) was declared dead: its links close (one in
+    /// use owes its `Closed` marker, harmless if the run is really gone, and in order if it was
+    /// only cut off), and later dials from those runs are refused.
     pub fn node_lost(&self, node: &str, epoch: u64) {
         {
             let mut dead = lock(&self.dead);
             let latest = dead.entry(node.to_owned()).or_insert(epoch);
             *latest = (*latest).max(epoch);
         }
+        if let Some(peer) = lock(&self.peers).get_mut(node)
+            && peer.epoch <= epoch
         {
-            let mut peers = lock(&self.peers);
-            if peers.get(node).is_some_and(|p| p.epoch <= epoch) {
-                peers.remove(node);
-            }
+            peer.state.retire(Instant::now() + MOST_BACKOFF);
         }
-        lock(&self.accepted).retain(|(from, _), reader| {
-            let keep = from != node;
+        lock(&self.accepted).retain(|(from, _), a| {
+            let keep = from != node || a.run > epoch;
             if !keep {
-                reader.abort();
+                a.reader.abort();
             }
             keep
         });
-        let _ = self.forgotten.send(node.to_owned());
+        let _ = self.forgotten.send(Forget::Node(node.to_owned(), epoch));
         self.gauge_out();
         self.gauge_in();
     }
@@ -328,18 +404,16 @@ impl Links {
     pub fn cut_all(&self) -> usize {
         let mut n = 0;
         for peer in lock(&self.peers).values_mut() {
-            if let PeerState::Ready(_) | PeerState::Open(_) = peer.state {
-                n += 1;
-            }
             // The writer ends with its last sender; the publisher then finds the link
             // closed and sends the `Closed` marker.
             if let PeerState::Ready(l) | PeerState::Open(l) = &mut peer.state {
+                n += 1;
                 let (tx, _) = mpsc::channel(1);
                 l.tx = tx;
             }
         }
-        for (_, reader) in lock(&self.accepted).drain() {
-            reader.abort();
+        for (_, a) in lock(&self.accepted).drain() {
+            a.reader.abort();
             n += 1;
         }
         self.gauge_in();
@@ -387,25 +461,26 @@ impl Links {
         let Some(peer) = peers.get_mut(node) else {
             return Route::Nats;
         };
+        if let PeerState::Open(l) = &peer.state
+            && l.tx.is_closed()
+        {
+            peer.state.retire(Instant::now() + peer.backoff);
+        }
+        if let PeerState::Ready(l) = &peer.state
+            && l.tx.is_closed()
+        {
+            peer.state.retire(Instant::now() + peer.backoff);
+        }
         match &peer.state {
-            PeerState::Open(l) if l.tx.is_closed() => {
-                let closed = self.marker_closed(l.id);
-                peer.state = PeerState::Idle {
-                    retry_at: Instant::now() + FIRST_BACKOFF,
-                };
-                Route::Closed(closed)
-            }
+            PeerState::Owed { id, run, .. } => Route::Closed {
+                id: *id,
+                marker: self.marker_closed(*run, *id),
+            },
             PeerState::Open(l) => Route::Link {
                 id: l.id,
                 tx: l.tx.clone(),
                 open: None,
             },
-            PeerState::Ready(l) if l.tx.is_closed() => {
-                peer.state = PeerState::Idle {
-                    retry_at: Instant::now() + FIRST_BACKOFF,
-                };
-                Route::Nats
-            }
             PeerState::Ready(_) => {
                 let PeerState::Ready(l) = std::mem::replace(&mut peer.state, PeerState::Dialing)
                 else {
@@ -417,6 +492,7 @@ impl Links {
                     open: Some(
                         Marker::Open {
                             from: self.me.clone(),
+                            run: l.run,
                             link: l.id,
                         }
                         .encode(),
@@ -429,19 +505,28 @@ impl Links {
         }
     }
 
-    /// The link `id` to `node` failed under the publisher: back to NATS, after the marker
-    /// (None when the link was replaced meanwhile and the marker went already).
-    fn failed(&self, node: &str, id: u64) -> Option<Bytes> {
+    /// Link `id` to `node` cannot take the publisher's envelope (ended, or stalled): it goes,
+    /// owing its `Closed` marker.
+    fn failed(&self, node: &str, id: u64) {
         let mut peers = lock(&self.peers);
-        let peer = peers.get_mut(node)?;
-        match &peer.state {
-            PeerState::Open(l) if l.id == id => {
-                peer.state = PeerState::Idle {
-                    retry_at: Instant::now() + FIRST_BACKOFF,
-                };
-                Some(self.marker_closed(id))
-            }
-            _ => None,
+        if let Some(peer) = peers.get_mut(node)
+            && let PeerState::Open(l) = &peer.state
+            && l.id == id
+        {
+            peer.state.retire(Instant::now() + peer.backoff);
+        }
+    }
+
+    /// Link `id`'s `Closed` marker is published: nothing is owed any more.
+    fn closed_sent(&self, node: &str, id: u64) {
+        let mut peers = lock(&self.peers);
+        if let Some(peer) = peers.get_mut(node)
+            && let PeerState::Owed {
+                id: owed, retry_at, ..
+            } = peer.state
+            && owed == id
+        {
+            peer.state = PeerState::Idle { retry_at };
         }
     }
 
@@ -459,37 +544,70 @@ impl Links {
         }
     }
 
-    fn marker_closed(&self, link: u64) -> Bytes {
+    fn marker_closed(&self, run: u64, link: u64) -> Bytes {
         Marker::Closed {
             from: self.me.clone(),
+            run,
             link,
         }
         .encode()
     }
 
-    /// A dial of `node` (run `epoch`) ended: with a link, or not.
-    fn dialed(&self, node: &str, epoch: u64, link: Option<OutLink>) {
+    /// A dial of `node` (run `epoch`) ended: with a link, or not (and why). Whether to log the
+    /// failure at `warn` (the first of a streak).
+    fn dialed(&self, node: &str, epoch: u64, link: Option<OutLink>) -> bool {
         let mut peers = lock(&self.peers);
         let Some(peer) = peers.get_mut(node).filter(|p| p.epoch == epoch) else {
-            return;
+            return false;
         };
         if !matches!(peer.state, PeerState::Dialing) {
-            return;
+            return false;
         }
-        match link {
+        let warn = match link {
             Some(l) => {
-                peer.backoff = FIRST_BACKOFF;
+                peer.failures = 0;
                 peer.state = PeerState::Ready(l);
+                false
             }
             None => {
+                peer.failures += 1;
                 peer.state = PeerState::Idle {
                     retry_at: Instant::now() + peer.backoff,
                 };
+                peer.backoff = (peer.backoff * 2).min(MOST_BACKOFF);
+                peer.failures == 1
+            }
+        };
+        drop(peers);
+        self.gauge_out();
+        warn
+    }
+
+    /// A dialed link to `node` ended after `lived`: a link that lived long resets the back-off.
+    fn link_ended(&self, node: &str, lived: Duration) {
+        let mut peers = lock(&self.peers);
+        if let Some(peer) = peers.get_mut(node) {
+            if lived >= STEADY_LINK {
+                peer.backoff = FIRST_BACKOFF;
+            } else {
                 peer.backoff = (peer.backoff * 2).min(MOST_BACKOFF);
             }
         }
         drop(peers);
         self.gauge_out();
+    }
+
+    /// Counts a refused handshake; whether to log it at `warn` (at most every [`WARN_EVERY`]).
+    fn refusal(&self) -> bool {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "refused").increment(1);
+        let mut last = lock(&self.refusal_warned);
+        let now = Instant::now();
+        let warn = last.is_none_or(|at| now.duration_since(at) >= WARN_EVERY);
+        if warn {
+            *last = Some(now);
+        }
+        warn
     }
 
     /// Everything given to the open links so far is written (or they failed).

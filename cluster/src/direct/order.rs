@@ -16,10 +16,16 @@
 //!    between nodes is allowed and answered; reordering is not.)
 //! 5. What is held for a link is bounded: past the bound it is dropped and the link must be
 //!    closed, so that its sender goes back to NATS.
-//! 6. A node declared dead is forgotten whole.
+//! 6. A run of a node declared dead is forgotten (its later runs are not).
+//! 7. An `Open` for a link already closed (or refused for holding too much) opens nothing.
+//!
+//! Everything is kept per sending run (node and epoch): a restarted node's new links never
+//! meet its old run's state.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What every marker starts with: 0xc1 is never used by MessagePack, so a marker can never be
 /// read as an envelope, nor an envelope as a marker.
@@ -30,23 +36,24 @@ const CLOSED: u8 = b'C';
 /// A sender's switch between NATS and one of its links, published on the receiver's NATS inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Marker {
-    /// From here, `from`'s envelopes for this node go over link `link`.
-    Open { from: String, link: u64 },
-    /// From here, `from`'s envelopes for this node go over NATS again; link `link` is over.
-    Closed { from: String, link: u64 },
+    /// From here, run `run` of `from` sends its envelopes for this node over link `link`.
+    Open { from: String, run: u64, link: u64 },
+    /// From here, run `run` of `from` sends over NATS again; link `link` is over.
+    Closed { from: String, run: u64, link: u64 },
 }
 
 impl Marker {
-    /// `[0xc1, kind, link (8 bytes, big-endian), from (UTF-8)]`.
+    /// `[0xc1, kind, link (8 bytes, big-endian), run (8 bytes, big-endian), from (UTF-8)]`.
     pub fn encode(&self) -> Bytes {
-        let (kind, from, link) = match self {
-            Marker::Open { from, link } => (OPEN, from, link),
-            Marker::Closed { from, link } => (CLOSED, from, link),
+        let (kind, from, run, link) = match self {
+            Marker::Open { from, run, link } => (OPEN, from, run, link),
+            Marker::Closed { from, run, link } => (CLOSED, from, run, link),
         };
-        let mut out = Vec::with_capacity(10 + from.len());
+        let mut out = Vec::with_capacity(18 + from.len());
         out.push(MARKER_TAG);
         out.push(kind);
         out.extend_from_slice(&link.to_be_bytes());
+        out.extend_from_slice(&run.to_be_bytes());
         out.extend_from_slice(from.as_bytes());
         Bytes::from(out)
     }
@@ -59,12 +66,14 @@ impl Marker {
             return None;
         }
         let (&kind, rest) = rest.split_first()?;
-        let (link, from) = rest.split_at_checked(8)?;
+        let (link, rest) = rest.split_at_checked(8)?;
+        let (run, from) = rest.split_at_checked(8)?;
         let link = u64::from_be_bytes(link.try_into().ok()?);
+        let run = u64::from_be_bytes(run.try_into().ok()?);
         let from = std::str::from_utf8(from).ok()?.to_owned();
         match kind {
-            OPEN => Some(Marker::Open { from, link }),
-            CLOSED => Some(Marker::Closed { from, link }),
+            OPEN => Some(Marker::Open { from, run, link }),
+            CLOSED => Some(Marker::Closed { from, run, link }),
             _ => None,
         }
     }
@@ -77,18 +86,21 @@ pub enum LinkVerdict {
     Held,
     /// Its link was closed already (rule 4).
     Dropped,
-    /// Over the bound (rule 5): what was held is dropped; the caller closes the link.
+    /// Over the bound, or held too long (rule 5): what was held is dropped; the caller closes
+    /// the link.
     Overflow,
 }
 
 /// Links whose `Closed` was read, kept per sender so late payloads are recognised.
 const CLOSED_KEPT: usize = 8;
 
-/// The bounds on what is held for one link before its `Open` (rule 5).
+/// The bounds on what is held for one link before its `Open` (rule 5): an `Open` lost on the
+/// way (core NATS delivers at most once) must not hold a link's envelopes for ever.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldLimit {
     pub payloads: usize,
     pub bytes: usize,
+    pub time: Duration,
 }
 
 #[derive(Default)]
@@ -98,16 +110,17 @@ struct Sender {
     closed: VecDeque<u64>,
 }
 
-#[derive(Default)]
 struct Held {
     payloads: VecDeque<Bytes>,
     bytes: usize,
+    /// When the first was held.
+    since: Instant,
 }
 
-/// The receiving side's state: per sending node, its open link, what is held, and the links
-/// closed lately.
+/// The receiving side's state: per sending run (node, epoch), its open link, what is held,
+/// and the links closed lately.
 pub struct InboxOrder {
-    senders: HashMap<String, Sender>,
+    senders: HashMap<(String, u64), Sender>,
     limit: HoldLimit,
 }
 
@@ -120,48 +133,45 @@ impl InboxOrder {
     }
 
     /// A payload read on NATS: an envelope is delivered into `out` (rule 1); a marker is
-    /// applied (rules 3 and 4), an `Open` delivering what its link had held.
+    /// applied (rules 3, 4 and 7), an `Open` delivering what its link had held.
     pub fn nats(&mut self, payload: Bytes, out: &mut VecDeque<Bytes>) {
         let Some(marker) = Marker::decode(&payload) else {
             out.push_back(payload);
             return;
         };
         match marker {
-            Marker::Open { from, link } => {
-                let sender = self.senders.entry(from).or_default();
+            Marker::Open { from, run, link } => {
+                let sender = self.senders.entry((from, run)).or_default();
+                if sender.closed.contains(&link) {
+                    return;
+                }
                 sender.open = Some(link);
                 if let Some(held) = sender.held.remove(&link) {
                     out.extend(held.payloads);
                 }
             }
-            Marker::Closed { from, link } => {
-                let sender = self.senders.entry(from).or_default();
+            Marker::Closed { from, run, link } => {
+                let sender = self.senders.entry((from, run)).or_default();
                 if sender.open == Some(link) {
                     sender.open = None;
                 }
                 sender.held.remove(&link);
-                if !sender.closed.contains(&link) {
-                    if sender.closed.len() == CLOSED_KEPT {
-                        sender.closed.pop_front();
-                    }
-                    sender.closed.push_back(link);
-                }
+                sender.close(link);
             }
         }
     }
 
-    /// A payload read on link `link` from `from` (rules 2 to 5).
+    /// A payload read on link `link` of `from`'s run `run`, at `now` (rules 2 to 5).
     pub fn link(
         &mut self,
-        from: &str,
+        (from, run): (&str, u64),
         link: u64,
         payload: Bytes,
+        now: Instant,
         out: &mut VecDeque<Bytes>,
     ) -> LinkVerdict {
-        let sender = match self.senders.get_mut(from) {
-            Some(s) => s,
-            None => self.senders.entry(from.to_owned()).or_default(),
-        };
+        let key = (from.to_owned(), run);
+        let sender = self.senders.entry(key).or_default();
         if sender.open == Some(link) {
             out.push_back(payload);
             return LinkVerdict::Delivered;
@@ -169,15 +179,17 @@ impl InboxOrder {
         if sender.closed.contains(&link) {
             return LinkVerdict::Dropped;
         }
-        let held = sender.held.entry(link).or_default();
+        let held = sender.held.entry(link).or_insert_with(|| Held {
+            payloads: VecDeque::new(),
+            bytes: 0,
+            since: now,
+        });
         if held.payloads.len() >= self.limit.payloads
             || held.bytes + payload.len() > self.limit.bytes
+            || now.duration_since(held.since) > self.limit.time
         {
             sender.held.remove(&link);
-            if sender.closed.len() == CLOSED_KEPT {
-                sender.closed.pop_front();
-            }
-            sender.closed.push_back(link);
+            sender.close(link);
             return LinkVerdict::Overflow;
         }
         held.bytes += payload.len();
@@ -185,9 +197,14 @@ impl InboxOrder {
         LinkVerdict::Held
     }
 
-    /// `from` was declared dead (rule 6): its state goes; a later run starts afresh.
-    pub fn forget(&mut self, from: &str) {
-        self.senders.remove(from);
+    /// Runs of `from` up to `run` were declared dead (rule 6): their state goes.
+    pub fn forget(&mut self, from: &str, run: u64) {
+        self.senders.retain(|(node, r), _| node != from || *r > run);
+    }
+
+    /// This node starts a new run: every sender's state goes (their links are closed).
+    pub fn forget_all(&mut self) {
+        self.senders.clear();
     }
 
     /// Payloads held now, all links together.
@@ -201,6 +218,18 @@ impl InboxOrder {
     }
 }
 
+impl Sender {
+    /// Notes `link` closed, keeping the last [`CLOSED_KEPT`].
+    fn close(&mut self, link: u64) {
+        if !self.closed.contains(&link) {
+            if self.closed.len() == CLOSED_KEPT {
+                self.closed.pop_front();
+            }
+            self.closed.push_back(link);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,7 +237,9 @@ mod tests {
     const LIMIT: HoldLimit = HoldLimit {
         payloads: 4,
         bytes: 1024,
+        time: Duration::from_secs(1),
     };
+    const A: (&str, u64) = ("a", 10);
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -217,6 +248,7 @@ mod tests {
     fn open(link: u64) -> Bytes {
         Marker::Open {
             from: "a".into(),
+            run: 10,
             link,
         }
         .encode()
@@ -225,6 +257,7 @@ mod tests {
     fn closed(link: u64) -> Bytes {
         Marker::Closed {
             from: "a".into(),
+            run: 10,
             link,
         }
         .encode()
@@ -239,10 +272,12 @@ mod tests {
         for m in [
             Marker::Open {
                 from: "node-a".into(),
+                run: 1_765_000_000_000,
                 link: 7,
             },
             Marker::Closed {
                 from: "b".into(),
+                run: 1,
                 link: u64::MAX,
             },
         ] {
@@ -251,10 +286,9 @@ mod tests {
         // Every envelope is a MessagePack map (0x8_ or 0xde/0xdf): never 0xc1.
         assert_eq!(Marker::decode(b"\x81\xa5Batch"), None);
         assert_eq!(Marker::decode(b"\xc1O\x00"), None, "too short");
-        assert_eq!(
-            Marker::decode(b"\xc1X\x00\x00\x00\x00\x00\x00\x00\x01a"),
-            None
-        );
+        let mut unknown = open(1).to_vec();
+        unknown[1] = b'X';
+        assert_eq!(Marker::decode(&unknown), None, "an unknown kind");
         assert_eq!(Marker::decode(b""), None);
     }
 
@@ -272,7 +306,8 @@ mod tests {
         let mut out = VecDeque::new();
         o.nats(open(1), &mut out);
         assert!(out.is_empty(), "a marker is not delivered");
-        assert_eq!(o.link("a", 1, b("l1"), &mut out), LinkVerdict::Delivered);
+        let now = Instant::now();
+        assert_eq!(o.link(A, 1, b("l1"), now, &mut out), LinkVerdict::Delivered);
         assert_eq!(drain(&mut out), vec![b("l1")]);
     }
 
@@ -280,12 +315,13 @@ mod tests {
     fn rule_3_a_link_payload_before_its_open_waits_for_it_and_keeps_its_place() {
         let mut o = InboxOrder::new(LIMIT);
         let mut out = VecDeque::new();
-        assert_eq!(o.link("a", 1, b("l1"), &mut out), LinkVerdict::Held);
-        assert_eq!(o.link("a", 1, b("l2"), &mut out), LinkVerdict::Held);
+        let now = Instant::now();
+        assert_eq!(o.link(A, 1, b("l1"), now, &mut out), LinkVerdict::Held);
+        assert_eq!(o.link(A, 1, b("l2"), now, &mut out), LinkVerdict::Held);
         // Sent over NATS before the switch, read after the link's first payloads.
         o.nats(b("n1"), &mut out);
         o.nats(open(1), &mut out);
-        assert_eq!(o.link("a", 1, b("l3"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(o.link(A, 1, b("l3"), now, &mut out), LinkVerdict::Delivered);
         assert_eq!(drain(&mut out), vec![b("n1"), b("l1"), b("l2"), b("l3")]);
         assert_eq!(o.held(), 0);
     }
@@ -294,59 +330,104 @@ mod tests {
     fn rule_4_a_link_payload_after_its_closed_is_dropped() {
         let mut o = InboxOrder::new(LIMIT);
         let mut out = VecDeque::new();
+        let now = Instant::now();
         o.nats(open(1), &mut out);
         o.nats(closed(1), &mut out);
         o.nats(b("n2"), &mut out);
-        assert_eq!(o.link("a", 1, b("late"), &mut out), LinkVerdict::Dropped);
+        assert_eq!(o.link(A, 1, b("late"), now, &mut out), LinkVerdict::Dropped);
         assert_eq!(drain(&mut out), vec![b("n2")]);
         // Held ones go with the close too (their `Open` was lost).
-        assert_eq!(o.link("a", 2, b("x"), &mut out), LinkVerdict::Held);
+        assert_eq!(o.link(A, 2, b("x"), now, &mut out), LinkVerdict::Held);
         o.nats(closed(2), &mut out);
         assert_eq!(o.held(), 0);
         assert!(out.is_empty());
         // The next link is a link of its own.
         o.nats(open(3), &mut out);
-        assert_eq!(o.link("a", 3, b("l"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(o.link(A, 3, b("l"), now, &mut out), LinkVerdict::Delivered);
     }
 
     #[test]
-    fn rule_5_what_is_held_is_bounded_and_the_link_is_then_refused() {
+    fn rule_5_what_is_held_is_bounded_in_number_bytes_and_time() {
         let mut o = InboxOrder::new(LIMIT);
         let mut out = VecDeque::new();
+        let now = Instant::now();
         for _ in 0..LIMIT.payloads {
-            assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Held);
+            assert_eq!(o.link(A, 1, b("x"), now, &mut out), LinkVerdict::Held);
         }
-        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Overflow);
+        assert_eq!(o.link(A, 1, b("x"), now, &mut out), LinkVerdict::Overflow);
         assert_eq!(o.held(), 0);
-        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Dropped);
-        // Its late `Open` delivers nothing: what it held is gone.
+        assert_eq!(o.link(A, 1, b("x"), now, &mut out), LinkVerdict::Dropped);
+        // By bytes.
+        let big = Bytes::from(vec![0u8; 600]);
+        assert_eq!(o.link(A, 2, big.clone(), now, &mut out), LinkVerdict::Held);
+        assert_eq!(o.link(A, 2, big, now, &mut out), LinkVerdict::Overflow);
+        // By time: an `Open` lost on the way holds nothing for ever.
+        assert_eq!(o.link(A, 3, b("x"), now, &mut out), LinkVerdict::Held);
+        let later = now + LIMIT.time + Duration::from_millis(1);
+        assert_eq!(o.link(A, 3, b("x"), later, &mut out), LinkVerdict::Overflow);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn rule_6_only_the_dead_runs_of_a_sender_are_forgotten() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        let now = Instant::now();
+        o.nats(open(1), &mut out);
+        // Run 11 of the same node, restarted, dialed before its run 10 was declared dead.
+        o.nats(
+            Marker::Open {
+                from: "a".into(),
+                run: 11,
+                link: 5,
+            }
+            .encode(),
+            &mut out,
+        );
+        assert_eq!(
+            o.link(("b", 1), 9, b("x"), now, &mut out),
+            LinkVerdict::Held
+        );
+        o.forget("a", 10);
+        assert_eq!(
+            o.link(A, 1, b("x"), now, &mut out),
+            LinkVerdict::Held,
+            "forgotten"
+        );
+        assert_eq!(
+            o.link(("a", 11), 5, b("y"), now, &mut out),
+            LinkVerdict::Delivered,
+            "the later run keeps its link"
+        );
+        o.forget_all();
+        assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn rule_7_an_open_after_the_close_opens_nothing() {
+        let mut o = InboxOrder::new(LIMIT);
+        let mut out = VecDeque::new();
+        let now = Instant::now();
+        for _ in 0..=LIMIT.payloads {
+            o.link(A, 1, b("x"), now, &mut out);
+        }
+        // Refused for holding too much; its `Open` comes late.
         o.nats(open(1), &mut out);
         assert!(out.is_empty());
-        // By bytes too.
-        let big = Bytes::from(vec![0u8; 600]);
-        assert_eq!(o.link("a", 2, big.clone(), &mut out), LinkVerdict::Held);
-        assert_eq!(o.link("a", 2, big, &mut out), LinkVerdict::Overflow);
-    }
-
-    #[test]
-    fn rule_6_a_dead_sender_is_forgotten() {
-        let mut o = InboxOrder::new(LIMIT);
-        let mut out = VecDeque::new();
-        o.nats(open(1), &mut out);
-        assert_eq!(o.link("b", 9, b("x"), &mut out), LinkVerdict::Held);
-        o.forget("a");
-        assert_eq!(o.link("a", 1, b("x"), &mut out), LinkVerdict::Held);
-        o.forget("b");
-        assert_eq!(o.held(), 1);
+        assert_eq!(o.link(A, 1, b("y"), now, &mut out), LinkVerdict::Dropped);
     }
 
     #[test]
     fn senders_are_kept_apart() {
         let mut o = InboxOrder::new(LIMIT);
         let mut out = VecDeque::new();
+        let now = Instant::now();
         o.nats(open(1), &mut out);
-        assert_eq!(o.link("c", 1, b("c1"), &mut out), LinkVerdict::Held);
-        assert_eq!(o.link("a", 1, b("a1"), &mut out), LinkVerdict::Delivered);
+        assert_eq!(
+            o.link(("c", 10), 1, b("c1"), now, &mut out),
+            LinkVerdict::Held
+        );
+        assert_eq!(o.link(A, 1, b("a1"), now, &mut out), LinkVerdict::Delivered);
         assert_eq!(drain(&mut out), vec![b("a1")]);
     }
 }

@@ -10,20 +10,22 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
 
-use super::handshake::{self, Hello, Proof, Ready, Reply, Role};
+use super::handshake::{self, Hello, Proof, Reply, Role};
 use super::{
-    FromLink, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink, WRITER_QUEUE,
-    lock,
+    Accepted, FromLink, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink,
+    WRITER_QUEUE, lock,
 };
 use confab_actors::metrics as m;
 
-/// Dials `node` at `addr` and, handshaken, starts the link's writer.
+/// Dials `node` (run `epoch`) at `addr` and, handshaken, runs the link's writer.
 pub(super) async fn dial(links: Arc<Links>, node: String, epoch: u64, addr: String, id: u64) {
+    let run = links.epoch.load(Ordering::Relaxed);
     let made = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        dial_handshake(&links, &node, epoch, &addr, id),
+        dial_handshake(&links, (&node, epoch), &addr, (run, id)),
     )
     .await
     .unwrap_or_else(|_| Err("the handshake timed out".to_owned()));
@@ -32,14 +34,19 @@ pub(super) async fn dial(links: Arc<Links>, node: String, epoch: u64, addr: Stri
             tracing::info!(%node, %addr, link = id, "direct link to node up");
             metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "up").increment(1);
             let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-            links.dialed(&node, epoch, Some(OutLink { id, tx }));
-            write_loop(links, node, id, stream, rx).await;
+            links.dialed(&node, epoch, Some(OutLink { id, run, tx }));
+            let since = Instant::now();
+            write_loop(&links, &node, id, stream, rx).await;
+            links.link_ended(&node, since.elapsed());
         }
         Err(why) => {
-            tracing::warn!(%node, %addr, %why, "cannot open a direct link; envelopes go over NATS");
             metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "dial_failed").increment(1);
             links.failed_dials.fetch_add(1, Ordering::Relaxed);
-            links.dialed(&node, epoch, None);
+            if links.dialed(&node, epoch, None) {
+                tracing::warn!(%node, %addr, %why, "cannot open a direct link; envelopes go over NATS (dialing again with back-off; further failures at debug)");
+            } else {
+                tracing::debug!(%node, %addr, %why, "cannot open a direct link");
+            }
         }
     }
 }
@@ -88,65 +95,51 @@ async fn read_msg<T: serde::de::DeserializeOwned>(framed: &mut Framed) -> Result
     rmp_serde::from_slice(&frame).map_err(|e| format!("unreadable handshake: {e}"))
 }
 
+/// The dialer's half: hello, the acceptor's challenge, this node's proof first, then the
+/// acceptor's (see `handshake.rs`).
 async fn dial_handshake(
     links: &Links,
-    node: &str,
-    epoch: u64,
+    (node, epoch): (&str, u64),
     addr: &str,
-    id: u64,
+    (run, id): (u64, u64),
 ) -> Result<Framed, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tune(&stream, links.settings.write_timeout);
+    tune(&stream, links.settings.node_timeout);
     let mut framed = Framed::new(stream, codec());
     let hello = Hello {
         version: handshake::VERSION,
         from: links.me.clone(),
-        from_epoch: links.epoch.load(Ordering::Relaxed),
+        from_epoch: run,
         to: node.to_owned(),
+        to_epoch: epoch,
         link: id,
         nonce: handshake::nonce(),
     };
     send_msg(&mut framed, &hello).await?;
-    let (their_epoch, their_nonce) = match read_msg::<Reply>(&mut framed).await? {
+    let their_nonce = match read_msg::<Reply>(&mut framed).await? {
+        Reply::Challenge { nonce } => nonce,
         Reply::Refused { why } => return Err(format!("refused: {why}")),
-        Reply::Welcome {
-            node: their,
-            epoch: their_epoch,
-            nonce,
-            proof,
-        } => {
-            if their != node || their_epoch != epoch {
-                return Err(format!(
-                    "the address answers as {their} run {their_epoch}, not {node} run {epoch}"
-                ));
-            }
-            if !handshake::verify(
-                &links.key,
-                Role::Acceptor,
-                &hello,
-                their_epoch,
-                &nonce,
-                &proof,
-            ) {
-                return Err("the other node does not hold cluster.link_secret".to_owned());
-            }
-            (their_epoch, nonce)
-        }
+        Reply::Welcome { .. } => return Err("a welcome before the proof".to_owned()),
     };
-    let proof = handshake::prove(&links.key, Role::Dialer, &hello, their_epoch, &their_nonce);
+    let proof = handshake::prove(&links.key, Role::Dialer, &hello, &their_nonce);
     send_msg(&mut framed, &Proof { proof }).await?;
-    let ready: Ready = read_msg(&mut framed).await?;
-    if !ready.ready {
-        return Err("refused after the proof".to_owned());
+    match read_msg::<Reply>(&mut framed).await? {
+        Reply::Welcome { proof }
+            if handshake::verify(&links.key, Role::Acceptor, &hello, &their_nonce, &proof) =>
+        {
+            Ok(framed)
+        }
+        Reply::Welcome { .. } => Err("the other node does not hold cluster.link_secret".to_owned()),
+        Reply::Refused { why } => Err(format!("refused: {why}")),
+        Reply::Challenge { .. } => Err("a second challenge".to_owned()),
     }
-    Ok(framed)
 }
 
 /// Writes what the publisher gives link `id`, as it comes (what has piled up meanwhile in one
-/// write), until the socket fails or the other end closes it; then the link is over.
+/// write), until the socket fails, the other end closes it, or the publisher lets it go.
 async fn write_loop(
-    links: Arc<Links>,
-    node: String,
+    links: &Links,
+    node: &str,
     id: u64,
     framed: Framed,
     mut rx: mpsc::Receiver<Out>,
@@ -160,7 +153,7 @@ async fn write_loop(
     let why = loop {
         let first = tokio::select! {
             out = rx.recv() => out,
-            // The acceptor sends nothing after `Ready`: a read that ends is the link's end.
+            // The acceptor sends nothing after its welcome: a read that ends is the link's end.
             _ = rd.read(&mut probe) => break "closed by the other node".to_owned(),
         };
         let Some(first) = first else {
@@ -201,7 +194,6 @@ async fn write_loop(
     drop(rx);
     tracing::info!(%node, link = id, %why, "direct link to node ended; envelopes go over NATS");
     metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "down").increment(1);
-    links.gauge_out();
 }
 
 pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
@@ -209,27 +201,27 @@ pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Ok(slot) = links.handshakes.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "too many direct-link handshakes at once; closing this one");
-                    metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "refused")
-                        .increment(1);
-                    links.refused.fetch_add(1, Ordering::Relaxed);
+                    if links.refusal() {
+                        tracing::warn!(%peer, "too many direct-link handshakes at once; closing this one (further refusals within a minute at debug)");
+                    }
                     continue;
                 };
-                tune(&stream, links.settings.write_timeout);
-                let links2 = links.clone();
+                tune(&stream, links.settings.node_timeout);
+                let links = links.clone();
                 tokio::spawn(async move {
                     let made =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&links2, stream))
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&links, stream))
                             .await
                             .unwrap_or_else(|_| Err("the handshake timed out".to_owned()));
                     drop(slot);
                     match made {
-                        Ok((framed, from, link)) => read_link(links2, framed, from, link).await,
+                        Ok((framed, hello)) => read_link(links, framed, hello).await,
                         Err(why) => {
-                            tracing::warn!(%peer, %why, "refused a direct link");
-                            metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "refused")
-                                .increment(1);
-                            links2.refused.fetch_add(1, Ordering::Relaxed);
+                            if links.refusal() {
+                                tracing::warn!(%peer, %why, "refused a direct link (further refusals within a minute at debug)");
+                            } else {
+                                tracing::debug!(%peer, %why, "refused a direct link");
+                            }
                         }
                     }
                 });
@@ -243,20 +235,20 @@ pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
     }
 }
 
-async fn accept_handshake(
-    links: &Links,
-    stream: TcpStream,
-) -> Result<(Framed, String, u64), String> {
+/// The acceptor's half: it proves nothing before the dialer has.
+async fn accept_handshake(links: &Links, stream: TcpStream) -> Result<(Framed, Hello), String> {
     let mut framed = Framed::new(stream, codec());
     let hello: Hello = read_msg(&mut framed).await?;
+    let epoch = links.epoch.load(Ordering::Relaxed);
     let refusal = if hello.version != handshake::VERSION {
         Some(format!(
             "link version {} (this node: {})",
             hello.version,
             handshake::VERSION
         ))
-    } else if hello.to != links.me {
-        Some(format!("this is {}, not {}", links.me, hello.to))
+    } else if hello.to != links.me || hello.to_epoch != epoch {
+        // Not said which run this is: a stranger learns nothing.
+        Some("not the node and run dialed".to_owned())
     } else if links.is_dead(&hello.from, hello.from_epoch) {
         Some("that run was declared dead".to_owned())
     } else if hello.nonce.len() != handshake::NONCE_LEN {
@@ -268,45 +260,39 @@ async fn accept_handshake(
         let _ = send_msg(&mut framed, &Reply::Refused { why: why.clone() }).await;
         return Err(format!("from {}: {why}", hello.from));
     }
-    let epoch = links.epoch.load(Ordering::Relaxed);
     let nonce = handshake::nonce();
-    let proof = handshake::prove(&links.key, Role::Acceptor, &hello, epoch, &nonce);
     send_msg(
         &mut framed,
-        &Reply::Welcome {
-            node: links.me.clone(),
-            epoch,
+        &Reply::Challenge {
             nonce: nonce.clone(),
-            proof,
         },
     )
     .await?;
     let Proof { proof } = read_msg(&mut framed).await?;
-    if !handshake::verify(&links.key, Role::Dialer, &hello, epoch, &nonce, &proof) {
-        let _ = send_msg(&mut framed, &Ready { ready: false }).await;
-        return Err(format!(
-            "from {}: it does not hold cluster.link_secret",
-            hello.from
-        ));
+    if !handshake::verify(&links.key, Role::Dialer, &hello, &nonce, &proof) {
+        let why = "it does not hold cluster.link_secret".to_owned();
+        let _ = send_msg(&mut framed, &Reply::Refused { why: why.clone() }).await;
+        return Err(format!("from {}: {why}", hello.from));
     }
-    send_msg(&mut framed, &Ready { ready: true }).await?;
-    Ok((framed, hello.from, hello.link))
+    let proof = handshake::prove(&links.key, Role::Acceptor, &hello, &nonce);
+    send_msg(&mut framed, &Reply::Welcome { proof }).await?;
+    Ok((framed, hello))
 }
 
-/// Reads link `link` from `from` until it ends, passing each payload to the inbox.
-async fn read_link(links: Arc<Links>, framed: Framed, from: String, link: u64) {
-    let key = (from.clone(), link);
-    let mut rd = framed;
-    rd.codec_mut().set_max_frame_length(MAX_FRAME);
+/// Reads the link `hello` opened until it ends, passing each payload to the inbox.
+async fn read_link(links: Arc<Links>, mut framed: Framed, hello: Hello) {
+    let (from, run, link) = (hello.from, hello.from_epoch, hello.link);
+    framed.codec_mut().set_max_frame_length(MAX_FRAME);
     let tx = links.received.clone();
     let counts = links.clone();
     let from2 = from.clone();
     let reader = tokio::spawn(async move {
-        while let Some(frame) = rd.next().await {
+        while let Some(frame) = framed.next().await {
             let Ok(frame) = frame else { break };
             counts.read.fetch_add(1, Ordering::Relaxed);
             let item = FromLink {
                 from: from2.clone(),
+                run,
                 link,
                 payload: frame.freeze(),
             };
@@ -315,7 +301,23 @@ async fn read_link(links: Arc<Links>, framed: Framed, from: String, link: u64) {
             }
         }
     });
-    lock(&links.accepted).insert(key.clone(), reader.abort_handle());
+    let key = (from.clone(), link);
+    {
+        let mut accepted = lock(&links.accepted);
+        // Checked again under the lock `node_lost` takes: a run declared dead during the
+        // handshake gets no link.
+        if links.is_dead(&from, run) {
+            reader.abort();
+            return;
+        }
+        accepted.insert(
+            key.clone(),
+            Accepted {
+                run,
+                reader: reader.abort_handle(),
+            },
+        );
+    }
     links.gauge_in();
     tracing::info!(node = %from, link, "direct link from node up");
     let _ = reader.await;

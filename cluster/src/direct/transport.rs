@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 use super::order::{InboxOrder, LinkVerdict};
-use super::{FromLink, HOLD, Links, Out, Route, lock};
+use super::{Forget, FromLink, Links, Out, Route, lock};
 use crate::routing::NODE_SUBJECT_PREFIX;
 use crate::transport::{Messages, Transport, TransportError, TransportFuture};
 use confab_actors::metrics as m;
@@ -36,37 +36,71 @@ impl LinkedTransport {
         }
     }
 
+    /// One envelope for `node`, as [`Links::route`] decides; at most two rounds (a link that
+    /// fails under it sends it over NATS after the link's `Closed` marker).
     async fn send(
         &self,
         node: &str,
         subject: String,
         payload: Bytes,
     ) -> Result<(), TransportError> {
-        match self.links.route(node) {
-            Route::Nats => self.inner.publish(subject, payload).await,
-            Route::Closed(marker) => {
-                self.inner.publish(subject.clone(), marker).await?;
-                self.inner.publish(subject, payload).await
-            }
-            Route::Link { id, tx, open } => {
-                if let Some(open) = open
-                    && let Err(e) = self.inner.publish(subject.clone(), open).await
-                {
-                    self.links.unopen(node, id);
-                    return Err(e);
+        let mut payload = payload;
+        loop {
+            match self.links.route(node) {
+                Route::Nats => return self.inner.publish(subject, payload).await,
+                Route::Closed { id, marker } => {
+                    // Owed until published: a failure here leaves it owed for the next one.
+                    self.inner.publish(subject.clone(), marker).await?;
+                    self.links.closed_sent(node, id);
+                    return self.inner.publish(subject, payload).await;
                 }
-                match tx.send(Out::Payload(payload)).await {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::SendError(Out::Payload(payload))) => {
-                        // The link ended under it: this one goes over NATS, after the marker.
-                        if let Some(closed) = self.links.failed(node, id) {
-                            self.inner.publish(subject.clone(), closed).await?;
-                        }
-                        self.inner.publish(subject, payload).await
+                Route::Link { id, tx, open } => {
+                    if let Some(open) = open
+                        && let Err(e) = self.inner.publish(subject.clone(), open).await
+                    {
+                        self.links.unopen(node, id);
+                        return Err(e);
                     }
-                    Err(_) => Ok(()),
+                    match self.to_link(&tx, payload).await {
+                        Ok(()) => return Ok(()),
+                        Err(back) => {
+                            self.links.failed(node, id);
+                            payload = back;
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// Queues `payload` for a link's writer. A full queue is waited for a quarter of
+    /// `node_timeout` at most: the publisher also sends the heartbeats and every other node's
+    /// envelopes, and must not stall behind one link. The payload comes back when the link
+    /// ended or stalled.
+    async fn to_link(&self, tx: &mpsc::Sender<Out>, payload: Bytes) -> Result<(), Bytes> {
+        match tx.try_send(Out::Payload(payload)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(Out::Payload(p))) => Err(p),
+            Err(mpsc::error::TrySendError::Full(Out::Payload(p))) => {
+                match tokio::time::timeout(self.links.stall(), tx.reserve()).await {
+                    Ok(Ok(permit)) => {
+                        permit.send(Out::Payload(p));
+                        Ok(())
+                    }
+                    Ok(Err(_)) => Err(p),
+                    Err(_) => {
+                        tracing::warn!(
+                            stalled_ms = self.links.stall().as_millis() as u64,
+                            "a direct link's writer fell behind; giving it up for NATS"
+                        );
+                        metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "stalled")
+                            .increment(1);
+                        Err(p)
+                    }
+                }
+            }
+            // Only payloads are tried here.
+            Err(_) => Ok(()),
         }
     }
 }
@@ -111,7 +145,7 @@ impl Transport for LinkedTransport {
                 links,
                 forgotten,
                 owner: self.links.clone(),
-                order: InboxOrder::new(HOLD),
+                order: InboxOrder::new(self.links.hold_limit()),
                 ready: VecDeque::new(),
             }) as Messages)
         })
@@ -130,7 +164,7 @@ impl Transport for LinkedTransport {
 struct Inbox {
     nats: Messages,
     links: mpsc::Receiver<FromLink>,
-    forgotten: mpsc::UnboundedReceiver<String>,
+    forgotten: mpsc::UnboundedReceiver<Forget>,
     owner: Arc<Links>,
     order: InboxOrder,
     ready: VecDeque<Bytes>,
@@ -140,22 +174,27 @@ impl Inbox {
     fn take_link_item(&mut self, item: FromLink) {
         let FromLink {
             from,
+            run,
             link,
             payload,
         } = item;
         metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => "in").increment(1);
-        match self.order.link(&from, link, payload, &mut self.ready) {
+        let now = tokio::time::Instant::now();
+        match self
+            .order
+            .link((&from, run), link, payload, now, &mut self.ready)
+        {
             LinkVerdict::Delivered | LinkVerdict::Held => {}
             LinkVerdict::Dropped => {
                 metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "late_dropped")
                     .increment(1);
             }
             LinkVerdict::Overflow => {
-                tracing::warn!(node = %from, link, "a direct link's envelopes waited too long for its marker over NATS; closing it");
+                tracing::warn!(node = %from, link, "a direct link's envelopes waited too long (or too many) for its marker over NATS; closing it");
                 metrics::counter!(m::CLUSTER_DIRECT_LINK_EVENTS, "event" => "overflow")
                     .increment(1);
-                if let Some(reader) = lock(&self.owner.accepted).remove(&(from, link)) {
-                    reader.abort();
+                if let Some(a) = lock(&self.owner.accepted).remove(&(from, link)) {
+                    a.reader.abort();
                 }
             }
         }
@@ -172,8 +211,11 @@ impl Stream for Inbox {
                 return Poll::Ready(Some(p));
             }
             // A node declared dead is forgotten before anything else is read.
-            while let Poll::Ready(Some(node)) = this.forgotten.poll_recv(cx) {
-                this.order.forget(&node);
+            while let Poll::Ready(Some(forget)) = this.forgotten.poll_recv(cx) {
+                match forget {
+                    Forget::Node(node, run) => this.order.forget(&node, run),
+                    Forget::All => this.order.forget_all(),
+                }
             }
             let mut progressed = false;
             match this.nats.poll_next_unpin(cx) {

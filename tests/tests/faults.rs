@@ -358,7 +358,7 @@ async fn soak() {
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
         let node = NODES[rng.gen_range(0..NODES.len())];
-        let (kind, healed) = match rng.gen_range(0..5) {
+        let (kind, healed) = match rng.gen_range(0..6) {
             0 => {
                 cluster.net.cut(node, &NATS);
                 tokio::time::sleep(Duration::from_millis(NODE_TIMEOUT_MS / 6)).await;
@@ -386,6 +386,14 @@ async fn soak() {
                 cluster.start_nats(n);
                 cluster.wait_for_jetstream().await;
                 ("NATS server killed, restarted", Instant::now())
+            }
+            4 => {
+                // Its direct links to the other nodes black-holed; NATS still reachable.
+                let others: Vec<&str> = NODES.iter().copied().filter(|n| *n != node).collect();
+                cluster.net.cut(node, &others);
+                tokio::time::sleep(Duration::from_millis(NODE_TIMEOUT_MS)).await;
+                cluster.net.heal(node);
+                ("cut from the other nodes (links)", Instant::now())
             }
             _ => {
                 let status = cluster.stop_node(node).await;

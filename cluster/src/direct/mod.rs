@@ -170,13 +170,8 @@ struct FromLink {
     payload: Bytes,
 }
 
-/// What the inbox must forget.
-enum Forget {
-    /// Runs of a node up to this one, declared dead.
-    Node(String, u64),
-    /// Everything: this node starts a new run.
-    All,
-}
+/// What the inbox must forget: runs of a node up to this one, declared dead.
+struct Forget(String, u64);
 
 /// A reader of an accepted link.
 struct Accepted {
@@ -308,20 +303,16 @@ impl Links {
         self.settings.node_timeout / 4
     }
 
-    /// This node starts run `epoch` (a rejoin): every link goes, both ways (the ones in use
-    /// owe their `Closed` marker), and the inbox forgets every sender; the next heartbeats
-    /// dial again.
+    /// This node starts run `epoch` (a rejoin): the links it dialed, made by the run before,
+    /// go (the ones in use owe their `Closed` marker, which names that run), and the next
+    /// heartbeats dial again. The links other nodes dialed stay: their runs did not change, and
+    /// what they send reaches this node's inbox as NATS would (a `Rejoin` among it).
     pub fn new_run(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
         for peer in lock(&self.peers).values_mut() {
             peer.state.retire(Instant::now());
         }
-        for (_, a) in lock(&self.accepted).drain() {
-            a.reader.abort();
-        }
-        let _ = self.forgotten.send(Forget::All);
         self.gauge_out();
-        self.gauge_in();
     }
 
     /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr`: dials it unless
@@ -391,7 +382,7 @@ impl Links {
             }
             keep
         });
-        let _ = self.forgotten.send(Forget::Node(node.to_owned(), epoch));
+        let _ = self.forgotten.send(Forget(node.to_owned(), epoch));
         self.gauge_out();
         self.gauge_in();
     }

@@ -202,11 +202,6 @@ impl InboxOrder {
         self.senders.retain(|(node, r), _| node != from || *r > run);
     }
 
-    /// This node starts a new run: every sender's state goes (their links are closed).
-    pub fn forget_all(&mut self) {
-        self.senders.clear();
-    }
-
     /// Payloads held now, all links together.
     #[cfg(test)]
     pub fn held(&self) -> usize {
@@ -399,8 +394,12 @@ mod tests {
             LinkVerdict::Delivered,
             "the later run keeps its link"
         );
-        o.forget_all();
-        assert_eq!(o.held(), 0);
+        o.forget("b", 1);
+        assert_eq!(
+            o.held(),
+            1,
+            "a's run 10 holds again what came after it was forgotten"
+        );
     }
 
     #[test]

@@ -211,11 +211,8 @@ impl Stream for Inbox {
                 return Poll::Ready(Some(p));
             }
             // A node declared dead is forgotten before anything else is read.
-            while let Poll::Ready(Some(forget)) = this.forgotten.poll_recv(cx) {
-                match forget {
-                    Forget::Node(node, run) => this.order.forget(&node, run),
-                    Forget::All => this.order.forget_all(),
-                }
+            while let Poll::Ready(Some(Forget(node, run))) = this.forgotten.poll_recv(cx) {
+                this.order.forget(&node, run);
             }
             let mut progressed = false;
             match this.nats.poll_next_unpin(cx) {

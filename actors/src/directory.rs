@@ -2,11 +2,13 @@
 //! endpoint reference it returns) that know whether a cluster exists: alone, it is this
 //! in-process map; a cluster implementation can back the same trait with a replicated store.
 
+use actix::WeakAddr;
 use dashmap::DashMap;
 use thiserror::Error;
 
 use confab_protocol::{Activity, Status};
 
+use crate::endpoint::Endpoint;
 use crate::route::EndpointRef;
 
 /// One signed-in endpoint as other actors see it.
@@ -65,21 +67,62 @@ pub trait Directory: Send + Sync + 'static {
     }
 }
 
-/// The single-node directory.
+/// The single-node directory (and a cluster node's own endpoints): this node's endpoints only,
+/// each an actor here.
 #[derive(Default)]
 pub struct LocalDirectory {
-    by_user: DashMap<String, Vec<EndpointEntry>>,
+    by_user: DashMap<String, Vec<Kept>>,
+}
+
+/// What the directory keeps of an endpoint: not an [`EndpointEntry`], which is five times the
+/// memory per idle endpoint. The user is the map's key; the address is weak: a strong `Addr`
+/// allocates 72 bytes of its own (every strong sender of an actix mailbox has its own parking
+/// state), and a lookup makes a strong one anyway, as cloning the kept one did, so no lookup
+/// costs more. An endpoint lives on its own frames and timers, not on this address, and
+/// unregisters itself as it stops.
+struct Kept {
+    id: String,
+    device: String,
+    addr: WeakAddr<Endpoint>,
+}
+
+impl Kept {
+    /// The entry others see; `None` once the actor has gone (it unregisters as it stops, so
+    /// only a lookup racing its last moments sees that).
+    fn entry(&self, user: &str) -> Option<EndpointEntry> {
+        Some(EndpointEntry {
+            id: self.id.clone(),
+            user: user.to_owned(),
+            device: self.device.clone(),
+            addr: EndpointRef::Local(self.addr.upgrade()?),
+        })
+    }
 }
 
 impl Directory for LocalDirectory {
+    /// Refuses (as over the limit) an endpoint that is not an actor of this node: this
+    /// directory holds none other.
     fn register(&self, entry: EndpointEntry, max_per_user: usize) -> Result<(), DirectoryError> {
-        let mut list = self.by_user.entry(entry.user.clone()).or_default();
+        let EndpointEntry {
+            id,
+            user,
+            device,
+            addr,
+        } = entry;
+        let EndpointRef::Local(addr) = addr else {
+            return Err(DirectoryError::TooManyEndpoints);
+        };
+        let mut list = self.by_user.entry(user).or_default();
         if list.len() >= max_per_user {
             return Err(DirectoryError::TooManyEndpoints);
         }
         // Most users have one device: do not pay for four.
         list.reserve_exact(1);
-        list.push(entry);
+        list.push(Kept {
+            id,
+            device,
+            addr: addr.downgrade(),
+        });
         Ok(())
     }
 
@@ -93,18 +136,66 @@ impl Directory for LocalDirectory {
     fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
         self.by_user
             .get(user)
-            .map(|l| l.clone())
+            .map(|l| l.iter().filter_map(|e| e.entry(user)).collect())
             .unwrap_or_default()
     }
 
     fn all(&self) -> Vec<EndpointEntry> {
         self.by_user
             .iter()
-            .flat_map(|l| l.value().clone())
+            .flat_map(|l| {
+                l.value()
+                    .iter()
+                    .filter_map(|e| e.entry(l.key()))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
     fn len(&self) -> usize {
         self.by_user.iter().map(|l| l.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle endpoint pays for this record (a `Vec` of one, 56 bytes, in the allocator's
+    /// 64-byte class); the whole `EndpointEntry` it replaced took 120, plus 72 for its address.
+    #[test]
+    fn a_kept_endpoint_is_small() {
+        assert!(std::mem::size_of::<Kept>() <= 56);
+    }
+
+    #[test]
+    fn an_endpoint_is_found_while_alive_and_not_kept_alive_by_the_directory() {
+        use actix::AsyncContext as _;
+        let dir = LocalDirectory::default();
+        // A `Context` never run: its address is upgradable while the context exists.
+        let ctx = actix::Context::<Endpoint>::new();
+        let entry = EndpointEntry {
+            id: "e1".into(),
+            user: "sip:a@x".into(),
+            device: "d".into(),
+            addr: EndpointRef::Local(ctx.address()),
+        };
+        dir.register(entry, 4).expect("registers");
+        let found = dir.endpoints_of("sip:a@x");
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].id.as_str(), found[0].user.as_str()),
+            ("e1", "sip:a@x")
+        );
+        assert!(found[0].addr.local().is_some());
+        drop(found);
+        assert_eq!(dir.all().len(), 1);
+        // The actor gone (its mailbox dropped with its context): it is no longer listed,
+        // though still kept until it unregisters.
+        drop(ctx);
+        assert!(dir.endpoints_of("sip:a@x").is_empty());
+        assert_eq!(dir.len(), 1);
+        dir.unregister("sip:a@x", "e1");
+        assert!(dir.is_empty());
     }
 }

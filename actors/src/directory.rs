@@ -74,6 +74,21 @@ pub struct LocalDirectory {
     by_user: DashMap<String, Vec<Kept>>,
 }
 
+impl LocalDirectory {
+    /// How many endpoints `user` has here.
+    pub fn count_of(&self, user: &str) -> usize {
+        self.by_user.get(user).map_or(0, |l| l.len())
+    }
+
+    /// The ids of `user`'s endpoints here, in sign-in order.
+    pub fn ids_of(&self, user: &str) -> Vec<String> {
+        self.by_user
+            .get(user)
+            .map(|l| l.iter().map(|e| e.id.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
 /// What the directory keeps of an endpoint: not an [`EndpointEntry`], which is five times the
 /// memory per idle endpoint. The user is the map's key; the address is weak: a strong `Addr`
 /// allocates 72 bytes of its own (every strong sender of an actix mailbox has its own parking

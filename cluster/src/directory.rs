@@ -11,16 +11,17 @@ use confab_actors::directory::{Directory, DirectoryError, EndpointEntry, LocalDi
 use confab_actors::route::EndpointRef;
 
 pub struct NatsDirectory {
-    local: LocalDirectory,
     cluster: Arc<Cluster>,
 }
 
 impl NatsDirectory {
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        NatsDirectory {
-            local: LocalDirectory::default(),
-            cluster,
-        }
+        NatsDirectory { cluster }
+    }
+
+    /// This node's own endpoints (kept by the cluster, which ranks them for the limit).
+    fn local(&self) -> &LocalDirectory {
+        &self.cluster.local
     }
 }
 
@@ -33,7 +34,7 @@ impl Directory for NatsDirectory {
         let addr = addr.clone();
         let (id, user, device) = (entry.id.clone(), entry.user.clone(), entry.device.clone());
         let user_for_limit = user.clone();
-        self.local
+        self.local()
             .register(entry, max_per_user.saturating_sub(remote))?;
         self.cluster.endpoints.insert(id.clone(), addr);
         self.cluster.put_own(
@@ -81,14 +82,14 @@ impl Directory for NatsDirectory {
     }
 
     fn unregister(&self, user: &str, endpoint: &str) {
-        self.local.unregister(user, endpoint);
+        self.local().unregister(user, endpoint);
         self.cluster.endpoints.remove(endpoint);
         self.cluster.delete_own(user, endpoint);
     }
 
     fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
         let mut out: Vec<(u64, EndpointEntry)> = self
-            .local
+            .local()
             .endpoints_of(user)
             .into_iter()
             .map(|e| (0, e))
@@ -111,11 +112,11 @@ impl Directory for NatsDirectory {
     }
 
     fn all(&self) -> Vec<EndpointEntry> {
-        self.local.all()
+        self.local().all()
     }
 
     fn len(&self) -> usize {
-        self.local.len()
+        self.local().len()
     }
 
     fn published(&self, endpoint: &str, activity: Activity, idle_ms: u64) {

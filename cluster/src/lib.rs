@@ -57,6 +57,7 @@ use tokio::time::Instant;
 
 use confab_actors::arbiter::{ArbiterMsg, ForkArbiter};
 use confab_actors::call::leg::{CallLeg, LegMsg};
+use confab_actors::directory::LocalDirectory;
 use confab_actors::endpoint::{Endpoint, EndpointMsg, RemoteFork};
 use confab_actors::metrics as m;
 use confab_actors::presence::rank::Publication;
@@ -175,8 +176,10 @@ pub struct Cluster {
     pub arbiters: DashMap<String, Addr<ForkArbiter>>,
     /// This node's own records, by endpoint id.
     own: DashMap<String, Record>,
-    /// This node's own endpoint ids, by user (for the cluster-wide `endpoints_per_user`).
-    own_by_user: DashMap<String, Vec<String>>,
+    /// This node's endpoints, by user: the node's directory of its own (`directory.rs`),
+    /// which also answers for the cluster-wide `endpoints_per_user` (a list of ids by user of
+    /// the cluster's own cost every endpoint about 180 bytes more).
+    pub(crate) local: LocalDirectory,
     /// `limits.endpoints_per_user`, held across the cluster (see [`Cluster::enforce_limit`]).
     endpoints_per_user: usize,
     /// Other nodes' endpoints, by user.
@@ -376,7 +379,7 @@ impl Cluster {
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),
-            own_by_user: DashMap::new(),
+            local: LocalDirectory::default(),
             endpoints_per_user,
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),

@@ -301,7 +301,6 @@ impl Cluster {
             .map(|e| wire::record_key(&e.value().user, e.key()))
             .collect();
         self.own.clear();
-        self.own_by_user.clear();
         self.directory_gauge();
         for key in keys {
             let _ = self.kv_tx.send(KvOp::Delete(key, None));

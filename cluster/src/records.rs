@@ -64,7 +64,6 @@ impl Cluster {
     /// Writes (creates or replaces) this node's record of `endpoint`, stamped with this run's
     /// epoch.
     pub fn put_own(&self, endpoint: &str, mut record: Record) {
-        let user = record.user.clone();
         // The entry stays locked from the epoch's stamp until the put is queued, as in the
         // rejoin's re-stamp: either this sees the rejoin's new epoch, or the rejoin waits and
         // queues its re-stamped put after this one. And the record is in `own` before its put
@@ -84,16 +83,6 @@ impl Cluster {
         let _ = self.kv_tx.send(put);
         drop(stored);
         if added {
-            let mut ids = self.own_by_user.entry(user).or_default();
-            // Most users have one device: a `push` on an empty list takes room for four ids
-            // (96 bytes per endpoint where one takes 24), as the local directory found. A full
-            // list doubles (1, 2, 4, …), so a user with many devices still grows amortised.
-            let len = ids.len();
-            if len == ids.capacity() {
-                ids.reserve_exact(len.max(1));
-            }
-            ids.push(endpoint.to_owned());
-            drop(ids);
             self.directory_gauge();
         }
     }
@@ -109,10 +98,6 @@ impl Cluster {
 
     pub fn delete_own(&self, user: &str, endpoint: &str) {
         if self.own.remove(endpoint).is_some() {
-            self.own_by_user.remove_if_mut(user, |_, ids| {
-                ids.retain(|id| id != endpoint);
-                ids.is_empty()
-            });
             self.directory_gauge();
         }
         let _ = self
@@ -237,16 +222,17 @@ impl Cluster {
     /// partition, a record left behind by a failed delete) must not sign out a session that
     /// has been running for a while; it only blocks new sign-ins until it is cleaned up.
     pub(crate) fn enforce_limit(&self, user: &str) {
+        // A node that is leaving has deleted its records: it signs nobody out.
+        if self.leaving.load(Ordering::SeqCst) {
+            return;
+        }
         // Counted before anything is copied: this runs for every sign-in.
-        let own_count = self.own_by_user.get(user).map_or(0, |ids| ids.len());
+        let own_count = self.local.count_of(user);
         if own_count == 0 || own_count + self.remote_count(user) <= self.endpoints_per_user {
             return;
         }
-        let own: Vec<String> = self
-            .own_by_user
-            .get(user)
-            .map(|ids| ids.clone())
-            .unwrap_or_default();
+        // Only endpoints with a record here are ranked (`own`, below).
+        let own = self.local.ids_of(user);
         let remote = self.remote_endpoints_of(user);
         let mut ranked: Vec<(u64, String, bool)> = remote
             .into_iter()

@@ -174,8 +174,8 @@ pub struct Cluster {
     pub legs: DashMap<String, (String, Addr<CallLeg>)>,
     /// Arbiters on this node with forks on other nodes.
     pub arbiters: DashMap<String, Addr<ForkArbiter>>,
-    /// This node's own records, by endpoint id.
-    own: DashMap<String, Record>,
+    /// This node's own records, by endpoint id (compact: see [`records::OwnRecord`]).
+    own: DashMap<String, records::OwnRecord>,
     /// This node's endpoints, by user: the node's directory of its own (`directory.rs`),
     /// which also answers for the cluster-wide `endpoints_per_user` (a list of ids by user of
     /// the cluster's own cost every endpoint about 180 bytes more).

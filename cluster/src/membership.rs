@@ -57,7 +57,7 @@ impl Cluster {
         // after the delete would leave a record of an endpoint that no longer exists).
         for mut e in self.own.iter_mut() {
             e.value_mut().epoch = new;
-            if let Some(put) = record_put(e.key(), e.value()) {
+            if let Some(put) = record_put(e.key(), &e.value().to_record(&self.node_id)) {
                 let _ = self.kv_tx.send(put);
             }
         }

@@ -4,6 +4,7 @@
 
 use actix::WeakAddr;
 use dashmap::DashMap;
+use std::sync::Arc;
 use thiserror::Error;
 
 use confab_protocol::{Activity, Status};
@@ -15,7 +16,9 @@ use crate::route::EndpointRef;
 #[derive(Clone, Debug)]
 pub struct EndpointEntry {
     pub id: String,
-    pub user: String,
+    /// Shared: the endpoint, the directory and presence each keep the user (and a cluster
+    /// node's record of the endpoint too), and one copy of the URI serves them all.
+    pub user: Arc<str>,
     pub device: String,
     pub addr: EndpointRef,
 }
@@ -71,7 +74,7 @@ pub trait Directory: Send + Sync + 'static {
 /// each an actor here.
 #[derive(Default)]
 pub struct LocalDirectory {
-    by_user: DashMap<String, Vec<Kept>>,
+    by_user: DashMap<Arc<str>, Vec<Kept>>,
 }
 
 impl LocalDirectory {
@@ -104,10 +107,10 @@ struct Kept {
 impl Kept {
     /// The entry others see; `None` once the actor has gone (it unregisters as it stops, so
     /// only a lookup racing its last moments sees that).
-    fn entry(&self, user: &str) -> Option<EndpointEntry> {
+    fn entry(&self, user: &Arc<str>) -> Option<EndpointEntry> {
         Some(EndpointEntry {
             id: self.id.clone(),
-            user: user.to_owned(),
+            user: user.clone(),
             device: self.device.clone(),
             addr: EndpointRef::Local(self.addr.upgrade()?),
         })
@@ -151,7 +154,7 @@ impl Directory for LocalDirectory {
     fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
         self.by_user
             .get(user)
-            .map(|l| l.iter().filter_map(|e| e.entry(user)).collect())
+            .map(|l| l.iter().filter_map(|e| e.entry(l.key())).collect())
             .unwrap_or_default()
     }
 
@@ -198,10 +201,7 @@ mod tests {
         dir.register(entry, 4).expect("registers");
         let found = dir.endpoints_of("sip:a@x");
         assert_eq!(found.len(), 1);
-        assert_eq!(
-            (found[0].id.as_str(), found[0].user.as_str()),
-            ("e1", "sip:a@x")
-        );
+        assert_eq!((found[0].id.as_str(), &*found[0].user), ("e1", "sip:a@x"));
         assert!(found[0].addr.local().is_some());
         drop(found);
         assert_eq!(dir.all().len(), 1);

@@ -517,9 +517,10 @@ async fn start_endpoint(
 ) {
     let id = ctx.ids.mint('e');
     let actor_ctx = Context::<Endpoint>::new();
+    let user: Arc<str> = Arc::from(hello.user.as_str());
     let entry = EndpointEntry {
         id: id.clone(),
-        user: hello.user.clone(),
+        user: user.clone(),
         device: hello.device.clone(),
         addr: crate::route::EndpointRef::Local(actor_ctx.address()),
     };
@@ -556,7 +557,7 @@ async fn start_endpoint(
     // Presence hears of the endpoint before the client hears `welcome`, so a subscription made
     // after the welcome already counts it.
     ctx.presence.send(PresenceMsg::Joined {
-        user: hello.user.clone(),
+        user: user.clone(),
         endpoint: id.clone(),
         device: hello.device.clone(),
     });
@@ -571,7 +572,7 @@ async fn start_endpoint(
     });
     let mut actor_ctx = actor_ctx;
     let stream = actor_ctx.add_stream(crate::endpoint::tagged(frames, 0));
-    let mut endpoint = Endpoint::new(ctx, id, hello.user, outbox, peer);
+    let mut endpoint = Endpoint::new(ctx, id, user, outbox, peer);
     if let Some(state) = state {
         endpoint.resumable(state, stream);
     }

@@ -6,7 +6,8 @@ use confab_protocol::{Activity, Status};
 use std::sync::Arc;
 
 use super::Cluster;
-use super::wire::{PublicationRecord, Record, unix_ms};
+use super::records::OwnRecord;
+use super::wire::{PublicationRecord, unix_ms};
 use confab_actors::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
 use confab_actors::route::EndpointRef;
 
@@ -33,25 +34,22 @@ impl Directory for NatsDirectory {
         };
         let addr = addr.clone();
         let (id, user, device) = (entry.id.clone(), entry.user.clone(), entry.device.clone());
-        let user_for_limit = user.clone();
         self.local()
             .register(entry, max_per_user.saturating_sub(remote))?;
         self.cluster.endpoints.insert(id.clone(), addr);
         self.cluster.put_own(
             &id,
-            Record {
-                node: self.cluster.node_id.clone(),
-                epoch: self.cluster.epoch(),
-                user,
+            OwnRecord {
+                user: user.clone(),
                 device,
-                publication: None,
-                status: None,
-                status_set_unix_ms: None,
+                // Stamped by `put_own`.
+                epoch: 0,
                 connected_unix_ms: unix_ms(),
+                set: None,
             },
         );
         // Another node's endpoint of this user may have arrived since `remote_count` above.
-        self.cluster.enforce_limit(&user_for_limit);
+        self.cluster.enforce_limit(&user);
         Ok(())
     }
 
@@ -99,7 +97,7 @@ impl Directory for NatsDirectory {
                 r.record.connected_unix_ms,
                 EndpointEntry {
                     id: r.id.clone(),
-                    user: r.record.user.clone(),
+                    user: Arc::from(r.record.user.as_str()),
                     device: r.record.device.clone(),
                     addr: EndpointRef::Remote {
                         node: r.record.node.clone(),

@@ -63,7 +63,7 @@ impl Cluster {
 
     /// Writes (creates or replaces) this node's record of `endpoint`, stamped with this run's
     /// epoch.
-    pub fn put_own(&self, endpoint: &str, mut record: Record) {
+    pub(crate) fn put_own(&self, endpoint: &str, mut record: OwnRecord) {
         // The entry stays locked from the epoch's stamp until the put is queued, as in the
         // rejoin's re-stamp: either this sees the rejoin's new epoch, or the rejoin waits and
         // queues its re-stamped put after this one. And the record is in `own` before its put
@@ -76,10 +76,10 @@ impl Cluster {
         }
         let added = matches!(entry, dashmap::Entry::Vacant(_));
         record.epoch = self.epoch();
-        let Some(put) = record_put(endpoint, &record) else {
+        let Some(put) = record_put(endpoint, &record.to_record(&self.node_id)) else {
             return;
         };
-        let stored = entry.insert(OwnRecord::from(record));
+        let stored = entry.insert(record);
         let _ = self.kv_tx.send(put);
         drop(stored);
         if added {
@@ -88,11 +88,11 @@ impl Cluster {
     }
 
     /// Updates this node's record of `endpoint` in place and writes it.
-    pub fn update_own(&self, endpoint: &str, f: impl FnOnce(&mut Record)) {
-        let Some(mut r) = self.own.get(endpoint).map(|r| r.to_record(&self.node_id)) else {
+    pub(crate) fn update_own(&self, endpoint: &str, f: impl FnOnce(&mut OwnSet)) {
+        let Some(mut r) = self.own.get(endpoint).map(|r| r.clone()) else {
             return;
         };
-        f(&mut r);
+        f(r.set.get_or_insert_default());
         self.put_own(endpoint, r);
     }
 
@@ -298,8 +298,10 @@ pub(super) fn record_put(endpoint: &str, record: &Record) -> Option<KvOp> {
 /// the node (this node's id, the same in every one), with what most endpoints never set
 /// boxed. Every idle endpoint of a cluster node pays for its slot in `own`'s table (with the
 /// table's spare room, about 1.7 slots): 72 bytes here where the whole record took 136.
+#[derive(Clone)]
 pub(crate) struct OwnRecord {
-    pub user: String,
+    /// Shared with the endpoint, the local directory and presence.
+    pub user: Arc<str>,
     pub device: String,
     pub epoch: u64,
     pub connected_unix_ms: u64,
@@ -308,30 +310,11 @@ pub(crate) struct OwnRecord {
 }
 
 /// What an endpoint of this node published or set (see [`OwnRecord`]).
+#[derive(Clone, Default)]
 pub(crate) struct OwnSet {
     pub publication: Option<wire::PublicationRecord>,
     pub status: Option<confab_protocol::Status>,
     pub status_set_unix_ms: Option<u64>,
-}
-
-impl From<Record> for OwnRecord {
-    fn from(r: Record) -> Self {
-        let set = (r.publication.is_some() || r.status.is_some() || r.status_set_unix_ms.is_some())
-            .then(|| {
-                Box::new(OwnSet {
-                    publication: r.publication,
-                    status: r.status,
-                    status_set_unix_ms: r.status_set_unix_ms,
-                })
-            });
-        OwnRecord {
-            user: r.user,
-            device: r.device,
-            epoch: r.epoch,
-            connected_unix_ms: r.connected_unix_ms,
-            set,
-        }
-    }
 }
 
 impl OwnRecord {
@@ -341,7 +324,7 @@ impl OwnRecord {
         Record {
             node: node.to_owned(),
             epoch: self.epoch,
-            user: self.user.clone(),
+            user: self.user.to_string(),
             device: self.device.clone(),
             publication: set.and_then(|s| s.publication),
             status: set.and_then(|s| s.status),
@@ -507,6 +490,17 @@ mod tests {
     #[test]
     fn an_own_record_is_small_and_gives_back_the_record() {
         assert!(std::mem::size_of::<OwnRecord>() <= 72);
+        let own = OwnRecord {
+            user: Arc::from("sip:a@x"),
+            device: "d".into(),
+            epoch: 7,
+            connected_unix_ms: 3,
+            set: Some(Box::new(OwnSet {
+                publication: None,
+                status: Some(confab_protocol::Status::Busy),
+                status_set_unix_ms: Some(5),
+            })),
+        };
         let record = Record {
             node: "n1".into(),
             epoch: 7,
@@ -517,18 +511,9 @@ mod tests {
             status_set_unix_ms: Some(5),
             connected_unix_ms: 3,
         };
-        let own = OwnRecord::from(record.clone());
-        assert!(own.set.is_some());
-        let back = own.to_record("n1");
         assert_eq!(
-            rmp_serde::to_vec_named(&back).ok(),
+            rmp_serde::to_vec_named(&own.to_record("n1")).ok(),
             rmp_serde::to_vec_named(&record).ok()
         );
-        let plain = OwnRecord::from(Record {
-            status: None,
-            status_set_unix_ms: None,
-            ..record
-        });
-        assert!(plain.set.is_none(), "nothing set, nothing boxed");
     }
 }

@@ -149,7 +149,7 @@ pub async fn answer_here(ctx: &Ctx, q: Query) -> Answer {
             let mut kicked = 0;
             for e in ctx.directory.all() {
                 let wanted = endpoint.as_deref().is_some_and(|id| id == e.id)
-                    || user.as_deref().is_some_and(|u| u == e.user);
+                    || user.as_deref().is_some_and(|u| *u == *e.user);
                 if let (true, Some(addr)) = (wanted, e.addr.local()) {
                     addr.do_send(EndpointMsg::Kick {
                         reason: reason.clone(),
@@ -175,7 +175,7 @@ async fn sessions_here(
         .directory
         .all()
         .into_iter()
-        .filter(|e| user.is_none_or(|u| u == e.user))
+        .filter(|e| user.is_none_or(|u| *u == *e.user))
         .filter(|e| after.is_none_or(|a| e.id.as_str() > a))
         .collect();
     entries.sort_by(|a, b| a.id.cmp(&b.id));
@@ -193,7 +193,7 @@ async fn sessions_here(
         };
         out.push(Session {
             node: ctx.node_id.clone(),
-            user: e.user,
+            user: e.user.to_string(),
             device: e.device,
             endpoint: e.id,
             remote_addr: d.remote_addr.to_string(),

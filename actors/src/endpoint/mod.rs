@@ -127,7 +127,8 @@ pub(super) const REMEMBERED_ENDED_CALLS: usize = 64;
 pub struct Endpoint {
     ctx: Ctx,
     id: String,
-    user: String,
+    /// Shared with the directory and presence (see `EndpointEntry::user`).
+    user: std::sync::Arc<str>,
     outbox: Outbox,
     /// Its calls and conversations (`book.rs`), made on its first call.
     book: LazyBook,
@@ -192,7 +193,7 @@ impl Endpoint {
     pub fn new(
         ctx: Ctx,
         id: String,
-        user: String,
+        user: std::sync::Arc<str>,
         outbox: Outbox,
         peer: std::net::SocketAddr,
     ) -> Self {
@@ -235,7 +236,7 @@ impl Endpoint {
 
     fn local(&self) -> Remote {
         Remote {
-            user: self.user.clone(),
+            user: self.user.to_string(),
             endpoint: self.id.clone(),
         }
     }
@@ -272,7 +273,7 @@ impl Actor for Endpoint {
         }
         self.ctx.directory.unregister(&self.user, &self.id);
         self.ctx.presence.send(PresenceMsg::Left {
-            user: self.user.clone(),
+            user: self.user.to_string(),
             endpoint: self.id.clone(),
         });
         self.outbox.close();

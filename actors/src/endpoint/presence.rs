@@ -37,7 +37,7 @@ impl Endpoint {
         }
         self.push(ServerMsg::Ok { rid });
         self.ctx.presence.send(PresenceMsg::Publish {
-            user: self.user.clone(),
+            user: self.user.to_string(),
             endpoint: self.id.clone(),
             activity,
             idle_ms: idle_ms.unwrap_or(0),
@@ -96,7 +96,7 @@ impl Endpoint {
                 .then(move |_, act, _| {
                     let at_unix_ms = act.ctx.presence.stamp_status();
                     act.ctx.presence.send(PresenceMsg::SetStatus {
-                        user: act.user.clone(),
+                        user: act.user.to_string(),
                         endpoint: act.id.clone(),
                         status,
                         at_unix_ms,
@@ -128,7 +128,7 @@ impl Endpoint {
             self.subscriptions
                 .get_or_insert_default()
                 .insert(user.clone());
-            let same_user = user == self.user;
+            let same_user = *user == *self.user;
             self.ctx.presence.send(PresenceMsg::Subscribe {
                 user,
                 subscriber: self.id.clone(),

@@ -270,7 +270,7 @@ impl Endpoint {
         msg: Resume,
         ctx: &mut Context<Self>,
     ) -> Result<OutboxReceiver, ResumeRefusal> {
-        if self.ending() || msg.user != self.user {
+        if self.ending() || *msg.user != *self.user {
             return Err(ResumeRefusal::Unknown);
         }
         let Some(r) = self.resume.as_deref() else {

@@ -68,7 +68,8 @@ impl PresenceShards {
 #[rtype(result = "()")]
 pub enum PresenceMsg {
     Joined {
-        user: String,
+        /// The endpoint's own copy, which becomes the shard's key for a user new to it.
+        user: Arc<str>,
         endpoint: String,
         device: String,
     },
@@ -113,8 +114,8 @@ pub enum PresenceMsg {
 impl PresenceMsg {
     fn user(&self) -> &str {
         match self {
-            PresenceMsg::Joined { user, .. }
-            | PresenceMsg::Left { user, .. }
+            PresenceMsg::Joined { user, .. } => user,
+            PresenceMsg::Left { user, .. }
             | PresenceMsg::Publish { user, .. }
             | PresenceMsg::SetStatus { user, .. }
             | PresenceMsg::Upsert { user, .. }
@@ -240,7 +241,8 @@ impl UserState {
 }
 
 pub struct PresenceShard {
-    users: HashMap<String, UserState>,
+    /// Keyed by the user's shared URI (see `EndpointEntry::user`).
+    users: HashMap<Arc<str>, UserState>,
     thresholds: Thresholds,
 }
 
@@ -361,7 +363,7 @@ impl PresenceShard {
             state.timer = Some(ctx.run_later(delay, move |act, ctx| {
                 if let Some(w) = act
                     .users
-                    .get_mut(&user)
+                    .get_mut(user.as_str())
                     .and_then(|s| s.watchers.as_deref_mut())
                 {
                     w.timer = None;
@@ -407,22 +409,20 @@ impl Handler<PresenceMsg> for PresenceShard {
         let user = msg.user().to_owned();
         match msg {
             PresenceMsg::Joined {
-                endpoint, device, ..
+                user: shared,
+                endpoint,
+                device,
             } => {
-                self.users
-                    .entry(user.clone())
-                    .or_default()
-                    .endpoints
-                    .insert(
-                        endpoint,
-                        EndpointState {
-                            device,
-                            publication: None,
-                        },
-                    );
+                self.users.entry(shared).or_default().endpoints.insert(
+                    endpoint,
+                    EndpointState {
+                        device,
+                        publication: None,
+                    },
+                );
             }
             PresenceMsg::Left { endpoint, .. } => {
-                if let Some(state) = self.users.get_mut(&user) {
+                if let Some(state) = self.users.get_mut(user.as_str()) {
                     state.endpoints.remove(&endpoint);
                     if state.endpoints.is_empty() {
                         // The manual status belongs to a signed-in user.
@@ -439,7 +439,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                 metrics::counter!(m::PRESENCE_PUBLICATIONS).increment(1);
                 if let Some(e) = self
                     .users
-                    .get_mut(&user)
+                    .get_mut(user.as_str())
                     .and_then(|s| s.endpoints.get_mut(&endpoint))
                 {
                     e.publication = Some(Publication {
@@ -455,7 +455,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                 at_unix_ms,
                 ..
             } => {
-                if let Some(state) = self.users.get_mut(&user) {
+                if let Some(state) = self.users.get_mut(user.as_str()) {
                     state.apply_status(status, StatusStamp::new(at_unix_ms, endpoint));
                 }
             }
@@ -466,7 +466,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                 status,
                 ..
             } => {
-                let state = self.users.entry(user.clone()).or_default();
+                let state = self.users.entry(Arc::from(user.as_str())).or_default();
                 let endpoint_id = endpoint.clone();
                 state.endpoints.insert(
                     endpoint,
@@ -488,7 +488,7 @@ impl Handler<PresenceMsg> for PresenceShard {
             } => {
                 // A (re-)subscription always gets the current state at once.
                 self.users
-                    .entry(user.clone())
+                    .entry(Arc::from(user.as_str()))
                     .or_default()
                     .watchers
                     .get_or_insert_default()
@@ -505,7 +505,7 @@ impl Handler<PresenceMsg> for PresenceShard {
             PresenceMsg::Unsubscribe { subscriber, .. } => {
                 if let Some(w) = self
                     .users
-                    .get_mut(&user)
+                    .get_mut(user.as_str())
                     .and_then(|s| s.watchers.as_deref_mut())
                 {
                     w.subscribers.remove(&subscriber);
@@ -521,7 +521,7 @@ impl Handler<UserView> for PresenceShard {
     type Result = Option<ServerMsg>;
 
     fn handle(&mut self, msg: UserView, _: &mut Context<Self>) -> Option<ServerMsg> {
-        let state = self.users.get(&msg.user)?;
+        let state = self.users.get(msg.user.as_str())?;
         if state.endpoints.is_empty() {
             return None;
         }
@@ -533,7 +533,7 @@ impl Handler<RankEndpoints> for PresenceShard {
     type Result = Vec<String>;
 
     fn handle(&mut self, msg: RankEndpoints, _: &mut Context<Self>) -> Vec<String> {
-        match self.users.get(&msg.user) {
+        match self.users.get(msg.user.as_str()) {
             Some(state) => self
                 .ranked(state, Instant::now())
                 .into_iter()

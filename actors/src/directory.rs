@@ -15,7 +15,8 @@ use crate::route::EndpointRef;
 /// One signed-in endpoint as other actors see it.
 #[derive(Clone, Debug)]
 pub struct EndpointEntry {
-    pub id: String,
+    /// Shared, as `user` is.
+    pub id: Arc<str>,
     /// Shared: the endpoint, the directory and presence each keep the user (and a cluster
     /// node's record of the endpoint too), and one copy of the URI serves them all.
     pub user: Arc<str>,
@@ -87,7 +88,7 @@ impl LocalDirectory {
     pub fn ids_of(&self, user: &str) -> Vec<String> {
         self.by_user
             .get(user)
-            .map(|l| l.iter().map(|e| e.id.clone()).collect())
+            .map(|l| l.iter().map(|e| e.id.to_string()).collect())
             .unwrap_or_default()
     }
 }
@@ -99,7 +100,7 @@ impl LocalDirectory {
 /// costs more. An endpoint lives on its own frames and timers, not on this address, and
 /// unregisters itself as it stops.
 struct Kept {
-    id: String,
+    id: Arc<str>,
     device: String,
     addr: WeakAddr<Endpoint>,
 }
@@ -146,7 +147,7 @@ impl Directory for LocalDirectory {
 
     fn unregister(&self, user: &str, endpoint: &str) {
         self.by_user.remove_if_mut(user, |_, list| {
-            list.retain(|e| e.id != endpoint);
+            list.retain(|e| &*e.id != endpoint);
             list.is_empty()
         });
     }
@@ -201,7 +202,7 @@ mod tests {
         dir.register(entry, 4).expect("registers");
         let found = dir.endpoints_of("sip:a@x");
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].id.as_str(), &*found[0].user), ("e1", "sip:a@x"));
+        assert_eq!((&*found[0].id, &*found[0].user), ("e1", "sip:a@x"));
         assert!(found[0].addr.local().is_some());
         drop(found);
         assert_eq!(dir.all().len(), 1);

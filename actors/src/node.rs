@@ -89,7 +89,7 @@ impl RunningNode {
         self.directory
             .endpoints_of(user)
             .into_iter()
-            .map(|e| e.id)
+            .map(|e| e.id.to_string())
             .collect()
     }
 

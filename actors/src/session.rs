@@ -371,7 +371,7 @@ fn find_held(ctx: &Ctx, user: &str, endpoint: &str) -> Held {
         .directory
         .endpoints_of(user)
         .into_iter()
-        .find(|e| e.id == endpoint);
+        .find(|e| &*e.id == endpoint);
     tracing::debug!(%user, %endpoint, found = ?entry.as_ref().map(|e| &e.addr), "looking up a session to resume");
     match entry.map(|e| e.addr) {
         Some(EndpointRef::Local(addr)) => Held::Here(addr),
@@ -515,7 +515,9 @@ async fn start_endpoint(
     peer: std::net::SocketAddr,
     resumable: Option<(String, ResumeState)>,
 ) {
-    let id = ctx.ids.mint('e');
+    // Shared, as the user is: the endpoint, the directory and presence (and a cluster node's
+    // maps of its endpoints) each keep the id.
+    let id: Arc<str> = Arc::from(ctx.ids.mint('e'));
     let actor_ctx = Context::<Endpoint>::new();
     let user: Arc<str> = Arc::from(hello.user.as_str());
     let entry = EndpointEntry {
@@ -564,7 +566,7 @@ async fn start_endpoint(
     let (token, state) = resumable.unzip();
     outbox.push(ServerMsg::Welcome {
         rid: hello.rid,
-        endpoint: id.clone(),
+        endpoint: id.to_string(),
         node: ctx.node_id.clone(),
         heartbeat_ms: ctx.settings.server.heartbeat_ms,
         max_frame: ctx.settings.server.max_frame,

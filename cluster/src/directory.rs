@@ -38,7 +38,7 @@ impl Directory for NatsDirectory {
             .register(entry, max_per_user.saturating_sub(remote))?;
         self.cluster.endpoints.insert(id.clone(), addr);
         self.cluster.put_own(
-            &id,
+            id,
             OwnRecord {
                 user: user.clone(),
                 device,
@@ -96,7 +96,7 @@ impl Directory for NatsDirectory {
             out.push((
                 r.record.connected_unix_ms,
                 EndpointEntry {
-                    id: r.id.clone(),
+                    id: Arc::from(r.id.as_str()),
                     user: Arc::from(r.record.user.as_str()),
                     device: r.record.device.clone(),
                     addr: EndpointRef::Remote {

@@ -164,7 +164,8 @@ pub struct Cluster {
     quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
-    pub endpoints: DashMap<String, Addr<Endpoint>>,
+    /// Keyed by the endpoint's shared id (see `EndpointEntry::id`).
+    pub endpoints: DashMap<Arc<str>, Addr<Endpoint>>,
     /// Sessions resumed through this node and held on another (`relay.rs`), by relay id.
     relays: DashMap<u64, relay::Relay>,
     next_relay: AtomicU64,
@@ -175,7 +176,7 @@ pub struct Cluster {
     /// Arbiters on this node with forks on other nodes.
     pub arbiters: DashMap<String, Addr<ForkArbiter>>,
     /// This node's own records, by endpoint id (compact: see [`records::OwnRecord`]).
-    own: DashMap<String, records::OwnRecord>,
+    own: DashMap<Arc<str>, records::OwnRecord>,
     /// This node's endpoints, by user: the node's directory of its own (`directory.rs`),
     /// which also answers for the cluster-wide `endpoints_per_user` (a list of ids by user of
     /// the cluster's own cost every endpoint about 180 bytes more).

@@ -63,12 +63,12 @@ impl Cluster {
 
     /// Writes (creates or replaces) this node's record of `endpoint`, stamped with this run's
     /// epoch.
-    pub(crate) fn put_own(&self, endpoint: &str, mut record: OwnRecord) {
+    pub(crate) fn put_own(&self, endpoint: Arc<str>, mut record: OwnRecord) {
         // The entry stays locked from the epoch's stamp until the put is queued, as in the
         // rejoin's re-stamp: either this sees the rejoin's new epoch, or the rejoin waits and
         // queues its re-stamped put after this one. And the record is in `own` before its put
         // is queued, so the watch never shows this node a record of its own it does not know.
-        let entry = self.own.entry(endpoint.to_owned());
+        let entry = self.own.entry(endpoint);
         // Checked under the entry's lock: the leave sets the flag before it collects `own`,
         // so a put either sees it or is collected and deleted after its put.
         if self.leaving.load(Ordering::SeqCst) {
@@ -76,7 +76,7 @@ impl Cluster {
         }
         let added = matches!(entry, dashmap::Entry::Vacant(_));
         record.epoch = self.epoch();
-        let Some(put) = record_put(endpoint, &record.to_record(&self.node_id)) else {
+        let Some(put) = record_put(entry.key(), &record.to_record(&self.node_id)) else {
             return;
         };
         let stored = entry.insert(record);
@@ -89,11 +89,15 @@ impl Cluster {
 
     /// Updates this node's record of `endpoint` in place and writes it.
     pub(crate) fn update_own(&self, endpoint: &str, f: impl FnOnce(&mut OwnSet)) {
-        let Some(mut r) = self.own.get(endpoint).map(|r| r.clone()) else {
+        let Some((id, mut r)) = self
+            .own
+            .get(endpoint)
+            .map(|r| (r.key().clone(), r.value().clone()))
+        else {
             return;
         };
         f(r.set.get_or_insert_default());
-        self.put_own(endpoint, r);
+        self.put_own(id, r);
     }
 
     pub fn delete_own(&self, user: &str, endpoint: &str) {
@@ -130,7 +134,7 @@ impl Cluster {
                 };
                 if record.node == self.node_id {
                     // Endpoints of an earlier run are never this run's (ids carry the run).
-                    if record.epoch < self.epoch() && !self.own.contains_key(&endpoint) {
+                    if record.epoch < self.epoch() && !self.own.contains_key(endpoint.as_str()) {
                         // Left over from an earlier run of this node.
                         // Unconditional: only this node writes its keys, and it has no such
                         // endpoint any more.
@@ -239,7 +243,7 @@ impl Cluster {
             .map(|r| (r.record.connected_unix_ms, r.id, false))
             .collect();
         ranked.extend(own.into_iter().filter_map(|id| {
-            let at = self.own.get(&id)?.connected_unix_ms;
+            let at = self.own.get(id.as_str())?.connected_unix_ms;
             Some((at, id, true))
         }));
         ranked.sort();
@@ -253,7 +257,7 @@ impl Cluster {
                 tracing::warn!(%user, endpoint = %id, "over endpoints_per_user across the cluster, but this endpoint signed in before the race window: kept");
                 continue;
             }
-            if let Some(addr) = self.endpoints.get(&id) {
+            if let Some(addr) = self.endpoints.get(id.as_str()) {
                 tracing::info!(%user, endpoint = %id, "over endpoints_per_user across the cluster: signing out this node's newest");
                 addr.do_send(EndpointMsg::OverLimit);
             }

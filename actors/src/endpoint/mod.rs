@@ -126,7 +126,8 @@ pub(super) const REMEMBERED_ENDED_CALLS: usize = 64;
 
 pub struct Endpoint {
     ctx: Ctx,
-    id: String,
+    /// Shared with the directory and presence (see `EndpointEntry::id`).
+    id: std::sync::Arc<str>,
     /// Shared with the directory and presence (see `EndpointEntry::user`).
     user: std::sync::Arc<str>,
     outbox: Outbox,
@@ -192,7 +193,7 @@ fn presence_rate(ctx: &Ctx) -> Rate {
 impl Endpoint {
     pub fn new(
         ctx: Ctx,
-        id: String,
+        id: std::sync::Arc<str>,
         user: std::sync::Arc<str>,
         outbox: Outbox,
         peer: std::net::SocketAddr,
@@ -237,7 +238,7 @@ impl Endpoint {
     fn local(&self) -> Remote {
         Remote {
             user: self.user.to_string(),
-            endpoint: self.id.clone(),
+            endpoint: self.id.to_string(),
         }
     }
 }
@@ -268,13 +269,13 @@ impl Actor for Endpoint {
         for user in self.subscriptions.take().into_iter().flat_map(|s| *s) {
             self.ctx.presence.send(PresenceMsg::Unsubscribe {
                 user,
-                subscriber: self.id.clone(),
+                subscriber: self.id.to_string(),
             });
         }
         self.ctx.directory.unregister(&self.user, &self.id);
         self.ctx.presence.send(PresenceMsg::Left {
             user: self.user.to_string(),
-            endpoint: self.id.clone(),
+            endpoint: self.id.to_string(),
         });
         self.outbox.close();
     }

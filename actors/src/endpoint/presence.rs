@@ -38,7 +38,7 @@ impl Endpoint {
         self.push(ServerMsg::Ok { rid });
         self.ctx.presence.send(PresenceMsg::Publish {
             user: self.user.to_string(),
-            endpoint: self.id.clone(),
+            endpoint: self.id.to_string(),
             activity,
             idle_ms: idle_ms.unwrap_or(0),
         });
@@ -56,7 +56,7 @@ impl Endpoint {
             if self.subscriptions.as_mut().is_some_and(|s| s.remove(&user)) {
                 self.ctx.presence.send(PresenceMsg::Unsubscribe {
                     user,
-                    subscriber: self.id.clone(),
+                    subscriber: self.id.to_string(),
                 });
             }
         }
@@ -97,7 +97,7 @@ impl Endpoint {
                     let at_unix_ms = act.ctx.presence.stamp_status();
                     act.ctx.presence.send(PresenceMsg::SetStatus {
                         user: act.user.to_string(),
-                        endpoint: act.id.clone(),
+                        endpoint: act.id.to_string(),
                         status,
                         at_unix_ms,
                     });
@@ -131,7 +131,7 @@ impl Endpoint {
             let same_user = *user == *self.user;
             self.ctx.presence.send(PresenceMsg::Subscribe {
                 user,
-                subscriber: self.id.clone(),
+                subscriber: self.id.to_string(),
                 outbox: self.outbox.clone(),
                 same_user,
             });

@@ -70,7 +70,8 @@ pub enum PresenceMsg {
     Joined {
         /// The endpoint's own copy, which becomes the shard's key for a user new to it.
         user: Arc<str>,
-        endpoint: String,
+        /// The endpoint's own copy of its id, kept in the user's list.
+        endpoint: Arc<str>,
         device: String,
     },
     Left {
@@ -156,10 +157,10 @@ struct Subscriber {
 /// A user's endpoints. A user has a handful at most, and a map would cost more memory per
 /// signed-in user than the whole list: a plain vector, searched by id.
 #[derive(Default)]
-struct Endpoints(Vec<(String, EndpointState)>);
+struct Endpoints(Vec<(Arc<str>, EndpointState)>);
 
 impl Endpoints {
-    fn insert(&mut self, id: String, state: EndpointState) {
+    fn insert(&mut self, id: Arc<str>, state: EndpointState) {
         match self.get_mut(&id) {
             Some(e) => *e = state,
             None => {
@@ -169,15 +170,15 @@ impl Endpoints {
         }
     }
     fn remove(&mut self, id: &str) {
-        self.0.retain(|(e, _)| e != id);
+        self.0.retain(|(e, _)| &**e != id);
     }
     fn get(&self, id: &str) -> Option<&EndpointState> {
-        self.0.iter().find(|(e, _)| e == id).map(|(_, s)| s)
+        self.0.iter().find(|(e, _)| &**e == id).map(|(_, s)| s)
     }
     fn get_mut(&mut self, id: &str) -> Option<&mut EndpointState> {
-        self.0.iter_mut().find(|(e, _)| e == id).map(|(_, s)| s)
+        self.0.iter_mut().find(|(e, _)| &**e == id).map(|(_, s)| s)
     }
-    fn iter(&self) -> impl Iterator<Item = (&String, &EndpointState)> {
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &EndpointState)> {
         self.0.iter().map(|(e, s)| (e, s))
     }
     fn values(&self) -> impl Iterator<Item = &EndpointState> {
@@ -263,7 +264,7 @@ impl PresenceShard {
         let mut eps: Vec<(&str, Option<&Publication>)> = state
             .endpoints
             .iter()
-            .map(|(id, e)| (id.as_str(), e.publication.as_ref()))
+            .map(|(id, e)| (&**id, e.publication.as_ref()))
             .collect();
         eps.sort_by(|a, b| rank::compare(*a, *b, now, self.thresholds));
         eps.into_iter()
@@ -469,7 +470,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                 let state = self.users.entry(Arc::from(user.as_str())).or_default();
                 let endpoint_id = endpoint.clone();
                 state.endpoints.insert(
-                    endpoint,
+                    Arc::from(endpoint),
                     EndpointState {
                         device,
                         publication,

@@ -144,7 +144,10 @@ pub struct UserView {
 
 struct EndpointState {
     device: String,
-    publication: Option<Publication>,
+    /// Boxed: an endpoint that never published (most idle ones) then costs 8 bytes here,
+    /// and each of a user's endpoints 48 bytes in its list instead of 72 (the allocator's
+    /// 80-byte class).
+    publication: Option<Box<Publication>>,
 }
 
 struct Subscriber {
@@ -264,7 +267,7 @@ impl PresenceShard {
         let mut eps: Vec<(&str, Option<&Publication>)> = state
             .endpoints
             .iter()
-            .map(|(id, e)| (&**id, e.publication.as_ref()))
+            .map(|(id, e)| (&**id, e.publication.as_deref()))
             .collect();
         eps.sort_by(|a, b| rank::compare(*a, *b, now, self.thresholds));
         eps.into_iter()
@@ -287,6 +290,7 @@ impl PresenceShard {
                     activity: *activity,
                     idle_ms: e
                         .publication
+                        .as_deref()
                         .map(|p| p.idle_at(now).as_millis().min(u64::MAX as u128) as u64),
                     rank: i as u32 + 1,
                 })
@@ -335,7 +339,7 @@ impl PresenceShard {
         let next = state
             .endpoints
             .values()
-            .filter_map(|e| e.publication.as_ref())
+            .filter_map(|e| e.publication.as_deref())
             .filter_map(|p| rank::next_crossing(p, now, self.thresholds))
             .min();
         let Some(state) = self
@@ -443,11 +447,16 @@ impl Handler<PresenceMsg> for PresenceShard {
                     .get_mut(user.as_str())
                     .and_then(|s| s.endpoints.get_mut(&endpoint))
                 {
-                    e.publication = Some(Publication {
+                    let publication = Publication {
                         activity,
                         stamp: Instant::now(),
                         idle_ms,
-                    });
+                    };
+                    // In place once the endpoint has published: one allocation per endpoint.
+                    match &mut e.publication {
+                        Some(p) => **p = publication,
+                        None => e.publication = Some(Box::new(publication)),
+                    }
                 }
             }
             PresenceMsg::SetStatus {
@@ -473,7 +482,7 @@ impl Handler<PresenceMsg> for PresenceShard {
                     Arc::from(endpoint),
                     EndpointState {
                         device,
-                        publication,
+                        publication: publication.map(Box::new),
                     },
                 );
                 if let Some((status, at)) = status {
@@ -554,6 +563,8 @@ mod tests {
     #[test]
     fn a_users_slot_is_small() {
         assert!(std::mem::size_of::<UserState>() <= 40);
+        // An endpoint in its user's list: the 48-byte class, not 80.
+        assert!(std::mem::size_of::<(Arc<str>, EndpointState)>() <= 48);
     }
 
     #[test]

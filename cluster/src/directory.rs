@@ -1,6 +1,7 @@
-//! The cluster directory: this node's endpoints in a [`LocalDirectory`] (with their actor
-//! addresses) and in the KV bucket (for the other nodes), and the other nodes' endpoints from
-//! the cache the KV watch keeps.
+//! The cluster directory: this node's endpoints in a [`WeakLocalDirectory`] (with weak
+//! addresses of their actors: the cluster's `endpoints` keeps the strong ones) and in the KV
+//! bucket (for the other nodes), and the other nodes' endpoints from the cache the KV watch
+//! keeps.
 
 use confab_protocol::{Activity, Status};
 use std::sync::Arc;
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use super::Cluster;
 use super::records::OwnRecord;
 use super::wire::{PublicationRecord, unix_ms};
-use confab_actors::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
+use confab_actors::directory::{
+    Directory, DirectoryError, EndpointEntry, Settled, WeakLocalDirectory,
+};
 use confab_actors::route::EndpointRef;
 
 pub struct NatsDirectory {
@@ -21,7 +24,7 @@ impl NatsDirectory {
     }
 
     /// This node's own endpoints (kept by the cluster, which ranks them for the limit).
-    fn local(&self) -> &LocalDirectory {
+    fn local(&self) -> &WeakLocalDirectory {
         &self.cluster.local
     }
 }

@@ -57,7 +57,7 @@ use tokio::time::Instant;
 
 use confab_actors::arbiter::{ArbiterMsg, ForkArbiter};
 use confab_actors::call::leg::{CallLeg, LegMsg};
-use confab_actors::directory::LocalDirectory;
+use confab_actors::directory::WeakLocalDirectory;
 use confab_actors::endpoint::{Endpoint, EndpointMsg, RemoteFork};
 use confab_actors::metrics as m;
 use confab_actors::presence::rank::Publication;
@@ -179,8 +179,9 @@ pub struct Cluster {
     own: DashMap<Arc<str>, records::OwnRecord>,
     /// This node's endpoints, by user: the node's directory of its own (`directory.rs`),
     /// which also answers for the cluster-wide `endpoints_per_user` (a list of ids by user of
-    /// the cluster's own cost every endpoint about 180 bytes more).
-    pub(crate) local: LocalDirectory,
+    /// the cluster's own cost every endpoint about 180 bytes more). Its addresses are weak:
+    /// `endpoints` keeps a strong one of each.
+    pub(crate) local: WeakLocalDirectory,
     /// `limits.endpoints_per_user`, held across the cluster (see [`Cluster::enforce_limit`]).
     endpoints_per_user: usize,
     /// Other nodes' endpoints, by user.
@@ -380,7 +381,7 @@ impl Cluster {
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),
-            local: LocalDirectory::default(),
+            local: WeakLocalDirectory::default(),
             endpoints_per_user,
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),

@@ -114,9 +114,11 @@ impl ForkArbiter {
             .directory
             .endpoints_of(&self.t.to)
             .into_iter()
-            .filter(|e| e.id != self.t.from.endpoint)
+            .filter(|e| *e.id != *self.t.from.endpoint)
             .collect();
-        let actions = self.decision.offer(entries.iter().map(|e| e.id.clone()));
+        let actions = self
+            .decision
+            .offer(entries.iter().map(|e| e.id.to_string()));
         let mut entries = entries.into_iter();
         for action in &actions {
             let Action::Offer { fork, immediate } = *action else {

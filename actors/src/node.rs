@@ -89,7 +89,7 @@ impl RunningNode {
         self.directory
             .endpoints_of(user)
             .into_iter()
-            .map(|e| e.id)
+            .map(|e| e.id.to_string())
             .collect()
     }
 
@@ -446,7 +446,7 @@ async fn run(
     let recorder = m::recorder();
     m::describe_all();
     let (directory, link): (Arc<dyn Directory>, _) = match join {
-        None => (Arc::new(LocalDirectory::default()), None),
+        None => (Arc::new(<LocalDirectory>::default()), None),
         Some(join) => {
             let node_id = settings
                 .cluster

@@ -371,7 +371,7 @@ fn find_held(ctx: &Ctx, user: &str, endpoint: &str) -> Held {
         .directory
         .endpoints_of(user)
         .into_iter()
-        .find(|e| e.id == endpoint);
+        .find(|e| &*e.id == endpoint);
     tracing::debug!(%user, %endpoint, found = ?entry.as_ref().map(|e| &e.addr), "looking up a session to resume");
     match entry.map(|e| e.addr) {
         Some(EndpointRef::Local(addr)) => Held::Here(addr),
@@ -515,11 +515,14 @@ async fn start_endpoint(
     peer: std::net::SocketAddr,
     resumable: Option<(String, ResumeState)>,
 ) {
-    let id = ctx.ids.mint('e');
+    // Shared, as the user is: the endpoint, the directory and presence (and a cluster node's
+    // maps of its endpoints) each keep the id.
+    let id: Arc<str> = Arc::from(ctx.ids.mint('e'));
     let actor_ctx = Context::<Endpoint>::new();
+    let user: Arc<str> = Arc::from(hello.user.as_str());
     let entry = EndpointEntry {
         id: id.clone(),
-        user: hello.user.clone(),
+        user: user.clone(),
         device: hello.device.clone(),
         addr: crate::route::EndpointRef::Local(actor_ctx.address()),
     };
@@ -556,14 +559,14 @@ async fn start_endpoint(
     // Presence hears of the endpoint before the client hears `welcome`, so a subscription made
     // after the welcome already counts it.
     ctx.presence.send(PresenceMsg::Joined {
-        user: hello.user.clone(),
+        user: user.clone(),
         endpoint: id.clone(),
         device: hello.device.clone(),
     });
     let (token, state) = resumable.unzip();
     outbox.push(ServerMsg::Welcome {
         rid: hello.rid,
-        endpoint: id.clone(),
+        endpoint: id.to_string(),
         node: ctx.node_id.clone(),
         heartbeat_ms: ctx.settings.server.heartbeat_ms,
         max_frame: ctx.settings.server.max_frame,
@@ -571,7 +574,7 @@ async fn start_endpoint(
     });
     let mut actor_ctx = actor_ctx;
     let stream = actor_ctx.add_stream(crate::endpoint::tagged(frames, 0));
-    let mut endpoint = Endpoint::new(ctx, id, hello.user, outbox, peer);
+    let mut endpoint = Endpoint::new(ctx, id, user, outbox, peer);
     if let Some(state) = state {
         endpoint.resumable(state, stream);
     }

@@ -1,26 +1,31 @@
-//! The cluster directory: this node's endpoints in a [`LocalDirectory`] (with their actor
-//! addresses) and in the KV bucket (for the other nodes), and the other nodes' endpoints from
-//! the cache the KV watch keeps.
+//! The cluster directory: this node's endpoints in a [`WeakLocalDirectory`] (with weak
+//! addresses of their actors: the cluster's `endpoints` keeps the strong ones) and in the KV
+//! bucket (for the other nodes), and the other nodes' endpoints from the cache the KV watch
+//! keeps.
 
 use confab_protocol::{Activity, Status};
 use std::sync::Arc;
 
 use super::Cluster;
-use super::wire::{PublicationRecord, Record, unix_ms};
-use confab_actors::directory::{Directory, DirectoryError, EndpointEntry, LocalDirectory, Settled};
+use super::records::OwnRecord;
+use super::wire::{PublicationRecord, unix_ms};
+use confab_actors::directory::{
+    Directory, DirectoryError, EndpointEntry, Settled, WeakLocalDirectory,
+};
 use confab_actors::route::EndpointRef;
 
 pub struct NatsDirectory {
-    local: LocalDirectory,
     cluster: Arc<Cluster>,
 }
 
 impl NatsDirectory {
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        NatsDirectory {
-            local: LocalDirectory::default(),
-            cluster,
-        }
+        NatsDirectory { cluster }
+    }
+
+    /// This node's own endpoints (kept by the cluster, which ranks them for the limit).
+    fn local(&self) -> &WeakLocalDirectory {
+        &self.cluster.local
     }
 }
 
@@ -32,25 +37,22 @@ impl Directory for NatsDirectory {
         };
         let addr = addr.clone();
         let (id, user, device) = (entry.id.clone(), entry.user.clone(), entry.device.clone());
-        let user_for_limit = user.clone();
-        self.local
+        self.local()
             .register(entry, max_per_user.saturating_sub(remote))?;
         self.cluster.endpoints.insert(id.clone(), addr);
         self.cluster.put_own(
-            &id,
-            Record {
-                node: self.cluster.node_id.clone(),
-                epoch: self.cluster.epoch(),
-                user,
+            id,
+            OwnRecord {
+                user: user.clone(),
                 device,
-                publication: None,
-                status: None,
-                status_set_unix_ms: None,
+                // Stamped by `put_own`.
+                epoch: 0,
                 connected_unix_ms: unix_ms(),
+                set: None,
             },
         );
         // Another node's endpoint of this user may have arrived since `remote_count` above.
-        self.cluster.enforce_limit(&user_for_limit);
+        self.cluster.enforce_limit(&user);
         Ok(())
     }
 
@@ -81,14 +83,14 @@ impl Directory for NatsDirectory {
     }
 
     fn unregister(&self, user: &str, endpoint: &str) {
-        self.local.unregister(user, endpoint);
+        self.local().unregister(user, endpoint);
         self.cluster.endpoints.remove(endpoint);
         self.cluster.delete_own(user, endpoint);
     }
 
     fn endpoints_of(&self, user: &str) -> Vec<EndpointEntry> {
         let mut out: Vec<(u64, EndpointEntry)> = self
-            .local
+            .local()
             .endpoints_of(user)
             .into_iter()
             .map(|e| (0, e))
@@ -97,8 +99,8 @@ impl Directory for NatsDirectory {
             out.push((
                 r.record.connected_unix_ms,
                 EndpointEntry {
-                    id: r.id.clone(),
-                    user: r.record.user.clone(),
+                    id: Arc::from(r.id.as_str()),
+                    user: Arc::from(r.record.user.as_str()),
                     device: r.record.device.clone(),
                     addr: EndpointRef::Remote {
                         node: r.record.node.clone(),
@@ -111,11 +113,11 @@ impl Directory for NatsDirectory {
     }
 
     fn all(&self) -> Vec<EndpointEntry> {
-        self.local.all()
+        self.local().all()
     }
 
     fn len(&self) -> usize {
-        self.local.len()
+        self.local().len()
     }
 
     fn published(&self, endpoint: &str, activity: Activity, idle_ms: u64) {

@@ -59,6 +59,7 @@ use tokio::time::Instant;
 
 use confab_actors::arbiter::{ArbiterMsg, ForkArbiter};
 use confab_actors::call::leg::{CallLeg, LegMsg};
+use confab_actors::directory::WeakLocalDirectory;
 use confab_actors::endpoint::{Endpoint, EndpointMsg, RemoteFork};
 use confab_actors::metrics as m;
 use confab_actors::presence::rank::Publication;
@@ -167,7 +168,8 @@ pub struct Cluster {
     quota: Arc<EnvelopeQuota>,
     kv_tx: mpsc::UnboundedSender<KvOp>,
     /// Endpoints signed in here, by id (for envelopes addressed to them).
-    pub endpoints: DashMap<String, Addr<Endpoint>>,
+    /// Keyed by the endpoint's shared id (see `EndpointEntry::id`).
+    pub endpoints: DashMap<Arc<str>, Addr<Endpoint>>,
     /// Sessions resumed through this node and held on another (`relay.rs`), by relay id.
     relays: DashMap<u64, relay::Relay>,
     next_relay: AtomicU64,
@@ -177,10 +179,13 @@ pub struct Cluster {
     pub legs: DashMap<String, (String, Addr<CallLeg>)>,
     /// Arbiters on this node with forks on other nodes.
     pub arbiters: DashMap<String, Addr<ForkArbiter>>,
-    /// This node's own records, by endpoint id.
-    own: DashMap<String, Record>,
-    /// This node's own endpoint ids, by user (for the cluster-wide `endpoints_per_user`).
-    own_by_user: DashMap<String, Vec<String>>,
+    /// This node's own records, by endpoint id (compact: see [`records::OwnRecord`]).
+    own: DashMap<Arc<str>, records::OwnRecord>,
+    /// This node's endpoints, by user: the node's directory of its own (`directory.rs`),
+    /// which also answers for the cluster-wide `endpoints_per_user` (a list of ids by user of
+    /// the cluster's own cost every endpoint about 180 bytes more). Its addresses are weak:
+    /// `endpoints` keeps a strong one of each.
+    pub(crate) local: WeakLocalDirectory,
     /// `limits.endpoints_per_user`, held across the cluster (see [`Cluster::enforce_limit`]).
     endpoints_per_user: usize,
     /// Other nodes' endpoints, by user.
@@ -402,7 +407,7 @@ impl Cluster {
             legs: DashMap::new(),
             arbiters: DashMap::new(),
             own: DashMap::new(),
-            own_by_user: DashMap::new(),
+            local: WeakLocalDirectory::default(),
             endpoints_per_user,
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),

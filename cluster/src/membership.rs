@@ -60,7 +60,7 @@ impl Cluster {
         // after the delete would leave a record of an endpoint that no longer exists).
         for mut e in self.own.iter_mut() {
             e.value_mut().epoch = new;
-            if let Some(put) = record_put(e.key(), e.value()) {
+            if let Some(put) = record_put(e.key(), &e.value().to_record(&self.node_id)) {
                 let _ = self.kv_tx.send(put);
             }
         }
@@ -308,7 +308,6 @@ impl Cluster {
             .map(|e| wire::record_key(&e.value().user, e.key()))
             .collect();
         self.own.clear();
-        self.own_by_user.clear();
         self.directory_gauge();
         for key in keys {
             let _ = self.kv_tx.send(KvOp::Delete(key, None));

@@ -138,7 +138,7 @@ impl Cluster {
     /// On the holding node: a client resumed `endpoint`'s session on `from_node`. The endpoint
     /// checks it as its own resume; taken back, its writer writes to the relay from then on.
     pub(super) fn resume_relayed(self: &Arc<Self>, from_node: String, relay: u64, ask: RelayAsk) {
-        let endpoint = self.endpoints.get(&ask.endpoint).map(|e| e.clone());
+        let endpoint = self.endpoints.get(ask.endpoint.as_str()).map(|e| e.clone());
         let cluster = self.clone();
         self.rt.spawn(async move {
             let rid = ask.rid;

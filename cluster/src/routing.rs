@@ -171,7 +171,7 @@ impl Cluster {
                 from_epoch,
                 reason,
             } if !self.is_dead(&from_node, from_epoch) => {
-                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                match self.endpoints.get(endpoint.as_str()).map(|e| e.clone()) {
                     Some(ep) => ep.do_send(EndpointMsg::LegEnded {
                         call,
                         conversation,
@@ -222,7 +222,7 @@ impl Cluster {
                     immediate,
                     leg_epoch: from_epoch,
                 };
-                match self.endpoints.get(&endpoint).map(|e| e.clone()) {
+                match self.endpoints.get(endpoint.as_str()).map(|e| e.clone()) {
                     Some(ep) => {
                         let guard =
                             confab_actors::endpoint::RemoteForkGuard::new(self.clone(), &fork);

@@ -233,7 +233,7 @@ async fn user(State(ctx): State<Ctx>, Path(user): Path<String>) -> Response {
         .map(|presence| {
             let node = entries
                 .iter()
-                .find(|e| e.id == presence.endpoint)
+                .find(|e| *e.id == *presence.endpoint)
                 .map(|e| match &e.addr {
                     EndpointRef::Local(_) => ctx.node_id.clone(),
                     EndpointRef::Remote { node, .. } => node.clone(),

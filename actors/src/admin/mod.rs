@@ -148,8 +148,8 @@ pub async fn answer_here(ctx: &Ctx, q: Query) -> Answer {
         } => {
             let mut kicked = 0;
             for e in ctx.directory.all() {
-                let wanted = endpoint.as_deref().is_some_and(|id| id == e.id)
-                    || user.as_deref().is_some_and(|u| u == e.user);
+                let wanted = endpoint.as_deref().is_some_and(|id| id == &*e.id)
+                    || user.as_deref().is_some_and(|u| *u == *e.user);
                 if let (true, Some(addr)) = (wanted, e.addr.local()) {
                     addr.do_send(EndpointMsg::Kick {
                         reason: reason.clone(),
@@ -175,8 +175,8 @@ async fn sessions_here(
         .directory
         .all()
         .into_iter()
-        .filter(|e| user.is_none_or(|u| u == e.user))
-        .filter(|e| after.is_none_or(|a| e.id.as_str() > a))
+        .filter(|e| user.is_none_or(|u| *u == *e.user))
+        .filter(|e| after.is_none_or(|a| &*e.id > a))
         .collect();
     entries.sort_by(|a, b| a.id.cmp(&b.id));
     let mut out = Vec::with_capacity(entries.len().min(limit));
@@ -193,9 +193,9 @@ async fn sessions_here(
         };
         out.push(Session {
             node: ctx.node_id.clone(),
-            user: e.user,
+            user: e.user.to_string(),
             device: e.device,
-            endpoint: e.id,
+            endpoint: e.id.to_string(),
             remote_addr: d.remote_addr.to_string(),
             since_unix_ms: d.since_unix_ms,
             calls: d.calls,

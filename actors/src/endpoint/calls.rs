@@ -380,7 +380,7 @@ impl Endpoint {
             // it was lost on the way) still needs its release, or it would stay for good.
             None => {
                 if let Some(link) = &self.ctx.link {
-                    link.release_leg(call.clone(), self.id.clone());
+                    link.release_leg(call.clone(), self.id.to_string());
                 }
             }
         }

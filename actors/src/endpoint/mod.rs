@@ -126,8 +126,10 @@ pub(super) const REMEMBERED_ENDED_CALLS: usize = 64;
 
 pub struct Endpoint {
     ctx: Ctx,
-    id: String,
-    user: String,
+    /// Shared with the directory and presence (see `EndpointEntry::id`).
+    id: std::sync::Arc<str>,
+    /// Shared with the directory and presence (see `EndpointEntry::user`).
+    user: std::sync::Arc<str>,
     outbox: Outbox,
     /// Its calls and conversations (`book.rs`), made on its first call.
     book: LazyBook,
@@ -191,8 +193,8 @@ fn presence_rate(ctx: &Ctx) -> Rate {
 impl Endpoint {
     pub fn new(
         ctx: Ctx,
-        id: String,
-        user: String,
+        id: std::sync::Arc<str>,
+        user: std::sync::Arc<str>,
         outbox: Outbox,
         peer: std::net::SocketAddr,
     ) -> Self {
@@ -235,8 +237,8 @@ impl Endpoint {
 
     fn local(&self) -> Remote {
         Remote {
-            user: self.user.clone(),
-            endpoint: self.id.clone(),
+            user: self.user.to_string(),
+            endpoint: self.id.to_string(),
         }
     }
 }
@@ -250,13 +252,10 @@ impl Actor for Endpoint {
         m::hot().endpoints.increment(1.0);
         // The node's sweep sends `HeartbeatDue` every heartbeat (a timer of the endpoint's own
         // would cost each idle endpoint about 150 bytes).
-        self.heartbeat_slot = self.ctx.heartbeats.join(ctx.address().downgrade());
+        let me = ctx.address().downgrade();
+        self.heartbeat_slot = self.ctx.heartbeats.join(me.clone());
         // A slow consumer (or a failed write) closes the outbox: the endpoint ends with it.
-        ctx.spawn(self.outbox.closed().into_actor(self).map(|(), act, ctx| {
-            if !act.ending() {
-                act.lost(ctx);
-            }
-        }));
+        self.outbox.tell_on_close(me);
         self.watch_writer(ctx);
     }
 
@@ -270,13 +269,13 @@ impl Actor for Endpoint {
         for user in self.subscriptions.take().into_iter().flat_map(|s| *s) {
             self.ctx.presence.send(PresenceMsg::Unsubscribe {
                 user,
-                subscriber: self.id.clone(),
+                subscriber: self.id.to_string(),
             });
         }
         self.ctx.directory.unregister(&self.user, &self.id);
         self.ctx.presence.send(PresenceMsg::Left {
-            user: self.user.clone(),
-            endpoint: self.id.clone(),
+            user: self.user.to_string(),
+            endpoint: self.id.to_string(),
         });
         self.outbox.close();
     }
@@ -328,6 +327,23 @@ impl Handler<EndpointMsg> for Endpoint {
                 reason,
                 reconnect_after_ms: self.ctx.settings.server.reconnect_after_ms,
             }),
+        }
+    }
+}
+
+/// The endpoint's outbox closed (`Outbox::tell_on_close`): a slow consumer, a failed write, or
+/// the endpoint's own close. A message from whoever closes it rather than a future the
+/// endpoint keeps waiting on the close: that future cost every endpoint 88 bytes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OutboxClosed;
+
+impl Handler<OutboxClosed> for Endpoint {
+    type Result = ();
+
+    fn handle(&mut self, _: OutboxClosed, ctx: &mut Context<Self>) {
+        if !self.ending() {
+            self.lost(ctx);
         }
     }
 }

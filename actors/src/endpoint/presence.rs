@@ -37,8 +37,8 @@ impl Endpoint {
         }
         self.push(ServerMsg::Ok { rid });
         self.ctx.presence.send(PresenceMsg::Publish {
-            user: self.user.clone(),
-            endpoint: self.id.clone(),
+            user: self.user.to_string(),
+            endpoint: self.id.to_string(),
             activity,
             idle_ms: idle_ms.unwrap_or(0),
         });
@@ -56,7 +56,7 @@ impl Endpoint {
             if self.subscriptions.as_mut().is_some_and(|s| s.remove(&user)) {
                 self.ctx.presence.send(PresenceMsg::Unsubscribe {
                     user,
-                    subscriber: self.id.clone(),
+                    subscriber: self.id.to_string(),
                 });
             }
         }
@@ -96,8 +96,8 @@ impl Endpoint {
                 .then(move |_, act, _| {
                     let at_unix_ms = act.ctx.presence.stamp_status();
                     act.ctx.presence.send(PresenceMsg::SetStatus {
-                        user: act.user.clone(),
-                        endpoint: act.id.clone(),
+                        user: act.user.to_string(),
+                        endpoint: act.id.to_string(),
                         status,
                         at_unix_ms,
                     });
@@ -128,10 +128,10 @@ impl Endpoint {
             self.subscriptions
                 .get_or_insert_default()
                 .insert(user.clone());
-            let same_user = user == self.user;
+            let same_user = *user == *self.user;
             self.ctx.presence.send(PresenceMsg::Subscribe {
                 user,
-                subscriber: self.id.clone(),
+                subscriber: self.id.to_string(),
                 outbox: self.outbox.clone(),
                 same_user,
             });

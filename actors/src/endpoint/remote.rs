@@ -213,7 +213,7 @@ impl Endpoint {
             link,
             node: fork.leg_node,
             call: fork.call.clone(),
-            endpoint: self.id.clone(),
+            endpoint: self.id.to_string(),
         };
         self.add_call(fork.call, leg, fork.conversation);
     }

@@ -270,7 +270,7 @@ impl Endpoint {
         msg: Resume,
         ctx: &mut Context<Self>,
     ) -> Result<OutboxReceiver, ResumeRefusal> {
-        if self.ending() || msg.user != self.user {
+        if self.ending() || *msg.user != *self.user {
             return Err(ResumeRefusal::Unknown);
         }
         let Some(r) = self.resume.as_deref() else {
@@ -295,7 +295,7 @@ impl Endpoint {
         let (token, new_hash) = new_token();
         let welcome = ServerMsg::Welcome {
             rid: msg.rid,
-            endpoint: self.id.clone(),
+            endpoint: self.id.to_string(),
             node: self.ctx.node_id.clone(),
             heartbeat_ms: self.ctx.settings.server.heartbeat_ms,
             max_frame: self.ctx.settings.server.max_frame,

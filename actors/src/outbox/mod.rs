@@ -33,7 +33,9 @@ use tokio::time::Sleep;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint::{Endpoint, OutboxClosed};
 use crate::metrics as m;
+use actix::WeakAddr;
 
 /// A frame waiting in the queue: a message the writer encodes, or (cluster) a frame another
 /// node encoded already, passed on byte for byte instead of decoded and encoded again.
@@ -58,6 +60,10 @@ struct Queue {
     /// Only one writer at a time can wait here: a replaced writer is woken by the resume that
     /// replaces it (which takes its waker), and finds itself detached before it could wait again.
     waiter: Option<Waker>,
+    /// The endpoint to tell when the outbox closes (see [`Outbox::tell_on_close`]). A weak
+    /// address: 8 bytes here, where a future waiting for the close cost every endpoint a boxed
+    /// future of 88 bytes; and it keeps no endpoint alive.
+    endpoint: Option<WeakAddr<Endpoint>>,
 }
 
 /// The writer side of a resumable session.
@@ -75,7 +81,7 @@ struct Resumable {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Wakes whoever waits for the close (the endpoint, a writer in the middle of a write):
+    /// Wakes a writer in the middle of a write when the outbox closes:
     /// see [`Shared::wait_closed`]. A `Notify` beside the flag rather than a cancellation
     /// token: a token is an allocation of its own, 112 bytes per connection.
     closed: Notify,
@@ -138,6 +144,7 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             sealed: false,
             resumable: None,
             waiter: None,
+            endpoint: None,
         }),
         closed: Notify::new(),
         closing: AtomicBool::new(false),
@@ -236,15 +243,17 @@ impl Shared {
         self.closing.store(true, Ordering::Release);
         self.closed.notify_waiters();
         // Wakes an idle writer. The flag is set before the lock is taken, so a writer that
-        // looks at the queue after this sees it, and one that looked before left its waker.
-        self.wake_writer();
-    }
-
-    /// Wakes the writer if it is waiting for work.
-    fn wake_writer(&self) {
-        let waiter = self.lock().waiter.take();
+        // looks at the queue after this sees it, and one that looked before left its waker; the
+        // same holds for the endpoint's registration (`tell_on_close`).
+        let (waiter, endpoint) = {
+            let mut q = self.lock();
+            (q.waiter.take(), q.endpoint.take())
+        };
         if let Some(w) = waiter {
             w.wake();
+        }
+        if let Some(endpoint) = endpoint.and_then(|e| e.upgrade()) {
+            endpoint.do_send(OutboxClosed);
         }
     }
 
@@ -326,22 +335,21 @@ impl Outbox {
         self.shared.close();
     }
 
-    /// Completes once the connection is closing, for whatever reason.
-    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
-        let shared = self.shared.clone();
-        // `Shared::wait_closed` written out here rather than awaited: the endpoint holds this
-        // future for its whole life, and the nested one made it a size class larger.
-        async move {
-            loop {
-                // A `Notified` hears `notify_waiters` from its creation on, so a close just
-                // after the flag is read still ends this wait.
-                let notified = shared.closed.notified();
-                if shared.closing.load(Ordering::Acquire) {
-                    return;
-                }
-                notified.await;
+    /// Has `endpoint` sent [`OutboxClosed`] once the outbox closes, for whatever reason (at
+    /// once if it is closed already). One endpoint at a time: a later call replaces it.
+    pub fn tell_on_close(&self, endpoint: WeakAddr<Endpoint>) {
+        let s = &*self.shared;
+        let mut q = s.lock();
+        // Read under the lock: a close that set the flag after this read takes the address
+        // from the queue under the same lock (see `Shared::close`).
+        if s.closing.load(Ordering::Acquire) {
+            drop(q);
+            if let Some(endpoint) = endpoint.upgrade() {
+                endpoint.do_send(OutboxClosed);
             }
+            return;
         }
+        q.endpoint = Some(endpoint);
     }
 
     /// Makes the session resumable, before its writer starts and its `welcome` is queued (the

@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
-#[cfg(unix)]
+#[cfg(all(unix, not(feature = "system-allocator")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -115,7 +115,9 @@ async fn a_node_cut_from_the_other_nodes_but_not_nats_goes_back_to_nats() {
         2 * NODE_TIMEOUT_MS,
         ups - ups_before
     );
-    assert!(ended >= 2, "b's links to a and c ended in the cut");
+    // A link that carried something in the cut ends (writes unacknowledged for the node
+    // timeout); one that carried nothing may live through it, as it should.
+    assert!(ended >= 1, "b's links that carried load ended in the cut");
     let tally = finish("links cut", &cluster, load).await;
     assert!(
         !tally.msgs_failed.keys().any(|k| k.contains("Node lost")),

@@ -10,8 +10,7 @@
 //!   and pair of nodes (the dialer is the only one that sends), and dials again with back-off
 //!   after a failure.
 //! - **Who may connect**: both sides prove they hold `cluster.link_secret` (`handshake.rs`).
-//!   A link refuses a run of a node declared dead, and is closed when its node is declared
-//!   dead.
+//!   A dial from a run declared dead is refused; a link up stays (see [`Links::node_lost`]).
 //! - **Order**: one sender's envelopes for one node keep their order across the switch from
 //!   NATS to a link and back, by markers on NATS (`order.rs`). The switches are decided in
 //!   [`LinkedTransport::publish`], which only the publisher task calls, one envelope after
@@ -303,16 +302,11 @@ impl Links {
         self.settings.node_timeout / 4
     }
 
-    /// This node starts run `epoch` (a rejoin): the links it dialed, made by the run before,
-    /// go (the ones in use owe their `Closed` marker, which names that run), and the next
-    /// heartbeats dial again. The links other nodes dialed stay: their runs did not change, and
-    /// what they send reaches this node's inbox as NATS would (a `Rejoin` among it).
+    /// This node starts run `epoch` (a rejoin): later dials name it. The links up stay, as
+    /// this node's NATS connection does: what goes over them is the same stream of envelopes,
+    /// and each envelope says which run sent it where that matters.
     pub fn new_run(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
-        for peer in lock(&self.peers).values_mut() {
-            peer.state.retire(Instant::now());
-        }
-        self.gauge_out();
     }
 
     /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr`: dials it unless
@@ -361,30 +355,32 @@ impl Links {
         ));
     }
 
-    /// `node`'s run `epoch` (and every earlier run) was declared dead: its links close (one in
-    /// use owes its `Closed` marker, harmless if the run is really gone, and in order if it was
-    /// only cut off), and later dials from those runs are refused.
+    /// `node`'s run `epoch` (and every earlier run) was declared dead: later dials from those
+    /// runs are refused. The links up stay, as NATS would go on delivering what that run sends:
+    /// a run declared dead may still be running (cut off, or silent), and what it sent last (a
+    /// fork the others refuse, say) must still arrive to be answered; routing drops what a dead
+    /// run sends where that matters, whichever way it came. A link from a dead run ends with
+    /// its socket; the inbox then forgets its order state.
     pub fn node_lost(&self, node: &str, epoch: u64) {
         {
             let mut dead = lock(&self.dead);
             let latest = dead.entry(node.to_owned()).or_insert(epoch);
             *latest = (*latest).max(epoch);
         }
-        if let Some(peer) = lock(&self.peers).get_mut(node)
-            && peer.epoch <= epoch
-        {
-            peer.state.retire(Instant::now() + MOST_BACKOFF);
+        let linked = lock(&self.accepted)
+            .iter()
+            .any(|((from, _), a)| from == node && a.run <= epoch);
+        if !linked {
+            let _ = self.forgotten.send(Forget(node.to_owned(), epoch));
         }
-        lock(&self.accepted).retain(|(from, _), a| {
-            let keep = from != node || a.run > epoch;
-            if !keep {
-                a.reader.abort();
-            }
-            keep
-        });
-        let _ = self.forgotten.send(Forget(node.to_owned(), epoch));
-        self.gauge_out();
-        self.gauge_in();
+    }
+
+    /// A link accepted from `node`'s run `run` ended: if that run was declared dead, the inbox
+    /// forgets it (nothing more will come from it over a link).
+    fn accepted_ended(&self, node: &str, run: u64) {
+        if self.is_dead(node, run) {
+            let _ = self.forgotten.send(Forget(node.to_owned(), run));
+        }
     }
 
     fn is_dead(&self, node: &str, epoch: u64) -> bool {

@@ -322,6 +322,7 @@ async fn read_link(links: Arc<Links>, mut framed: Framed, hello: Hello) {
     tracing::info!(node = %from, link, "direct link from node up");
     let _ = reader.await;
     lock(&links.accepted).remove(&key);
+    links.accepted_ended(&from, run);
     links.gauge_in();
     tracing::info!(node = %from, link, "direct link from node ended");
 }

@@ -243,6 +243,8 @@ pub async fn exchange_through_cuts(
     mut resume_at: impl FnMut() -> SocketAddr,
 ) -> u32 {
     let mut rng = seed_from_env("CONFAB_RESUME_SEED").max(1);
+    // Shown with a failure's output: the same cuts again with CONFAB_RESUME_SEED.
+    eprintln!("exchange_through_cuts: CONFAB_RESUME_SEED={rng}");
     let bob_call = bob_call.to_owned();
     let bob_task = tokio::spawn(async move {
         let (mut answers, mut got, mut sent) = (HashMap::new(), Vec::new(), 0);

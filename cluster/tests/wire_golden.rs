@@ -197,8 +197,7 @@ fn samples() -> Vec<(&'static str, String)> {
         .iter()
         .map(|(name, e)| (*name, encoded(e)))
         .collect();
-    out.push((
-        "heartbeat",
+    let heartbeat = |link: Option<&str>| {
         encoded(&Heartbeat {
             node: "a".into(),
             epoch: 7,
@@ -206,21 +205,11 @@ fn samples() -> Vec<(&'static str, String)> {
             acks_events: true,
             syncs_directory: true,
             batches: true,
-            link: None,
-        }),
-    ));
-    out.push((
-        "heartbeat_with_link",
-        encoded(&Heartbeat {
-            node: "a".into(),
-            epoch: 7,
-            leaving: false,
-            acks_events: true,
-            syncs_directory: true,
-            batches: true,
-            link: Some("10.0.0.5:5090".into()),
-        }),
-    ));
+            link: link.map(str::to_owned),
+        })
+    };
+    out.push(("heartbeat", heartbeat(None)));
+    out.push(("heartbeat_with_link", heartbeat(Some("10.0.0.5:5090"))));
     // A direct link's handshake (`cluster/src/direct/handshake.rs`) and the markers that keep
     // order across a switch between NATS and a link (`direct/order.rs`).
     let hello = Hello {

@@ -448,12 +448,8 @@ impl Links {
         let Some(peer) = peers.get_mut(node) else {
             return Route::Nats;
         };
-        if let PeerState::Open(l) = &peer.state
-            && l.tx.is_closed()
-        {
-            peer.state.retire(Instant::now() + peer.backoff);
-        }
-        if let PeerState::Ready(l) = &peer.state
+        // A link whose writer ended: one in use owes its `Closed`, one never used just goes.
+        if let PeerState::Open(l) | PeerState::Ready(l) = &peer.state
             && l.tx.is_closed()
         {
             peer.state.retire(Instant::now() + peer.backoff);

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod arbiter;
 pub mod auth;
 pub mod call;
+pub mod connection_task;
 pub mod context;
 pub mod directory;
 pub mod endpoint;

@@ -18,12 +18,13 @@ use tokio_util::codec::FramedRead;
 use tokio_util::either::Either;
 
 use crate::address_limits::{AddressRefusal, AddressSlot};
+use crate::connection_task::{ConnectionPermit, SignedIn, WriterTask};
 use crate::context::Ctx;
 use crate::directory::EndpointEntry;
 use crate::endpoint::{Attach, Endpoint, Frames, Resume, ResumeState, grant, new_token};
 use crate::link::{Link, RelayAsk};
 use crate::metrics as m;
-use crate::outbox::{Outbox, OutboxReceiver, outbox, write_loop};
+use crate::outbox::{Outbox, OutboxReceiver, outbox};
 use crate::presence::PresenceMsg;
 use crate::refusal::Refusal;
 use crate::refusal::ResumeRefusal;
@@ -222,7 +223,7 @@ struct Conn {
 impl Conn {
     /// Reads the `hello` from `frames`, then starts the writer task on `wr` and hands a
     /// signed-in client to its endpoint (a new one, or the held one a resume takes back).
-    async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
+    async fn serve<W>(self, mut frames: Frames, wr: W, permit: ConnectionPermit)
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -315,8 +316,8 @@ impl Conn {
             let link = outbox.make_resumable(&mut rx, s.max_unseen_frames, s.max_unseen_bytes);
             (token, ResumeState::new(hash, link))
         });
-        writer.start(rx);
-        start_endpoint(ctx, hello, outbox, frames, peer, resumable).await;
+        let writer = writer.task(rx);
+        start_endpoint(ctx, hello, outbox, frames, peer, resumable, writer).await;
     }
 }
 
@@ -325,7 +326,7 @@ struct Writer<W> {
     wr: W,
     /// The connection's slot under `server.max_connections` (and its address's), held until
     /// the socket is closed.
-    permit: (OwnedSemaphorePermit, AddressSlot),
+    permit: ConnectionPermit,
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
@@ -341,14 +342,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
 
     /// Starts the task that writes what `rx`'s outbox queues.
     fn start(self, rx: OutboxReceiver) {
-        let Writer { wr, permit } = self;
-        // A combinator, not an `async move` block: the block would keep its captures (the
-        // receiver and the socket) beside the write loop they were moved into, and the task
-        // lives as long as the connection; this way it is one allocator size class smaller.
-        actix_rt::spawn(futures::FutureExt::map(write_loop(rx, wr), move |()| {
-            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-            drop(permit);
-        }));
+        self.task(rx).spawn();
+    }
+
+    /// The writer for what `rx`'s outbox queues, to run beside its endpoint or alone.
+    fn task(self, rx: OutboxReceiver) -> WriterTask<W> {
+        WriterTask::new(rx, self.wr, self.permit)
     }
 }
 
@@ -507,14 +506,17 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefuse
     })
 }
 
-async fn start_endpoint(
+async fn start_endpoint<W>(
     ctx: Ctx,
     hello: Hello,
     outbox: Outbox,
     frames: Frames,
     peer: std::net::SocketAddr,
     resumable: Option<(String, ResumeState)>,
-) {
+    writer: WriterTask<W>,
+) where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // Shared, as the user is: the endpoint, the directory and presence (and a cluster node's
     // maps of its endpoints) each keep the id.
     let id: Arc<str> = Arc::from(ctx.ids.mint('e'));
@@ -534,6 +536,7 @@ async fn start_endpoint(
         metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "endpoints_per_user").increment(1);
         outbox.push(Refusal::Directory(e).reply(hello.rid));
         outbox.close();
+        writer.spawn();
         return;
     }
     // A shutdown that began after the handshake's check took its list of endpoints before this
@@ -542,6 +545,7 @@ async fn start_endpoint(
         ctx.directory.unregister(&hello.user, &id);
         outbox.push(Refusal::ShuttingDown.reply(hello.rid));
         outbox.close();
+        writer.spawn();
         return;
     }
     // In a cluster, the welcome means every node can reach the endpoint. Meanwhile what is
@@ -553,6 +557,7 @@ async fn start_endpoint(
         ctx.directory.unregister(&hello.user, &id);
         outbox.push(Refusal::Directory(e).reply(hello.rid));
         outbox.close();
+        writer.spawn();
         return;
     }
     metrics::counter!(m::SIGNINS).increment(1);
@@ -574,9 +579,9 @@ async fn start_endpoint(
     });
     let mut actor_ctx = actor_ctx;
     let stream = actor_ctx.add_stream(crate::endpoint::tagged(frames, 0));
-    let mut endpoint = Endpoint::new(ctx, id, user, outbox, peer);
+    let mut endpoint = Endpoint::new(ctx, id, user, outbox.clone(), peer);
     if let Some(state) = state {
         endpoint.resumable(state, stream);
     }
-    actor_ctx.run(endpoint);
+    SignedIn::spawn(actor_ctx, endpoint, writer, outbox);
 }

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -47,13 +46,16 @@ enum Queued {
 
 struct Queue {
     frames: VecDeque<Queued>,
-    /// Approximate bytes of `frames` (see [`approx_size`]).
-    bytes: usize,
+    /// Approximate bytes of `frames` (see [`approx_size`]); at most `max_bytes`. A `u32`, like
+    /// the bounds, so that the shared state fits the allocator's 128-byte class.
+    bytes: u32,
     /// The writer has taken its last batch: nothing pushed now would ever be written.
     sealed: bool,
     /// A resumable session's numbering, kept frames and writer. Boxed: most sessions are not.
     resumable: Option<Box<Resumable>>,
-    /// The idle writer, waiting for work (see [`Shared::poll_work`]). A waker kept under the
+    /// The idle writer, waiting for work (see [`Shared::poll_work`]); or the writer in the
+    /// middle of a write, waiting for the close too (see [`Shared::poll_closed`]; a push then
+    /// wakes it for nothing, which costs a poll of its write). A waker kept under the
     /// queue's lock rather than a `Notify`: the writer's wait on a `Notify` kept its 64-byte
     /// `Notified` in the writer's task, which every idle connection paid for; and whoever
     /// gives the writer work (a push, the close, a detach or a resume) holds this lock anyway.
@@ -64,6 +66,9 @@ struct Queue {
     /// address: 8 bytes here, where a future waiting for the close cost every endpoint a boxed
     /// future of 88 bytes; and it keeps no endpoint alive.
     endpoint: Option<WeakAddr<Endpoint>>,
+    /// The task the endpoint's actor runs in, to wake when something the actor waits for is
+    /// ready (see [`Outbox::actor_waker`]).
+    task: Option<Waker>,
 }
 
 /// The writer side of a resumable session.
@@ -81,10 +86,6 @@ struct Resumable {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Wakes a writer in the middle of a write when the outbox closes:
-    /// see [`Shared::wait_closed`]. A `Notify` beside the flag rather than a cancellation
-    /// token: a token is an allocation of its own, 112 bytes per connection.
-    closed: Notify,
     /// Closing: flush what is queued, then close. Set once, never cleared.
     closing: AtomicBool,
     /// Dropped as a slow consumer: stop writing at once, even in the middle of a write.
@@ -93,7 +94,11 @@ struct Shared {
     /// In frames; a `u32` (saturated) so that the shared state fits the allocator's smaller
     /// size class.
     capacity: u32,
-    max_bytes: usize,
+    /// In bytes; a `u32` (saturated) too.
+    max_bytes: u32,
+    /// Something the endpoint's actor waits for is ready: set by the actor's waker (see
+    /// [`Outbox::actor_waker`]), taken by the task before it polls the actor.
+    actor_woken: AtomicBool,
 }
 
 /// Sending side of a client's queue. Cheap to clone.
@@ -145,12 +150,14 @@ pub fn outbox(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             resumable: None,
             waiter: None,
             endpoint: None,
+            task: None,
         }),
-        closed: Notify::new(),
         closing: AtomicBool::new(false),
         aborted: AtomicBool::new(false),
         capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-        max_bytes,
+        max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+        // The actor is polled once before anything wakes it.
+        actor_woken: AtomicBool::new(true),
     });
     (
         Outbox {
@@ -182,7 +189,7 @@ impl Shared {
             if frames.is_empty() {
                 return Taken::Nothing;
             }
-            let (batch, approx) = (std::mem::take(frames), std::mem::take(bytes));
+            let (batch, approx) = (std::mem::take(frames), std::mem::take(bytes) as usize);
             drop(q);
             return Taken::Frames(encode_all(batch, approx));
         };
@@ -195,7 +202,7 @@ impl Shared {
         if frames.is_empty() {
             return Taken::Nothing;
         }
-        let approx = std::mem::take(bytes);
+        let approx = std::mem::take(bytes) as usize;
         let mut buf = BytesMut::with_capacity(approx);
         let mut ends = Vec::with_capacity(frames.len());
         for frame in frames.drain(..) {
@@ -223,26 +230,43 @@ impl Shared {
     fn seal(&self) -> (VecDeque<Queued>, usize) {
         let mut q = self.lock();
         q.sealed = true;
-        (std::mem::take(&mut q.frames), std::mem::take(&mut q.bytes))
+        (
+            std::mem::take(&mut q.frames),
+            std::mem::take(&mut q.bytes) as usize,
+        )
     }
 
-    /// Completes once the outbox is closing.
-    async fn wait_closed(&self) {
-        loop {
-            // A `Notified` hears `notify_waiters` from its creation on, so a close just after
-            // the flag is read still ends this wait.
-            let notified = self.closed.notified();
-            if self.closing.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
+    /// Ready once the outbox is closing, for the writer `link` in the middle of a write;
+    /// otherwise its waker is left where the close finds it (the queue's one waker slot, which
+    /// an idle writer uses: a writing one is not idle). A writer that is no longer the
+    /// session's leaves nothing: it would take the slot from the writer that replaced it, and
+    /// its own end comes from its link. Not a `Notify` beside the flag: that took 32 bytes of
+    /// every connection's shared state, and put it in the allocator's next size class.
+    fn poll_closed(&self, link: Option<u64>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Poll::Ready(());
         }
+        let mut q = self.lock();
+        // Read again under the lock: a close that set the flag after it takes the waker under
+        // the same lock (see `close`).
+        if self.closing.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if q.resumable
+            .as_deref()
+            .is_some_and(|r| link != Some(r.writer))
+        {
+            return Poll::Pending;
+        }
+        if !q.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waiter = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        self.closed.notify_waiters();
-        // Wakes an idle writer. The flag is set before the lock is taken, so a writer that
+        // Wakes an idle writer, or one in the middle of a write (`poll_closed`). The flag is set before the lock is taken, so a writer that
         // looks at the queue after this sees it, and one that looked before left its waker; the
         // same holds for the endpoint's registration (`tell_on_close`).
         let (waiter, endpoint) = {
@@ -276,6 +300,24 @@ impl Shared {
     }
 }
 
+/// The waker of the endpoint's actor (see [`Outbox::actor_waker`]).
+impl std::task::Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    /// Takes the queue's lock: nothing may wake the actor while holding it (a link is
+    /// cancelled, the endpoint told of the close, after the lock is let go).
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.actor_woken.store(true, Ordering::Release);
+        // Cloned under the lock, woken outside it: the wake may run the task's scheduling.
+        let task = self.lock().task.clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
 impl Outbox {
     /// Queues `msg`. A full queue closes the connection (slow consumer) and returns false; so
     /// does a connection that is already closing.
@@ -306,7 +348,7 @@ impl Outbox {
                 return false;
             }
             let capacity = s.capacity as usize;
-            if q.frames.len() >= capacity || q.bytes + size > s.max_bytes {
+            if q.frames.len() >= capacity || q.bytes as usize + size > s.max_bytes as usize {
                 let by_bytes = q.frames.len() < capacity;
                 drop(q);
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
@@ -318,7 +360,10 @@ impl Outbox {
                 s.close();
                 return false;
             }
-            q.bytes += size;
+            // Fits: `bytes + size` is at most `max_bytes`, a `u32`.
+            q.bytes = q
+                .bytes
+                .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
             q.frames.push_back(frame);
             // The writer leaves its waker only while the queue is empty and it empties the
             // whole queue each time it wakes, so only the first frame of a batch finds one.
@@ -388,14 +433,19 @@ impl Outbox {
     /// now on waits in the queue for a resume.
     pub fn detach(&self) {
         let mut q = self.shared.lock();
-        if let Some(r) = q.resumable.as_deref_mut() {
+        let link = q.resumable.as_deref_mut().map(|r| {
             r.writer += 1;
-            r.link.cancel();
             r.preface = None;
-        }
+            r.link.clone()
+        });
         // An idle writer waits for work alone: woken, it finds itself detached and stops.
         let waiter = q.waiter.take();
         drop(q);
+        // Cancelled outside the lock, as every wake-up is: the endpoint's actor may wait on the
+        // link with the waker that takes this lock (`actor_waker`).
+        if let Some(link) = link {
+            link.cancel();
+        }
         if let Some(w) = waiter {
             w.wake();
         }
@@ -430,9 +480,8 @@ impl Outbox {
         for frame in &replay {
             preface.extend_from_slice(frame);
         }
-        r.link.cancel();
+        let old_link = std::mem::replace(&mut r.link, CancellationToken::new());
         r.writer += 1;
-        r.link = CancellationToken::new();
         r.preface = Some(preface.freeze());
         let link = WriterLink {
             writer: r.writer,
@@ -443,6 +492,8 @@ impl Outbox {
         // is taken here, under the lock that detaches it: the new writer's cannot be.
         let waiter = q.waiter.take();
         drop(q);
+        // Outside the lock (see `detach`).
+        old_link.cancel();
         if let Some(w) = waiter {
             w.wake();
         }
@@ -453,6 +504,33 @@ impl Outbox {
             },
             link,
         )))
+    }
+
+    /// The waker the endpoint's actor is polled with when it shares its task with this
+    /// outbox's writer (`connection_task.rs`): it notes that the actor has something to do,
+    /// then wakes `task`, so that the task's wake-ups for the writer alone (a push, a coalescing
+    /// round) do not poll the actor too. A clone of this outbox's shared state, not a new
+    /// allocation: every idle connection would pay for one.
+    pub fn actor_waker(&self, task: &Waker) -> Waker {
+        {
+            let mut q = self.shared.lock();
+            if !q.task.as_ref().is_some_and(|t| t.will_wake(task)) {
+                q.task = Some(task.clone());
+            }
+        }
+        Waker::from(self.shared.clone())
+    }
+
+    /// Whether the actor's waker was woken since the last call (the actor must be polled).
+    pub fn take_actor_wake(&self) -> bool {
+        self.shared.actor_woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// The task is done: it is not woken again (and the shared state, which outlives it in the
+    /// clones other actors hold, does not keep it allocated).
+    pub fn forget_task(&self) {
+        let task = self.shared.lock().task.take();
+        drop(task);
     }
 
     /// Frames sent and kept for a resume now (0 when the session is not resumable).
@@ -684,6 +762,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         Either::Left(b) => b,
         Either::Right(b) => b,
     };
+    let link_id = link.as_ref().map(|(w, _)| *w);
     // A client that stopped reading blocks this write for good: the abort (slow consumer)
     // ends it, and dropping the socket frees the connection's slot.
     //
@@ -704,7 +783,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             r = &mut write => {
                 return if r.is_ok() { Written::Done } else { Written::Failed };
             }
-            () = s.wait_closed(), if !closing => {
+            () = std::future::poll_fn(|cx| s.poll_closed(link_id, cx)), if !closing => {
                 if s.aborted.load(Ordering::SeqCst) {
                     return Written::Failed;
                 }
@@ -903,6 +982,15 @@ mod tests {
         assert!(size <= 64, "the writer's future takes {size} bytes");
     }
 
+    /// Every connection pays for the shared state, with the `Arc`'s two counts (16 bytes): at
+    /// 112 bytes or less it takes the allocator's 128-byte class, where a `Notify` for the
+    /// close (32 bytes more) put it in 160.
+    #[test]
+    fn the_shared_state_stays_in_its_size_class() {
+        let size = std::mem::size_of::<Shared>();
+        assert!(size <= 112, "the outbox's shared state takes {size} bytes");
+    }
+
     #[tokio::test]
     async fn a_push_after_the_writers_last_take_reports_failure() {
         let (outbox, rx) = outbox(16, 1 << 20);
@@ -989,5 +1077,81 @@ mod tests {
             .expect("the writer gives up within the flush deadline")
             .expect("the writer does not panic");
         assert!(started.elapsed() >= FLUSH_DEADLINE);
+    }
+
+    /// A writer replaced by a resume in the middle of a write must not take the waker slot
+    /// from the writer that replaced it: the new one would then sleep through every push.
+    /// (The old writer is polled once more after the new one went idle, which the scheduler
+    /// may do in either order; its `select!` polls its branches in a random order, so the
+    /// scenario is repeated.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replaced_writer_leaves_the_new_writer_its_wake_ups() {
+        for _ in 0..32 {
+            let (outbox, mut rx) = outbox(16, 1 << 20);
+            outbox.make_resumable(&mut rx, 64, 1 << 20);
+            // The first writer blocks in the middle of a write to a client that stopped reading.
+            let (sock, _peer) = tokio::io::duplex(64);
+            let mut old = Box::pin(write_loop(rx, sock));
+            assert!(outbox.push(big_message(10_000)));
+            for _ in 0..4 {
+                assert!(futures::poll!(&mut old).is_pending());
+            }
+            let Some(Ok((rx, _link))) = outbox.resume(0, &ServerMsg::Ok { rid: None }) else {
+                panic!("the session resumes");
+            };
+            let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let new = tokio::spawn(write_loop(rx, CountingSocket(writes.clone())));
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let before = writes.load(std::sync::atomic::Ordering::SeqCst);
+            // The old writer, polled after the new one went idle, ends.
+            let _ = futures::poll!(&mut old);
+            assert!(outbox.push(ServerMsg::Ok { rid: Some(1) }));
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(
+                writes.load(std::sync::atomic::Ordering::SeqCst) > before,
+                "the new writer was woken by the push"
+            );
+            outbox.close();
+            new.await.expect("the new writer ends");
+        }
+    }
+
+    /// The endpoint's actor waits on its writer's link with the waker `actor_waker` gives,
+    /// which takes the queue's lock: a detach or a resume that cancelled the link under that
+    /// lock hung the endpoint's worker for good (a resumed session's tests caught it).
+    #[test]
+    fn cancelling_a_writers_link_wakes_the_actor_without_holding_the_lock() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (outbox, mut rx) = outbox(16, 1 << 20);
+            let link = outbox.make_resumable(&mut rx, 64, 1 << 20);
+            let task = std::task::Waker::noop();
+            let waker = outbox.actor_waker(task);
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut lost = Box::pin(link.lost.cancelled_owned());
+            assert!(lost.as_mut().poll(&mut cx).is_pending());
+            let _ = outbox.take_actor_wake();
+            outbox.detach();
+            assert!(outbox.take_actor_wake(), "the detach woke the actor");
+            let mut lost = Box::pin(
+                match outbox.resume(0, &ServerMsg::Ok { rid: None }) {
+                    Some(Ok((_, link))) => link,
+                    _ => panic!("the session resumes"),
+                }
+                .lost
+                .cancelled_owned(),
+            );
+            assert!(lost.as_mut().poll(&mut cx).is_pending());
+            assert!(outbox.resume(0, &ServerMsg::Ok { rid: None }).is_some());
+            assert!(outbox.take_actor_wake(), "the resume woke the actor");
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("neither the detach nor the resume hangs");
     }
 }

@@ -456,8 +456,8 @@ pub(super) async fn heartbeat_loop(cluster: Arc<Cluster>, mut beats: transport::
             cluster.note_acks_events(&hb.node, hb.acks_events);
             cluster.note_syncs_directory(&hb.node, hb.syncs_directory);
             cluster.batching.note(&hb.node, hb.batches);
-            if let (Some(links), Some(addr)) = (&cluster.links, &hb.link) {
-                links.heard(&hb.node, hb.epoch, addr);
+            if let Some(links) = &cluster.links {
+                links.heard(&hb.node, hb.epoch, hb.link.as_deref());
             }
         }
         if !known && cluster.first_ask_in_a_while(&hb.node) {

@@ -601,6 +601,14 @@ enum BatchRef<'a> {
 const BATCH_PREFIX: &[u8] = b"\x81\xa5Batch";
 
 fn route_payload(cluster: &Arc<Cluster>, payload: &[u8]) {
+    // A node with links reads sender tags in its inbox (`direct/order.rs`, rule 8); one
+    // without may still get a tagged envelope from a node that had not yet heard that its
+    // new run takes no links: read the envelope (one tag only: not recursively, so a payload
+    // of nested tags costs no stack).
+    let payload = match crate::direct::order::untag(payload) {
+        Some((_, start)) => &payload[start..],
+        None => payload,
+    };
     if payload.starts_with(BATCH_PREFIX)
         && let Ok(BatchRef::Batch { envelopes }) = rmp_serde::from_slice::<BatchRef>(payload)
     {

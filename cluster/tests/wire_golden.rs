@@ -10,7 +10,7 @@
 
 use confab_actors::call::leg::TerminateCause;
 use confab_cluster::direct::handshake::{Hello, Proof, Reply, Role, prove};
-use confab_cluster::direct::order::Marker;
+use confab_cluster::direct::order::{Marker, sender_tag, tagged};
 use confab_cluster::wire::{Envelope, Heartbeat, PublicationRecord, Record, WireLegMsg};
 use confab_protocol::{Activity, Body, Reason, Status, Toast};
 
@@ -213,7 +213,7 @@ fn samples() -> Vec<(&'static str, String)> {
     // A direct link's handshake (`cluster/src/direct/handshake.rs`) and the markers that keep
     // order across a switch between NATS and a link (`direct/order.rs`).
     let hello = Hello {
-        version: 1,
+        version: confab_cluster::direct::handshake::VERSION,
         from: "a".into(),
         from_epoch: 7,
         to: "b".into(),
@@ -266,6 +266,16 @@ fn samples() -> Vec<(&'static str, String)> {
     ] {
         out.push((name, hex(&marker.encode())));
     }
+    // What a node puts before an envelope it sends over NATS to a node it has opened a link to.
+    let tag = sender_tag("a", 7).expect("a short id");
+    out.push(("sender_tag", hex(&tag)));
+    out.push((
+        "tagged_envelope",
+        hex(&tagged(
+            &tag,
+            &rmp_serde::to_vec_named(&Envelope::Rejoin { epoch: 7, above: 9 }).expect("encodes"),
+        )),
+    ));
     out.push((
         "record",
         encoded(&Record {
@@ -371,7 +381,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
     (
         "link_hello",
-        "87a776657273696f6e01a466726f6da161aa66726f6d5f65706f636807a2746fa162a8746f5f65706f636808a46c696e6b03a56e6f6e6365c4200101010101010101010101010101010101010101010101010101010101010101",
+        "87a776657273696f6e02a466726f6da161aa66726f6d5f65706f636807a2746fa162a8746f5f65706f636808a46c696e6b03a56e6f6e6365c4200101010101010101010101010101010101010101010101010101010101010101",
     ),
     (
         "link_challenge",
@@ -399,6 +409,11 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
     ("marker_open", "c14f0000000000000003000000000000000761"),
     ("marker_closed", "c1430000000000000003000000000000000761"),
+    ("sender_tag", "c1530000000000000007000161"),
+    (
+        "tagged_envelope",
+        "c153000000000000000700016181a652656a6f696e82a565706f636807a561626f766509",
+    ),
     (
         "record",
         "88a46e6f6465a161a565706f636807a475736572b57369703a616c696365406578616d706c652e636f6da6646576696365a66c6170746f70ab7075626c69636174696f6e83a86163746976697479a6616374697665a769646c655f6d7300ad7374616d705f756e69785f6d73cf000001a24db46e00a6737461747573a462757379b27374617475735f7365745f756e69785f6d73cf000001a24db46e01b1636f6e6e65637465645f756e69785f6d73cf000001a24db46a18",

@@ -19,8 +19,11 @@
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
-/// The version of the link's frames; a node refuses another.
-pub const VERSION: u32 = 1;
+/// The version of the link's frames; a node refuses another. 2: the acceptor reads sender
+/// tags on its NATS inbox (`order.rs`, rule 8), and a dialer tags envelopes only for a run that
+/// took a link from it, so a node of version 1, which would read a tagged envelope as garbage,
+/// never gets one.
+pub const VERSION: u32 = 2;
 
 /// Step 1.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -20,7 +20,10 @@
 //!   for `node_timeout` (TCP_USER_TIMEOUT), or whose other end closed, ends; what it still
 //!   held is lost, as NATS may lose envelopes, and answered the same way (a message's 408).
 //!   A link in use never ends without its `Closed` marker: the marker is owed, and goes before
-//!   anything else for that node.
+//!   anything else for that node. Core NATS may still lose that marker; so, once a link to a
+//!   node's run has been opened, every envelope for that run going over NATS carries this
+//!   node's sender tag, which closes the link there as the lost marker would (`order.rs`,
+//!   rule 8).
 
 pub mod handshake;
 pub mod order;
@@ -158,6 +161,13 @@ struct Peer {
     backoff: Duration,
     /// Failed dials in a row (the first is logged at `warn`).
     failures: u32,
+    /// The sender tag (`order.rs`, rule 8) put before each envelope for this run of the peer
+    /// that goes over NATS, naming the run of the last link opened to it. Set when a link to
+    /// this run is first opened: from then on the peer may hold one of this node's links open
+    /// (its `Closed` marker may be lost), and it took a link of this handshake version, so it
+    /// reads tags. None before, so that a node without links, or a build that does not read
+    /// tags, never gets one; back to None with the peer's next run.
+    tag: Option<Bytes>,
 }
 
 /// A payload read from an accepted link, for the inbox.
@@ -215,17 +225,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What the publisher does with one envelope for a node.
 enum Route {
-    Nats,
+    /// Over NATS, after `tag` when given.
+    Nats { tag: Option<Bytes> },
     /// Over the link; first the `Open` marker on NATS when given.
     Link {
         id: u64,
         tx: mpsc::Sender<Out>,
         open: Option<Bytes>,
     },
-    /// Over NATS after link `id`'s `Closed` marker (owed until published).
+    /// Over NATS after link `id`'s `Closed` marker (owed until published), after `tag`.
     Closed {
         id: u64,
         marker: Bytes,
+        tag: Option<Bytes>,
     },
 }
 
@@ -309,12 +321,22 @@ impl Links {
         self.epoch.store(epoch, Ordering::Relaxed);
     }
 
-    /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr`: dials it unless
-    /// a link is up, being made, or waiting out a back-off.
-    pub fn heard(self: &Arc<Self>, node: &str, epoch: u64, addr: &str) {
+    /// A heartbeat of `node`'s run `epoch`, which listens for links at `addr` (None: it takes
+    /// none): dials it unless a link is up, being made, or waiting out a back-off.
+    pub fn heard(self: &Arc<Self>, node: &str, epoch: u64, addr: Option<&str>) {
         if node == self.me || self.is_dead(node, epoch) {
             return;
         }
+        let Some(addr) = addr else {
+            // A run that takes no links (restarted without them, or an older build): forget
+            // the peer, its sender tag with it, which that run could not read. An owed
+            // `Closed` goes too: the run it was for is gone, and this one reads no markers.
+            let mut peers = lock(&self.peers);
+            if peers.get(node).is_some_and(|p| p.epoch != epoch) {
+                peers.remove(node);
+            }
+            return;
+        };
         let now = Instant::now();
         let mut peers = lock(&self.peers);
         let peer = peers.entry(node.to_owned()).or_insert_with(|| Peer {
@@ -323,7 +345,13 @@ impl Links {
             state: PeerState::Idle { retry_at: now },
             backoff: FIRST_BACKOFF,
             failures: 0,
+            tag: None,
         });
+        if peer.epoch != epoch {
+            // A new run holds none of this node's links, and may be a build that does not
+            // read tags.
+            peer.tag = None;
+        }
         if peer.epoch != epoch || peer.addr != addr {
             // Another run, or it moved: whatever link there was is not to it (one in use owes
             // its `Closed`, which the new run takes as a link it never knew).
@@ -446,7 +474,7 @@ impl Links {
     fn route(&self, node: &str) -> Route {
         let mut peers = lock(&self.peers);
         let Some(peer) = peers.get_mut(node) else {
-            return Route::Nats;
+            return Route::Nats { tag: None };
         };
         // A link whose writer ended: one in use owes its `Closed`, one never used just goes.
         if let PeerState::Open(l) | PeerState::Ready(l) = &peer.state
@@ -458,6 +486,7 @@ impl Links {
             PeerState::Owed { id, run, .. } => Route::Closed {
                 id: *id,
                 marker: self.marker_closed(*run, *id),
+                tag: peer.tag.clone(),
             },
             PeerState::Open(l) => Route::Link {
                 id: l.id,
@@ -467,7 +496,7 @@ impl Links {
             PeerState::Ready(_) => {
                 let PeerState::Ready(l) = std::mem::replace(&mut peer.state, PeerState::Dialing)
                 else {
-                    return Route::Nats;
+                    return Route::Nats { tag: None };
                 };
                 let route = Route::Link {
                     id: l.id,
@@ -481,10 +510,15 @@ impl Links {
                         .encode(),
                     ),
                 };
+                // Set now, kept if the `Open` cannot be published: tagging an envelope for a
+                // run that reads tags is never wrong.
+                peer.tag = order::sender_tag(&self.me, l.run);
                 peer.state = PeerState::Open(l);
                 route
             }
-            PeerState::Idle { .. } | PeerState::Dialing => Route::Nats,
+            PeerState::Idle { .. } | PeerState::Dialing => Route::Nats {
+                tag: peer.tag.clone(),
+            },
         }
     }
 

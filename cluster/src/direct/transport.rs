@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
-use super::order::{InboxOrder, LinkVerdict};
+use super::order::{self, InboxOrder, LinkVerdict};
 use super::{Forget, FromLink, Links, Out, Route, lock};
 use crate::routing::NODE_SUBJECT_PREFIX;
 use crate::transport::{Messages, Transport, TransportError, TransportFuture};
@@ -47,12 +47,14 @@ impl LinkedTransport {
         let mut payload = payload;
         loop {
             match self.links.route(node) {
-                Route::Nats => return self.inner.publish(subject, payload).await,
-                Route::Closed { id, marker } => {
+                Route::Nats { tag } => {
+                    return self.inner.publish(subject, with_tag(tag, payload)).await;
+                }
+                Route::Closed { id, marker, tag } => {
                     // Owed until published: a failure here leaves it owed for the next one.
                     self.inner.publish(subject.clone(), marker).await?;
                     self.links.closed_sent(node, id);
-                    return self.inner.publish(subject, payload).await;
+                    return self.inner.publish(subject, with_tag(tag, payload)).await;
                 }
                 Route::Link { id, tx, open } => {
                     if let Some(open) = open
@@ -102,6 +104,15 @@ impl LinkedTransport {
             // Only payloads are tried here.
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// `payload` after `tag` when there is one (`order.rs`, rule 8): a copy, paid only by what goes
+/// over NATS to a node this one has opened a link to (while that link is down).
+fn with_tag(tag: Option<Bytes>, payload: Bytes) -> Bytes {
+    match tag {
+        Some(tag) => order::tagged(&tag, &payload),
+        None => payload,
     }
 }
 
@@ -231,5 +242,139 @@ impl Stream for Inbox {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::direct::LinkSettings;
+    use crate::direct::order::{Marker, untag};
+    use crate::memory::{MemoryNetwork, MemoryTransport};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Core NATS losing every `Closed` marker (a slow-consumer drop on the receiver), and
+    /// keeping what it carried, for the test to look at.
+    struct LosesClosed {
+        inner: MemoryTransport,
+        sent: Mutex<Vec<Bytes>>,
+    }
+
+    impl Transport for LosesClosed {
+        fn publish(
+            &self,
+            subject: String,
+            payload: Bytes,
+        ) -> TransportFuture<'_, Result<(), TransportError>> {
+            if let Some(Marker::Closed { .. }) = Marker::decode(&payload) {
+                return Box::pin(std::future::ready(Ok(())));
+            }
+            lock(&self.sent).push(payload.clone());
+            self.inner.publish(subject, payload)
+        }
+
+        fn flush(&self) -> TransportFuture<'_, ()> {
+            self.inner.flush()
+        }
+
+        fn subscribe(
+            &self,
+            subject: String,
+        ) -> TransportFuture<'_, Result<Messages, TransportError>> {
+            self.inner.subscribe(subject)
+        }
+
+        fn connected(&self) -> bool {
+            true
+        }
+
+        fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+            self
+        }
+    }
+
+    fn settings() -> LinkSettings {
+        LinkSettings {
+            listen: "127.0.0.1:0".into(),
+            advertise: String::new(),
+            secret: "a secret of sixteen bytes or more".into(),
+            node_timeout: Duration::from_secs(5),
+        }
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: not within 5 s");
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// The hole rule 8 closes, end to end: node a sends four envelopes over its link to b, the
+    /// link ends, its `Closed` is lost, and a sends a fifth over NATS, which b reads before the
+    /// link's last two (the inbox takes one NATS payload and one link payload a turn, and b's
+    /// NATS holds `e0, Open, e5`). Without the tag b delivered `e0, e1, e2, e5, e3, e4`.
+    #[tokio::test]
+    async fn with_a_closed_marker_lost_a_late_link_payload_never_follows_a_later_nats_envelope() {
+        let net = MemoryNetwork::new();
+        let a = Links::start("a".into(), 10, settings()).await.expect("a");
+        let bn = Links::start("b".into(), 20, settings()).await.expect("b");
+        let a_nats = Arc::new(LosesClosed {
+            inner: net.transport(),
+            sent: Mutex::new(Vec::new()),
+        });
+        let a_side = LinkedTransport::new(a_nats.clone(), a.clone());
+        let b_side = LinkedTransport::new(Arc::new(net.transport()), bn.clone());
+        let mut inbox = b_side
+            .subscribe("confab.node.b".into())
+            .await
+            .expect("b's inbox");
+        let to_b = || "confab.node.b".to_owned();
+
+        // Before any link to b: over NATS, untagged.
+        a_side.publish(to_b(), b("e0")).await.expect("e0");
+        a.heard("b", 20, Some(bn.advertise()));
+        until("a's link to b", || a.stats().out == 1).await;
+        for e in ["e1", "e2", "e3", "e4"] {
+            a_side.publish(to_b(), b(e)).await.expect("over the link");
+        }
+        a_side.flush().await;
+        // All read off the link by b, not yet by its inbox.
+        until("b reads the link", || bn.stats().read == 4).await;
+        a.cut_all();
+        // The link is found ended: its `Closed` (lost), then e5 over NATS, tagged.
+        a_side.publish(to_b(), b("e5")).await.expect("e5");
+
+        let mut got = Vec::new();
+        while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(300), inbox.next()).await
+        {
+            got.push(p);
+        }
+        assert_eq!(
+            got,
+            vec![b("e0"), b("e1"), b("e2"), b("e5")],
+            "e3 and e4 are lost, not late"
+        );
+
+        let sent = lock(&a_nats.sent).clone();
+        assert_eq!(sent.len(), 3, "e0, Open, e5: {sent:?}");
+        assert_eq!(sent[0], b("e0"), "no tag before a link was opened");
+        assert!(matches!(
+            Marker::decode(&sent[1]),
+            Some(Marker::Open { .. })
+        ));
+        assert_eq!(untag(&sent[2]), Some((("a", 10), 13)));
+        assert_eq!(&sent[2][13..], b"e5");
+
+        // b's next run takes no links: a forgets it, and tags nothing for it.
+        a.heard("b", 21, None);
+        assert!(matches!(a.route("b"), Route::Nats { tag: None }));
     }
 }

@@ -301,6 +301,18 @@ pub struct Cluster {
     /// they hold it (at least 16 bytes; set it through `CONFAB_CLUSTER_LINK_SECRET`).
     #[serde(default)]
     pub link_secret: String,
+    /// TLS on the direct links: this node's certificate chain (PEM), which must name
+    /// `cluster.node_id` as a DNS name; empty: links in the clear (still authenticated by
+    /// `link_secret`). With it, `link_tls_key_file` and `link_tls_ca_file` are required.
+    #[serde(default)]
+    pub link_tls_cert_file: String,
+    /// The private key (PEM) of `link_tls_cert_file`.
+    #[serde(default)]
+    pub link_tls_key_file: String,
+    /// The CA (PEM) that signs every node's link certificate: a link opens only between nodes
+    /// whose certificates it signed, each checked by the other.
+    #[serde(default)]
+    pub link_tls_ca_file: String,
 }
 
 fn default_batch_envelopes() -> bool {
@@ -358,6 +370,9 @@ impl Cluster {
             link_listen: String::new(),
             link_advertise: String::new(),
             link_secret: String::new(),
+            link_tls_cert_file: String::new(),
+            link_tls_key_file: String::new(),
+            link_tls_ca_file: String::new(),
             sign_in_sync_timeout_ms: default_sign_in_sync_timeout_ms(),
             batch_envelopes: default_batch_envelopes(),
         }
@@ -759,6 +774,7 @@ impl Settings {
                     return invalid("cluster.link_advertise", "must be host:port or empty");
                 }
             }
+            c.validate_link_tls()?;
             if !(1..=5).contains(&c.kv_replicas) {
                 // JetStream's own bound on a stream's replicas.
                 return invalid("cluster.kv_replicas", "must be between 1 and 5");
@@ -786,6 +802,54 @@ impl Settings {
     }
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.listen.parse().ok()
+    }
+}
+
+impl Cluster {
+    /// `link_tls_*`: all three or none, only with links, and with a node id a certificate can
+    /// name. The files themselves are read at start (`confab-node --check` reads them too).
+    fn validate_link_tls(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(SettingsError::Invalid {
+                key: format!("cluster.{key}"),
+                reason: reason.to_owned(),
+            })
+        };
+        let files = [
+            ("link_tls_cert_file", &self.link_tls_cert_file),
+            ("link_tls_key_file", &self.link_tls_key_file),
+            ("link_tls_ca_file", &self.link_tls_ca_file),
+        ];
+        let Some((set, _)) = files.iter().find(|(_, v)| !v.is_empty()) else {
+            return Ok(());
+        };
+        if let Some((unset, _)) = files.iter().find(|(_, v)| v.is_empty()) {
+            return invalid(
+                unset,
+                &format!(
+                    "must be set with cluster.{set}: link TLS needs this node's certificate, its key and the cluster's CA"
+                ),
+            );
+        }
+        if self.link_listen.is_empty() {
+            return invalid(
+                set,
+                "is TLS on the direct links, which are off: set cluster.link_listen",
+            );
+        }
+        // The certificates name nodes by id (docs/architecture.md, "Direct links between
+        // nodes"): a generated id changes with every start, and must be a DNS name.
+        match &self.node_id {
+            None => invalid(
+                "node_id",
+                "must be set with link TLS: the link certificates name each node by its id",
+            ),
+            Some(id) if rustls_pki_types::DnsName::try_from(id.as_str()).is_err() => invalid(
+                "node_id",
+                "must be a DNS name with link TLS (the certificates name it): not all digits, no - at either end",
+            ),
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -1076,6 +1140,82 @@ mod tests {
             shown.cluster.map(|c| c.link_secret).as_deref(),
             Some("<redacted>")
         );
+    }
+
+    #[test]
+    fn link_tls_needs_all_three_files_links_and_a_node_id_a_certificate_can_name() {
+        let load = |extra: &str, env: Vec<(String, String)>| {
+            Settings::load(
+                &format!(
+                    "[cluster]\nnats_url = \"x\"\nlink_secret = \"0123456789abcdef\"\n{extra}"
+                ),
+                env,
+            )
+            .map(|s| s.cluster.expect("cluster"))
+        };
+        let links = "link_listen = \"10.0.0.5:5090\"\nnode_id = \"node-a\"\n";
+        let cert = "link_tls_cert_file = \"node.pem\"\n";
+        let key = "link_tls_key_file = \"node-key.pem\"\n";
+        let ca = "link_tls_ca_file = \"ca.pem\"\n";
+        let c = load(&format!("{links}{cert}{key}{ca}"), vec![]).expect("valid");
+        assert_eq!(
+            (
+                c.link_tls_cert_file.as_str(),
+                c.link_tls_key_file.as_str(),
+                c.link_tls_ca_file.as_str()
+            ),
+            ("node.pem", "node-key.pem", "ca.pem")
+        );
+        let plain = load(links, vec![]).expect("links without TLS");
+        assert!(plain.link_tls_cert_file.is_empty());
+        for (extra, key, why) in [
+            (
+                format!("{links}{cert}{ca}"),
+                "cluster.link_tls_key_file",
+                "a certificate without its key",
+            ),
+            (
+                format!("{links}{key}{ca}"),
+                "cluster.link_tls_cert_file",
+                "a key without its certificate",
+            ),
+            (
+                format!("{links}{cert}{key}"),
+                "cluster.link_tls_ca_file",
+                "no CA: the other node's certificate could not be checked",
+            ),
+            (
+                format!("node_id = \"node-a\"\n{cert}{key}{ca}"),
+                "cluster.link_listen",
+                "TLS on links that are off",
+            ),
+            (
+                format!("link_listen = \"10.0.0.5:5090\"\n{cert}{key}{ca}"),
+                "cluster.node_id",
+                "a generated id no certificate names",
+            ),
+            (
+                format!("link_listen = \"10.0.0.5:5090\"\nnode_id = \"1234\"\n{cert}{key}{ca}"),
+                "cluster.node_id",
+                "not a DNS name",
+            ),
+        ] {
+            let e = load(&extra, vec![]).expect_err(why);
+            assert!(e.to_string().contains(key), "{why}: {e}");
+        }
+        // From the environment, as the other cluster keys.
+        let env = [
+            ("CONFAB_CLUSTER_LINK_TLS_CERT_FILE", "/etc/confab/link.pem"),
+            (
+                "CONFAB_CLUSTER_LINK_TLS_KEY_FILE",
+                "/etc/confab/link-key.pem",
+            ),
+            ("CONFAB_CLUSTER_LINK_TLS_CA_FILE", "/etc/confab/link-ca.pem"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec();
+        let c = load(links, env).expect("valid from the environment");
+        assert_eq!(c.link_tls_key_file, "/etc/confab/link-key.pem");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - The certificate and key are read at start (a bad file stops the node) and again by
 //!   [`ServerTls::reload`] (SIGHUP): a new pair that does not load is reported and the old one
 //!   kept; connections already open are not touched, new handshakes use the new pair.
+//!
+//! The PEM readers and the provider are public: the cluster's direct links
+//! (`cluster.link_tls_*`) build their own configurations from the same pieces.
 
 use rustls::ServerConfig;
 use rustls::crypto::ring as provider;
@@ -25,24 +28,37 @@ use crate::settings;
 /// TLS sessions a node remembers for TLS 1.2 resumption without tickets.
 const SESSION_CACHE: usize = 4096;
 
+/// A TLS problem; `key` is the setting at fault (`tls.cert_file`, `cluster.link_tls_ca_file`).
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("tls.{key}: cannot read {path}: {reason}")]
+    #[error("{key}: cannot read {path}: {reason}")]
     File {
         key: &'static str,
         path: PathBuf,
         reason: String,
     },
-    #[error("tls.{key}: {path} holds no {what}")]
+    #[error("{key}: {path} holds no {what}")]
     Empty {
         key: &'static str,
         path: PathBuf,
         what: &'static str,
     },
-    #[error("tls: the key does not fit the certificate or is of an unsupported kind: {0}")]
-    Key(String),
-    #[error("tls: {0}")]
-    Config(String),
+    #[error("{key}: the key does not fit the certificate or is of an unsupported kind: {reason}")]
+    Key { key: &'static str, reason: String },
+    #[error("{key}: {reason}")]
+    Config { key: &'static str, reason: String },
+}
+
+/// A PEM file a setting names: the setting (for errors) and the path.
+#[derive(Debug, Clone, Copy)]
+pub struct PemFile<'a> {
+    pub key: &'static str,
+    pub path: &'a Path,
+}
+
+/// The crypto provider every TLS configuration of the node uses (ring, as async-nats does).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(provider::default_provider())
 }
 
 /// The client port's TLS: the acceptor handshakes use, and the certificate it presents.
@@ -64,30 +80,28 @@ impl ServerTls {
     /// Reads the files named by `cfg` and builds the server configuration.
     pub fn load(cfg: &settings::Tls) -> Result<ServerTls, TlsError> {
         let cert = Arc::new(ReloadableCert {
-            current: RwLock::new(Arc::new(certified_key(cfg)?)),
+            current: RwLock::new(Arc::new(node_certified_key(cfg)?)),
         });
-        let provider = Arc::new(provider::default_provider());
+        let provider = self::provider();
+        let config_err = |e: rustls::Error| TlsError::Config {
+            key: "tls",
+            reason: e.to_string(),
+        };
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+            .map_err(config_err)?;
         let builder = match &cfg.client_ca_file {
             None => builder.with_no_client_auth(),
             Some(path) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for ca in read_certs("client_ca_file", path)? {
-                    roots
-                        .add(ca)
-                        .map_err(|e| TlsError::Config(format!("client_ca_file: {e}")))?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .map_err(|e| TlsError::Config(format!("client_ca_file: {e}")))?;
-                builder.with_client_cert_verifier(verifier)
+                let ca = PemFile {
+                    key: "tls.client_ca_file",
+                    path,
+                };
+                builder.with_client_cert_verifier(client_verifier(ca, provider)?)
             }
         };
         let mut config = builder.with_cert_resolver(cert.clone());
-        config.ticketer = provider::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+        config.ticketer = provider::Ticketer::new().map_err(config_err)?;
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
         Ok(ServerTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -104,7 +118,7 @@ impl ServerTls {
     /// failure the old pair stays and the error says why. Counted in
     /// `confab_tls_reloads_total{result}`.
     pub fn reload(&self) -> Result<(), TlsError> {
-        match certified_key(&self.cfg) {
+        match node_certified_key(&self.cfg) {
             Ok(key) => {
                 let mut current = match self.cert.current.write() {
                     Ok(g) => g,
@@ -140,24 +154,66 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
-/// The chain of `cert_file` with the key of `key_file`, checked to fit each other.
-fn certified_key(cfg: &settings::Tls) -> Result<CertifiedKey, TlsError> {
-    let chain = read_certs("cert_file", &cfg.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::File {
-        key: "key_file",
-        path: cfg.key_file.clone(),
+fn node_certified_key(cfg: &settings::Tls) -> Result<CertifiedKey, TlsError> {
+    certified_key(
+        PemFile {
+            key: "tls.cert_file",
+            path: &cfg.cert_file,
+        },
+        PemFile {
+            key: "tls.key_file",
+            path: &cfg.key_file,
+        },
+    )
+}
+
+/// The chain of `cert` with the private key of `key`, checked to fit each other.
+pub fn certified_key(cert: PemFile<'_>, key: PemFile<'_>) -> Result<CertifiedKey, TlsError> {
+    let chain = read_certs(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key.path).map_err(|e| TlsError::File {
+        key: key.key,
+        path: key.path.to_owned(),
         reason: e.to_string(),
     })?;
-    let signing =
-        provider::sign::any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
+    let key_err = |e: rustls::Error| TlsError::Key {
+        key: key.key,
+        reason: e.to_string(),
+    };
+    let signing = provider::sign::any_supported_type(&der).map_err(key_err)?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| TlsError::Key(e.to_string()))?;
+    certified.keys_match().map_err(key_err)?;
     Ok(certified)
 }
 
-fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// A verifier of the other side's certificate: it must chain to a CA of `ca` (and be valid
+/// for a client: its names are not checked here).
+pub fn client_verifier(
+    ca: PemFile<'_>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+        .build()
+        .map_err(|e| TlsError::Config {
+            key: ca.key,
+            reason: e.to_string(),
+        })
+}
+
+/// The CA certificates of `ca`, as trust anchors.
+pub fn roots(ca: PemFile<'_>) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots.add(cert).map_err(|e| TlsError::Config {
+            key: ca.key,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The certificates of a PEM file (at least one).
+pub fn read_certs(file: PemFile<'_>) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let PemFile { key, path } = file;
     let file_err = |reason: String| TlsError::File {
         key,
         path: path.to_owned(),

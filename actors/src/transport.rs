@@ -10,7 +10,7 @@ use confab_protocol::{FrameCodec, FrameError};
 use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_rustls::server::TlsStream;
@@ -29,8 +29,14 @@ pub type ClientReader = Either<OwnedReadHalf, ReadHalf<TlsStream<TcpStream>>>;
 pub type ClientWriter = Either<OwnedWriteHalf, WriteHalf<TlsStream<TcpStream>>>;
 
 /// Splits a client connection (a TLS one's halves share the TLS state behind a lock of
-/// tokio's; a plain one's are independent).
-pub fn split(stream: ClientStream) -> (ClientReader, ClientWriter) {
+/// tokio's; a plain one's are independent). Any TCP-or-TLS stream splits so (the cluster's
+/// direct links too).
+pub fn split<T: AsyncRead + AsyncWrite>(
+    stream: Either<TcpStream, T>,
+) -> (
+    Either<OwnedReadHalf, ReadHalf<T>>,
+    Either<OwnedWriteHalf, WriteHalf<T>>,
+) {
     match stream {
         Either::Left(tcp) => {
             let (r, w) = tcp.into_split();

@@ -97,6 +97,8 @@ pub enum ClusterError {
     Runtime(String),
     #[error("cannot listen for direct links on {listen}: {reason}")]
     LinkListen { listen: String, reason: String },
+    #[error("direct links' TLS: {0}")]
+    LinkTls(#[from] confab_actors::tls::TlsError),
 }
 
 /// A remote endpoint as the cache knows it.
@@ -327,6 +329,8 @@ impl Cluster {
         rt: tokio::runtime::Handle,
         stop: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Arc<Cluster>, ClusterError> {
+        // Before NATS: a link certificate that does not load stops the node at once.
+        let link_tls = direct::LinkTls::from_settings(&cfg)?;
         let (mut transport, kv): (Arc<dyn Transport>, Arc<dyn Bucket>) = match join.memory_network()
         {
             Some(network) => (Arc::new(network.transport()), network.bucket()),
@@ -357,6 +361,7 @@ impl Cluster {
                 advertise: cfg.link_advertise.clone(),
                 secret: cfg.link_secret.clone(),
                 node_timeout: timeout,
+                tls: link_tls,
             };
             let links = direct::Links::start(node_id.clone(), epoch, settings)
                 .await

@@ -1,5 +1,6 @@
 //! Certificates for TLS tests, made with rcgen in a temporary directory: a CA, a server
-//! certificate for `localhost` and `127.0.0.1` signed by it, and a client certificate.
+//! certificate for `localhost` and `127.0.0.1` signed by it, a client certificate, and on
+//! demand a node's certificate for the direct links' TLS (`cluster.link_tls_*`).
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::path::PathBuf;
@@ -99,16 +100,46 @@ impl Pki {
         tweak: impl FnOnce(&mut CertificateParams),
     ) -> (String, String) {
         let mut params = CertificateParams::new(names).expect("certificate parameters");
+        params.extended_key_usages = vec![usage];
         tweak(&mut params);
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("a key");
         let cert = params
             .signed_by(&key, &self.ca_cert, &self.ca_key)
             .expect("a signed certificate");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// Link TLS for the cluster node `s` sets up: a certificate this CA signs naming its
+    /// `cluster.node_id`, its key, and this CA.
+    pub fn with_link_tls(&self, s: &mut confab_actors::Settings) {
+        let c = s.cluster.as_mut().expect("a cluster node");
+        let (cert, key) = self.issue_link(c.node_id.as_deref().expect("a node id"));
+        let text = |p: PathBuf| p.to_str().expect("a UTF-8 path").to_owned();
+        c.link_tls_cert_file = text(cert);
+        c.link_tls_key_file = text(key);
+        c.link_tls_ca_file = text(self.ca.clone());
+    }
+
+    /// Writes a direct link's certificate naming node `node` (for both ends of a link: server
+    /// and client use) and its key; their paths.
+    pub fn issue_link(&self, node: &str) -> (PathBuf, PathBuf) {
+        let path = |file: &str| self.dir.path().join(format!("{node}-{file}"));
+        let (cert, key) = (path("link.pem"), path("link-key.pem"));
+        let (c, k) = self.sign_with(
+            vec![node.to_owned()],
+            node,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            |p| {
+                p.extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ClientAuth)
+            },
+        );
+        std::fs::write(&cert, c).expect("write the link certificate");
+        std::fs::write(&key, k).expect("write the link key");
+        (cert, key)
     }
 
     /// `[tls]` settings for a node presenting this PKI's server certificate.

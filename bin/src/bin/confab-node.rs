@@ -49,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         if let Some(tls) = &settings.tls {
             confab_actors::tls::ServerTls::load(tls)?;
         }
+        if let Some(cluster) = &settings.cluster {
+            confab_cluster::direct::LinkTls::from_settings(cluster)?;
+        }
         confab_actors::auth::Verifier::from_settings(&settings.auth)?;
         if !settings.admin.token_file.is_empty() {
             confab_actors::admin::AdminToken::load(&settings.admin.token_file)?;

@@ -10,7 +10,9 @@
 //!   and pair of nodes (the dialer is the only one that sends), and dials again with back-off
 //!   after a failure.
 //! - **Who may connect**: both sides prove they hold `cluster.link_secret` (`handshake.rs`).
-//!   A dial from a run declared dead is refused; a link up stays (see [`Links::node_lost`]).
+//!   With link TLS (`tls.rs`) that runs inside TLS 1.3, each side's certificate checked by the
+//!   other against the cluster's CA and the node id. A dial from a run declared dead is
+//!   refused; a link up stays (see [`Links::node_lost`]).
 //! - **Order**: one sender's envelopes for one node keep their order across the switch from
 //!   NATS to a link and back, by markers on NATS (`order.rs`). The switches are decided in
 //!   [`LinkedTransport::publish`], which only the publisher task calls, one envelope after
@@ -28,8 +30,10 @@
 pub mod handshake;
 pub mod order;
 mod socket;
+mod tls;
 mod transport;
 
+pub use tls::LinkTls;
 pub use transport::LinkedTransport;
 
 use bytes::Bytes;
@@ -85,6 +89,8 @@ pub struct LinkSettings {
     /// `cluster.node_timeout_ms`: how long a write may go unacknowledged before the link ends,
     /// and how long a link's envelopes may wait for its `Open` marker.
     pub node_timeout: Duration,
+    /// `cluster.link_tls_*`, loaded; none: links in the clear.
+    pub tls: Option<LinkTls>,
 }
 
 /// A node's direct links, as tests and operators see them.
@@ -275,7 +281,7 @@ impl Links {
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             next_link: AtomicU64::new(rand::random::<u32>() as u64),
         });
-        tracing::info!(listen = %links.settings.listen, advertise = %links.settings.advertise, "direct links to other nodes on");
+        tracing::info!(listen = %links.settings.listen, advertise = %links.settings.advertise, tls = links.settings.tls.is_some(), "direct links to other nodes on");
         for direction in ["in", "out"] {
             metrics::gauge!(m::CLUSTER_DIRECT_LINKS, "direction" => direction).set(0.0);
             metrics::counter!(m::CLUSTER_DIRECT_PAYLOADS, "direction" => direction).increment(0);

@@ -1,6 +1,6 @@
 //! A direct link's socket: dialing another node and accepting its dial, each side's half of
-//! the handshake (`handshake.rs`), and the loops that then write (dialer) and read (acceptor)
-//! one envelope payload per length-prefixed frame.
+//! the handshake (`handshake.rs`, inside TLS with link TLS: `tls.rs`), and the loops that then
+//! write (dialer) and read (acceptor) one envelope payload per length-prefixed frame.
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -12,8 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
+use tokio_util::either::Either;
 
 use super::handshake::{self, Hello, Proof, Reply, Role};
+use super::tls::{self, LinkStream};
 use super::{
     Accepted, FromLink, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, Links, MAX_FRAME, Out, OutLink,
     WRITER_QUEUE, lock,
@@ -51,7 +53,7 @@ pub(super) async fn dial(links: Arc<Links>, node: String, epoch: u64, addr: Stri
     }
 }
 
-type Framed = tokio_util::codec::Framed<TcpStream, LengthDelimitedCodec>;
+type Framed = tokio_util::codec::Framed<LinkStream, LengthDelimitedCodec>;
 
 /// The handshake's codec: small frames only, until the other side has proved the secret
 /// (then [`MAX_FRAME`]).
@@ -91,7 +93,15 @@ async fn read_msg<T: serde::de::DeserializeOwned>(framed: &mut Framed) -> Result
         .next()
         .await
         .ok_or("the other node closed the link")?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match framed.read_buffer().get(..2) {
+            // A TLS record (handshake, alert) read as a frame's length: too long a frame. The
+            // nodes do not agree on link TLS; say so rather than just "frame size too big".
+            Some([0x15 | 0x16, 0x03]) if matches!(framed.get_ref(), Either::Left(_)) => {
+                "the other node speaks TLS: it uses link TLS (cluster.link_tls_*), this one does not"
+                    .to_owned()
+            }
+            _ => e.to_string(),
+        })?;
     rmp_serde::from_slice(&frame).map_err(|e| format!("unreadable handshake: {e}"))
 }
 
@@ -104,7 +114,12 @@ async fn dial_handshake(
     (run, id): (u64, u64),
 ) -> Result<Framed, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    // On the TCP socket, before TLS wraps it.
     tune(&stream, links.settings.node_timeout);
+    let stream = match &links.settings.tls {
+        Some(tls) => tls.dial(node, stream).await?,
+        None => Either::Left(stream),
+    };
     let mut framed = Framed::new(stream, codec());
     let hello = Hello {
         version: handshake::VERSION,
@@ -145,7 +160,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Out>,
 ) {
     let parts = framed.into_parts();
-    let (mut rd, wr) = parts.io.into_split();
+    let (mut rd, wr) = confab_actors::transport::split(parts.io);
     let mut codec = codec();
     codec.set_max_frame_length(MAX_FRAME);
     let mut wr = FramedWrite::new(wr, codec);
@@ -235,8 +250,13 @@ pub(super) async fn accept_loop(links: Arc<Links>, listener: TcpListener) {
     }
 }
 
-/// The acceptor's half: it proves nothing before the dialer has.
+/// The acceptor's half: it proves nothing before the dialer has. With link TLS the TLS
+/// handshake comes first, in the same time and handshake slot.
 async fn accept_handshake(links: &Links, stream: TcpStream) -> Result<(Framed, Hello), String> {
+    let stream = match &links.settings.tls {
+        Some(tls) => tls.accept(stream).await?,
+        None => Either::Left(stream),
+    };
     let mut framed = Framed::new(stream, codec());
     let hello: Hello = read_msg(&mut framed).await?;
     let epoch = links.epoch.load(Ordering::Relaxed);
@@ -249,6 +269,8 @@ async fn accept_handshake(links: &Links, stream: TcpStream) -> Result<(Framed, H
     } else if hello.to != links.me || hello.to_epoch != epoch {
         // Not said which run this is: a stranger learns nothing.
         Some("not the node and run dialed".to_owned())
+    } else if let Err(why) = tls::names(framed.get_ref(), &hello.from) {
+        Some(why)
     } else if links.is_dead(&hello.from, hello.from_epoch) {
         Some("that run was declared dead".to_owned())
     } else if hello.nonce.len() != handshake::NONCE_LEN {

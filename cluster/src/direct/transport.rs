@@ -300,6 +300,7 @@ mod tests {
             advertise: String::new(),
             secret: "a secret of sixteen bytes or more".into(),
             node_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 

@@ -13,7 +13,7 @@
 
 use actix::dev::ContextFut;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -22,12 +22,30 @@ use crate::endpoint::Endpoint;
 use crate::metrics as m;
 use crate::outbox::{Outbox, OutboxReceiver, WriteLoop, write_loop};
 
-/// A connection's slot under `server.max_connections`, and its address's: held until the
-/// socket is closed, which is when the writer ends.
-pub type ConnectionPermit = (OwnedSemaphorePermit, AddressSlot);
+/// A connection's slot under `server.max_connections`, and its address's, counted in the
+/// `confab_connections` gauge: held until the socket is closed, which is when the writer ends
+/// (or the task holding it is dropped). The gauge goes down when the permit is dropped, so
+/// every way a connection ends counts it once.
+pub struct ConnectionPermit {
+    _slots: (OwnedSemaphorePermit, AddressSlot),
+}
 
-/// Writes what an outbox queues until the socket is closed, then gives back the connection's
-/// slots (and counts the connection gone).
+impl ConnectionPermit {
+    /// Counts the connection open.
+    pub fn open(slots: (OwnedSemaphorePermit, AddressSlot)) -> Self {
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        ConnectionPermit { _slots: slots }
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Writes what an outbox queues until the socket is closed; the connection's permit goes with
+/// it.
 pub struct WriterTask<W> {
     write: WriteLoop<W>,
     permit: ConnectionPermit,
@@ -57,9 +75,7 @@ where
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        ready!(Pin::new(&mut self.write).poll(cx));
-        connection_closed();
-        Poll::Ready(())
+        Pin::new(&mut self.write).poll(cx)
     }
 }
 
@@ -133,10 +149,8 @@ where
         }
         if writing && Pin::new(&mut *this.writer).poll(cx).is_ready() {
             this.permit = None;
-            connection_closed();
         }
         if this.actor.is_none() && this.permit.is_none() {
-            this.outbox.forget_task();
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -144,9 +158,15 @@ where
     }
 }
 
-/// The connection's socket is closed (its writer ended).
-fn connection_closed() {
-    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+/// Dropped finished, or not (a panic in one of the endpoint's handlers, the runtime's
+/// shutdown): either way the outbox's shared state, which other actors' clones keep alive,
+/// must not keep this task's waker (and so its memory). The actor's drop stops it (actix runs
+/// `stopped`); the writer's drops the socket without its last flush; the permit's counts the
+/// connection closed.
+impl<W> Drop for SignedIn<W> {
+    fn drop(&mut self) {
+        self.outbox.forget_task();
+    }
 }
 
 #[cfg(test)]
@@ -154,9 +174,10 @@ mod tests {
     use super::*;
 
     /// A signed-in connection's task is paid by every idle endpoint, in tokio's 128-byte
-    /// steps: the endpoint's future and the writer's box together must stay where the
-    /// endpoint's future alone was (640 bytes with the task's own ~100; at 536 bytes of
-    /// future it moves to 768).
+    /// steps: tokio 1.54's task is its header (32 bytes), scheduler and id (16), the future's
+    /// stage (8 more than the future) and its trailer (48), so a future of 536 bytes makes
+    /// 640, and 544 would make 768 (128 bytes more per endpoint). With `--cfg tokio_unstable`
+    /// the core has 8 bytes more and this bound would be 8 too high.
     #[test]
     fn a_signed_in_connection_stays_in_its_size_class() {
         for size in [

@@ -1,5 +1,6 @@
 //! One client connection: the socket (with its TLS handshake when the port has `[tls]`), the
-//! codec or the WebSocket upgrade, the writer task and the `hello` handshake.
+//! codec or the WebSocket upgrade, the writer (alone, or in the endpoint's task:
+//! `connection_task.rs`) and the `hello` handshake.
 //! It knows nothing of calls: once the client is signed in, its frames go to a new
 //! [`Endpoint`] actor on this worker thread.
 
@@ -221,9 +222,9 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads the `hello` from `frames`, then starts the writer task on `wr` and hands a
+    /// Reads the `hello` from `frames`, then starts the writer on `wr` and hands a
     /// signed-in client to its endpoint (a new one, or the held one a resume takes back).
-    async fn serve<W>(self, mut frames: Frames, wr: W, permit: ConnectionPermit)
+    async fn serve<W>(self, mut frames: Frames, wr: W, permit: (OwnedSemaphorePermit, AddressSlot))
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -236,8 +237,10 @@ impl Conn {
             let live = ctx.live();
             outbox(live.limits.outbound_queue, live.limits.outbound_queue_bytes)
         };
-        metrics::gauge!(m::CONNECTIONS).increment(1.0);
-        let writer = Writer { wr, permit };
+        let writer = Writer {
+            wr,
+            permit: ConnectionPermit::open(permit),
+        };
         let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
             Ok(Ok(hello)) => hello,
             Ok(Err(refusal)) => {
@@ -321,7 +324,7 @@ impl Conn {
     }
 }
 
-/// A connection's sending side, until its writer task starts.
+/// A connection's sending side, until its writer starts.
 struct Writer<W> {
     wr: W,
     /// The connection's slot under `server.max_connections` (and its address's), held until
@@ -335,7 +338,6 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
         let Writer { wr, permit } = self;
         actix_rt::spawn(async move {
             crate::relay::relay_session(link, node, ask, frames, wr).await;
-            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
             drop(permit);
         });
     }

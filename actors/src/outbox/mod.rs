@@ -115,7 +115,7 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// Receiving side, owned by the writer task.
+/// Receiving side, owned by the writer.
 pub struct OutboxReceiver {
     shared: Arc<Shared>,
     /// On a resumable session: which writer this is, and its link (see [`Resumable`]).
@@ -266,9 +266,10 @@ impl Shared {
 
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        // Wakes an idle writer, or one in the middle of a write (`poll_closed`). The flag is set before the lock is taken, so a writer that
-        // looks at the queue after this sees it, and one that looked before left its waker; the
-        // same holds for the endpoint's registration (`tell_on_close`).
+        // Wakes an idle writer, or one in the middle of a write (`poll_closed`). The flag is
+        // set before the lock is taken, so a writer that looks at the queue after this sees it,
+        // and one that looked before left its waker; the same holds for the endpoint's
+        // registration (`tell_on_close`).
         let (waiter, endpoint) = {
             let mut q = self.lock();
             (q.waiter.take(), q.endpoint.take())
@@ -365,8 +366,10 @@ impl Outbox {
                 .bytes
                 .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
             q.frames.push_back(frame);
-            // The writer leaves its waker only while the queue is empty and it empties the
-            // whole queue each time it wakes, so only the first frame of a batch finds one.
+            // An idle writer leaves its waker only while the queue is empty and it empties the
+            // whole queue each time it wakes, so only the first frame of a batch finds one; a
+            // writer blocked in the middle of a write (a client reading slowly) leaves it again
+            // at each poll, so each push wakes it for one look (see `Queue::waiter`).
             q.waiter.take()
         };
         if let Some(w) = waiter {
@@ -526,11 +529,21 @@ impl Outbox {
         self.shared.actor_woken.swap(false, Ordering::AcqRel)
     }
 
-    /// The task is done: it is not woken again (and the shared state, which outlives it in the
-    /// clones other actors hold, does not keep it allocated).
+    /// The task is done (or dropped): it is not woken again, and the shared state, which
+    /// outlives it in the clones other actors hold, keeps none of its wakers (and so not its
+    /// memory): the actor's, nor the writer's if it was left in the waiter slot.
     pub fn forget_task(&self) {
-        let task = self.shared.lock().task.take();
-        drop(task);
+        let (task, waiter) = {
+            let mut q = self.shared.lock();
+            let task = q.task.take();
+            let same = task
+                .as_ref()
+                .zip(q.waiter.as_ref())
+                .is_some_and(|(t, w)| w.will_wake(t));
+            (task, if same { q.waiter.take() } else { None })
+        };
+        // Dropped outside the lock: the last waker of a task frees it.
+        drop((task, waiter));
     }
 
     /// Frames sent and kept for a resume now (0 when the session is not resumable).
@@ -578,7 +591,7 @@ where
     }
 }
 
-/// The writer task's future (see [`write_loop`]).
+/// The writer's future (see [`write_loop`]), run in its endpoint's task or alone.
 ///
 /// It lives as long as its connection, so its size is paid by every idle one: it is written
 /// by hand rather than as an `async fn`, whose state machine kept its arguments twice and its

@@ -28,8 +28,16 @@ pub enum FrameError {
 /// The frame codec; `max_frame` bounds the body length of decoded frames.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
-    max_frame: usize,
+    /// A `u32`, as the length prefix is, and the sizes below: the codec sits in every
+    /// connection's frame stream, which at 48 bytes of codec took the allocator's 128-byte class
+    /// (96 with these at 24).
+    max_frame: u32,
     adaptive: Option<Adaptive>,
+}
+
+/// `n`, or `u32::MAX` past it (no frame is longer: its length prefix is a `u32`).
+fn saturated(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// A read buffer that stays small while a connection is quiet and grows while it is busy.
@@ -41,10 +49,10 @@ pub struct FrameCodec {
 /// back to `small` the next time it is empty.
 #[derive(Debug, Clone, Copy)]
 struct Adaptive {
-    small: usize,
-    large: usize,
+    small: u32,
+    large: u32,
     /// The buffer's length when `decode` last returned: more at the next call means a read.
-    seen: usize,
+    seen: u32,
     quiet_reads: u32,
 }
 
@@ -54,15 +62,16 @@ const QUIET_READS: u32 = 8;
 impl Adaptive {
     /// Called at each `decode` with the buffer as the reader left it.
     fn after_read(&mut self, src: &mut BytesMut) {
-        let fresh = src.len().saturating_sub(self.seen);
+        let fresh = src.len().saturating_sub(self.seen as usize);
+        let (small, large) = (self.small as usize, self.large as usize);
         if fresh == 0 {
             return;
         }
         let room = src.capacity();
-        if src.len() >= room && room < self.large {
-            src.reserve((room * 4).min(self.large) - src.len());
+        if src.len() >= room && room < large {
+            src.reserve((room * 4).min(large) - src.len());
             self.quiet_reads = 0;
-        } else if room > self.small && fresh < room / 4 {
+        } else if room > small && fresh < room / 4 {
             self.quiet_reads = self.quiet_reads.saturating_add(1);
         } else {
             self.quiet_reads = 0;
@@ -71,18 +80,19 @@ impl Adaptive {
 
     /// Called as `decode` returns: a quiet connection's emptied buffer goes back to `small`.
     fn before_return(&mut self, src: &mut BytesMut) {
-        if src.is_empty() && self.quiet_reads >= QUIET_READS && src.capacity() > self.small {
-            *src = BytesMut::with_capacity(self.small);
+        let small = self.small as usize;
+        if src.is_empty() && self.quiet_reads >= QUIET_READS && src.capacity() > small {
+            *src = BytesMut::with_capacity(small);
             self.quiet_reads = 0;
         }
-        self.seen = src.len();
+        self.seen = saturated(src.len());
     }
 }
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
         FrameCodec {
-            max_frame,
+            max_frame: saturated(max_frame),
             adaptive: None,
         }
     }
@@ -91,19 +101,19 @@ impl FrameCodec {
     /// [`Adaptive`]): what the node uses, where an idle connection must cost little.
     pub fn with_adaptive_buffer(mut self, small: usize, large: usize) -> Self {
         self.adaptive = Some(Adaptive {
-            small,
-            large: large.max(small),
+            small: saturated(small),
+            large: saturated(large.max(small)),
             seen: 0,
             quiet_reads: 0,
         });
         self
     }
     pub fn max_frame(&self) -> usize {
-        self.max_frame
+        self.max_frame as usize
     }
     /// Changes the bound, e.g. from the small one before sign-in to the node's `max_frame`.
     pub fn set_max_frame(&mut self, max_frame: usize) {
-        self.max_frame = max_frame;
+        self.max_frame = saturated(max_frame);
     }
 }
 
@@ -138,10 +148,10 @@ impl FrameCodec {
         if len == 0 {
             return Err(FrameError::Empty);
         }
-        if len > self.max_frame {
+        if len > self.max_frame as usize {
             return Err(FrameError::TooLarge {
                 len,
-                max: self.max_frame,
+                max: self.max_frame as usize,
             });
         }
         if src.len() < LEN_PREFIX + len {
@@ -279,6 +289,19 @@ mod tests {
             other => panic!("expected TooLarge, got {other:?}"),
         }
         assert!(buf.capacity() < 1024, "no allocation for an announced size");
+    }
+
+    /// Every connection's frame stream holds a codec: at 24 bytes the stream fits the
+    /// allocator's 96-byte class (at 48, 128 bytes per idle connection).
+    #[test]
+    fn the_codec_stays_small() {
+        assert!(std::mem::size_of::<FrameCodec>() <= 24);
+    }
+
+    #[test]
+    fn a_bound_past_the_length_prefix_is_capped_at_its_largest() {
+        let codec = FrameCodec::new(usize::MAX).with_adaptive_buffer(8, usize::MAX);
+        assert_eq!(codec.max_frame(), u32::MAX as usize);
     }
 
     #[test]

@@ -720,6 +720,10 @@ impl Settings {
                 "must hold at least two messages of flow.max_message_bytes",
             );
         }
+        // The outbox counts its bytes in a `u32` (to fit its allocator class, outbox/mod.rs).
+        if u32::try_from(self.limits.outbound_queue_bytes).is_err() {
+            return invalid("limits.outbound_queue_bytes", "must be at most 4294967295");
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return invalid("metrics.listen", "must be IP:port or empty");
         }
@@ -1273,6 +1277,10 @@ mod tests {
             (
                 "[limits]\npresence_update_burst = 0\n",
                 "limits.presence_update_burst",
+            ),
+            (
+                "[limits]\noutbound_queue_bytes = 4294967296\n",
+                "limits.outbound_queue_bytes",
             ),
             (
                 "[cluster]\nnats_url = \"x\"\nnode_timeout_ms = 99\n",

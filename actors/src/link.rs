@@ -195,6 +195,12 @@ pub trait Link: Send + Sync + 'static {
     fn relay_up_end(&self, node: &str, endpoint: &str, relay: u64);
     /// The relay has ended here: forget it.
     fn close_relay(&self, relay: u64);
+    /// Reads again the files the cluster's settings name (SIGHUP, `POST /admin/reload`):
+    /// each as its name in the reload's report and what came of it (`Ok(true)` read again,
+    /// `Ok(false)` nothing to read, `Err` why the old one stays).
+    fn reload_files(&self) -> Vec<(&'static str, Result<bool, String>)> {
+        Vec::new()
+    }
     /// Whether `node` is alive as far as this node knows (a resume for a session held on a
     /// node that is gone is refused as such).
     fn node_alive(&self, node: &str) -> bool;

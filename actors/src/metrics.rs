@@ -38,6 +38,8 @@ pub const BUILD_INFO: &str = "confab_build_info";
 pub const TLS_HANDSHAKES: &str = "confab_tls_handshakes_total";
 pub const TOKENS_REFUSED: &str = "confab_tokens_refused_total";
 pub const TLS_RELOADS: &str = "confab_tls_reloads_total";
+pub const TLS_CERT_EXPIRY: &str = "confab_tls_cert_expiry_timestamp_seconds";
+pub const CLUSTER_LINK_TLS_RELOADS: &str = "confab_cluster_link_tls_reloads_total";
 pub const CLUSTER_SIGN_IN_SYNC_FAILURES: &str = "confab_cluster_sign_in_sync_failures_total";
 pub const CLUSTER_DIRECTORY_DEGRADED: &str = "confab_cluster_directory_degraded";
 pub const CLUSTER_KV_REPLICAS: &str = "confab_cluster_kv_replicas";
@@ -141,6 +143,7 @@ pub fn describe_all() {
     for result in ["ok", "failed"] {
         metrics::counter!(TLS_HANDSHAKES, "result" => result).absolute(0);
         metrics::counter!(TLS_RELOADS, "result" => result).absolute(0);
+        metrics::counter!(CLUSTER_LINK_TLS_RELOADS, "result" => result).absolute(0);
     }
     for check in crate::auth::TokenRefusal::ALL {
         metrics::counter!(TOKENS_REFUSED, "check" => check.label()).absolute(0);
@@ -160,6 +163,16 @@ pub fn describe_all() {
         TLS_RELOADS,
         "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); 0 \
          without [tls]"
+    );
+    describe_counter!(
+        CLUSTER_LINK_TLS_RELOADS,
+        "Reloads of the link TLS certificates, key and CA (SIGHUP, POST /admin/reload), by \
+         result (ok; failed: the old ones stay); 0 without cluster.link_tls_*"
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        "When the certificate the node presents expires (its notAfter, Unix seconds), by cert \
+         (client: [tls]; link: cluster.link_tls_*), as last read; absent without it"
     );
     describe_counter!(
         ADMIN_REQUESTS,

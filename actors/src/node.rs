@@ -445,6 +445,9 @@ async fn run(
     // Before the cluster starts, so what it records while joining is kept.
     let recorder = m::recorder();
     m::describe_all();
+    if let Some(tls) = &reloadables.tls {
+        tls.record_expiry();
+    }
     let (directory, link): (Arc<dyn Directory>, _) = match join {
         None => (Arc::new(<LocalDirectory>::default()), None),
         Some(join) => {
@@ -471,7 +474,11 @@ async fn run(
             match join.join(&settings, node_id, presence.clone()).await {
                 Ok(Joined {
                     directory, link, ..
-                }) => (directory, Some(link)),
+                }) => {
+                    // Set once: a node joins one cluster, once.
+                    let _ = reloadables.link.set(link.clone());
+                    (directory, Some(link))
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot join the cluster");
                     let _ = ready.send(Err(e));

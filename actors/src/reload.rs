@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::admin::AdminToken;
 use crate::auth::Verifier;
+use crate::link::Link;
 use crate::settings::{Fork, Limits, Settings};
 use crate::tls::ServerTls;
 
@@ -72,7 +73,8 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Keys whose new value takes a restart (the node keeps running with the old one).
     pub restart_needed: Vec<String>,
-    /// Files read again: `tls` (the certificate and key), `token_keys`, `admin_token`.
+    /// Files read again: `tls` (the certificate and key), `token_keys`, `admin_token`,
+    /// `link_tls` (the link certificate, key and CA).
     pub reloaded: Vec<String>,
     /// What failed, with why (the old value stays).
     pub failed: Vec<Failed>,
@@ -95,6 +97,8 @@ pub struct Reloadables {
     /// Set by the binary; without it (a node embedded with settings of its own) a reload only
     /// reads the files again.
     pub reloader: OnceLock<Reloader>,
+    /// The cluster, once joined: its own files (link TLS) are read again with the node's.
+    pub link: OnceLock<Arc<dyn Link>>,
 }
 
 impl Reloadables {
@@ -111,6 +115,7 @@ impl Reloadables {
             verifier,
             admin_token,
             reloader: OnceLock::new(),
+            link: OnceLock::new(),
         }
     }
 
@@ -178,6 +183,11 @@ impl Reloadables {
                 "admin_token",
                 t.reload().map(|()| true).map_err(|e| e.to_string()),
             );
+        }
+        if let Some(link) = self.link.get() {
+            for (what, result) in link.reload_files() {
+                outcome(what, result);
+            }
         }
     }
 }

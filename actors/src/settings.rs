@@ -811,7 +811,8 @@ impl Settings {
 
 impl Cluster {
     /// `link_tls_*`: all three or none, only with links, and with a node id a certificate can
-    /// name. The files themselves are read at start (`confab-node --check` reads them too).
+    /// name. The files themselves are read at start and on reload (`confab-node --check` reads
+    /// them too).
     fn validate_link_tls(&self) -> Result<(), SettingsError> {
         let invalid = |key: &str, reason: &str| {
             Err(SettingsError::Invalid {

@@ -110,6 +110,21 @@ impl ServerTls {
         })
     }
 
+    /// Records when the certificate in use expires (see [`record_expiry`]): at start, once
+    /// the node's metrics recorder is installed; a reload records its own.
+    pub fn record_expiry(&self) {
+        record_expiry("client", self.not_after());
+    }
+
+    /// When the certificate in use expires (Unix seconds), if it can be read.
+    pub fn not_after(&self) -> Option<i64> {
+        let current = match self.cert.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        not_after_of(&current)
+    }
+
     pub fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
     }
@@ -120,11 +135,14 @@ impl ServerTls {
     pub fn reload(&self) -> Result<(), TlsError> {
         match node_certified_key(&self.cfg) {
             Ok(key) => {
+                let not_after = not_after_of(&key);
                 let mut current = match self.cert.current.write() {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
                 *current = Arc::new(key);
+                // Under the lock: the gauge names the certificate now in use.
+                record_expiry("client", not_after);
                 metrics::counter!(m::TLS_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(cert_file = %self.cfg.cert_file.display(), "TLS certificate reloaded");
                 Ok(())
@@ -151,6 +169,96 @@ impl ResolvesServerCert for ReloadableCert {
             Err(p) => p.into_inner(),
         };
         Some(current.clone())
+    }
+}
+
+/// A certificate due to expire within this long is logged as a warning whenever it is read.
+const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
+
+/// When the first certificate of `key`'s chain (the one presented) expires: its notAfter, in
+/// Unix seconds; None if x509-parser cannot read what rustls accepted.
+pub fn not_after_of(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+/// Records when the `cert` certificate (`client` or `link`) expires, as the
+/// `confab_tls_cert_expiry_timestamp_seconds{cert}` gauge, for an alert well before it does;
+/// and logs a warning if that is within 14 days, an error if it has passed (new handshakes with
+/// it then fail). Call it once a certificate is in use: at start and after each reload.
+pub fn record_expiry(cert: &'static str, not_after: Option<i64>) {
+    let Some(not_after) = not_after else {
+        tracing::warn!(
+            cert,
+            "cannot read the certificate's expiry date; no expiry metric"
+        );
+        return;
+    };
+    metrics::gauge!(m::TLS_CERT_EXPIRY, "cert" => cert).set(not_after as f64);
+    match expiry_notice(not_after, unix_now()) {
+        ExpiryNotice::Expired => tracing::error!(
+            cert,
+            not_after,
+            "the certificate has expired: new TLS handshakes with it fail; replace it and reload"
+        ),
+        ExpiryNotice::Soon { days_left } => tracing::warn!(
+            cert,
+            not_after,
+            days_left,
+            "the certificate expires soon; replace it and reload"
+        ),
+        ExpiryNotice::None => {}
+    }
+}
+
+/// What `confab-node --check` prints of a certificate valid until `not_after` (Unix seconds):
+/// a sentence when it has expired, expires within 14 days, or cannot be read; None otherwise.
+pub fn expiry_problem(not_after: Option<i64>) -> Option<String> {
+    let Some(not_after) = not_after else {
+        return Some("its expiry date cannot be read".to_owned());
+    };
+    match expiry_notice(not_after, unix_now()) {
+        ExpiryNotice::Expired => Some(format!(
+            "it has expired (notAfter {not_after}, Unix seconds): TLS handshakes with it fail"
+        )),
+        ExpiryNotice::Soon { days_left } => Some(format!(
+            "it expires in {days_left} days (notAfter {not_after}, Unix seconds)"
+        )),
+        ExpiryNotice::None => None,
+    }
+}
+
+/// Seconds since the Unix epoch now (0 if the clock is before it).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// What the log says of a certificate when it is read.
+#[derive(Debug, PartialEq, Eq)]
+enum ExpiryNotice {
+    None,
+    /// It expires within [`EXPIRY_WARNING_SECS`]: a warning.
+    Soon {
+        days_left: i64,
+    },
+    /// Its notAfter has passed: an error.
+    Expired,
+}
+
+/// The notice for a certificate valid until `not_after`, read at `now` (both Unix seconds).
+fn expiry_notice(not_after: i64, now: i64) -> ExpiryNotice {
+    let left = not_after.saturating_sub(now);
+    if left <= 0 {
+        ExpiryNotice::Expired
+    } else if left < EXPIRY_WARNING_SECS {
+        ExpiryNotice::Soon {
+            days_left: left / 86_400,
+        }
+    } else {
+        ExpiryNotice::None
     }
 }
 
@@ -231,4 +339,27 @@ pub fn read_certs(file: PemFile<'_>) -> Result<Vec<CertificateDer<'static>>, Tls
         });
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_within_two_weeks_of_its_expiry_is_a_warning_and_one_past_it_an_error() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        assert_eq!(expiry_notice(now + 90 * day, now), ExpiryNotice::None);
+        assert_eq!(expiry_notice(now + 14 * day, now), ExpiryNotice::None);
+        assert_eq!(
+            expiry_notice(now + 14 * day - 1, now),
+            ExpiryNotice::Soon { days_left: 13 }
+        );
+        assert_eq!(
+            expiry_notice(now + 1, now),
+            ExpiryNotice::Soon { days_left: 0 }
+        );
+        assert_eq!(expiry_notice(now, now), ExpiryNotice::Expired);
+        assert_eq!(expiry_notice(i64::MIN, now), ExpiryNotice::Expired);
+    }
 }

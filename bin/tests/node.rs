@@ -107,6 +107,37 @@ fn check_accepts_the_shipped_configs_and_refuses_a_bad_one_naming_the_key() {
 }
 
 #[test]
+fn check_warns_of_a_certificate_that_has_expired_and_still_passes() {
+    let pki = confab_tests::pki::Pki::new("check");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    let config = dir.path().join("node.toml");
+    let write_config = || {
+        let text = format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config();
+    pki.issue_expired_server(&cert, &key);
+    let (status, stdout, stderr) =
+        node_run(&["--check", "--config", config.to_str().unwrap()], &[]);
+    // A start would take it (and fail every handshake): the check says so and passes.
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    assert!(
+        stderr.contains("warning: tls.cert_file: it has expired"),
+        "{stderr}"
+    );
+    pki.issue_server_until(&cert, &key, 2090);
+    let (status, _, stderr) = node_run(&["--check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
 fn print_config_shows_file_and_environment_with_secrets_redacted() {
     let (status, stdout, stderr) = node_run(
         &["--print-config"],

@@ -198,6 +198,8 @@ pub struct Cluster {
     transport: Arc<dyn Transport>,
     /// Direct links to the other nodes (`direct/`), when `cluster.link_listen` is set.
     links: Option<Arc<direct::Links>>,
+    /// The links' TLS (`cluster.link_tls_*`), read again on reload; shared with `links`.
+    link_tls: Option<direct::LinkTls>,
     nodes: Mutex<HashMap<String, NodeSeen>>,
     /// What this node hears from NATS, its own heartbeat included (`membership.rs`): while it
     /// hears nothing it is the one cut off, and declares nobody dead.
@@ -361,7 +363,7 @@ impl Cluster {
                 advertise: cfg.link_advertise.clone(),
                 secret: cfg.link_secret.clone(),
                 node_timeout: timeout,
-                tls: link_tls,
+                tls: link_tls.clone(),
             };
             let links = direct::Links::start(node_id.clone(), epoch, settings)
                 .await
@@ -417,6 +419,8 @@ impl Cluster {
             remote: DashMap::new(),
             remote_len: AtomicUsize::new(0),
             transport: transport.clone(),
+            // Without links there is nothing for their certificates to do.
+            link_tls: links.as_ref().and(link_tls),
             links,
             nodes: Mutex::new(HashMap::new()),
             hearing: Mutex::new(membership::Hearing::new(Instant::now())),

@@ -126,6 +126,16 @@ impl Link for Cluster {
         Cluster::close_relay(self, relay);
     }
 
+    fn reload_files(&self) -> Vec<(&'static str, Result<bool, String>)> {
+        match &self.link_tls {
+            Some(tls) => vec![(
+                "link_tls",
+                tls.reload().map(|()| true).map_err(|e| e.to_string()),
+            )],
+            None => Vec::new(),
+        }
+    }
+
     fn node_alive(&self, node: &str) -> bool {
         Cluster::node_alive(self, node)
     }

@@ -1018,6 +1018,57 @@ pub async fn wait_until(mut check: impl FnMut() -> Result<(), String>) {
     }
 }
 
+/// `node`'s direct links now (`cluster.link_listen`).
+pub fn links(node: &RunningNode) -> confab_cluster::DirectLinks {
+    confab_cluster::of(node)
+        .expect("a cluster node")
+        .direct_links()
+}
+
+/// Waits until `ready` holds of `node`'s links (the wait is what the caller is about: a link is
+/// dialed when the other node's heartbeat is heard, and again after a back-off).
+pub async fn wait_links(
+    node: &RunningNode,
+    what: &str,
+    ready: impl Fn(&confab_cluster::DirectLinks) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = links(node);
+        if ready(&now) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `alice` signs in on node `a` ("laptop") and `bob` on node `b` ("desk"); once each node
+/// lists the other's endpoint, Alice calls Bob, who accepts. Both clients and the call's id on
+/// each side.
+pub async fn answered_call_across(
+    a: &RunningNode,
+    alice: &str,
+    b: &RunningNode,
+    bob: &str,
+) -> (Raw, Raw, String, String) {
+    let mut alice_raw = Raw::sign_in(a.addr, alice, "laptop").await;
+    let mut bob_raw = Raw::sign_in(b.addr, bob, "desk").await;
+    wait_for_endpoints(a, bob, 1).await;
+    wait_for_endpoints(b, alice, 1).await;
+    let (call, bobs_call) = answered_call(&mut alice_raw, &mut bob_raw).await;
+    (alice_raw, bob_raw, call, bobs_call)
+}
+
+/// Alice calls Bob, who accepts; the call's id on each side (each leg has its own).
+pub async fn answered_call(alice: &mut Raw, bob: &mut Raw) -> (String, String) {
+    let (call, _) = alice.establish(&bob.user, None).await;
+    let (incoming, _) = bob.incoming().await;
+    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
+    alice.state(&call, CallState::Established).await;
+    (call, incoming)
+}
+
 /// Waits until `node`'s directory lists exactly `n` endpoints of `user`.
 pub async fn wait_for_endpoints(node: &RunningNode, user: &str, n: usize) {
     wait_until(|| {

@@ -66,6 +66,18 @@ impl Pki {
         std::fs::write(key, k).expect("write the server key");
     }
 
+    /// [`Pki::issue_server`], valid until the first of January of `year`.
+    pub fn issue_server_until(&self, cert: &std::path::Path, key: &std::path::Path, year: i32) {
+        let (c, k) = self.sign_with(
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "confab test node",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            |p| p.not_after = rcgen::date_time_ymd(year, 1, 1),
+        );
+        std::fs::write(cert, c).expect("write the server certificate");
+        std::fs::write(key, k).expect("write the server key");
+    }
+
     /// Writes a server certificate that expired on 2020-01-01, and its key.
     pub fn issue_expired_server(&self, cert: &std::path::Path, key: &std::path::Path) {
         let (c, k) = self.sign_with(
@@ -126,6 +138,19 @@ impl Pki {
     /// Writes a direct link's certificate naming node `node` (for both ends of a link: server
     /// and client use) and its key; their paths.
     pub fn issue_link(&self, node: &str) -> (PathBuf, PathBuf) {
+        self.issue_link_with(node, |_| {})
+    }
+
+    /// [`Pki::issue_link`], valid until the first of January of `year`.
+    pub fn issue_link_until(&self, node: &str, year: i32) -> (PathBuf, PathBuf) {
+        self.issue_link_with(node, |p| p.not_after = rcgen::date_time_ymd(year, 1, 1))
+    }
+
+    fn issue_link_with(
+        &self,
+        node: &str,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> (PathBuf, PathBuf) {
         let path = |file: &str| self.dir.path().join(format!("{node}-{file}"));
         let (cert, key) = (path("link.pem"), path("link-key.pem"));
         let (c, k) = self.sign_with(
@@ -134,7 +159,8 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             |p| {
                 p.extended_key_usages
-                    .push(ExtendedKeyUsagePurpose::ClientAuth)
+                    .push(ExtendedKeyUsagePurpose::ClientAuth);
+                tweak(p);
             },
         );
         std::fs::write(&cert, c).expect("write the link certificate");

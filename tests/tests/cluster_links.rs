@@ -13,7 +13,6 @@ use confab_tests::pki::Pki;
 use confab_tests::*;
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::time::Instant;
 
 const ALICE: &str = "sip:alice@example.com";
 const BOB: &str = "sip:bob@example.com";
@@ -22,26 +21,6 @@ const BOB: &str = "sip:bob@example.com";
 const ROUNDS: usize = 5;
 /// Messages of each round, all sent before any answer is read.
 const PER_ROUND: usize = 100;
-
-fn links(node: &RunningNode) -> DirectLinks {
-    confab_cluster::of(node)
-        .expect("a cluster node")
-        .direct_links()
-}
-
-/// Waits until `ready` holds of `node`'s links (the wait is what the caller is about: a link is
-/// dialed when the other node's heartbeat is heard).
-async fn wait_links(node: &RunningNode, what: &str, ready: impl Fn(&DirectLinks) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = links(node);
-        if ready(&now) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {now:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn short_acks(s: &mut Settings) {
     // A message whose envelope a cut link lost is answered 408 this soon.
@@ -59,15 +38,6 @@ async fn send_numbered(from: &mut Raw, call: &str, n: usize) -> u32 {
     })
     .await;
     rid
-}
-
-/// Alice calls Bob, who accepts; the call's id on each side (each leg has its own).
-async fn answered_call(alice: &mut Raw, bob: &mut Raw) -> (String, String) {
-    let (call, _) = alice.establish(&bob.user, None).await;
-    let (incoming, _) = bob.incoming().await;
-    assert!(matches!(bob.accept(&incoming).await, ServerMsg::Ok { .. }));
-    alice.state(&call, CallState::Established).await;
-    (call, incoming)
 }
 
 #[tokio::test]
@@ -340,11 +310,7 @@ async fn nodes_with_link_tls_exchange_messages_over_their_links() {
     for n in [&a, &b] {
         wait_links(n, "a TLS link each way", |l| l.out == 1 && l.accepted == 1).await;
     }
-    let mut alice = Raw::sign_in(a.addr, ALICE, "laptop").await;
-    let mut bob = Raw::sign_in(b.addr, BOB, "desk").await;
-    wait_for_endpoints(&a, BOB, 1).await;
-    wait_for_endpoints(&b, ALICE, 1).await;
-    let (call, bobs_call) = answered_call(&mut alice, &mut bob).await;
+    let (mut alice, mut bob, call, bobs_call) = answered_call_across(&a, ALICE, &b, BOB).await;
     let (a_before, b_before) = (links(&a), links(&b));
     exchange(&mut alice, &call, &mut bob, &bobs_call, 50).await;
     exchange(&mut bob, &bobs_call, &mut alice, &call, 50).await;

@@ -52,8 +52,11 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let names = metric_names(exprs.iter().map(String::as_str));
 
     let nats = NatsServer::start();
+    // With link TLS: the certificate expiry panel shows only a node that has a certificate.
+    let pki = confab_tests::pki::Pki::new("dashboard");
     let node = start_cluster_node(&nats, "dashboard", |s| {
-        s.limits.outbound_queue = OUTBOUND_QUEUE
+        s.limits.outbound_queue = OUTBOUND_QUEUE;
+        pki.with_link_tls(s);
     });
     let metrics_addr = node.metrics_addr.expect("the test node serves metrics");
     let prom = Prometheus::start(metrics_addr).await;

@@ -46,11 +46,22 @@ fn main() -> anyhow::Result<()> {
     if args.check {
         log_filter(&settings)?;
         // The files the settings name, read as a start would read them.
+        // A certificate that expired or soon will still loads (a start would take it), but
+        // the operator running the check hears of it.
+        let mut expiring = Vec::new();
         if let Some(tls) = &settings.tls {
-            confab_actors::tls::ServerTls::load(tls)?;
+            let not_after = confab_actors::tls::ServerTls::load(tls)?.not_after();
+            expiring.push(("tls.cert_file", not_after));
         }
-        if let Some(cluster) = &settings.cluster {
-            confab_cluster::direct::LinkTls::from_settings(cluster)?;
+        if let Some(cluster) = &settings.cluster
+            && let Some(link) = confab_cluster::direct::LinkTls::from_settings(cluster)?
+        {
+            expiring.push(("cluster.link_tls_cert_file", link.not_after()));
+        }
+        for (key, not_after) in expiring {
+            if let Some(problem) = confab_actors::tls::expiry_problem(not_after) {
+                writeln!(std::io::stderr(), "warning: {key}: {problem}")?;
+            }
         }
         confab_actors::auth::Verifier::from_settings(&settings.auth)?;
         if !settings.admin.token_file.is_empty() {
@@ -160,8 +171,8 @@ fn raise_file_limit(max_connections: usize) {
 }
 
 /// SIGHUP: reloads the settings (each changed key applied, or reported as needing a restart)
-/// and the files they name (the TLS certificate, the token keys, the admin token), each on its
-/// own; a settings file that does not load changes nothing. `POST /admin/reload` does the same.
+/// and the files they name (the TLS certificate, the token keys, the admin token, the link TLS
+/// files), each on its own; a settings file that does not load changes nothing. `POST /admin/reload` does the same.
 fn reload(node: &RunningNode) {
     match node.reload() {
         Ok(report) => {

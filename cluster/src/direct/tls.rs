@@ -11,35 +11,57 @@
 //!   docs/architecture.md, "Direct links between nodes".
 //! - No resumption: links are few and long-lived, and each handshake checks both certificates
 //!   afresh (one that expired, or of a node re-issued, is not carried over by a ticket).
-//! - The files are read once, at start: a new certificate takes a restart of the node.
+//! - The files are read at start (one that does not load stops the node) and again by
+//!   [`LinkTls::reload`] (SIGHUP, `POST /admin/reload`): a set that does not load is reported
+//!   and the old one kept. New links use what was read last; links already open keep the
+//!   certificates they were made with.
 
 use rustls::client::Resumption;
 use rustls::server::NoServerSessionStorage;
 use rustls::sign::SingleCertAndKey;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use tokio_util::either::Either;
 
+use confab_actors::metrics as m;
 use confab_actors::settings;
 use confab_actors::tls::{self, PemFile, TlsError};
 
 /// A link's connection: plain TCP, or TLS over it.
 pub type LinkStream = Either<TcpStream, TlsStream<TcpStream>>;
 
-/// What both sides of a link use when the cluster has link TLS.
+/// What both sides of a link use when the cluster has link TLS. Clones share one set of
+/// configurations, which [`LinkTls::reload`] replaces whole.
 #[derive(Clone)]
 pub struct LinkTls {
+    files: Arc<LinkTlsFiles>,
+    current: Arc<RwLock<Arc<Configs>>>,
+}
+
+/// The three files link TLS is read from.
+struct LinkTlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// The configurations made from one reading of the files.
+struct Configs {
     connector: TlsConnector,
     acceptor: TlsAcceptor,
+    /// When the certificate they present expires (Unix seconds), if it can be read.
+    not_after: Option<i64>,
 }
 
 impl std::fmt::Debug for LinkTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkTls").finish_non_exhaustive()
+        f.debug_struct("LinkTls")
+            .field("cert", &self.files.cert)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,23 +72,67 @@ impl LinkTls {
         if cfg.link_tls_cert_file.is_empty() {
             return Ok(None);
         }
-        fn file<'a>(key: &'static str, path: &'a str) -> PemFile<'a> {
-            PemFile {
-                key,
-                path: Path::new(path),
-            }
-        }
-        LinkTls::load(
-            file("cluster.link_tls_cert_file", &cfg.link_tls_cert_file),
-            file("cluster.link_tls_key_file", &cfg.link_tls_key_file),
-            file("cluster.link_tls_ca_file", &cfg.link_tls_ca_file),
-        )
-        .map(Some)
+        let files = LinkTlsFiles {
+            cert: PathBuf::from(&cfg.link_tls_cert_file),
+            key: PathBuf::from(&cfg.link_tls_key_file),
+            ca: PathBuf::from(&cfg.link_tls_ca_file),
+        };
+        let configs = files.load()?;
+        tls::record_expiry("link", configs.not_after);
+        Ok(Some(LinkTls {
+            files: Arc::new(files),
+            current: Arc::new(RwLock::new(Arc::new(configs))),
+        }))
     }
 
-    /// This node's certificate chain and key, and the CA every node's certificate chains to.
-    pub fn load(cert: PemFile<'_>, key: PemFile<'_>, ca: PemFile<'_>) -> Result<LinkTls, TlsError> {
-        let mine = Arc::new(SingleCertAndKey::from(tls::certified_key(cert, key)?));
+    /// Reads the three files again. New links use them; a set that does not load is the
+    /// error, and the configurations read before stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        match self.files.load() {
+            Ok(configs) => {
+                let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+                // Under the lock: the gauge names the certificate now in use.
+                tls::record_expiry("link", configs.not_after);
+                *current = Arc::new(configs);
+                drop(current);
+                metrics::counter!(m::CLUSTER_LINK_TLS_RELOADS, "result" => "ok").increment(1);
+                tracing::info!(cert_file = %self.files.cert.display(), "link TLS certificates reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!(m::CLUSTER_LINK_TLS_RELOADS, "result" => "failed").increment(1);
+                tracing::error!(error = %e, "link TLS certificates not reloaded; the old ones stay");
+                Err(e)
+            }
+        }
+    }
+
+    /// When the link certificate in use expires (Unix seconds), if it can be read.
+    pub fn not_after(&self) -> Option<i64> {
+        self.configs().not_after
+    }
+
+    fn configs(&self) -> Arc<Configs> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl LinkTlsFiles {
+    /// This node's certificate chain and key, and the CA every node's certificate chains to,
+    /// made into the dialer's and the acceptor's configurations.
+    fn load(&self) -> Result<Configs, TlsError> {
+        fn file<'a>(key: &'static str, path: &'a std::path::Path) -> PemFile<'a> {
+            PemFile { key, path }
+        }
+        let cert = file("cluster.link_tls_cert_file", &self.cert);
+        let key = file("cluster.link_tls_key_file", &self.key);
+        let ca = file("cluster.link_tls_ca_file", &self.ca);
+        let certified = tls::certified_key(cert, key)?;
+        let not_after = tls::not_after_of(&certified);
+        let mine = Arc::new(SingleCertAndKey::from(certified));
         let provider = tls::provider();
         let config_err = |e: rustls::Error| TlsError::Config {
             key: "cluster.link_tls",
@@ -85,19 +151,22 @@ impl LinkTls {
             .with_root_certificates(tls::roots(ca)?)
             .with_client_cert_resolver(mine);
         client.resumption = Resumption::disabled();
-        Ok(LinkTls {
+        Ok(Configs {
             connector: TlsConnector::from(Arc::new(client)),
             acceptor: TlsAcceptor::from(Arc::new(server)),
+            not_after,
         })
     }
+}
 
+impl LinkTls {
     /// The dialer's TLS handshake on `tcp`: the acceptor's certificate must chain to the CA
     /// and name `node`.
     pub(super) async fn dial(&self, node: &str, tcp: TcpStream) -> Result<LinkStream, String> {
         let name = ServerName::try_from(node.to_owned())
             .map_err(|_| format!("node id {node:?} is not a DNS name, as link TLS needs"))?;
-        let stream = self
-            .connector
+        let connector = self.configs().connector.clone();
+        let stream = connector
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -107,7 +176,8 @@ impl LinkTls {
     /// The acceptor's TLS handshake on `tcp`: the dialer's certificate must chain to the CA
     /// (whom it names is checked against its hello, by [`names`]).
     pub(super) async fn accept(&self, tcp: TcpStream) -> Result<LinkStream, String> {
-        let stream = self.acceptor.accept(tcp).await.map_err(|e| {
+        let acceptor = self.configs().acceptor.clone();
+        let stream = acceptor.accept(tcp).await.map_err(|e| {
             // Not a TLS record at all: most likely a node without link TLS, saying its hello.
             let garbled = e
                 .get_ref()

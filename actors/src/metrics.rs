@@ -171,8 +171,9 @@ pub fn describe_all() {
     );
     describe_gauge!(
         TLS_CERT_EXPIRY,
-        "When the certificate the node presents expires (its notAfter, Unix seconds), by cert \
-         (client: [tls]; link: cluster.link_tls_*), as last read; absent without it"
+        "When a certificate the node uses expires (its notAfter, Unix seconds), by cert \
+         (client, client_ca: [tls]; link, link_ca: cluster.link_tls_*; a CA's is its first to \
+         expire), as last read; absent without it"
     );
     describe_counter!(
         ADMIN_REQUESTS,

@@ -66,6 +66,8 @@ pub struct ServerTls {
     acceptor: TlsAcceptor,
     cert: Arc<ReloadableCert>,
     cfg: settings::Tls,
+    /// When `client_ca_file`'s first certificate expires (read at start, as the verifier is).
+    client_ca_not_after: Option<Option<i64>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -90,6 +92,7 @@ impl ServerTls {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(config_err)?;
+        let mut client_ca_not_after = None;
         let builder = match &cfg.client_ca_file {
             None => builder.with_no_client_auth(),
             Some(path) => {
@@ -97,6 +100,7 @@ impl ServerTls {
                     key: "tls.client_ca_file",
                     path,
                 };
+                client_ca_not_after = Some(ca_not_after(ca)?);
                 builder.with_client_cert_verifier(client_verifier(ca, provider)?)
             }
         };
@@ -107,6 +111,7 @@ impl ServerTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             cert,
             cfg: cfg.clone(),
+            client_ca_not_after,
         })
     }
 
@@ -114,6 +119,15 @@ impl ServerTls {
     /// the node's metrics recorder is installed; a reload records its own.
     pub fn record_expiry(&self) {
         record_expiry("client", self.not_after());
+        if let Some(ca) = self.client_ca_not_after {
+            record_expiry("client_ca", ca);
+        }
+    }
+
+    /// When the client CA (`client_ca_file`) expires, if there is one: Some(None) if it cannot
+    /// be read.
+    pub fn client_ca_not_after(&self) -> Option<Option<i64>> {
+        self.client_ca_not_after
     }
 
     /// When the certificate in use expires (Unix seconds), if it can be read.
@@ -178,12 +192,27 @@ const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
 /// When the first certificate of `key`'s chain (the one presented) expires: its notAfter, in
 /// Unix seconds; None if x509-parser cannot read what rustls accepted.
 pub fn not_after_of(key: &CertifiedKey) -> Option<i64> {
-    let leaf = key.cert.first()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    not_after_der(key.cert.first()?)
+}
+
+/// When `cert` expires: its notAfter, in Unix seconds.
+fn not_after_der(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     Some(parsed.validity().not_after.timestamp())
 }
 
-/// Records when the `cert` certificate (`client` or `link`) expires, as the
+/// When the first of the CA certificates in `ca` expires (every chain through it then fails);
+/// None if one cannot be read.
+pub fn ca_not_after(ca: PemFile<'_>) -> Result<Option<i64>, TlsError> {
+    Ok(read_certs(ca)?
+        .iter()
+        .map(not_after_der)
+        .collect::<Option<Vec<i64>>>()
+        .and_then(|all| all.into_iter().min()))
+}
+
+/// Records when the `cert` certificate (`client`, `link`, or the CAs `client_ca`, `link_ca`)
+/// expires, as the
 /// `confab_tls_cert_expiry_timestamp_seconds{cert}` gauge, for an alert well before it does;
 /// and logs a warning if that is within 14 days, an error if it has passed (new handshakes with
 /// it then fail). Call it once a certificate is in use: at start and after each reload.

@@ -68,6 +68,13 @@ async fn link_certificates_replaced_and_reloaded_make_the_next_links_and_report_
     let ops = a.metrics_addr.expect("test nodes serve metrics");
     let (_, _, text_before) = http_get(ops, "/metrics").await;
     assert_eq!(metric(&text_before, expiry), new_year(2090), "{expiry}");
+    // The CA's own expiry too (rcgen's default for the test CAs: 4096-01-01).
+    let ca_expiry = "confab_tls_cert_expiry_timestamp_seconds{cert=\"link_ca\"}";
+    assert_eq!(
+        metric(&text_before, ca_expiry),
+        new_year(4096),
+        "{ca_expiry}"
+    );
 
     // A new certificate and key that load, but a CA file that does not: the reload says so,
     // and the old set stays in force, the gauge still naming the old certificate.
@@ -162,11 +169,15 @@ async fn the_client_port_certificate_expiry_is_exported_and_follows_a_reload() {
     let mut tls = pki.node_tls();
     tls.cert_file = cert.clone();
     tls.key_file = key.clone();
+    tls.client_ca_file = Some(pki.ca.clone());
     let node = start_node(|s| s.tls = Some(tls));
     let expiry = "confab_tls_cert_expiry_timestamp_seconds{cert=\"client\"}";
     let ops = node.metrics_addr.expect("test nodes serve metrics");
     let (_, _, text) = http_get(ops, "/metrics").await;
     assert_eq!(metric(&text, expiry), new_year(2091), "{expiry}");
+    // The client CA's (rcgen's default for the test CA: 4096-01-01).
+    let ca_expiry = "confab_tls_cert_expiry_timestamp_seconds{cert=\"client_ca\"}";
+    assert_eq!(metric(&text, ca_expiry), new_year(4096), "{ca_expiry}");
     pki.issue_server_until(&cert, &key, 2092);
     let report = node.reload().expect("the settings load");
     assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");

@@ -50,13 +50,17 @@ fn main() -> anyhow::Result<()> {
         // the operator running the check hears of it.
         let mut expiring = Vec::new();
         if let Some(tls) = &settings.tls {
-            let not_after = confab_actors::tls::ServerTls::load(tls)?.not_after();
-            expiring.push(("tls.cert_file", not_after));
+            let tls = confab_actors::tls::ServerTls::load(tls)?;
+            expiring.push(("tls.cert_file", tls.not_after()));
+            if let Some(ca) = tls.client_ca_not_after() {
+                expiring.push(("tls.client_ca_file", ca));
+            }
         }
         if let Some(cluster) = &settings.cluster
             && let Some(link) = confab_cluster::direct::LinkTls::from_settings(cluster)?
         {
             expiring.push(("cluster.link_tls_cert_file", link.not_after()));
+            expiring.push(("cluster.link_tls_ca_file", link.ca_not_after()));
         }
         for (key, not_after) in expiring {
             if let Some(problem) = confab_actors::tls::expiry_problem(not_after) {

@@ -55,6 +55,8 @@ struct Configs {
     acceptor: TlsAcceptor,
     /// When the certificate they present expires (Unix seconds), if it can be read.
     not_after: Option<i64>,
+    /// When the first certificate of the link CA file expires.
+    ca_not_after: Option<i64>,
 }
 
 impl std::fmt::Debug for LinkTls {
@@ -78,7 +80,7 @@ impl LinkTls {
             ca: PathBuf::from(&cfg.link_tls_ca_file),
         };
         let configs = files.load()?;
-        tls::record_expiry("link", configs.not_after);
+        configs.record_expiry();
         Ok(Some(LinkTls {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(configs))),
@@ -92,7 +94,7 @@ impl LinkTls {
             Ok(configs) => {
                 let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
                 // Under the lock: the gauge names the certificate now in use.
-                tls::record_expiry("link", configs.not_after);
+                configs.record_expiry();
                 *current = Arc::new(configs);
                 drop(current);
                 metrics::counter!(m::CLUSTER_LINK_TLS_RELOADS, "result" => "ok").increment(1);
@@ -112,11 +114,24 @@ impl LinkTls {
         self.configs().not_after
     }
 
+    /// When the link CA in use expires (its first certificate to), if it can be read.
+    pub fn ca_not_after(&self) -> Option<i64> {
+        self.configs().ca_not_after
+    }
+
     fn configs(&self) -> Arc<Configs> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+impl Configs {
+    /// The expiry gauges of the certificate and the CA these were made from.
+    fn record_expiry(&self) {
+        tls::record_expiry("link", self.not_after);
+        tls::record_expiry("link_ca", self.ca_not_after);
     }
 }
 
@@ -132,6 +147,7 @@ impl LinkTlsFiles {
         let ca = file("cluster.link_tls_ca_file", &self.ca);
         let certified = tls::certified_key(cert, key)?;
         let not_after = tls::not_after_of(&certified);
+        let ca_not_after = tls::ca_not_after(ca)?;
         let mine = Arc::new(SingleCertAndKey::from(certified));
         let provider = tls::provider();
         let config_err = |e: rustls::Error| TlsError::Config {
@@ -155,6 +171,7 @@ impl LinkTlsFiles {
             connector: TlsConnector::from(Arc::new(client)),
             acceptor: TlsAcceptor::from(Arc::new(server)),
             not_after,
+            ca_not_after,
         })
     }
 }

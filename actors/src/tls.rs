@@ -4,9 +4,11 @@
 //! - TLS 1.2 and 1.3 only; resumption by session tickets (and a session cache for TLS 1.2
 //!   clients without tickets), so a reconnecting client skips the full handshake.
 //! - With `client_ca_file`, every client must present a certificate that CA signed.
-//! - The certificate and key are read at start (a bad file stops the node) and again by
-//!   [`ServerTls::reload`] (SIGHUP): a new pair that does not load is reported and the old one
-//!   kept; connections already open are not touched, new handshakes use the new pair.
+//! - The certificate and key, and the client CA, are read at start (a bad file stops the
+//!   node) and again by [`ServerTls::reload`] (SIGHUP): a set that does not load is reported
+//!   and the old one kept; connections already open are not touched, new handshakes use the
+//!   new set. A new client CA makes a new configuration (the verifier is built into it); it
+//!   shares the ticketer and session cache, so resumption survives the reload.
 //!
 //! The PEM readers and the provider are public: the cluster's direct links
 //! (`cluster.link_tls_*`) build their own configurations from the same pieces.
@@ -63,11 +65,16 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The client port's TLS: the acceptor handshakes use, and the certificate it presents.
 pub struct ServerTls {
-    acceptor: TlsAcceptor,
+    /// Swapped whole when a reload reads a new client CA (`client_ca_file`).
+    acceptor: RwLock<TlsAcceptor>,
     cert: Arc<ReloadableCert>,
     cfg: settings::Tls,
-    /// When `client_ca_file`'s first certificate expires (read at start, as the verifier is).
-    client_ca_not_after: Option<Option<i64>>,
+    /// What every configuration of this port shares, so that session tickets and cached
+    /// sessions stay valid across a reload.
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    /// When `client_ca_file`'s first certificate expires, as last read (None without one).
+    client_ca_not_after: RwLock<Option<Option<i64>>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -78,40 +85,30 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+fn config_err(e: rustls::Error) -> TlsError {
+    TlsError::Config {
+        key: "tls",
+        reason: e.to_string(),
+    }
+}
+
 impl ServerTls {
     /// Reads the files named by `cfg` and builds the server configuration.
     pub fn load(cfg: &settings::Tls) -> Result<ServerTls, TlsError> {
         let cert = Arc::new(ReloadableCert {
             current: RwLock::new(Arc::new(node_certified_key(cfg)?)),
         });
-        let provider = self::provider();
-        let config_err = |e: rustls::Error| TlsError::Config {
-            key: "tls",
-            reason: e.to_string(),
-        };
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(config_err)?;
-        let mut client_ca_not_after = None;
-        let builder = match &cfg.client_ca_file {
-            None => builder.with_no_client_auth(),
-            Some(path) => {
-                let ca = PemFile {
-                    key: "tls.client_ca_file",
-                    path,
-                };
-                client_ca_not_after = Some(ca_not_after(ca)?);
-                builder.with_client_cert_verifier(client_verifier(ca, provider)?)
-            }
-        };
-        let mut config = builder.with_cert_resolver(cert.clone());
-        config.ticketer = provider::Ticketer::new().map_err(config_err)?;
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+        let ticketer = provider::Ticketer::new().map_err(config_err)?;
+        let sessions = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+        let (acceptor, client_ca_not_after) =
+            acceptor(cfg, cert.clone(), ticketer.clone(), sessions.clone())?;
         Ok(ServerTls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor: RwLock::new(acceptor),
             cert,
             cfg: cfg.clone(),
-            client_ca_not_after,
+            ticketer,
+            sessions,
+            client_ca_not_after: RwLock::new(client_ca_not_after),
         })
     }
 
@@ -119,7 +116,7 @@ impl ServerTls {
     /// the node's metrics recorder is installed; a reload records its own.
     pub fn record_expiry(&self) {
         record_expiry("client", self.not_after());
-        if let Some(ca) = self.client_ca_not_after {
+        if let Some(ca) = self.client_ca_not_after() {
             record_expiry("client_ca", ca);
         }
     }
@@ -127,7 +124,10 @@ impl ServerTls {
     /// When the client CA (`client_ca_file`) expires, if there is one: Some(None) if it cannot
     /// be read.
     pub fn client_ca_not_after(&self) -> Option<Option<i64>> {
-        self.client_ca_not_after
+        *self
+            .client_ca_not_after
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// When the certificate in use expires (Unix seconds), if it can be read.
@@ -139,24 +139,20 @@ impl ServerTls {
         not_after_of(&current)
     }
 
-    pub fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    /// The acceptor for the next handshake (a cheap clone: it shares its configuration).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// Reads the certificate and key again; on success new handshakes present them, on
-    /// failure the old pair stays and the error says why. Counted in
-    /// `confab_tls_reloads_total{result}`.
+    /// Reads the certificate and key again, and the client CA when there is one; on success
+    /// new handshakes use them, on failure everything stays as it was and the error says why.
+    /// Connections already open are not touched. Counted in `confab_tls_reloads_total{result}`.
     pub fn reload(&self) -> Result<(), TlsError> {
-        match node_certified_key(&self.cfg) {
-            Ok(key) => {
-                let not_after = not_after_of(&key);
-                let mut current = match self.cert.current.write() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
-                *current = Arc::new(key);
-                // Under the lock: the gauge names the certificate now in use.
-                record_expiry("client", not_after);
+        match self.read_again() {
+            Ok(()) => {
                 metrics::counter!(m::TLS_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(cert_file = %self.cfg.cert_file.display(), "TLS certificate reloaded");
                 Ok(())
@@ -168,6 +164,68 @@ impl ServerTls {
             }
         }
     }
+
+    /// Everything is read before anything is swapped, so a file that does not load changes
+    /// nothing.
+    fn read_again(&self) -> Result<(), TlsError> {
+        let key = node_certified_key(&self.cfg)?;
+        let rebuilt = match self.cfg.client_ca_file {
+            None => None,
+            Some(_) => Some(acceptor(
+                &self.cfg,
+                self.cert.clone(),
+                self.ticketer.clone(),
+                self.sessions.clone(),
+            )?),
+        };
+        let not_after = not_after_of(&key);
+        let mut current = self.cert.current.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(key);
+        // Under the lock: the gauges name what is now in use.
+        record_expiry("client", not_after);
+        if let Some((acceptor, ca)) = rebuilt {
+            *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+            *self
+                .client_ca_not_after
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = ca;
+            if let Some(ca) = ca {
+                record_expiry("client_ca", ca);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client port's acceptor as `cfg` sets it: TLS 1.2 and 1.3, the certificate `cert`
+/// resolves, the client CA read now when there is one (and when it expires), and the shared
+/// ticketer and session cache.
+fn acceptor(
+    cfg: &settings::Tls,
+    cert: Arc<ReloadableCert>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+) -> Result<(TlsAcceptor, Option<Option<i64>>), TlsError> {
+    let provider = self::provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(config_err)?;
+    let mut client_ca_not_after = None;
+    let builder = match &cfg.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let ca = PemFile {
+                key: "tls.client_ca_file",
+                path,
+            };
+            client_ca_not_after = Some(ca_not_after(ca)?);
+            builder.with_client_cert_verifier(client_verifier(ca, provider)?)
+        }
+    };
+    let mut config = builder.with_cert_resolver(cert);
+    config.ticketer = ticketer;
+    config.session_storage = sessions;
+    Ok((TlsAcceptor::from(Arc::new(config)), client_ca_not_after))
 }
 
 /// The certificate the node presents, swapped whole by a reload.

@@ -195,16 +195,33 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
     assert!(connect(node.addr, ALICE, trusting(&pki)).await.is_err());
 
     // With the CA's client certificate (rustls directly), the hello gets its welcome.
-    let mut roots = rustls::RootCertStore::empty();
+    let answer = mutual_hello(node.addr, &pki.ca, &pki.client_cert, &pki.client_key).await;
+    assert!(
+        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        "{answer:?}"
+    );
+}
+
+/// A hello over TLS with the client certificate `cert` (and its `key`), trusting `ca` for the
+/// node's: the first frame the node answers, or why there was none (a refused certificate
+/// shows as the handshake or the first read failing).
+async fn mutual_hello(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ServerMsg, String> {
     use rustls_pki_types::pem::PemObject;
-    for ca in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(ca.unwrap()).unwrap();
     }
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&pki.client_cert)
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -213,12 +230,11 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .unwrap();
-    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        .map_err(|e| format!("handshake: {e}"))?;
     let hello = ClientMsg::Hello {
         resume: None,
         rid: Some(1),
@@ -228,16 +244,57 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
         device: "mutual".to_owned(),
         agent: None,
     };
-    tls.write_all(&frame(&hello)).await.unwrap();
+    tls.write_all(&frame(&hello))
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut len = [0u8; 4];
-    tls.read_exact(&mut len).await.unwrap();
+    tls.read_exact(&mut len)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    tls.read_exact(&mut body).await.unwrap();
+    tls.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    decode_server(&body).map_err(|e| format!("decode: {e}"))
+}
+
+#[tokio::test]
+async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_ones() {
+    let old = Pki::new("old clients");
+    let new = Pki::new("new clients");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("client-ca.pem");
+    std::fs::copy(&old.ca, &ca).unwrap();
+    // The node's own certificate is the old PKI's; only the client CA changes.
+    let node = tls_node(&old, |t| t.client_ca_file = Some(ca.clone()));
+    let hello = |pki: &Pki| {
+        let (addr, ca, cert, key) = (
+            node.addr,
+            old.ca.clone(),
+            pki.client_cert.clone(),
+            pki.client_key.clone(),
+        );
+        async move { mutual_hello(addr, &ca, &cert, &key).await }
+    };
+    assert!(matches!(hello(&old).await, Ok(ServerMsg::Welcome { .. })));
+    assert!(hello(&new).await.is_err(), "another CA's client");
+
+    // A CA file that does not load: refused, and the old CA stays.
+    std::fs::write(&ca, "not a CA").unwrap();
+    let report = node.reload().expect("the settings load");
+    assert!(report.failed.iter().any(|f| f.what == "tls"), "{report:?}");
+    assert!(matches!(hello(&old).await, Ok(ServerMsg::Welcome { .. })));
+
+    // The new CA in place: its clients get in, the old CA's no longer do.
+    std::fs::copy(&new.ca, &ca).unwrap();
+    let report = node.reload().expect("the settings load");
+    assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");
+    let answer = hello(&new).await;
     assert!(
-        matches!(decode_server(&body), Ok(ServerMsg::Welcome { .. })),
-        "{:?}",
-        decode_server(&body)
+        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        "{answer:?}"
     );
+    assert!(hello(&old).await.is_err(), "the old CA's client");
 }
 
 #[tokio::test]

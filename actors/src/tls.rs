@@ -7,8 +7,9 @@
 //! - The certificate and key, and the client CA, are read at start (a bad file stops the
 //!   node) and again by [`ServerTls::reload`] (SIGHUP): a set that does not load is reported
 //!   and the old one kept; connections already open are not touched, new handshakes use the
-//!   new set. A new client CA makes a new configuration (the verifier is built into it); it
-//!   shares the ticketer and session cache, so resumption survives the reload.
+//!   new set. A new client CA makes a new configuration (the verifier is built into it), with
+//!   a new ticketer and session cache: a resumed session skips the client certificate check,
+//!   so a client of a CA just removed must not resume.
 //!
 //! The PEM readers and the provider are public: the cluster's direct links
 //! (`cluster.link_tls_*`) build their own configurations from the same pieces.
@@ -69,10 +70,6 @@ pub struct ServerTls {
     acceptor: RwLock<TlsAcceptor>,
     cert: Arc<ReloadableCert>,
     cfg: settings::Tls,
-    /// What every configuration of this port shares, so that session tickets and cached
-    /// sessions stay valid across a reload.
-    ticketer: Arc<dyn rustls::server::ProducesTickets>,
-    sessions: Arc<dyn rustls::server::StoresServerSessions>,
     /// When `client_ca_file`'s first certificate expires, as last read (None without one).
     client_ca_not_after: RwLock<Option<Option<i64>>>,
 }
@@ -98,16 +95,11 @@ impl ServerTls {
         let cert = Arc::new(ReloadableCert {
             current: RwLock::new(Arc::new(node_certified_key(cfg)?)),
         });
-        let ticketer = provider::Ticketer::new().map_err(config_err)?;
-        let sessions = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
-        let (acceptor, client_ca_not_after) =
-            acceptor(cfg, cert.clone(), ticketer.clone(), sessions.clone())?;
+        let (acceptor, client_ca_not_after) = acceptor(cfg, cert.clone())?;
         Ok(ServerTls {
             acceptor: RwLock::new(acceptor),
             cert,
             cfg: cfg.clone(),
-            ticketer,
-            sessions,
             client_ca_not_after: RwLock::new(client_ca_not_after),
         })
     }
@@ -171,12 +163,7 @@ impl ServerTls {
         let key = node_certified_key(&self.cfg)?;
         let rebuilt = match self.cfg.client_ca_file {
             None => None,
-            Some(_) => Some(acceptor(
-                &self.cfg,
-                self.cert.clone(),
-                self.ticketer.clone(),
-                self.sessions.clone(),
-            )?),
+            Some(_) => Some(acceptor(&self.cfg, self.cert.clone())?),
         };
         let not_after = not_after_of(&key);
         let mut current = self.cert.current.write().unwrap_or_else(|p| p.into_inner());
@@ -198,13 +185,14 @@ impl ServerTls {
 }
 
 /// The client port's acceptor as `cfg` sets it: TLS 1.2 and 1.3, the certificate `cert`
-/// resolves, the client CA read now when there is one (and when it expires), and the shared
-/// ticketer and session cache.
+/// resolves, the client CA read now when there is one (and when it expires), and a ticketer
+/// and session cache of its own. Its own, not the previous configuration's: a resumed session
+/// skips the client certificate check, so a client the old CA let in must not resume past a
+/// new CA that would refuse it. After a client CA is reloaded, every client makes one full
+/// handshake.
 fn acceptor(
     cfg: &settings::Tls,
     cert: Arc<ReloadableCert>,
-    ticketer: Arc<dyn rustls::server::ProducesTickets>,
-    sessions: Arc<dyn rustls::server::StoresServerSessions>,
 ) -> Result<(TlsAcceptor, Option<Option<i64>>), TlsError> {
     let provider = self::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -223,8 +211,8 @@ fn acceptor(
         }
     };
     let mut config = builder.with_cert_resolver(cert);
-    config.ticketer = ticketer;
-    config.session_storage = sessions;
+    config.ticketer = provider::Ticketer::new().map_err(config_err)?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     Ok((TlsAcceptor::from(Arc::new(config)), client_ca_not_after))
 }
 

@@ -195,24 +195,23 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
     assert!(connect(node.addr, ALICE, trusting(&pki)).await.is_err());
 
     // With the CA's client certificate (rustls directly), the hello gets its welcome.
-    let answer = mutual_hello(node.addr, &pki.ca, &pki.client_cert, &pki.client_key).await;
+    let config = mutual_config(&pki.ca, &pki.client_cert, &pki.client_key);
+    let answer = mutual_hello(node.addr, config).await;
     assert!(
         matches!(answer, Ok(ServerMsg::Welcome { .. })),
         "{answer:?}"
     );
 }
 
-/// A hello over TLS with the client certificate `cert` (and its `key`), trusting `ca` for the
-/// node's: the first frame the node answers, or why there was none (a refused certificate
-/// shows as the handshake or the first read failing).
-async fn mutual_hello(
-    addr: SocketAddr,
+/// A client configuration (rustls directly: the library presents no certificate) with the
+/// client certificate `cert` and its `key`, trusting `ca` for the node's. It keeps its
+/// sessions: a second hello with it tries to resume the first's.
+fn mutual_config(
     ca: &std::path::Path,
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<ServerMsg, String> {
+) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut roots = rustls::RootCertStore::empty();
     for ca in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(ca.unwrap()).unwrap();
@@ -230,8 +229,18 @@ async fn mutual_hello(
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .unwrap();
+    Arc::new(config)
+}
+
+/// A hello over TLS with `config`: the first frame the node answers, or why there was none (a
+/// refused certificate shows as the handshake or the first read failing).
+async fn mutual_hello(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<ServerMsg, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -267,34 +276,40 @@ async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_
     std::fs::copy(&old.ca, &ca).unwrap();
     // The node's own certificate is the old PKI's; only the client CA changes.
     let node = tls_node(&old, |t| t.client_ca_file = Some(ca.clone()));
-    let hello = |pki: &Pki| {
-        let (addr, ca, cert, key) = (
-            node.addr,
-            old.ca.clone(),
-            pki.client_cert.clone(),
-            pki.client_key.clone(),
-        );
-        async move { mutual_hello(addr, &ca, &cert, &key).await }
-    };
-    assert!(matches!(hello(&old).await, Ok(ServerMsg::Welcome { .. })));
-    assert!(hello(&new).await.is_err(), "another CA's client");
+    // Each client keeps its configuration, and with it its sessions: the old CA's client
+    // tries to resume the session it had once the CA is gone.
+    let old_client = mutual_config(&old.ca, &old.client_cert, &old.client_key);
+    let new_client = mutual_config(&old.ca, &new.client_cert, &new.client_key);
+    let hello = |config: &Arc<rustls::ClientConfig>| mutual_hello(node.addr, config.clone());
+    let answer = hello(&old_client).await;
+    assert!(
+        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        "{answer:?}"
+    );
+    assert!(hello(&new_client).await.is_err(), "another CA's client");
 
     // A CA file that does not load: refused, and the old CA stays.
     std::fs::write(&ca, "not a CA").unwrap();
     let report = node.reload().expect("the settings load");
     assert!(report.failed.iter().any(|f| f.what == "tls"), "{report:?}");
-    assert!(matches!(hello(&old).await, Ok(ServerMsg::Welcome { .. })));
-
-    // The new CA in place: its clients get in, the old CA's no longer do.
-    std::fs::copy(&new.ca, &ca).unwrap();
-    let report = node.reload().expect("the settings load");
-    assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");
-    let answer = hello(&new).await;
+    let answer = hello(&old_client).await;
     assert!(
         matches!(answer, Ok(ServerMsg::Welcome { .. })),
         "{answer:?}"
     );
-    assert!(hello(&old).await.is_err(), "the old CA's client");
+
+    // The new CA in place: its clients get in, the old CA's no longer do, not even by
+    // resuming a session the node gave it before.
+    std::fs::copy(&new.ca, &ca).unwrap();
+    let report = node.reload().expect("the settings load");
+    assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");
+    let answer = hello(&new_client).await;
+    assert!(
+        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        "{answer:?}"
+    );
+    let answer = hello(&old_client).await;
+    assert!(answer.is_err(), "the old CA's client, resuming: {answer:?}");
 }
 
 #[tokio::test]

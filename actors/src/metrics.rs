@@ -161,8 +161,8 @@ pub fn describe_all() {
     );
     describe_counter!(
         TLS_RELOADS,
-        "Reloads of the TLS certificate (SIGHUP), by result (ok; failed: the old one stays); 0 \
-         without [tls]"
+        "Reloads of the client port's TLS certificate, key and client CA (SIGHUP, POST \
+         /admin/reload), by result (ok; failed: the old ones stay); 0 without [tls]"
     );
     describe_counter!(
         CLUSTER_LINK_TLS_RELOADS,

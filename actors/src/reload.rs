@@ -99,6 +99,9 @@ pub struct Reloadables {
     pub reloader: OnceLock<Reloader>,
     /// The cluster, once joined: its own files (link TLS) are read again with the node's.
     pub link: OnceLock<Arc<dyn Link>>,
+    /// Held for a whole reload: a SIGHUP and `POST /admin/reload` at once must not interleave,
+    /// or the one that read the files first could swap them in last.
+    reloading: Mutex<()>,
 }
 
 impl Reloadables {
@@ -116,12 +119,14 @@ impl Reloadables {
             admin_token,
             reloader: OnceLock::new(),
             link: OnceLock::new(),
+            reloading: Mutex::new(()),
         }
     }
 
     /// Reloads: the settings (when the binary said how) and the files. `Err` when the
     /// settings do not load: then nothing changed.
     pub fn reload(&self) -> Result<ReloadReport, String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = ReloadReport::default();
         if let Some(r) = self.reloader.get() {
             let new = (r.load)()?;

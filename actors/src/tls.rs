@@ -70,8 +70,9 @@ pub struct ServerTls {
     acceptor: RwLock<TlsAcceptor>,
     cert: Arc<ReloadableCert>,
     cfg: settings::Tls,
-    /// When `client_ca_file`'s first certificate expires, as last read (None without one).
-    client_ca_not_after: RwLock<Option<Option<i64>>>,
+    /// `client_ca_file`'s certificates as last read (None without one): a reload rebuilds
+    /// the configuration only when they changed (a rebuild ends session resumption).
+    client_ca: RwLock<Option<Vec<CertificateDer<'static>>>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -95,12 +96,13 @@ impl ServerTls {
         let cert = Arc::new(ReloadableCert {
             current: RwLock::new(Arc::new(node_certified_key(cfg)?)),
         });
-        let (acceptor, client_ca_not_after) = acceptor(cfg, cert.clone())?;
+        let client_ca = client_ca_certs(cfg)?;
+        let acceptor = acceptor(cert.clone(), client_ca.as_deref())?;
         Ok(ServerTls {
             acceptor: RwLock::new(acceptor),
             cert,
             cfg: cfg.clone(),
-            client_ca_not_after: RwLock::new(client_ca_not_after),
+            client_ca: RwLock::new(client_ca),
         })
     }
 
@@ -116,10 +118,11 @@ impl ServerTls {
     /// When the client CA (`client_ca_file`) expires, if there is one: Some(None) if it cannot
     /// be read.
     pub fn client_ca_not_after(&self) -> Option<Option<i64>> {
-        *self
-            .client_ca_not_after
+        self.client_ca
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .map(earliest_not_after)
     }
 
     /// When the certificate in use expires (Unix seconds), if it can be read.
@@ -151,7 +154,7 @@ impl ServerTls {
             }
             Err(e) => {
                 metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
-                tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays");
+                tracing::error!(error = %e, "TLS files not reloaded; the old certificate and CA stay");
                 Err(e)
             }
         }
@@ -161,59 +164,73 @@ impl ServerTls {
     /// nothing.
     fn read_again(&self) -> Result<(), TlsError> {
         let key = node_certified_key(&self.cfg)?;
-        let rebuilt = match self.cfg.client_ca_file {
-            None => None,
-            Some(_) => Some(acceptor(&self.cfg, self.cert.clone())?),
+        let client_ca = client_ca_certs(&self.cfg)?;
+        let changed = *self.client_ca.read().unwrap_or_else(|p| p.into_inner()) != client_ca;
+        // Only a new CA rebuilds: the rebuilt configuration's new tickets make every client
+        // handshake in full once, which a reload for another file should not cost.
+        let rebuilt = match changed {
+            true => Some(acceptor(self.cert.clone(), client_ca.as_deref())?),
+            false => None,
         };
         let not_after = not_after_of(&key);
         let mut current = self.cert.current.write().unwrap_or_else(|p| p.into_inner());
         *current = Arc::new(key);
         // Under the lock: the gauges name what is now in use.
         record_expiry("client", not_after);
-        if let Some((acceptor, ca)) = rebuilt {
+        if let Some(acceptor) = rebuilt {
             *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
-            *self
-                .client_ca_not_after
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = ca;
-            if let Some(ca) = ca {
-                record_expiry("client_ca", ca);
+            if let Some(certs) = &client_ca {
+                record_expiry("client_ca", earliest_not_after(certs));
             }
+            *self.client_ca.write().unwrap_or_else(|p| p.into_inner()) = client_ca;
         }
         Ok(())
     }
 }
 
-/// The client port's acceptor as `cfg` sets it: TLS 1.2 and 1.3, the certificate `cert`
-/// resolves, the client CA read now when there is one (and when it expires), and a ticketer
-/// and session cache of its own. Its own, not the previous configuration's: a resumed session
-/// skips the client certificate check, so a client the old CA let in must not resume past a
-/// new CA that would refuse it. After a client CA is reloaded, every client makes one full
-/// handshake.
+/// `tls.client_ca_file`'s certificates, read now (None without one).
+fn client_ca_certs(cfg: &settings::Tls) -> Result<Option<Vec<CertificateDer<'static>>>, TlsError> {
+    cfg.client_ca_file
+        .as_deref()
+        .map(|path| {
+            read_certs(PemFile {
+                key: "tls.client_ca_file",
+                path,
+            })
+        })
+        .transpose()
+}
+
+/// The client port's acceptor: TLS 1.2 and 1.3, the certificate `cert` resolves, clients
+/// verified against `client_ca` when given, and a ticketer and session cache of its own. Its
+/// own, not the previous configuration's: a resumed session skips the client certificate
+/// check, so a client the old CA let in must not resume past a new CA that would refuse it.
+/// After a new client CA is reloaded, every client makes one full handshake.
 fn acceptor(
-    cfg: &settings::Tls,
     cert: Arc<ReloadableCert>,
-) -> Result<(TlsAcceptor, Option<Option<i64>>), TlsError> {
+    client_ca: Option<&[CertificateDer<'static>]>,
+) -> Result<TlsAcceptor, TlsError> {
     let provider = self::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(config_err)?;
-    let mut client_ca_not_after = None;
-    let builder = match &cfg.client_ca_file {
+    let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let ca = PemFile {
-                key: "tls.client_ca_file",
-                path,
-            };
-            client_ca_not_after = Some(ca_not_after(ca)?);
-            builder.with_client_cert_verifier(client_verifier(ca, provider)?)
+        Some(certs) => {
+            let roots = roots_of("tls.client_ca_file", certs)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Config {
+                    key: "tls.client_ca_file",
+                    reason: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder.with_cert_resolver(cert);
     config.ticketer = provider::Ticketer::new().map_err(config_err)?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
-    Ok((TlsAcceptor::from(Arc::new(config)), client_ca_not_after))
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The certificate the node presents, swapped whole by a reload.
@@ -250,11 +267,16 @@ fn not_after_der(cert: &CertificateDer<'_>) -> Option<i64> {
 /// When the first of the CA certificates in `ca` expires (every chain through it then fails);
 /// None if one cannot be read.
 pub fn ca_not_after(ca: PemFile<'_>) -> Result<Option<i64>, TlsError> {
-    Ok(read_certs(ca)?
+    Ok(earliest_not_after(&read_certs(ca)?))
+}
+
+/// When the first of `certs` expires; None if one cannot be read.
+fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
+    certs
         .iter()
         .map(not_after_der)
         .collect::<Option<Vec<i64>>>()
-        .and_then(|all| all.into_iter().min()))
+        .and_then(|all| all.into_iter().min())
 }
 
 /// Records when the `cert` certificate (`client`, `link`, or the CAs `client_ca`, `link_ca`)
@@ -384,10 +406,18 @@ pub fn client_verifier(
 
 /// The CA certificates of `ca`, as trust anchors.
 pub fn roots(ca: PemFile<'_>) -> Result<rustls::RootCertStore, TlsError> {
+    roots_of(ca.key, &read_certs(ca)?)
+}
+
+/// `certs` as trust anchors (`key`, the setting they came from, names an error).
+fn roots_of(
+    key: &'static str,
+    certs: &[CertificateDer<'static>],
+) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(ca)? {
-        roots.add(cert).map_err(|e| TlsError::Config {
-            key: ca.key,
+    for cert in certs {
+        roots.add(cert.clone()).map_err(|e| TlsError::Config {
+            key,
             reason: e.to_string(),
         })?;
     }

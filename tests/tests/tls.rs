@@ -198,7 +198,7 @@ async fn with_a_client_ca_only_clients_with_its_certificate_get_in() {
     let config = mutual_config(&pki.ca, &pki.client_cert, &pki.client_key);
     let answer = mutual_hello(node.addr, config).await;
     assert!(
-        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, _))),
         "{answer:?}"
     );
 }
@@ -232,12 +232,13 @@ fn mutual_config(
     Arc::new(config)
 }
 
-/// A hello over TLS with `config`: the first frame the node answers, or why there was none (a
-/// refused certificate shows as the handshake or the first read failing).
+/// A hello over TLS with `config`: the first frame the node answers and whether the TLS session
+/// was a resumed one, or why there was no answer (a refused certificate shows as the handshake
+/// or the first read failing).
 async fn mutual_hello(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
-) -> Result<ServerMsg, String> {
+) -> Result<(ServerMsg, bool), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config)
@@ -264,7 +265,9 @@ async fn mutual_hello(
     tls.read_exact(&mut body)
         .await
         .map_err(|e| format!("read: {e}"))?;
-    decode_server(&body).map_err(|e| format!("decode: {e}"))
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let answer = decode_server(&body).map_err(|e| format!("decode: {e}"))?;
+    Ok((answer, resumed))
 }
 
 #[tokio::test]
@@ -283,19 +286,29 @@ async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_
     let hello = |config: &Arc<rustls::ClientConfig>| mutual_hello(node.addr, config.clone());
     let answer = hello(&old_client).await;
     assert!(
-        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, _))),
         "{answer:?}"
     );
     assert!(hello(&new_client).await.is_err(), "another CA's client");
 
-    // A CA file that does not load: refused, and the old CA stays.
+    // A CA file that does not load: refused, and the old CA stays (and the old client's
+    // session with it: it resumes, which the last step relies on).
     std::fs::write(&ca, "not a CA").unwrap();
     let report = node.reload().expect("the settings load");
     assert!(report.failed.iter().any(|f| f.what == "tls"), "{report:?}");
     let answer = hello(&old_client).await;
     assert!(
-        matches!(answer, Ok(ServerMsg::Welcome { .. })),
-        "{answer:?}"
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, true))),
+        "resumed: {answer:?}"
+    );
+    // The same CA again (a reload for another file): nothing rebuilt, sessions still resume.
+    std::fs::copy(&old.ca, &ca).unwrap();
+    let report = node.reload().expect("the settings load");
+    assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");
+    let answer = hello(&old_client).await;
+    assert!(
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, true))),
+        "resumed: {answer:?}"
     );
 
     // The new CA in place: its clients get in, the old CA's no longer do, not even by
@@ -305,7 +318,7 @@ async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_
     assert!(report.reloaded.iter().any(|r| r == "tls"), "{report:?}");
     let answer = hello(&new_client).await;
     assert!(
-        matches!(answer, Ok(ServerMsg::Welcome { .. })),
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, _))),
         "{answer:?}"
     );
     let answer = hello(&old_client).await;

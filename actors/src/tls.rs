@@ -146,18 +146,12 @@ impl ServerTls {
     /// new handshakes use them, on failure everything stays as it was and the error says why.
     /// Connections already open are not touched. Counted in `confab_tls_reloads_total{result}`.
     pub fn reload(&self) -> Result<(), TlsError> {
-        match self.read_again() {
-            Ok(()) => {
-                metrics::counter!(m::TLS_RELOADS, "result" => "ok").increment(1);
-                tracing::info!(cert_file = %self.cfg.cert_file.display(), "TLS certificate reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
-                tracing::error!(error = %e, "TLS files not reloaded; the old certificate and CA stay");
-                Err(e)
-            }
-        }
+        reload_outcome(
+            m::TLS_RELOADS,
+            "client",
+            &self.cfg.cert_file,
+            self.read_again(),
+        )
     }
 
     /// Everything is read before anything is swapped, so a file that does not load changes
@@ -188,6 +182,27 @@ impl ServerTls {
     }
 }
 
+/// Counts a reload of TLS files in `counter` and logs it: `files` says which (`client`,
+/// `link`), `cert_file` where the certificate came from. The old files stay on an error.
+pub fn reload_outcome(
+    counter: &'static str,
+    files: &'static str,
+    cert_file: &Path,
+    result: Result<(), TlsError>,
+) -> Result<(), TlsError> {
+    match &result {
+        Ok(()) => {
+            metrics::counter!(counter, "result" => "ok").increment(1);
+            tracing::info!(files, cert_file = %cert_file.display(), "TLS files reloaded");
+        }
+        Err(e) => {
+            metrics::counter!(counter, "result" => "failed").increment(1);
+            tracing::error!(files, error = %e, "TLS files not reloaded; the old ones stay");
+        }
+    }
+    result
+}
+
 /// `tls.client_ca_file`'s certificates, read now (None without one).
 fn client_ca_certs(cfg: &settings::Tls) -> Result<Option<Vec<CertificateDer<'static>>>, TlsError> {
     cfg.client_ca_file
@@ -216,16 +231,11 @@ fn acceptor(
         .map_err(config_err)?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(certs) => {
-            let roots = roots_of("tls.client_ca_file", certs)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Config {
-                    key: "tls.client_ca_file",
-                    reason: e.to_string(),
-                })?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(certs) => builder.with_client_cert_verifier(client_verifier(
+            "tls.client_ca_file",
+            certs,
+            provider,
+        )?),
     };
     let mut config = builder.with_cert_resolver(cert);
     config.ticketer = provider::Ticketer::new().map_err(config_err)?;
@@ -264,14 +274,9 @@ fn not_after_der(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(parsed.validity().not_after.timestamp())
 }
 
-/// When the first of the CA certificates in `ca` expires (every chain through it then fails);
+/// When the first of `certs` expires (for a CA file: every chain through it then fails);
 /// None if one cannot be read.
-pub fn ca_not_after(ca: PemFile<'_>) -> Result<Option<i64>, TlsError> {
-    Ok(earliest_not_after(&read_certs(ca)?))
-}
-
-/// When the first of `certs` expires; None if one cannot be read.
-fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
+pub fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
     certs
         .iter()
         .map(not_after_der)
@@ -390,27 +395,23 @@ pub fn certified_key(cert: PemFile<'_>, key: PemFile<'_>) -> Result<CertifiedKey
     Ok(certified)
 }
 
-/// A verifier of the other side's certificate: it must chain to a CA of `ca` (and be valid
-/// for a client: its names are not checked here).
+/// A verifier of the other side's certificate: it must chain to one of the CA certificates
+/// `ca` (read from the setting `key`; valid for a client: its names are not checked here).
 pub fn client_verifier(
-    ca: PemFile<'_>,
+    key: &'static str,
+    ca: &[CertificateDer<'static>],
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots_of(key, ca)?), provider)
         .build()
         .map_err(|e| TlsError::Config {
-            key: ca.key,
+            key,
             reason: e.to_string(),
         })
 }
 
-/// The CA certificates of `ca`, as trust anchors.
-pub fn roots(ca: PemFile<'_>) -> Result<rustls::RootCertStore, TlsError> {
-    roots_of(ca.key, &read_certs(ca)?)
-}
-
 /// `certs` as trust anchors (`key`, the setting they came from, names an error).
-fn roots_of(
+pub fn roots_of(
     key: &'static str,
     certs: &[CertificateDer<'static>],
 ) -> Result<rustls::RootCertStore, TlsError> {

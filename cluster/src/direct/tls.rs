@@ -90,23 +90,18 @@ impl LinkTls {
     /// Reads the three files again. New links use them; a set that does not load is the
     /// error, and the configurations read before stay.
     pub fn reload(&self) -> Result<(), TlsError> {
-        match self.files.load() {
-            Ok(configs) => {
-                let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-                // Under the lock: the gauge names the certificate now in use.
-                configs.record_expiry();
-                *current = Arc::new(configs);
-                drop(current);
-                metrics::counter!(m::CLUSTER_LINK_TLS_RELOADS, "result" => "ok").increment(1);
-                tracing::info!(cert_file = %self.files.cert.display(), "link TLS certificates reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                metrics::counter!(m::CLUSTER_LINK_TLS_RELOADS, "result" => "failed").increment(1);
-                tracing::error!(error = %e, "link TLS certificates not reloaded; the old ones stay");
-                Err(e)
-            }
-        }
+        let swapped = self.files.load().map(|configs| {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            // Under the lock: the gauge names the certificate now in use.
+            configs.record_expiry();
+            *current = Arc::new(configs);
+        });
+        tls::reload_outcome(
+            m::CLUSTER_LINK_TLS_RELOADS,
+            "link",
+            &self.files.cert,
+            swapped,
+        )
     }
 
     /// When the link certificate in use expires (Unix seconds), if it can be read.
@@ -147,7 +142,9 @@ impl LinkTlsFiles {
         let ca = file("cluster.link_tls_ca_file", &self.ca);
         let certified = tls::certified_key(cert, key)?;
         let not_after = tls::not_after_of(&certified);
-        let ca_not_after = tls::ca_not_after(ca)?;
+        // Read once: the acceptor's verifier, the dialer's roots and the expiry gauge.
+        let ca_certs = tls::read_certs(ca)?;
+        let ca_not_after = tls::earliest_not_after(&ca_certs);
         let mine = Arc::new(SingleCertAndKey::from(certified));
         let provider = tls::provider();
         let config_err = |e: rustls::Error| TlsError::Config {
@@ -157,14 +154,14 @@ impl LinkTlsFiles {
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
-            .with_client_cert_verifier(tls::client_verifier(ca, provider.clone())?)
+            .with_client_cert_verifier(tls::client_verifier(ca.key, &ca_certs, provider.clone())?)
             .with_cert_resolver(mine.clone());
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
-            .with_root_certificates(tls::roots(ca)?)
+            .with_root_certificates(tls::roots_of(ca.key, &ca_certs)?)
             .with_client_cert_resolver(mine);
         client.resumption = Resumption::disabled();
         Ok(Configs {

@@ -151,7 +151,8 @@ pub fn describe_all() {
     describe_counter!(
         TLS_HANDSHAKES,
         "TLS handshakes on the client port, by result (ok; failed: not TLS, no common version \
-         or cipher, a bad or missing client certificate, or not finished within \
+         or cipher, a bad or missing client certificate, a resumed session whose client \
+         certificate no longer verifies, or not finished within \
          server.tls_handshake_timeout_ms); 0 without [tls]"
     );
     describe_counter!(

@@ -32,6 +32,9 @@ pub enum Refusal {
     UserNotSipUri,
     /// The token failed a check (its text names which).
     InvalidToken(String),
+    /// With `tls.client_ca_file`: the client certificate a resumed TLS session carries no
+    /// longer verifies (its text says why).
+    StaleClientCertificate(String),
     /// The node is draining.
     ShuttingDown,
     /// `server.max_connections` reached.
@@ -166,7 +169,7 @@ impl Refusal {
             MalformedHello | BadDevice | ZeroLengthFrame | UsersNotSipUris | ToNotSipUri
             | BadContent(_) | DeclineCode => ErrorCode::BadFrame,
             UnsupportedVersion => ErrorCode::UnsupportedVersion,
-            UserNotSipUri | InvalidToken(_) => ErrorCode::Unauthorized,
+            UserNotSipUri | InvalidToken(_) | StaleClientCertificate(_) => ErrorCode::Unauthorized,
             ShuttingDown
             | ConnectionLimit
             | Directory(DirectoryError::Unavailable)
@@ -201,6 +204,10 @@ impl Refusal {
             BadDevice => "device must be 1-128 bytes".into(),
             UserNotSipUri => "user is not a SIP URI".into(),
             InvalidToken(why) => format!("invalid token: {why}").into(),
+            StaleClientCertificate(why) => format!(
+                "resumed TLS session refused: {why}; connect again with a valid certificate"
+            )
+            .into(),
             ShuttingDown => "the node is shutting down".into(),
             ConnectionLimit => "connection limit reached".into(),
             Directory(e) => e.to_string().into(),

@@ -137,20 +137,27 @@ pub async fn run(
         }
     };
     let permit = (permit, address_slot);
-    let stream: transport::ClientStream = match &ctx.tls {
-        None => Either::Left(stream),
+    let (stream, stale_certificate): (transport::ClientStream, _) = match &ctx.tls {
+        None => (Either::Left(stream), None),
         Some(tls) => match tokio::time::timeout_at(
             deadline.min(
                 tokio::time::Instant::now()
                     + Duration::from_millis(ctx.settings.server.tls_handshake_timeout_ms),
             ),
-            tls.acceptor().accept(stream),
+            tls.accept(stream),
         )
         .await
         {
-            Ok(Ok(stream)) => {
-                metrics::counter!(m::TLS_HANDSHAKES, "result" => "ok").increment(1);
-                Either::Right(stream)
+            Ok(Ok(accepted)) => {
+                let result = match &accepted.stale_certificate {
+                    None => "ok",
+                    Some(why) => {
+                        tracing::info!(%peer, reason = %why, "TLS session resumed with a client certificate that no longer verifies; refusing its hello");
+                        "failed"
+                    }
+                };
+                metrics::counter!(m::TLS_HANDSHAKES, "result" => result).increment(1);
+                (Either::Right(accepted.stream), accepted.stale_certificate)
             }
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "TLS handshake failed; closing");
@@ -168,6 +175,7 @@ pub async fn run(
         ctx,
         peer,
         deadline,
+        stale_certificate,
     };
     match listener {
         Listener::Clients => {
@@ -219,6 +227,9 @@ struct Conn {
     peer: std::net::SocketAddr,
     /// When the hello must have arrived.
     deadline: tokio::time::Instant,
+    /// Why the client certificate of its resumed TLS session no longer verifies, if it does
+    /// not (`tls::Accepted`): its `hello` is refused.
+    stale_certificate: Option<String>,
 }
 
 impl Conn {
@@ -232,6 +243,7 @@ impl Conn {
             ctx,
             peer,
             deadline,
+            stale_certificate,
         } = self;
         let (outbox, mut rx) = {
             let live = ctx.live();
@@ -241,7 +253,12 @@ impl Conn {
             wr,
             permit: ConnectionPermit::open(permit),
         };
-        let hello = match tokio::time::timeout_at(deadline, handshake(&mut frames, &ctx)).await {
+        let hello = match tokio::time::timeout_at(
+            deadline,
+            handshake(&mut frames, &ctx, stale_certificate),
+        )
+        .await
+        {
             Ok(Ok(hello)) => hello,
             Ok(Err(refusal)) => {
                 let code = refusal.why.code();
@@ -444,7 +461,11 @@ fn tls_refused() {
     metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "tls").increment(1);
 }
 
-async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefused> {
+async fn handshake(
+    frames: &mut Frames,
+    ctx: &Ctx,
+    stale_certificate: Option<String>,
+) -> Result<Hello, SignInRefused> {
     let frame = match frames.next().await {
         Some(Ok(frame)) => frame,
         Some(Err(FrameError::Empty)) => {
@@ -489,6 +510,12 @@ async fn handshake(frames: &mut Frames, ctx: &Ctx) -> Result<Hello, SignInRefuse
     let Ok(user) = normalize_user_uri(&user) else {
         return Err(SignInRefused::new(rid, Refusal::UserNotSipUri));
     };
+    if let Some(why) = stale_certificate {
+        return Err(SignInRefused::new(
+            rid,
+            Refusal::StaleClientCertificate(why),
+        ));
+    }
     if let Err(why) = ctx.verifier.verify(&token, &user) {
         tracing::debug!(%user, %why, "token refused");
         metrics::counter!(m::TOKENS_REFUSED, "check" => why.label()).increment(1);

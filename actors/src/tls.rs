@@ -10,20 +10,27 @@
 //!   new set. A new client CA makes a new configuration (the verifier is built into it), with
 //!   a new ticketer and session cache: a resumed session skips the client certificate check,
 //!   so a client of a CA just removed must not resume.
+//! - A resumed session's client certificate is checked again ([`ServerTls::accept`]): rustls
+//!   carries it from ticket to ticket unchecked, so a client whose certificate expired could
+//!   otherwise go on resuming for good. Its `hello` is refused, saying why.
 //!
 //! The PEM readers and the provider are public: the cluster's direct links
 //! (`cluster.link_tls_*`) build their own configurations from the same pieces.
 
+use rustls::HandshakeKind;
 use rustls::ServerConfig;
 use rustls::crypto::ring as provider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::metrics as m;
 use crate::settings;
@@ -67,7 +74,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The client port's TLS: the acceptor handshakes use, and the certificate it presents.
 pub struct ServerTls {
     /// Swapped whole when a reload reads a new client CA (`client_ca_file`).
-    acceptor: RwLock<TlsAcceptor>,
+    accepting: RwLock<Accepting>,
     cert: Arc<ReloadableCert>,
     cfg: settings::Tls,
     /// `client_ca_file`'s certificates as last read (None without one): a reload rebuilds
@@ -81,6 +88,22 @@ impl std::fmt::Debug for ServerTls {
             .field("cert_file", &self.cfg.cert_file)
             .finish_non_exhaustive()
     }
+}
+
+/// A client's finished handshake.
+pub struct Accepted<IO> {
+    pub stream: TlsStream<IO>,
+    /// Why the client certificate of a resumed session no longer verifies, if it does not:
+    /// the client's `hello` is refused with it.
+    pub stale_certificate: Option<String>,
+}
+
+/// What a handshake uses: the acceptor, and the client certificate verifier built into it
+/// (None without `client_ca_file`), which checks a resumed session's certificate again.
+#[derive(Clone)]
+struct Accepting {
+    acceptor: TlsAcceptor,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 fn config_err(e: rustls::Error) -> TlsError {
@@ -97,9 +120,9 @@ impl ServerTls {
             current: RwLock::new(Arc::new(node_certified_key(cfg)?)),
         });
         let client_ca = client_ca_certs(cfg)?;
-        let acceptor = acceptor(cert.clone(), client_ca.as_deref())?;
+        let accepting = accepting(cert.clone(), client_ca.as_deref())?;
         Ok(ServerTls {
-            acceptor: RwLock::new(acceptor),
+            accepting: RwLock::new(accepting),
             cert,
             cfg: cfg.clone(),
             client_ca: RwLock::new(client_ca),
@@ -134,12 +157,36 @@ impl ServerTls {
         not_after_of(&current)
     }
 
-    /// The acceptor for the next handshake (a cheap clone: it shares its configuration).
-    pub fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor
+    /// A client's handshake, with the configuration of now. A full handshake checks the
+    /// client's certificate (with `client_ca_file`); a resumed one does not, and rustls puts
+    /// the certificate of the session's first handshake into every ticket it issues after, so
+    /// a client that reconnects now and then would keep an expired certificate's access for
+    /// good. A resumed session's certificate is checked here against the CA and the clock of
+    /// now, as a full handshake would. One that fails is not cut off at once: closing after
+    /// the handshake would tell the client nothing, and its next tickets (sent with the
+    /// handshake) would have it resume and fail again for good; its `hello` is refused instead,
+    /// with why ([`Accepted::stale_certificate`]).
+    pub async fn accept<IO>(&self, stream: IO) -> std::io::Result<Accepted<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Accepting { acceptor, verifier } = self
+            .accepting
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        let stream = acceptor.accept(stream).await?;
+        let conn = stream.get_ref().1;
+        let stale_certificate = match verifier {
+            Some(verifier) if conn.handshake_kind() == Some(HandshakeKind::Resumed) => {
+                recheck_resumed(&*verifier, conn.peer_certificates(), UnixTime::now()).err()
+            }
+            _ => None,
+        };
+        Ok(Accepted {
+            stream,
+            stale_certificate,
+        })
     }
 
     /// Reads the certificate and key again, and the client CA when there is one; on success
@@ -163,7 +210,7 @@ impl ServerTls {
         // Only a new CA rebuilds: the rebuilt configuration's new tickets make every client
         // handshake in full once, which a reload for another file should not cost.
         let rebuilt = match changed {
-            true => Some(acceptor(self.cert.clone(), client_ca.as_deref())?),
+            true => Some(accepting(self.cert.clone(), client_ca.as_deref())?),
             false => None,
         };
         let not_after = not_after_of(&key);
@@ -171,8 +218,8 @@ impl ServerTls {
         *current = Arc::new(key);
         // Under the lock: the gauges name what is now in use.
         record_expiry("client", not_after);
-        if let Some(acceptor) = rebuilt {
-            *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+        if let Some(accepting) = rebuilt {
+            *self.accepting.write().unwrap_or_else(|p| p.into_inner()) = accepting;
             if let Some(certs) = &client_ca {
                 record_expiry("client_ca", earliest_not_after(certs));
             }
@@ -221,26 +268,45 @@ fn client_ca_certs(cfg: &settings::Tls) -> Result<Option<Vec<CertificateDer<'sta
 /// own, not the previous configuration's: a resumed session skips the client certificate
 /// check, so a client the old CA let in must not resume past a new CA that would refuse it.
 /// After a new client CA is reloaded, every client makes one full handshake.
-fn acceptor(
+fn accepting(
     cert: Arc<ReloadableCert>,
     client_ca: Option<&[CertificateDer<'static>]>,
-) -> Result<TlsAcceptor, TlsError> {
+) -> Result<Accepting, TlsError> {
     let provider = self::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(config_err)?;
-    let builder = match client_ca {
+    let verifier = client_ca
+        .map(|certs| client_verifier("tls.client_ca_file", certs, provider))
+        .transpose()?;
+    let builder = match &verifier {
         None => builder.with_no_client_auth(),
-        Some(certs) => builder.with_client_cert_verifier(client_verifier(
-            "tls.client_ca_file",
-            certs,
-            provider,
-        )?),
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
     };
     let mut config = builder.with_cert_resolver(cert);
     config.ticketer = provider::Ticketer::new().map_err(config_err)?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Accepting {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        verifier,
+    })
+}
+
+/// The rule for a resumed session: the client certificate it carries (`chain`, the client's
+/// first) must still pass `verifier` at `now`, as in a full handshake. A session without one
+/// fails: with `client_ca_file` none can begin without a certificate.
+fn recheck_resumed(
+    verifier: &dyn ClientCertVerifier,
+    chain: Option<&[CertificateDer<'static>]>,
+    now: UnixTime,
+) -> Result<(), String> {
+    let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+        return Err("the resumed session carries no client certificate".into());
+    };
+    verifier
+        .verify_client_cert(end_entity, intermediates, now)
+        .map(|_| ())
+        .map_err(|e| format!("the client certificate no longer verifies: {e}"))
 }
 
 /// The certificate the node presents, swapped whole by a reload.
@@ -467,5 +533,42 @@ mod tests {
         );
         assert_eq!(expiry_notice(now, now), ExpiryNotice::Expired);
         assert_eq!(expiry_notice(i64::MIN, now), ExpiryNotice::Expired);
+    }
+
+    /// A resumed session's client certificate passes only while it would pass a full
+    /// handshake: before its notAfter, signed by the CA; a session without one fails.
+    #[test]
+    fn a_resumed_sessions_client_certificate_must_still_verify() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("a key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("parameters");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("a CA");
+        let key = KeyPair::generate().expect("a key");
+        let mut client = CertificateParams::new(Vec::<String>::new()).expect("parameters");
+        client.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        client.not_after = rcgen::date_time_ymd(2027, 1, 1);
+        let client = client.signed_by(&key, &ca, &ca_key).expect("a certificate");
+        let verifier = client_verifier("test", &[ca.der().clone()], provider()).expect("verifier");
+        let chain = [client.der().clone()];
+        let at = |unix: u64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(unix));
+        let (in_2026, in_2028) = (at(1_780_000_000), at(1_830_000_000));
+
+        assert_eq!(recheck_resumed(&*verifier, Some(&chain), in_2026), Ok(()));
+        let expired = recheck_resumed(&*verifier, Some(&chain), in_2028);
+        assert!(
+            expired.as_ref().is_err_and(|e| e.contains("xpired")),
+            "{expired:?}"
+        );
+        assert!(recheck_resumed(&*verifier, None, in_2026).is_err());
+        assert!(recheck_resumed(&*verifier, Some(&[]), in_2026).is_err());
+        // A certificate the CA did not sign.
+        let other_key = KeyPair::generate().expect("a key");
+        let other = CertificateParams::new(Vec::<String>::new())
+            .expect("parameters")
+            .self_signed(&other_key)
+            .expect("a certificate");
+        let stranger = [other.der().clone()];
+        assert!(recheck_resumed(&*verifier, Some(&stranger), in_2026).is_err());
     }
 }

@@ -78,6 +78,24 @@ impl Pki {
         std::fs::write(key, k).expect("write the server key");
     }
 
+    /// Writes a client certificate this CA signs, valid until `until` (to the second), and
+    /// its key.
+    pub fn issue_client_until(
+        &self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        until: std::time::SystemTime,
+    ) {
+        let (c, k) = self.sign_with(
+            vec![],
+            "confab test client (expiring)",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            |p| p.not_after = until.into(),
+        );
+        std::fs::write(cert, c).expect("write the client certificate");
+        std::fs::write(key, k).expect("write the client key");
+    }
+
     /// Writes a server certificate that expired on 2020-01-01, and its key.
     pub fn issue_expired_server(&self, cert: &std::path::Path, key: &std::path::Path) {
         let (c, k) = self.sign_with(

@@ -254,18 +254,20 @@ async fn mutual_hello(
         device: "mutual".to_owned(),
         agent: None,
     };
+    // Known once the handshake is over: a refusal after it says which kind it followed.
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let kind = if resumed { "resumed" } else { "full" };
     tls.write_all(&frame(&hello))
         .await
-        .map_err(|e| format!("write: {e}"))?;
+        .map_err(|e| format!("write after a {kind} handshake: {e}"))?;
     let mut len = [0u8; 4];
     tls.read_exact(&mut len)
         .await
-        .map_err(|e| format!("read: {e}"))?;
+        .map_err(|e| format!("read after a {kind} handshake: {e}"))?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     tls.read_exact(&mut body)
         .await
-        .map_err(|e| format!("read: {e}"))?;
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        .map_err(|e| format!("read after a {kind} handshake: {e}"))?;
     let answer = decode_server(&body).map_err(|e| format!("decode: {e}"))?;
     Ok((answer, resumed))
 }
@@ -323,6 +325,61 @@ async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_
     );
     let answer = hello(&old_client).await;
     assert!(answer.is_err(), "the old CA's client, resuming: {answer:?}");
+}
+
+/// rustls carries a session's client certificate from ticket to ticket without checking it
+/// again, so without the node's own check a client could go on resuming after its certificate
+/// expired, for as long as it came back within a ticket's lifetime. The node checks a resumed
+/// session's certificate as a full handshake would, and closes the connection once it fails.
+#[tokio::test]
+async fn a_client_whose_certificate_expired_can_no_longer_resume_its_session() {
+    let pki = Pki::new("expiring");
+    let node = tls_node(&pki, |t| t.client_ca_file = Some(pki.ca.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("client.pem"),
+        dir.path().join("client-key.pem"),
+    );
+    // Long enough for two handshakes on a loaded machine; the test waits it out.
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(4);
+    pki.issue_client_until(&cert, &key, until);
+    let client = mutual_config(&pki.ca, &cert, &key);
+    let answer = mutual_hello(node.addr, client.clone()).await;
+    assert!(
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, false))),
+        "a full handshake: {answer:?}"
+    );
+    let answer = mutual_hello(node.addr, client.clone()).await;
+    assert!(
+        matches!(answer, Ok((ServerMsg::Welcome { .. }, true))),
+        "resumed while valid: {answer:?}"
+    );
+
+    // What is tested is the certificate's notAfter passing: wait for it (to the second, as
+    // X.509 counts), then a second more.
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + std::time::Duration::from_millis(1_100)).await;
+    // The client resumes (it holds tickets the node sent with each handshake), and each time
+    // its hello gets the reason, not just a closed connection.
+    for attempt in 1..=3 {
+        let answer = mutual_hello(node.addr, client.clone()).await;
+        match &answer {
+            Ok((ServerMsg::Error { code, message, .. }, true)) => {
+                assert_eq!(*code, ErrorCode::Unauthorized, "attempt {attempt}");
+                assert!(
+                    message.contains("resumed TLS session refused") && message.contains("xpired"),
+                    "attempt {attempt}: {message}"
+                );
+            }
+            other => panic!("attempt {attempt} after expiry: {other:?}"),
+        }
+    }
+    // A client that gives up its sessions gets the handshake's own refusal.
+    let fresh = mutual_config(&pki.ca, &cert, &key);
+    let answer = mutual_hello(node.addr, fresh).await;
+    assert!(answer.is_err(), "a full handshake after expiry: {answer:?}");
 }
 
 #[tokio::test]

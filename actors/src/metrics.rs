@@ -196,8 +196,9 @@ pub fn describe_all() {
     );
     describe_counter!(
         WEBSOCKET_REJECTIONS,
-        "WebSocket requests and connections refused, by reason (origin: 403; bad_request: 400; \
-         upgrade_required, version: 426; not_found: 404; method: 405; text_message: close \
+        "WebSocket requests and connections refused, by reason (origin, client_certificate: 403; \
+         bad_request: 400; upgrade_required, version: 426; not_found: 404; method: 405; \
+         text_message: close \
          1003; too_large: close 1009; empty: close 1007; protocol: close 1002)"
     );
     metrics::counter!(WEBSOCKET_UPGRADES).absolute(0);

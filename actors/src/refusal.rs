@@ -205,7 +205,7 @@ impl Refusal {
             UserNotSipUri => "user is not a SIP URI".into(),
             InvalidToken(why) => format!("invalid token: {why}").into(),
             StaleClientCertificate(why) => format!(
-                "resumed TLS session refused: {why}; connect again with a valid certificate"
+                "resumed TLS session refused: {why}; start a new TLS session (a full handshake, without the cached session) with a valid certificate"
             )
             .into(),
             ShuttingDown => "the node is shutting down".into(),

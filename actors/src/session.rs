@@ -196,7 +196,12 @@ pub async fn run(
             // TCP sign-in's future too.
             let upgraded = tokio::time::timeout_at(
                 deadline,
-                Box::pin(crate::websocket::accept(stream, &conn.ctx, peer)),
+                Box::pin(crate::websocket::accept(
+                    stream,
+                    &conn.ctx,
+                    peer,
+                    conn.stale_certificate.is_some(),
+                )),
             )
             .await;
             match upgraded {

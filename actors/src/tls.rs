@@ -162,10 +162,11 @@ impl ServerTls {
     /// the certificate of the session's first handshake into every ticket it issues after, so
     /// a client that reconnects now and then would keep an expired certificate's access for
     /// good. A resumed session's certificate is checked here against the CA and the clock of
-    /// now, as a full handshake would. One that fails is not cut off at once: closing after
-    /// the handshake would tell the client nothing, and its next tickets (sent with the
-    /// handshake) would have it resume and fail again for good; its `hello` is refused instead,
-    /// with why ([`Accepted::stale_certificate`]).
+    /// now, as a full handshake would. One that fails is not cut off at once: its handshake
+    /// has already handed the client new tickets (rustls sends them with every handshake, and
+    /// nothing here can stop it), so it will resume again, and a closed connection would never
+    /// tell it why; its `hello` is refused instead, saying why and that it must start a new
+    /// TLS session ([`Accepted::stale_certificate`]).
     pub async fn accept<IO>(&self, stream: IO) -> std::io::Result<Accepted<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,

@@ -211,6 +211,24 @@ fn mutual_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Arc<rustls::ClientConfig> {
+    mutual_config_resuming(ca, cert, key, Resumes::Tls13)
+}
+
+/// How a test client resumes its sessions.
+#[derive(Debug, Clone, Copy)]
+enum Resumes {
+    Tls13,
+    Tls12Tickets,
+    Tls12SessionIds,
+}
+
+/// [`mutual_config`], resuming as `how` says.
+fn mutual_config_resuming(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    how: Resumes,
+) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for ca in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -221,15 +239,48 @@ fn mutual_config(
         .map(Result::unwrap)
         .collect();
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
+    ));
+    let builder = match how {
+        Resumes::Tls13 => builder.with_safe_default_protocol_versions(),
+        Resumes::Tls12Tickets | Resumes::Tls12SessionIds => {
+            builder.with_protocol_versions(&[&rustls::version::TLS12])
+        }
+    };
+    let mut config = builder
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    if let Resumes::Tls12SessionIds = how {
+        config.resumption = rustls::client::Resumption::in_memory_sessions(64)
+            .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    }
     Arc::new(config)
+}
+
+/// `GET /` over TLS with `config` on the WebSocket listener at `addr`: whether the session was
+/// resumed, and the status line of the answer.
+async fn page_over_tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> (bool, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // The node closes after its answer, with or without close_notify.
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    (
+        resumed,
+        answer.lines().next().unwrap_or_default().to_owned(),
+    )
 }
 
 /// A hello over TLS with `config`: the first frame the node answers and whether the TLS session
@@ -330,29 +381,55 @@ async fn a_reloaded_client_ca_lets_in_the_new_cas_clients_and_no_longer_the_old_
 /// rustls carries a session's client certificate from ticket to ticket without checking it
 /// again, so without the node's own check a client could go on resuming after its certificate
 /// expired, for as long as it came back within a ticket's lifetime. The node checks a resumed
-/// session's certificate as a full handshake would, and closes the connection once it fails.
+/// session's certificate as a full handshake would, and once it fails refuses the `hello`,
+/// saying why (over TLS 1.3, TLS 1.2 tickets and TLS 1.2 session ids alike), and over `wss://`
+/// the pages.
 #[tokio::test]
 async fn a_client_whose_certificate_expired_can_no_longer_resume_its_session() {
     let pki = Pki::new("expiring");
-    let node = tls_node(&pki, |t| t.client_ca_file = Some(pki.ca.clone()));
     let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web");
+    std::fs::create_dir(&web).unwrap();
+    std::fs::write(web.join("index.html"), "<h1>confab</h1>").unwrap();
+    let mut tls = pki.node_tls();
+    tls.client_ca_file = Some(pki.ca.clone());
+    let node = start_node(move |s| {
+        s.tls = Some(tls);
+        s.server.websocket = Some(confab_actors::settings::WebSocket {
+            static_dir: web.to_string_lossy().into_owned(),
+            ..confab_actors::settings::WebSocket::new("127.0.0.1:0".parse().unwrap())
+        });
+    });
+    let pages = node.websocket_addr.expect("the WebSocket listener");
     let (cert, key) = (
         dir.path().join("client.pem"),
         dir.path().join("client-key.pem"),
     );
-    // Long enough for two handshakes on a loaded machine; the test waits it out.
+    // Long enough for the handshakes below on a loaded machine; the test waits it out.
     let until = std::time::SystemTime::now() + std::time::Duration::from_secs(4);
     pki.issue_client_until(&cert, &key, until);
-    let client = mutual_config(&pki.ca, &cert, &key);
-    let answer = mutual_hello(node.addr, client.clone()).await;
-    assert!(
-        matches!(answer, Ok((ServerMsg::Welcome { .. }, false))),
-        "a full handshake: {answer:?}"
-    );
-    let answer = mutual_hello(node.addr, client.clone()).await;
-    assert!(
-        matches!(answer, Ok((ServerMsg::Welcome { .. }, true))),
-        "resumed while valid: {answer:?}"
+    let clients = [
+        Resumes::Tls13,
+        Resumes::Tls12Tickets,
+        Resumes::Tls12SessionIds,
+    ]
+    .map(|how| (how, mutual_config_resuming(&pki.ca, &cert, &key, how)));
+    for (how, client) in &clients {
+        let answer = mutual_hello(node.addr, client.clone()).await;
+        assert!(
+            matches!(answer, Ok((ServerMsg::Welcome { .. }, false))),
+            "{how:?}, a full handshake: {answer:?}"
+        );
+        let answer = mutual_hello(node.addr, client.clone()).await;
+        assert!(
+            matches!(answer, Ok((ServerMsg::Welcome { .. }, true))),
+            "{how:?}, resumed while valid: {answer:?}"
+        );
+    }
+    let browser = mutual_config(&pki.ca, &cert, &key);
+    assert_eq!(
+        page_over_tls(pages, browser.clone()).await,
+        (false, "HTTP/1.1 200 OK".to_owned())
     );
 
     // What is tested is the certificate's notAfter passing: wait for it (to the second, as
@@ -361,22 +438,30 @@ async fn a_client_whose_certificate_expired_can_no_longer_resume_its_session() {
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     tokio::time::sleep(left + std::time::Duration::from_millis(1_100)).await;
-    // The client resumes (it holds tickets the node sent with each handshake), and each time
-    // its hello gets the reason, not just a closed connection.
-    for attempt in 1..=3 {
-        let answer = mutual_hello(node.addr, client.clone()).await;
-        match &answer {
-            Ok((ServerMsg::Error { code, message, .. }, true)) => {
-                assert_eq!(*code, ErrorCode::Unauthorized, "attempt {attempt}");
-                assert!(
-                    message.contains("resumed TLS session refused") && message.contains("xpired"),
-                    "attempt {attempt}: {message}"
-                );
+    // Each client resumes again (its handshakes handed it new tickets, or kept its session
+    // id), and each time its hello gets the reason, not just a closed connection.
+    for (how, client) in &clients {
+        for attempt in 1..=2 {
+            match mutual_hello(node.addr, client.clone()).await {
+                Ok((ServerMsg::Error { code, message, .. }, true)) => {
+                    assert_eq!(code, ErrorCode::Unauthorized, "{how:?}, attempt {attempt}");
+                    assert!(
+                        message.contains("resumed TLS session refused")
+                            && message.contains("xpired")
+                            && message.contains("start a new TLS session"),
+                        "{how:?}, attempt {attempt}: {message}"
+                    );
+                }
+                other => panic!("{how:?}, attempt {attempt} after expiry: {other:?}"),
             }
-            other => panic!("attempt {attempt} after expiry: {other:?}"),
         }
     }
-    // A client that gives up its sessions gets the handshake's own refusal.
+    assert_eq!(
+        page_over_tls(pages, browser).await,
+        (true, "HTTP/1.1 403 Forbidden".to_owned()),
+        "a page on a resumed session after expiry"
+    );
+    // A client that starts a new session gets the handshake's own refusal.
     let fresh = mutual_config(&pki.ca, &cert, &key);
     let answer = mutual_hello(node.addr, fresh).await;
     assert!(answer.is_err(), "a full handshake after expiry: {answer:?}");

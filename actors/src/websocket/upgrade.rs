@@ -50,13 +50,15 @@ enum Refused {
     Method,
     UpgradeRequired,
     Version,
+    /// A page asked for on a resumed TLS session whose client certificate no longer verifies.
+    ClientCertificate,
 }
 
 impl Refused {
     fn status(self) -> &'static str {
         match self {
             Refused::BadRequest => "400 Bad Request",
-            Refused::Origin => "403 Forbidden",
+            Refused::Origin | Refused::ClientCertificate => "403 Forbidden",
             Refused::NotFound => "404 Not Found",
             Refused::Method => "405 Method Not Allowed",
             Refused::UpgradeRequired | Refused::Version => "426 Upgrade Required",
@@ -72,16 +74,18 @@ impl Refused {
             Refused::Method => "method",
             Refused::UpgradeRequired => "upgrade_required",
             Refused::Version => "version",
+            Refused::ClientCertificate => "client_certificate",
         }
     }
 
-    const ALL: [Refused; 6] = [
+    const ALL: [Refused; 7] = [
         Refused::BadRequest,
         Refused::Origin,
         Refused::NotFound,
         Refused::Method,
         Refused::UpgradeRequired,
         Refused::Version,
+        Refused::ClientCertificate,
     ];
 }
 
@@ -96,11 +100,15 @@ pub fn rejection_labels() -> impl Iterator<Item = &'static str> {
 }
 
 /// Serves one connection of the WebSocket listener up to the upgrade: the upgraded socket as
-/// frames and writer, or `None` once a page or a refusal has been answered.
+/// frames and writer, or `None` once a page or a refusal has been answered. `stale_certificate`:
+/// the connection resumed a TLS session whose client certificate no longer verifies
+/// (`tls::Accepted`); a page, which needs no `hello`, is refused to it, while an upgrade goes
+/// on and its `hello` is refused saying why.
 pub async fn accept(
     mut stream: ClientStream,
     ctx: &Ctx,
     peer: std::net::SocketAddr,
+    stale_certificate: bool,
 ) -> Option<(WsFrames, WsWriter)> {
     let settings = ctx.settings.server.websocket.as_ref()?;
     let tls = ctx.tls.is_some();
@@ -109,6 +117,10 @@ pub async fn accept(
         Ok(true) => judge(&head, settings, tls),
         Ok(false) => Verdict::Refuse(Refused::BadRequest),
         Err(_) => return None,
+    };
+    let verdict = match verdict {
+        Verdict::Page(_) if stale_certificate => Verdict::Refuse(Refused::ClientCertificate),
+        verdict => verdict,
     };
     match verdict {
         Verdict::Upgrade { key, subprotocol } => {

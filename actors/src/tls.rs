@@ -358,9 +358,12 @@ pub fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
 /// it then fail). Call it once a certificate is in use: at start and after each reload.
 pub fn record_expiry(cert: &'static str, not_after: Option<i64>) {
     let Some(not_after) = not_after else {
+        // NaN rather than the last value: that would be another certificate's date, and the
+        // series cannot be removed. An alert's comparison with NaN is false, as for "unknown".
+        metrics::gauge!(m::TLS_CERT_EXPIRY, "cert" => cert).set(f64::NAN);
         tracing::warn!(
             cert,
-            "cannot read the certificate's expiry date; no expiry metric"
+            "cannot read the certificate's expiry date; its expiry metric is NaN"
         );
         return;
     };

@@ -8,8 +8,8 @@
 //!   node) and again by [`ServerTls::reload`] (SIGHUP): a set that does not load is reported
 //!   and the old one kept; connections already open are not touched, new handshakes use the
 //!   new set. A new client CA makes a new configuration (the verifier is built into it), with
-//!   a new ticketer and session cache: a resumed session skips the client certificate check,
-//!   so a client of a CA just removed must not resume.
+//!   a new ticketer and session cache, so that a client of a CA just removed makes a full
+//!   handshake and is refused by it, rather than resuming and being refused at its `hello`.
 //! - A resumed session's client certificate is checked again ([`ServerTls::accept`]): rustls
 //!   carries it from ticket to ticket unchecked, so a client whose certificate expired could
 //!   otherwise go on resuming for good. Its `hello` is refused, saying why.
@@ -265,9 +265,10 @@ fn client_ca_certs(cfg: &settings::Tls) -> Result<Option<Vec<CertificateDer<'sta
 }
 
 /// The client port's acceptor: TLS 1.2 and 1.3, the certificate `cert` resolves, clients
-/// verified against `client_ca` when given, and a ticketer and session cache of its own. Its
-/// own, not the previous configuration's: a resumed session skips the client certificate
-/// check, so a client the old CA let in must not resume past a new CA that would refuse it.
+/// verified against `client_ca` when given (the verifier kept beside it for resumed sessions,
+/// [`ServerTls::accept`]), and a ticketer and session cache of its own. Its own, not the
+/// previous configuration's: a client the old CA let in then makes a full handshake, which
+/// refuses it with a TLS alert, instead of resuming into a refused `hello` again and again.
 /// After a new client CA is reloaded, every client makes one full handshake.
 fn accepting(
     cert: Arc<ReloadableCert>,
